@@ -1,0 +1,2 @@
+//! `plfm-node-agent`: thin binary over the library.
+fn main() {}
