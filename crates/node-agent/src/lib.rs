@@ -3,7 +3,22 @@
 //! every status transition back (see `shared/DESIGN.md`).
 //!
 //! The library does the work; the `plfm-node-agent` binary parses arguments and calls it.
+//! Map of the crate: [`spec`] and [`config`] are the boundary types; [`reconciler`]
+//! decides; [`supervisor`] runs one actor per instance; [`runtime`] is the VMM seam;
+//! [`report`] owns statuses and their delivery; [`state`] is the SQLite store;
+//! [`control_plane`] brings desired state in; [`api`] and [`cli`] face operators.
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod clock;
+pub mod config;
 pub mod instance;
+pub mod metrics;
+pub mod reconciler;
+pub mod report;
+pub mod restart;
+pub mod runtime;
+pub mod secrets;
+pub mod spec;
+pub mod state;
+pub mod supervisor;

@@ -1,0 +1,492 @@
+//! Agent configuration: a TOML file plus `PLFM_` environment overrides, validated once
+//! at start-up so that a bad key or value stops the agent with a message naming it.
+//!
+//! Environment overrides: `PLFM_<KEY>` for top-level keys and `PLFM_<TABLE>__<KEY>` for
+//! nested ones (`PLFM_API__LISTEN=127.0.0.1:7171`, `PLFM_RUNTIME__MOCK__BOOT_MS=0`).
+//! Only variables whose first segment names a known top-level key are treated as
+//! configuration, so unrelated `PLFM_*` variables (such as `PLFM_REQUIRE_SYSTEM_TESTS`)
+//! are left alone. This module only parses and validates; it starts nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::mock::MockConfig;
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, as the control plane knows it.
+    pub node_id: String,
+    /// Where the agent keeps its state (state.db, images, instances, volumes).
+    pub data_dir: PathBuf,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Local API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Where desired state comes from.
+    pub control_plane: ControlPlaneConfig,
+    /// Which VMM runs instances.
+    pub runtime: RuntimeConfig,
+    /// Agent behaviour.
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// `tracing` filter directive (e.g. `info`, `plfm_node_agent=debug`).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Local API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP address to listen on; loopback unless `allow_non_loopback`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Allow a non-loopback listen address (the API has no authentication).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_listen(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+/// Control plane connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `standalone` (desired state from a directory).
+    pub mode: ControlPlaneMode,
+    /// Standalone: the directory of assignment files (relative paths are relative to
+    /// the config file).
+    #[serde(default)]
+    pub desired_dir: Option<PathBuf>,
+    /// Standalone: periodic rescan in addition to file notifications.
+    #[serde(default = "default_rescan_ms")]
+    pub rescan_interval_ms: u64,
+}
+
+fn default_rescan_ms() -> u64 {
+    2000
+}
+
+/// Where desired state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlPlaneMode {
+    /// Local directory.
+    Standalone,
+}
+
+/// Runtime selection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Which runtime.
+    pub kind: RuntimeKind,
+    /// Mock runtime settings.
+    #[serde(default)]
+    pub mock: MockConfig,
+}
+
+/// Runtime kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// In-process simulation.
+    Mock,
+}
+
+/// Agent behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Seconds between reconcile ticks.
+    #[serde(default = "default_tick")]
+    pub reconcile_interval_ms: u64,
+    /// Deadline for the VMM to report the workload started.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_seconds: u64,
+    /// On SIGTERM/SIGINT: `detach` leaves VMs running for the next agent to adopt;
+    /// `drain` drains and stops every instance first.
+    #[serde(default)]
+    pub on_shutdown: ShutdownMode,
+    /// Most instances this node accepts; further assignments fail.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            reconcile_interval_ms: default_tick(),
+            boot_timeout_seconds: default_boot_timeout(),
+            on_shutdown: ShutdownMode::default(),
+            max_instances: default_max_instances(),
+        }
+    }
+}
+
+fn default_tick() -> u64 {
+    1000
+}
+fn default_boot_timeout() -> u64 {
+    120
+}
+fn default_max_instances() -> usize {
+    20_000
+}
+
+/// What the agent does with running VMs when it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownMode {
+    /// Leave VMs running; the next agent adopts them.
+    #[default]
+    Detach,
+    /// Drain and stop every instance, then exit.
+    Drain,
+}
+
+/// A configuration problem; the message names the key and the file or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a key/value the schema refuses.
+    #[error("config {origin}: {message}")]
+    Invalid {
+        /// File path (and env variables applied).
+        origin: String,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// An environment override does not fit.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// Variable name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+const TOP_LEVEL_KEYS: [&str; 7] = [
+    "node_id",
+    "data_dir",
+    "log",
+    "api",
+    "control_plane",
+    "runtime",
+    "agent",
+];
+
+impl Config {
+    /// Loads `path`, applies `PLFM_` overrides from `env`, validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, &path.display().to_string(), base, env)
+    }
+
+    /// Parses TOML text; relative paths are resolved against `base_dir`.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message: e.message().to_string() + &span_hint(text, e.span()),
+        })?;
+        let mut applied = Vec::new();
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for (var, raw) in &env {
+            let Some(rest) = var.strip_prefix("PLFM_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+                continue;
+            }
+            set_path(&mut value, &path, parse_env_value(raw)).map_err(|message| {
+                ConfigError::Env {
+                    var: var.clone(),
+                    message,
+                }
+            })?;
+            applied.push(var.clone());
+        }
+        let origin = if applied.is_empty() {
+            origin.to_string()
+        } else {
+            format!("{origin} (with {})", applied.join(", "))
+        };
+        let mut cfg: Config =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin: origin.clone(),
+                    message: e.message().to_string(),
+                })?;
+        cfg.resolve_paths(base_dir);
+        cfg.validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        self.data_dir = abs(&self.data_dir);
+        if let Some(d) = &self.control_plane.desired_dir {
+            self.control_plane.desired_dir = Some(abs(d));
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::spec::InstanceId::parse(&self.node_id).map_err(|e| format!("node_id: {e}"))?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir: must not be empty".into());
+        }
+        if !self.api.allow_non_loopback && !self.api.listen.ip().is_loopback() {
+            return Err(format!(
+                "api.listen: {} is not a loopback address; the local API has no authentication (set api.allow_non_loopback = true to override)",
+                self.api.listen
+            ));
+        }
+        match self.control_plane.mode {
+            ControlPlaneMode::Standalone => {
+                if self.control_plane.desired_dir.is_none() {
+                    return Err("control_plane.desired_dir: required in standalone mode".into());
+                }
+            }
+        }
+        if self.control_plane.rescan_interval_ms < 50 {
+            return Err("control_plane.rescan_interval_ms: must be at least 50".into());
+        }
+        if self.agent.reconcile_interval_ms < 10 {
+            return Err("agent.reconcile_interval_ms: must be at least 10".into());
+        }
+        if self.agent.boot_timeout_seconds == 0 {
+            return Err("agent.boot_timeout_seconds: must be at least 1".into());
+        }
+        self.runtime
+            .mock
+            .validate()
+            .map_err(|e| format!("runtime.mock.{e}"))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
+        Ok(())
+    }
+
+    /// `<data_dir>/state.db`.
+    pub fn state_db(&self) -> PathBuf {
+        self.data_dir.join("state.db")
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // A TOML scalar when it is one (numbers, booleans, quoted strings), else a string.
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], v: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a table"))?;
+    }
+    cur.insert(last.clone(), v);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+node_id = "n1"
+data_dir = "data"
+[control_plane]
+mode = "standalone"
+desired_dir = "instances"
+[runtime]
+kind = "mock"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            "test.toml",
+            Path::new("/etc/plfm"),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
+    }
+
+    #[test]
+    fn minimal_config_resolves_relative_paths() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/plfm/data"));
+        assert_eq!(
+            c.control_plane.desired_dir.unwrap(),
+            PathBuf::from("/etc/plfm/instances")
+        );
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(&format!("{MIN}\n[api]\nlisten_port = 3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_port"), "{err}");
+        let err = load(&format!("datadir = 'x'\n{MIN}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("datadir"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = load(&MIN.replace("\"mock\"", "\"vmware\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmware"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = load(
+            MIN,
+            &[
+                ("PLFM_API__LISTEN", "127.0.0.1:9999"),
+                ("PLFM_RUNTIME__MOCK__BOOT_MS", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.api.listen.port(), 9999);
+        assert_eq!(c.runtime.mock.boot_ms, 0);
+    }
+
+    #[test]
+    fn unrelated_plfm_variables_are_ignored() {
+        load(MIN, &[("PLFM_REQUIRE_SYSTEM_TESTS", "1")]).unwrap();
+    }
+
+    #[test]
+    fn bad_env_override_names_the_variable() {
+        let err = load(MIN, &[("PLFM_API__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PLFM_API__NOPE") && err.contains("nope"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn public_listen_address_is_refused() {
+        let err = load(&format!("{MIN}\n[api]\nlisten = \"0.0.0.0:7070\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api.listen"), "{err}");
+    }
+
+    #[test]
+    fn standalone_needs_desired_dir() {
+        let err = load(&MIN.replace("desired_dir = \"instances\"", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("control_plane.desired_dir"), "{err}");
+    }
+}

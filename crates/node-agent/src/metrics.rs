@@ -1,0 +1,145 @@
+//! Prometheus metrics of the agent (DESIGN §10), in one registry served at
+//! `GET /metrics`.
+//!
+//! This module owns metric definitions and encoding. It must not compute anything the
+//! metrics describe: owners update them where the event happens.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label: status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// Status name.
+    pub status: &'static str,
+}
+
+/// Labels: status and reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// Status name.
+    pub status: &'static str,
+    /// Reason code, or `none`.
+    pub reason: &'static str,
+}
+
+/// Label: what was rejected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Kind.
+    pub kind: &'static str,
+}
+
+/// All agent metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Instances by current status.
+    pub instances: Family<StatusLabel, Gauge>,
+    /// Transitions by status and reason.
+    pub transitions: Family<TransitionLabels, Counter>,
+    /// Seconds from VMM start to ready.
+    pub boot_duration: Histogram,
+    /// Seconds one supervisor reconcile pass took.
+    pub reconcile_duration: Histogram,
+    /// Reports waiting in the outbox.
+    pub outbox_depth: Gauge,
+    /// Reports delivered.
+    pub reports_delivered: Counter,
+    /// Delivery errors.
+    pub delivery_errors: Counter,
+    /// Desired-state entries rejected (bad files, invalid specs).
+    pub rejected: Family<KindLabel, Counter>,
+    /// Actor panics caught by the supervisor.
+    pub actor_panics: Counter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("plfm_agent");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            instances: Family::default(),
+            transitions: Family::default(),
+            boot_duration: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            reconcile_duration: Histogram::new(exponential_buckets(0.0001, 4.0, 12)),
+            outbox_depth: Gauge::default(),
+            reports_delivered: Counter::default(),
+            delivery_errors: Counter::default(),
+            rejected: Family::default(),
+            actor_panics: Counter::default(),
+        };
+        registry.register("instances", "Instances by status", m.instances.clone());
+        registry.register(
+            "status_transitions",
+            "Status transitions by status and reason",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "boot_duration_seconds",
+            "VMM start to ready",
+            m.boot_duration.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "One reconcile pass",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "outbox_depth",
+            "Status reports waiting for delivery",
+            m.outbox_depth.clone(),
+        );
+        registry.register(
+            "reports_delivered",
+            "Status reports delivered",
+            m.reports_delivered.clone(),
+        );
+        registry.register(
+            "report_delivery_errors",
+            "Failed delivery attempts",
+            m.delivery_errors.clone(),
+        );
+        registry.register(
+            "desired_rejected",
+            "Desired-state entries rejected",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "actor_panics",
+            "Instance actor panics caught",
+            m.actor_panics.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        m
+    }
+
+    /// Lets other modules (images, control plane) add their metrics.
+    pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Encoding into a String cannot fail for lack of space; an error here would be a
+        // bug in a metric's encoder, and an empty page is the honest answer then.
+        if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

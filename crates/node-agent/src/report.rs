@@ -1,0 +1,679 @@
+//! The status manager: the one owner of instance statuses. Everything that changes an
+//! instance's status goes through [`StatusManager::update`]; it rejects illegal
+//! transitions, drops repeats, numbers reports (`seq`), persists the new status and its
+//! report in the outbox in one group-committed transaction, and only then returns. The
+//! [`OutboxDrainer`] hands queued reports to a [`ReportSink`] in order and removes them
+//! after the sink took them.
+//!
+//! Nobody else writes statuses or sends reports. This module does not decide *when* a
+//! transition happens.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::clock::SharedClock;
+use crate::instance::{check_transition, Change, IllegalTransition, ReasonCode, Status};
+use crate::metrics::{Metrics, StatusLabel, TransitionLabels};
+use crate::spec::InstanceId;
+use crate::state::{InstanceRow, OutboxRow, StatusRecord, Store, StoreError};
+
+/// Longest `error_message` kept (one line).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A status change requested by an instance actor (or the supervisor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    /// Instance.
+    pub instance_id: InstanceId,
+    /// Generation the status is about.
+    pub generation: i32,
+    /// New status.
+    pub status: Status,
+    /// Reason (required for most failures; see DESIGN §2).
+    pub reason: Option<ReasonCode>,
+    /// One-line message.
+    pub message: Option<String>,
+    /// Exit code, where one exists.
+    pub exit_code: Option<i32>,
+    /// Boot id of the VM concerned.
+    pub boot_id: Option<String>,
+    /// VMM start → ready, on `ready`.
+    pub boot_duration_ms: Option<u64>,
+    /// Restarts so far.
+    pub restarts: u32,
+}
+
+impl StatusUpdate {
+    /// An update with only the status set.
+    pub fn new(instance_id: InstanceId, generation: i32, status: Status) -> Self {
+        StatusUpdate {
+            instance_id,
+            generation,
+            status,
+            reason: None,
+            message: None,
+            exit_code: None,
+            boot_id: None,
+            boot_duration_ms: None,
+            restarts: 0,
+        }
+    }
+}
+
+/// The report sent to the control plane (DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Instance.
+    pub instance_id: String,
+    /// Status (never pending/preparing).
+    pub status: Status,
+    /// Boot id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Reason code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<ReasonCode>,
+    /// Message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// Exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Generation.
+    pub generation: i32,
+    /// Boot duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_duration_ms: Option<u64>,
+    /// RFC 3339.
+    pub observed_at: String,
+    /// Per-instance sequence number, +1 per report.
+    pub seq: i64,
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The status changed; `seq` is set when it was reported.
+    Changed {
+        /// The report's seq, if the status is reported.
+        seq: Option<i64>,
+    },
+    /// Same status as before; nothing persisted or reported.
+    Unchanged,
+}
+
+/// Why an update was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The transition is illegal (a bug in the caller).
+    #[error("instance {instance}: {source}")]
+    Illegal {
+        /// Instance.
+        instance: String,
+        /// The refused transition.
+        source: IllegalTransition,
+    },
+    /// The status manager is shutting down.
+    #[error("status manager stopped")]
+    Closed,
+}
+
+/// What the API shows for one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// Instance.
+    pub instance_id: String,
+    /// Generation.
+    pub generation: i32,
+    /// Current status.
+    pub status: Status,
+    /// Reason code.
+    pub reason_code: Option<ReasonCode>,
+    /// Message.
+    pub error_message: Option<String>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Restarts.
+    pub restarts: u32,
+    /// Boot id.
+    pub boot_id: Option<String>,
+    /// Last report seq.
+    pub seq: i64,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    generation: i32,
+    status: Status,
+    reason: Option<ReasonCode>,
+    message: Option<Box<str>>,
+    exit_code: Option<i32>,
+    seq: i64,
+    boot_id: Option<Box<str>>,
+    restarts: u32,
+    updated_at: Box<str>,
+    /// Left the plan and cleaned up: kept (for seq continuity) but not listed.
+    removed: bool,
+}
+
+type Commit = (StatusRecord, oneshot::Sender<()>);
+
+/// The one owner of statuses. Cheap to share behind an `Arc`.
+pub struct StatusManager {
+    entries: Mutex<HashMap<InstanceId, Entry>>,
+    commit_tx: mpsc::Sender<Commit>,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+}
+
+/// Most status changes committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+impl StatusManager {
+    /// Loads the persisted statuses and starts the group-commit task. `outbox_ready` is
+    /// notified after every commit that queued reports.
+    pub fn start(
+        store: Store,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+        outbox_ready: Arc<Notify>,
+    ) -> Result<Arc<StatusManager>, StoreError> {
+        let rows = store.load_instances()?;
+        let mut entries = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let Ok(id) = InstanceId::parse(&r.instance_id) else {
+                tracing::warn!(instance = %r.instance_id, "ignoring state row with an invalid instance id");
+                continue;
+            };
+            let status = Status::parse(&r.status).unwrap_or(Status::Pending);
+            metrics
+                .instances
+                .get_or_create(&StatusLabel {
+                    status: status.as_str(),
+                })
+                .inc();
+            entries.insert(
+                id,
+                Entry {
+                    generation: r.generation,
+                    status,
+                    reason: r.reason_code.as_deref().and_then(ReasonCode::parse),
+                    message: r.error_message.map(Into::into),
+                    exit_code: r.exit_code,
+                    seq: r.seq,
+                    boot_id: r.boot_id.map(Into::into),
+                    restarts: u32::try_from(r.restarts).unwrap_or(0),
+                    updated_at: r.updated_at.into(),
+                    removed: r.desired_json.is_none()
+                        && matches!(status, Status::Stopped | Status::Pending),
+                },
+            );
+        }
+        let (commit_tx, commit_rx) = mpsc::channel(MAX_BATCH);
+        tokio::spawn(commit_loop(store, commit_rx, outbox_ready));
+        Ok(Arc::new(StatusManager {
+            entries: Mutex::new(entries),
+            commit_tx,
+            clock,
+            metrics,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a status change: validates it, numbers it, persists it and its report,
+    /// and returns once both are durable. Repeats return [`Applied::Unchanged`].
+    pub async fn update(&self, u: StatusUpdate) -> Result<Applied, ReportError> {
+        let (record, old) = {
+            let mut map = self.lock();
+            let current = map
+                .get(&u.instance_id)
+                .map(|e| e.status)
+                .unwrap_or(Status::Pending);
+            let same_generation =
+                map.get(&u.instance_id).map(|e| e.generation) == Some(u.generation);
+            match check_transition(current, u.status) {
+                Ok(Change::Unchanged) if same_generation || !u.status.is_reported() => {
+                    // Keep the generation current for internal statuses.
+                    if let Some(e) = map.get_mut(&u.instance_id) {
+                        e.removed = false;
+                    }
+                    return Ok(Applied::Unchanged);
+                }
+                // Same status name for a new generation (e.g. failed → failed of a new
+                // spec) is a change the control plane must hear about.
+                Ok(_) => {}
+                Err(source) => {
+                    return Err(ReportError::Illegal {
+                        instance: u.instance_id.to_string(),
+                        source,
+                    })
+                }
+            }
+            let now = self.clock.wall();
+            let entry = map.entry(u.instance_id.clone()).or_insert_with(|| Entry {
+                generation: u.generation,
+                status: Status::Pending,
+                reason: None,
+                message: None,
+                exit_code: None,
+                seq: 0,
+                boot_id: None,
+                restarts: 0,
+                updated_at: "".into(),
+                removed: false,
+            });
+            let old = entry.status;
+            let message = u.message.as_deref().map(one_line);
+            let reported = u.status.is_reported();
+            if reported {
+                entry.seq += 1;
+            }
+            entry.generation = u.generation;
+            entry.status = u.status;
+            entry.reason = u.reason;
+            entry.message = message.clone().map(Into::into);
+            entry.exit_code = u.exit_code;
+            if u.boot_id.is_some() || !u.status.has_vm() {
+                entry.boot_id = u.boot_id.clone().map(Into::into);
+            }
+            entry.restarts = u.restarts;
+            entry.updated_at = now.to_rfc3339().into();
+            entry.removed = false;
+            let report_json = reported.then(|| {
+                let report = StatusReport {
+                    instance_id: u.instance_id.to_string(),
+                    status: u.status,
+                    boot_id: entry.boot_id.as_deref().map(str::to_string),
+                    reason_code: u.reason,
+                    error_message: message.clone(),
+                    exit_code: u.exit_code,
+                    generation: u.generation,
+                    boot_duration_ms: u.boot_duration_ms,
+                    observed_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    seq: entry.seq,
+                };
+                serde_json::to_string(&report).unwrap_or_default()
+            });
+            let row = InstanceRow {
+                instance_id: u.instance_id.to_string(),
+                generation: u.generation,
+                status: u.status.as_str().to_string(),
+                reason_code: u.reason.map(|r| r.as_str().to_string()),
+                error_message: message,
+                exit_code: u.exit_code,
+                seq: entry.seq,
+                boot_id: entry.boot_id.as_deref().map(str::to_string),
+                restarts: i64::from(u.restarts),
+                desired_json: None,
+                operator_stopped_generation: None,
+                updated_at: entry.updated_at.to_string(),
+            };
+            (StatusRecord { row, report_json }, old)
+        };
+        let seq = record.report_json.as_ref().map(|_| record.row.seq);
+        let (tx, rx) = oneshot::channel();
+        self.commit_tx
+            .send((record, tx))
+            .await
+            .map_err(|_| ReportError::Closed)?;
+        rx.await.map_err(|_| ReportError::Closed)?;
+        self.metrics
+            .instances
+            .get_or_create(&StatusLabel {
+                status: old.as_str(),
+            })
+            .dec();
+        self.metrics
+            .instances
+            .get_or_create(&StatusLabel {
+                status: u.status.as_str(),
+            })
+            .inc();
+        self.metrics
+            .transitions
+            .get_or_create(&TransitionLabels {
+                status: u.status.as_str(),
+                reason: u.reason.map(|r| r.as_str()).unwrap_or("none"),
+            })
+            .inc();
+        if let (Status::Ready, Some(ms)) = (u.status, u.boot_duration_ms) {
+            self.metrics.boot_duration.observe(ms as f64 / 1000.0);
+        }
+        Ok(Applied::Changed { seq })
+    }
+
+    /// Current status and generation of an instance.
+    pub fn status_of(&self, id: &InstanceId) -> Option<(Status, i32)> {
+        self.lock().get(id).map(|e| (e.status, e.generation))
+    }
+
+    /// Current status, generation, reason and restart count of an instance.
+    pub fn brief(&self, id: &InstanceId) -> Option<(Status, i32, Option<ReasonCode>, u32)> {
+        self.lock()
+            .get(id)
+            .map(|e| (e.status, e.generation, e.reason, e.restarts))
+    }
+
+    /// Marks an instance as gone from the plan (kept for seq continuity, not listed).
+    pub fn mark_removed(&self, id: &InstanceId) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.removed = true;
+        }
+    }
+
+    /// Every listed instance, sorted by id.
+    pub fn list(&self) -> Vec<InstanceView> {
+        let map = self.lock();
+        let mut v: Vec<_> = map
+            .iter()
+            .filter(|(_, e)| !e.removed)
+            .map(|(id, e)| view(id, e))
+            .collect();
+        v.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        v
+    }
+
+    /// One instance.
+    pub fn get(&self, id: &InstanceId) -> Option<InstanceView> {
+        self.lock()
+            .get(id)
+            .filter(|e| !e.removed)
+            .map(|e| view(id, e))
+    }
+
+    /// Number of listed instances per status.
+    pub fn counts(&self) -> HashMap<Status, usize> {
+        let mut out = HashMap::new();
+        for e in self.lock().values().filter(|e| !e.removed) {
+            *out.entry(e.status).or_default() += 1;
+        }
+        out
+    }
+}
+
+fn view(id: &InstanceId, e: &Entry) -> InstanceView {
+    InstanceView {
+        instance_id: id.to_string(),
+        generation: e.generation,
+        status: e.status,
+        reason_code: e.reason,
+        error_message: e.message.as_deref().map(str::to_string),
+        exit_code: e.exit_code,
+        restarts: e.restarts,
+        boot_id: e.boot_id.as_deref().map(str::to_string),
+        seq: e.seq,
+        updated_at: e.updated_at.to_string(),
+    }
+}
+
+/// Collapses a message to one line of at most [`MAX_MESSAGE_BYTES`].
+pub fn one_line(msg: &str) -> String {
+    let mut s: String = msg
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES - 3;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+async fn commit_loop(store: Store, mut rx: mpsc::Receiver<Commit>, outbox_ready: Arc<Notify>) {
+    let mut batch: Vec<Commit> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<StatusRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let queued = records.iter().any(|r| r.report_json.is_some());
+        let mut delay = Duration::from_millis(50);
+        let records = Arc::new(records);
+        loop {
+            let recs = records.clone();
+            match store.call(move |s| s.commit_statuses(&recs)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // Nothing is acknowledged before it is durable: callers wait.
+                    tracing::error!(error = %e, "cannot persist status changes; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for (_, ack) in batch.drain(..) {
+            let _ = ack.send(());
+        }
+        if queued {
+            outbox_ready.notify_one();
+        }
+    }
+}
+
+/// Where delivered reports go.
+#[async_trait]
+pub trait ReportSink: Send + Sync + 'static {
+    /// Delivers `rows` (in order). Returns how many leading rows were taken (and
+    /// removed from the outbox by the sink or the drainer).
+    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Result<usize, String>;
+}
+
+/// Standalone mode's sink: the `reports` table of the state store, served by the local
+/// API. Delivery and outbox removal are one transaction.
+pub struct LocalSink;
+
+#[async_trait]
+impl ReportSink for LocalSink {
+    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Result<usize, String> {
+        let n = rows.len();
+        store
+            .call(move |s| s.deliver_to_local_sink(&rows))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(n)
+    }
+}
+
+/// Moves reports from the outbox to a sink, oldest first, retrying with backoff.
+pub struct OutboxDrainer {
+    store: Store,
+    sink: Arc<dyn ReportSink>,
+    ready: Arc<Notify>,
+    metrics: Arc<Metrics>,
+}
+
+impl OutboxDrainer {
+    /// A drainer; `ready` is the status manager's notification.
+    pub fn new(
+        store: Store,
+        sink: Arc<dyn ReportSink>,
+        ready: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        OutboxDrainer {
+            store,
+            sink,
+            ready,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let rows = match self.store.call(|s| s.outbox_peek(1000)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    Vec::new()
+                }
+            };
+            if let Ok(depth) = self.store.call(|s| s.outbox_depth()).await {
+                self.metrics.outbox_depth.set(depth);
+            }
+            let wait = if rows.is_empty() {
+                Duration::from_secs(5)
+            } else {
+                let n = rows.len();
+                match self.sink.deliver(&self.store, rows).await {
+                    Ok(taken) => {
+                        self.metrics.reports_delivered.inc_by(taken as u64);
+                        delay = Duration::from_millis(100);
+                        if taken == n {
+                            continue;
+                        }
+                        delay
+                    }
+                    Err(e) => {
+                        self.metrics.delivery_errors.inc();
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "status delivery failed");
+                        let d = delay;
+                        delay = (delay * 2).min(Duration::from_secs(60));
+                        d
+                    }
+                }
+            };
+            tokio::select! {
+                _ = self.ready.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    async fn manager() -> (Arc<StatusManager>, Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let m = StatusManager::start(
+            store.clone(),
+            Arc::new(ManualClock::new()),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        )
+        .unwrap();
+        (m, store, dir)
+    }
+
+    fn id(s: &str) -> InstanceId {
+        InstanceId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn repeated_status_is_not_reported() {
+        let (m, store, _d) = manager().await;
+        for st in [
+            Status::Preparing,
+            Status::Booting,
+            Status::Booting,
+            Status::Ready,
+            Status::Ready,
+        ] {
+            m.update(StatusUpdate::new(id("a"), 1, st)).await.unwrap();
+        }
+        let ob = store.outbox_peek(100).unwrap();
+        let statuses: Vec<_> = ob
+            .iter()
+            .map(|r| serde_json::from_str::<StatusReport>(&r.report_json).unwrap())
+            .map(|r| (r.status, r.seq))
+            .collect();
+        assert_eq!(statuses, vec![(Status::Booting, 1), (Status::Ready, 2)]);
+    }
+
+    #[tokio::test]
+    async fn illegal_transition_is_refused_and_not_persisted() {
+        let (m, store, _d) = manager().await;
+        let err = m
+            .update(StatusUpdate::new(id("a"), 1, Status::Ready))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("pending -> ready"), "{err}");
+        assert!(store.outbox_peek(10).unwrap().is_empty());
+        assert_eq!(m.status_of(&id("a")), None);
+    }
+
+    #[tokio::test]
+    async fn messages_become_one_bounded_line() {
+        let (m, store, _d) = manager().await;
+        let mut u = StatusUpdate::new(id("a"), 1, Status::Failed);
+        u.reason = Some(ReasonCode::ImagePullFailed);
+        u.message = Some(format!("line one\nline two {}", "x".repeat(5000)));
+        m.update(u).await.unwrap();
+        let r: StatusReport =
+            serde_json::from_str(&store.outbox_peek(1).unwrap()[0].report_json).unwrap();
+        let msg = r.error_message.unwrap();
+        assert!(!msg.contains('\n'));
+        assert!(msg.len() <= MAX_MESSAGE_BYTES);
+        assert_eq!(r.reason_code, Some(ReasonCode::ImagePullFailed));
+    }
+
+    #[tokio::test]
+    async fn seq_continues_after_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let store = Store::open(&path).unwrap();
+            let m = StatusManager::start(
+                store,
+                Arc::new(ManualClock::new()),
+                Arc::new(Metrics::new()),
+                Arc::new(Notify::new()),
+            )
+            .unwrap();
+            m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
+                .await
+                .unwrap();
+            m.update(StatusUpdate::new(id("a"), 1, Status::Booting))
+                .await
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let m = StatusManager::start(
+            store.clone(),
+            Arc::new(ManualClock::new()),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        )
+        .unwrap();
+        assert_eq!(m.status_of(&id("a")), Some((Status::Booting, 1)));
+        assert_eq!(
+            m.update(StatusUpdate::new(id("a"), 1, Status::Booting))
+                .await
+                .unwrap(),
+            Applied::Unchanged
+        );
+        assert_eq!(
+            m.update(StatusUpdate::new(id("a"), 1, Status::Ready))
+                .await
+                .unwrap(),
+            Applied::Changed { seq: Some(2) }
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! The VMM seam: one [`Runtime`] trait, implemented by the mock (any OS) and, in later
+//! work, by qemu and firecracker.
+//!
+//! The contract: a runtime owns everything host-side about one instance's VM (image and
+//! disks in `prepare`, the VMM process in `start`/`stop`, leftovers in `cleanup`) and
+//! reports what the guest says as [`VmEvent`]s. It never decides policy: restarts,
+//! health thresholds, deadlines between steps and statuses belong to the instance
+//! actor. Every method is idempotent, and `stop`/`cleanup` never leave a VM behind.
+
+pub mod mock;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::instance::ReasonCode;
+use crate::secrets::SecretMaterial;
+use crate::spec::{HealthSpec, InstanceId, Workload};
+
+/// What a runtime failure means for the instance. The mapping to a reason code is the
+/// one `match` in [`RuntimeError::reason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// Pulling the image failed.
+    #[error("{0}")]
+    ImagePull(String),
+    /// Building the root disk failed.
+    #[error("{0}")]
+    RootfsBuild(String),
+    /// The VMM did not start, refused its configuration, or died before the handshake.
+    #[error("{0}")]
+    VmmStart(String),
+    /// Host or guest network setup failed.
+    #[error("{0}")]
+    Network(String),
+    /// A volume could not be attached or mounted.
+    #[error("{0}")]
+    Volume(String),
+    /// Secrets could not be written in the guest.
+    #[error("{0}")]
+    SecretsInjection(String),
+    /// The guest reported a failure with its own reason.
+    #[error("{detail}")]
+    Guest {
+        /// Reason the guest gave.
+        reason: ReasonCode,
+        /// What it said.
+        detail: String,
+    },
+}
+
+impl RuntimeError {
+    /// The reason code this failure is reported with.
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            RuntimeError::ImagePull(_) => ReasonCode::ImagePullFailed,
+            RuntimeError::RootfsBuild(_) => ReasonCode::RootfsBuildFailed,
+            RuntimeError::VmmStart(_) => ReasonCode::FirecrackerStartFailed,
+            RuntimeError::Network(_) => ReasonCode::NetworkSetupFailed,
+            RuntimeError::Volume(_) => ReasonCode::VolumeAttachFailed,
+            RuntimeError::SecretsInjection(_) => ReasonCode::SecretsInjectionFailed,
+            RuntimeError::Guest { reason, .. } => *reason,
+        }
+    }
+}
+
+/// What the VM is told at boot.
+#[derive(Debug, Default)]
+pub struct BootContext {
+    /// Fresh id of this boot.
+    pub boot_id: String,
+    /// Secret material for the guest, when the spec binds secrets.
+    pub secrets: Option<SecretMaterial>,
+}
+
+/// A running (or starting) VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmHandle {
+    /// Instance.
+    pub instance_id: InstanceId,
+    /// Generation it runs.
+    pub generation: i32,
+    /// Boot id.
+    pub boot_id: String,
+    /// Spec hash it runs.
+    pub spec_hash: String,
+}
+
+/// Something the VM or its guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest applied its config and exec'd the workload.
+    WorkloadStarted,
+    /// The workload exited.
+    Exited {
+        /// Exit code (128+signal when killed by a signal).
+        code: i32,
+        /// The guest kernel (or the host cgroup) OOM-killed it.
+        oom_killed: bool,
+    },
+    /// The guest or VMM failed (before or after the workload started).
+    Failed(RuntimeError),
+    /// The VMM process exited without the guest saying why.
+    VmmExited {
+        /// Its exit code, if known.
+        code: Option<i32>,
+        /// What is known (exit code meaning, last log lines).
+        detail: String,
+    },
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// The VM stopped within the grace period (no forced kill).
+    pub graceful: bool,
+    /// The workload's exit code, if the guest reported one.
+    pub exit_code: Option<i32>,
+}
+
+/// A VMM implementation.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// `mock`, `qemu` or `firecracker`.
+    fn kind(&self) -> &'static str;
+
+    /// Host-side preparation: image and root disk, scratch disk, network, volumes.
+    /// Idempotent.
+    async fn prepare(&self, id: &InstanceId, workload: &Workload) -> Result<(), RuntimeError>;
+
+    /// Starts the VMM and hands the guest its config; returns once the VMM runs (the
+    /// workload start arrives later as [`VmEvent::WorkloadStarted`]).
+    async fn start(
+        &self,
+        id: &InstanceId,
+        workload: &Workload,
+        boot: BootContext,
+    ) -> Result<VmHandle, RuntimeError>;
+
+    /// The next event of a VM. Cancel-safe: dropping the future loses no event.
+    async fn next_event(&self, vm: &VmHandle) -> VmEvent;
+
+    /// One health probe from the host to the instance. `Err` carries why it failed.
+    async fn probe_health(&self, vm: &VmHandle, check: &HealthSpec) -> Result<(), String>;
+
+    /// Stops the VM: graceful (workload SIGTERM) up to `grace`, then forced. Never
+    /// leaves the VMM running.
+    async fn stop(&self, vm: &VmHandle, grace: Duration) -> StopOutcome;
+
+    /// VMs found running (after an agent restart): adopted or stopped by the caller.
+    async fn recover(&self) -> Result<Vec<VmHandle>, RuntimeError>;
+
+    /// The VM this runtime tracks for an instance right now, if any.
+    fn current_vm(&self, id: &InstanceId) -> Option<VmHandle>;
+
+    /// Removes every host resource of an instance (idempotent; the VM must be stopped).
+    async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError>;
+}

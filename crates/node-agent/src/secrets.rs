@@ -1,0 +1,320 @@
+//! Secret material: fetching the bound version, validating it against the secrets file
+//! format v1 (DESIGN §6), and holding it in memory only until the guest has it.
+//!
+//! The contract: material lives in [`SecretMaterial`], which zeroizes on drop and never
+//! prints its bytes (Debug is redacted); errors name the version, line and key, never a
+//! value. This module must not write material to disk or log it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::instance::ReasonCode;
+
+/// Largest secrets file.
+pub const MAX_BYTES: usize = 256 * 1024;
+/// Most keys.
+pub const MAX_KEYS: usize = 256;
+/// Longest key.
+pub const MAX_KEY_BYTES: usize = 128;
+/// Required first non-empty line.
+pub const HEADER: &str = "# TRC_SECRETS_V1";
+
+/// Validated secret material of one version.
+pub struct SecretMaterial {
+    /// Version id.
+    pub version_id: String,
+    data: Zeroizing<Vec<u8>>,
+}
+
+impl SecretMaterial {
+    /// Validates `data` and wraps it. The input is zeroized whatever the outcome.
+    pub fn new(version_id: &str, data: Vec<u8>) -> Result<SecretMaterial, SecretsError> {
+        let data = Zeroizing::new(data);
+        validate(version_id, &data)?;
+        Ok(SecretMaterial {
+            version_id: version_id.to_string(),
+            data,
+        })
+    }
+    /// The file content for the guest.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl fmt::Debug for SecretMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SecretMaterial {{ version_id: {:?}, data: <{} bytes redacted> }}",
+            self.version_id,
+            self.data.len()
+        )
+    }
+}
+
+/// A secrets failure. Messages never contain secret values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretsError {
+    /// The version has no material.
+    #[error("secret version {version_id} has no material ({detail})")]
+    Missing {
+        /// Version.
+        version_id: String,
+        /// Where it was looked for.
+        detail: String,
+    },
+    /// The material does not follow the format.
+    #[error("secret version {version_id} is malformed: {detail}")]
+    Invalid {
+        /// Version.
+        version_id: String,
+        /// Line, key and rule broken (no values).
+        detail: String,
+    },
+    /// Fetching failed.
+    #[error("cannot fetch secret version {version_id}: {detail}")]
+    Fetch {
+        /// Version.
+        version_id: String,
+        /// Cause.
+        detail: String,
+    },
+}
+
+impl SecretsError {
+    /// The reason code this failure is reported with.
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            SecretsError::Missing { .. } => ReasonCode::SecretsMissing,
+            SecretsError::Invalid { .. } | SecretsError::Fetch { .. } => {
+                ReasonCode::SecretsInjectionFailed
+            }
+        }
+    }
+}
+
+/// Checks the secrets file format v1 without ever echoing a value.
+pub fn validate(version_id: &str, data: &[u8]) -> Result<(), SecretsError> {
+    let bad = |detail: String| SecretsError::Invalid {
+        version_id: version_id.to_string(),
+        detail,
+    };
+    if data.len() > MAX_BYTES {
+        return Err(bad(format!(
+            "{} bytes exceed the limit of {MAX_BYTES}",
+            data.len()
+        )));
+    }
+    let text = std::str::from_utf8(data)
+        .map_err(|e| bad(format!("not UTF-8 (at byte {})", e.valid_up_to())))?;
+    if text.contains('\0') {
+        return Err(bad("contains NUL".into()));
+    }
+    if text.contains('\r') {
+        return Err(bad("contains CR".into()));
+    }
+    let mut header_seen = false;
+    let mut keys = std::collections::BTreeSet::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !header_seen {
+            if line.trim_end() != HEADER {
+                return Err(bad(format!(
+                    "line {n}: first non-empty line must be {HEADER:?}"
+                )));
+            }
+            header_seen = true;
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(bad(format!("line {n}: expected KEY=VALUE")));
+        };
+        if key.len() > MAX_KEY_BYTES {
+            return Err(bad(format!(
+                "line {n}: key longer than {MAX_KEY_BYTES} bytes"
+            )));
+        }
+        let mut chars = key.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_');
+        if !first_ok || !chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+            // The key is not a secret; the value is never shown.
+            return Err(bad(format!(
+                "line {n}: key {key:?} does not match [A-Z_][A-Z0-9_]*"
+            )));
+        }
+        if let Some(b64) = value.strip_prefix("base64:") {
+            if base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .is_err()
+            {
+                return Err(bad(format!("line {n}: value of {key} is not valid base64")));
+            }
+        }
+        if !keys.insert(key) {
+            return Err(bad(format!("line {n}: duplicate key {key}")));
+        }
+        if keys.len() > MAX_KEYS {
+            return Err(bad(format!("more than {MAX_KEYS} keys")));
+        }
+    }
+    if !header_seen {
+        return Err(bad(format!("missing header {HEADER:?}")));
+    }
+    Ok(())
+}
+
+/// Where secret material comes from.
+#[async_trait]
+pub trait SecretsSource: Send + Sync + 'static {
+    /// Fetches and validates one version.
+    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError>;
+}
+
+/// Standalone mode: `<desired_dir>/secrets/<version_id>.env`.
+pub struct DirSecrets {
+    dir: PathBuf,
+}
+
+impl DirSecrets {
+    /// Reads versions from `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        DirSecrets { dir }
+    }
+}
+
+#[async_trait]
+impl SecretsSource for DirSecrets {
+    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+        // version ids are validated like instance ids (no '/', no '..') in `spec`.
+        let path = self.dir.join(format!("{version_id}.env"));
+        let version = version_id.to_string();
+        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SecretsError> {
+            use std::io::Read;
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(SecretsError::Missing {
+                        version_id: version.clone(),
+                        detail: format!("{} does not exist", path.display()),
+                    })
+                }
+                Err(e) => {
+                    return Err(SecretsError::Fetch {
+                        version_id: version.clone(),
+                        detail: format!("{}: {e}", path.display()),
+                    })
+                }
+            };
+            let mut buf = Vec::new();
+            file.take(MAX_BYTES as u64 + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| SecretsError::Fetch {
+                    version_id: version.clone(),
+                    detail: format!("{}: {e}", path.display()),
+                })?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| SecretsError::Fetch {
+            version_id: version_id.to_string(),
+            detail: e.to_string(),
+        })??;
+        SecretMaterial::new(version_id, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "# TRC_SECRETS_V1\nDB_PASSWORD=hunter2\nTOKEN=base64:aGVsbG8=\n";
+
+    #[test]
+    fn valid_file_passes() {
+        validate("v1", GOOD.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn header_is_required() {
+        let e = validate("v1", b"DB=x\n").unwrap_err();
+        assert!(e.to_string().contains("TRC_SECRETS_V1"));
+    }
+
+    #[test]
+    fn errors_never_contain_values() {
+        let cases: [&[u8]; 4] = [
+            b"# TRC_SECRETS_V1\nlower=s3cr3tvalue\n",
+            b"# TRC_SECRETS_V1\nA=s3cr3tvalue\nA=s3cr3tvalue\n",
+            b"# TRC_SECRETS_V1\nA=base64:s3cr3tvalue!!\n",
+            b"# TRC_SECRETS_V1\nA=s3cr3tvalue\r\n",
+        ];
+        for c in cases {
+            let e = validate("v1", c).unwrap_err().to_string();
+            assert!(!e.contains("s3cr3tvalue"), "{e}");
+            assert_eq!(
+                SecretsError::Invalid {
+                    version_id: "v1".into(),
+                    detail: String::new()
+                }
+                .reason(),
+                ReasonCode::SecretsInjectionFailed
+            );
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut many = String::from("# TRC_SECRETS_V1\n");
+        for i in 0..=MAX_KEYS {
+            many.push_str(&format!("K{i}=v\n"));
+        }
+        assert!(validate("v1", many.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("keys"));
+        let long_key = format!("# TRC_SECRETS_V1\n{}=v\n", "K".repeat(MAX_KEY_BYTES + 1));
+        assert!(validate("v1", long_key.as_bytes()).is_err());
+        let big = format!("# TRC_SECRETS_V1\nA={}\n", "x".repeat(MAX_BYTES));
+        assert!(validate("v1", big.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
+    }
+
+    #[test]
+    fn debug_is_redacted() {
+        let m = SecretMaterial::new("v1", GOOD.as_bytes().to_vec()).unwrap();
+        let dbg = format!("{m:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[tokio::test]
+    async fn dir_source_maps_missing_and_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("good.env"), GOOD).unwrap();
+        std::fs::write(dir.path().join("bad.env"), "nope").unwrap();
+        let src = DirSecrets::new(dir.path().to_path_buf());
+        assert_eq!(src.fetch("good").await.unwrap().bytes(), GOOD.as_bytes());
+        assert_eq!(
+            src.fetch("absent").await.unwrap_err().reason(),
+            ReasonCode::SecretsMissing
+        );
+        assert_eq!(
+            src.fetch("bad").await.unwrap_err().reason(),
+            ReasonCode::SecretsInjectionFailed
+        );
+    }
+}
