@@ -10,8 +10,12 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control_plane;
 pub mod instance;
 pub mod metrics;
 pub mod reconciler;

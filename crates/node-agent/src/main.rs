@@ -1,2 +1,117 @@
-//! `plfm-node-agent`: thin binary over the library.
-fn main() {}
+//! `plfm-node-agent`: the node agent daemon and its operator commands. Parses the
+//! command line, loads the config, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use plfm_node_agent::config::{Config, LogFormat};
+use plfm_node_agent::{agent, cli};
+
+/// The plfm node agent runs the instances the control plane assigns to this host as
+/// microVMs and reports every status change.
+///
+/// Without a subcommand it runs the daemon. The other subcommands talk to a running
+/// daemon through its local API (the `[api] listen` address of the same config).
+#[derive(Parser)]
+#[command(name = "plfm-node-agent", version, about, long_about)]
+struct Cli {
+    /// Agent configuration (TOML). Keys can be overridden with PLFM_<KEY> or
+    /// PLFM_<TABLE>__<KEY> environment variables.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PLFM_CONFIG",
+        default_value = "/etc/plfm/node-agent.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent daemon (the default).
+    Run,
+    /// Validate the configuration and print it as the agent sees it.
+    CheckConfig,
+    /// List instances with status, reason code, exit code and restarts.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop one instance (reported as terminated_by_operator); it stays stopped until
+    /// its spec changes.
+    Stop {
+        /// Instance id.
+        instance_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain the node: every instance stops (node_draining) and nothing new boots.
+    Drain {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("plfm-node-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("plfm-node-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = config.api.listen;
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            init_logging(&config);
+            runtime.block_on(agent::run_daemon(config))
+        }
+        Command::CheckConfig => {
+            println!("{}", toml::to_string_pretty(&config).unwrap_or_default());
+            Ok(())
+        }
+        Command::Status { json } => runtime.block_on(cli::status(addr, json)),
+        Command::Stop { instance_id, json } => {
+            runtime.block_on(cli::stop(addr, &instance_id, json))
+        }
+        Command::Drain { json } => runtime.block_on(cli::drain(addr, json)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plfm-node-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The local HTTP API (DESIGN §4): health, metrics, instance statuses, operator stop and
+//! node drain, on a loopback address.
+//!
+//! This module maps each request to one call on the status manager or the supervisor
+//! and shapes the answer; it holds no state and makes no lifecycle decisions.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::report::{StatusManager, StatusReport};
+use crate::spec::InstanceId;
+use crate::state::Store;
+use crate::supervisor::{OperatorError, Supervisor};
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Statuses.
+    pub status: Arc<StatusManager>,
+    /// Operator requests.
+    pub supervisor: Supervisor,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Delivered reports (standalone sink).
+    pub store: Store,
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/instances", get(list))
+        .route("/v1/instances/{id}", get(one))
+        .route("/v1/instances/{id}/reports", get(reports))
+        .route("/v1/instances/{id}/stop", post(stop))
+        .route("/v1/node/drain", post(drain))
+        .with_state(state)
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
+}
+
+fn parse_id(id: &str) -> Result<InstanceId, Response> {
+    InstanceId::parse(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn healthz(State(s): State<ApiState>) -> Response {
+    Json(json!({ "status": "ok", "instances": s.status.list().len() })).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn list(State(s): State<ApiState>) -> Response {
+    Json(s.status.list()).into_response()
+}
+
+async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.status.get(&id) {
+        Some(v) => Json(v).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("instance {id} is not known on this node"),
+        ),
+    }
+}
+
+async fn reports(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let iid = id.to_string();
+    match s
+        .store
+        .call(move |st| st.delivered_reports(Some(&iid)))
+        .await
+    {
+        Ok(rows) => {
+            let reports: Vec<StatusReport> = rows
+                .into_iter()
+                .filter_map(|(_, _, j)| serde_json::from_str(&j).ok())
+                .collect();
+            Json(reports).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn stop(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.supervisor.stop_instance(id.clone()).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "instance_id": id, "stopping": true, "reason_code": "terminated_by_operator" }))).into_response(),
+        Err(e @ OperatorError::UnknownInstance(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn drain(State(s): State<ApiState>) -> Response {
+    match s.supervisor.drain_node().await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "node_state": "draining", "reason_code": "node_draining" })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

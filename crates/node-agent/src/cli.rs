@@ -1,0 +1,117 @@
+//! Operator subcommands that talk to a running agent's local API (`status`, `stop`,
+//! `drain`) and print a table, or JSON with `--json`.
+//!
+//! This module formats and calls; it holds no logic of its own. Every request has a
+//! timeout, and a daemon that does not answer is named in the error.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::report::InstanceView;
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+async fn send(
+    req: reqwest::RequestBuilder,
+    what: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = req.send().await.with_context(|| {
+        format!("cannot reach the agent's API at {addr} (is the agent running with this config?)")
+    })?;
+    let code = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{what}: the agent's answer is not JSON"))?;
+    if !code.is_success() {
+        let msg = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no detail");
+        bail!("{what}: {code}: {msg}");
+    }
+    Ok(body)
+}
+
+/// `status [--json]`.
+pub async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = send(
+        client()?.get(format!("http://{addr}/v1/instances")),
+        "status",
+        addr,
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let list: Vec<InstanceView> =
+        serde_json::from_value(body).context("unexpected instance list")?;
+    print!("{}", table(&list));
+    Ok(())
+}
+
+/// Renders instances as a fixed-width table.
+pub fn table(list: &[InstanceView]) -> String {
+    let mut out = format!(
+        "{:<24} {:>4} {:<9} {:<24} {:>5} {:>8}  {}\n",
+        "INSTANCE", "GEN", "STATUS", "REASON", "EXIT", "RESTARTS", "MESSAGE"
+    );
+    for v in list {
+        out.push_str(&format!(
+            "{:<24} {:>4} {:<9} {:<24} {:>5} {:>8}  {}\n",
+            v.instance_id,
+            v.generation,
+            v.status.as_str(),
+            v.reason_code.map(|r| r.as_str()).unwrap_or("-"),
+            v.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            v.restarts,
+            v.error_message.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// `stop <id>`.
+pub async fn stop(addr: SocketAddr, id: &str, json: bool) -> anyhow::Result<()> {
+    crate::spec::InstanceId::parse(id)?;
+    let body = send(
+        client()?.post(format!("http://{addr}/v1/instances/{id}/stop")),
+        &format!("stop {id}"),
+        addr,
+    )
+    .await?;
+    if json {
+        println!("{body}");
+    } else {
+        println!("stopping {id} (terminated_by_operator)");
+    }
+    Ok(())
+}
+
+/// `drain`.
+pub async fn drain(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let body = send(
+        client()?.post(format!("http://{addr}/v1/node/drain")),
+        "drain",
+        addr,
+    )
+    .await?;
+    if json {
+        println!("{body}");
+    } else {
+        println!("node draining: every instance stops with node_draining");
+    }
+    Ok(())
+}
