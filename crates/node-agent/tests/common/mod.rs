@@ -1,0 +1,221 @@
+//! Shared test harness: a node on a temp data dir with the mock runtime and a manual
+//! clock, plan builders, and condition waits with deadlines (never sleep-and-hope).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use plfm_node_agent::agent::{Node, NodeOptions};
+use plfm_node_agent::clock::{Clock, ManualClock};
+use plfm_node_agent::instance::Status;
+use plfm_node_agent::report::{LocalSink, StatusReport};
+use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
+use plfm_node_agent::secrets::DirSecrets;
+use plfm_node_agent::spec::{decode_assignment, Assignment, InstanceId, Plan};
+use serde_json::{json, Value};
+
+pub const DIGEST: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+pub fn id(s: &str) -> InstanceId {
+    InstanceId::parse(s).unwrap()
+}
+
+/// A valid workload JSON.
+pub fn workload(instance: &str, generation: i32) -> Value {
+    json!({
+        "spec_version": "v1",
+        "instance_id": instance,
+        "generation": generation,
+        "image": {"ref": "127.0.0.1:5000/app:v1", "digest": DIGEST, "resolved_digest": DIGEST, "os": "linux", "arch": "amd64"},
+        "command": ["/app"],
+        "resources": {"cpu_request": 0.25, "memory_limit_bytes": 128 * 1024 * 1024},
+        "network": {"overlay_ipv6": "fd00::1:1", "gateway_ipv6": "fe80::1"},
+        "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "always", "max_retries": 3}
+    })
+}
+
+/// An assignment JSON (running).
+pub fn assignment_json(instance: &str, generation: i32) -> Value {
+    json!({"instance_id": instance, "generation": generation, "desired_state": "running", "drain_grace_seconds": 5, "workload": workload(instance, generation)})
+}
+
+pub fn decode(v: &Value) -> Assignment {
+    decode_assignment(v, "test").unwrap()
+}
+
+pub fn assignment(instance: &str, generation: i32) -> Assignment {
+    decode(&assignment_json(instance, generation))
+}
+
+pub fn plan(cursor: i64, assignments: Vec<Assignment>) -> Plan {
+    Plan {
+        cursor,
+        assignments,
+        rejected: Vec::new(),
+    }
+}
+
+/// A node with the mock runtime and a manual clock.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub mock: Arc<MockRuntime>,
+    pub clock: Arc<ManualClock>,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    pub async fn start(mock: MockConfig) -> TestNode {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let clock = Arc::new(ManualClock::new());
+        let mock = Arc::new(MockRuntime::new(mock, clock.clone(), None, None));
+        let mut t = TestNode {
+            node: None,
+            mock,
+            clock,
+            dir,
+            _tmp: Some(tmp),
+        };
+        t.restart().await;
+        t
+    }
+
+    /// (Re)starts the node on the same data dir and mock runtime (VMs survive, like
+    /// detached VMM processes across an agent restart).
+    pub async fn restart(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.shutdown(plfm_node_agent::config::ShutdownMode::Detach)
+                .await;
+        }
+        std::fs::create_dir_all(self.dir.join("desired/secrets")).unwrap();
+        let node = Node::start(NodeOptions {
+            data_dir: self.dir.join("data"),
+            runtime: self.mock.clone(),
+            clock: self.clock.clone(),
+            secrets: Arc::new(DirSecrets::new(self.dir.join("desired/secrets"))),
+            sink: Arc::new(LocalSink),
+            boot_timeout: Duration::from_secs(30),
+            max_instances: 20_000,
+        })
+        .await
+        .unwrap();
+        self.node = Some(node);
+    }
+
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().unwrap()
+    }
+
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.dir.join("desired/secrets")
+    }
+
+    pub async fn apply(&self, plan: Plan) {
+        self.node().supervisor.apply(plan).await;
+    }
+
+    pub fn status(&self, instance: &str) -> Option<Status> {
+        self.node().status.get(&id(instance)).map(|v| v.status)
+    }
+
+    /// Reports the local sink has taken for an instance, in order.
+    pub fn reports(&self, instance: &str) -> Vec<StatusReport> {
+        self.node()
+            .store
+            .delivered_reports(Some(instance))
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, j)| serde_json::from_str(&j).unwrap())
+            .collect()
+    }
+
+    pub fn all_reports(&self) -> Vec<StatusReport> {
+        self.node()
+            .store
+            .delivered_reports(None)
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, j)| serde_json::from_str(&j).unwrap())
+            .collect()
+    }
+
+    /// Delivered + queued reports: everything ever reported.
+    pub fn report_count(&self) -> i64 {
+        let s = &self.node().store;
+        s.delivered_count().unwrap() + s.outbox_depth().unwrap()
+    }
+
+    pub fn statuses_of(&self, instance: &str) -> Vec<Status> {
+        self.reports(instance)
+            .into_iter()
+            .map(|r| r.status)
+            .collect()
+    }
+
+    /// Waits (real time, 20 s deadline) for `cond`, advancing the manual clock by `step`
+    /// between checks so backoffs and health intervals elapse.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        step: Duration,
+        mut cond: impl FnMut(&TestNode) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if cond(self) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let list = self.node().status.list();
+                panic!("timed out waiting for {what}; instances: {list:#?}");
+            }
+            self.clock.advance(step);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits until every report is delivered (outbox empty).
+    pub async fn wait_delivered(&self) {
+        self.wait_for("outbox to drain", Duration::ZERO, |t| {
+            t.node().store.outbox_depth().unwrap() == 0
+        })
+        .await;
+    }
+
+    pub fn now_secs(&self) -> f64 {
+        self.clock.now().0.as_secs_f64()
+    }
+}
+
+/// Waits for a plain condition with a real-time deadline.
+pub async fn wait_real(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every file under `root` (relative paths), sorted.
+pub fn tree(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
