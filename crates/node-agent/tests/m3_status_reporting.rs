@@ -286,8 +286,14 @@ async fn crash_backs_off_restarts_then_enters_crash_loop_backoff() {
         "first boot + max_retries restarts"
     );
     let gaps: Vec<f64> = boots_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps.len(), 3, "{boots_at:?}");
     for (gap, min) in gaps.iter().zip([1.0, 2.0, 4.0]) {
-        assert!(*gap >= min && *gap < min + 0.6, "gaps {gaps:?}");
+        // Never earlier than the backoff; the manual clock may run a little past it
+        // while the actor is scheduled.
+        assert!(
+            *gap >= min,
+            "restart after {gap} s, backoff is {min} s: {gaps:?}"
+        );
     }
     t.wait_delivered().await;
     let r = t.reports("c");

@@ -37,6 +37,9 @@ pub struct MockConfig {
     /// Time a graceful stop takes.
     #[serde(default = "d50")]
     pub stop_ms: u64,
+    /// Extra boot time, spread over instances by a hash of their id (0..jitter).
+    #[serde(default)]
+    pub boot_jitter_ms: u64,
     /// Faults by instance id.
     #[serde(default)]
     pub faults: BTreeMap<String, MockFault>,
@@ -55,6 +58,7 @@ impl Default for MockConfig {
             prepare_ms: 50,
             boot_ms: 200,
             stop_ms: 50,
+            boot_jitter_ms: 0,
             faults: BTreeMap::new(),
         }
     }
@@ -67,6 +71,7 @@ impl MockConfig {
             prepare_ms: 0,
             boot_ms: 0,
             stop_ms: 0,
+            boot_jitter_ms: 0,
             faults: BTreeMap::new(),
         }
     }
@@ -221,6 +226,16 @@ impl MockRuntime {
     /// How many times `start` succeeded in total.
     pub fn total_starts(&self) -> u64 {
         self.total_starts.load(Ordering::Relaxed)
+    }
+
+    fn boot_ms(&self, id: &InstanceId) -> u64 {
+        if self.config.boot_jitter_ms == 0 {
+            return self.config.boot_ms;
+        }
+        let h = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        self.config.boot_ms + h % self.config.boot_jitter_ms
     }
 
     fn fault_of(&self, id: &InstanceId) -> Option<MockFault> {
@@ -390,7 +405,7 @@ impl Runtime for MockRuntime {
         }
         let boot_done = vm
             .started_at
-            .add(Duration::from_millis(self.config.boot_ms));
+            .add(Duration::from_millis(self.boot_ms(&handle.instance_id)));
         if !vm.started_reported.load(Ordering::Acquire) {
             match &vm.fault {
                 Some(MockFault::NoHandshake) => {
@@ -466,9 +481,9 @@ impl Runtime for MockRuntime {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
         if let Some(MockFault::HealthFails { after_ms }) = vm.fault {
-            let from = vm
-                .started_at
-                .add(Duration::from_millis(self.config.boot_ms + after_ms));
+            let from = vm.started_at.add(Duration::from_millis(
+                self.boot_ms(&handle.instance_id) + after_ms,
+            ));
             if self.clock.now() >= from {
                 return Err(format!(
                     "GET :{}{}: 503 Service Unavailable (mock)",

@@ -1,0 +1,474 @@
+//! The agent binary as operators run it: the dev config reaching `ready`, the CLI,
+//! config errors, bad desired-state input, and `kill -9` in the middle of a reconcile.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assignment_json, tree, wait_real};
+use plfm_node_agent::instance::Status;
+use plfm_node_agent::report::{InstanceView, StatusReport};
+use plfm_node_agent::state::Store;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A temp workspace: config, desired dir, data dir, captured log.
+struct Env {
+    root: tempfile::TempDir,
+    port: u16,
+}
+
+impl Env {
+    fn new(mock: &str) -> Env {
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::create_dir_all(root.path().join("desired/secrets")).unwrap();
+        let cfg = format!(
+            r#"node_id = "test-node"
+data_dir = "data"
+[log]
+level = "info"
+[api]
+listen = "127.0.0.1:{port}"
+[control_plane]
+mode = "standalone"
+desired_dir = "desired"
+rescan_interval_ms = 200
+[runtime]
+kind = "mock"
+[runtime.mock]
+{mock}
+"#
+        );
+        std::fs::write(root.path().join("agent.toml"), cfg).unwrap();
+        Env { root, port }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.path().join(p)
+    }
+    fn config(&self) -> PathBuf {
+        self.path("agent.toml")
+    }
+    fn write_assignment(&self, name: &str, v: &serde_json::Value) {
+        std::fs::write(
+            self.path("desired").join(name),
+            serde_json::to_vec(v).unwrap(),
+        )
+        .unwrap();
+    }
+    fn spawn(&self) -> Agent {
+        let log = std::fs::File::create(self.path("agent.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent { child }
+    }
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+    fn instances(&self) -> Option<Vec<InstanceView>> {
+        let out = self.cli(&["status", "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+    fn store(&self) -> Store {
+        Store::open(&self.path("data/state.db")).unwrap()
+    }
+}
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we own and a valid signal has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_statuses(
+    env: &Env,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&[InstanceView]) -> bool,
+) -> Vec<InstanceView> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(list) = env.instances() {
+            if cond(&list) {
+                return list;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; last: {:#?}\nlog:\n{}",
+                env.instances(),
+                env.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn all_ready(list: &[InstanceView], n: usize) -> bool {
+    list.len() == n && list.iter().all(|v| v.status == Status::Ready)
+}
+
+#[tokio::test]
+async fn dev_config_instances_reach_ready_within_ten_seconds() {
+    // The shipped dev config, with a private port and data dir so tests can run in
+    // parallel; the instance files are the shipped ones.
+    let env = Env::new("");
+    let dev = std::fs::read_to_string(repo_root().join("config/dev.toml")).unwrap();
+    let instances = repo_root().join("config/instances").canonicalize().unwrap();
+    let cfg = dev
+        .replace("127.0.0.1:7070", &format!("127.0.0.1:{}", env.port))
+        .replace("\"../.plfm-dev\"", "\"data\"")
+        .replace(
+            "desired_dir = \"instances\"",
+            &format!("desired_dir = {:?}", instances.display().to_string()),
+        );
+    std::fs::write(env.config(), cfg).unwrap();
+    let started = Instant::now();
+    let mut agent = env.spawn();
+    let list = wait_statuses(
+        &env,
+        "example instances ready",
+        Duration::from_secs(10),
+        |l| all_ready(l, 2),
+    )
+    .await;
+    let ids: Vec<_> = list.iter().map(|v| v.instance_id.as_str()).collect();
+    assert_eq!(ids, vec!["web-1", "worker-1"]);
+    eprintln!("ready after {:?}", started.elapsed());
+    let table = String::from_utf8(env.cli(&["status"]).stdout).unwrap();
+    assert!(
+        table.contains("web-1") && table.contains("ready"),
+        "{table}"
+    );
+    assert!(agent.terminate().success());
+}
+
+#[tokio::test]
+async fn cli_stop_and_drain_carry_their_reason_codes() {
+    let env = Env::new("prepare_ms = 0\nboot_ms = 50\nstop_ms = 10");
+    for i in ["a", "b"] {
+        env.write_assignment(&format!("{i}.json"), &assignment_json(i, 1));
+    }
+    let _agent = env.spawn();
+    wait_statuses(&env, "ready", Duration::from_secs(10), |l| all_ready(l, 2)).await;
+    let out = env.cli(&["stop", "a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_statuses(
+        &env,
+        "a stopped by operator",
+        Duration::from_secs(10),
+        |l| {
+            l.iter().any(|v| {
+                v.instance_id == "a"
+                    && v.status == Status::Stopped
+                    && v.reason_code.map(|r| r.as_str()) == Some("terminated_by_operator")
+            })
+        },
+    )
+    .await;
+    let out = env.cli(&["stop", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope is not assigned"));
+    assert!(env.cli(&["drain"]).status.success());
+    wait_statuses(&env, "b drained", Duration::from_secs(10), |l| {
+        l.iter().any(|v| {
+            v.instance_id == "b"
+                && v.status == Status::Stopped
+                && v.reason_code.map(|r| r.as_str()) == Some("node_draining")
+        })
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", env.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "plfm_agent_status_transitions_total{status=\"stopped\",reason=\"node_draining\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn config_errors_name_the_key_and_exit_non_zero() {
+    let env = Env::new("");
+    let text = std::fs::read_to_string(env.config())
+        .unwrap()
+        .replace("[api]", "[api]\nlisten_addr = 1");
+    std::fs::write(env.config(), text).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(env.config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen_addr"), "{err}");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(env.path("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for word in ["status", "stop", "drain", "--config", "PLFM_"] {
+        assert!(help.contains(word), "--help should mention {word}: {help}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_dir() {
+    let env = Env::new("prepare_ms = 0\nboot_ms = 20\nstop_ms = 0");
+    env.write_assignment("good.json", &assignment_json("good", 1));
+    std::fs::write(
+        env.path("desired/malformed.json"),
+        "{ \"instance_id\": \"m\", nope",
+    )
+    .unwrap();
+    let mut state = assignment_json("bad-state", 1);
+    state["desired_state"] = json!("paused");
+    env.write_assignment("state.json", &state);
+    let mut huge = assignment_json("huge-argv", 1);
+    huge["workload"]["command"] = json!(["/app", "A".repeat(10 * 1024 * 1024)]);
+    env.write_assignment("huge.json", &huge);
+    let mut trav = assignment_json("x", 1);
+    trav["instance_id"] = json!("../../etc");
+    trav["workload"]["instance_id"] = json!("../../etc");
+    env.write_assignment("traversal.json", &trav);
+    let before: Vec<_> = tree(env.root.path())
+        .into_iter()
+        .filter(|p| !p.starts_with("data") && p != "agent.log")
+        .collect();
+
+    let mut agent = env.spawn();
+    let list = wait_statuses(
+        &env,
+        "good ready, bad ones failed",
+        Duration::from_secs(15),
+        |l| {
+            let st = |i: &str| l.iter().find(|v| v.instance_id == i).map(|v| v.status);
+            st("good") == Some(Status::Ready)
+                && st("bad-state") == Some(Status::Failed)
+                && st("huge-argv") == Some(Status::Failed)
+        },
+    )
+    .await;
+    let msg = |i: &str| {
+        list.iter()
+            .find(|v| v.instance_id == i)
+            .unwrap()
+            .error_message
+            .clone()
+            .unwrap()
+    };
+    assert!(msg("bad-state").contains("paused"), "{}", msg("bad-state"));
+    assert!(
+        msg("huge-argv").contains("exceed the limit"),
+        "{}",
+        msg("huge-argv")
+    );
+    assert!(msg("huge-argv").len() < 300);
+    assert_eq!(
+        list.len(),
+        3,
+        "the traversal id and the malformed file identify no instance: {list:#?}"
+    );
+
+    let log = env.log();
+    assert!(
+        log.contains("malformed.json"),
+        "log must name the malformed file:\n{log}"
+    );
+    assert!(
+        log.contains("../../etc"),
+        "log must name the refused id:\n{log}"
+    );
+    // Still healthy, and nothing written outside data_dir.
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", env.port))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    assert!(agent.terminate().success());
+    let after: Vec<_> = tree(env.root.path())
+        .into_iter()
+        .filter(|p| !p.starts_with("data") && p != "agent.log")
+        .collect();
+    assert_eq!(before, after);
+    let data = tree(&env.path("data"));
+    assert!(data.iter().all(|p| !p.contains("etc")), "{data:?}");
+    assert!(!env.root.path().parent().unwrap().join("etc").exists());
+}
+
+/// Checks, per instance, that delivered reports are numbered 1..n without gaps or
+/// repeats and follow legal transitions.
+fn check_report_log(store: &Store) -> std::collections::BTreeMap<String, Vec<StatusReport>> {
+    let mut by: std::collections::BTreeMap<String, Vec<StatusReport>> = Default::default();
+    for (i, _, j) in store.delivered_reports(None).unwrap() {
+        by.entry(i)
+            .or_default()
+            .push(serde_json::from_str(&j).unwrap());
+    }
+    for (i, reps) in &by {
+        let seqs: Vec<i64> = reps.iter().map(|r| r.seq).collect();
+        let want: Vec<i64> = (1..=reps.len() as i64).collect();
+        assert_eq!(seqs, want, "{i}: seqs must be 1..n, no gap, no duplicate");
+        for w in reps.windows(2) {
+            assert!(
+                w[0].status.can_transition_to(w[1].status),
+                "{i}: {} -> {}",
+                w[0].status,
+                w[1].status
+            );
+        }
+    }
+    by
+}
+
+#[tokio::test]
+async fn kill_dash_nine_mid_reconcile_converges_without_duplicates_or_losses() {
+    let env = Env::new("prepare_ms = 30\nboot_ms = 200\nboot_jitter_ms = 3000\nstop_ms = 10");
+    let n = 30;
+    for i in 0..n {
+        env.write_assignment(
+            &format!("k{i:02}.json"),
+            &assignment_json(&format!("k{i:02}"), 1),
+        );
+    }
+    let mut agent = env.spawn();
+    // Kill when some, but not all, instances are ready.
+    let db = env.path("data/state.db");
+    wait_real("state store created", Duration::from_secs(10), || {
+        db.exists()
+    })
+    .await;
+    let store = env.store();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = match store.load_instances() {
+            Ok(rows) => rows.iter().filter(|r| r.status == "ready").count(),
+            Err(e) => panic!("cannot read the state store: {e}"),
+        };
+        seen.push(ready);
+        if (3..n).contains(&ready) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw 3..{n} ready: {seen:?}\nlog:\n{}",
+            env.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent.kill9();
+    let ready_before: Vec<String> = store
+        .load_instances()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.status == "ready")
+        .map(|r| r.instance_id)
+        .collect();
+    assert!(!ready_before.is_empty() && ready_before.len() < n);
+
+    let mut agent = env.spawn();
+    wait_statuses(
+        &env,
+        "all ready after restart",
+        Duration::from_secs(20),
+        |l| all_ready(l, n),
+    )
+    .await;
+    assert!(agent.terminate().success());
+
+    let by = check_report_log(&store);
+    assert_eq!(by.len(), n);
+    for (i, reps) in &by {
+        let statuses: Vec<_> = reps.iter().map(|r| r.status).collect();
+        assert_eq!(
+            statuses,
+            vec![Status::Booting, Status::Ready],
+            "{i}: no restart, no lost or repeated report"
+        );
+    }
+    for i in &ready_before {
+        let reps = &by[i];
+        assert_eq!(
+            reps[0].boot_id, reps[1].boot_id,
+            "{i} was ready before the kill: its VM must be adopted"
+        );
+    }
+    // Exactly one (mock) VM per instance.
+    let vms: Vec<_> = tree(&env.path("data/instances"))
+        .into_iter()
+        .filter(|p| p.ends_with("mock-vm.json"))
+        .collect();
+    assert_eq!(vms.len(), n, "{vms:?}");
+    assert_eq!(store.outbox_depth().unwrap(), 0);
+}
