@@ -57,6 +57,8 @@ pub struct Metrics {
     pub rejected: Family<KindLabel, Counter>,
     /// Actor panics caught by the supervisor.
     pub actor_panics: Counter,
+    /// Transactions that persisted status changes (each one fsync).
+    pub status_commits: Counter,
 }
 
 impl Metrics {
@@ -74,6 +76,7 @@ impl Metrics {
             delivery_errors: Counter::default(),
             rejected: Family::default(),
             actor_panics: Counter::default(),
+            status_commits: Counter::default(),
         };
         registry.register("instances", "Instances by status", m.instances.clone());
         registry.register(

@@ -217,7 +217,7 @@ impl StatusManager {
             );
         }
         let (commit_tx, commit_rx) = mpsc::channel(MAX_BATCH);
-        tokio::spawn(commit_loop(store, commit_rx, outbox_ready));
+        tokio::spawn(commit_loop(store, commit_rx, outbox_ready, metrics.clone()));
         Ok(Arc::new(StatusManager {
             entries: Mutex::new(entries),
             commit_tx,
@@ -433,7 +433,12 @@ pub fn one_line(msg: &str) -> String {
     s
 }
 
-async fn commit_loop(store: Store, mut rx: mpsc::Receiver<Commit>, outbox_ready: Arc<Notify>) {
+async fn commit_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Commit>,
+    outbox_ready: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) {
     let mut batch: Vec<Commit> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -450,7 +455,10 @@ async fn commit_loop(store: Store, mut rx: mpsc::Receiver<Commit>, outbox_ready:
         loop {
             let recs = records.clone();
             match store.call(move |s| s.commit_statuses(&recs)).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    metrics.status_commits.inc();
+                    break;
+                }
                 Err(e) => {
                     // Nothing is acknowledged before it is durable: callers wait.
                     tracing::error!(error = %e, "cannot persist status changes; retrying");
