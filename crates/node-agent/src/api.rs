@@ -49,8 +49,17 @@ fn error(code: StatusCode, message: String) -> Response {
     (code, Json(json!({ "error": message }))).into_response()
 }
 
-fn parse_id(id: &str) -> Result<InstanceId, Response> {
-    InstanceId::parse(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+/// A request error: status code and message.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn parse_id(id: &str) -> Result<InstanceId, ApiError> {
+    InstanceId::parse(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn healthz(State(s): State<ApiState>) -> Response {
@@ -75,7 +84,7 @@ async fn list(State(s): State<ApiState>) -> Response {
 async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.status.get(&id) {
         Some(v) => Json(v).into_response(),
@@ -89,7 +98,7 @@ async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
 async fn reports(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let iid = id.to_string();
     match s
@@ -111,7 +120,7 @@ async fn reports(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
 async fn stop(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.supervisor.stop_instance(id.clone()).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "instance_id": id, "stopping": true, "reason_code": "terminated_by_operator" }))).into_response(),

@@ -18,7 +18,7 @@ pub struct Instant(pub Duration);
 
 impl Instant {
     /// `self + d`.
-    pub fn add(self, d: Duration) -> Instant {
+    pub fn plus(self, d: Duration) -> Instant {
         Instant(self.0.saturating_add(d))
     }
     /// Time from `earlier` to `self`, zero if `earlier` is later.
@@ -40,7 +40,7 @@ pub trait Clock: Send + Sync + 'static {
     fn sleep_until(&self, deadline: Instant) -> Sleep;
     /// Resolves after `d`.
     fn sleep(&self, d: Duration) -> Sleep {
-        self.sleep_until(self.now().add(d))
+        self.sleep_until(self.now().plus(d))
     }
 }
 
@@ -116,7 +116,7 @@ impl ManualClock {
     pub fn advance(&self, d: Duration) {
         let woken = {
             let mut g = self.lock();
-            g.now = g.now.add(d);
+            g.now = g.now.plus(d);
             let now = g.now;
             let later = g.waiters.split_off(&(now, u64::MAX));
             std::mem::replace(&mut g.waiters, later)

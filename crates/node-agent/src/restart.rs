@@ -73,11 +73,10 @@ impl RestartTracker {
                 self.consecutive = 0;
             }
         }
-        let restart = match (policy, ending) {
-            (RestartPolicy::Never, _) => false,
-            (RestartPolicy::OnFailure, Ending::CleanExit) => false,
-            _ => true,
-        };
+        let restart = !matches!(
+            (policy, ending),
+            (RestartPolicy::Never, _) | (RestartPolicy::OnFailure, Ending::CleanExit)
+        );
         if !restart {
             return RestartDecision::Stay;
         }

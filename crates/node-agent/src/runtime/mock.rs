@@ -405,7 +405,7 @@ impl Runtime for MockRuntime {
         }
         let boot_done = vm
             .started_at
-            .add(Duration::from_millis(self.boot_ms(&handle.instance_id)));
+            .plus(Duration::from_millis(self.boot_ms(&handle.instance_id)));
         if !vm.started_reported.load(Ordering::Acquire) {
             match &vm.fault {
                 Some(MockFault::NoHandshake) => {
@@ -427,7 +427,7 @@ impl Runtime for MockRuntime {
                 }
                 Some(MockFault::GuestFails { reason, after_ms }) => {
                     self.clock
-                        .sleep_until(boot_done.add(Duration::from_millis(*after_ms)))
+                        .sleep_until(boot_done.plus(Duration::from_millis(*after_ms)))
                         .await;
                     return VmEvent::Failed(RuntimeError::Guest {
                         reason: *reason,
@@ -440,7 +440,7 @@ impl Runtime for MockRuntime {
             vm.started_reported.store(true, Ordering::Release);
             return VmEvent::WorkloadStarted;
         }
-        let after = |ms: u64| boot_done.add(Duration::from_millis(ms));
+        let after = |ms: u64| boot_done.plus(Duration::from_millis(ms));
         let event = match &vm.fault {
             Some(MockFault::Exit { code, after_ms }) => Some((
                 after(*after_ms),
@@ -481,7 +481,7 @@ impl Runtime for MockRuntime {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
         if let Some(MockFault::HealthFails { after_ms }) = vm.fault {
-            let from = vm.started_at.add(Duration::from_millis(
+            let from = vm.started_at.plus(Duration::from_millis(
                 self.boot_ms(&handle.instance_id) + after_ms,
             ));
             if self.clock.now() >= from {

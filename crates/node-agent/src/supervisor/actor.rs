@@ -370,7 +370,7 @@ impl Actor {
         let Some(vm) = self.vm.clone() else { return };
         let runtime = self.env.runtime.clone();
         if !self.workload_started {
-            let deadline = self.booted_at.add(self.env.boot_timeout);
+            let deadline = self.booted_at.plus(self.env.boot_timeout);
             let timeout = self.env.clock.sleep_until(deadline);
             tokio::select! {
                 ev = runtime.next_event(&vm) => match ev {
@@ -389,7 +389,7 @@ impl Actor {
         }
         if let Some(h) = self.health() {
             let started = self.env.clock.now();
-            let grace_end = started.add(Duration::from_secs(h.grace_period_seconds));
+            let grace_end = started.plus(Duration::from_secs(h.grace_period_seconds));
             let (mut passes, mut failures) = (0u32, 0u32);
             loop {
                 match self.probe(&vm, &h).await {
@@ -610,7 +610,7 @@ impl Actor {
                 .await;
                 match d {
                     RestartDecision::RestartAfter(delay) => {
-                        self.backoff_until = Some(now.add(delay))
+                        self.backoff_until = Some(now.plus(delay))
                     }
                     _ => self.parked = hash,
                 }

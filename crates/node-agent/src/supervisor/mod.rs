@@ -212,23 +212,20 @@ impl SupervisorTask {
                     .get(&id)
                     .map(|slot| slot.tx.borrow().assignment.as_ref().map(|a| a.generation));
                 let r = match generation {
-                    Some(generation) => match generation {
-                        Some(generation) => {
-                            self.operator_stops.insert(id.clone(), generation);
-                            let (store, iid) = (self.store.clone(), id.to_string());
-                            if let Err(e) = store
-                                .call(move |s| s.set_operator_stop(&iid, Some(generation)))
-                                .await
-                            {
-                                tracing::error!(error = %e, "cannot persist operator stop");
-                            }
-                            self.push(&id);
-                            tracing::info!(instance = %id, generation, "operator stop");
-                            Ok(())
+                    Some(Some(generation)) => {
+                        self.operator_stops.insert(id.clone(), generation);
+                        let (store, iid) = (self.store.clone(), id.to_string());
+                        if let Err(e) = store
+                            .call(move |s| s.set_operator_stop(&iid, Some(generation)))
+                            .await
+                        {
+                            tracing::error!(error = %e, "cannot persist operator stop");
                         }
-                        None => Err(OperatorError::UnknownInstance(id.to_string())),
-                    },
-                    None => Err(OperatorError::UnknownInstance(id.to_string())),
+                        self.push(&id);
+                        tracing::info!(instance = %id, generation, "operator stop");
+                        Ok(())
+                    }
+                    _ => Err(OperatorError::UnknownInstance(id.to_string())),
                 };
                 let _ = reply.send(r);
             }

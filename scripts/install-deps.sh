@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what building and testing the agent needs, when it is missing.
+# Debian/Ubuntu (as root or with sudo): system packages for the real-component tests.
+# Any OS: the rustfmt and clippy components. Idempotent and quiet when all is there.
+set -euo pipefail
+
+# Debian packages the tests and the demo use (see docs/runbooks/node-agent-testing.md).
+DEB_PACKAGES=(
+  e2fsprogs        # mkfs.ext4 -d, debugfs: root disks
+  docker-registry  # a real OCI registry on loopback
+  busybox-static   # test and demo images
+  cpio             # initramfs inspection
+  iproute2         # ip netns, taps
+  nftables         # host firewall rules
+  qemu-system-x86  # real VMs under TCG
+  linux-image-cloud-amd64  # the guest kernel and its modules
+  skopeo umoci     # reference tools the image benchmark compares against
+  ca-certificates
+)
+
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "install-deps: installing ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+else
+  echo "install-deps: not a Debian-like Linux; system tests will say what they miss" >&2
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  done
+fi
