@@ -120,6 +120,7 @@ fn main() {
             sink: Arc::new(LocalSink),
             boot_timeout: Duration::from_secs(60),
             max_instances: n + 1,
+            metrics: std::sync::Arc::new(plfm_node_agent::metrics::Metrics::new()),
         })
         .await
         .expect("node");

@@ -15,7 +15,11 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ControlPlaneMode, RuntimeKind, ShutdownMode};
+use crate::control_plane::http::{
+    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+};
 use crate::control_plane::standalone;
+use crate::logs::LogHandle;
 use crate::metrics::Metrics;
 use crate::report::{LocalSink, OutboxDrainer, ReportSink, StatusManager};
 use crate::runtime::mock::MockRuntime;
@@ -72,6 +76,8 @@ pub struct NodeOptions {
     pub boot_timeout: Duration,
     /// Most instances.
     pub max_instances: usize,
+    /// Metrics registry shared with the caller's other parts.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A running node: everything but the API and the desired-state source.
@@ -117,7 +123,7 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> Result<Node, AgentError> {
         let lock = lock_data_dir(&opts.data_dir)?;
         let store = Store::open(&opts.data_dir.join("state.db"))?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = opts.metrics.clone();
         let outbox_ready = Arc::new(Notify::new());
         let status = StatusManager::start(
             store.clone(),
@@ -187,8 +193,13 @@ impl Node {
         // One last delivery pass; whatever fails stays in the outbox for next time.
         if let Ok(rows) = self.store.call(|s| s.outbox_peek(100_000)).await {
             if !rows.is_empty() {
-                if let Err(e) = self.sink.deliver(&self.store, rows).await {
-                    tracing::warn!(error = %e, "reports left in the outbox for the next start");
+                let d = self.sink.deliver(&self.store, rows).await;
+                let ids = d.done;
+                if let Err(e) = self.store.call(move |s| s.outbox_ack(&ids)).await {
+                    tracing::warn!(error = %e, "cannot remove delivered reports from the outbox");
+                }
+                if d.retry {
+                    tracing::warn!("some reports stay in the outbox for the next start");
                 }
             }
         }
@@ -200,14 +211,18 @@ pub fn build_runtime(
     config: &Config,
     clock: SharedClock,
     store: Option<Store>,
+    logs: LogHandle,
 ) -> Arc<dyn Runtime> {
     match config.runtime.kind {
-        RuntimeKind::Mock => Arc::new(MockRuntime::new(
-            config.runtime.mock.clone(),
-            clock,
-            Some(config.data_dir.clone()),
-            store,
-        )),
+        RuntimeKind::Mock => Arc::new(
+            MockRuntime::new(
+                config.runtime.mock.clone(),
+                clock,
+                Some(config.data_dir.clone()),
+                store,
+            )
+            .with_logs(logs),
+        ),
     }
 }
 
@@ -218,22 +233,65 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         path: config.data_dir.clone(),
         message: format!("cannot create: {e}"),
     })?;
-    // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
-    let ledger = Store::open(&config.state_db())?;
-    let runtime = build_runtime(&config, clock.clone(), Some(ledger));
-    let desired_dir = match config.control_plane.mode {
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cp = &config.control_plane;
+
+    // Where desired state, secrets and reports go, by mode.
+    let (client, sink, secrets, logs): (
+        Option<Arc<ControlPlaneClient>>,
+        Arc<dyn ReportSink>,
+        Arc<dyn SecretsSource>,
+        LogHandle,
+    ) = match cp.mode {
         ControlPlaneMode::Standalone => {
-            config.control_plane.desired_dir.clone().unwrap_or_default()
+            let dir = cp.desired_dir.clone().unwrap_or_default();
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "control_plane.desired_dir {} is not a directory",
+                    dir.display()
+                );
+            }
+            (
+                None,
+                Arc::new(LocalSink),
+                Arc::new(DirSecrets::new(dir.join("secrets"))),
+                LogHandle::default(),
+            )
+        }
+        ControlPlaneMode::Http => {
+            let client = Arc::new(ControlPlaneClient::new(
+                cp,
+                &config.node_id,
+                metrics.clone(),
+            )?);
+            let logs = crate::logs::start(
+                client.clone(),
+                clock.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            );
+            (
+                Some(client.clone()),
+                Arc::new(HttpSink::new(client.clone(), metrics.clone())),
+                Arc::new(HttpSecrets::new(client)),
+                logs,
+            )
         }
     };
+
+    // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
+    let ledger = Store::open(&config.state_db())?;
+    let runtime = build_runtime(&config, clock.clone(), Some(ledger), logs);
     let node = Node::start(NodeOptions {
         data_dir: config.data_dir.clone(),
         runtime,
-        clock,
-        secrets: Arc::new(DirSecrets::new(desired_dir.join("secrets"))),
-        sink: Arc::new(LocalSink),
+        clock: clock.clone(),
+        secrets,
+        sink,
         boot_timeout: Duration::from_secs(config.agent.boot_timeout_seconds),
         max_instances: config.agent.max_instances,
+        metrics: metrics.clone(),
     })
     .await?;
 
@@ -243,7 +301,6 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             addr: config.api.listen.to_string(),
             message: e.to_string(),
         })?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let app = crate::api::router(crate::api::ApiState {
         status: node.status.clone(),
         supervisor: node.supervisor.clone(),
@@ -261,36 +318,62 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             tracing::error!(error = %e, "local API failed");
         }
     });
-    tracing::info!(
-        node_id = %config.node_id,
-        data_dir = %config.data_dir.display(),
-        api = %config.api.listen,
-        runtime = node.runtime.kind(),
-        desired_dir = %desired_dir.display(),
-        "agent started"
-    );
 
-    if !desired_dir.is_dir() {
-        anyhow::bail!(
-            "control_plane.desired_dir {} is not a directory",
-            desired_dir.display()
-        );
+    let mut tasks = Vec::new();
+    match (&client, cp.mode) {
+        (Some(client), ControlPlaneMode::Http) => {
+            tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %config.api.listen, runtime = node.runtime.kind(), "agent started (connected)");
+            // Run the last applied plan until the control plane answers; never guess.
+            match load_persisted_plan(&node.store) {
+                Some(plan) => {
+                    tracing::info!(cursor = plan.cursor, "resuming the last applied plan");
+                    node.supervisor.apply(plan).await;
+                }
+                None => tracing::info!("no plan applied yet; waiting for the control plane"),
+            }
+            tasks.push(tokio::spawn(run_plan_poller(
+                client.clone(),
+                node.supervisor.clone(),
+                node.store.clone(),
+                clock.clone(),
+                Duration::from_millis(cp.poll_interval_ms),
+                node.status.subscribe_changes(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(run_heartbeat(
+                client.clone(),
+                node.supervisor.clone(),
+                node.store.clone(),
+                clock.clone(),
+                config.node_id.clone(),
+                Duration::from_secs(cp.heartbeat_interval_secs),
+                0,
+                stop_rx.clone(),
+            )));
+        }
+        _ => {
+            let desired_dir = cp.desired_dir.clone().unwrap_or_default();
+            tracing::info!(node_id = %config.node_id, data_dir = %config.data_dir.display(), api = %config.api.listen, runtime = node.runtime.kind(), desired_dir = %desired_dir.display(), "agent started (standalone)");
+            let supervisor = node.supervisor.clone();
+            tasks.push(tokio::spawn(standalone::run(
+                standalone::DirSource::new(desired_dir),
+                Duration::from_millis(cp.rescan_interval_ms),
+                move |plan| {
+                    let s = supervisor.clone();
+                    async move { s.apply(plan).await }
+                },
+                stop_rx.clone(),
+            )));
+        }
     }
-    let supervisor = node.supervisor.clone();
-    let source = tokio::spawn(standalone::run(
-        standalone::DirSource::new(desired_dir),
-        Duration::from_millis(config.control_plane.rescan_interval_ms),
-        move |plan| {
-            let s = supervisor.clone();
-            async move { s.apply(plan).await }
-        },
-        stop_rx,
-    ));
 
     wait_for_signal().await;
     tracing::info!(mode = ?config.agent.on_shutdown, "shutting down (a second signal exits at once)");
     let _ = stop_tx.send(true);
-    let _ = source.await;
+    for t in tasks {
+        let _ = t.await;
+    }
     tokio::select! {
         _ = node.shutdown(config.agent.on_shutdown) => {}
         _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
@@ -299,7 +382,6 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     tracing::info!("agent stopped");
     Ok(())
 }
-
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use crate::report::InstanceView;
 
 fn client() -> anyhow::Result<reqwest::Client> {
+    crate::control_plane::http::ensure_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .no_proxy()

@@ -114,6 +114,42 @@ pub struct ControlPlaneConfig {
     /// Standalone: periodic rescan in addition to file notifications.
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,
+    /// HTTP: base URL of the control plane (`https://…`; `http://` only for tests and
+    /// loopback).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// HTTP: PEM file of the CA that signs the control plane's certificate (required for
+    /// `https`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP: client certificate (PEM) for mTLS; needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// HTTP: client private key (PEM) for mTLS.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// HTTP: file holding a bearer token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// HTTP: timeout of one request.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// HTTP: plan polling interval (±10 % jitter); a status change also triggers a poll.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// HTTP: heartbeat interval until the control plane answers `next_heartbeat_secs`.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_interval_secs: u64,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_poll_ms() -> u64 {
+    5_000
+}
+fn default_heartbeat_secs() -> u64 {
+    10
 }
 
 fn default_rescan_ms() -> u64 {
@@ -126,6 +162,8 @@ fn default_rescan_ms() -> u64 {
 pub enum ControlPlaneMode {
     /// Local directory.
     Standalone,
+    /// plfm node API v1 over HTTP(S).
+    Http,
 }
 
 /// Runtime selection.
@@ -307,8 +345,17 @@ impl Config {
             }
         };
         self.data_dir = abs(&self.data_dir);
-        if let Some(d) = &self.control_plane.desired_dir {
-            self.control_plane.desired_dir = Some(abs(d));
+        let cp = &mut self.control_plane;
+        for p in [
+            &mut cp.desired_dir,
+            &mut cp.ca_file,
+            &mut cp.client_cert_file,
+            &mut cp.client_key_file,
+            &mut cp.token_file,
+        ] {
+            if let Some(d) = p.as_ref() {
+                *p = Some(abs(d));
+            }
         }
     }
 
@@ -329,6 +376,7 @@ impl Config {
                     return Err("control_plane.desired_dir: required in standalone mode".into());
                 }
             }
+            ControlPlaneMode::Http => self.validate_http()?,
         }
         if self.control_plane.rescan_interval_ms < 50 {
             return Err("control_plane.rescan_interval_ms: must be at least 50".into());
@@ -345,6 +393,54 @@ impl Config {
             .map_err(|e| format!("runtime.mock.{e}"))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), String> {
+        let cp = &self.control_plane;
+        let raw = cp
+            .url
+            .as_deref()
+            .ok_or("control_plane.url: required in http mode")?;
+        let url = url::Url::parse(raw)
+            .map_err(|e| format!("control_plane.url: {raw:?} is not a URL: {e}"))?;
+        match url.scheme() {
+            "https" => {
+                if cp.ca_file.is_none() {
+                    return Err("control_plane.ca_file: required for an https url (the CA that signs the control plane's certificate)".into());
+                }
+            }
+            "http" => {}
+            other => {
+                return Err(format!(
+                    "control_plane.url: scheme {other:?} is not http or https"
+                ))
+            }
+        }
+        if url.host_str().is_none() {
+            return Err(format!("control_plane.url: {raw:?} has no host"));
+        }
+        if cp.client_cert_file.is_some() != cp.client_key_file.is_some() {
+            return Err(
+                "control_plane.client_cert_file and client_key_file: give both or neither".into(),
+            );
+        }
+        if cp.request_timeout_ms < 100 {
+            return Err("control_plane.request_timeout_ms: must be at least 100".into());
+        }
+        if cp.poll_interval_ms < 100 {
+            return Err("control_plane.poll_interval_ms: must be at least 100".into());
+        }
+        if !(1..=3600).contains(&cp.heartbeat_interval_secs) {
+            return Err("control_plane.heartbeat_interval_secs: must be 1..=3600".into());
+        }
+        // Files are read (and certificates parsed) now, so a bad one stops the start.
+        crate::control_plane::http::TlsFiles::from_config(cp)
+            .load()
+            .map_err(|e| e.to_string())?;
+        if let Some(t) = &cp.token_file {
+            crate::control_plane::http::read_token(t).map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 
@@ -480,6 +576,30 @@ kind = "mock"
             .unwrap_err()
             .to_string();
         assert!(err.contains("api.listen"), "{err}");
+    }
+
+    #[test]
+    fn http_mode_is_validated() {
+        let http = |extra: &str| {
+            let text = MIN.replace(
+                "mode = \"standalone\"\ndesired_dir = \"instances\"",
+                &format!("mode = \"http\"\n{extra}"),
+            );
+            load(&text, &[]).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(http("").unwrap_err().contains("control_plane.url"));
+        assert!(http("url = \"https://cp.example:8443\"")
+            .unwrap_err()
+            .contains("control_plane.ca_file"));
+        assert!(http("url = \"ftp://x\"").unwrap_err().contains("ftp"));
+        let e = http("url = \"https://cp:1\"\nca_file = \"/nonexistent/ca.pem\"").unwrap_err();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        assert!(
+            http("url = \"http://127.0.0.1:9\"\nclient_cert_file = \"c.pem\"")
+                .unwrap_err()
+                .contains("both or neither")
+        );
+        http("url = \"http://127.0.0.1:9\"").unwrap();
     }
 
     #[test]

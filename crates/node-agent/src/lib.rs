@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod control_plane;
 pub mod instance;
+pub mod logs;
 pub mod metrics;
 pub mod reconciler;
 pub mod report;

@@ -36,6 +36,28 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Labels: control-plane endpoint and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `plan`, `status`, `heartbeat`, `secrets`, `logs`.
+    pub endpoint: &'static str,
+    /// `ok`, `http_4xx`, `http_5xx`, `error`.
+    pub outcome: &'static str,
+}
+
+/// Label: control-plane endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Endpoint.
+    pub endpoint: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// All agent metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -59,6 +81,18 @@ pub struct Metrics {
     pub actor_panics: Counter,
     /// Transactions that persisted status changes (each one fsync).
     pub status_commits: Counter,
+    /// Control-plane requests by endpoint and outcome.
+    pub cp_requests: Family<RequestLabels, Counter>,
+    /// Control-plane request latency by endpoint.
+    pub cp_latency: HistogramFamily<EndpointLabel>,
+    /// Seconds since the last plan was fetched successfully.
+    pub plan_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Reports the control plane refused for good (4xx) and that were dropped.
+    pub reports_dropped: Counter,
+    /// Workload log lines shipped.
+    pub log_lines_shipped: Counter,
+    /// Workload log lines dropped (queue full, control plane down too long).
+    pub log_lines_dropped: Counter,
 }
 
 impl Metrics {
@@ -77,6 +111,12 @@ impl Metrics {
             rejected: Family::default(),
             actor_panics: Counter::default(),
             status_commits: Counter::default(),
+            cp_requests: Family::default(),
+            cp_latency: Family::new_with_constructor(latency_histogram),
+            plan_age_seconds: Gauge::default(),
+            reports_dropped: Counter::default(),
+            log_lines_shipped: Counter::default(),
+            log_lines_dropped: Counter::default(),
         };
         registry.register("instances", "Instances by status", m.instances.clone());
         registry.register(

@@ -168,6 +168,7 @@ type Commit = (StatusRecord, oneshot::Sender<()>);
 /// The one owner of statuses. Cheap to share behind an `Arc`.
 pub struct StatusManager {
     entries: Mutex<HashMap<InstanceId, Entry>>,
+    listeners: Mutex<Vec<Arc<Notify>>>,
     commit_tx: mpsc::Sender<Commit>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -220,6 +221,7 @@ impl StatusManager {
         tokio::spawn(commit_loop(store, commit_rx, outbox_ready, metrics.clone()));
         Ok(Arc::new(StatusManager {
             entries: Mutex::new(entries),
+            listeners: Mutex::new(Vec::new()),
             commit_tx,
             clock,
             metrics,
@@ -349,7 +351,27 @@ impl StatusManager {
         if let (Status::Ready, Some(ms)) = (u.status, u.boot_duration_ms) {
             self.metrics.boot_duration.observe(ms as f64 / 1000.0);
         }
+        if seq.is_some() {
+            for l in self
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                l.notify_one();
+            }
+        }
         Ok(Applied::Changed { seq })
+    }
+
+    /// A notification fired after every reported status change (e.g. to poll the plan).
+    pub fn subscribe_changes(&self) -> Arc<Notify> {
+        let n = Arc::new(Notify::new());
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(n.clone());
+        n
     }
 
     /// Current status and generation of an instance.
@@ -476,12 +498,21 @@ async fn commit_loop(
     }
 }
 
+/// What a delivery attempt achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Outbox ids that are done (accepted, or refused for good) and leave the outbox.
+    pub done: Vec<i64>,
+    /// Some reports could not be delivered now: retry later with backoff.
+    pub retry: bool,
+}
+
 /// Where delivered reports go.
 #[async_trait]
 pub trait ReportSink: Send + Sync + 'static {
-    /// Delivers `rows` (in order). Returns how many leading rows were taken (and
-    /// removed from the outbox by the sink or the drainer).
-    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Result<usize, String>;
+    /// Delivers `rows`, keeping each instance's reports in order: a report is only
+    /// attempted after every earlier report of its instance is done.
+    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Delivery;
 }
 
 /// Standalone mode's sink: the `reports` table of the state store, served by the local
@@ -490,13 +521,21 @@ pub struct LocalSink;
 
 #[async_trait]
 impl ReportSink for LocalSink {
-    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Result<usize, String> {
-        let n = rows.len();
-        store
-            .call(move |s| s.deliver_to_local_sink(&rows))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(n)
+    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Delivery {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        match store.call(move |s| s.deliver_to_local_sink(&rows)).await {
+            Ok(()) => Delivery {
+                done: ids,
+                retry: false,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "local report sink failed");
+                Delivery {
+                    done: Vec::new(),
+                    retry: true,
+                }
+            }
+        }
     }
 }
 
@@ -538,30 +577,45 @@ impl OutboxDrainer {
             if let Ok(depth) = self.store.call(|s| s.outbox_depth()).await {
                 self.metrics.outbox_depth.set(depth);
             }
+            let mut retrying = false;
             let wait = if rows.is_empty() {
                 Duration::from_secs(5)
             } else {
                 let n = rows.len();
-                match self.sink.deliver(&self.store, rows).await {
-                    Ok(taken) => {
-                        self.metrics.reports_delivered.inc_by(taken as u64);
-                        delay = Duration::from_millis(100);
-                        if taken == n {
-                            continue;
-                        }
-                        delay
+                let d = self.sink.deliver(&self.store, rows).await;
+                let done = d.done.len();
+                if done > 0 {
+                    let ids = d.done;
+                    if let Err(e) = self.store.call(move |s| s.outbox_ack(&ids)).await {
+                        tracing::error!(error = %e, "cannot remove delivered reports from the outbox");
                     }
-                    Err(e) => {
-                        self.metrics.delivery_errors.inc();
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "status delivery failed");
-                        let d = delay;
-                        delay = (delay * 2).min(Duration::from_secs(60));
-                        d
+                    self.metrics.reports_delivered.inc_by(done as u64);
+                }
+                if !d.retry {
+                    delay = Duration::from_millis(100);
+                    if done == n {
+                        continue;
                     }
+                    delay
+                } else {
+                    self.metrics.delivery_errors.inc();
+                    retrying = true;
+                    // Exponential backoff with ±20 % jitter.
+                    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+                    let d = delay.mul_f64(jitter);
+                    tracing::warn!(
+                        delivered = done,
+                        pending = n - done,
+                        retry_in_ms = d.as_millis() as u64,
+                        "status delivery incomplete; retrying"
+                    );
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    d
                 }
             };
             tokio::select! {
-                _ = self.ready.notified() => {}
+                // While backing off, new reports wait for the retry time too.
+                _ = self.ready.notified(), if !retrying => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }

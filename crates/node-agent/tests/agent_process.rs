@@ -163,6 +163,11 @@ async fn wait_statuses(
     }
 }
 
+async fn http_get(url: String) -> reqwest::Result<reqwest::Response> {
+    plfm_node_agent::control_plane::http::ensure_crypto_provider();
+    reqwest::get(url).await
+}
+
 fn all_ready(list: &[InstanceView], n: usize) -> bool {
     list.len() == n && list.iter().all(|v| v.status == Status::Ready)
 }
@@ -241,7 +246,7 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
         })
     })
     .await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", env.port))
+    let metrics = http_get(format!("http://127.0.0.1:{}/metrics", env.port))
         .await
         .unwrap()
         .text()
@@ -351,7 +356,7 @@ async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_
         "log must name the refused id:\n{log}"
     );
     // Still healthy, and nothing written outside data_dir.
-    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", env.port))
+    let health = http_get(format!("http://127.0.0.1:{}/healthz", env.port))
         .await
         .unwrap();
     assert!(health.status().is_success());

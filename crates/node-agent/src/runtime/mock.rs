@@ -160,6 +160,7 @@ pub struct MockRuntime {
     faults: Mutex<HashMap<InstanceId, MockFault>>,
     starts: Mutex<HashMap<InstanceId, u64>>,
     total_starts: AtomicU64,
+    logs: crate::logs::LogHandle,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -193,7 +194,14 @@ impl MockRuntime {
             faults: Mutex::new(faults),
             starts: Mutex::new(HashMap::new()),
             total_starts: AtomicU64::new(0),
+            logs: crate::logs::LogHandle::default(),
         }
+    }
+
+    /// Sends simulated console lines (boot, workload start, exit) to `logs`.
+    pub fn with_logs(mut self, logs: crate::logs::LogHandle) -> Self {
+        self.logs = logs;
+        self
     }
 
     /// Injects a fault for an instance (applies to every later attempt until cleared).
@@ -385,6 +393,11 @@ impl Runtime for MockRuntime {
             stopped: Notify::new(),
         });
         lock(&self.vms).insert(id.clone(), vm);
+        self.logs.push(
+            id.as_str(),
+            "console",
+            &format!("[mock] VMM started, boot_id {}", handle.boot_id),
+        );
         *lock(&self.starts).entry(id.clone()).or_default() += 1;
         self.total_starts.fetch_add(1, Ordering::Relaxed);
         Ok(handle)
@@ -438,6 +451,11 @@ impl Runtime for MockRuntime {
             }
             self.clock.sleep_until(boot_done).await;
             vm.started_reported.store(true, Ordering::Release);
+            self.logs.push(
+                handle.instance_id.as_str(),
+                "console",
+                "[mock] guest-init: workload started",
+            );
             return VmEvent::WorkloadStarted;
         }
         let after = |ms: u64| boot_done.plus(Duration::from_millis(ms));

@@ -45,8 +45,24 @@ pub enum OperatorError {
     ShuttingDown,
 }
 
+/// What the node's instances reserve (for heartbeats).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    /// Sum of `cpu_request` of instances meant to run.
+    pub cpu_reserved: f64,
+    /// Sum of `memory_limit_bytes` of instances meant to run.
+    pub memory_reserved: i64,
+    /// Instances meant to run.
+    pub instances: usize,
+    /// The node is draining.
+    pub node_draining: bool,
+    /// Why the node is degraded, if it is.
+    pub degraded: Option<String>,
+}
+
 enum Command {
     Apply(Plan, oneshot::Sender<()>),
+    Usage(oneshot::Sender<Usage>),
     Stop(InstanceId, oneshot::Sender<Result<(), OperatorError>>),
     DrainNode(oneshot::Sender<()>),
     Shutdown(ShutdownMode, oneshot::Sender<()>),
@@ -115,6 +131,13 @@ impl Supervisor {
         if self.tx.send(Command::Apply(plan, tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// What the instances reserve, for heartbeats.
+    pub async fn usage(&self) -> Option<Usage> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Usage(tx)).await.ok()?;
+        rx.await.ok()
     }
 
     /// Operator stop of one instance (`terminated_by_operator`).
@@ -246,6 +269,29 @@ impl SupervisorTask {
                 let _ = reply.send(());
             }
             Command::Shutdown(mode, reply) => self.begin_shutdown(mode, Some(reply)).await,
+            Command::Usage(reply) => {
+                let mut u = Usage {
+                    node_draining: self.node_draining,
+                    ..Usage::default()
+                };
+                for slot in self.slots.values() {
+                    let d = slot.tx.borrow();
+                    let Some(a) = d.assignment.as_ref() else {
+                        continue;
+                    };
+                    let Some(w) = a.workload.as_ref() else {
+                        continue;
+                    };
+                    if a.desired_state == crate::spec::DesiredState::Running
+                        && d.operator_stop != Some(a.generation)
+                    {
+                        u.instances += 1;
+                        u.cpu_reserved += w.spec.resources.cpu_request;
+                        u.memory_reserved += w.spec.resources.memory_limit_bytes;
+                    }
+                }
+                let _ = reply.send(u);
+            }
         }
     }
 

@@ -98,6 +98,7 @@ impl TestNode {
             sink: Arc::new(LocalSink),
             boot_timeout: Duration::from_secs(30),
             max_instances: 20_000,
+            metrics: std::sync::Arc::new(plfm_node_agent::metrics::Metrics::new()),
         })
         .await
         .unwrap();

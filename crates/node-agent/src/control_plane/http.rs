@@ -1,0 +1,737 @@
+//! Connected mode: the plfm node API v1 client (DESIGN §3) and the loops that use it:
+//! plan polling, status delivery, heartbeats, secrets and workload logs.
+//!
+//! The contract: every request has a timeout and is counted by endpoint and outcome;
+//! nothing here blocks the agent while the control plane is down. Plans are applied in
+//! `cursor_event_id` order and persisted before they are applied, so after a restart
+//! the agent runs the last applied plan and never guesses. Reports leave the outbox only
+//! after a 2xx (or a 4xx that will never be accepted, which is logged and counted).
+//! Secret material is never logged; errors name the version, never a value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{watch, Notify};
+use zeroize::Zeroizing;
+
+use crate::clock::SharedClock;
+use crate::config::ControlPlaneConfig;
+use crate::logs::{LogDestination, LogEntry};
+use crate::metrics::{EndpointLabel, Metrics, RequestLabels};
+use crate::report::{Delivery, ReportSink};
+use crate::secrets::{SecretMaterial, SecretsError, SecretsSource};
+use crate::spec::{parse_plan, Plan};
+use crate::state::{OutboxRow, Store};
+use crate::supervisor::Supervisor;
+
+/// Largest response body read (plans of thousands of instances fit easily).
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Reports of different instances sent at the same time.
+pub const DELIVERY_CONCURRENCY: usize = 32;
+
+/// A control-plane failure, naming the endpoint and the cause.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CpError {
+    /// TLS files or client set-up.
+    #[error("{0}")]
+    Setup(String),
+    /// No answer: connection, TLS or timeout (the message carries the whole cause chain,
+    /// e.g. the certificate problem).
+    #[error("{endpoint}: {message}")]
+    Transport {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// Cause chain.
+        message: String,
+    },
+    /// A non-2xx answer.
+    #[error("{endpoint}: HTTP {code}: {body}")]
+    Status {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// Status code.
+        code: u16,
+        /// Start of the body.
+        body: String,
+    },
+    /// A 2xx answer that does not decode.
+    #[error("{endpoint}: {message}")]
+    Decode {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Joins an error and its sources into one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Installs ring as the process's TLS crypto provider (idempotent).
+pub fn ensure_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The TLS files of the config.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// CA bundle (PEM).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files named in `[control_plane]`.
+    pub fn from_config(cp: &ControlPlaneConfig) -> TlsFiles {
+        TlsFiles {
+            ca: cp.ca_file.clone(),
+            cert: cp.client_cert_file.clone(),
+            key: cp.client_key_file.clone(),
+        }
+    }
+
+    /// Reads and parses the files into a rustls client config (`None` without a CA).
+    pub fn load(&self) -> Result<Option<rustls::ClientConfig>, CpError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let setup = |what: &str, p: &Path, e: &dyn std::fmt::Display| {
+            CpError::Setup(format!("control_plane.{what} {}: {e}", p.display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca).map_err(|e| setup("ca_file", ca, &e))?;
+        for c in certs {
+            let c = c.map_err(|e| setup("ca_file", ca, &e))?;
+            roots.add(c).map_err(|e| setup("ca_file", ca, &e))?;
+        }
+        if roots.is_empty() {
+            return Err(setup("ca_file", ca, &"contains no certificate"));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| CpError::Setup(format!("TLS: {e}")))?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| setup("client_cert_file", cert, &e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| setup("client_cert_file", cert, &e))?;
+                if chain.is_empty() {
+                    return Err(setup("client_cert_file", cert, &"contains no certificate"));
+                }
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| setup("client_key_file", key, &e))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| setup("client_key_file", key, &e))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(config))
+    }
+}
+
+/// Reads a bearer token file (trimmed, must not be empty).
+pub fn read_token(path: &Path) -> Result<Zeroizing<String>, CpError> {
+    let raw = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        CpError::Setup(format!("control_plane.token_file {}: {e}", path.display()))
+    })?);
+    let t = Zeroizing::new(raw.trim().to_string());
+    if t.is_empty() {
+        return Err(CpError::Setup(format!(
+            "control_plane.token_file {}: empty",
+            path.display()
+        )));
+    }
+    Ok(t)
+}
+
+/// Answer to a status report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Posted {
+    /// 2xx.
+    Accepted,
+    /// 4xx other than 408/429: it will never be accepted.
+    Refused(u16, String),
+}
+
+/// `POST …/heartbeat` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Node.
+    pub node_id: String,
+    /// `active`, `draining` or `degraded`.
+    pub state: String,
+    /// Cores not reserved by instances.
+    pub available_cpu_cores: f64,
+    /// Memory not reserved by instances.
+    pub available_memory_bytes: i64,
+    /// Instances assigned and not stopped.
+    pub instance_count: usize,
+    /// Reports waiting for delivery.
+    pub outbox_depth: i64,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// `POST …/heartbeat` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    /// Accepted.
+    #[serde(default)]
+    pub accepted: bool,
+    /// When to send the next one.
+    #[serde(default)]
+    pub next_heartbeat_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct SecretBundle {
+    version_id: String,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    data_hash: Option<String>,
+    data: Zeroizing<String>,
+}
+
+/// The node API v1 client.
+pub struct ControlPlaneClient {
+    http: reqwest::Client,
+    base: String,
+    node_id: String,
+    token: Option<Zeroizing<String>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ControlPlaneClient {
+    /// A client for `[control_plane]` (TLS, token and timeouts from the config).
+    pub fn new(
+        cp: &ControlPlaneConfig,
+        node_id: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CpError> {
+        ensure_crypto_provider();
+        let url = cp
+            .url
+            .as_deref()
+            .ok_or_else(|| CpError::Setup("control_plane.url is required".into()))?;
+        let tls = TlsFiles::from_config(cp).load()?;
+        let token = cp.token_file.as_deref().map(read_token).transpose()?;
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cp.request_timeout_ms))
+            .connect_timeout(Duration::from_millis(cp.request_timeout_ms.min(5000)))
+            .pool_max_idle_per_host(DELIVERY_CONCURRENCY)
+            .no_proxy();
+        if let Some(tls) = tls {
+            b = b.tls_backend_preconfigured(tls);
+        }
+        let http = b
+            .build()
+            .map_err(|e| CpError::Setup(format!("HTTP client: {}", error_chain(&e))))?;
+        Ok(ControlPlaneClient {
+            http,
+            base: url.trim_end_matches('/').to_string(),
+            node_id: node_id.to_string(),
+            token,
+            metrics,
+        })
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v1/nodes/{}/{tail}", self.base, self.node_id)
+    }
+
+    async fn send(
+        &self,
+        endpoint: &'static str,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Vec<u8>), CpError> {
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t.as_str());
+        }
+        let started = Instant::now();
+        let result = async {
+            let resp = req.send().await.map_err(|e| CpError::Transport {
+                endpoint,
+                message: error_chain(&e),
+            })?;
+            let code = resp.status();
+            if resp
+                .content_length()
+                .is_some_and(|l| l as usize > MAX_BODY_BYTES)
+            {
+                return Err(CpError::Decode {
+                    endpoint,
+                    message: format!("answer larger than {MAX_BODY_BYTES} bytes"),
+                });
+            }
+            let body = resp.bytes().await.map_err(|e| CpError::Transport {
+                endpoint,
+                message: error_chain(&e),
+            })?;
+            Ok((code, body.to_vec()))
+        }
+        .await;
+        self.metrics
+            .cp_latency
+            .get_or_create(&EndpointLabel { endpoint })
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok((c, _)) if c.is_success() => "ok",
+            Ok((c, _)) if c.is_client_error() => "http_4xx",
+            Ok(_) => "http_5xx",
+            Err(_) => "error",
+        };
+        self.metrics
+            .cp_requests
+            .get_or_create(&RequestLabels { endpoint, outcome })
+            .inc();
+        result
+    }
+
+    fn status_error(endpoint: &'static str, code: StatusCode, body: &[u8]) -> CpError {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).replace(['\n', '\r'], " ");
+        CpError::Status {
+            endpoint,
+            code: code.as_u16(),
+            body: text,
+        }
+    }
+
+    /// `GET /v1/nodes/{node_id}/plan`: the decoded plan and its raw JSON.
+    pub async fn get_plan(&self) -> Result<(Plan, Vec<u8>), CpError> {
+        let (code, body) = self.send("plan", self.http.get(self.url("plan"))).await?;
+        if !code.is_success() {
+            return Err(Self::status_error("plan", code, &body));
+        }
+        let plan = parse_plan(&body).map_err(|e| CpError::Decode {
+            endpoint: "plan",
+            message: e.to_string(),
+        })?;
+        let node = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("node_id")
+                    .and_then(|n| n.as_str())
+                    .map(str::to_string)
+            });
+        if node.as_deref() != Some(self.node_id.as_str()) {
+            return Err(CpError::Decode {
+                endpoint: "plan",
+                message: format!(
+                    "plan is for node {:?}, this node is {}",
+                    node.unwrap_or_default(),
+                    self.node_id
+                ),
+            });
+        }
+        Ok((plan, body))
+    }
+
+    /// `POST …/instances/{id}/status`. `Err` means "retry later".
+    pub async fn post_status(
+        &self,
+        instance_id: &str,
+        report_json: &str,
+    ) -> Result<Posted, CpError> {
+        let req = self
+            .http
+            .post(self.url(&format!("instances/{instance_id}/status")))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(report_json.to_string());
+        let (code, body) = self.send("status", req).await?;
+        if code.is_success() {
+            Ok(Posted::Accepted)
+        } else if code.is_client_error()
+            && code != StatusCode::REQUEST_TIMEOUT
+            && code != StatusCode::TOO_MANY_REQUESTS
+        {
+            let e = Self::status_error("status", code, &body);
+            Ok(Posted::Refused(code.as_u16(), e.to_string()))
+        } else {
+            Err(Self::status_error("status", code, &body))
+        }
+    }
+
+    /// `POST …/heartbeat`.
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAnswer, CpError> {
+        let (code, body) = self
+            .send("heartbeat", self.http.post(self.url("heartbeat")).json(hb))
+            .await?;
+        if !code.is_success() {
+            return Err(Self::status_error("heartbeat", code, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| CpError::Decode {
+            endpoint: "heartbeat",
+            message: e.to_string(),
+        })
+    }
+
+    /// `POST …/logs`.
+    pub async fn post_logs(&self, entries: &[LogEntry]) -> Result<(), CpError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            entries: &'a [LogEntry],
+        }
+        let (code, body) = self
+            .send(
+                "logs",
+                self.http.post(self.url("logs")).json(&Body { entries }),
+            )
+            .await?;
+        if !code.is_success() {
+            return Err(Self::status_error("logs", code, &body));
+        }
+        Ok(())
+    }
+
+    /// `GET …/secrets/{version_id}`, validated (format, hash, version). One attempt.
+    pub async fn get_secret(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+        let fetch = |detail: String| SecretsError::Fetch {
+            version_id: version_id.to_string(),
+            detail,
+        };
+        let (code, body) = self
+            .send(
+                "secrets",
+                self.http.get(self.url(&format!("secrets/{version_id}"))),
+            )
+            .await
+            .map_err(|e| fetch(e.to_string()))?;
+        let body = Zeroizing::new(body);
+        if code == StatusCode::NOT_FOUND {
+            return Err(SecretsError::Missing {
+                version_id: version_id.to_string(),
+                detail: "the control plane answered 404".into(),
+            });
+        }
+        if !code.is_success() {
+            // The body of an error answer is not echoed: it might quote material.
+            return Err(fetch(format!("HTTP {}", code.as_u16())));
+        }
+        let invalid = |detail: String| SecretsError::Invalid {
+            version_id: version_id.to_string(),
+            detail,
+        };
+        let bundle: SecretBundle = serde_json::from_slice(&body).map_err(|e| {
+            invalid(format!(
+                "answer is not a secrets bundle (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        if bundle.version_id != version_id {
+            return Err(invalid(format!(
+                "answer is for version {:?}",
+                bundle.version_id
+            )));
+        }
+        if let Some(f) = bundle.format.as_deref() {
+            if !matches!(f, "env" | "dotenv" | "trc_secrets_v1" | "v1") {
+                return Err(invalid(format!("format {f:?} is not supported")));
+            }
+        }
+        if let Some(h) = bundle.data_hash.as_deref() {
+            let got = hex::encode(Sha256::digest(bundle.data.as_bytes()));
+            if h.strip_prefix("sha256:").unwrap_or(h) != got {
+                return Err(invalid(format!(
+                    "data_hash {h} does not match the data (sha256:{got})"
+                )));
+            }
+        }
+        SecretMaterial::new(version_id, bundle.data.as_bytes().to_vec())
+    }
+}
+
+/// Status delivery to the control plane.
+pub struct HttpSink {
+    client: Arc<ControlPlaneClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl HttpSink {
+    /// A sink posting through `client`.
+    pub fn new(client: Arc<ControlPlaneClient>, metrics: Arc<Metrics>) -> Self {
+        HttpSink { client, metrics }
+    }
+}
+
+#[async_trait]
+impl ReportSink for HttpSink {
+    async fn deliver(&self, _store: &Store, rows: Vec<OutboxRow>) -> Delivery {
+        // Per instance in outbox order; instances side by side.
+        let mut by: BTreeMap<String, Vec<OutboxRow>> = BTreeMap::new();
+        for r in rows {
+            by.entry(r.instance_id.clone()).or_default().push(r);
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(DELIVERY_CONCURRENCY));
+        let mut set = tokio::task::JoinSet::new();
+        for (instance, rows) in by {
+            let (client, metrics, sem) = (self.client.clone(), self.metrics.clone(), sem.clone());
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let mut done = Vec::new();
+                for r in rows {
+                    match client.post_status(&instance, &r.report_json).await {
+                        Ok(Posted::Accepted) => done.push(r.id),
+                        Ok(Posted::Refused(code, msg)) => {
+                            metrics.reports_dropped.inc();
+                            tracing::error!(instance = %instance, seq = r.seq, code, error = %msg, "control plane refused a status report for good; dropping it");
+                            done.push(r.id);
+                        }
+                        Err(e) => {
+                            tracing::debug!(instance = %instance, seq = r.seq, error = %e, "status report not delivered");
+                            return (done, true);
+                        }
+                    }
+                }
+                (done, false)
+            });
+        }
+        let mut out = Delivery::default();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((done, retry)) => {
+                    out.done.extend(done);
+                    out.retry |= retry;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "status delivery task failed");
+                    out.retry = true;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Secrets from the control plane, retried on transient errors.
+pub struct HttpSecrets {
+    client: Arc<ControlPlaneClient>,
+    attempts: u32,
+}
+
+impl HttpSecrets {
+    /// Secrets through `client` (3 attempts, backoff 0.5 s, 1 s).
+    pub fn new(client: Arc<ControlPlaneClient>) -> Self {
+        HttpSecrets {
+            client,
+            attempts: 3,
+        }
+    }
+}
+
+#[async_trait]
+impl SecretsSource for HttpSecrets {
+    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+        let mut delay = Duration::from_millis(500);
+        let mut last = None;
+        for attempt in 1..=self.attempts {
+            match self.client.get_secret(version_id).await {
+                Err(e @ SecretsError::Fetch { .. }) => {
+                    tracing::warn!(version = version_id, attempt, error = %e, "secret fetch failed");
+                    last = Some(e);
+                    if attempt < self.attempts {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| SecretsError::Fetch {
+            version_id: version_id.into(),
+            detail: "no attempt".into(),
+        }))
+    }
+}
+
+#[async_trait]
+impl LogDestination for ControlPlaneClient {
+    async fn send(&self, entries: &[LogEntry]) -> Result<(), String> {
+        self.post_logs(entries).await.map_err(|e| e.to_string())
+    }
+}
+
+const META_CURSOR: &str = "plan_cursor";
+const META_PLAN: &str = "last_plan";
+
+/// The last applied plan, if one was persisted.
+pub fn load_persisted_plan(store: &Store) -> Option<Plan> {
+    let raw = store.meta_get(META_PLAN).ok()??;
+    match parse_plan(raw.as_bytes()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(error = %e, "persisted plan is unreadable; waiting for the control plane");
+            None
+        }
+    }
+}
+
+/// Polls the plan on an interval (±10 % jitter) and soon after every status change;
+/// applies only plans with a newer cursor, persisting each before applying it.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_plan_poller(
+    client: Arc<ControlPlaneClient>,
+    supervisor: Supervisor,
+    store: Store,
+    clock: SharedClock,
+    interval: Duration,
+    changes: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last_cursor: i64 = store
+        .meta_get(META_CURSOR)
+        .ok()
+        .flatten()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(i64::MIN);
+    let mut last_ok = clock.now();
+    loop {
+        match client.get_plan().await {
+            Ok((plan, raw)) => {
+                last_ok = clock.now();
+                if plan.cursor > last_cursor {
+                    let cursor = plan.cursor;
+                    let text = String::from_utf8_lossy(&raw).into_owned();
+                    let persisted = store
+                        .call(move |s| {
+                            s.meta_set(META_PLAN, &text)?;
+                            s.meta_set(META_CURSOR, &cursor.to_string())
+                        })
+                        .await;
+                    if let Err(e) = persisted {
+                        tracing::error!(error = %e, "cannot persist the plan; applying it anyway");
+                    }
+                    tracing::info!(
+                        cursor,
+                        assignments = plan.assignments.len(),
+                        rejected = plan.rejected.len(),
+                        "applying plan"
+                    );
+                    supervisor.apply(plan).await;
+                    last_cursor = cursor;
+                } else {
+                    tracing::debug!(
+                        cursor = plan.cursor,
+                        last_cursor,
+                        "plan not newer than the applied one; ignored"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "plan fetch failed; the last applied plan keeps running")
+            }
+        }
+        metrics
+            .plan_age_seconds
+            .set(clock.now().since(last_ok).as_secs_f64());
+        let jitter = 0.9 + rand::random::<f64>() * 0.2;
+        let pause = clock.sleep(interval.mul_f64(jitter));
+        tokio::select! {
+            _ = pause => {}
+            _ = changes.notified() => {
+                // Let a burst of transitions settle into one poll.
+                clock.sleep(Duration::from_millis(200)).await;
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Reads MemTotal from /proc/meminfo (0 elsewhere).
+fn total_memory_bytes() -> i64 {
+    #[cfg(target_os = "linux")]
+    {
+        if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
+            if let Some(kb) = s
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                return kb * 1024;
+            }
+        }
+    }
+    0
+}
+
+/// Sends heartbeats at the rate the control plane asks for (`next_heartbeat_secs`,
+/// clamped to 1..=300 s), with the node's real capacity.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_heartbeat(
+    client: Arc<ControlPlaneClient>,
+    supervisor: Supervisor,
+    store: Store,
+    clock: SharedClock,
+    node_id: String,
+    initial: Duration,
+    reserved_memory_bytes: i64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    let memory = total_memory_bytes();
+    let mut interval = initial;
+    loop {
+        let usage = supervisor.usage().await.unwrap_or_default();
+        let outbox_depth = store.call(|s| s.outbox_depth()).await.unwrap_or(-1);
+        let state = if usage.node_draining {
+            "draining"
+        } else if usage.degraded.is_some() {
+            "degraded"
+        } else {
+            "active"
+        };
+        let hb = Heartbeat {
+            node_id: node_id.clone(),
+            state: state.into(),
+            available_cpu_cores: (cores - usage.cpu_reserved).max(0.0),
+            available_memory_bytes: (memory - reserved_memory_bytes - usage.memory_reserved).max(0),
+            instance_count: usage.instances,
+            outbox_depth,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        match client.heartbeat(&hb).await {
+            Ok(a) => {
+                if let Some(s) = a.next_heartbeat_secs {
+                    interval = Duration::from_secs(s.clamp(1, 300));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        tokio::select! {
+            _ = clock.sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
