@@ -226,6 +226,15 @@ pub fn build_runtime(
     }
 }
 
+/// What the control-plane mode provides: the client (connected mode), the report sink,
+/// the secrets source and the workload-log handle.
+type ModeParts = (
+    Option<Arc<ControlPlaneClient>>,
+    Arc<dyn ReportSink>,
+    Arc<dyn SecretsSource>,
+    LogHandle,
+);
+
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock::new());
@@ -238,12 +247,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     let cp = &config.control_plane;
 
     // Where desired state, secrets and reports go, by mode.
-    let (client, sink, secrets, logs): (
-        Option<Arc<ControlPlaneClient>>,
-        Arc<dyn ReportSink>,
-        Arc<dyn SecretsSource>,
-        LogHandle,
-    ) = match cp.mode {
+    let (client, sink, secrets, logs): ModeParts = match cp.mode {
         ControlPlaneMode::Standalone => {
             let dir = cp.desired_dir.clone().unwrap_or_default();
             if !dir.is_dir() {
