@@ -27,6 +27,8 @@ pub enum GuestMessage {
 }
 
 /// A message sent by the host.
+// One config per connection, short-lived: boxing it would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage {
