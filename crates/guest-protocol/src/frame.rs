@@ -146,6 +146,11 @@ impl LineBuffer {
         }
     }
 
+    /// True when a newline is buffered.
+    pub(crate) fn has_line(&self) -> bool {
+        self.pending.contains(&b'\n')
+    }
+
     /// Appends received bytes.
     pub(crate) fn extend(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
@@ -213,6 +218,17 @@ impl<R: Read> MessageReader<R> {
     /// The underlying reader.
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+
+    /// The underlying reader, mutably (e.g. to switch it to non-blocking reads).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// True when a complete line is already buffered, so the next
+    /// [`MessageReader::read_message`] will not touch the transport.
+    pub fn has_buffered_line(&self) -> bool {
+        self.buf.has_line()
     }
 }
 
