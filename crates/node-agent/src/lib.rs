@@ -6,4 +6,6 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod guest;
+pub mod initramfs;
 pub mod instance;
