@@ -538,7 +538,10 @@ mod tests {
     }
 
     /// Parses a gzip newc archive into (name, mode, rdev, data).
-    fn unpack(gz: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// (name, mode, rdev, data) of one archive member.
+    type Unpacked = (String, u32, (u32, u32), Vec<u8>);
+
+    fn unpack(gz: &[u8]) -> Vec<Unpacked> {
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(gz)
             .read_to_end(&mut raw)
