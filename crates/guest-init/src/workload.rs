@@ -3,8 +3,8 @@
 //! tell how it ended (with the OOM-kill count from `/proc/vmstat`).
 //!
 //! Guest init blocks the handled signals at start ([`block_signals`]) and receives them
-//! through a signalfd here; the workload starts with an empty signal mask (std resets it
-//! in the child). This module must not talk to the host except for reading `stop`
+//! through a signalfd here; the workload starts with an empty signal mask (reset in the
+//! child before exec). This module must not talk to the host except for reading `stop`
 //! requests; reporting is [`crate::init`]'s job.
 
 use std::collections::BTreeMap;
@@ -66,10 +66,14 @@ pub fn spawn(cfg: &WorkloadConfig, env: &BTreeMap<String, String>) -> Result<Pid
         .current_dir(cfg.cwd.as_deref().unwrap_or("/"))
         .uid(cfg.uid)
         .gid(cfg.gid);
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // sigprocmask(2) and setsid(2), which are async-signal-safe and touch no memory of
+    // the parent. The mask is cleared explicitly because guest init blocks the signals
+    // it receives through its signalfd, and a blocked mask survives exec.
     unsafe {
         cmd.pre_exec(|| {
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(io::Error::from)?;
             nix::unistd::setsid().map_err(io::Error::from)?;
             Ok(())
         });
