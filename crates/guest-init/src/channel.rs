@@ -15,6 +15,9 @@ use plfm_guest_protocol::{GuestMessage, HostMessage, MessageReader, MessageWrite
 
 use crate::settings::HostChannel;
 
+/// Longest a single message write may block.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Pause between connection attempts.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -82,6 +85,9 @@ impl Channel {
     }
 
     fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
+        // Writes are small, but a host that stops reading must not hang PID 1.
+        let tv = TimeVal::new(SEND_TIMEOUT.as_secs() as libc::time_t, 0);
+        socket::setsockopt(&fd, sockopt::SendTimeout, &tv)?;
         let write_fd = fd.try_clone()?;
         Ok(Channel {
             reader: MessageReader::new(SocketReader {

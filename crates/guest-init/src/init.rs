@@ -117,6 +117,7 @@ impl Init {
     }
 
     fn boot(&mut self) -> Result<Outcome, Failure> {
+        let mut phases = Phases::new(self.started);
         let start_failed = fail(FailureReason::FirecrackerStartFailed);
         let layout = self.layout();
         let test_mode = self.settings.test_mode;
@@ -136,6 +137,8 @@ impl Init {
             }
         }
 
+        phases.mark("pseudo_fs");
+
         // 2. Kernel modules shipped in the initramfs.
         let modules_dir = self.settings.modules_dir.clone();
         match modules::load_modules(&modules_dir) {
@@ -150,6 +153,8 @@ impl Init {
             // Free the initramfs copies; the kernel keeps what it loaded.
             let _ = std::fs::remove_dir_all(&modules_dir);
         }
+
+        phases.mark("modules");
 
         // 3. Handshake: hello → config → ack.
         let instance_id = self.settings.instance_id.clone().ok_or_else(|| {
@@ -211,6 +216,8 @@ impl Init {
         let plan = validate(&config, &self.settings)?;
         self.send(&GuestMessage::Ack);
 
+        phases.mark("handshake");
+
         // 4. Root disk, scratch disk, overlay, root switch.
         let rootfs_failed = fail(FailureReason::RootfsBuildFailed);
         let root_plan = mounts::root_plan(
@@ -245,14 +252,20 @@ impl Init {
             self.settings.root_device.display()
         ));
 
+        phases.mark("root");
+
         // 5. tmpfs on /run and /tmp, devpts, /dev/shm.
         for step in mounts::runtime_filesystems() {
             sys::mount_step(&step).map_err(&rootfs_failed)?;
         }
 
+        phases.mark("tmpfs");
+
         // 6. Network.
         configure_network(&config, &self.settings.net_iface)
             .map_err(fail(FailureReason::NetworkSetupFailed))?;
+
+        phases.mark("network");
 
         // 7. Secrets.
         if let Some((path, file, mode, uid, gid)) = &plan.secrets {
@@ -264,6 +277,8 @@ impl Init {
                 file.keys().count()
             ));
         }
+
+        phases.mark("secrets");
 
         // 8. Volumes.
         let volume_failed = fail(FailureReason::VolumeAttachFailed);
@@ -291,6 +306,8 @@ impl Init {
         }
         self.send(&GuestMessage::Status(StatusEvent::ConfigApplied));
 
+        phases.mark("volumes");
+
         // 9. The workload.
         let oom_before = workload::oom_kills();
         let pid = match workload::spawn(&config.workload, &plan.env) {
@@ -303,6 +320,7 @@ impl Init {
                 });
             }
         };
+        phases.mark("exec");
         let init_elapsed = self.started.elapsed();
         console::line(&format!(
             "workload started: pid {pid}, {:.1} ms after guest init start ({:.1} ms waiting for the host, {:.1} ms own work)",
@@ -310,6 +328,7 @@ impl Init {
             ms(handshake_wait),
             ms(init_elapsed.saturating_sub(handshake_wait))
         ));
+        console::line(&format!("timings (ms): {}", phases.render()));
         self.send(&GuestMessage::Status(StatusEvent::WorkloadStarted {
             pid: pid.as_raw() as u32,
             init_us: Some(init_elapsed.as_micros() as u64),
@@ -385,8 +404,37 @@ impl Init {
         } else {
             "rebooting to end the VM"
         });
-        let _ = self.started;
         end(self.settings.test_mode, code)
+    }
+}
+
+/// Durations of the boot phases, for the console (benchmark insight).
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Phases {
+        Phases {
+            last: start,
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the phase `name` now.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn render(&self) -> String {
+        self.done
+            .iter()
+            .map(|(n, d)| format!("{n} {:.1}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

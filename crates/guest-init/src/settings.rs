@@ -4,8 +4,8 @@
 //! vsock CID 2 port 5161, the instance id from `platform.instance_id=` on the kernel
 //! command line, and the VM ends with `reboot(RB_AUTOBOOT)`.
 //!
-//! **Container test mode** (`PLFM_GUEST_TEST_MODE=1` in the environment or on the kernel
-//! command line) runs the same sequence as PID 1 of a PID + mount namespace:
+//! **Container test mode** (`PLFM_GUEST_TEST_MODE=1` in the environment; on a VM's kernel
+//! command line such dot-less `NAME=value` words reach init's environment too) runs the same sequence as PID 1 of a PID + mount namespace:
 //! - `PLFM_GUEST_HOST_SOCKET=<path>`: the host channel is this Unix socket (else vsock);
 //! - `PLFM_GUEST_ROOT_DEVICE`, `PLFM_GUEST_SCRATCH_DEVICE`: root and scratch devices;
 //! - `PLFM_GUEST_VOLUME_DEVICES=<dev>,<dev>…`: volume devices in `volume_id` order;

@@ -771,3 +771,101 @@ fn handshake_that_never_comes_fails_within_five_seconds() {
         "FAILED (firecracker_start_failed): handshake failed: no connection to the host"
     ));
 }
+
+/// Benchmark of issue 5 (printed, not asserted): guest init's own time from its exec to
+/// the workload's exec, excluding the wait for the host, with the full config (overlay
+/// root, secrets, one volume, eth0 with two addresses), over several runs. Use
+/// `PLFM_GUEST_INIT_BIN` to measure the static release binary and
+/// `PLFM_GUEST_BENCH_RUNS` for the number of runs (default 10).
+#[test]
+fn guest_init_startup_benchmark() {
+    if !ready() {
+        return;
+    }
+    let runs: usize = std::env::var("PLFM_GUEST_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let disks = Disks::new();
+    let netns = NetNs::new();
+    let uds = disks.dir.path().join("v.sock");
+    let rt = runtime();
+    let listener = rt.block_on(async { bind_guest_listener(&uds) }).unwrap();
+    let mut own = Vec::new();
+    let mut total = Vec::new();
+    for i in 0..runs {
+        let mut cfg = config(&["/bin/true"], 0);
+        cfg.mounts.push(MountConfig {
+            volume_id: "vol-1".into(),
+            mount_path: "/data".into(),
+            read_only: false,
+            filesystem: "ext4".into(),
+        });
+        cfg.secrets = Some(SecretsConfig {
+            required: true,
+            path: "/run/secrets/platform.env".into(),
+            mode: 0o400,
+            uid: None,
+            gid: None,
+            data: Some(SecretsData::new(SECRETS.into())),
+        });
+        cfg.network = Some(NetworkConfig {
+            address: "fd00::2".parse().unwrap(),
+            prefix_len: 128,
+            gateway: Some("fe80::1".parse().unwrap()),
+            mtu: 1400,
+            dns: vec!["fd00::53".parse().unwrap()],
+            ipv4: Some(Ipv4Config {
+                address: "169.254.0.2".parse().unwrap(),
+                prefix_len: 30,
+                gateway: Some("169.254.0.1".parse().unwrap()),
+            }),
+        });
+        let mut guest = start_guest(&GuestOpts {
+            socket: guest_socket_path(&uds),
+            disks: Some(&disks),
+            netns: Some(&netns),
+            staging: disks.dir.path().join(format!("staging-{i}")),
+        });
+        let started = rt.block_on(async {
+            let mut s = accept_guest(&listener, "ns-test", cfg, Duration::from_secs(5)).await?;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), s.next_event()).await {
+                    Ok(Ok(GuestEvent::WorkloadStarted {
+                        init_time,
+                        handshake_wait,
+                        ..
+                    })) => return Ok::<_, GuestError>((init_time, handshake_wait)),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(GuestError::Closed {
+                            when: "bench timeout",
+                        })
+                    }
+                }
+            }
+        });
+        let (init, wait) = match started {
+            Ok((Some(i), Some(w))) => (i, w),
+            other => panic!("{other:?}; console:\n{}", guest.console()),
+        };
+        assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
+        own.push((init - wait).as_secs_f64() * 1e3);
+        total.push(init.as_secs_f64() * 1e3);
+    }
+    own.sort_by(f64::total_cmp);
+    total.sort_by(f64::total_cmp);
+    let bin = guest_init_binary();
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "BENCH guest-init exec -> workload exec, own work (handshake wait excluded), {runs} runs: \
+         min {:.2} ms, median {:.2} ms, max {:.2} ms; including the handshake: median {:.2} ms; \
+         binary {} ({size} bytes)",
+        own[0],
+        own[own.len() / 2],
+        own[own.len() - 1],
+        total[total.len() / 2],
+        bin.display()
+    );
+}
