@@ -141,11 +141,13 @@ impl Init {
 
         // 2. Kernel modules shipped in the initramfs.
         let modules_dir = self.settings.modules_dir.clone();
+        let modules_start = Instant::now();
         match modules::load_modules(&modules_dir) {
             Ok(0) => {}
             Ok(n) => console::line(&format!(
-                "loaded {n} kernel modules from {}",
-                modules_dir.display()
+                "loaded {n} kernel modules from {} in {:.1} ms",
+                modules_dir.display(),
+                ms(modules_start.elapsed())
             )),
             Err(e) => console::line(&format!("kernel modules: {e}")),
         }

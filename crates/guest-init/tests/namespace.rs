@@ -851,10 +851,18 @@ fn guest_init_startup_benchmark() {
             other => panic!("{other:?}; console:\n{}", guest.console()),
         };
         assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
-        own.push((init - wait).as_secs_f64() * 1e3);
+        let phases = guest
+            .console()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("plfm-guest-init: timings (ms): ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        own.push(((init - wait).as_secs_f64() * 1e3, phases));
         total.push(init.as_secs_f64() * 1e3);
     }
-    own.sort_by(f64::total_cmp);
+    own.sort_by(|a, b| a.0.total_cmp(&b.0));
     total.sort_by(f64::total_cmp);
     let bin = guest_init_binary();
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
@@ -862,10 +870,17 @@ fn guest_init_startup_benchmark() {
         "BENCH guest-init exec -> workload exec, own work (handshake wait excluded), {runs} runs: \
          min {:.2} ms, median {:.2} ms, max {:.2} ms; including the handshake: median {:.2} ms; \
          binary {} ({size} bytes)",
-        own[0],
-        own[own.len() / 2],
-        own[own.len() - 1],
+        own[0].0,
+        own[own.len() / 2].0,
+        own[own.len() - 1].0,
         total[total.len() / 2],
         bin.display()
     );
+    for (label, run) in [
+        ("min", &own[0]),
+        ("median", &own[own.len() / 2]),
+        ("max", &own[own.len() - 1]),
+    ] {
+        eprintln!("BENCH phases of the {label} run (ms): {}", run.1);
+    }
 }

@@ -160,11 +160,20 @@ fn initramfs_boots_to_guest_init_under_qemu_microvm_tcg() {
         summary.builtin
     );
 
+    // Keep a copy for debugging (target/tmp/guest-initramfs.img).
+    let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-initramfs.img");
+    let _ = std::fs::copy(&args.out, &keep);
     let log = dir.path().join("console.log");
     let started = Instant::now();
     let mut qemu = KillOnDrop(
         Command::new("qemu-system-x86_64")
             .args(["-M", "microvm,accel=tcg", "-m", "256", "-smp", "1"])
+            // Without KVM the guest kernel calibrates its TSC against the PIT; on a
+            // loaded host the TCG vCPU is descheduled during calibration, calibration
+            // fails ("tsc: Marking TSC unstable due to could not calculate TSC khz") and
+            // the boot stalls. Instruction counting makes the guest's clocks follow
+            // its own progress, so calibration succeeds regardless of host load.
+            .args(["-icount", "shift=auto"])
             .args(["-no-reboot", "-nodefaults", "-no-user-config", "-nographic"])
             .arg("-serial")
             .arg(format!("file:{}", log.display()))
