@@ -59,6 +59,14 @@ pub fn main() -> ! {
         "plfm-guest-init {VERSION} starting (pid {})",
         std::process::id()
     ));
+    if std::process::id() != 1 {
+        // Guest init kills every other process (`kill(-1)`) and reboots: only ever as
+        // PID 1 of a VM or of a PID namespace (test mode), never on a host by mistake.
+        console::line(
+            "refusing to run: must be PID 1 (of a VM, or of a PID namespace in test mode)",
+        );
+        std::process::exit(2);
+    }
     std::panic::set_hook(Box::new(|info| {
         let loc = info
             .location()
