@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 
 use plfm_guest_protocol::{Config, MountConfig, SecretsConfig, SecretsData, WorkloadConfig};
-use plfm_node_agent::guest::{accept_guest, bind_guest_listener, GuestEvent};
+use plfm_node_agent::guest::{accept_guest, bind_guest_listener, GuestError, GuestEvent};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 
 fn require(what: &str) {
@@ -315,33 +315,55 @@ fn wait_for_path(path: &Path, within: Duration) {
     }
 }
 
-#[test]
-fn vm_runs_a_workload_over_hybrid_vsock_with_overlay_root_secrets_and_volume() {
+/// One VM run: disks, host side, console.
+struct VmRun {
+    /// Keeps the files alive.
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    root_before: Vec<u8>,
+    scratch: PathBuf,
+    volume: PathBuf,
+    events: Vec<GuestEvent>,
+    console: String,
+    lifetime: Duration,
+}
+
+/// Boots a VM with a busybox root disk, an empty scratch disk and one empty volume, serves
+/// the handshake with `config` through the agent's `guest` module, collects the events up
+/// to `exited`/`failed`, and waits for QEMU to exit. `None` when a prerequisite is
+/// missing (after `require`).
+fn run_vm(config: Config, memory_mb: u32) -> Option<VmRun> {
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
         .is_err()
     {
-        return require("qemu-system-x86_64 (Debian package qemu-system-x86)");
+        require("qemu-system-x86_64 (Debian package qemu-system-x86)");
+        return None;
     }
     let vhost =
         std::env::var("PLFM_VHOST_DEVICE_VSOCK").unwrap_or_else(|_| "vhost-device-vsock".into());
     if !tool_runs(&vhost, "--version") {
-        return require(
+        require(
             "vhost-device-vsock (cargo install vhost-device-vsock, or PLFM_VHOST_DEVICE_VSOCK)",
         );
+        return None;
     }
     if !tool_runs("mkfs.ext4", "-V") || !tool_runs("debugfs", "-V") {
-        return require("mkfs.ext4 and debugfs (Debian package e2fsprogs)");
+        require("mkfs.ext4 and debugfs (Debian package e2fsprogs)");
+        return None;
     }
     if !Path::new("/bin/busybox").exists() {
-        return require("/bin/busybox (Debian package busybox-static)");
+        require("/bin/busybox (Debian package busybox-static)");
+        return None;
     }
     let Some((kernel, modules)) = find_kernel() else {
-        return require("a /boot/vmlinuz-*-cloud-amd64 kernel with modules (Debian package linux-image-cloud-amd64)");
+        require("a /boot/vmlinuz-*-cloud-amd64 kernel with modules (Debian package linux-image-cloud-amd64)");
+        return None;
     };
     let Some(guest_init) = static_guest_init() else {
-        return require("static plfm-guest-init (scripts/build-guest-init.sh failed)");
+        require("static plfm-guest-init (scripts/build-guest-init.sh failed)");
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
     let initramfs = dir.path().join("initramfs.img");
@@ -358,7 +380,7 @@ fn vm_runs_a_workload_over_hybrid_vsock_with_overlay_root_secrets_and_volume() {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "stat", "echo", "grep"] {
+    for applet in ["sh", "cat", "stat", "echo", "grep", "dd"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
     std::fs::write(tree.join("etc/marker"), "from the root image\n").unwrap();
@@ -408,15 +430,13 @@ fn vm_runs_a_workload_over_hybrid_vsock_with_overlay_root_secrets_and_volume() {
     let started = Instant::now();
     let mut qemu = KillOnDrop(
         Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,accel=tcg,memory-backend=mem",
-                "-m",
-                "256",
-                "-smp",
-                "1",
-            ])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .args(["-M", "microvm,accel=tcg,memory-backend=mem", "-smp", "1"])
+            .arg("-m")
+            .arg(memory_mb.to_string())
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={memory_mb}M,share=on"
+            ))
             .args(["-icount", "shift=auto"])
             .args(["-no-reboot", "-nodefaults", "-no-user-config", "-nographic"])
             .arg("-serial")
@@ -448,15 +468,72 @@ fn vm_runs_a_workload_over_hybrid_vsock_with_overlay_root_secrets_and_volume() {
             .expect("spawn qemu"),
     );
 
-    let script = "set -e
-echo 'written in the VM' > /written-by-workload
-cat /run/secrets/platform.env > /data/secrets.copy
-stat -c '%a' /run/secrets/platform.env > /data/secrets.mode
-cat /etc/marker > /data/marker.txt
-grep ' / overlay ' /proc/mounts > /data/root-mount.txt
-exit 7";
-    let secrets = "# TRC_SECRETS_V1\nDB_PASSWORD=vm-secret\n";
-    let config = Config {
+    // The deadline covers the TCG boot to guest init plus the guest's own 5 s.
+    let events = rt.block_on(async {
+        let mut s = accept_guest(&listener, "vm-e2e", config, Duration::from_secs(90)).await?;
+        let mut events = Vec::new();
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+                .await
+                .map_err(|_| GuestError::Closed {
+                    when: "test timeout",
+                })??;
+            let last = matches!(ev, GuestEvent::Exited { .. } | GuestEvent::Failed { .. });
+            events.push(ev);
+            if last {
+                return Ok::<_, GuestError>(events);
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if qemu.0.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if Instant::now() >= end {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lifetime = started.elapsed();
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    // Keep the console for debugging (target/tmp/guest-vm-console.log).
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-vm-console.log"),
+        &console,
+    );
+    let guest_lines: String = console
+        .lines()
+        .filter(|l| l.contains("plfm-guest-init") || l.contains("Out of memory"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    eprintln!("--- console (guest init lines) ---\n{guest_lines}---");
+    let events = events.unwrap_or_else(|e| panic!("{e}; console:\n{console}"));
+    assert!(
+        exited,
+        "qemu still running after the workload ended; console:\n{console}"
+    );
+    assert!(console.contains("rebooting to end the VM"));
+    assert_eq!(
+        console.matches("starting (pid 1)").count(),
+        1,
+        "the VM booted twice:\n{console}"
+    );
+    eprintln!("VM lifetime {:.2} s (TCG)", lifetime.as_secs_f64());
+    Some(VmRun {
+        _dir: dir,
+        root,
+        root_before,
+        scratch,
+        volume,
+        events,
+        console,
+        lifetime,
+    })
+}
+
+fn vm_config(script: &str, secrets: Option<&str>) -> Config {
+    Config {
         config_version: "v1".into(),
         instance_id: "vm-e2e".into(),
         generation: 1,
@@ -474,96 +551,97 @@ exit 7";
             read_only: false,
             filesystem: "ext4".into(),
         }],
-        secrets: Some(SecretsConfig {
+        secrets: secrets.map(|s| SecretsConfig {
             required: true,
             path: "/run/secrets/platform.env".into(),
             mode: 0o400,
             uid: None,
             gid: None,
-            data: Some(SecretsData::new(secrets.into())),
+            data: Some(SecretsData::new(s.into())),
         }),
+    }
+}
+
+#[test]
+fn vm_runs_a_workload_over_hybrid_vsock_with_overlay_root_secrets_and_volume() {
+    let script = "set -e
+echo 'written in the VM' > /written-by-workload
+cat /run/secrets/platform.env > /data/secrets.copy
+stat -c '%a' /run/secrets/platform.env > /data/secrets.mode
+cat /etc/marker > /data/marker.txt
+exit 7";
+    let secrets = "# TRC_SECRETS_V1\nDB_PASSWORD=vm-secret\n";
+    let Some(vm) = run_vm(vm_config(script, Some(secrets)), 256) else {
+        return;
     };
-    // The deadline covers the TCG boot to guest init plus the guest's own 5 s.
-    let events = rt.block_on(async {
-        let mut s = accept_guest(&listener, "vm-e2e", config, Duration::from_secs(90)).await?;
-        let mut events = Vec::new();
-        loop {
-            let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
-                .await
-                .map_err(|_| plfm_node_agent::guest::GuestError::Closed {
-                    when: "test timeout",
-                })??;
-            let last = matches!(ev, GuestEvent::Exited { .. } | GuestEvent::Failed { .. });
-            events.push(ev);
-            if last {
-                return Ok::<_, plfm_node_agent::guest::GuestError>(events);
-            }
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = qemu.0.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() >= end {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
-    // Keep the console for debugging (target/tmp/guest-vm-console.log).
-    let _ = std::fs::write(
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-vm-console.log"),
-        &console,
-    );
-    let guest_lines: String = console
-        .lines()
-        .filter(|l| l.contains("plfm-guest-init") || l.contains("workload"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    eprintln!("--- console (guest init lines) ---\n{guest_lines}---");
-    let events = events.unwrap_or_else(|e| panic!("{e}; console:\n{console}"));
     assert!(
-        status.is_some(),
-        "qemu still running after the workload ended; console:\n{console}"
-    );
-    eprintln!("VM lifetime {:.2} s (TCG)", started.elapsed().as_secs_f64());
-    assert!(
-        !console.contains("vm-secret"),
+        !vm.console.contains("vm-secret"),
         "secret value on the console"
     );
+    assert!(vm.console.contains("(move+chroot (initramfs root))"));
+    assert_eq!(vm.events[0], GuestEvent::ConfigApplied, "{:?}", vm.events);
     assert!(
-        events.contains(&GuestEvent::Exited {
+        matches!(vm.events[1], GuestEvent::WorkloadStarted { .. }),
+        "{:?}",
+        vm.events
+    );
+    assert_eq!(
+        vm.events.last(),
+        Some(&GuestEvent::Exited {
             code: Some(7),
             signal: None,
             oom_killed: false
         }),
-        "{events:?}"
+        "{:?}",
+        vm.events
     );
     assert_eq!(
-        debugfs_cat(&scratch, "/upper/written-by-workload").as_deref(),
+        debugfs_cat(&vm.scratch, "/upper/written-by-workload").as_deref(),
         Some("written in the VM\n")
     );
     assert!(
-        std::fs::read(&root).unwrap() == root_before,
+        std::fs::read(&vm.root).unwrap() == vm.root_before,
         "root image changed"
     );
     assert_eq!(
-        debugfs_cat(&volume, "/secrets.copy").as_deref(),
+        debugfs_cat(&vm.volume, "/secrets.copy").as_deref(),
         Some(secrets)
     );
     assert_eq!(
-        debugfs_cat(&volume, "/secrets.mode").as_deref(),
+        debugfs_cat(&vm.volume, "/secrets.mode").as_deref(),
         Some("400\n")
     );
     assert_eq!(
-        debugfs_cat(&volume, "/marker.txt").as_deref(),
+        debugfs_cat(&vm.volume, "/marker.txt").as_deref(),
         Some("from the root image\n")
     );
-    assert!(console.contains("rebooting to end the VM"));
+    assert!(vm.lifetime < Duration::from_secs(90));
+}
+
+#[test]
+fn vm_reports_a_workload_killed_by_the_guest_oom_killer() {
+    // Four dd processes each allocate and fill a 64 MiB buffer (each below the
+    // overcommit limit, together above what a 192 MiB VM has), so the guest kernel
+    // OOM-kills at least one of them.
+    let script = "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=64M count=1 & done; wait";
+    let Some(vm) = run_vm(vm_config(script, None), 192) else {
+        return;
+    };
+    let last = vm.events.last().cloned();
+    assert!(
+        matches!(
+            last,
+            Some(GuestEvent::Exited {
+                oom_killed: true,
+                ..
+            })
+        ),
+        "{:?}; console:\n{}",
+        vm.events,
+        vm.console
+    );
     assert_eq!(
-        console.matches("starting (pid 1)").count(),
-        1,
-        "the VM booted twice:\n{console}"
+        last.and_then(|e| e.reason()),
+        Some(plfm_node_agent::instance::ReasonCode::OomKilled)
     );
 }
