@@ -148,14 +148,15 @@ impl Drop for NetNs {
 }
 
 /// Disk images and their loop devices.
+/// Fields drop in order: the loop devices are detached before the images are deleted.
 struct Disks {
-    dir: tempfile::TempDir,
-    root_img: PathBuf,
-    scratch_img: PathBuf,
-    volume_img: PathBuf,
     root: Loop,
     scratch: Loop,
     volume: Loop,
+    root_img: PathBuf,
+    scratch_img: PathBuf,
+    volume_img: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 fn mkfs(img: &Path, size_mb: u64, content: Option<&Path>) {
@@ -217,13 +218,13 @@ impl Disks {
         let scratch = attach(&scratch_img, false);
         let volume = attach(&volume_img, false);
         Disks {
-            dir,
-            root_img,
-            scratch_img,
-            volume_img,
             root,
             scratch,
             volume,
+            root_img,
+            scratch_img,
+            volume_img,
+            dir,
         }
     }
 }
