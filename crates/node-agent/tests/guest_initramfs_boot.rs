@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
-use plfm_guest_protocol::{Config, MountConfig, SecretsConfig, SecretsData, WorkloadConfig};
+use plfm_guest_protocol::{
+    Config, Ipv4Config, MountConfig, NetworkConfig, SecretsConfig, SecretsData, WorkloadConfig,
+};
 use plfm_node_agent::guest::{accept_guest, bind_guest_listener, GuestError, GuestEvent};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 
@@ -332,7 +334,7 @@ struct VmRun {
 /// the handshake with `config` through the agent's `guest` module, collects the events up
 /// to `exited`/`failed`, and waits for QEMU to exit. `None` when a prerequisite is
 /// missing (after `require`).
-fn run_vm(config: Config, memory_mb: u32) -> Option<VmRun> {
+fn run_vm(config: Config, memory_mb: u32, netns: Option<&str>) -> Option<VmRun> {
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -380,7 +382,7 @@ fn run_vm(config: Config, memory_mb: u32) -> Option<VmRun> {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "stat", "echo", "grep", "dd"] {
+    for applet in ["sh", "cat", "stat", "echo", "grep", "dd", "ping", "ip"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
     std::fs::write(tree.join("etc/marker"), "from the root image\n").unwrap();
@@ -428,9 +430,23 @@ fn run_vm(config: Config, memory_mb: u32) -> Option<VmRun> {
         )
     };
     let started = Instant::now();
+    let mut cmd = match netns {
+        // QEMU runs inside the test's network namespace, on its tap `tap0`.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c.args([
+                "-netdev",
+                "tap,id=net0,ifname=tap0,script=no,downscript=no",
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     let mut qemu = KillOnDrop(
-        Command::new("qemu-system-x86_64")
-            .args(["-M", "microvm,accel=tcg,memory-backend=mem", "-smp", "1"])
+        cmd.args(["-M", "microvm,accel=tcg,memory-backend=mem", "-smp", "1"])
             .arg("-m")
             .arg(memory_mb.to_string())
             .arg("-object")
@@ -571,7 +587,7 @@ stat -c '%a' /run/secrets/platform.env > /data/secrets.mode
 cat /etc/marker > /data/marker.txt
 exit 7";
     let secrets = "# TRC_SECRETS_V1\nDB_PASSWORD=vm-secret\n";
-    let Some(vm) = run_vm(vm_config(script, Some(secrets)), 256) else {
+    let Some(vm) = run_vm(vm_config(script, Some(secrets)), 256, None) else {
         return;
     };
     assert!(
@@ -624,7 +640,7 @@ fn vm_reports_a_workload_killed_by_the_guest_oom_killer() {
     // overcommit limit, together above what a 192 MiB VM has), so the guest kernel
     // OOM-kills at least one of them.
     let script = "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=64M count=1 & done; wait";
-    let Some(vm) = run_vm(vm_config(script, None), 192) else {
+    let Some(vm) = run_vm(vm_config(script, None), 192, None) else {
         return;
     };
     let last = vm.events.last().cloned();
@@ -643,5 +659,119 @@ fn vm_reports_a_workload_killed_by_the_guest_oom_killer() {
     assert_eq!(
         last.and_then(|e| e.reason()),
         Some(plfm_node_agent::instance::ReasonCode::OomKilled)
+    );
+}
+
+/// A network namespace with a tap `tap0` (169.254.0.1/30, fe80::1/64), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> Result<NetNs, String> {
+        let name = format!("plfm-vm-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs(name);
+        ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+        ip(&["-n", &ns.0, "addr", "add", "169.254.0.1/30", "dev", "tap0"])?;
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            "tap0",
+            "nodad",
+        ])?;
+        ip(&["-n", &ns.0, "link", "set", "tap0", "mtu", "1400", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.0, "link", "del", "tap0"])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[test]
+fn vm_configures_eth0_over_virtio_net() {
+    if !is_root() || !Path::new("/dev/net/tun").exists() {
+        return require("root and /dev/net/tun (tap device in a test network namespace)");
+    }
+    let ns = match NetNs::new() {
+        Ok(ns) => ns,
+        Err(e) => return require(&format!("a network namespace with a tap: {e}")),
+    };
+    let script = "ip addr show eth0 > /data/ip.txt
+ip route > /data/route4.txt
+ip -6 route > /data/route6.txt
+ping -c 1 -W 10 169.254.0.1 > /data/ping.txt 2>&1
+echo \"ping exit $?\" >> /data/ping.txt
+cat /etc/resolv.conf > /data/resolv.txt";
+    let mut config = vm_config(script, None);
+    config.network = Some(NetworkConfig {
+        address: "fd00::2".parse().unwrap(),
+        prefix_len: 128,
+        gateway: Some("fe80::1".parse().unwrap()),
+        mtu: 1400,
+        dns: vec!["fd00::53".parse().unwrap()],
+        ipv4: Some(Ipv4Config {
+            address: "169.254.0.2".parse().unwrap(),
+            prefix_len: 30,
+            gateway: Some("169.254.0.1".parse().unwrap()),
+        }),
+    });
+    let Some(vm) = run_vm(config, 256, Some(&ns.0)) else {
+        return;
+    };
+    assert!(
+        vm.console
+            .contains("eth0: mtu 1400, fd00::2/128, 169.254.0.2/30"),
+        "{}",
+        vm.console
+    );
+    let file = |p: &str| debugfs_cat(&vm.volume, p).unwrap_or_else(|| panic!("{p} missing"));
+    let ip = file("/ip.txt");
+    assert!(
+        ip.contains("mtu 1400")
+            && ip.contains("inet 169.254.0.2/30")
+            && ip.contains("inet6 fd00::2/128"),
+        "{ip}"
+    );
+    assert!(file("/route4.txt").contains("default via 169.254.0.1 dev eth0"));
+    assert!(file("/route6.txt").contains("default via fe80::1 dev eth0"));
+    let ping = file("/ping.txt");
+    assert!(ping.contains("ping exit 0"), "{ping}");
+    assert_eq!(file("/resolv.txt"), "nameserver fd00::53\n");
+    assert_eq!(
+        vm.events.last(),
+        Some(&GuestEvent::Exited {
+            code: Some(0),
+            signal: None,
+            oom_killed: false
+        })
     );
 }
