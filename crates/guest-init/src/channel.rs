@@ -2,21 +2,35 @@
 //! with a deadline and retries, then blocking message exchange. Reads during the
 //! handshake are bounded by the socket receive timeout; after it, [`Channel::poll_message`]
 //! never blocks, so the supervision loop can poll the socket next to its signals.
+//!
+//! When the channel is lost while the workload runs (the agent restarted),
+//! [`spawn_reconnect`] keeps trying in a background thread to connect again, says
+//! `hello {resumed: true}`, accepts (and ignores) the config, answers `ack` and reports
+//! `workload_started` again, then hands the channel back to the supervision loop.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, VsockAddr};
 use nix::sys::time::TimeVal;
-use plfm_guest_protocol::{GuestMessage, HostMessage, MessageReader, MessageWriter, ProtocolError};
+use plfm_guest_protocol::{
+    GuestMessage, Hello, HostMessage, MessageReader, MessageWriter, ProtocolError, StatusEvent,
+};
 
 use crate::settings::HostChannel;
 
 /// Longest a single message write may block.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause between reconnection attempts after the channel was lost.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Deadline of a reconnection handshake (connect to config).
+pub const RECONNECT_HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// Pause between connection attempts.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(50);
@@ -156,4 +170,46 @@ pub fn describe(target: &HostChannel) -> String {
         HostChannel::Vsock { cid, port } => format!("vsock CID {cid} port {port}"),
         HostChannel::Unix(p) => format!("unix socket {}", p.display()),
     }
+}
+
+/// Starts a thread that reconnects to the host every [`RECONNECT_INTERVAL`] until one
+/// resumed handshake succeeds, and delivers that channel on the returned receiver. The
+/// thread ends after delivering (or with the process). `hello` is sent with
+/// `resumed: true`; `workload_pid` is reported in the repeated `workload_started`.
+pub fn spawn_reconnect(
+    target: HostChannel,
+    mut hello: Hello,
+    workload_pid: u32,
+) -> mpsc::Receiver<Channel> {
+    hello.resumed = true;
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("reconnect".into())
+        .spawn(move || loop {
+            std::thread::sleep(RECONNECT_INTERVAL);
+            let Ok(mut ch) = Channel::connect(&target, Instant::now()) else {
+                continue;
+            };
+            if ch.send(&GuestMessage::Hello(hello.clone())).is_err() {
+                continue;
+            }
+            match ch.recv_until(Instant::now() + RECONNECT_HANDSHAKE) {
+                Ok(Some(HostMessage::Config(c))) if c.instance_id == hello.instance_id => {}
+                _ => continue,
+            }
+            let started = GuestMessage::Status(StatusEvent::WorkloadStarted {
+                pid: workload_pid,
+                init_us: None,
+                handshake_wait_us: None,
+            });
+            if ch.send(&GuestMessage::Ack).is_err() || ch.send(&started).is_err() {
+                continue;
+            }
+            let _ = tx.send(ch);
+            return;
+        });
+    if let Err(e) = spawned {
+        crate::console::line(&format!("cannot start the reconnect thread: {e}"));
+    }
+    rx
 }

@@ -7,6 +7,7 @@
 //! are only handed to [`crate::secrets`].
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use plfm_guest_protocol::{
 use crate::channel::{describe, Channel};
 use crate::mounts::{self, Layout};
 use crate::secrets::{self, SecretsFile};
-use crate::settings::{Settings, CMDLINE_INSTANCE_ID};
+use crate::settings::{HostChannel, Settings, CMDLINE_INSTANCE_ID};
 use crate::{console, env, modules, netlink, sys, workload, VERSION};
 
 /// A failed step: the reason code and a one-line detail without secrets.
@@ -49,6 +50,9 @@ struct Init {
     channel: Option<Channel>,
     /// Volume mount points, unmounted before the end.
     volumes: Vec<PathBuf>,
+    /// Test mode: the host socket's directory, kept open so that the socket can still be
+    /// reached (through `/proc/self/fd`) after the root switch hides the host's files.
+    host_dir: Option<std::fs::File>,
     switched: bool,
 }
 
@@ -97,6 +101,7 @@ pub fn main() -> ! {
         started,
         channel: None,
         volumes: Vec::new(),
+        host_dir: None,
         switched: false,
     };
     let outcome = match init.boot() {
@@ -121,6 +126,26 @@ impl Init {
     fn layout(&self) -> Layout {
         Layout {
             staging: self.settings.staging.clone(),
+        }
+    }
+
+    /// Where to reconnect later. A vsock address stays valid; a Unix socket path (test
+    /// mode) disappears with the root switch, so it is reached through an open
+    /// descriptor of its directory.
+    fn reconnect_target(&mut self, target: &HostChannel) -> HostChannel {
+        let HostChannel::Unix(path) = target else {
+            return target.clone();
+        };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return target.clone();
+        };
+        match std::fs::File::open(dir) {
+            Ok(f) => {
+                let via_fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())).join(name);
+                self.host_dir = Some(f);
+                HostChannel::Unix(via_fd)
+            }
+            Err(_) => target.clone(),
         }
     }
 
@@ -182,14 +207,20 @@ impl Init {
             std::fs::read_to_string(layout.staging.join("proc/sys/kernel/random/boot_id"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default();
+        let hello = Hello {
+            guest_init_version: VERSION.to_string(),
+            protocol: PROTOCOL_VERSION,
+            instance_id: instance_id.clone(),
+            boot_id,
+            resumed: false,
+        };
         channel
-            .send(&GuestMessage::Hello(Hello {
-                guest_init_version: VERSION.to_string(),
-                protocol: PROTOCOL_VERSION,
-                instance_id: instance_id.clone(),
-                boot_id,
-            }))
+            .send(&GuestMessage::Hello(hello.clone()))
             .map_err(|e| start_failed(format!("handshake failed: send hello: {e}")))?;
+        let reconnect = workload::Reconnect {
+            target: self.reconnect_target(&target),
+            hello,
+        };
         self.channel = Some(channel);
         let config = match self.channel.as_mut().map(|c| c.recv_until(deadline)) {
             Some(Ok(Some(HostMessage::Config(c)))) => c,
@@ -344,7 +375,8 @@ impl Init {
             init_us: Some(init_elapsed.as_micros() as u64),
             handshake_wait_us: Some(handshake_wait.as_micros() as u64),
         }));
-        let ended = workload::supervise(pid, &mut self.channel).map_err(&start_failed)?;
+        let ended =
+            workload::supervise(pid, &mut self.channel, Some(&reconnect)).map_err(&start_failed)?;
         let oom_killed = match (oom_before, workload::oom_kills()) {
             (Some(a), Some(b)) => b > a,
             _ => false,

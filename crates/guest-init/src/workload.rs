@@ -20,10 +20,11 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use plfm_guest_protocol::{HostMessage, WorkloadConfig};
+use plfm_guest_protocol::{Hello, HostMessage, WorkloadConfig};
 
-use crate::channel::Channel;
+use crate::channel::{spawn_reconnect, Channel};
 use crate::console;
+use crate::settings::HostChannel;
 
 /// Signals forwarded to the workload.
 pub const FORWARDED: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
@@ -132,11 +133,25 @@ fn reap(workload: Pid) -> Option<Ended> {
     }
 }
 
+/// How to find the host again after losing the channel.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    /// Where the host listens.
+    pub target: HostChannel,
+    /// The hello of the first handshake (sent again with `resumed: true`).
+    pub hello: Hello,
+}
+
 /// Waits for the workload, forwarding signals and honouring `stop` from the host, and
 /// reaping every zombie meanwhile. A `stop {deadline_ms}` sends SIGTERM to the workload
 /// and SIGKILL to every process at the deadline. A closed or broken host channel is
-/// dropped (the workload keeps running).
-pub fn supervise(workload: Pid, channel: &mut Option<Channel>) -> Result<Ended, String> {
+/// dropped (the workload keeps running) and, with `reconnect`, re-established in the
+/// background (see [`spawn_reconnect`]).
+pub fn supervise(
+    workload: Pid,
+    channel: &mut Option<Channel>,
+    reconnect: Option<&Reconnect>,
+) -> Result<Ended, String> {
     let sfd = SignalFd::with_flags(
         &handled_signals(),
         SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
@@ -146,18 +161,47 @@ pub fn supervise(workload: Pid, channel: &mut Option<Channel>) -> Result<Ended, 
         ch.set_nonblocking_reads();
     }
     let mut kill_at: Option<Instant> = None;
+    let start_reconnect = |what: &str| {
+        reconnect.map(|r| {
+            console::line(&format!(
+                "{what}; the workload keeps running, reconnecting in the background"
+            ));
+            spawn_reconnect(r.target.clone(), r.hello.clone(), workload.as_raw() as u32)
+        })
+    };
+    let mut pending = if channel.is_none() {
+        start_reconnect("no host channel")
+    } else {
+        None
+    };
     // Reap anything that ended before the signalfd existed.
     if let Some(end) = reap(workload) {
         return Ok(end);
     }
     loop {
-        let timeout = match kill_at {
-            Some(t) => {
-                let ms = t
-                    .saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(60_000) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        if let Some(rx) = &pending {
+            match rx.try_recv() {
+                Ok(mut ch) => {
+                    ch.set_nonblocking_reads();
+                    *channel = Some(ch);
+                    pending = None;
+                    console::line("reconnected to the host");
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => pending = None,
+            }
+        }
+        // Wake up for the kill deadline, and every 250 ms while reconnecting.
+        let wake = [
+            kill_at.map(|t| t.saturating_duration_since(Instant::now())),
+            pending.as_ref().map(|_| Duration::from_millis(250)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = match wake {
+            Some(d) => {
+                PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX)
             }
             None => PollTimeout::NONE,
         };
@@ -209,13 +253,13 @@ pub fn supervise(workload: Pid, channel: &mut Option<Channel>) -> Result<Ended, 
                             console::line("ignoring a second config from the host");
                         }
                         Ok(Some(None)) => {
-                            console::line("host closed the channel; the workload keeps running");
                             *channel = None;
+                            pending = start_reconnect("host closed the channel");
                             break;
                         }
                         Err(e) => {
-                            console::line(&format!("host channel dropped: {e}"));
                             *channel = None;
+                            pending = start_reconnect(&format!("host channel dropped: {e}"));
                             break;
                         }
                     }

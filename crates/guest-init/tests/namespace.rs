@@ -885,3 +885,71 @@ fn guest_init_startup_benchmark() {
         eprintln!("BENCH phases of the {label} run (ms): {}", run.1);
     }
 }
+
+/// An agent restart closes the channel: the workload keeps running, guest init
+/// reconnects with `hello {resumed: true}`, reports the running workload again, and the
+/// new host side can stop it and gets its exit.
+#[test]
+fn guest_reconnects_after_the_host_channel_is_lost() {
+    if !ready() {
+        return;
+    }
+    let disks = Disks::new();
+    let uds = disks.dir.path().join("v.sock");
+    let rt = runtime();
+    let listener = rt.block_on(async { bind_guest_listener(&uds) }).unwrap();
+    let script = "trap 'exit 5' TERM; echo workload-ready; while :; do sleep 0.05; done";
+    let mut guest = start_guest(&GuestOpts {
+        socket: guest_socket_path(&uds),
+        disks: Some(&disks),
+        netns: None,
+        staging: disks.dir.path().join("staging"),
+    });
+    let first_pid = rt.block_on(async {
+        let mut s = accept_guest(
+            &listener,
+            "ns-test",
+            config(&["/bin/sh", "-c", script], 0),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(!s.hello().resumed);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next_event()).await {
+                Ok(Ok(GuestEvent::WorkloadStarted { pid, .. })) => return pid,
+                Ok(Ok(_)) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+        // The session is dropped here: the "agent" goes away.
+    });
+    guest.wait_console("workload-ready", Duration::from_secs(10));
+    guest.wait_console("reconnecting in the background", Duration::from_secs(10));
+
+    let mut s = rt
+        .block_on(accept_guest(
+            &listener,
+            "ns-test",
+            config(&["/bin/ignored"], 0),
+            Duration::from_secs(10),
+        ))
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", guest.console()));
+    assert!(s.hello().resumed);
+    let ended = rt.block_on(async {
+        let ev = tokio::time::timeout(Duration::from_secs(10), s.next_event()).await;
+        assert!(
+            matches!(ev, Ok(Ok(GuestEvent::WorkloadStarted { pid, init_time: None, .. })) if pid == first_pid),
+            "{ev:?}"
+        );
+        s.request_stop(Duration::from_secs(5)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), s.next_event()).await
+    });
+    assert!(
+        matches!(ended, Ok(Ok(GuestEvent::Exited { code: Some(5), .. }))),
+        "{ended:?}; console:\n{}",
+        guest.console()
+    );
+    assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
+    assert!(guest.console().contains("reconnected to the host"));
+}

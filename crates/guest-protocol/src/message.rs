@@ -54,6 +54,11 @@ pub struct Hello {
     pub instance_id: String,
     /// The guest kernel's boot id.
     pub boot_id: String,
+    /// The guest reconnects after losing the channel (e.g. the agent restarted) while its
+    /// workload runs: it ignores the config it gets, answers `ack`, and reports
+    /// `workload_started` again for the running workload.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 impl Hello {

@@ -61,6 +61,7 @@ fn guest_messages_round_trip() {
         protocol: 1,
         instance_id: "inst-1".into(),
         boot_id: "b".into(),
+        resumed: false,
     }));
     roundtrip_guest(GuestMessage::Ack);
     roundtrip_guest(GuestMessage::Status(StatusEvent::ConfigApplied));

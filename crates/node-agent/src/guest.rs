@@ -319,7 +319,9 @@ pub async fn accept_guest(
 }
 
 impl GuestSession {
-    /// The guest's `hello`.
+    /// The guest's `hello`. `hello().resumed` is true when a running guest reconnected
+    /// (e.g. after an agent restart): its config was not applied again, and its first
+    /// event is `WorkloadStarted` for the workload that is already running.
     pub fn hello(&self) -> &Hello {
         &self.hello
     }

@@ -58,6 +58,7 @@ where
             protocol,
             instance_id: instance,
             boot_id: "boot-1".into(),
+            resumed: false,
         }))
         .unwrap();
         script(&mut r, &mut w);
