@@ -374,3 +374,23 @@ async fn async_reader_rejects_over_long_lines() {
         Err(ProtocolError::LineTooLong { limit: 100 })
     ));
 }
+
+#[test]
+fn resumed_hello_is_optional_on_the_wire() {
+    let mut hello = Hello {
+        guest_init_version: "1".into(),
+        protocol: 1,
+        instance_id: "i".into(),
+        boot_id: "b".into(),
+        resumed: false,
+    };
+    let v = serde_json::to_value(GuestMessage::Hello(hello.clone())).unwrap();
+    assert!(v.get("resumed").is_none(), "{v}");
+    hello.resumed = true;
+    let v = serde_json::to_value(GuestMessage::Hello(hello)).unwrap();
+    assert_eq!(v["resumed"], true);
+    let old: GuestMessage =
+        decode_line(br#"{"type":"hello","guest_init_version":"1","protocol":1,"instance_id":"i","boot_id":"b"}"#)
+            .unwrap();
+    assert!(matches!(old, GuestMessage::Hello(h) if !h.resumed));
+}
