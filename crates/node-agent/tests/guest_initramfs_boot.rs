@@ -27,7 +27,9 @@ use std::collections::BTreeMap;
 use plfm_guest_protocol::{
     Config, Ipv4Config, MountConfig, NetworkConfig, SecretsConfig, SecretsData, WorkloadConfig,
 };
-use plfm_node_agent::guest::{accept_guest, bind_guest_listener, GuestError, GuestEvent};
+use plfm_node_agent::guest::{
+    accept_guest, bind_guest_listener, GuestError, GuestEvent, GuestSession,
+};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 
 fn require(what: &str) {
@@ -335,6 +337,40 @@ struct VmRun {
 /// to `exited`/`failed`, and waits for QEMU to exit. `None` when a prerequisite is
 /// missing (after `require`).
 fn run_vm(config: Config, memory_mb: u32, netns: Option<&str>) -> Option<VmRun> {
+    run_vm_with(memory_mb, netns, move |listener, rt| {
+        rt.block_on(async {
+            let s = accept_guest(listener, "vm-e2e", config, Duration::from_secs(90)).await?;
+            collect_events(s).await
+        })
+    })
+}
+
+/// Events until `exited`/`failed`, each within 60 s.
+async fn collect_events(mut s: GuestSession) -> Result<Vec<GuestEvent>, GuestError> {
+    let mut events = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
+            .await
+            .map_err(|_| GuestError::Closed {
+                when: "test timeout",
+            })??;
+        let last = matches!(ev, GuestEvent::Exited { .. } | GuestEvent::Failed { .. });
+        events.push(ev);
+        if last {
+            return Ok(events);
+        }
+    }
+}
+
+/// Like [`run_vm`], with the host side of the guest channel played by `host`.
+fn run_vm_with(
+    memory_mb: u32,
+    netns: Option<&str>,
+    host: impl FnOnce(
+        &tokio::net::UnixListener,
+        &tokio::runtime::Runtime,
+    ) -> Result<Vec<GuestEvent>, GuestError>,
+) -> Option<VmRun> {
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -485,22 +521,7 @@ fn run_vm(config: Config, memory_mb: u32, netns: Option<&str>) -> Option<VmRun> 
     );
 
     // The deadline covers the TCG boot to guest init plus the guest's own 5 s.
-    let events = rt.block_on(async {
-        let mut s = accept_guest(&listener, "vm-e2e", config, Duration::from_secs(90)).await?;
-        let mut events = Vec::new();
-        loop {
-            let ev = tokio::time::timeout(Duration::from_secs(60), s.next_event())
-                .await
-                .map_err(|_| GuestError::Closed {
-                    when: "test timeout",
-                })??;
-            let last = matches!(ev, GuestEvent::Exited { .. } | GuestEvent::Failed { .. });
-            events.push(ev);
-            if last {
-                return Ok::<_, GuestError>(events);
-            }
-        }
-    });
+    let events = host(&listener, &rt);
     let end = Instant::now() + Duration::from_secs(60);
     let exited = loop {
         if qemu.0.try_wait().unwrap().is_some() {
@@ -773,5 +794,64 @@ cat /etc/resolv.conf > /data/resolv.txt";
             signal: None,
             oom_killed: false
         })
+    );
+}
+
+/// The agent goes away while the workload runs (its end of the vsock channel closes):
+/// guest init reconnects through vhost-device-vsock, is adopted by a new host side,
+/// which stops the workload and receives its exit.
+#[test]
+fn vm_guest_reconnects_to_a_restarted_agent() {
+    let script = "trap 'exit 5' TERM; while :; do sleep 0.1; done";
+    let Some(vm) = run_vm_with(256, None, |listener, rt| {
+        rt.block_on(async {
+            let mut first = accept_guest(
+                listener,
+                "vm-e2e",
+                vm_config(script, None),
+                Duration::from_secs(90),
+            )
+            .await?;
+            let pid = loop {
+                match tokio::time::timeout(Duration::from_secs(60), first.next_event()).await {
+                    Ok(Ok(GuestEvent::WorkloadStarted { pid, .. })) => break pid,
+                    Ok(Ok(_)) => continue,
+                    other => panic!("{other:?}"),
+                }
+            };
+            drop(first); // the agent is gone
+            let mut second = accept_guest(
+                listener,
+                "vm-e2e",
+                vm_config("exit 99", None),
+                Duration::from_secs(30),
+            )
+            .await?;
+            assert!(second.hello().resumed);
+            let ev = tokio::time::timeout(Duration::from_secs(30), second.next_event()).await;
+            assert!(
+                matches!(ev, Ok(Ok(GuestEvent::WorkloadStarted { pid: p, .. })) if p == pid),
+                "{ev:?}"
+            );
+            second.request_stop(Duration::from_secs(10)).await?;
+            collect_events(second).await
+        })
+    }) else {
+        return;
+    };
+    assert!(
+        vm.console.contains("reconnected to the host"),
+        "{}",
+        vm.console
+    );
+    assert_eq!(
+        vm.events.last(),
+        Some(&GuestEvent::Exited {
+            code: Some(5),
+            signal: None,
+            oom_killed: false
+        }),
+        "{:?}",
+        vm.events
     );
 }
