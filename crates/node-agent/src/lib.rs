@@ -16,6 +16,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control_plane;
+pub mod guest;
+pub mod initramfs;
 pub mod instance;
 pub mod logs;
 pub mod metrics;

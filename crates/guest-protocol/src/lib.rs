@@ -1,0 +1,63 @@
+//! The plfm guest protocol: the one definition of the wire between the node agent (host)
+//! and `plfm-guest-init` (PID 1 in the microVM), DESIGN §6.
+//!
+//! The guest connects to the host (vsock CID 2, port [`GUEST_PORT`]; on the host this is
+//! the hybrid-vsock Unix socket `<uds>_5161`) and the two sides exchange newline-delimited
+//! JSON messages, each at most [`MAX_LINE_BYTES`] long:
+//!
+//! ```text
+//! guest → host  hello {guest_init_version, protocol: 1, instance_id, boot_id}
+//! host → guest  config {config_version: "v1", instance_id, generation, workload, network, mounts, secrets}
+//! guest → host  ack                       (or status/failed when the config is refused)
+//! guest → host  status {event: config_applied | workload_started | exited | failed}
+//! host → guest  stop {deadline_ms}        (any time after ack)
+//! ```
+//!
+//! Every message is a JSON object with a `type` field. Unknown fields are ignored so
+//! that either side may add optional fields; a `hello` with another `protocol` number or
+//! a `config` with another `config_version` is refused ([`ProtocolError::UnsupportedProtocol`],
+//! [`ProtocolError::UnsupportedConfigVersion`]).
+//!
+//! The crate owns the message types and the framing. It must not do I/O policy
+//! (deadlines, retries, what to do with an event): that belongs to the two ends. Secret
+//! material is carried in [`SecretsData`], whose `Debug` never shows the value, and
+//! decoding errors never echo message content.
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod frame;
+mod message;
+mod reason;
+
+#[cfg(feature = "tokio")]
+mod async_frame;
+
+pub use frame::{decode_line, encode_line, MessageReader, MessageWriter, ProtocolError};
+pub use message::{
+    Config, GuestMessage, Hello, HostMessage, Ipv4Config, MountConfig, NetworkConfig,
+    SecretsConfig, SecretsData, StatusEvent, WorkloadConfig, DEFAULT_SECRETS_PATH,
+};
+pub use reason::FailureReason;
+
+#[cfg(feature = "tokio")]
+pub use async_frame::{AsyncMessageReader, AsyncMessageWriter};
+
+/// Version of the handshake carried in `hello.protocol`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Version of the configuration carried in `config.config_version`.
+pub const CONFIG_VERSION: &str = "v1";
+
+/// The vsock port the guest connects to on the host.
+pub const GUEST_PORT: u32 = 5161;
+
+/// The vsock CID of the host.
+pub const HOST_CID: u32 = 2;
+
+/// Longest accepted message line in bytes, excluding the newline. Large enough for a
+/// config carrying a 256 KiB secrets file after JSON escaping, small enough that a
+/// misbehaving peer cannot make the other side buffer without bound.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[cfg(test)]
+mod tests;
