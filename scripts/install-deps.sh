@@ -34,6 +34,12 @@ else
   echo "install-deps: not a Debian-like Linux; system tests will say what they miss" >&2
 fi
 
+# vhost-device-vsock: the vsock backend QEMU's vhost-user-vsock-device talks to.
+if [ "$(uname -s)" = "Linux" ] && ! command -v vhost-device-vsock >/dev/null 2>&1; then
+  echo "install-deps: cargo install vhost-device-vsock" >&2
+  cargo install --locked --quiet vhost-device-vsock --version 0.3.0
+fi
+
 if command -v rustup >/dev/null 2>&1; then
   for c in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"

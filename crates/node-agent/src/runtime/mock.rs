@@ -161,6 +161,7 @@ pub struct MockRuntime {
     starts: Mutex<HashMap<InstanceId, u64>>,
     total_starts: AtomicU64,
     logs: crate::logs::LogHandle,
+    fault_changed: Notify,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,6 +196,7 @@ impl MockRuntime {
             starts: Mutex::new(HashMap::new()),
             total_starts: AtomicU64::new(0),
             logs: crate::logs::LogHandle::default(),
+            fault_changed: Notify::new(),
         }
     }
 
@@ -207,11 +209,13 @@ impl MockRuntime {
     /// Injects a fault for an instance (applies to every later attempt until cleared).
     pub fn inject(&self, id: &InstanceId, fault: MockFault) {
         lock(&self.faults).insert(id.clone(), fault);
+        self.fault_changed.notify_waiters();
     }
 
     /// Removes an instance's fault.
     pub fn clear_fault(&self, id: &InstanceId) {
         lock(&self.faults).remove(id);
+        self.fault_changed.notify_waiters();
     }
 
     /// Instances with a VM right now.
@@ -459,37 +463,53 @@ impl Runtime for MockRuntime {
             return VmEvent::WorkloadStarted;
         }
         let after = |ms: u64| boot_done.plus(Duration::from_millis(ms));
-        let event = match &vm.fault {
-            Some(MockFault::Exit { code, after_ms }) => Some((
-                after(*after_ms),
-                VmEvent::Exited {
-                    code: *code,
-                    oom_killed: false,
-                },
-            )),
-            Some(MockFault::Oom { after_ms }) => Some((
-                after(*after_ms),
-                VmEvent::Exited {
-                    code: 137,
-                    oom_killed: true,
-                },
-            )),
-            _ => None,
-        };
-        match event {
-            Some((at, ev)) if !vm.terminal_reported.load(Ordering::Acquire) => {
-                self.clock.sleep_until(at).await;
-                vm.terminal_reported.store(true, Ordering::Release);
-                ev
-            }
-            _ => {
-                // Idle workload: nothing happens until the VM is stopped.
-                vm.stopped.notified().await;
-                VmEvent::VmmExited {
-                    code: Some(0),
-                    detail: "stopped".into(),
+        loop {
+            // Faults after the start are read live, so a test can make a running
+            // workload exit, OOM or turn unhealthy.
+            let changed = self.fault_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let event = match self.fault_of(&handle.instance_id) {
+                Some(MockFault::Exit { code, after_ms }) => Some((
+                    after(after_ms),
+                    VmEvent::Exited {
+                        code,
+                        oom_killed: false,
+                    },
+                )),
+                Some(MockFault::Oom { after_ms }) => Some((
+                    after(after_ms),
+                    VmEvent::Exited {
+                        code: 137,
+                        oom_killed: true,
+                    },
+                )),
+                _ => None,
+            };
+            match event {
+                Some((at, ev)) if !vm.terminal_reported.load(Ordering::Acquire) => {
+                    tokio::select! {
+                        _ = self.clock.sleep_until(at) => {
+                            vm.terminal_reported.store(true, Ordering::Release);
+                            return ev;
+                        }
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {}
+                    }
+                }
+                _ => {
+                    // Idle workload: nothing happens until the VM is stopped or a fault
+                    // is injected.
+                    tokio::select! {
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {}
+                    }
                 }
             }
+            return VmEvent::VmmExited {
+                code: Some(0),
+                detail: "stopped".into(),
+            };
         }
     }
 
@@ -498,7 +518,7 @@ impl Runtime for MockRuntime {
         let Some(vm) = vm else {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
-        if let Some(MockFault::HealthFails { after_ms }) = vm.fault {
+        if let Some(MockFault::HealthFails { after_ms }) = self.fault_of(&handle.instance_id) {
             let from = vm.started_at.plus(Duration::from_millis(
                 self.boot_ms(&handle.instance_id) + after_ms,
             ));

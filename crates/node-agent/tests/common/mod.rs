@@ -220,3 +220,10 @@ pub fn tree(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Whether two consecutive *reported* statuses are legal: directly, or through the
+/// internal `preparing` that reports never show (restarts: failed → booting).
+pub fn reported_move_is_legal(a: Status, b: Status) -> bool {
+    a.can_transition_to(b)
+        || (a.can_transition_to(Status::Preparing) && Status::Preparing.can_transition_to(b))
+}

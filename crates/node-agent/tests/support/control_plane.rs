@@ -1,0 +1,266 @@
+//! An in-test control plane speaking the plfm node API v1 JSON of DESIGN §3 on
+//! loopback (plain HTTP or TLS with optional client certificates). It serves a plan
+//! the test sets, records every request it gets, and can be told to fail.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::common::reported_move_is_legal;
+
+/// One status POST as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub instance_id: String,
+    pub seq: i64,
+    pub status: String,
+    pub body: Value,
+    pub accepted: bool,
+}
+
+#[derive(Default)]
+pub struct CpState {
+    pub node_id: String,
+    pub plan: Mutex<Value>,
+    pub statuses: Mutex<Vec<Received>>,
+    pub heartbeats: Mutex<Vec<Value>>,
+    pub logs: Mutex<Vec<Value>>,
+    /// version id → (HTTP code, body)
+    pub secrets: Mutex<HashMap<String, (u16, Value)>>,
+    pub secret_gets: AtomicU64,
+    /// Every endpoint answers 503.
+    pub down: AtomicBool,
+    /// Only the status endpoint answers 503.
+    pub status_down: AtomicBool,
+    pub token: Option<String>,
+    pub next_heartbeat_secs: u64,
+}
+
+pub struct FakeCp {
+    pub addr: SocketAddr,
+    pub state: Arc<CpState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeCp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn authorized(s: &CpState, h: &HeaderMap) -> bool {
+    match &s.token {
+        None => true,
+        Some(t) => {
+            h.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {t}"))
+        }
+    }
+}
+
+macro_rules! guard {
+    ($s:expr, $h:expr) => {
+        if $s.down.load(Ordering::SeqCst) {
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "down"})));
+        }
+        if !authorized(&$s, &$h) {
+            return (StatusCode::UNAUTHORIZED, Json(json!({"error": "bad token"})));
+        }
+    };
+}
+
+async fn plan(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Path(node): Path<String>,
+) -> (StatusCode, Json<Value>) {
+    guard!(s, h);
+    if node != s.node_id {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "unknown node"})),
+        );
+    }
+    (StatusCode::OK, Json(s.plan.lock().unwrap().clone()))
+}
+
+async fn status(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Path((_node, id)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let accepted = !s.down.load(Ordering::SeqCst)
+        && !s.status_down.load(Ordering::SeqCst)
+        && authorized(&s, &h);
+    s.statuses.lock().unwrap().push(Received {
+        instance_id: id,
+        seq: body["seq"].as_i64().unwrap_or(-1),
+        status: body["status"].as_str().unwrap_or("").to_string(),
+        body: body.clone(),
+        accepted,
+    });
+    if accepted {
+        (StatusCode::OK, Json(json!({"accepted": true})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "unavailable"})),
+        )
+    }
+}
+
+async fn heartbeat(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    guard!(s, h);
+    s.heartbeats.lock().unwrap().push(body);
+    (
+        StatusCode::OK,
+        Json(json!({"accepted": true, "next_heartbeat_secs": s.next_heartbeat_secs})),
+    )
+}
+
+async fn secrets(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Path((_node, v)): Path<(String, String)>,
+) -> (StatusCode, Json<Value>) {
+    guard!(s, h);
+    s.secret_gets.fetch_add(1, Ordering::SeqCst);
+    match s.secrets.lock().unwrap().get(&v) {
+        Some((code, body)) => (StatusCode::from_u16(*code).unwrap(), Json(body.clone())),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such version"})),
+        ),
+    }
+}
+
+async fn logs(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    guard!(s, h);
+    s.logs.lock().unwrap().push(body);
+    (StatusCode::OK, Json(json!({"accepted": true})))
+}
+
+fn router(state: Arc<CpState>) -> Router {
+    Router::new()
+        .route("/v1/nodes/{node}/plan", get(plan))
+        .route("/v1/nodes/{node}/instances/{id}/status", post(status))
+        .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{node}/secrets/{version}", get(secrets))
+        .route("/v1/nodes/{node}/logs", post(logs))
+        .with_state(state)
+}
+
+pub fn new_state(node_id: &str, next_heartbeat_secs: u64, token: Option<&str>) -> CpState {
+    CpState {
+        node_id: node_id.to_string(),
+        plan: Mutex::new(
+            json!({"spec_version": "v1", "node_id": node_id, "plan_id": "p0", "created_at": "2026-11-26T00:00:00Z", "cursor_event_id": 0, "instances": []}),
+        ),
+        token: token.map(str::to_string),
+        next_heartbeat_secs,
+        ..CpState::default()
+    }
+}
+
+impl FakeCp {
+    /// Plain HTTP on a free loopback port.
+    pub async fn start(state: CpState) -> FakeCp {
+        let state = Arc::new(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeCp { addr, state, task }
+    }
+
+    /// TLS (rustls) with the given server config.
+    pub async fn start_tls(state: CpState, config: rustls::ServerConfig) -> FakeCp {
+        let state = Arc::new(state);
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum_server::from_tcp_rustls(std_listener, tls)
+                .unwrap()
+                .serve(app.into_make_service())
+                .await;
+        });
+        FakeCp { addr, state, task }
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Replaces the plan (full snapshot) with these assignments and a new cursor.
+    pub fn set_plan(&self, cursor: i64, instances: Vec<Value>) {
+        *self.state.plan.lock().unwrap() = json!({
+            "spec_version": "v1", "node_id": self.state.node_id, "plan_id": format!("p{cursor}"),
+            "created_at": "2026-11-26T00:00:00Z", "cursor_event_id": cursor, "instances": instances
+        });
+    }
+
+    pub fn accepted(&self) -> Vec<Received> {
+        self.state
+            .statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.accepted)
+            .cloned()
+            .collect()
+    }
+
+    pub fn accepted_for(&self, id: &str) -> Vec<Received> {
+        self.accepted()
+            .into_iter()
+            .filter(|r| r.instance_id == id)
+            .collect()
+    }
+
+    pub fn posts(&self) -> Vec<Received> {
+        self.state.statuses.lock().unwrap().clone()
+    }
+
+    /// Checks every instance's accepted reports: seq 1..n, once each, legal transitions.
+    pub fn check_delivery_log(&self) -> HashMap<String, Vec<Received>> {
+        let mut by: HashMap<String, Vec<Received>> = HashMap::new();
+        for r in self.accepted() {
+            by.entry(r.instance_id.clone()).or_default().push(r);
+        }
+        for (id, reps) in &by {
+            let seqs: Vec<i64> = reps.iter().map(|r| r.seq).collect();
+            let want: Vec<i64> = (1..=reps.len() as i64).collect();
+            assert_eq!(
+                seqs, want,
+                "{id}: accepted seqs must be 1..n in order, each once"
+            );
+            for w in reps.windows(2) {
+                let a = plfm_node_agent::instance::Status::parse(&w[0].status).unwrap();
+                let b = plfm_node_agent::instance::Status::parse(&w[1].status).unwrap();
+                assert!(reported_move_is_legal(a, b), "{id}: {a} -> {b}");
+            }
+        }
+        by
+    }
+}
