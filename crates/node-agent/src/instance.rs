@@ -299,7 +299,10 @@ mod tests {
 
     #[test]
     fn internal_statuses_are_not_reported() {
-        let reported: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_reported()).collect();
+        let reported: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_reported())
+            .collect();
         assert_eq!(
             reported,
             vec![
@@ -325,7 +328,10 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", r.as_str()));
             let back: ReasonCode = serde_json::from_str(&json).unwrap();
             assert_eq!(back, r);
-            assert!(r.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(r
+                .as_str()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
         }
     }
 

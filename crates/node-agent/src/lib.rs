@@ -6,4 +6,5 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod image;
 pub mod instance;
