@@ -103,25 +103,25 @@ impl Layer {
         Self::default()
     }
     /// Adds an entry.
-    pub fn add(mut self, e: TarEntry) -> Self {
+    pub fn entry(mut self, e: TarEntry) -> Self {
         self.entries.push(e);
         self
     }
     /// Adds a 0644 root-owned file.
     pub fn file(self, path: &str, data: &[u8]) -> Self {
-        self.add(TarEntry::file(path, data, 0o644))
+        self.entry(TarEntry::file(path, data, 0o644))
     }
     /// Adds a root-owned directory.
     pub fn dir(self, path: &str, mode: u32) -> Self {
-        self.add(TarEntry::dir(path, mode))
+        self.entry(TarEntry::dir(path, mode))
     }
     /// Adds a symlink.
     pub fn symlink(self, path: &str, target: &str) -> Self {
-        self.add(TarEntry::symlink(path, target))
+        self.entry(TarEntry::symlink(path, target))
     }
     /// Adds a hard link.
     pub fn hardlink(self, path: &str, target: &str) -> Self {
-        self.add(TarEntry::hardlink(path, target))
+        self.entry(TarEntry::hardlink(path, target))
     }
     /// Adds a whiteout for `path` (`dir/.wh.name`).
     pub fn whiteout(self, path: &str) -> Self {
@@ -129,11 +129,11 @@ impl Layer {
             Some((d, n)) => (format!("{d}/"), n),
             None => (String::new(), path),
         };
-        self.add(TarEntry::file(&format!("{dir}.wh.{name}"), b"", 0o644))
+        self.entry(TarEntry::file(&format!("{dir}.wh.{name}"), b"", 0o644))
     }
     /// Adds an opaque marker for `dir`.
     pub fn opaque(self, dir: &str) -> Self {
-        self.add(TarEntry::file(&format!("{dir}/.wh..wh..opq"), b"", 0o644))
+        self.entry(TarEntry::file(&format!("{dir}/.wh..wh..opq"), b"", 0o644))
     }
     /// Number of entries.
     pub fn len(&self) -> usize {

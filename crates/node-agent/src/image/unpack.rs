@@ -937,7 +937,7 @@ mod tests {
     fn files_keep_mode_owner_and_mtime() {
         let l = Layer::new()
             .dir("bin", 0o755)
-            .add(
+            .entry(
                 TarEntry::file("bin/tool", b"#!/bin/sh\n", 0o4755)
                     .owner(1000, 1001)
                     .mtime(12345),
@@ -1059,7 +1059,7 @@ mod tests {
     #[test]
     fn dotdot_and_absolute_entries_refuse_the_layer() {
         for bad in [&b"../escape"[..], b"a/../../escape", b"/abs"] {
-            let l = Layer::new().add(TarEntry::file_raw_path(bad, b"x")).tar();
+            let l = Layer::new().entry(TarEntry::file_raw_path(bad, b"x")).tar();
             let (dir, res) = unpack(&[l]);
             assert!(
                 matches!(res, Err(ImageError::UnsafeEntry { .. })),
@@ -1114,9 +1114,9 @@ mod tests {
     #[test]
     fn device_nodes_are_dropped_and_fifos_kept() {
         let l = Layer::new()
-            .add(TarEntry::device("dev/sda", tar::EntryType::Block))
-            .add(TarEntry::device("dev/null", tar::EntryType::Char))
-            .add(TarEntry::device("run/fifo", tar::EntryType::Fifo))
+            .entry(TarEntry::device("dev/sda", tar::EntryType::Block))
+            .entry(TarEntry::device("dev/null", tar::EntryType::Char))
+            .entry(TarEntry::device("run/fifo", tar::EntryType::Fifo))
             .tar();
         let (dir, res) = unpack(&[l]);
         let stats = res.unwrap();
@@ -1143,7 +1143,7 @@ mod tests {
     #[test]
     fn directory_mtimes_survive_children_and_implicit_parents_get_fixed_time() {
         let l = Layer::new()
-            .add(TarEntry::dir("d", 0o755).mtime(777))
+            .entry(TarEntry::dir("d", 0o755).mtime(777))
             .file("d/f", b"x")
             .file("implicit/g", b"y")
             .tar();
@@ -1158,7 +1158,7 @@ mod tests {
     #[test]
     fn xattrs_are_applied() {
         let l = Layer::new()
-            .add(TarEntry::file("f", b"x", 0o644).xattr("user.plfm", b"yes"))
+            .entry(TarEntry::file("f", b"x", 0o644).xattr("user.plfm", b"yes"))
             .tar();
         let (dir, res) = unpack(&[l]);
         res.unwrap();
