@@ -238,14 +238,19 @@ pub fn parse_used_inodes(text: &str) -> Option<Vec<u64>> {
     let per_group = field("Inodes per group:")?;
     let first = field("First inode:").unwrap_or(11);
     let mut free = vec![false; count as usize + 1];
-    let mut group = 0u64;
+    // The header also has a "Free inodes:" total; only per-group lines count.
+    let mut group = None;
     for line in text.lines() {
         let l = line.trim();
+        // "Group 3: (Blocks …)", not "Group descriptor size:".
         if let Some(rest) = l.strip_prefix("Group ") {
-            group = rest.split(':').next()?.trim().parse().ok()?;
-            continue;
+            if let Ok(g) = rest.split(':').next().unwrap_or("").trim().parse::<u64>() {
+                group = Some(g);
+                continue;
+            }
         }
-        if let Some(ranges) = l.strip_prefix("Free inodes: ") {
+        let Some(group) = group else { continue };
+        if let Some(ranges) = l.strip_prefix("Free inodes:") {
             for r in ranges.split(',').map(str::trim).filter(|r| !r.is_empty()) {
                 let (a, b) = match r.split_once('-') {
                     Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
@@ -353,7 +358,7 @@ mod tests {
 
     #[test]
     fn dumpe2fs_free_inode_ranges_parse() {
-        let text = "Inode count:              32\nInodes per group:         16\nFirst inode:              11\n\
+        let text = "Inode count:              32\nFree inodes:              27\nGroup descriptor size:    64\nInodes per group:         16\nFirst inode:              11\n\
             Group 0: (Blocks 0-1)\n  Free inodes: 14-16\nGroup 1: (Blocks 2-3)\n  Free inodes: 17, 19-32\n";
         assert_eq!(parse_used_inodes(text).unwrap(), vec![2, 11, 12, 13, 18]);
         assert!(parse_used_inodes("garbage").is_none());

@@ -264,6 +264,8 @@ impl Unpacker {
             };
             let _ = rfs::futimens(&fd, &times(mtime));
         }
+        // The disk's root is 0:0 0755 whatever the umask or the layers said.
+        let _ = rfs::fchmod(&self.root, Mode::from_raw_mode(0o755));
         let _ = rfs::futimens(&self.root, &times(FIXED_MTIME));
         Ok(self.stats)
     }
