@@ -131,7 +131,9 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
     assert_eq!(merged.cwd, "/srv");
 
     // Second request: cache hit, same disk, no new pull.
-    let gets = reg.blob_gets(image.digest.as_str());
+    let manifest_path = format!("/manifests/{}", image.digest);
+    let gets = reg.gets(&manifest_path);
+    assert_eq!(gets, 1, "one manifest GET for the first pull");
     let t0 = Instant::now();
     let again = rt.block_on(svc.ensure_root_disk(&image, "inst-2")).unwrap();
     let warm = t0.elapsed();
@@ -139,7 +141,7 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
     assert_eq!(svc.metrics().pulls.get(), 1);
     assert_eq!(svc.metrics().builds.get(), 1);
     assert_eq!(svc.metrics().cache_hits.get(), 1);
-    assert_eq!(reg.blob_gets(image.digest.as_str()), gets);
+    assert_eq!(reg.gets(&manifest_path), gets);
     eprintln!("warm cache lookup: {warm:?}");
     assert!(
         warm < Duration::from_millis(100),

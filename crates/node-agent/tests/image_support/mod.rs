@@ -132,12 +132,12 @@ impl Registry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
-    /// How many GETs of `digest`'s blob the registry served (access log).
-    pub fn blob_gets(&self, digest: &str) -> usize {
-        let needle = format!("\"GET /v2/");
+    /// How many `GET /v2/…` requests whose path contains `fragment` the registry
+    /// served (from its access log), e.g. `/manifests/sha256:…` or `/blobs/sha256:…`.
+    pub fn gets(&self, fragment: &str) -> usize {
         self.log()
             .lines()
-            .filter(|l| l.contains(&needle) && l.contains(&format!("/blobs/{digest}")))
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(fragment))
             .count()
     }
 
