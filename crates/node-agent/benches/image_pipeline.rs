@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_support::{config_json, Registry, GZIP};
+use image_support::{Registry, GZIP};
 use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::{ImageConfig, ImageRef, ImageService};
 
@@ -49,7 +49,13 @@ fn timed(cmd: &mut Command) -> (Duration, u64) {
             peak = peak.max(v);
         }
         if let Some(st) = child.try_wait().expect("wait") {
-            assert!(st.success(), "{cmd:?} failed: {st}");
+            if !st.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("{cmd:?} failed: {st}: {err}");
+            }
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -121,6 +127,7 @@ fn main() {
     // like typical images.
     let mut x: u64 = 0x2545f4914f6cdd1d;
     let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
     let mut raw_total = 0usize;
     for l in 0..layers_n {
         let mut layer = Layer::new();
@@ -143,6 +150,7 @@ fn main() {
                 0o644,
             ));
         }
+        diff_ids.push(plfm_node_agent::image::Digest::of(&layer.tar()).to_string());
         layers.push((layer.tar_gz(), GZIP));
     }
     let compressed: usize = layers.iter().map(|(b, _)| b.len()).sum();
@@ -159,7 +167,14 @@ fn main() {
         .build()
         .expect("runtime");
     let reg = Registry::start();
-    let image = rt.block_on(reg.push("bench", &layers, &config_json(&[], &["sh"], &[])));
+    // umoci checks the config's diff_ids against the layers.
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
+    }))
+    .expect("config");
+    let image = rt.block_on(reg.push("bench", &layers, &config));
     drop(layers);
     let work = tempfile::tempdir().expect("tempdir");
 

@@ -66,10 +66,15 @@ pub fn tree_usage(tree: &Path) -> Result<TreeUsage, ImageError> {
     let mut stack = vec![tree.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::build_io("list", &dir, e))?;
+        // Directory blocks from its entries (8 bytes + name, 4-aligned, blocks
+        // filled to 3/4 as hashed directories leave slack), not from the host's copy,
+        // so the size does not depend on the host file system.
+        let mut dir_bytes: u64 = 24;
         usage.inodes += 1;
-        usage.used_bytes += BLOCK + INODE_SIZE;
+        usage.used_bytes += INODE_SIZE;
         for ent in rd {
             let ent = ent.map_err(|e| ImageError::build_io("list", &dir, e))?;
+            dir_bytes += (8 + ent.file_name().len() as u64).div_ceil(4) * 4;
             let path = ent.path();
             let m = std::fs::symlink_metadata(&path)
                 .map_err(|e| ImageError::build_io("stat", &path, e))?;
@@ -83,6 +88,7 @@ pub fn tree_usage(tree: &Path) -> Result<TreeUsage, ImageError> {
             usage.inodes += 1;
             usage.used_bytes += INODE_SIZE + m.len().div_ceil(BLOCK) * BLOCK;
         }
+        usage.used_bytes += (dir_bytes * 4).div_ceil(BLOCK * 3).max(1) * BLOCK;
     }
     Ok(usage)
 }
