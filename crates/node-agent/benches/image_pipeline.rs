@@ -8,7 +8,7 @@
 //! (env `PLFM_BENCH_MB` and `PLFM_BENCH_FILES` scale the image).
 
 #[path = "../tests/image_support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod image_support;
 
 use std::path::PathBuf;
