@@ -276,3 +276,52 @@ fn a_missing_manifest_and_an_unreachable_registry_are_pull_failures() {
     let err = rt.block_on(svc.ensure_root_disk(&gone, "i")).unwrap_err();
     assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
 }
+
+#[test]
+fn basic_auth_comes_from_the_config_and_missing_credentials_are_refused() {
+    if !prerequisites("basic_auth_comes_from_the_config_and_missing_credentials_are_refused") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start_with_basic_auth();
+    let image = rt.block_on(reg.push(
+        "private",
+        &busybox_layers()[..1],
+        &config_json(&[], &["sh"], &[]),
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("password");
+    std::fs::write(&pw, format!("{TEST_PASSWORD}\n")).unwrap();
+    let with = |password_file: &Path| {
+        let mut c = plfm_node_agent::image::ImageConfig::default();
+        c.registries.insert(
+            reg.addr.clone(),
+            plfm_node_agent::image::RegistryConfig {
+                username: Some(TEST_USER.into()),
+                password_file: Some(password_file.to_path_buf()),
+                insecure: true,
+                ..Default::default()
+            },
+        );
+        c
+    };
+
+    // Anonymous: refused by the registry.
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+
+    // Wrong password: refused, and the password is not in the message.
+    let bad = secrets.path().join("bad");
+    std::fs::write(&bad, "wrong-password\n").unwrap();
+    let svc = ImageService::open(data.path(), with(&bad)).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+    assert!(!err.to_string().contains("wrong-password"), "{err}");
+
+    // Right password from the file: pulled and built.
+    let svc = ImageService::open(data.path(), with(&pw)).unwrap();
+    let disk = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap();
+    assert!(disk.path.is_file());
+}

@@ -77,10 +77,33 @@ pub struct Registry {
     child: Child,
     pub dir: tempfile::TempDir,
     pub addr: String,
+    /// Basic credentials the registry requires (None: anonymous).
+    pub basic: Option<(String, String)>,
 }
+
+/// User and password of the registry started by [`Registry::start_with_basic_auth`].
+pub const TEST_USER: &str = "plfm";
+pub const TEST_PASSWORD: &str = "plfm-test-pw";
+/// bcrypt (cost 4) of TEST_PASSWORD, for docker-registry's htpasswd file.
+const TEST_HTPASSWD: &str = "plfm:$2a$04$X/trwt1uHOY.yO3wVAtGFuIPgHiScpWTUS1uj907w.qMrHOgnFJj6\n";
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with(false)
+    }
+
+    /// A registry that requires HTTP basic authentication (htpasswd).
+    pub fn start_with_basic_auth() -> Registry {
+        Self::start_with(true)
+    }
+
+    fn start_with(basic: bool) -> Registry {
+        if std::env::var_os("PLFM_TEST_TRACE").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("oci_client=debug")
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -93,11 +116,20 @@ impl Registry {
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
+                 http:\n  addr: {addr}\n{auth}",
+                dir.path().join("storage").display(),
+                auth = if basic {
+                    format!(
+                        "auth:\n  htpasswd:\n    realm: plfm-test\n    path: {}\n",
+                        dir.path().join("htpasswd").display()
+                    )
+                } else {
+                    String::new()
+                }
             ),
         )
         .expect("write registry config");
+        std::fs::write(dir.path().join("htpasswd"), TEST_HTPASSWD).expect("write htpasswd");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
         let child = Command::new(which("docker-registry").expect("docker-registry"))
             .arg("serve")
@@ -107,11 +139,17 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let reg = Registry { child, dir, addr };
+        let reg = Registry {
+            child,
+            dir,
+            addr,
+            basic: basic.then(|| (TEST_USER.to_string(), TEST_PASSWORD.to_string())),
+        };
+        let ready = if basic { 401 } else { 200 };
         wait_for(
             "docker-registry to answer /v2/",
             Duration::from_secs(15),
-            || reg.http_status("GET", "/v2/") == Some(200),
+            || reg.http_status("GET", "/v2/") == Some(ready),
         );
         reg
     }
@@ -180,12 +218,12 @@ impl Registry {
     ) -> ImageRef {
         let client = self.client();
         let reference = Reference::with_tag(self.addr.clone(), repo.to_string(), "latest".into());
+        let auth = match &self.basic {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
         client
-            .auth(
-                &reference,
-                &RegistryAuth::Anonymous,
-                oci_client::RegistryOperation::Push,
-            )
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
             .await
             .ok();
         let mut descs = Vec::new();
