@@ -196,13 +196,13 @@ impl ImageService {
                     let svc = self.clone();
                     let img = image.clone();
                     let handle = tokio::spawn(async move {
-                        let r = svc.build_flight(&img).await.map_err(Arc::new);
-                        svc.inner
-                            .inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&img.digest);
-                        r
+                        // Leaves the in-flight map however the build ends (also on
+                        // panic), so a later request starts afresh.
+                        let _done = FlightDone {
+                            svc: svc.clone(),
+                            digest: img.digest.clone(),
+                        };
+                        svc.build_flight(&img).await.map_err(Arc::new)
                     });
                     let f: Flight = async move {
                         match handle.await {
@@ -522,6 +522,23 @@ impl ImageService {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes a digest's entry from the in-flight map when dropped.
+struct FlightDone {
+    svc: ImageService,
+    digest: Digest,
+}
+
+impl Drop for FlightDone {
+    fn drop(&mut self) {
+        self.svc
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
     }
 }
 
