@@ -110,7 +110,9 @@ pub async fn pull_image(
         protocol,
         platform_resolver: None,
         connect_timeout: Some(Duration::from_secs(30)),
-        read_timeout: Some(config.layer_timeout()),
+        // No transport read timeout: the per-layer and per-image deadlines below
+        // bound every wait and name the limit that was hit.
+        read_timeout: None,
         max_concurrent_download: config.parallel_downloads,
         ..Default::default()
     });
@@ -123,9 +125,14 @@ pub async fn pull_image(
     let mwhat = format!("manifest {}", image.digest.short());
 
     // Manifest: small, in memory, bounded, verified.
-    let (body, _) = client
-        .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
+    let fetch = client.pull_manifest_raw(&reference, &auth, MANIFEST_TYPES);
+    let (body, _) = tokio::time::timeout(config.layer_timeout(), fetch)
         .await
+        .map_err(|_| ImageError::LimitExceeded {
+            what: format!("{mwhat} from {repo}"),
+            limit: "layer_timeout_secs",
+            detail: format!("not received within {} s", config.layer_timeout_secs),
+        })?
         .map_err(|e| match e {
             oci_client::errors::OciDistributionError::DigestError(_) => {
                 ImageError::DigestMismatch {
@@ -165,8 +172,14 @@ pub async fn pull_image(
             detail: format!("{} > {} bytes", config_desc.size, config.max_manifest_bytes),
         });
     }
-    let config_json =
-        fetch_small(&client, &reference, config_desc, &cdigest, &repo, config).await?;
+    let fetch = fetch_small(&client, &reference, config_desc, &cdigest, &repo, config);
+    let config_json = tokio::time::timeout(config.layer_timeout(), fetch)
+        .await
+        .map_err(|_| ImageError::LimitExceeded {
+            what: format!("config {} from {repo}", cdigest.short()),
+            limit: "layer_timeout_secs",
+            detail: format!("not received within {} s", config.layer_timeout_secs),
+        })??;
 
     // Layers: streamed to disk in parallel, bounded.
     let mut jobs = Vec::new();
