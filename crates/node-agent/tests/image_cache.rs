@@ -269,3 +269,64 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     assert_eq!(reg.gets(&format!("/blobs/{blob_digest}")), gets_before);
     assert!(names(&d.join("images/tmp")).is_empty());
 }
+
+#[test]
+fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
+    if !prerequisites("cli_pull_ls_and_gc_share_the_cache_with_a_running_service") {
+        return;
+    }
+    use plfm_node_agent::image::{run_cli, ImageCommand};
+    let rt = rt();
+    let reg = Registry::start();
+    let pinned = rt.block_on(reg.push("pinned", &small_image("p"), &config_json(&[], &["x"], &[])));
+    let loose = rt.block_on(reg.push("loose", &small_image("l"), &config_json(&[], &["x"], &[])));
+    let data = tempfile::tempdir().unwrap();
+    // The "daemon": a service that pins one image for an instance and stays open.
+    let daemon = ImageService::open(data.path(), ImageConfig::default()).unwrap();
+    rt.block_on(daemon.ensure_root_disk(&pinned, "inst-1"))
+        .unwrap();
+    // The operator's CLI, on the same data dir at the same time.
+    rt.block_on(run_cli(
+        ImageCommand::Pull {
+            reference: loose.pinned(),
+            json: true,
+        },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    // A tag alone is refused.
+    let err = rt
+        .block_on(run_cli(
+            ImageCommand::Pull {
+                reference: format!("{}/loose:latest", reg.addr),
+                json: false,
+            },
+            data.path(),
+            ImageConfig::default(),
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("tags never run"), "{err}");
+    rt.block_on(run_cli(
+        ImageCommand::Ls { json: true },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    rt.block_on(run_cli(
+        ImageCommand::Ls { json: false },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    assert_eq!(daemon.list().unwrap().len(), 2);
+    rt.block_on(run_cli(
+        ImageCommand::Gc,
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    let left = daemon.list().unwrap();
+    assert_eq!(left.len(), 1, "gc must remove only the unreferenced disk");
+    assert_eq!(left[0].digest, pinned.digest.as_str());
+}
