@@ -340,3 +340,86 @@ fn plain_http_to_a_non_loopback_registry_needs_insecure() {
     assert!(!c.plain_http("registry.example.com:5000"));
     assert!(c.plain_http("127.0.0.1:5000"));
 }
+
+/// Runs inside `unshare --mount` with its data dir on a 4 MiB tmpfs (see below).
+#[test]
+fn helper_no_space() {
+    let (Ok(data), Ok(reference)) = (
+        std::env::var("PLFM_IMAGE_NOSPACE_DATA"),
+        std::env::var("PLFM_IMAGE_NOSPACE_REF"),
+    ) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let image = ImageRef::parse_pinned(&reference).unwrap();
+    let svc = ImageService::open(std::path::Path::new(&data), ImageConfig::default()).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+    println!(
+        "RESULT reason={} no_space={} msg={err}",
+        err.reason().as_str(),
+        err.is_no_space()
+    );
+    let tmp = std::path::Path::new(&data).join("images/tmp");
+    println!(
+        "TMP_EMPTY={}",
+        std::fs::read_dir(tmp).unwrap().next().is_none()
+    );
+}
+
+#[test]
+fn a_full_disk_while_unpacking_is_rootfs_build_failed_with_no_space() {
+    need!("a_full_disk_while_unpacking_is_rootfs_build_failed_with_no_space");
+    if std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let msg = "unshare (util-linux) missing";
+        assert!(
+            std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
+            "{msg}"
+        );
+        eprintln!("SKIP {msg}");
+        return;
+    }
+    let c = Case::new();
+    // 16 MiB of zeros: a tiny blob that does not fit the 4 MiB file system unpacked.
+    let layer = Layer::new().file("big", &vec![0u8; 16 << 20]).tar_gz();
+    let image = c.rt.block_on(c.reg.push(
+        "full",
+        &[(layer, GZIP)],
+        &config_json(&[], &["sh"], &[]),
+    ));
+    let mnt = tempfile::tempdir().unwrap();
+    let data = mnt.path().join("data");
+    // A private mount namespace: the tmpfs disappears with the process.
+    let script = format!(
+        "mount -t tmpfs -o size=4m plfm-test {mnt} && mkdir {data} && exec \"$0\" --exact helper_no_space --nocapture --test-threads=1",
+        mnt = mnt.path().display(),
+        data = data.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(std::env::current_exe().unwrap())
+        .env("PLFM_IMAGE_NOSPACE_DATA", &data)
+        .env("PLFM_IMAGE_NOSPACE_REF", image.pinned())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "RESULT reason=rootfs_build_failed no_space=true msg=no space left on device"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("TMP_EMPTY=true"), "{stdout}");
+}
