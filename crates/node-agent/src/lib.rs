@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod control_plane;
 pub mod guest;
+pub mod image;
 pub mod initramfs;
 pub mod instance;
 pub mod logs;

@@ -1,0 +1,156 @@
+//! Operator commands `plfm-node-agent image pull|ls|gc` (like `crictl pull`).
+//!
+//! They open the cache directly, so they work whether or not the daemon runs: the
+//! state store and the per-digest locks arbitrate. `main.rs` parses the arguments
+//! and calls [`run_cli`]; output goes to stdout.
+
+use std::path::Path;
+
+use super::{ImageConfig, ImageRef, ImageService};
+
+/// `plfm-node-agent image …`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image by digest and build its root disk; prints the disk path and
+    /// timings.
+    Pull {
+        /// `host[:port]/repository@sha256:…` (a tag alone is refused).
+        reference: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List cached root disks with size, last use and references.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict every root disk that no instance references.
+    Gc,
+}
+
+/// Runs one image command against the cache under `data_dir`.
+pub async fn run_cli(
+    cmd: ImageCommand,
+    data_dir: &Path,
+    config: ImageConfig,
+) -> anyhow::Result<()> {
+    let svc = ImageService::open(data_dir, config)?;
+    match cmd {
+        ImageCommand::Pull { reference, json } => {
+            let image = ImageRef::parse_pinned(&reference)?;
+            let (disk, t) = svc.ensure(&image).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "path": disk.path,
+                        "digest": disk.digest.to_string(),
+                        "size_bytes": disk.size_bytes,
+                        "cache_hit": t.cache_hit,
+                        "pull_ms": t.pull.as_millis() as u64,
+                        "unpack_ms": t.unpack.as_millis() as u64,
+                        "mkfs_ms": t.mkfs.as_millis() as u64,
+                        "total_ms": t.total.as_millis() as u64,
+                        "downloaded_bytes": t.downloaded_bytes,
+                        "config": disk.config,
+                    })
+                );
+            } else {
+                println!("{}", disk.path.display());
+                if t.cache_hit {
+                    println!("cached: {:.1} ms", t.total.as_secs_f64() * 1000.0);
+                } else {
+                    println!(
+                        "pull {:.2} s ({} bytes), unpack {:.2} s, mkfs {:.2} s, total {:.2} s",
+                        t.pull.as_secs_f64(),
+                        t.downloaded_bytes,
+                        t.unpack.as_secs_f64(),
+                        t.mkfs.as_secs_f64(),
+                        t.total.as_secs_f64()
+                    );
+                }
+            }
+        }
+        ImageCommand::Ls { json } => {
+            let rows = svc.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<22} {:>10} {:>10} {:>5}  {:<20}  SOURCE",
+                    "DIGEST", "SIZE", "ON DISK", "REFS", "LAST USED"
+                );
+                for r in rows {
+                    let last = chrono::DateTime::from_timestamp_millis(r.last_used_ms)
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<22} {:>10} {:>10} {:>5}  {:<20}  {}",
+                        super::error::short(&r.digest),
+                        human(r.size_bytes),
+                        human(r.allocated_bytes),
+                        r.refs,
+                        last,
+                        r.source
+                    );
+                }
+            }
+        }
+        ImageCommand::Gc => {
+            let report = svc.gc_unreferenced()?;
+            println!(
+                "evicted {} disk(s), freed {}",
+                report.evicted.len(),
+                human(report.freed_bytes)
+            );
+            for d in report.evicted {
+                println!("  {d}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ImageCommand,
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let c = Cli::parse_from(["x", "ls", "--json"]);
+        assert_eq!(c.cmd, ImageCommand::Ls { json: true });
+        let c = Cli::parse_from(["x", "pull", "127.0.0.1:5000/app@sha256:00"]);
+        assert!(matches!(c.cmd, ImageCommand::Pull { .. }));
+        assert_eq!(Cli::parse_from(["x", "gc"]).cmd, ImageCommand::Gc);
+    }
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human(10), "10 B");
+        assert_eq!(human(512 << 20), "512.0 MiB");
+    }
+}

@@ -1,0 +1,289 @@
+//! The one error type of the image pipeline.
+//!
+//! Every failure of pulling, unpacking, building or caching an image is an
+//! [`ImageError`]. The mapping to the wire's reason codes is the single `match` in
+//! [`ImageError::reason`], so a new variant forces a decision about its reason.
+//! Messages name the thing (blob, layer entry, limit, file) and the cause; they never
+//! contain a credential.
+
+use std::path::PathBuf;
+
+use crate::instance::ReasonCode;
+
+/// Shortens a digest for messages: `sha256:ab12cd34ef56…`.
+pub(crate) fn short(digest: &str) -> String {
+    match digest.split_once(':') {
+        Some((alg, hex)) if hex.len() > 12 => format!("{alg}:{}…", &hex[..12]),
+        _ => digest.to_string(),
+    }
+}
+
+/// A failure of the image pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The image reference or digest from the spec is malformed.
+    #[error("image reference {reference:?}: {why}")]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The agent configuration's `[images]` table is invalid.
+    #[error("image configuration: {0}")]
+    InvalidConfig(String),
+    /// Reading credentials (password or token file) failed.
+    #[error("credentials for registry {registry}: {why}")]
+    Credentials {
+        /// `host:port` of the registry.
+        registry: String,
+        /// What went wrong (never the secret itself).
+        why: String,
+    },
+    /// The registry refused, was unreachable, or answered with an error.
+    #[error("{what} from {repository}: {cause}")]
+    Registry {
+        /// What was being fetched (`manifest sha256:…`, `blob sha256:…`).
+        what: String,
+        /// `host:port/repository`.
+        repository: String,
+        /// The registry or transport error.
+        cause: String,
+    },
+    /// The content received does not hash to the digest it was asked for.
+    #[error("{what} from {repository}: digest mismatch (got {got})")]
+    DigestMismatch {
+        /// `blob sha256:…` or `manifest sha256:…`.
+        what: String,
+        /// `host:port/repository`.
+        repository: String,
+        /// Digest actually received (shortened).
+        got: String,
+    },
+    /// The digest names an image index; the control plane must resolve it first.
+    #[error(
+        "manifest {digest} from {repository} is an image index ({media_type}); \
+         resolved_digest must name a platform image manifest"
+    )]
+    IndexNotAllowed {
+        /// The digest given.
+        digest: String,
+        /// `host:port/repository`.
+        repository: String,
+        /// Media type received.
+        media_type: String,
+    },
+    /// The manifest or image config is not a usable OCI/Docker v2 image.
+    #[error("manifest {digest} from {repository}: {why}")]
+    BadManifest {
+        /// Manifest digest (shortened).
+        digest: String,
+        /// `host:port/repository`.
+        repository: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A configured limit was exceeded.
+    #[error("{what}: limit {limit} exceeded ({detail})")]
+    LimitExceeded {
+        /// The thing that is too large or too slow (`image sha256:…`, `blob sha256:…`).
+        what: String,
+        /// The configuration key of the limit (`max_compressed_bytes`, …).
+        limit: &'static str,
+        /// Numbers: actual versus allowed.
+        detail: String,
+    },
+    /// A layer entry would write outside the build tree, or is otherwise unsafe.
+    #[error("layer {layer}: entry {path:?} refused: {why}")]
+    UnsafeEntry {
+        /// Layer digest (shortened) or index.
+        layer: String,
+        /// The entry's path as found in the tar stream.
+        path: String,
+        /// Why it was refused.
+        why: String,
+    },
+    /// A layer could not be read or decoded (bad gzip/zstd/tar).
+    #[error("layer {layer}: cannot read: {cause}")]
+    LayerFormat {
+        /// Layer digest (shortened).
+        layer: String,
+        /// The decoder's error.
+        cause: String,
+    },
+    /// The device holding the data dir is full.
+    #[error("no space left on device while {what}")]
+    NoSpace {
+        /// What was being written.
+        what: String,
+    },
+    /// `mkfs.ext4` or `debugfs` failed or could not run.
+    #[error("{tool} failed for {what}: {cause}")]
+    Tool {
+        /// Program name.
+        tool: &'static str,
+        /// Disk being built.
+        what: String,
+        /// Exit status and the last line of its stderr.
+        cause: String,
+    },
+    /// A local file operation failed while building the root disk.
+    #[error("{what} {path}: {source}")]
+    BuildIo {
+        /// What was being done (`unpack into`, `write`, …).
+        what: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A local file operation failed while storing pulled blobs.
+    #[error("{what} {path}: {source}")]
+    PullIo {
+        /// What was being done.
+        what: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cache's state store failed.
+    #[error("image cache state {path}: {cause}")]
+    State {
+        /// The state database.
+        path: PathBuf,
+        /// The SQLite error.
+        cause: String,
+    },
+    /// A build that this request was waiting on failed in another task.
+    #[error("{0}")]
+    Shared(std::sync::Arc<ImageError>),
+}
+
+impl ImageError {
+    /// The reason code this failure reports to the control plane (DESIGN §2).
+    pub fn reason(&self) -> ReasonCode {
+        match self {
+            ImageError::InvalidReference { .. }
+            | ImageError::InvalidConfig(_)
+            | ImageError::Credentials { .. }
+            | ImageError::Registry { .. }
+            | ImageError::DigestMismatch { .. }
+            | ImageError::IndexNotAllowed { .. }
+            | ImageError::BadManifest { .. }
+            | ImageError::LimitExceeded { .. }
+            | ImageError::PullIo { .. } => ReasonCode::ImagePullFailed,
+            ImageError::UnsafeEntry { .. }
+            | ImageError::LayerFormat { .. }
+            | ImageError::NoSpace { .. }
+            | ImageError::Tool { .. }
+            | ImageError::BuildIo { .. }
+            | ImageError::State { .. } => ReasonCode::RootfsBuildFailed,
+            ImageError::Shared(inner) => inner.reason(),
+        }
+    }
+
+    /// True when the failure is the host's disk being full: the node should report
+    /// itself degraded.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            ImageError::NoSpace { .. } => true,
+            ImageError::Shared(inner) => inner.is_no_space(),
+            _ => false,
+        }
+    }
+
+    /// Maps an I/O error during a build step; ENOSPC/EDQUOT become [`ImageError::NoSpace`].
+    pub(crate) fn build_io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+        e: std::io::Error,
+    ) -> Self {
+        let path = path.into();
+        if is_enospc(&e) {
+            ImageError::NoSpace {
+                what: format!("{what} {}", path.display()),
+            }
+        } else {
+            ImageError::BuildIo {
+                what,
+                path,
+                source: e,
+            }
+        }
+    }
+
+    /// Maps an I/O error while storing a pulled blob; ENOSPC is a build failure
+    /// with "no space" as the node's disk, not the registry, is at fault.
+    pub(crate) fn pull_io(what: &'static str, path: impl Into<PathBuf>, e: std::io::Error) -> Self {
+        let path = path.into();
+        if is_enospc(&e) {
+            ImageError::NoSpace {
+                what: format!("{what} {}", path.display()),
+            }
+        } else {
+            ImageError::PullIo {
+                what,
+                path,
+                source: e,
+            }
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT.
+pub(crate) fn is_enospc(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_errors_map_to_image_pull_failed() {
+        let e = ImageError::DigestMismatch {
+            what: "blob sha256:ab12…".into(),
+            repository: "127.0.0.1:5000/app".into(),
+            got: "sha256:ff00…".into(),
+        };
+        assert_eq!(e.reason(), ReasonCode::ImagePullFailed);
+        assert_eq!(
+            e.to_string(),
+            "blob sha256:ab12… from 127.0.0.1:5000/app: digest mismatch (got sha256:ff00…)"
+        );
+    }
+
+    #[test]
+    fn enospc_is_rootfs_build_failed_with_no_space() {
+        let e = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(e.reason(), ReasonCode::RootfsBuildFailed);
+        assert!(e.to_string().contains("no space"));
+        assert!(e.is_no_space());
+        let e = ImageError::pull_io("write", "/x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(e.reason(), ReasonCode::RootfsBuildFailed);
+        let shared = ImageError::Shared(std::sync::Arc::new(e));
+        assert!(shared.is_no_space());
+        assert_eq!(shared.reason(), ReasonCode::RootfsBuildFailed);
+    }
+
+    #[test]
+    fn unsafe_entries_are_rootfs_build_failed() {
+        let e = ImageError::UnsafeEntry {
+            layer: "sha256:ab…".into(),
+            path: "../x".into(),
+            why: "`..` component".into(),
+        };
+        assert_eq!(e.reason(), ReasonCode::RootfsBuildFailed);
+    }
+
+    #[test]
+    fn short_digest() {
+        assert_eq!(short("sha256:0123456789abcdef0123"), "sha256:0123456789ab…");
+        assert_eq!(short("x"), "x");
+    }
+}

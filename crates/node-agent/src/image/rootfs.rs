@@ -1,0 +1,374 @@
+//! Builds the read-only ext4 root disk from an unpacked tree with `mkfs.ext4 -d`,
+//! deterministically: the same tree and digest always give the same bytes.
+//!
+//! Contract: the caller passes an unpacked tree and a temp output path inside the
+//! cache; this module writes and fsyncs that file but never renames it (the cache
+//! does). It never mounts anything and never uses a loop device.
+//!
+//! Determinism: `mkfs.ext4` gets its own `mke2fs.conf` (host defaults differ), a UUID
+//! and directory hash seed derived from the digest, `E2FSPROGS_FAKE_TIME` for every
+//! time it stamps itself, `LC_ALL=C` (it sorts directory entries with `alphasort`) and
+//! `root_owner=0:0`. `mkfs.ext4 -d` (e2fsprogs 1.47.0) copies each file's host
+//! `ctime` and `atime`, which no program can set; a `debugfs -w` pass then sets both
+//! to the fixed time on every used inode (found from `dumpe2fs`'s inode bitmaps).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::error::ImageError;
+use super::reference::Digest;
+
+/// Version of the disk layout produced here; part of the cache key. Bump it when any
+/// option below changes, so old disks are rebuilt rather than reused.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Time stamped on everything the tools would otherwise take from the clock.
+const FAKE_TIME: i64 = 1;
+
+const MIB: u64 = 1 << 20;
+/// Smallest root disk (DESIGN §7).
+pub const MIN_DISK_BYTES: u64 = 512 * MIB;
+const BLOCK: u64 = 4096;
+const INODE_SIZE: u64 = 256;
+
+const MKE2FS_CONF: &str = "\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+\tenable_periodic_fsck = 0
+[fs_types]
+\text4 = {
+\t\tfeatures = extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+";
+
+/// What a walk of the tree found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TreeUsage {
+    /// Bytes the tree needs on an ext4 with 4 KiB blocks (data rounded to blocks,
+    /// one block per directory, inode table entries).
+    pub used_bytes: u64,
+    /// Inodes needed.
+    pub inodes: u64,
+}
+
+/// Sums what the tree will need on disk. Hard links count once; symlinks are not
+/// followed.
+pub fn tree_usage(tree: &Path) -> Result<TreeUsage, ImageError> {
+    let mut usage = TreeUsage::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::build_io("list", &dir, e))?;
+        // Directory blocks from its entries (8 bytes + name, 4-aligned, blocks
+        // filled to 3/4 as hashed directories leave slack), not from the host's copy,
+        // so the size does not depend on the host file system.
+        let mut dir_bytes: u64 = 24;
+        usage.inodes += 1;
+        usage.used_bytes += INODE_SIZE;
+        for ent in rd {
+            let ent = ent.map_err(|e| ImageError::build_io("list", &dir, e))?;
+            dir_bytes += (8 + ent.file_name().len() as u64).div_ceil(4) * 4;
+            let path = ent.path();
+            let m = std::fs::symlink_metadata(&path)
+                .map_err(|e| ImageError::build_io("stat", &path, e))?;
+            if m.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if m.nlink() > 1 && !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            usage.inodes += 1;
+            usage.used_bytes += INODE_SIZE + m.len().div_ceil(BLOCK) * BLOCK;
+        }
+        usage.used_bytes += (dir_bytes * 4).div_ceil(BLOCK * 3).max(1) * BLOCK;
+    }
+    Ok(usage)
+}
+
+/// Disk size for a tree: max(512 MiB, 1.2 × used) rounded up to a MiB.
+pub fn disk_size(usage: TreeUsage) -> u64 {
+    let scaled = usage.used_bytes.saturating_mul(6).div_ceil(5);
+    scaled.div_ceil(MIB).saturating_mul(MIB).max(MIN_DISK_BYTES)
+}
+
+/// A 16-byte value derived from the digest and a purpose, formatted as a UUID
+/// (version 4 and variant bits set so tools accept it).
+pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"plfm-rootfs\0");
+    h.update(purpose.as_bytes());
+    h.update(b"\0");
+    h.update(digest.as_str().as_bytes());
+    let mut b: [u8; 16] = h.finalize()[..16].try_into().unwrap_or([0; 16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
+
+/// Builds `out` (created or truncated) from `tree`. Returns the disk size.
+pub fn build_ext4(
+    tree: &Path,
+    out: &Path,
+    digest: &Digest,
+    work: &Path,
+) -> Result<u64, ImageError> {
+    let usage = tree_usage(tree)?;
+    let size = disk_size(usage);
+    let what = format!("root disk of {}", digest.short());
+    let conf = work.join("mke2fs.conf");
+    std::fs::write(&conf, MKE2FS_CONF).map_err(|e| ImageError::build_io("write", &conf, e))?;
+    // Pre-size as a sparse file; mkfs writes into it.
+    {
+        let f = File::create(out).map_err(|e| ImageError::build_io("create", out, e))?;
+        f.set_len(size)
+            .map_err(|e| ImageError::build_io("size", out, e))?;
+    }
+    let inodes = (usage.inodes + usage.inodes / 4 + 1024).max(size / 16384);
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.env("MKE2FS_CONFIG", &conf)
+        .arg("-q")
+        .arg("-F")
+        .args([
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-m",
+            "0",
+            "-L",
+            "plfm-root",
+        ])
+        .arg("-N")
+        .arg(inodes.to_string())
+        .arg("-U")
+        .arg(derived_uuid(digest, "uuid"))
+        .arg("-E")
+        .arg(format!(
+            "hash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard",
+            derived_uuid(digest, "hash_seed")
+        ))
+        .arg("-d")
+        .arg(tree)
+        .arg(out)
+        .arg(format!("{}k", size / 1024));
+    run_tool("mkfs.ext4", &what, mkfs)?;
+    normalize_times(out, work, &what)?;
+    let f = File::options()
+        .write(true)
+        .open(out)
+        .map_err(|e| ImageError::build_io("open", out, e))?;
+    f.sync_all()
+        .map_err(|e| ImageError::build_io("fsync", out, e))?;
+    Ok(size)
+}
+
+fn tool_env(cmd: &mut Command) {
+    cmd.env("E2FSPROGS_FAKE_TIME", FAKE_TIME.to_string())
+        .env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .stdin(Stdio::null());
+}
+
+fn run_tool(tool: &'static str, what: &str, mut cmd: Command) -> Result<Vec<u8>, ImageError> {
+    tool_env(&mut cmd);
+    let out = cmd.output().map_err(|e| ImageError::Tool {
+        tool,
+        what: what.to_string(),
+        cause: format!("cannot run: {e}"),
+    })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // debugfs reports per-command failures on stderr with exit status 0.
+    let failed_cmd = tool == "debugfs"
+        && stderr
+            .lines()
+            .any(|l| l.contains("sif:") || l.starts_with("set_inode_field:"));
+    if !out.status.success() || failed_cmd {
+        if stderr.contains("No space left on device") {
+            return Err(ImageError::NoSpace {
+                what: format!("{tool} building {what}"),
+            });
+        }
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(ImageError::Tool {
+            tool,
+            what: what.to_string(),
+            cause: format!("{}: {}", out.status, last.trim()),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// Used inode numbers of an ext4 image, from `dumpe2fs`'s free-inode ranges.
+fn used_inodes(disk: &Path, what: &str) -> Result<Vec<u64>, ImageError> {
+    let mut cmd = Command::new("dumpe2fs");
+    cmd.arg(disk).stderr(Stdio::piped());
+    let text = String::from_utf8_lossy(&run_tool("dumpe2fs", what, cmd)?).into_owned();
+    parse_used_inodes(&text).ok_or_else(|| ImageError::Tool {
+        tool: "dumpe2fs",
+        what: what.to_string(),
+        cause: "unexpected output".into(),
+    })
+}
+
+/// Parses `dumpe2fs` output into the list of used inodes ≥ 11 plus the root (2).
+pub fn parse_used_inodes(text: &str) -> Option<Vec<u64>> {
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let count = field("Inode count:")?;
+    let per_group = field("Inodes per group:")?;
+    let first = field("First inode:").unwrap_or(11);
+    let mut free = vec![false; count as usize + 1];
+    // The header also has a "Free inodes:" total; only per-group lines count.
+    let mut group = None;
+    for line in text.lines() {
+        let l = line.trim();
+        // "Group 3: (Blocks …)", not "Group descriptor size:".
+        if let Some(rest) = l.strip_prefix("Group ") {
+            if let Ok(g) = rest.split(':').next().unwrap_or("").trim().parse::<u64>() {
+                group = Some(g);
+                continue;
+            }
+        }
+        let Some(group) = group else { continue };
+        if let Some(ranges) = l.strip_prefix("Free inodes:") {
+            for r in ranges.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                let (a, b) = match r.split_once('-') {
+                    Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
+                    None => {
+                        let a = r.parse::<u64>().ok()?;
+                        (a, a)
+                    }
+                };
+                let lo = group * per_group + 1;
+                let hi = (group + 1) * per_group;
+                if a < lo || b > hi || a > b || b > count {
+                    return None;
+                }
+                for i in a..=b {
+                    free[i as usize] = true;
+                }
+            }
+        }
+    }
+    let mut used = vec![2];
+    used.extend((first..=count).filter(|i| !free[*i as usize]));
+    Some(used)
+}
+
+fn normalize_times(disk: &Path, work: &Path, what: &str) -> Result<(), ImageError> {
+    let inodes = used_inodes(disk, what)?;
+    let script = work.join("debugfs.cmds");
+    let mut s = String::with_capacity(inodes.len() * 48);
+    for i in inodes {
+        s.push_str(&format!(
+            "sif <{i}> ctime @{FAKE_TIME}\nsif <{i}> atime @{FAKE_TIME}\n"
+        ));
+    }
+    let mut f = File::create(&script).map_err(|e| ImageError::build_io("create", &script, e))?;
+    f.write_all(s.as_bytes())
+        .map_err(|e| ImageError::build_io("write", &script, e))?;
+    let mut cmd = Command::new("debugfs");
+    cmd.arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(disk)
+        .stdout(Stdio::null());
+    run_tool("debugfs", what, cmd)?;
+    Ok(())
+}
+
+/// Paths of the tools this module runs, or the first one missing.
+pub fn tools_available() -> Result<(), String> {
+    for t in ["mkfs.ext4", "debugfs", "dumpe2fs"] {
+        if find_in_path(t).is_none() {
+            return Err(format!("{t} not found in PATH (Debian package e2fsprogs)"));
+        }
+    }
+    Ok(())
+}
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/sbin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_is_at_least_512_mib_and_1_2_times_used() {
+        assert_eq!(
+            disk_size(TreeUsage {
+                used_bytes: 1,
+                inodes: 1
+            }),
+            MIN_DISK_BYTES
+        );
+        let used = 1000 * MIB;
+        assert_eq!(
+            disk_size(TreeUsage {
+                used_bytes: used,
+                inodes: 1
+            }),
+            1200 * MIB
+        );
+        assert_eq!(
+            disk_size(TreeUsage {
+                used_bytes: used + 1,
+                inodes: 1
+            }),
+            1201 * MIB
+        );
+    }
+
+    #[test]
+    fn uuids_are_derived_from_the_digest() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        assert_eq!(derived_uuid(&a, "uuid"), derived_uuid(&a, "uuid"));
+        assert_ne!(derived_uuid(&a, "uuid"), derived_uuid(&b, "uuid"));
+        assert_ne!(derived_uuid(&a, "uuid"), derived_uuid(&a, "hash_seed"));
+        assert_eq!(derived_uuid(&a, "uuid").len(), 36);
+        assert_eq!(&derived_uuid(&a, "uuid")[14..15], "4");
+    }
+
+    #[test]
+    fn dumpe2fs_free_inode_ranges_parse() {
+        let text = "Inode count:              32\nFree inodes:              27\nGroup descriptor size:    64\nInodes per group:         16\nFirst inode:              11\n\
+            Group 0: (Blocks 0-1)\n  Free inodes: 14-16\nGroup 1: (Blocks 2-3)\n  Free inodes: 17, 19-32\n";
+        assert_eq!(parse_used_inodes(text).unwrap(), vec![2, 11, 12, 13, 18]);
+        assert!(parse_used_inodes("garbage").is_none());
+        let bad = "Inode count: 16\nInodes per group: 16\nGroup 0:\n  Free inodes: 5-99\n";
+        assert!(parse_used_inodes(bad).is_none());
+    }
+}

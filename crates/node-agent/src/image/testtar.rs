@@ -1,0 +1,397 @@
+//! Builds tar layers in memory with full control over every header byte, for the
+//! image pipeline's tests, benchmark and fuzz target (adversarial layers need paths
+//! such as `../x` or `/abs` that tar writers refuse to produce).
+//!
+//! Not used by the agent at run time. Nothing here touches the disk.
+
+use std::io::Write;
+
+/// One tar entry to write.
+#[derive(Debug, Clone)]
+pub struct TarEntry {
+    path: Vec<u8>,
+    kind: tar::EntryType,
+    data: Vec<u8>,
+    link: Vec<u8>,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl TarEntry {
+    fn base(path: &[u8], kind: tar::EntryType, mode: u32) -> Self {
+        TarEntry {
+            path: path.to_vec(),
+            kind,
+            data: Vec::new(),
+            link: Vec::new(),
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            xattrs: Vec::new(),
+        }
+    }
+    /// A regular file.
+    pub fn file(path: &str, data: &[u8], mode: u32) -> Self {
+        let mut e = Self::base(path.as_bytes(), tar::EntryType::Regular, mode);
+        e.data = data.to_vec();
+        e
+    }
+    /// A regular file whose path bytes are written verbatim (may be hostile).
+    pub fn file_raw_path(path: &[u8], data: &[u8]) -> Self {
+        let mut e = Self::base(path, tar::EntryType::Regular, 0o644);
+        e.data = data.to_vec();
+        e
+    }
+    /// A directory.
+    pub fn dir(path: &str, mode: u32) -> Self {
+        Self::base(path.as_bytes(), tar::EntryType::Directory, mode)
+    }
+    /// A symlink to `target` (verbatim).
+    pub fn symlink(path: &str, target: &str) -> Self {
+        let mut e = Self::base(path.as_bytes(), tar::EntryType::Symlink, 0o777);
+        e.link = target.as_bytes().to_vec();
+        e
+    }
+    /// A hard link to `target` (verbatim).
+    pub fn hardlink(path: &str, target: &str) -> Self {
+        let mut e = Self::base(path.as_bytes(), tar::EntryType::Link, 0o644);
+        e.link = target.as_bytes().to_vec();
+        e
+    }
+    /// A device node or FIFO.
+    pub fn device(path: &str, kind: tar::EntryType) -> Self {
+        Self::base(path.as_bytes(), kind, 0o666)
+    }
+    /// Any entry with raw path and link bytes (for fuzzing).
+    pub fn raw(path: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) -> Self {
+        let mut e = Self::base(path, kind, 0o644);
+        e.link = link.to_vec();
+        e.data = data.to_vec();
+        e
+    }
+    /// Sets owner.
+    pub fn owner(mut self, uid: u64, gid: u64) -> Self {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+    /// Sets mtime.
+    pub fn mtime(mut self, mtime: u64) -> Self {
+        self.mtime = mtime;
+        self
+    }
+    /// Adds an extended attribute (PAX `SCHILY.xattr.`).
+    pub fn xattr(mut self, name: &str, value: &[u8]) -> Self {
+        self.xattrs.push((name.to_string(), value.to_vec()));
+        self
+    }
+}
+
+/// A layer under construction.
+#[derive(Debug, Clone, Default)]
+pub struct Layer {
+    entries: Vec<TarEntry>,
+}
+
+impl Layer {
+    /// An empty layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds an entry.
+    pub fn entry(mut self, e: TarEntry) -> Self {
+        self.entries.push(e);
+        self
+    }
+    /// Adds a 0644 root-owned file.
+    pub fn file(self, path: &str, data: &[u8]) -> Self {
+        self.entry(TarEntry::file(path, data, 0o644))
+    }
+    /// Adds a root-owned directory.
+    pub fn dir(self, path: &str, mode: u32) -> Self {
+        self.entry(TarEntry::dir(path, mode))
+    }
+    /// Adds a symlink.
+    pub fn symlink(self, path: &str, target: &str) -> Self {
+        self.entry(TarEntry::symlink(path, target))
+    }
+    /// Adds a hard link.
+    pub fn hardlink(self, path: &str, target: &str) -> Self {
+        self.entry(TarEntry::hardlink(path, target))
+    }
+    /// Adds a whiteout for `path` (`dir/.wh.name`).
+    pub fn whiteout(self, path: &str) -> Self {
+        let (dir, name) = match path.rsplit_once('/') {
+            Some((d, n)) => (format!("{d}/"), n),
+            None => (String::new(), path),
+        };
+        self.entry(TarEntry::file(&format!("{dir}.wh.{name}"), b"", 0o644))
+    }
+    /// Adds an opaque marker for `dir`.
+    pub fn opaque(self, dir: &str) -> Self {
+        self.entry(TarEntry::file(&format!("{dir}/.wh..wh..opq"), b"", 0o644))
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// True without entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The uncompressed tar stream.
+    pub fn tar(&self) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in &self.entries {
+            // Infallible: the builder writes into a Vec.
+            append(&mut b, e).expect("writing a tar into memory");
+        }
+        b.into_inner().expect("finishing a tar in memory")
+    }
+
+    /// The tar stream, gzip-compressed (fast level).
+    pub fn tar_gz(&self) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&self.tar()).expect("gzip into memory");
+        gz.finish().expect("gzip into memory")
+    }
+}
+
+fn special(
+    b: &mut tar::Builder<Vec<u8>>,
+    kind: tar::EntryType,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    let name = b"././@LongLink";
+    h.as_gnu_mut().expect("gnu header").name[..name.len()].copy_from_slice(name);
+    h.set_cksum();
+    b.append(&h, data)
+}
+
+fn append(b: &mut tar::Builder<Vec<u8>>, e: &TarEntry) -> std::io::Result<()> {
+    if !e.xattrs.is_empty() {
+        let mut pax = Vec::new();
+        for (k, v) in &e.xattrs {
+            let body_len = 1 + "SCHILY.xattr.".len() + k.len() + 1 + v.len() + 1;
+            let mut len = body_len + 1;
+            while len.to_string().len() + body_len != len {
+                len = len.to_string().len() + body_len;
+            }
+            pax.extend_from_slice(format!("{len} SCHILY.xattr.{k}=").as_bytes());
+            pax.extend_from_slice(v);
+            pax.push(b'\n');
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(pax.len() as u64);
+        h.set_mode(0o644);
+        h.as_ustar_mut().expect("ustar").name[..10].copy_from_slice(b"PaxHeaders");
+        h.set_cksum();
+        b.append(&h, &pax[..])?;
+    }
+    if e.path.len() > 100 {
+        let mut d = e.path.clone();
+        d.push(0);
+        special(b, tar::EntryType::GNULongName, &d)?;
+    }
+    if e.link.len() > 100 {
+        let mut d = e.link.clone();
+        d.push(0);
+        special(b, tar::EntryType::GNULongLink, &d)?;
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(e.kind);
+    h.set_size(e.data.len() as u64);
+    h.set_mode(e.mode);
+    h.set_uid(e.uid);
+    h.set_gid(e.gid);
+    h.set_mtime(e.mtime);
+    {
+        let g = h.as_gnu_mut().expect("gnu header");
+        let n = e.path.len().min(100);
+        g.name[..n].copy_from_slice(&e.path[..n]);
+        let n = e.link.len().min(100);
+        g.linkname[..n].copy_from_slice(&e.link[..n]);
+    }
+    h.set_cksum();
+    b.append(&h, &e.data[..])
+}
+
+/// Decodes arbitrary bytes into up to four small layers of hostile-looking entries
+/// (names from a tiny alphabet including `..`, `.wh.` names, absolute paths, and
+/// symlinks into `outside`), for the fuzz target and the bounded property test.
+pub fn layers_from_bytes(data: &[u8], outside: &str) -> Vec<Vec<u8>> {
+    const NAMES: [&str; 12] = [
+        "a",
+        "b",
+        "c",
+        "..",
+        ".",
+        "",
+        ".wh.a",
+        ".wh.b",
+        ".wh..wh..opq",
+        "/a",
+        "/b",
+        "a/b",
+    ];
+    let mut it = data.iter().copied();
+    let mut next = move || it.next();
+    let mut layers = Vec::new();
+    let mut layer = Layer::new();
+    let path_of = |n: &mut dyn FnMut() -> Option<u8>| -> Option<String> {
+        let depth = n()? % 4 + 1;
+        let mut parts = Vec::new();
+        for _ in 0..depth {
+            parts.push(NAMES[n()? as usize % NAMES.len()]);
+        }
+        Some(parts.join("/"))
+    };
+    while let Some(op) = next() {
+        let Some(path) = path_of(&mut next) else {
+            break;
+        };
+        let e = match op % 10 {
+            0 | 1 => TarEntry::file(&path, &[op; 3], 0o644),
+            2 => TarEntry::dir(&path, 0o755),
+            3 => TarEntry::symlink(&path, outside),
+            4 => {
+                let t = match next() {
+                    Some(b) => NAMES[b as usize % NAMES.len()],
+                    None => break,
+                };
+                TarEntry::symlink(&path, t)
+            }
+            5 => {
+                let Some(t) = path_of(&mut next) else { break };
+                TarEntry::hardlink(&path, &t)
+            }
+            6 => TarEntry::hardlink(&path, &format!("{outside}/victim")),
+            7 => TarEntry::device(&path, tar::EntryType::Char),
+            8 => TarEntry::device(&path, tar::EntryType::Fifo),
+            _ => {
+                layers.push(std::mem::take(&mut layer).tar());
+                if layers.len() == 4 {
+                    break;
+                }
+                continue;
+            }
+        };
+        layer = layer.entry(e);
+    }
+    if !layer.is_empty() {
+        layers.push(layer.tar());
+    }
+    layers
+}
+
+/// One fuzz iteration: unpacks `data` (either decoded by [`layers_from_bytes`] or,
+/// when the first byte is odd, taken as a raw tar stream) into `scratch/tree` and
+/// panics if anything was written outside it: `scratch/outside/victim` must be
+/// unchanged, `scratch` must hold only `tree` and `outside`, and `/a`, `/b` must not
+/// exist. Errors from the unpacker are fine; escapes and panics are not.
+pub fn check_unpack_containment(data: &[u8], scratch: &std::path::Path) {
+    let tree = scratch.join("tree");
+    let outside = scratch.join("outside");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree).expect("create tree");
+    std::fs::create_dir_all(&outside).expect("create outside");
+    std::fs::write(outside.join("victim"), b"original").expect("write victim");
+    let layers = match data.first() {
+        Some(b) if b % 2 == 1 => vec![data[1..].to_vec()],
+        _ => layers_from_bytes(data.get(1..).unwrap_or(&[]), &outside.to_string_lossy()),
+    };
+    if let Ok(mut u) = super::unpack::Unpacker::new(&tree, 1 << 20) {
+        let mut ok = true;
+        for (i, l) in layers.iter().enumerate() {
+            if u.apply_layer(&l[..], super::unpack::Compression::None, &format!("#{i}"))
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            let _ = u.finish();
+        }
+    }
+    let mut top: Vec<_> = std::fs::read_dir(scratch)
+        .expect("list scratch")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    top.sort();
+    assert_eq!(
+        top,
+        vec!["outside", "tree"],
+        "something landed next to the tree"
+    );
+    let mut out: Vec<_> = std::fs::read_dir(&outside)
+        .expect("list outside")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    out.sort();
+    assert_eq!(out, vec!["victim"], "something landed in the outside dir");
+    let victim = outside.join("victim");
+    assert_eq!(
+        std::fs::read(&victim).expect("victim"),
+        b"original",
+        "victim modified"
+    );
+    let m = std::fs::symlink_metadata(&victim).expect("victim");
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.nlink(), 1, "victim was hard-linked into the tree");
+    }
+    for p in ["/a", "/b"] {
+        assert!(std::fs::symlink_metadata(p).is_err(), "{p} was created");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bounded stand-in for the fuzz target, run with every `cargo test`:
+    /// 3,000 pseudo-random inputs plus the committed corpus's shapes.
+    #[test]
+    fn unpacking_random_layers_never_writes_outside_the_tree() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let mut x: u64 = 0x853c49e6748fea9b;
+        for round in 0..3000u32 {
+            let len = 8 + (round as usize % 120);
+            let mut data = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.push((x >> 24) as u8);
+            }
+            // Mostly structured inputs; every 16th as a raw tar stream.
+            data[0] = if round % 16 == 0 { 1 } else { 0 };
+            check_unpack_containment(&data, scratch.path());
+        }
+    }
+
+    /// Every input of the committed fuzz corpus, as a regression test.
+    #[test]
+    fn fuzz_corpus_inputs_stay_contained() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/unpack_paths");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("corpus dir") {
+            let data = std::fs::read(e.expect("entry").path()).expect("read");
+            check_unpack_containment(&data, scratch.path());
+            n += 1;
+        }
+        assert!(n > 0, "empty corpus");
+    }
+}

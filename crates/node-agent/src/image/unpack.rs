@@ -1,0 +1,1209 @@
+//! Applies OCI layers (tar, optionally gzip or zstd compressed) in order onto a build
+//! directory, with whiteouts, and without ever writing outside that directory.
+//!
+//! Contract: the caller hands a directory it owns (the build tree) and then the layers
+//! bottom-up; [`Unpacker::finish`] fixes directory times. On error the tree is left
+//! half-built and the caller deletes it.
+//!
+//! Why this is hand-written rather than `tar::Entry::unpack_in`: the tar crate's
+//! unpacking follows symlinks planted by earlier entries or layers for parent
+//! directories, knows nothing of OCI whiteouts, and uses path-based calls. Here every
+//! file system call is relative to a directory file descriptor obtained by walking the
+//! entry's parent components one at a time with `O_NOFOLLOW | O_DIRECTORY`, starting at
+//! the tree's root descriptor. A symlink (or anything not a directory) in a parent
+//! position therefore fails the walk instead of being followed, so no entry can write
+//! through a symlink, whatever earlier layers planted. The final component is never
+//! followed either: an existing entry is removed (`unlinkat`) and the new one created
+//! with `O_CREAT | O_EXCL | O_NOFOLLOW`, `mkdirat`, `symlinkat` or `linkat` without
+//! `AT_SYMLINK_FOLLOW`; metadata is set through the new descriptor or with
+//! `AT_SYMLINK_NOFOLLOW`.
+//!
+//! Policy (DESIGN §7): absolute paths and `..` components refuse the whole layer;
+//! a parent that is a symlink refuses the layer; character and block devices are
+//! dropped (counted); FIFOs are kept; hard links must point at an existing non-directory
+//! inside the tree, resolved with the same rules. Whiteouts (`.wh.<name>`) and opaque
+//! markers (`.wh..wh..opq`) hide entries of lower layers only, never entries of the
+//! layer that carries them (OCI image spec, "Whiteouts").
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use super::error::ImageError;
+
+/// Longest entry path accepted (bytes), and deepest nesting: bounds recursion.
+const MAX_PATH_BYTES: usize = 4096;
+const MAX_DEPTH: usize = 128;
+
+/// Fixed time given to directories that a layer creates implicitly (missing parents)
+/// and to the tree's root, so the disk does not depend on when it was built.
+pub const FIXED_MTIME: i64 = 0;
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// `+gzip` (also Docker's `.tar.gzip` media type).
+    Gzip,
+    /// `+zstd`.
+    Zstd,
+}
+
+impl Compression {
+    /// Chooses by media type; unknown layer media types are refused by the caller.
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            _ => None,
+        }
+    }
+
+    /// Wraps `r` in the matching decoder.
+    pub fn decoder<'a, R: Read + 'a>(self, r: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(r),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+        })
+    }
+}
+
+/// What an entry path means once validated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EntryPath {
+    /// The tree's root (`./`): its metadata is ignored (the disk's root is 0:0 0755).
+    Root,
+    /// A normal path: parent components and the final name.
+    Normal {
+        /// Parent directory components (may be empty).
+        parent: Vec<OsString>,
+        /// Final component.
+        name: OsString,
+    },
+    /// `.wh.<name>`: delete `name` from `parent` (lower layers only).
+    Whiteout {
+        /// Directory holding the marker.
+        parent: Vec<OsString>,
+        /// Name to delete.
+        name: OsString,
+    },
+    /// `.wh..wh..opq`: hide everything lower layers put in `dir`.
+    Opaque {
+        /// The opaque directory.
+        dir: Vec<OsString>,
+    },
+    /// Other `.wh..wh.` names (aufs internals): ignored.
+    Ignored,
+}
+
+/// Validates a raw tar path and classifies it. Pure: the heart of the containment
+/// rules, unit-tested and fuzzed.
+pub fn classify_path(raw: &[u8]) -> Result<EntryPath, &'static str> {
+    let mut comps = split_relative(raw)?;
+    let Some(last) = comps.pop() else {
+        return Ok(EntryPath::Root);
+    };
+    let last_bytes = last.as_bytes();
+    if last_bytes == b".wh..wh..opq" {
+        return Ok(EntryPath::Opaque { dir: comps });
+    }
+    if last_bytes.starts_with(b".wh..wh.") {
+        return Ok(EntryPath::Ignored);
+    }
+    if let Some(target) = last_bytes.strip_prefix(b".wh.") {
+        if target.is_empty() || target == b"." || target == b".." {
+            return Err("whiteout without a name");
+        }
+        return Ok(EntryPath::Whiteout {
+            parent: comps,
+            name: OsStr::from_bytes(target).to_os_string(),
+        });
+    }
+    Ok(EntryPath::Normal {
+        parent: comps,
+        name: last,
+    })
+}
+
+/// Splits a relative path into components, dropping empty and `.` components.
+/// Refuses absolute paths, `..`, NUL bytes, and paths too long or deep.
+pub fn split_relative(raw: &[u8]) -> Result<Vec<OsString>, &'static str> {
+    if raw.is_empty() {
+        return Err("empty path");
+    }
+    if raw.len() > MAX_PATH_BYTES {
+        return Err("path too long");
+    }
+    if raw[0] == b'/' {
+        return Err("absolute path");
+    }
+    if raw.contains(&0) {
+        return Err("NUL byte in path");
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => continue,
+            b".." => return Err("`..` component"),
+            _ => out.push(OsStr::from_bytes(c).to_os_string()),
+        }
+    }
+    if out.len() > MAX_DEPTH {
+        return Err("path too deep");
+    }
+    Ok(out)
+}
+
+/// Counters of one unpack.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Entries applied (files, dirs, links).
+    pub entries: u64,
+    /// Bytes of regular file content written.
+    pub bytes: u64,
+    /// Device nodes dropped.
+    pub devices_dropped: u64,
+    /// Whiteouts and opaque markers applied.
+    pub whiteouts: u64,
+}
+
+/// Applies layers onto one build tree. See the module docs for the rules.
+pub struct Unpacker {
+    root: OwnedFd,
+    root_path: PathBuf,
+    max_unpacked_bytes: u64,
+    stats: UnpackStats,
+    /// Directory mtimes to set once all layers are applied (children change them).
+    dir_times: HashMap<PathBuf, i64>,
+    /// Paths (and their ancestors) written by the current layer.
+    touched: HashSet<PathBuf>,
+    /// Last parent directory opened, reused while entries stay in one directory.
+    cached_parent: Option<(Vec<OsString>, OwnedFd)>,
+    layer: String,
+}
+
+fn errno_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+fn join(comps: &[OsString]) -> PathBuf {
+    comps.iter().collect()
+}
+
+impl Unpacker {
+    /// Opens `root` (must be an existing directory, created by the caller).
+    pub fn new(root: &Path, max_unpacked_bytes: u64) -> Result<Self, ImageError> {
+        let fd = rfs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ImageError::build_io("open build tree", root, errno_io(e)))?;
+        Ok(Unpacker {
+            root: fd,
+            root_path: root.to_path_buf(),
+            max_unpacked_bytes,
+            stats: UnpackStats::default(),
+            dir_times: HashMap::new(),
+            touched: HashSet::new(),
+            cached_parent: None,
+            layer: String::new(),
+        })
+    }
+
+    /// Applies one layer read from `blob` (compressed as `compression`). `layer` names
+    /// it in errors (short digest).
+    pub fn apply_layer<R: Read>(
+        &mut self,
+        blob: R,
+        compression: Compression,
+        layer: &str,
+    ) -> Result<(), ImageError> {
+        self.layer = layer.to_string();
+        self.touched.clear();
+        self.cached_parent = None;
+        let fmt_err = |e: io::Error, layer: &str| ImageError::LayerFormat {
+            layer: layer.to_string(),
+            cause: e.to_string(),
+        };
+        let decoder = compression.decoder(blob).map_err(|e| fmt_err(e, layer))?;
+        let mut archive = tar::Archive::new(decoder);
+        let entries = archive.entries().map_err(|e| fmt_err(e, layer))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| fmt_err(e, layer))?;
+            self.apply_entry(&mut entry)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the recorded directory times and returns the counters.
+    pub fn finish(mut self) -> Result<UnpackStats, ImageError> {
+        self.cached_parent = None;
+        let mut dirs: Vec<(PathBuf, i64)> = self.dir_times.drain().collect();
+        dirs.sort();
+        for (path, mtime) in dirs {
+            let comps: Vec<OsString> = path.iter().map(|c| c.to_os_string()).collect();
+            // Whited out later, or replaced by a non-directory: nothing to set.
+            let Ok(fd) = self.walk(&comps, false) else {
+                continue;
+            };
+            let _ = rfs::futimens(&fd, &times(mtime));
+        }
+        // The disk's root is 0:0 0755 whatever the umask or the layers said.
+        let _ = rfs::fchmod(&self.root, Mode::from_raw_mode(0o755));
+        let _ = rfs::futimens(&self.root, &times(FIXED_MTIME));
+        Ok(self.stats)
+    }
+
+    fn refuse(&self, path: &[u8], why: impl Into<String>) -> ImageError {
+        ImageError::UnsafeEntry {
+            layer: self.layer.clone(),
+            path: String::from_utf8_lossy(path).into_owned(),
+            why: why.into(),
+        }
+    }
+
+    fn io_err(&self, what: &'static str, rel: &Path, e: io::Error) -> ImageError {
+        ImageError::build_io(what, self.root_path.join(rel), e)
+    }
+
+    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
+        let raw_path = entry.path_bytes().into_owned();
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        if matches!(
+            kind,
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
+            return Ok(());
+        }
+        let classified = classify_path(&raw_path).map_err(|why| self.refuse(&raw_path, why))?;
+        match classified {
+            EntryPath::Root | EntryPath::Ignored => Ok(()),
+            EntryPath::Whiteout { parent, name } => {
+                self.stats.whiteouts += 1;
+                self.whiteout(&raw_path, &parent, &name)
+            }
+            EntryPath::Opaque { dir } => {
+                self.stats.whiteouts += 1;
+                self.opaque(&raw_path, &dir)
+            }
+            EntryPath::Normal { parent, name } => {
+                if matches!(kind, T::Char | T::Block) {
+                    self.stats.devices_dropped += 1;
+                    return Ok(());
+                }
+                let header = entry.header();
+                let meta = Meta {
+                    mode: header
+                        .mode()
+                        .map_err(|e| self.refuse(&raw_path, format!("bad mode: {e}")))?
+                        & 0o7777,
+                    uid: id32(header.uid()).ok_or_else(|| self.refuse(&raw_path, "bad uid"))?,
+                    gid: id32(header.gid()).ok_or_else(|| self.refuse(&raw_path, "bad gid"))?,
+                    mtime: header
+                        .mtime()
+                        .map(|m| m.min(i64::MAX as u64) as i64)
+                        .unwrap_or(0),
+                };
+                let xattrs = read_xattrs(entry);
+                let parent_fd = self.parent(&raw_path, &parent)?;
+                let mut rel = join(&parent);
+                rel.push(&name);
+                self.mark_touched(&rel);
+                self.stats.entries += 1;
+                match kind {
+                    T::Regular | T::Continuous | T::GNUSparse => {
+                        let size = entry.size();
+                        if self.stats.bytes.saturating_add(size) > self.max_unpacked_bytes {
+                            return Err(ImageError::LimitExceeded {
+                                what: format!("layer {}", self.layer),
+                                limit: "max_unpacked_bytes",
+                                detail: format!(
+                                    "more than {} bytes unpacked",
+                                    self.max_unpacked_bytes
+                                ),
+                            });
+                        }
+                        self.write_file(&parent_fd, &name, &rel, entry, &meta, &xattrs)
+                    }
+                    T::Directory => self.make_dir(&parent_fd, &name, &rel, &meta, &xattrs),
+                    T::Symlink => {
+                        let target = entry
+                            .link_name_bytes()
+                            .map(|t| t.into_owned())
+                            .filter(|t| !t.is_empty() && !t.contains(&0))
+                            .ok_or_else(|| self.refuse(&raw_path, "symlink without a target"))?;
+                        self.make_symlink(&parent_fd, &name, &rel, &target, &meta)
+                    }
+                    T::Link => {
+                        let target = entry
+                            .link_name_bytes()
+                            .map(|t| t.into_owned())
+                            .ok_or_else(|| self.refuse(&raw_path, "hard link without a target"))?;
+                        self.make_hardlink(&raw_path, &parent_fd, &name, &rel, &target)
+                    }
+                    T::Fifo => self.make_fifo(&parent_fd, &name, &rel, &meta),
+                    other => {
+                        Err(self.refuse(&raw_path, format!("unsupported entry type {other:?}")))
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark_touched(&mut self, rel: &Path) {
+        let mut p = rel.to_path_buf();
+        loop {
+            if !self.touched.insert(p.clone()) {
+                break;
+            }
+            if !p.pop() || p.as_os_str().is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Opens the parent directory of an entry, creating missing directories (with
+    /// fixed times, owner 0:0, mode 0755). Reuses the last one when unchanged.
+    fn parent(&mut self, raw: &[u8], comps: &[OsString]) -> Result<OwnedFd, ImageError> {
+        if let Some((c, fd)) = &self.cached_parent {
+            if c.as_slice() == comps {
+                return fd
+                    .try_clone()
+                    .map_err(|e| self.io_err("duplicate descriptor of", &join(comps), e));
+            }
+        }
+        let fd = self.walk_creating(raw, comps)?;
+        let dup = fd
+            .try_clone()
+            .map_err(|e| self.io_err("duplicate descriptor of", &join(comps), e))?;
+        self.cached_parent = Some((comps.to_vec(), dup));
+        Ok(fd)
+    }
+
+    fn walk_creating(&mut self, raw: &[u8], comps: &[OsString]) -> Result<OwnedFd, ImageError> {
+        let mut cur = rfs::openat(&self.root, ".", dir_flags(), Mode::empty())
+            .map_err(|e| self.io_err("open", Path::new("."), errno_io(e)))?;
+        for (i, c) in comps.iter().enumerate() {
+            let next = match rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    let rel = join(&comps[..=i]);
+                    rfs::mkdirat(&cur, c.as_os_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| self.io_err("create directory", &rel, errno_io(e)))?;
+                    self.dir_times.entry(rel.clone()).or_insert(FIXED_MTIME);
+                    rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())
+                        .map_err(|e| self.io_err("open directory", &rel, errno_io(e)))?
+                }
+                Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                    let rel = join(&comps[..=i]);
+                    let what = match rfs::statat(&cur, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st)
+                            if rfs::FileType::from_raw_mode(st.st_mode)
+                                == rfs::FileType::Symlink =>
+                        {
+                            "is a symlink"
+                        }
+                        _ => "is not a directory",
+                    };
+                    return Err(self.refuse(raw, format!("parent {} {what}", rel.display())));
+                }
+                Err(e) => {
+                    return Err(self.io_err("open directory", &join(&comps[..=i]), errno_io(e)))
+                }
+            };
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    /// Walks existing directories only, never following symlinks.
+    fn walk(&self, comps: &[OsString], _create: bool) -> Result<OwnedFd, Errno> {
+        let mut cur = rfs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
+        for c in comps {
+            cur = rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())?;
+        }
+        Ok(cur)
+    }
+
+    /// Removes whatever is at `name` unless it is a directory and `keep_dir`.
+    /// Returns true when a directory is still there.
+    fn clear(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        keep_dir: bool,
+    ) -> Result<bool, ImageError> {
+        match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(self.io_err("inspect", rel, errno_io(e))),
+            Ok(st) => {
+                let is_dir = rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory;
+                if is_dir && keep_dir {
+                    return Ok(true);
+                }
+                if is_dir {
+                    self.cached_parent = None;
+                }
+                remove_tree_at(parent, name, 0).map_err(|e| self.io_err("remove", rel, e))?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn write_file<R: Read>(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        entry: &mut R,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), ImageError> {
+        self.clear(parent, name, rel, false)?;
+        let fd = rfs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| self.io_err("create", rel, errno_io(e)))?;
+        let mut file = std::fs::File::from(fd);
+        let n = io::copy(entry, &mut file).map_err(|e| {
+            if super::error::is_enospc(&e) {
+                self.io_err("write", rel, e)
+            } else {
+                // A read error here is the layer stream failing, not the disk.
+                ImageError::LayerFormat {
+                    layer: self.layer.clone(),
+                    cause: format!("{}: {e}", rel.display()),
+                }
+            }
+        })?;
+        self.stats.bytes += n;
+        self.set_meta_fd(file.as_fd(), rel, meta, xattrs)
+    }
+
+    fn set_meta_fd(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        rel: &Path,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), ImageError> {
+        rfs::fchown(fd, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            .map_err(|e| self.io_err("chown", rel, errno_io(e)))?;
+        // After chown: chown clears set-id bits.
+        rfs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| self.io_err("chmod", rel, errno_io(e)))?;
+        for (k, v) in xattrs {
+            match rfs::fsetxattr(fd, k.as_os_str(), v, rfs::XattrFlags::empty()) {
+                Ok(()) => {}
+                // The build dir's file system may not take every namespace; the image
+                // still runs, so this is logged, not fatal.
+                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL) => {
+                    tracing::warn!(path = %rel.display(), xattr = ?k, "xattr not supported by the build file system; dropped");
+                }
+                Err(e) => return Err(self.io_err("set xattr on", rel, errno_io(e))),
+            }
+        }
+        rfs::futimens(fd, &times(meta.mtime))
+            .map_err(|e| self.io_err("set times of", rel, errno_io(e)))
+    }
+
+    fn make_dir(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), ImageError> {
+        if !self.clear(parent, name, rel, true)? {
+            rfs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+                .map_err(|e| self.io_err("create directory", rel, errno_io(e)))?;
+        }
+        let fd = rfs::openat(parent, name, dir_flags(), Mode::empty())
+            .map_err(|e| self.io_err("open directory", rel, errno_io(e)))?;
+        self.set_meta_fd(fd.as_fd(), rel, meta, xattrs)?;
+        self.dir_times.insert(rel.to_path_buf(), meta.mtime);
+        Ok(())
+    }
+
+    fn make_symlink(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        target: &[u8],
+        meta: &Meta,
+    ) -> Result<(), ImageError> {
+        self.clear(parent, name, rel, false)?;
+        rfs::symlinkat(OsStr::from_bytes(target), parent, name)
+            .map_err(|e| self.io_err("create symlink", rel, errno_io(e)))?;
+        self.set_meta_at(parent, name, rel, meta, false)
+    }
+
+    fn make_fifo(
+        &mut self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        meta: &Meta,
+    ) -> Result<(), ImageError> {
+        self.clear(parent, name, rel, false)?;
+        rfs::mknodat(
+            parent,
+            name,
+            rfs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .map_err(|e| self.io_err("create fifo", rel, errno_io(e)))?;
+        self.set_meta_at(parent, name, rel, meta, true)
+    }
+
+    /// Sets owner (and mode when `chmod`) and times on `name` without following it.
+    fn set_meta_at(
+        &self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), ImageError> {
+        rfs::chownat(
+            parent,
+            name,
+            Some(uid(meta.uid)),
+            Some(gid(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.io_err("chown", rel, errno_io(e)))?;
+        if chmod {
+            // Only for FIFOs: fchmodat does not follow a non-symlink final component.
+            rfs::chmodat(
+                parent,
+                name,
+                Mode::from_raw_mode(meta.mode),
+                AtFlags::empty(),
+            )
+            .map_err(|e| self.io_err("chmod", rel, errno_io(e)))?;
+        }
+        rfs::utimensat(parent, name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io_err("set times of", rel, errno_io(e)))
+    }
+
+    fn make_hardlink(
+        &mut self,
+        raw: &[u8],
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        target: &[u8],
+    ) -> Result<(), ImageError> {
+        let mut tcomps = split_relative(target)
+            .map_err(|why| self.refuse(raw, format!("hard link target: {why}")))?;
+        let Some(tname) = tcomps.pop() else {
+            return Err(self.refuse(raw, "hard link to the root"));
+        };
+        let tparent = match self.walk(&tcomps, false) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                return Err(self.refuse(
+                    raw,
+                    "hard link target's parent is a symlink or not a directory",
+                ))
+            }
+            Err(_) => return Err(self.refuse(raw, "hard link target does not exist")),
+        };
+        let tst = match rfs::statat(&tparent, tname.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(_) => return Err(self.refuse(raw, "hard link target does not exist")),
+        };
+        if rfs::FileType::from_raw_mode(tst.st_mode) == rfs::FileType::Directory {
+            return Err(self.refuse(raw, "hard link to a directory"));
+        }
+        if let Ok(st) = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            if st.st_ino == tst.st_ino && st.st_dev == tst.st_dev {
+                return Ok(());
+            }
+        }
+        self.clear(parent, name, rel, false)?;
+        rfs::linkat(&tparent, tname.as_os_str(), parent, name, AtFlags::empty())
+            .map_err(|e| self.io_err("create hard link", rel, errno_io(e)))
+    }
+
+    fn whiteout(
+        &mut self,
+        raw: &[u8],
+        parent: &[OsString],
+        name: &OsStr,
+    ) -> Result<(), ImageError> {
+        let mut rel = join(parent);
+        rel.push(name);
+        if self.touched.contains(&rel) {
+            // Same-layer entries are not hidden by the layer's own whiteouts.
+            return Ok(());
+        }
+        let dir = match self.walk(parent, false) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                return Err(self.refuse(raw, "whiteout under a symlink or non-directory"))
+            }
+            Err(e) => return Err(self.io_err("open directory", &join(parent), errno_io(e))),
+        };
+        self.cached_parent = None;
+        self.clear(&dir, name, &rel, false)?;
+        self.dir_times.retain(|p, _| !p.starts_with(&rel));
+        Ok(())
+    }
+
+    fn opaque(&mut self, raw: &[u8], dir: &[OsString]) -> Result<(), ImageError> {
+        let rel_dir = join(dir);
+        let fd = self.walk_creating(raw, dir)?;
+        self.mark_touched(&rel_dir);
+        self.cached_parent = None;
+        let listing =
+            rfs::Dir::read_from(&fd).map_err(|e| self.io_err("list", &rel_dir, errno_io(e)))?;
+        let mut doomed = Vec::new();
+        for ent in listing {
+            let ent = ent.map_err(|e| self.io_err("list", &rel_dir, errno_io(e)))?;
+            let n = OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string();
+            if n == "." || n == ".." {
+                continue;
+            }
+            let child = rel_dir.join(&n);
+            if !self.touched.contains(&child) {
+                doomed.push((n, child));
+            }
+        }
+        for (n, child) in doomed {
+            remove_tree_at(&fd, &n, 0).map_err(|e| self.io_err("remove", &child, e))?;
+            self.dir_times.retain(|p, _| !p.starts_with(&child));
+        }
+        Ok(())
+    }
+}
+
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+fn id32(v: io::Result<u64>) -> Option<u32> {
+    v.ok()
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|v| *v != u32::MAX)
+}
+
+fn uid(v: u32) -> rfs::Uid {
+    rfs::Uid::from_raw(v)
+}
+
+fn gid(v: u32) -> rfs::Gid {
+    rfs::Gid::from_raw(v)
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn times(mtime: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// `SCHILY.xattr.*` PAX records of an entry.
+fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(OsString, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(Some(exts)) = entry.pax_extensions() {
+        for ext in exts.flatten() {
+            if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                if !name.is_empty() && !name.contains(&0) {
+                    out.push((
+                        OsString::from_vec(name.to_vec()),
+                        ext.value_bytes().to_vec(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Removes `name` in `dir` and, if it is a directory, everything below it, never
+/// following symlinks (each level is opened with `O_NOFOLLOW`).
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr, depth: usize) -> io::Result<()> {
+    if depth > MAX_DEPTH * 2 {
+        return Err(io::Error::other("directory nesting too deep to remove"));
+    }
+    match rfs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => {}
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(errno_io(e)),
+    }
+    let sub = rfs::openat(dir, name, dir_flags(), Mode::empty()).map_err(errno_io)?;
+    let mut names = Vec::new();
+    for ent in rfs::Dir::read_from(&sub).map_err(errno_io)? {
+        let ent = ent.map_err(errno_io)?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    for n in names {
+        remove_tree_at(&sub, &n, depth + 1)?;
+    }
+    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(errno_io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn plain_paths_split_into_parent_and_name() {
+        assert_eq!(
+            classify_path(b"./usr/bin/env").unwrap(),
+            EntryPath::Normal {
+                parent: os(&["usr", "bin"]),
+                name: "env".into()
+            }
+        );
+        assert_eq!(
+            classify_path(b"etc//passwd").unwrap(),
+            EntryPath::Normal {
+                parent: os(&["etc"]),
+                name: "passwd".into()
+            }
+        );
+        assert_eq!(
+            classify_path(b"etc/").unwrap(),
+            EntryPath::Normal {
+                parent: vec![],
+                name: "etc".into()
+            }
+        );
+    }
+
+    #[test]
+    fn root_entries_are_recognised() {
+        assert_eq!(classify_path(b"./").unwrap(), EntryPath::Root);
+        assert_eq!(classify_path(b".").unwrap(), EntryPath::Root);
+    }
+
+    #[test]
+    fn absolute_paths_are_refused() {
+        assert_eq!(classify_path(b"/etc/passwd"), Err("absolute path"));
+        assert_eq!(classify_path(b"//x"), Err("absolute path"));
+    }
+
+    #[test]
+    fn dotdot_anywhere_is_refused() {
+        assert_eq!(classify_path(b"../x"), Err("`..` component"));
+        assert_eq!(classify_path(b"a/../../x"), Err("`..` component"));
+        assert_eq!(classify_path(b"a/.."), Err("`..` component"));
+        // A name that merely contains dots is fine.
+        assert!(classify_path(b"a/..b").is_ok());
+        assert!(classify_path(b"a/...").is_ok());
+    }
+
+    #[test]
+    fn nul_empty_long_and_deep_paths_are_refused() {
+        assert!(classify_path(b"").is_err());
+        assert!(classify_path(b"a\0b").is_err());
+        assert!(classify_path(&vec![b'a'; MAX_PATH_BYTES + 1]).is_err());
+        let deep = "a/".repeat(MAX_DEPTH + 1);
+        assert_eq!(classify_path(deep.as_bytes()), Err("path too deep"));
+    }
+
+    #[test]
+    fn whiteouts_name_the_hidden_entry() {
+        assert_eq!(
+            classify_path(b"etc/.wh.motd").unwrap(),
+            EntryPath::Whiteout {
+                parent: os(&["etc"]),
+                name: "motd".into()
+            }
+        );
+        assert_eq!(
+            classify_path(b".wh.tmp").unwrap(),
+            EntryPath::Whiteout {
+                parent: vec![],
+                name: "tmp".into()
+            }
+        );
+        assert!(classify_path(b"a/.wh.").is_err());
+        assert!(classify_path(b"a/.wh...").is_err());
+        assert!(
+            classify_path(b"a/.wh./b").is_ok(),
+            ".wh. as a parent is a plain name"
+        );
+    }
+
+    #[test]
+    fn opaque_markers_name_their_directory() {
+        assert_eq!(
+            classify_path(b"var/cache/.wh..wh..opq").unwrap(),
+            EntryPath::Opaque {
+                dir: os(&["var", "cache"])
+            }
+        );
+        assert_eq!(
+            classify_path(b".wh..wh..opq").unwrap(),
+            EntryPath::Opaque { dir: vec![] }
+        );
+        assert_eq!(
+            classify_path(b"x/.wh..wh.plnk").unwrap(),
+            EntryPath::Ignored
+        );
+    }
+
+    #[test]
+    fn media_types_choose_the_decoder() {
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(Compression::from_media_type("application/json"), None);
+    }
+
+    // ----- applying layers to a real directory -----
+
+    use super::super::testtar::{Layer, TarEntry};
+    use std::os::unix::fs::MetadataExt;
+
+    fn unpack(layers: &[Vec<u8>]) -> (tempfile::TempDir, Result<UnpackStats, ImageError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let res = (|| {
+            let mut u = Unpacker::new(&tree, u64::MAX)?;
+            for (i, l) in layers.iter().enumerate() {
+                u.apply_layer(&l[..], Compression::None, &format!("#{i}"))?;
+            }
+            u.finish()
+        })();
+        (dir, res)
+    }
+
+    fn outside_is_untouched(dir: &tempfile::TempDir) {
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![OsString::from("tree")],
+            "something landed outside the tree"
+        );
+    }
+
+    #[test]
+    fn files_keep_mode_owner_and_mtime() {
+        let l = Layer::new()
+            .dir("bin", 0o755)
+            .entry(
+                TarEntry::file("bin/tool", b"#!/bin/sh\n", 0o4755)
+                    .owner(1000, 1001)
+                    .mtime(12345),
+            )
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let m = std::fs::symlink_metadata(dir.path().join("tree/bin/tool")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o4755);
+        assert_eq!((m.uid(), m.gid()), (1000, 1001));
+        assert_eq!(m.mtime(), 12345);
+    }
+
+    #[test]
+    fn whiteout_removes_lower_layer_entry_only() {
+        let l1 = Layer::new()
+            .file("etc/motd", b"hi")
+            .file("etc/keep", b"k")
+            .tar();
+        let l2 = Layer::new().whiteout("etc/motd").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        assert!(!dir.path().join("tree/etc/motd").exists());
+        assert!(dir.path().join("tree/etc/keep").exists());
+    }
+
+    #[test]
+    fn whiteout_of_a_directory_removes_its_subtree() {
+        let l1 = Layer::new().file("opt/app/a/b", b"x").tar();
+        let l2 = Layer::new().whiteout("opt/app").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        assert!(!dir.path().join("tree/opt/app").exists());
+        assert!(dir.path().join("tree/opt").is_dir());
+    }
+
+    #[test]
+    fn whiteout_does_not_hide_same_layer_entry() {
+        let l1 = Layer::new().file("a", b"old").tar();
+        let l2 = Layer::new().file("a", b"new").whiteout("a").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("tree/a")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn opaque_dir_hides_lower_children_but_keeps_its_own() {
+        let l1 = Layer::new()
+            .file("var/lib/old1", b"1")
+            .file("var/lib/sub/old2", b"2")
+            .tar();
+        // Marker after a same-layer child: order inside a layer must not matter.
+        let l2 = Layer::new()
+            .file("var/lib/new", b"n")
+            .opaque("var/lib")
+            .tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        let t = dir.path().join("tree/var/lib");
+        assert!(!t.join("old1").exists());
+        assert!(!t.join("sub").exists());
+        assert!(t.join("new").exists());
+    }
+
+    #[test]
+    fn whiteout_through_symlink_is_refused_and_target_survives() {
+        let dir0 = tempfile::tempdir().unwrap();
+        let victim = dir0.path().join("victim");
+        std::fs::write(&victim, b"v").unwrap();
+        let l1 = Layer::new()
+            .symlink("link", dir0.path().to_str().unwrap())
+            .tar();
+        let l2 = Layer::new().whiteout("link/victim").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        assert!(
+            matches!(res, Err(ImageError::UnsafeEntry { .. })),
+            "{res:?}"
+        );
+        assert!(victim.exists());
+        outside_is_untouched(&dir);
+    }
+
+    #[test]
+    fn write_through_symlink_planted_by_an_earlier_layer_is_refused() {
+        let l1 = Layer::new().symlink("etc", "/tmp").tar();
+        let l2 = Layer::new().file("etc/evil", b"x").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        let err = res.unwrap_err();
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert!(!Path::new("/tmp/evil").exists());
+        outside_is_untouched(&dir);
+    }
+
+    #[test]
+    fn write_through_relative_symlink_in_same_layer_is_refused() {
+        let l = Layer::new()
+            .symlink("a", "../../..")
+            .file("a/escaped", b"x")
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        assert!(matches!(res, Err(ImageError::UnsafeEntry { .. })));
+        outside_is_untouched(&dir);
+    }
+
+    #[test]
+    fn file_replacing_a_symlink_replaces_the_link_not_its_target() {
+        let dir0 = tempfile::tempdir().unwrap();
+        let victim = dir0.path().join("victim");
+        std::fs::write(&victim, b"original").unwrap();
+        let l1 = Layer::new().symlink("f", victim.to_str().unwrap()).tar();
+        let l2 = Layer::new().file("f", b"new").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"original");
+        let f = dir.path().join("tree/f");
+        assert!(std::fs::symlink_metadata(&f).unwrap().is_file());
+    }
+
+    #[test]
+    fn dotdot_and_absolute_entries_refuse_the_layer() {
+        for bad in [&b"../escape"[..], b"a/../../escape", b"/abs"] {
+            let l = Layer::new().entry(TarEntry::file_raw_path(bad, b"x")).tar();
+            let (dir, res) = unpack(&[l]);
+            assert!(
+                matches!(res, Err(ImageError::UnsafeEntry { .. })),
+                "{bad:?}"
+            );
+            outside_is_untouched(&dir);
+        }
+    }
+
+    #[test]
+    fn hard_links_share_the_inode_and_stay_inside() {
+        let l = Layer::new()
+            .file("bin/busybox", b"elf")
+            .hardlink("bin/sh", "bin/busybox")
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let a = std::fs::metadata(dir.path().join("tree/bin/busybox")).unwrap();
+        let b = std::fs::metadata(dir.path().join("tree/bin/sh")).unwrap();
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(a.nlink(), 2);
+    }
+
+    #[test]
+    fn hard_link_escapes_are_refused() {
+        for target in ["../../etc/passwd", "/etc/passwd", "link/passwd", "missing"] {
+            let l = Layer::new()
+                .symlink("link", "/etc")
+                .hardlink("x", target)
+                .tar();
+            let (dir, res) = unpack(&[l]);
+            assert!(
+                matches!(res, Err(ImageError::UnsafeEntry { .. })),
+                "{target}: {res:?}"
+            );
+            outside_is_untouched(&dir);
+        }
+    }
+
+    #[test]
+    fn hard_link_to_a_symlink_links_the_symlink_itself() {
+        let l = Layer::new()
+            .symlink("s", "/etc/shadow")
+            .hardlink("h", "s")
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let h = std::fs::symlink_metadata(dir.path().join("tree/h")).unwrap();
+        assert!(h.file_type().is_symlink());
+    }
+
+    #[test]
+    fn device_nodes_are_dropped_and_fifos_kept() {
+        let l = Layer::new()
+            .entry(TarEntry::device("dev/sda", tar::EntryType::Block))
+            .entry(TarEntry::device("dev/null", tar::EntryType::Char))
+            .entry(TarEntry::device("run/fifo", tar::EntryType::Fifo))
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        let stats = res.unwrap();
+        assert_eq!(stats.devices_dropped, 2);
+        assert!(!dir.path().join("tree/dev/sda").exists());
+        assert!(!dir.path().join("tree/dev/null").exists());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(dir.path().join("tree/run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    }
+
+    #[test]
+    fn directory_replaces_file_and_file_replaces_directory() {
+        let l1 = Layer::new().file("x", b"f").file("y/z", b"z").tar();
+        let l2 = Layer::new().dir("x", 0o750).file("y", b"now a file").tar();
+        let (dir, res) = unpack(&[l1, l2]);
+        res.unwrap();
+        assert!(dir.path().join("tree/x").is_dir());
+        assert!(dir.path().join("tree/y").is_file());
+    }
+
+    #[test]
+    fn directory_mtimes_survive_children_and_implicit_parents_get_fixed_time() {
+        let l = Layer::new()
+            .entry(TarEntry::dir("d", 0o755).mtime(777))
+            .file("d/f", b"x")
+            .file("implicit/g", b"y")
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let d = std::fs::metadata(dir.path().join("tree/d")).unwrap();
+        assert_eq!(d.mtime(), 777);
+        let i = std::fs::metadata(dir.path().join("tree/implicit")).unwrap();
+        assert_eq!(i.mtime(), FIXED_MTIME);
+    }
+
+    #[test]
+    fn xattrs_are_applied() {
+        let l = Layer::new()
+            .entry(TarEntry::file("f", b"x", 0o644).xattr("user.plfm", b"yes"))
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let path = dir.path().join("tree/f");
+        let mut buf = [0u8; 16];
+        match rfs::getxattr(&path, "user.plfm", &mut buf[..]) {
+            Ok(n) => assert_eq!(&buf[..n], b"yes"),
+            Err(Errno::OPNOTSUPP) => eprintln!("skip: build fs has no user xattrs"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn unpacked_size_limit_names_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layer::new().file("big", &[0u8; 4096]).tar();
+        let mut u = Unpacker::new(dir.path(), 1000).unwrap();
+        let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
+        assert!(err.to_string().contains("max_unpacked_bytes"), "{err}");
+    }
+
+    #[test]
+    fn gzip_and_zstd_layers_decode() {
+        let plain = Layer::new().file("a", b"x").tar();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zs = zstd::encode_all(&plain[..], 1).unwrap();
+        for (blob, c) in [(gz, Compression::Gzip), (zs, Compression::Zstd)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut u = Unpacker::new(dir.path(), u64::MAX).unwrap();
+            u.apply_layer(&blob[..], c, "#0").unwrap();
+            assert!(dir.path().join("a").exists());
+        }
+    }
+
+    #[test]
+    fn corrupt_layer_is_a_format_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(dir.path(), u64::MAX).unwrap();
+        let err = u
+            .apply_layer(&b"not gzip at all"[..], Compression::Gzip, "#0")
+            .unwrap_err();
+        assert!(matches!(err, ImageError::LayerFormat { .. }), "{err}");
+    }
+}

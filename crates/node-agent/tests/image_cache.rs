@@ -1,0 +1,332 @@
+//! The cache against a real loopback registry: single flight, LRU eviction that
+//! spares pinned disks, and recovery after the process is killed mid-pull and
+//! mid-build.
+
+mod image_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use image_support::*;
+use plfm_node_agent::image::testtar::Layer;
+use plfm_node_agent::image::{Digest, ImageConfig, ImageRef, ImageService};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn small_image(tag: &str) -> Vec<(Vec<u8>, &'static str)> {
+    vec![
+        (Layer::new().file("etc/name", tag.as_bytes()).tar_gz(), GZIP),
+        (
+            Layer::new()
+                .file(&format!("srv/{tag}"), &[1u8; 50_000])
+                .tar_gz(),
+            GZIP,
+        ),
+    ]
+}
+
+#[test]
+fn eight_concurrent_requests_share_one_pull_and_one_build() {
+    if !prerequisites("eight_concurrent_requests_share_one_pull_and_one_build") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let layers = small_image("one");
+    let image = rt.block_on(reg.push("app", &layers, &config_json(&[], &["x"], &[])));
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let disks = rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let svc = svc.clone();
+                let image = image.clone();
+                tokio::spawn(
+                    async move { svc.ensure_root_disk(&image, &format!("inst-{i}")).await },
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    assert!(disks.iter().all(|d| *d == disks[0]));
+    let m = svc.metrics();
+    assert_eq!(m.pulls.get(), 1, "pulls");
+    assert_eq!(m.builds.get(), 1, "builds");
+    assert_eq!(m.cache_misses.get(), 1, "misses");
+    assert_eq!(m.cache_hits.get(), 7, "hits");
+    // The registry agrees: one manifest GET and one GET per layer.
+    assert_eq!(reg.gets(&format!("/manifests/{}", image.digest)), 1);
+    for (blob, _) in &layers {
+        assert_eq!(reg.gets(&format!("/blobs/{}", Digest::of(blob))), 1);
+    }
+    let rows = svc.list().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].refs, 8);
+}
+
+#[test]
+fn eviction_removes_the_least_recently_used_unreferenced_disks_only() {
+    if !prerequisites("eviction_removes_the_least_recently_used_unreferenced_disks_only") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let data = tempfile::tempdir().unwrap();
+    let big = ImageConfig {
+        cache_max_bytes: u64::MAX / 4,
+        ..Default::default()
+    };
+    let svc = ImageService::open(data.path(), big).unwrap();
+    let mut images = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let image = rt.block_on(reg.push(name, &small_image(name), &config_json(&[], &["x"], &[])));
+        rt.block_on(svc.ensure_root_disk(&image, &format!("inst-{name}")))
+            .unwrap();
+        images.push(image);
+    }
+    // a stays desired (pinned) although it is the least recently used; b, c, d not.
+    for name in ["b", "c", "d"] {
+        svc.unpin(&format!("inst-{name}")).unwrap();
+    }
+    let rows = svc.list().unwrap();
+    assert_eq!(rows.len(), 4);
+    let total: u64 = rows.iter().map(|r| r.allocated_bytes).sum();
+    let size_of = |img: &ImageRef| {
+        rows.iter()
+            .find(|r| r.digest == img.digest.as_str())
+            .unwrap()
+            .allocated_bytes
+    };
+    // Usage is above the high-water mark; the low-water mark is reached by removing
+    // exactly one disk: b, the oldest unreferenced.
+    let cfg = ImageConfig {
+        cache_max_bytes: total,
+        high_water: 0.99,
+        low_water: (total - size_of(&images[1])) as f64 / total as f64,
+        ..Default::default()
+    };
+    drop(svc);
+    let svc = ImageService::open(data.path(), cfg).unwrap();
+    let report = svc.gc().unwrap();
+    assert_eq!(report.evicted, vec![images[1].digest.to_string()]);
+    assert_eq!(svc.metrics().evictions.get(), 1);
+    let left: Vec<String> = svc.list().unwrap().into_iter().map(|r| r.digest).collect();
+    assert!(
+        left.contains(&images[0].digest.to_string()),
+        "pinned disk evicted"
+    );
+    assert!(!Path::new(
+        &rows
+            .iter()
+            .find(|r| r.digest == images[1].digest.as_str())
+            .unwrap()
+            .path
+    )
+    .exists());
+
+    // A tiny cache: everything unreferenced goes, the pinned disk survives.
+    drop(svc);
+    let tiny = ImageConfig {
+        cache_max_bytes: 1,
+        ..Default::default()
+    };
+    let svc = ImageService::open(data.path(), tiny).unwrap();
+    let report = svc.gc().unwrap();
+    assert_eq!(report.evicted.len(), 2);
+    let left = svc.list().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].digest, images[0].digest.as_str());
+    assert!(left[0].path.exists());
+    // An evicted image is pulled and built again on demand.
+    let again = rt
+        .block_on(svc.ensure_root_disk(&images[1], "inst-b2"))
+        .unwrap();
+    assert!(again.path.exists());
+}
+
+/// Runs inside a child process started by the interruption test.
+#[test]
+fn helper_process_pulls_until_killed() {
+    let (Ok(data), Ok(reference)) = (
+        std::env::var("PLFM_IMAGE_HELPER_DATA"),
+        std::env::var("PLFM_IMAGE_HELPER_REF"),
+    ) else {
+        return;
+    };
+    let image = ImageRef::parse_pinned(&reference).unwrap();
+    let svc = ImageService::open(Path::new(&data), ImageConfig::default()).unwrap();
+    rt().block_on(svc.ensure_root_disk(&image, "helper"))
+        .unwrap();
+}
+
+fn tmp_entries(data: &Path, kind: &str) -> Vec<String> {
+    names(&data.join("images/tmp"))
+        .into_iter()
+        .filter(|n| n.contains(kind))
+        .collect()
+}
+
+fn kill_helper_when(data: &Path, image: &ImageRef, what: &str, cond: impl Fn() -> bool) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_process_pulls_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("PLFM_IMAGE_HELPER_DATA", data)
+        .env("PLFM_IMAGE_HELPER_REF", image.pinned())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(what, Duration::from_secs(60), || {
+        cond() || matches!(child.try_wait(), Ok(Some(_)))
+    });
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "helper finished before it could be killed ({what})"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds() {
+    if !prerequisites(
+        "a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds",
+    ) {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    // Incompressible content so both the download and the unpack take a while.
+    let mut noise = vec![0u8; 48 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in noise.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let layer = Layer::new()
+        .file("data/noise", &noise)
+        .file("data/more", &noise[..8 << 20])
+        .tar();
+    let blob_digest = Digest::of(&layer);
+    let image = rt.block_on(reg.push("big", &[(layer, TAR)], &config_json(&[], &["x"], &[])));
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+
+    // 1. Killed while the layer is streaming into tmp/.
+    kill_helper_when(d, &image, "a partial blob in tmp/", || {
+        !tmp_entries(d, ".blob-").is_empty()
+    });
+    assert!(
+        !tmp_entries(d, ".blob-").is_empty(),
+        "the partial blob should still be there before restart"
+    );
+    let svc = ImageService::open(d, ImageConfig::default()).unwrap();
+    assert!(
+        names(&d.join("images/tmp")).is_empty(),
+        "start-up left {:?}",
+        names(&d.join("images/tmp"))
+    );
+    assert!(svc.list().unwrap().is_empty());
+    drop(svc);
+
+    // 2. Killed while unpacking/building in tmp/.
+    kill_helper_when(d, &image, "a build directory in tmp/", || {
+        !tmp_entries(d, ".build-").is_empty()
+    });
+    let svc = ImageService::open(d, ImageConfig::default()).unwrap();
+    assert!(
+        names(&d.join("images/tmp")).is_empty(),
+        "start-up left {:?}",
+        names(&d.join("images/tmp"))
+    );
+    assert!(svc.list().unwrap().is_empty());
+    // The verified blob from the interrupted run is reused, not downloaded again.
+    let gets_before = reg.gets(&format!("/blobs/{blob_digest}"));
+    assert!(d
+        .join("images/blobs/sha256")
+        .join(blob_digest.hex())
+        .is_file());
+
+    // 3. The next start succeeds.
+    let disk = rt.block_on(svc.ensure_root_disk(&image, "inst")).unwrap();
+    assert!(disk.path.is_file());
+    assert_eq!(reg.gets(&format!("/blobs/{blob_digest}")), gets_before);
+    assert!(names(&d.join("images/tmp")).is_empty());
+}
+
+#[test]
+fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
+    if !prerequisites("cli_pull_ls_and_gc_share_the_cache_with_a_running_service") {
+        return;
+    }
+    use plfm_node_agent::image::{run_cli, ImageCommand};
+    let rt = rt();
+    let reg = Registry::start();
+    let pinned = rt.block_on(reg.push("pinned", &small_image("p"), &config_json(&[], &["x"], &[])));
+    let loose = rt.block_on(reg.push("loose", &small_image("l"), &config_json(&[], &["x"], &[])));
+    let data = tempfile::tempdir().unwrap();
+    // The "daemon": a service that pins one image for an instance and stays open.
+    let daemon = ImageService::open(data.path(), ImageConfig::default()).unwrap();
+    rt.block_on(daemon.ensure_root_disk(&pinned, "inst-1"))
+        .unwrap();
+    // The operator's CLI, on the same data dir at the same time.
+    rt.block_on(run_cli(
+        ImageCommand::Pull {
+            reference: loose.pinned(),
+            json: true,
+        },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    // A tag alone is refused.
+    let err = rt
+        .block_on(run_cli(
+            ImageCommand::Pull {
+                reference: format!("{}/loose:latest", reg.addr),
+                json: false,
+            },
+            data.path(),
+            ImageConfig::default(),
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("tags never run"), "{err}");
+    rt.block_on(run_cli(
+        ImageCommand::Ls { json: true },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    rt.block_on(run_cli(
+        ImageCommand::Ls { json: false },
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    assert_eq!(daemon.list().unwrap().len(), 2);
+    rt.block_on(run_cli(
+        ImageCommand::Gc,
+        data.path(),
+        ImageConfig::default(),
+    ))
+    .unwrap();
+    let left = daemon.list().unwrap();
+    assert_eq!(left.len(), 1, "gc must remove only the unreferenced disk");
+    assert_eq!(left[0].digest, pinned.digest.as_str());
+}

@@ -1,0 +1,327 @@
+//! Pull → root disk against a real `docker-registry` on loopback; disks are read
+//! back with `debugfs` (no mount).
+
+mod image_support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use image_support::*;
+use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use plfm_node_agent::image::{merge_process, ImageError, ImageService};
+use plfm_node_agent::instance::ReasonCode;
+
+fn busybox_layers() -> Vec<(Vec<u8>, &'static str)> {
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+    let base = Layer::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("tmp", 0o1777)
+        .entry(TarEntry::dir("home/user", 0o750).owner(1000, 1000))
+        .entry(TarEntry::file("bin/busybox", &busybox, 0o755))
+        .hardlink("bin/sh", "bin/busybox")
+        .symlink("bin/ls", "busybox")
+        .file(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        )
+        .file("etc/motd", b"welcome\n")
+        .entry(TarEntry::file("etc/secret", b"s", 0o600).owner(1000, 1000))
+        .file("var/cache/app/old1", b"1")
+        .file("var/cache/app/old2", b"2")
+        .entry(TarEntry::device("dev/null", tar::EntryType::Char))
+        .tar_gz();
+    let top = Layer::new()
+        .whiteout("etc/motd")
+        .opaque("var/cache/app")
+        .file("var/cache/app/new", b"n")
+        .file("etc/hostname", b"plfm\n")
+        .entry(TarEntry::file("bin/suid", b"#!/bin/sh\n", 0o4755))
+        .tar();
+    let top = zstd::encode_all(&top[..], 3).expect("zstd");
+    vec![(base, GZIP), (top, ZSTD)]
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
+    if !prerequisites("busybox_image_becomes_an_ext4_disk_with_the_expected_tree") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let config = config_json(
+        &["/bin/sh"],
+        &["-c", "echo hi"],
+        &["PATH=/bin", "MODE=image"],
+    );
+    let image = rt.block_on(reg.push("busybox", &busybox_layers(), &config));
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let disk = rt.block_on(svc.ensure_root_disk(&image, "inst-1")).unwrap();
+
+    assert!(disk.path.starts_with(data.path().join("images")));
+    assert_eq!(disk.digest, image.digest);
+    assert!(disk.size_bytes >= 512 << 20);
+    assert_eq!(
+        std::fs::metadata(&disk.path).unwrap().len(),
+        disk.size_bytes
+    );
+
+    // The file system is clean.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&disk.path)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+
+    // Tree, whiteouts, opaque dir, devices dropped.
+    let t = dump(&disk.path);
+    let root = t.path();
+    assert_eq!(
+        names(&root.join("etc")),
+        vec!["hostname", "passwd", "secret"]
+    );
+    assert_eq!(names(&root.join("var/cache/app")), vec!["new"]);
+    assert!(!root.join("dev/null").exists());
+    assert_eq!(
+        std::fs::read_link(root.join("bin/ls")).unwrap(),
+        Path::new("busybox")
+    );
+    assert_eq!(
+        std::fs::read(root.join("bin/busybox")).unwrap(),
+        std::fs::read("/bin/busybox").unwrap()
+    );
+    // Modes and ownership.
+    let st = |p: &str| stat(&disk.path, p);
+    assert_eq!(st("/tmp"), (0o1777, 0, 0));
+    assert_eq!(st("/bin/suid"), (0o4755, 0, 0));
+    assert_eq!(st("/etc/secret"), (0o600, 1000, 1000));
+    assert_eq!(st("/home/user"), (0o750, 1000, 1000));
+    assert_eq!(st("/bin/busybox"), (0o755, 0, 0));
+    assert_eq!(st("/"), (0o755, 0, 0));
+    // Hard link: one inode, two links.
+    let ls = debugfs(&disk.path, "ls -l /bin");
+    let ino = |name: &str| {
+        ls.lines()
+            .find(|l| l.split_whitespace().last() == Some(name))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("{name} not in {ls}"))
+    };
+    assert_eq!(ino("sh"), ino("busybox"));
+    assert!(debugfs(&disk.path, "stat /bin/sh").contains("Links: 2"));
+
+    // Image defaults come back and merge under the spec.
+    assert_eq!(disk.config.entrypoint, vec!["/bin/sh"]);
+    let merged = merge_process(&disk.config, &[], None, None);
+    assert_eq!(merged.argv, vec!["/bin/sh", "-c", "echo hi"]);
+    assert_eq!(merged.cwd, "/srv");
+
+    // Second request: cache hit, same disk, no new pull.
+    let manifest_path = format!("/manifests/{}", image.digest);
+    let gets = reg.gets(&manifest_path);
+    assert_eq!(gets, 1, "one manifest GET for the first pull");
+    let t0 = Instant::now();
+    let again = rt.block_on(svc.ensure_root_disk(&image, "inst-2")).unwrap();
+    let warm = t0.elapsed();
+    assert_eq!(again, disk);
+    assert_eq!(svc.metrics().pulls.get(), 1);
+    assert_eq!(svc.metrics().builds.get(), 1);
+    assert_eq!(svc.metrics().cache_hits.get(), 1);
+    assert_eq!(reg.gets(&manifest_path), gets);
+    eprintln!("warm cache lookup: {warm:?}");
+    assert!(
+        warm < Duration::from_millis(100),
+        "warm lookup took {warm:?}"
+    );
+
+    // The pins are recorded; list shows two references.
+    let rows = svc.list().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].refs, 2);
+    // Blobs are dropped after the build (keep_blobs = false), tmp is empty.
+    assert!(names(&data.path().join("images/tmp")).is_empty());
+    assert!(names(&data.path().join("images/blobs/sha256")).is_empty());
+    // Metadata file next to the disk.
+    let meta = disk.path.with_extension("json");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+    assert_eq!(meta["digest"], image.digest.as_str());
+}
+
+#[test]
+fn the_same_digest_yields_a_byte_identical_disk() {
+    if !prerequisites("the_same_digest_yields_a_byte_identical_disk") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let image = rt.block_on(reg.push(
+        "busybox",
+        &busybox_layers(),
+        &config_json(&[], &["sh"], &[]),
+    ));
+    let a = tempfile::tempdir().unwrap();
+    let disk_a = rt
+        .block_on(
+            ImageService::open(a.path(), reg.image_config())
+                .unwrap()
+                .ensure_root_disk(&image, "x"),
+        )
+        .unwrap();
+    // Make sure the second build happens in a later second of the clock, so host
+    // ctimes and atimes differ between the two unpacked trees.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let t0 = now();
+    wait_for("the clock's next second", Duration::from_secs(3), || {
+        now() > t0
+    });
+    let b = tempfile::tempdir().unwrap();
+    let disk_b = rt
+        .block_on(
+            ImageService::open(b.path(), reg.image_config())
+                .unwrap()
+                .ensure_root_disk(&image, "x"),
+        )
+        .unwrap();
+    // `cmp` rather than hashing here: sha2 in a debug build needs a minute per GiB.
+    let same = std::process::Command::new("cmp")
+        .arg("-s")
+        .arg(&disk_a.path)
+        .arg(&disk_b.path)
+        .status()
+        .unwrap();
+    assert!(same.success(), "disks of the same digest differ");
+    assert_ne!(disk_a.path, disk_b.path);
+}
+
+#[test]
+fn an_index_digest_is_refused_with_a_clear_message() {
+    if !prerequisites("an_index_digest_is_refused_with_a_clear_message") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let image = rt.block_on(reg.push("multi", &busybox_layers()[..1], &config_json(&[], &[], &[])));
+    // An index pointing at the image's manifest.
+    let manifest_size = 0;
+    let index = rt.block_on(reg.push_with(
+        "multi",
+        &busybox_layers()[..1],
+        &config_json(&[], &[], &[]),
+        |_| {
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "digest": image.digest.to_string(), "size": manifest_size,
+                               "platform": {"os": "linux", "architecture": "amd64"}}]
+            })
+        },
+    ));
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&index, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
+    assert!(err.to_string().contains("is an image index"), "{err}");
+    assert!(
+        matches!(err, ImageError::Shared(ref e) if matches!(**e, ImageError::IndexNotAllowed { .. }))
+    );
+}
+
+#[test]
+fn a_missing_manifest_and_an_unreachable_registry_are_pull_failures() {
+    if !prerequisites("a_missing_manifest_and_an_unreachable_registry_are_pull_failures") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let missing = plfm_node_agent::image::ImageRef::parse_pinned(&format!(
+        "{}/nothing@{}",
+        reg.addr,
+        plfm_node_agent::image::Digest::of(b"none")
+    ))
+    .unwrap();
+    let err = rt
+        .block_on(svc.ensure_root_disk(&missing, "i"))
+        .unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
+    assert!(err.to_string().contains("127.0.0.1"), "{err}");
+    let addr = reg.addr.clone();
+    drop(reg);
+    let gone = plfm_node_agent::image::ImageRef::parse_pinned(&format!(
+        "{addr}/app@{}",
+        plfm_node_agent::image::Digest::of(b"x")
+    ))
+    .unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&gone, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
+}
+
+#[test]
+fn basic_auth_comes_from_the_config_and_missing_credentials_are_refused() {
+    if !prerequisites("basic_auth_comes_from_the_config_and_missing_credentials_are_refused") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start_with_basic_auth();
+    let image = rt.block_on(reg.push(
+        "private",
+        &busybox_layers()[..1],
+        &config_json(&[], &["sh"], &[]),
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("password");
+    std::fs::write(&pw, format!("{TEST_PASSWORD}\n")).unwrap();
+    let with = |password_file: &Path| {
+        let mut c = plfm_node_agent::image::ImageConfig::default();
+        c.registries.insert(
+            reg.addr.clone(),
+            plfm_node_agent::image::RegistryConfig {
+                username: Some(TEST_USER.into()),
+                password_file: Some(password_file.to_path_buf()),
+                insecure: true,
+                ..Default::default()
+            },
+        );
+        c
+    };
+
+    // Anonymous: refused by the registry.
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+
+    // Wrong password: refused, and the password is not in the message.
+    let bad = secrets.path().join("bad");
+    std::fs::write(&bad, "wrong-password\n").unwrap();
+    let svc = ImageService::open(data.path(), with(&bad)).unwrap();
+    let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+    assert!(!err.to_string().contains("wrong-password"), "{err}");
+
+    // Right password from the file: pulled and built.
+    let svc = ImageService::open(data.path(), with(&pw)).unwrap();
+    let disk = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap();
+    assert!(disk.path.is_file());
+}
