@@ -36,6 +36,9 @@ pub struct Config {
     /// Agent behaviour.
     #[serde(default)]
     pub agent: AgentConfig,
+    /// Image pipeline (pull, unpack, root disks, cache).
+    #[serde(default)]
+    pub images: crate::image::ImageConfig,
 }
 
 /// Logging.
@@ -265,7 +268,8 @@ pub enum ConfigError {
     },
 }
 
-const TOP_LEVEL_KEYS: [&str; 7] = [
+const TOP_LEVEL_KEYS: [&str; 8] = [
+    "images",
     "node_id",
     "data_dir",
     "log",

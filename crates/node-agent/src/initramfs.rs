@@ -290,7 +290,7 @@ fn newc_header(
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -316,7 +316,7 @@ fn cpio(members: &BTreeMap<String, Member>) -> Vec<u8> {
                     name,
                 );
                 out.extend_from_slice(data);
-                while out.len() % 4 != 0 {
+                while !out.len().is_multiple_of(4) {
                     out.push(0);
                 }
             }

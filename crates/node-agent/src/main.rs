@@ -57,6 +57,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Operator image commands (like `crictl pull`): pull and build a root disk, list
+    /// the cache, evict unreferenced disks. They work with or without a running agent.
+    Image {
+        #[command(subcommand)]
+        cmd: plfm_node_agent::image::ImageCommand,
+    },
+    /// Build the platform initramfs (guest init + the kernel modules it needs). Needs no
+    /// agent config.
+    BuildInitramfs(plfm_node_agent::initramfs::BuildInitramfsArgs),
 }
 
 fn init_logging(config: &Config) {
@@ -74,6 +83,15 @@ fn init_logging(config: &Config) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::BuildInitramfs(args)) = &cli.command {
+        return match plfm_node_agent::initramfs::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("plfm-node-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -106,6 +124,15 @@ fn main() -> ExitCode {
             runtime.block_on(cli::stop(addr, &instance_id, json))
         }
         Command::Drain { json } => runtime.block_on(cli::drain(addr, json)),
+        Command::Image { cmd } => {
+            let data_dir = config.data_dir.clone();
+            runtime.block_on(plfm_node_agent::image::run_cli(
+                cmd,
+                &data_dir,
+                config.images,
+            ))
+        }
+        Command::BuildInitramfs(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
