@@ -18,15 +18,23 @@ use std::time::{Duration, Instant};
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{ManualClock, SharedClock};
 use plfm_node_agent::config::{Config, ShutdownMode};
-use plfm_node_agent::control_plane::http::{run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink};
+use plfm_node_agent::control_plane::http::{
+    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+};
 use plfm_node_agent::metrics::Metrics;
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
 
 const NODE: &str = "bench-node";
 
 fn main() {
-    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let cp = support::FakeCp::start(support::new_state(NODE, 10, None)).await;
         cp.set_plan(1, (0..n).map(|i| common::assignment_json(&format!("c{i:04}"), 1)).collect());
@@ -82,8 +90,11 @@ fn main() {
             clock.advance(Duration::from_secs(1));
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
-        // Let the last heartbeat land.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Let the beat due at exactly 3600 s land (up to 2 s of real time).
+        let settle = Instant::now() + Duration::from_secs(2);
+        while cp.state.heartbeats.lock().unwrap().len() - hb0 < 360 && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let simulated = t1.elapsed();
         let posts = cp.posts().len() - posts0;
         let heartbeats = cp.state.heartbeats.lock().unwrap().len() - hb0;

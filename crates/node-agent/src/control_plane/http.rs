@@ -702,6 +702,9 @@ pub async fn run_heartbeat(
         .unwrap_or(1.0);
     let memory = total_memory_bytes();
     let mut interval = initial;
+    // Fixed rate: the next beat is due one interval after the previous one was due, so
+    // the time a request takes does not stretch the period.
+    let mut due = clock.now();
     loop {
         let usage = supervisor.usage().await.unwrap_or_default();
         let outbox_depth = store.call(|s| s.outbox_depth()).await.unwrap_or(-1);
@@ -729,8 +732,14 @@ pub async fn run_heartbeat(
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
+        due = due.plus(interval);
+        let now = clock.now();
+        if due.plus(interval) < now {
+            // Fell behind by more than a period (a long outage): do not burst.
+            due = now;
+        }
         tokio::select! {
-            _ = clock.sleep(interval) => {}
+            _ = clock.sleep_until(due) => {}
             _ = shutdown.changed() => return,
         }
     }
