@@ -63,7 +63,14 @@ fn parse_id(id: &str) -> Result<InstanceId, ApiError> {
 }
 
 async fn healthz(State(s): State<ApiState>) -> Response {
-    Json(json!({ "status": "ok", "instances": s.status.list().len() })).into_response()
+    match s.status.degraded() {
+        None => Json(json!({ "status": "ok", "instances": s.status.list().len() })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "degraded", "reason": reason })),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -169,6 +169,8 @@ type Commit = (StatusRecord, oneshot::Sender<()>);
 pub struct StatusManager {
     entries: Mutex<HashMap<InstanceId, Entry>>,
     listeners: Mutex<Vec<Arc<Notify>>>,
+    /// Why statuses cannot be persisted right now (the node is degraded), if so.
+    degraded: Arc<Mutex<Option<String>>>,
     commit_tx: mpsc::Sender<Commit>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -218,10 +220,18 @@ impl StatusManager {
             );
         }
         let (commit_tx, commit_rx) = mpsc::channel(MAX_BATCH);
-        tokio::spawn(commit_loop(store, commit_rx, outbox_ready, metrics.clone()));
+        let degraded = Arc::new(Mutex::new(None));
+        tokio::spawn(commit_loop(
+            store,
+            commit_rx,
+            outbox_ready,
+            metrics.clone(),
+            degraded.clone(),
+        ));
         Ok(Arc::new(StatusManager {
             entries: Mutex::new(entries),
             listeners: Mutex::new(Vec::new()),
+            degraded,
             commit_tx,
             clock,
             metrics,
@@ -364,6 +374,14 @@ impl StatusManager {
         Ok(Applied::Changed { seq })
     }
 
+    /// Why the node is degraded (statuses cannot be persisted), if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// A notification fired after every reported status change (e.g. to poll the plan).
     pub fn subscribe_changes(&self) -> Arc<Notify> {
         let n = Arc::new(Notify::new());
@@ -460,6 +478,7 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Commit>,
     outbox_ready: Arc<Notify>,
     metrics: Arc<Metrics>,
+    degraded: Arc<Mutex<Option<String>>>,
 ) {
     let mut batch: Vec<Commit> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -479,9 +498,12 @@ async fn commit_loop(
             match store.call(move |s| s.commit_statuses(&recs)).await {
                 Ok(()) => {
                     metrics.status_commits.inc();
+                    *degraded.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     break;
                 }
                 Err(e) => {
+                    *degraded.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("state store: {e}"));
                     // Nothing is acknowledged before it is durable: callers wait.
                     tracing::error!(error = %e, "cannot persist status changes; retrying");
                     tokio::time::sleep(delay).await;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assignment_json, tree, wait_real};
+use common::{assignment_json, free_port, tree, wait_real};
 use plfm_node_agent::instance::Status;
 use plfm_node_agent::report::{InstanceView, StatusReport};
 use plfm_node_agent::state::Store;
@@ -17,14 +17,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A temp workspace: config, desired dir, data dir, captured log.

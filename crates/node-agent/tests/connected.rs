@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assignment_json, id, tree};
+use common::{assignment_json, free_port, id, tree};
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{SharedClock, SystemClock};
 use plfm_node_agent::config::{Config, ControlPlaneConfig, ShutdownMode};
@@ -301,14 +301,6 @@ async fn outage_loses_nothing_and_stops_no_workload() {
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn write_agent_config(dir: &Path, url: &str, extra_cp: &str) -> std::path::PathBuf {
     let cfg = format!(

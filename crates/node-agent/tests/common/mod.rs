@@ -227,3 +227,12 @@ pub fn reported_move_is_legal(a: Status, b: Status) -> bool {
     a.can_transition_to(b)
         || (a.can_transition_to(Status::Preparing) && Status::Preparing.can_transition_to(b))
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
