@@ -1,0 +1,284 @@
+//! The Firecracker runtime against a stand-in `firecracker` (a TEST DOUBLE built from
+//! `tests/fc_standin/fake_firecracker.rs`): API socket wait, exit-code messages, API
+//! faults, crash after start, adoption after an agent restart, and the graceful stop
+//! order (guest stop → SendCtrlAltDel → SIGKILL) with its deadlines. Linux only.
+#![cfg(target_os = "linux")]
+
+mod fc_standin;
+
+use std::time::{Duration, Instant};
+
+use fc_standin::{realistic_workload, standin_alive, wait_until, FcEnv};
+use plfm_node_agent::runtime::{BootContext, Runtime, RuntimeError, VmEvent};
+use plfm_node_agent::spec::InstanceId;
+
+fn id(s: &str) -> InstanceId {
+    InstanceId::parse(s).unwrap()
+}
+
+fn boot(b: &str) -> BootContext {
+    BootContext {
+        boot_id: b.into(),
+        secrets: None,
+    }
+}
+
+async fn start_err(env: &FcEnv, boot_timeout: u64, instance: &str) -> RuntimeError {
+    let rt = env.runtime(boot_timeout);
+    let w = realistic_workload(instance);
+    let i = id(instance);
+    rt.prepare(&i, &w).await.unwrap();
+    let e = rt.start(&i, &w, boot("b1")).await.unwrap_err();
+    rt.cleanup(&i).await.unwrap();
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_socket_that_never_appears_fails_the_start_at_its_deadline() {
+    let Some(env) = FcEnv::new("no_socket") else {
+        return;
+    };
+    let t = Instant::now();
+    let e = start_err(&env, 1, "i-nosock").await;
+    let took = t.elapsed();
+    assert!(matches!(e, RuntimeError::VmmStart(_)), "{e:?}");
+    assert!(e.to_string().contains("did not appear within 1s"), "{e}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    for pid in env.pids() {
+        assert!(!standin_alive(pid), "stand-in {pid} left running");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_firecracker_exit_code_is_named_in_the_error() {
+    let want = [
+        (148, "seccomp violation"),
+        (149, "SIGBUS"),
+        (150, "SIGSEGV"),
+        (151, "SIGXFSZ"),
+        (152, "bad configuration"),
+        (153, "argument parsing"),
+        (154, "SIGXCPU"),
+        (155, "SIGPIPE"),
+        (156, "SIGHUP"),
+        (157, "SIGILL"),
+    ];
+    for (code, meaning) in want {
+        let Some(env) = FcEnv::new(&format!("exit_now:{code}")) else {
+            return;
+        };
+        let e = start_err(&env, 5, "i-exit").await.to_string();
+        assert!(
+            e.contains(&format!("exit code {code} ({meaning}")),
+            "{code}: {e}"
+        );
+        // The VMM's own output is quoted.
+        assert!(
+            e.contains("simulated failure before the API"),
+            "{code}: {e}"
+        );
+        assert_eq!(
+            RuntimeError::VmmStart(e).reason().as_str(),
+            "firecracker_start_failed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_fault_message_reaches_the_error_and_the_vmm_is_killed() {
+    let Some(env) = FcEnv::new("reject:/boot-source") else {
+        return;
+    };
+    let e = start_err(&env, 5, "i-fault").await.to_string();
+    assert!(
+        e.contains("PUT /boot-source: 400: fake: /boot-source refused: Invalid argument"),
+        "{e}"
+    );
+    for pid in env.pids() {
+        assert!(!standin_alive(pid));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_instance_start_is_a_vmm_exit_with_meaning_and_log_tail() {
+    let Some(env) = FcEnv::new("exit_after_start:152") else {
+        return;
+    };
+    let rt = env.runtime(5);
+    let w = realistic_workload("i-crash");
+    let i = id("i-crash");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+        .await
+        .expect("an event within 10 s");
+    match ev {
+        VmEvent::VmmExited { code, detail } => {
+            assert_eq!(code, Some(152));
+            assert!(
+                detail.contains("exit code 152 (bad configuration)"),
+                "{detail}"
+            );
+            assert!(detail.contains("simulated crash, exit 152"), "{detail}");
+        }
+        other => panic!("expected VmmExited, got {other:?}"),
+    }
+    let dir = env.data_dir().join("instances/i-crash");
+    assert!(dir.join("scratch.ext4").exists());
+    rt.cleanup(&i).await.unwrap();
+    assert!(
+        !dir.exists(),
+        "instance dir (sockets, scratch) must be removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_stop_request_ends_the_vm_gracefully_without_ctrl_alt_del() {
+    let Some(env) = FcEnv::new("run") else { return };
+    let rt = env.runtime(5);
+    let w = realistic_workload("i-stop");
+    let i = id("i-stop");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm)).await;
+    assert_eq!(ev.ok(), Some(VmEvent::WorkloadStarted));
+    let out = rt.stop(&vm, Duration::from_secs(4)).await;
+    assert!(out.graceful, "{out:?}");
+    assert_eq!(out.exit_code, Some(0));
+    let names: Vec<String> = env.events().into_iter().map(|e| e.0).collect();
+    assert!(names.contains(&"guest_stop".to_string()), "{names:?}");
+    assert!(!names.contains(&"ctrl_alt_del".to_string()), "{names:?}");
+    rt.cleanup(&i).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_guest_stop_is_followed_by_ctrl_alt_del() {
+    let Some(env) = FcEnv::new("run,ignore_stop") else {
+        return;
+    };
+    let rt = env.runtime(5);
+    let w = realistic_workload("i-cad");
+    let i = id("i-cad");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+            .await
+            .ok(),
+        Some(VmEvent::WorkloadStarted)
+    );
+    let out = rt.stop(&vm, Duration::from_secs(2)).await;
+    assert!(out.graceful, "{out:?}");
+    let ev = env.events();
+    let at = |n: &str| ev.iter().find(|e| e.0 == n).map(|e| e.1);
+    let (stop, cad) = (at("guest_stop").unwrap(), at("ctrl_alt_del").unwrap());
+    assert!(cad > stop, "CtrlAltDel must follow the guest stop");
+    // At three quarters of the grace period (1.5 s of 2 s), with scheduling slack.
+    assert!((1300..2500).contains(&(cad - stop)), "{}", cad - stop);
+    rt.cleanup(&i).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_ignoring_everything_is_killed_at_the_deadline() {
+    let Some(env) = FcEnv::new("run,ignore_stop,ignore_cad") else {
+        return;
+    };
+    let rt = env.runtime(5);
+    let w = realistic_workload("i-kill");
+    let i = id("i-kill");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+            .await
+            .ok(),
+        Some(VmEvent::WorkloadStarted)
+    );
+    let t = Instant::now();
+    let out = rt.stop(&vm, Duration::from_secs(2)).await;
+    let took = t.elapsed();
+    assert!(!out.graceful);
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    let names: Vec<String> = env.events().into_iter().map(|e| e.0).collect();
+    let pos = |n: &str| names.iter().position(|x| x == n);
+    assert!(pos("guest_stop") < pos("ctrl_alt_del"), "{names:?}");
+    for pid in env.pids() {
+        wait_until("stand-in killed", Duration::from_secs(5), || {
+            !standin_alive(pid)
+        })
+        .await;
+    }
+    rt.cleanup(&i).await.unwrap();
+}
+
+#[test]
+fn running_vmm_is_adopted_after_an_agent_restart() {
+    let Some(env) = FcEnv::new("run") else { return };
+    let i = id("i-adopt");
+    let w = realistic_workload("i-adopt");
+    // First agent: start the VM, then go away (runtime and its tasks dropped).
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let vm = first.block_on(async {
+        let rt = env.runtime(5);
+        rt.prepare(&i, &w).await.unwrap();
+        let vm = rt.start(&i, &w, boot("b-adopt")).await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+                .await
+                .ok(),
+            Some(VmEvent::WorkloadStarted)
+        );
+        vm
+    });
+    first.shutdown_timeout(Duration::from_secs(2));
+    let pid = *env.pids().first().unwrap();
+    assert!(standin_alive(pid), "the VMM must survive the agent");
+
+    // Second agent on the same data dir.
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let rt = env.runtime(5);
+        let found = rt.recover().await.unwrap();
+        assert_eq!(found, vec![vm.clone()], "adopted with the same boot id");
+        assert!(
+            env.requests()
+                .iter()
+                .any(|(m, p, _)| m == "GET" && p == "/"),
+            "probed the API socket"
+        );
+        // The guest reconnects as resumed and reports its workload again.
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+                .await
+                .ok(),
+            Some(VmEvent::WorkloadStarted)
+        );
+        assert!(env.events().iter().any(|e| e.0 == "guest_resumed"));
+        let out = rt.stop(&vm, Duration::from_secs(4)).await;
+        assert!(out.graceful, "{out:?}");
+        rt.cleanup(&i).await.unwrap();
+        wait_until("VMM gone", Duration::from_secs(5), || !standin_alive(pid)).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_vmm_record_is_not_adopted() {
+    let Some(env) = FcEnv::new("exit_after_start:0") else {
+        return;
+    };
+    let rt = env.runtime(5);
+    let i = id("i-dead");
+    let w = realistic_workload("i-dead");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm)).await;
+    let rt2 = env.runtime(5);
+    assert!(rt2.recover().await.unwrap().is_empty());
+    rt.cleanup(&i).await.unwrap();
+}
