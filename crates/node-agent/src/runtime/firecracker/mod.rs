@@ -773,6 +773,8 @@ impl Runtime for FirecrackerRuntime {
     }
 
     async fn prepare(&self, id: &InstanceId, workload: &Workload) -> Result<(), RuntimeError> {
+        // A host that cannot run VMMs fails the instance before pulling anything.
+        self.config.check_host().map_err(RuntimeError::VmmStart)?;
         let dir = self.instance_dir(id);
         self.ledger_add(id, "instance_dir", dir.display().to_string(), None)
             .await;
