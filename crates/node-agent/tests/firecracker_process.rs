@@ -282,3 +282,68 @@ async fn dead_vmm_record_is_not_adopted() {
     assert!(rt2.recover().await.unwrap().is_empty());
     rt.cleanup(&i).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
+    let Some(env) = FcEnv::new("run") else { return };
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            !fc_standin::require_system_tests(),
+            "PLFM_REQUIRE_SYSTEM_TESTS=1: the jailer test needs root (chown into the jail)"
+        );
+        eprintln!("SKIP: the jailer test needs root (chown into the jail)");
+        return;
+    }
+    let rt = plfm_node_agent::runtime::firecracker::FirecrackerRuntime::new(
+        env.jailed_config(5),
+        &env.data_dir(),
+        None,
+        std::sync::Arc::new(fc_standin::TestHost::new(
+            env.root.path(),
+            Some("plfmtest0"),
+        )),
+    );
+    let i = id("i-jail");
+    let w = realistic_workload("i-jail");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+            .await
+            .ok(),
+        Some(VmEvent::WorkloadStarted),
+        "guest reached the vsock inside the jail"
+    );
+    let jail = env.path("jail/firecracker/i-jail");
+    let root = jail.join("root");
+    use std::os::unix::fs::MetadataExt;
+    for f in [
+        "vmlinux",
+        "initramfs.cpio.gz",
+        "root.ext4",
+        "scratch.ext4",
+        "vol-a.ext4",
+        "vol-b.ext4",
+        "firecracker.log",
+    ] {
+        let m = std::fs::metadata(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!((m.uid(), m.gid()), (10001, 10001), "{f}");
+    }
+    // API paths are the jail's view.
+    let reqs = env.requests();
+    let body = |p: &str| {
+        reqs.iter()
+            .find(|r| r.1 == p)
+            .and_then(|r| r.2.clone())
+            .unwrap()
+    };
+    assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
+    assert_eq!(body("/drives/vdc")["path_on_host"], "/vol-a.ext4");
+    assert_eq!(body("/vsock")["uds_path"], "/v.sock");
+    let out = rt.stop(&vm, Duration::from_secs(4)).await;
+    assert!(out.graceful);
+    rt.cleanup(&i).await.unwrap();
+    assert!(!jail.exists(), "jail must be removed");
+    // Volumes outlive the instance; only their jail links went.
+    assert!(env.path("vol-a.ext4").exists());
+}

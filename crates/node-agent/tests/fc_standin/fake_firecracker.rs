@@ -57,6 +57,7 @@ fn json_str(body: &str, key: &str) -> Option<String> {
 struct State {
     modes: Vec<String>,
     id: String,
+    jail: Option<String>,
     log_path: Option<String>,
     uds: Option<String>,
 }
@@ -85,6 +86,23 @@ fn main() {
         std::process::exit(153)
     });
     let id = arg("--id").unwrap_or_default();
+    // Invoked as the jailer: the API socket and the paths given over the API are
+    // relative to `<chroot-base-dir>/<exec-file name>/<id>/root` (no real chroot).
+    let jail = arg("--chroot-base-dir").map(|base| {
+        let exec = arg("--exec-file").unwrap_or_default();
+        let name = std::path::Path::new(&exec)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{base}/{name}/{id}/root")
+    });
+    if let Some(root) = &jail {
+        record(&format!("EVENT jailed {} {root}", now_ms()));
+    }
+    let sock = match &jail {
+        Some(root) => format!("{root}{sock}"),
+        None => sock,
+    };
     let modes: Vec<String> = std::env::var("FAKE_FC")
         .unwrap_or_default()
         .split(',')
@@ -93,6 +111,7 @@ fn main() {
     let state = Arc::new(Mutex::new(State {
         modes,
         id,
+        jail,
         log_path: None,
         uds: None,
     }));
@@ -173,11 +192,13 @@ fn serve(mut conn: UnixStream, state: &Arc<Mutex<State>>) {
             respond(&mut conn, "200 OK", "{\"vcpu_count\":1,\"mem_size_mib\":128}");
         }
         ("PUT", "/logger") => {
-            s.log_path = json_str(&body, "log_path");
+            let jail = s.jail.clone().unwrap_or_default();
+            s.log_path = json_str(&body, "log_path").map(|p| format!("{jail}{p}"));
             respond(&mut conn, "204 No Content", "");
         }
         ("PUT", "/vsock") => {
-            s.uds = json_str(&body, "uds_path");
+            let jail = s.jail.clone().unwrap_or_default();
+            s.uds = json_str(&body, "uds_path").map(|p| format!("{jail}{p}"));
             respond(&mut conn, "204 No Content", "");
         }
         ("PUT", "/actions") if body.contains("InstanceStart") => {

@@ -72,17 +72,20 @@ impl FcEnv {
         let root = tempfile::tempdir().unwrap();
         let record = root.path().join("requests.log");
         let binary = root.path().join("firecracker");
-        std::fs::write(
-            &binary,
-            format!(
-                "#!/bin/sh\nFAKE_FC='{modes}' FAKE_FC_RECORD='{}' exec '{}' \"$@\"\n",
-                record.display(),
-                standin.display()
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["firecracker", "jailer"] {
+            let p = root.path().join(name);
+            std::fs::write(
+                &p,
+                format!(
+                    "#!/bin/sh\nFAKE_FC='{modes}' FAKE_FC_RECORD='{}' exec '{}' \"$@\"\n",
+                    record.display(),
+                    standin.display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         for f in ["vmlinux", "initramfs.cpio.gz", "root.ext4"] {
             std::fs::write(root.path().join(f), b"test").unwrap();
         }
@@ -109,6 +112,17 @@ impl FcEnv {
             boot_timeout,
             api_timeout_ms: 2000,
             ..Default::default()
+        }
+    }
+
+    /// The same stand-in started through `jailer` (uid/gid 10001, chroot under `jail/`).
+    pub fn jailed_config(&self, boot_timeout: u64) -> FirecrackerConfig {
+        FirecrackerConfig {
+            jailer: Some(self.path("jailer")),
+            chroot_base_dir: self.path("jail"),
+            uid: 10001,
+            gid: 10001,
+            ..self.config(boot_timeout)
         }
     }
 

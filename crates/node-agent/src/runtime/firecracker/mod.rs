@@ -175,6 +175,26 @@ pub fn boot_args(id: &InstanceId) -> String {
     format!("console=ttyS0 reboot=k panic=1 pci=off platform.instance_id={id}")
 }
 
+/// The `--id` of an instance's VMM. Firecracker and the jailer accept 1–64
+/// alphanumerics and hyphens; instance ids may also hold `.` and `_` and be longer, so
+/// such ids are mapped to hyphens and, when changed or too long, suffixed with a hash
+/// of the full id (kept unique).
+pub fn vmm_id(id: &InstanceId) -> String {
+    let s = id.as_str();
+    if s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return s.to_string();
+    }
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let clean: String = s
+        .chars()
+        .take(47)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("{clean}-{h:016x}")
+}
+
 /// A disk handed to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPath {
@@ -472,7 +492,7 @@ impl FirecrackerRuntime {
         match &host.jailer {
             Some(_) => {
                 let root =
-                    process::chroot_dir(&self.config.chroot_base_dir, &host.binary, id.as_str());
+                    process::chroot_dir(&self.config.chroot_base_dir, &host.binary, &vmm_id(id));
                 Layout {
                     api_sock: root.join(process::JAILED_API_SOCK.trim_start_matches('/')),
                     vsock_uds: root.join("v.sock"),
@@ -851,7 +871,7 @@ impl Runtime for FirecrackerRuntime {
                 program: jailer.clone(),
                 args: process::jailer_args(&process::JailerArgs {
                     exec_file: &resolved.binary,
-                    id: id.as_str(),
+                    id: &vmm_id(id),
                     uid,
                     gid,
                     chroot_base_dir: &self.config.chroot_base_dir,
@@ -869,7 +889,7 @@ impl Runtime for FirecrackerRuntime {
             },
             None => process::Launch {
                 program: resolved.binary.clone(),
-                args: process::firecracker_args(&layout.api_sock, id.as_str()),
+                args: process::firecracker_args(&layout.api_sock, &vmm_id(id)),
                 console_log: layout.console_log.clone(),
             },
         };
@@ -1070,7 +1090,7 @@ impl Runtime for FirecrackerRuntime {
             };
             // Probe: the socket must answer and name this instance.
             match self.api(&rec.api_sock).instance_info().await {
-                Ok(info) if info.id == rec.instance_id => {}
+                Ok(info) if info.id == vmm_id(&id) => {}
                 other => {
                     let why = match other {
                         Ok(info) => format!("API answers for {:?}", info.id),
@@ -1166,7 +1186,7 @@ impl Runtime for FirecrackerRuntime {
                 chroots.push(process::chroot_dir(
                     &self.config.chroot_base_dir,
                     &host.binary,
-                    id.as_str(),
+                    &vmm_id(id),
                 ));
             }
         }
@@ -1404,6 +1424,20 @@ mod tests {
         let t = tap_name(&InstanceId::parse("some-long-instance-id-0001").unwrap());
         assert_eq!(t.len(), 15);
         assert!(t.starts_with("plfm"));
+    }
+
+    #[test]
+    fn vmm_ids_are_what_firecracker_accepts_and_stay_unique() {
+        let ok = |s: &str| {
+            (1..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        };
+        let a = vmm_id(&InstanceId::parse("web.1_a").unwrap());
+        let b = vmm_id(&InstanceId::parse("web-1-a").unwrap());
+        assert!(ok(&a) && ok(&b));
+        assert_eq!(b, "web-1-a");
+        assert_ne!(a, b);
+        let long = vmm_id(&InstanceId::parse(&"x".repeat(100)).unwrap());
+        assert!(ok(&long), "{long}");
     }
 
     #[test]
