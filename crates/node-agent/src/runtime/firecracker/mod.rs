@@ -1276,6 +1276,7 @@ fn spawn_monitor(
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<Duration>();
     let (exit_tx, exit_rx) = watch::channel(None);
+    let adopted = matches!(exit, Exit::Adopted(_));
     let instance = handle.instance_id.to_string();
     let workload_exit = Arc::new(Mutex::new(None));
     let workload_exit_w = workload_exit.clone();
@@ -1283,9 +1284,14 @@ fn spawn_monitor(
         let exited = exit.wait();
         tokio::pin!(exited);
         let guest = async {
-            let mut session =
-                match accept_guest(&listener, &instance, config, handshake_deadline).await {
-                    Ok(s) => s,
+            // An adopted VM's guest reconnects (every second, `resumed`) whenever it
+            // likes: keep listening instead of failing a healthy VM.
+            let mut session = loop {
+                match accept_guest(&listener, &instance, config.clone(), handshake_deadline).await {
+                    Ok(s) => break s,
+                    Err(e) if adopted => {
+                        tracing::debug!(instance = %instance, error = %e, "adopted guest has not reconnected yet");
+                    }
                     Err(e) => {
                         let err = match e.reason() {
                             crate::instance::ReasonCode::FirecrackerStartFailed => {
@@ -1299,7 +1305,8 @@ fn spawn_monitor(
                         let _ = ev_tx.send(VmEvent::Failed(err));
                         return std::future::pending::<()>().await;
                     }
-                };
+                }
+            };
             drop(listener);
             loop {
                 tokio::select! {
@@ -1328,9 +1335,10 @@ fn spawn_monitor(
             }
         };
         tokio::pin!(guest);
+        // `guest` never completes (it ends in `pending`): the VMM's exit ends the task.
         let (code, signal) = tokio::select! {
             r = &mut exited => r,
-            _ = &mut guest => unreachable_pending(),
+            _ = &mut guest => (None, None),
         };
         let _ = exit_tx.send(Some((code, signal)));
         let mut detail = process::describe_exit(code, signal);
@@ -1353,11 +1361,6 @@ fn spawn_monitor(
         workload_exit,
         monitor,
     })
-}
-
-fn unreachable_pending() -> (Option<i32>, Option<i32>) {
-    // The guest future never completes (it ends in `pending`).
-    (None, None)
 }
 
 /// Graceful stop: guest stop request at once; `SendCtrlAltDel` at three quarters of
