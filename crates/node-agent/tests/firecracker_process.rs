@@ -347,3 +347,42 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
     // Volumes outlive the instance; only their jail links went.
     assert!(env.path("vol-a.ext4").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_pid_and_start_time_are_in_the_ledger_before_configuration_and_gone_after_cleanup() {
+    let Some(env) = FcEnv::new("run") else { return };
+    std::fs::create_dir_all(env.data_dir()).unwrap();
+    let store = plfm_node_agent::state::Store::open(&env.data_dir().join("state.db")).unwrap();
+    let rt = plfm_node_agent::runtime::firecracker::FirecrackerRuntime::new(
+        env.config(5),
+        &env.data_dir(),
+        Some(store.clone()),
+        std::sync::Arc::new(fc_standin::TestHost::new(env.root.path(), None)),
+    );
+    let i = id("i-ledger");
+    let w = realistic_workload("i-ledger");
+    rt.prepare(&i, &w).await.unwrap();
+    let vm = rt.start(&i, &w, boot("b1")).await.unwrap();
+    let rows = store.resources().unwrap();
+    let proc_row = rows
+        .iter()
+        .find(|r| r.kind == "process" && r.instance_id == "i-ledger")
+        .expect("process row");
+    let detail: serde_json::Value =
+        serde_json::from_str(proc_row.detail.as_deref().unwrap()).unwrap();
+    let pid = detail["pid"].as_i64().unwrap() as i32;
+    assert!(env.pids().contains(&pid), "{detail} vs {:?}", env.pids());
+    assert!(detail["start_time"].as_u64().unwrap() > 0);
+    // No tap from the host resources: no network interface is configured.
+    assert!(!env
+        .requests()
+        .iter()
+        .any(|r| r.1.starts_with("/network-interfaces")));
+    rt.stop(&vm, Duration::from_secs(2)).await;
+    rt.cleanup(&i).await.unwrap();
+    assert!(store
+        .resources()
+        .unwrap()
+        .iter()
+        .all(|r| r.instance_id != "i-ledger"));
+}

@@ -226,6 +226,15 @@ pub fn spawn(launch: &Launch) -> Result<Spawned, String> {
     Ok(Spawned { id, child })
 }
 
+/// Firecracker runs on Linux only; elsewhere every spawn fails with a clear message.
+#[cfg(not(target_os = "linux"))]
+pub fn spawn(launch: &Launch) -> Result<Spawned, String> {
+    Err(format!(
+        "{}: the firecracker runtime runs only on Linux",
+        launch.program.display()
+    ))
+}
+
 /// Waits until `socket` accepts connections, the child exits, or `deadline` passes.
 pub async fn wait_for_socket(
     socket: &Path,
