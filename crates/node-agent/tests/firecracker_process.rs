@@ -177,7 +177,7 @@ async fn ignored_guest_stop_is_followed_by_ctrl_alt_del() {
     let (stop, cad) = (at("guest_stop").unwrap(), at("ctrl_alt_del").unwrap());
     assert!(cad > stop, "CtrlAltDel must follow the guest stop");
     // At three quarters of the grace period (1.5 s of 2 s), with scheduling slack.
-    assert!((1300..2500).contains(&(cad - stop)), "{}", cad - stop);
+    assert!((1200..3500).contains(&(cad - stop)), "{}", cad - stop);
     rt.cleanup(&i).await.unwrap();
 }
 

@@ -1443,6 +1443,29 @@ mod tests {
         assert!(ok(&long), "{long}");
     }
 
+    #[tokio::test]
+    async fn scratch_disk_is_a_sparse_ext4_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("scratch.ext4");
+        match make_ext4(&p, 64 << 20).await {
+            Ok(()) => {}
+            Err(e)
+                if e.contains("No such file")
+                    && std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1") =>
+            {
+                eprintln!("SKIP: mkfs.ext4 not installed: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(m.blocks() * 512 < m.len(), "sparse");
+        let sb = std::fs::read(&p).unwrap();
+        assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 magic");
+    }
+
     #[test]
     fn missing_binary_is_named() {
         let c = FirecrackerConfig {
