@@ -182,3 +182,96 @@ async fn vmm_exit_before_the_handshake_fails_cleans_up_and_restarts() {
         .await;
     }
 }
+
+/// The agent binary, killed on drop.
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binary_with_firecracker_kind_and_no_binary_stays_healthy() {
+    let bin = env!("CARGO_BIN_EXE_plfm-node-agent");
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(tmp.path().join("desired")).unwrap();
+    std::fs::write(
+        tmp.path().join("desired/i-bin.json"),
+        serde_json::to_vec(&assignment("i-bin")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("agent.toml"),
+        format!(
+            r#"node_id = "n1"
+data_dir = "data"
+[api]
+listen = "127.0.0.1:{port}"
+[control_plane]
+mode = "standalone"
+desired_dir = "desired"
+rescan_interval_ms = 200
+[runtime]
+kind = "firecracker"
+[runtime.firecracker]
+binary = "/nonexistent/bin/firecracker"
+"#
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(tmp.path().join("agent.log")).unwrap();
+    let _agent = AgentProcess(
+        std::process::Command::new(bin)
+            .arg("--config")
+            .arg(tmp.path().join("agent.toml"))
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    plfm_node_agent::control_plane::http::ensure_crypto_provider();
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        async move {
+            let r = reqwest::get(url).await.ok()?;
+            r.status().is_success().then_some(())?;
+            r.json::<serde_json::Value>().await.ok()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        if let Some(v) = get("/v1/instances/i-bin").await {
+            if v["status"] == "failed" {
+                break v;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed status; agent log:\n{}",
+            std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view["reason_code"], "firecracker_start_failed");
+    let msg = view["error_message"].as_str().unwrap_or_default();
+    assert!(msg.contains("/nonexistent/bin/firecracker"), "{msg}");
+    // Still healthy after the failure.
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .expect("healthz answers");
+    assert!(health.status().is_success(), "{}", health.status());
+    let log = std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("/nonexistent/bin/firecracker"),
+        "the start-up log names the binary"
+    );
+}
