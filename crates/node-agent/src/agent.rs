@@ -223,6 +223,22 @@ pub fn build_runtime(
             )
             .with_logs(logs),
         ),
+        RuntimeKind::Firecracker => {
+            let _ = (clock, logs);
+            let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
+                .map_err(|e| tracing::error!(error = %e, "image service unavailable; root disks cannot be built"))
+                .ok();
+            let host = Arc::new(crate::runtime::firecracker::LocalHost::new(
+                &config.data_dir,
+                images,
+            ));
+            Arc::new(crate::runtime::firecracker::FirecrackerRuntime::new(
+                config.runtime.firecracker.clone(),
+                &config.data_dir,
+                store,
+                host,
+            ))
+        }
     }
 }
 

@@ -178,6 +178,9 @@ pub struct RuntimeConfig {
     /// Mock runtime settings.
     #[serde(default)]
     pub mock: MockConfig,
+    /// Firecracker runtime settings (`[runtime.firecracker]`).
+    #[serde(default)]
+    pub firecracker: crate::runtime::firecracker::FirecrackerConfig,
 }
 
 /// Runtime kinds.
@@ -186,6 +189,8 @@ pub struct RuntimeConfig {
 pub enum RuntimeKind {
     /// In-process simulation.
     Mock,
+    /// One Firecracker microVM per instance.
+    Firecracker,
 }
 
 /// Agent behaviour.
@@ -395,6 +400,7 @@ impl Config {
             .mock
             .validate()
             .map_err(|e| format!("runtime.mock.{e}"))?;
+        self.runtime.firecracker.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())

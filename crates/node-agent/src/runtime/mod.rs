@@ -7,6 +7,7 @@
 //! health thresholds, deadlines between steps and statuses belong to the instance
 //! actor. Every method is idempotent, and `stop`/`cleanup` never leave a VM behind.
 
+pub mod firecracker;
 pub mod mock;
 
 use std::time::Duration;
