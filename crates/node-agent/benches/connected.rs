@@ -18,15 +18,23 @@ use std::time::{Duration, Instant};
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{ManualClock, SharedClock};
 use plfm_node_agent::config::{Config, ShutdownMode};
-use plfm_node_agent::control_plane::http::{run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink};
+use plfm_node_agent::control_plane::http::{
+    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+};
 use plfm_node_agent::metrics::Metrics;
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
 
 const NODE: &str = "bench-node";
 
 fn main() {
-    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let cp = support::FakeCp::start(support::new_state(NODE, 10, None)).await;
         cp.set_plan(1, (0..n).map(|i| common::assignment_json(&format!("c{i:04}"), 1)).collect());

@@ -178,6 +178,9 @@ pub struct RuntimeConfig {
     /// Mock runtime settings.
     #[serde(default)]
     pub mock: MockConfig,
+    /// QEMU runtime settings (`[runtime.qemu]`).
+    #[serde(default)]
+    pub qemu: crate::runtime::qemu::QemuConfig,
 }
 
 /// Runtime kinds.
@@ -186,6 +189,8 @@ pub struct RuntimeConfig {
 pub enum RuntimeKind {
     /// In-process simulation.
     Mock,
+    /// `qemu-system-x86_64 -M microvm` (DESIGN §5).
+    Qemu,
 }
 
 /// Agent behaviour.
@@ -361,6 +366,12 @@ impl Config {
                 *p = Some(abs(d));
             }
         }
+        let q = &mut self.runtime.qemu;
+        for p in [&mut q.kernel, &mut q.initramfs] {
+            if let Some(d) = p.as_ref() {
+                *p = Some(abs(d));
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -395,6 +406,12 @@ impl Config {
             .mock
             .validate()
             .map_err(|e| format!("runtime.mock.{e}"))?;
+        if self.runtime.kind == RuntimeKind::Qemu {
+            self.runtime
+                .qemu
+                .validate()
+                .map_err(|e| format!("runtime.qemu.{e}"))?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())

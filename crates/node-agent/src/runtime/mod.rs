@@ -8,6 +8,7 @@
 //! actor. Every method is idempotent, and `stop`/`cleanup` never leave a VM behind.
 
 pub mod mock;
+pub mod qemu;
 
 use std::time::Duration;
 
