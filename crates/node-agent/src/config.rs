@@ -542,6 +542,32 @@ kind = "mock"
     }
 
     #[test]
+    fn qemu_runtime_table_is_validated_with_the_key_named() {
+        let qemu = MIN.replace("\"mock\"", "\"qemu\"");
+        let err = load(&qemu, &[]).unwrap_err().to_string();
+        assert!(err.contains("runtime.qemu.kernel"), "{err}");
+        let ok = format!("{qemu}\n[runtime.qemu]\nkernel = \"vmlinuz\"\ninitramfs = \"/i.img\"\naccel = \"tcg\"\n");
+        let c = load(&ok, &[]).unwrap();
+        assert_eq!(c.runtime.kind, RuntimeKind::Qemu);
+        assert_eq!(
+            c.runtime.qemu.kernel,
+            Some(PathBuf::from("/etc/plfm/vmlinuz"))
+        );
+        let err = load(&format!("{ok}ipv4_pool = \"10.0.0.0/8\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime.qemu.ipv4_pool"), "{err}");
+        let err = load(&format!("{ok}kernal = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kernal"), "{err}");
+        let err = load(&ok.replace("\"tcg\"", "\"hvf\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hvf"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = load(&format!("{MIN}\n[api]\nlisten_port = 3\n"), &[])
             .unwrap_err()

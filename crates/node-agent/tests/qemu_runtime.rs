@@ -517,7 +517,15 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
         "a secret value reached a log"
     );
     // Tap and rules exist while it runs; the tap and addresses are as planned.
-    assert!(env.instances().is_some());
+    // `status --json` (the local API) shows the tap and the addresses.
+    let v = env
+        .instances()
+        .and_then(|l| l.into_iter().find(|v| v.instance_id == "web-q1"))
+        .unwrap();
+    assert_eq!(v.tap.as_deref(), Some(tap.as_str()));
+    let addrs = v.addresses.expect("addresses");
+    assert_eq!(addrs.ipv6, "fd00::10");
+    assert_eq!(addrs.ipv4.as_deref(), Some(ipv4.as_str()));
     let link = Command::new("ip")
         .args(["-d", "link", "show", &tap])
         .output()
@@ -815,4 +823,51 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(processes_mentioning(&env.root.join("data")).is_empty());
+}
+
+/// After `ready`, the health endpoint starts failing → `healthcheck_failed`; a workload
+/// that keeps failing under `restart_policy = always` spends its budget →
+/// `crash_loop_backoff`. Both in one agent.
+#[test]
+fn failing_health_after_ready_and_a_crash_loop_end_with_their_reasons() {
+    if !inside_netns("failing_health_after_ready_and_a_crash_loop_end_with_their_reasons") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    // httpd (daemonised) serves / until index.html goes away 6 s after start.
+    let flaky = "mkdir -p /www && echo ok > /www/index.html && httpd -p 8080 -h /www && sleep 6 && rm /www/index.html && exec sleep 1000";
+    env.write(
+        "flaky.json",
+        &assignment(
+            "flaky",
+            &image,
+            flaky,
+            json!({"network": network("fd00::41"), "health": http_health()}),
+        ),
+    );
+    env.write(
+        "loop.json",
+        &assignment(
+            "loop",
+            &image,
+            "exit 1",
+            json!({"network": network("fd00::42"),
+                   "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "always", "max_retries": 1}}),
+        ),
+    );
+    env.spawn();
+    let v = env.wait("loop crash_loop_backoff", Duration::from_secs(120), |v| {
+        v.instance_id == "loop" && v.reason_code == Some(ReasonCode::CrashLoopBackoff)
+    });
+    assert_eq!(v.status, Status::Failed, "{v:?}");
+    let v = env.wait("flaky healthcheck_failed", Duration::from_secs(120), |v| {
+        v.instance_id == "flaky" && v.status == Status::Failed
+    });
+    assert_eq!(v.reason_code, Some(ReasonCode::HealthcheckFailed), "{v:?}");
+    let statuses: Vec<Status> = env.reports("flaky").iter().map(|r| r.status).collect();
+    assert_eq!(
+        &statuses[..2],
+        &[Status::Booting, Status::Ready],
+        "{statuses:?}"
+    );
 }

@@ -257,19 +257,7 @@ struct Vm {
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<VmEvent>>,
     commands: mpsc::UnboundedSender<Command>,
     exit_code: Arc<Mutex<Option<i32>>>,
-    exited: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
-}
-
-/// Addresses and tap of an instance, for the local API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InstanceNetwork {
-    /// Tap name.
-    pub tap: String,
-    /// Overlay address.
-    pub ipv6: String,
-    /// IPv4 link address of the guest.
-    pub ipv4: Option<String>,
 }
 
 /// The qemu runtime.
@@ -310,30 +298,6 @@ impl QemuRuntime {
     /// The console log of an instance.
     pub fn console_path(&self, id: &InstanceId) -> PathBuf {
         self.instance_dir(id).join("console.log")
-    }
-
-    /// Tap and addresses of every instance with host networking, from the ledger.
-    pub fn networks(&self) -> HashMap<String, InstanceNetwork> {
-        let mut out = HashMap::new();
-        let Ok(rows) = self.ledger.resources() else {
-            return out;
-        };
-        for r in rows.iter().filter(|r| r.kind == KIND_TAP) {
-            let detail: serde_json::Value = r
-                .detail
-                .as_deref()
-                .and_then(|d| serde_json::from_str(d).ok())
-                .unwrap_or_default();
-            out.insert(
-                r.instance_id.clone(),
-                InstanceNetwork {
-                    tap: r.name.clone(),
-                    ipv6: detail["ipv6"].as_str().unwrap_or_default().to_string(),
-                    ipv4: detail["ipv4"].as_str().map(str::to_string),
-                },
-            );
-        }
-        out
     }
 
     async fn ledger_add(
@@ -808,7 +772,6 @@ struct TaskArgs {
     events: mpsc::UnboundedSender<VmEvent>,
     commands: mpsc::UnboundedReceiver<Command>,
     exit_code: Arc<Mutex<Option<i32>>>,
-    exited: Arc<tokio::sync::Notify>,
     console: PathBuf,
     console_max: u64,
     adopted: bool,
@@ -825,14 +788,12 @@ async fn vm_task(mut a: TaskArgs) {
         (code, detail)
     };
     let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut pending_stop: Option<Duration> = None;
     // Handshake (the guest connects once early; after an agent restart it reconnects).
     let session = tokio::select! {
         r = accept_guest(&a.listener, a.id.as_str(), a.config, a.handshake) => r,
         code = a.watch.exited() => {
             let (code, detail) = qemu_exit(code, &a.console, "before the guest handshake");
             let _ = a.events.send(if a.adopted { VmEvent::VmmExited { code, detail } } else { VmEvent::Failed(RuntimeError::VmmStart(detail)) });
-            a.exited.notify_waiters();
             return;
         }
     };
@@ -848,7 +809,6 @@ async fn vm_task(mut a: TaskArgs) {
             };
             let _ = a.events.send(VmEvent::Failed(err));
             let _ = a.watch.exited().await;
-            a.exited.notify_waiters();
             return;
         }
     };
@@ -879,12 +839,10 @@ async fn vm_task(mut a: TaskArgs) {
             cmd = a.commands.recv() => match cmd {
                 Some(Command::Stop { grace, done }) => {
                     stop_waiters.push(done);
-                    if channel_open {
-                        if session.request_stop(grace).await.is_err() {
-                            channel_open = false;
-                        }
-                    } else {
-                        pending_stop = Some(grace);
+                    // Without a channel there is nobody to ask: `stop` escalates to QMP
+                    // and SIGKILL after its deadline.
+                    if channel_open && session.request_stop(grace).await.is_err() {
+                        channel_open = false;
                     }
                 }
                 None => {}
@@ -899,8 +857,6 @@ async fn vm_task(mut a: TaskArgs) {
             _ = cap_tick.tick() => cap_console(&a.console, a.console_max),
         }
     }
-    let _ = pending_stop;
-    a.exited.notify_waiters();
     for w in stop_waiters {
         let _ = w.send(());
     }
@@ -1169,7 +1125,6 @@ impl Runtime for QemuRuntime {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let exit_code = Arc::new(Mutex::new(None));
-        let exited = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(vm_task(TaskArgs {
             id: id.clone(),
             listener,
@@ -1179,7 +1134,6 @@ impl Runtime for QemuRuntime {
             events: ev_tx,
             commands: cmd_rx,
             exit_code: exit_code.clone(),
-            exited: exited.clone(),
             console,
             console_max: self.config.console_max_bytes,
             adopted: false,
@@ -1190,7 +1144,6 @@ impl Runtime for QemuRuntime {
             events: tokio::sync::Mutex::new(ev_rx),
             commands: cmd_tx,
             exit_code,
-            exited,
             task,
         });
         if let Some(old) = lock(&self.vms).insert(id.clone(), vm) {
@@ -1262,7 +1215,11 @@ impl Runtime for QemuRuntime {
                 }
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), vm.exited.notified()).await;
+        // The task ends right after QEMU does (it reaps it and sends the last event).
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !vm.task.is_finished() && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(v) = record.vhost {
             v.signal(rustix::process::Signal::TERM);
             if !wait_gone(v, Duration::from_secs(2)).await {
@@ -1329,7 +1286,6 @@ impl Runtime for QemuRuntime {
             let (ev_tx, ev_rx) = mpsc::unbounded_channel();
             let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
             let exit_code = Arc::new(Mutex::new(None));
-            let exited = Arc::new(tokio::sync::Notify::new());
             let task = tokio::spawn(vm_task(TaskArgs {
                 id: id.clone(),
                 listener,
@@ -1339,7 +1295,6 @@ impl Runtime for QemuRuntime {
                 events: ev_tx,
                 commands: cmd_rx,
                 exit_code: exit_code.clone(),
-                exited: exited.clone(),
                 console: self.console_path(&id),
                 console_max: self.config.console_max_bytes,
                 adopted: true,
@@ -1353,7 +1308,6 @@ impl Runtime for QemuRuntime {
                     events: tokio::sync::Mutex::new(ev_rx),
                     commands: cmd_tx,
                     exit_code,
-                    exited,
                     task,
                 }),
             );
