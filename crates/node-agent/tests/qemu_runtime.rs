@@ -871,3 +871,64 @@ fn failing_health_after_ready_and_a_crash_loop_end_with_their_reasons() {
         "{statuses:?}"
     );
 }
+
+/// A volume written by one generation is there for the next (replace = new VM), and a
+/// second instance asking for the same volume while it is attached is refused.
+#[test]
+fn volume_survives_a_replacement_and_is_refused_to_a_second_instance() {
+    if !inside_netns("volume_survives_a_replacement_and_is_refused_to_a_second_instance") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    let mounts = json!([{"volume_id": "vol-a", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}]);
+    let gen1 = assignment(
+        "vol",
+        &image,
+        "echo written-by-gen1 > /data/f && exec sleep 1000",
+        json!({"network": network("fd00::51"), "mounts": mounts}),
+    );
+    env.write("vol.json", &gen1);
+    env.spawn();
+    env.wait("vol gen 1 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "vol" && v.status == Status::Ready && v.generation == 1
+    });
+    env.write(
+        "vol2.json",
+        &assignment(
+            "vol2",
+            &image,
+            "true",
+            json!({"network": network("fd00::52"), "mounts": mounts}),
+        ),
+    );
+    let v = env.wait("vol2 refused", Duration::from_secs(30), |v| {
+        v.instance_id == "vol2" && v.status == Status::Failed
+    });
+    assert_eq!(v.reason_code, Some(ReasonCode::VolumeAttachFailed), "{v:?}");
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("vol-a"),
+        "{v:?}"
+    );
+    std::fs::remove_file(env.root.join("desired/vol2.json")).unwrap();
+    // Generation 2 serves what generation 1 wrote.
+    let mut gen2 = assignment(
+        "vol",
+        &image,
+        "mkdir -p /www && cat /data/f > /www/index.html && exec httpd -f -p 8080 -h /www",
+        json!({"network": network("fd00::51"), "mounts": mounts, "generation": 2, "health": http_health()}),
+    );
+    gen2["generation"] = json!(2);
+    env.write("vol.json", &gen2);
+    env.wait("vol gen 2 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "vol" && v.status == Status::Ready && v.generation == 2
+    });
+    let (_, ipv4) = env.tap_of("vol").unwrap();
+    assert_eq!(
+        http_get(&ipv4, 8080, "/").unwrap().trim(),
+        "written-by-gen1"
+    );
+    assert!(env.root.join("data/volumes/vol-a.ext4").is_file());
+}
