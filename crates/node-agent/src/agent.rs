@@ -223,6 +223,12 @@ pub fn build_runtime(
             )
             .with_logs(logs),
         ),
+        #[cfg(not(target_os = "linux"))]
+        RuntimeKind::Qemu => {
+            let _ = store;
+            anyhow::bail!("runtime qemu needs Linux (taps, vhost-user, /proc)")
+        }
+        #[cfg(target_os = "linux")]
         RuntimeKind::Qemu => {
             let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
                 .map_err(|e| {

@@ -23,6 +23,7 @@ pub mod initramfs;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
+#[cfg(target_os = "linux")]
 pub mod network;
 pub mod reconciler;
 pub mod report;

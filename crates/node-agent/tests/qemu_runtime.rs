@@ -14,6 +14,8 @@
 //! docker-registry, e2fsprogs, nft, ip and /bin/busybox. A missing one skips with a
 //! message, or fails when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
 
+#![cfg(target_os = "linux")]
+
 mod image_support;
 
 use std::io::{Read, Write};
