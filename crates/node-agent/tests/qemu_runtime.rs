@@ -601,6 +601,16 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
             .flatten(),
         drained.as_secs_f64()
     );
+    let agent_log = std::fs::read_to_string(env.root.join("agent.log")).unwrap_or_default();
+    for l in agent_log.lines().filter(|l| {
+        l.contains("new plan")
+            || l.contains("qemu started")
+            || l.contains("handshake done")
+            || l.contains("workload started")
+            || l.contains("ready")
+    }) {
+        eprintln!("TIMING: {l}");
+    }
     let _ = ready;
     drop(env.registry);
 }

@@ -633,6 +633,7 @@ struct TaskArgs {
 
 /// Serves one VM's guest channel and watches its QEMU process until it ends.
 async fn vm_task(mut a: TaskArgs) {
+    let spawned = tokio::time::Instant::now();
     let qemu_exit = |code: Option<i32>, console: &Path, when: &str| {
         let detail = format!(
             "qemu exited ({}) {when}; console: {}",
@@ -652,7 +653,10 @@ async fn vm_task(mut a: TaskArgs) {
         }
     };
     let mut session = match session {
-        Ok(s) => s,
+        Ok(s) => {
+            tracing::debug!(instance = %a.id, handshake_ms = spawned.elapsed().as_millis() as u64, "guest handshake done after QEMU start");
+            s
+        }
         Err(e) => {
             let reason = e.reason();
             let detail = format!("{e}; console: {}", tail(&a.console, 3));
@@ -673,7 +677,17 @@ async fn vm_task(mut a: TaskArgs) {
         tokio::select! {
             ev = session.next_event(), if channel_open => match ev {
                 Ok(GuestEvent::ConfigApplied) => {}
-                Ok(GuestEvent::WorkloadStarted { .. }) => { let _ = a.events.send(VmEvent::WorkloadStarted); }
+                Ok(GuestEvent::WorkloadStarted { init_time, handshake_wait, .. }) => {
+                    // Boot split: QEMU start → workload exec, and the guest's share of it.
+                    tracing::info!(
+                        instance = %a.id,
+                        since_qemu_start_ms = spawned.elapsed().as_millis() as u64,
+                        guest_init_ms = init_time.map(|d| d.as_millis() as u64),
+                        guest_handshake_wait_ms = handshake_wait.map(|d| d.as_millis() as u64),
+                        "workload started"
+                    );
+                    let _ = a.events.send(VmEvent::WorkloadStarted);
+                }
                 Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
                     let code = code.or(signal.map(|s| 128 + s)).unwrap_or(-1);
                     *lock(&a.exit_code) = Some(code);
