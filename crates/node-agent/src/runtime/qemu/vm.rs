@@ -122,6 +122,9 @@ pub struct QemuRuntime {
     ledger: Store,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
     vms: Mutex<HashMap<InstanceId, Arc<Vm>>>,
+    /// Serialises check-then-record of shared resources (IPv4 blocks, volumes) across
+    /// instances preparing at the same time.
+    allocation: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,6 +145,7 @@ impl QemuRuntime {
             ledger,
             prepared: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
+            allocation: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -222,6 +226,7 @@ impl QemuRuntime {
         if mounts.is_empty() {
             return Ok(Vec::new());
         }
+        let _allocating = self.allocation.lock().await;
         let rows = self.rows().await?;
         let dir = self.data_dir.join("volumes");
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -279,6 +284,7 @@ impl QemuRuntime {
         let ipv6 = network::parse_ipv6(&w.spec.network.overlay_ipv6)
             .map_err(|e| RuntimeError::Network(e.to_string()))?;
         let tap = network::tap_name(id.as_str());
+        let allocating = self.allocation.lock().await;
         let rows = self.rows().await?;
         let owned = rows
             .iter()
@@ -318,6 +324,7 @@ impl QemuRuntime {
         };
         self.ledger_add(KIND_IPV4, &index.to_string(), id, None)
             .await?;
+        drop(allocating);
         let plan = TapPlan {
             instance_id: id.to_string(),
             tap: tap.clone(),
