@@ -1277,6 +1277,23 @@ mod tests {
     }
 
     #[test]
+    fn console_log_rotates_past_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, vec![b'x'; 5000]).unwrap();
+        cap_console(&log, 8192);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 5000);
+        cap_console(&log, 4096);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("console.log.1"))
+                .unwrap()
+                .len(),
+            5000
+        );
+    }
+
+    #[test]
     fn numeric_users_parse_and_names_are_refused() {
         assert_eq!(parse_user(None).unwrap(), (0, 0));
         assert_eq!(parse_user(Some("1000")).unwrap(), (1000, 1000));
