@@ -149,7 +149,11 @@ fn inside_netns(test: &str) -> bool {
     if prerequisites().is_none() {
         return false;
     }
-    let ns = format!("plfm-q{}-{}", std::process::id(), test.len());
+    // One namespace per test (tests of this binary run in parallel).
+    let tag = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let ns = format!("plfm-q{}-{:08x}", std::process::id(), tag as u32);
     let ok = Command::new("ip")
         .args(["netns", "add", &ns])
         .status()
