@@ -212,8 +212,8 @@ pub fn build_runtime(
     clock: SharedClock,
     store: Option<Store>,
     logs: LogHandle,
-) -> Arc<dyn Runtime> {
-    match config.runtime.kind {
+) -> anyhow::Result<Arc<dyn Runtime>> {
+    Ok(match config.runtime.kind {
         RuntimeKind::Mock => Arc::new(
             MockRuntime::new(
                 config.runtime.mock.clone(),
@@ -239,7 +239,28 @@ pub fn build_runtime(
                 host,
             ))
         }
-    }
+        #[cfg(not(target_os = "linux"))]
+        RuntimeKind::Qemu => {
+            let _ = store;
+            anyhow::bail!("runtime qemu needs Linux (taps, vhost-user, /proc)")
+        }
+        #[cfg(target_os = "linux")]
+        RuntimeKind::Qemu => {
+            let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
+                .map_err(|e| {
+                    anyhow::anyhow!("image service in {}: {e}", config.data_dir.display())
+                })?;
+            let store = store.ok_or_else(|| {
+                anyhow::anyhow!("runtime qemu needs the resource ledger (state store)")
+            })?;
+            Arc::new(crate::runtime::qemu::QemuRuntime::new(
+                config.runtime.qemu.clone(),
+                config.data_dir.clone(),
+                images,
+                store,
+            ))
+        }
+    })
 }
 
 /// What the control-plane mode provides: the client (connected mode), the report sink,
@@ -302,7 +323,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
 
     // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
     let ledger = Store::open(&config.state_db())?;
-    let runtime = build_runtime(&config, clock.clone(), Some(ledger), logs);
+    let runtime = build_runtime(&config, clock.clone(), Some(ledger), logs)?;
     let node = Node::start(NodeOptions {
         data_dir: config.data_dir.clone(),
         runtime,

@@ -85,7 +85,34 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 }
 
 async fn list(State(s): State<ApiState>) -> Response {
-    Json(s.status.list()).into_response()
+    let mut list = s.status.list();
+    with_network(&s.store, &mut list).await;
+    Json(list).into_response()
+}
+
+/// Adds each instance's tap and addresses from the resource ledger (`tap` rows, whose
+/// detail the qemu runtime writes as `{"ipv6", "ipv4"}`).
+async fn with_network(store: &Store, views: &mut [crate::report::InstanceView]) {
+    let Ok(rows) = store.call(|s| s.resources()).await else {
+        return;
+    };
+    for r in rows.into_iter().filter(|r| r.kind == "tap") {
+        let Some(v) = views.iter_mut().find(|v| v.instance_id == r.instance_id) else {
+            continue;
+        };
+        let d: serde_json::Value = r
+            .detail
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or_default();
+        v.addresses = d["ipv6"]
+            .as_str()
+            .map(|ipv6| crate::report::InstanceAddresses {
+                ipv6: ipv6.to_string(),
+                ipv4: d["ipv4"].as_str().map(str::to_string),
+            });
+        v.tap = Some(r.name);
+    }
 }
 
 async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
@@ -94,7 +121,12 @@ async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
         Err(r) => return r.into_response(),
     };
     match s.status.get(&id) {
-        Some(v) => Json(v).into_response(),
+        Some(v) => {
+            let mut one = [v];
+            with_network(&s.store, &mut one).await;
+            let [v] = one;
+            Json(v).into_response()
+        }
         None => error(
             StatusCode::NOT_FOUND,
             format!("instance {id} is not known on this node"),

@@ -181,6 +181,9 @@ pub struct RuntimeConfig {
     /// Firecracker runtime settings (`[runtime.firecracker]`).
     #[serde(default)]
     pub firecracker: crate::runtime::firecracker::FirecrackerConfig,
+    /// QEMU runtime settings (`[runtime.qemu]`).
+    #[serde(default)]
+    pub qemu: crate::runtime::qemu::QemuConfig,
 }
 
 /// Runtime kinds.
@@ -191,6 +194,8 @@ pub enum RuntimeKind {
     Mock,
     /// One Firecracker microVM per instance.
     Firecracker,
+    /// `qemu-system-x86_64 -M microvm` (DESIGN §5).
+    Qemu,
 }
 
 /// Agent behaviour.
@@ -366,6 +371,12 @@ impl Config {
                 *p = Some(abs(d));
             }
         }
+        let q = &mut self.runtime.qemu;
+        for p in [&mut q.kernel, &mut q.initramfs] {
+            if let Some(d) = p.as_ref() {
+                *p = Some(abs(d));
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -401,6 +412,12 @@ impl Config {
             .validate()
             .map_err(|e| format!("runtime.mock.{e}"))?;
         self.runtime.firecracker.validate()?;
+        if self.runtime.kind == RuntimeKind::Qemu {
+            self.runtime
+                .qemu
+                .validate()
+                .map_err(|e| format!("runtime.qemu.{e}"))?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())
@@ -528,6 +545,32 @@ kind = "mock"
             PathBuf::from("/etc/plfm/instances")
         );
         assert_eq!(c.api.listen.to_string(), "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn qemu_runtime_table_is_validated_with_the_key_named() {
+        let qemu = MIN.replace("\"mock\"", "\"qemu\"");
+        let err = load(&qemu, &[]).unwrap_err().to_string();
+        assert!(err.contains("runtime.qemu.kernel"), "{err}");
+        let ok = format!("{qemu}\n[runtime.qemu]\nkernel = \"vmlinuz\"\ninitramfs = \"/i.img\"\naccel = \"tcg\"\n");
+        let c = load(&ok, &[]).unwrap();
+        assert_eq!(c.runtime.kind, RuntimeKind::Qemu);
+        assert_eq!(
+            c.runtime.qemu.kernel,
+            Some(PathBuf::from("/etc/plfm/vmlinuz"))
+        );
+        let err = load(&format!("{ok}ipv4_pool = \"10.0.0.0/8\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime.qemu.ipv4_pool"), "{err}");
+        let err = load(&format!("{ok}kernal = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kernal"), "{err}");
+        let err = load(&ok.replace("\"tcg\"", "\"hvf\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hvf"), "{err}");
     }
 
     #[test]

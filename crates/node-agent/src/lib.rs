@@ -17,11 +17,14 @@ pub mod clock;
 pub mod config;
 pub mod control_plane;
 pub mod guest;
+pub mod health;
 pub mod image;
 pub mod initramfs;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod network;
 pub mod reconciler;
 pub mod report;
 pub mod restart;

@@ -146,6 +146,23 @@ pub struct InstanceView {
     pub seq: i64,
     /// Last change (RFC 3339).
     pub updated_at: String,
+    /// The instance's addresses (runtimes with host networking; filled in by the API
+    /// from the resource ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<InstanceAddresses>,
+    /// The instance's tap (runtimes with host networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+}
+
+/// Addresses of an instance, as the local API shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceAddresses {
+    /// Overlay IPv6 address.
+    pub ipv6: String,
+    /// IPv4 link address, if one was assigned.
+    #[serde(default)]
+    pub ipv4: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -453,6 +470,8 @@ fn view(id: &InstanceId, e: &Entry) -> InstanceView {
         boot_id: e.boot_id.as_deref().map(str::to_string),
         seq: e.seq,
         updated_at: e.updated_at.to_string(),
+        addresses: None,
+        tap: None,
     }
 }
 

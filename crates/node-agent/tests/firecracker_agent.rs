@@ -102,7 +102,8 @@ kernel = "/nonexistent/vmlinux"
         Arc::new(SystemClock::new()),
         None,
         LogHandle::default(),
-    );
+    )
+    .expect("the firecracker runtime builds even without its binary");
     assert_eq!(runtime.kind(), "firecracker");
     let node = start_node(&config.data_dir, runtime).await;
     node.supervisor.apply(plan(1, &["i-a", "i-b"])).await;

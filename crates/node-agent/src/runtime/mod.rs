@@ -9,6 +9,7 @@
 
 pub mod firecracker;
 pub mod mock;
+pub mod qemu;
 
 use std::time::Duration;
 

@@ -1,0 +1,160 @@
+//! The qemu runtime (DESIGN §5): one `qemu-system-x86_64 -M microvm` process per
+//! instance, with its vsock device served by one `vhost-device-vsock` process, both
+//! detached from the agent (own session) so they survive an agent restart.
+//!
+//! What it owns, per instance: the root disk pin (through [`ImageService`]), the scratch
+//! disk `<data_dir>/instances/<id>/scratch.ext4` (sparse, `mkfs.ext4` with lazy init,
+//! deleted by [`Runtime::cleanup`]), volume attachments (`<data_dir>/volumes/<id>.ext4`,
+//! created on first use, never deleted here, refused while another instance holds
+//! them), the tap and its rules (through [`crate::network`]), the two processes, their
+//! sockets and the console log. Every resource is written to the resource ledger before
+//! it is created and removed from it after it is gone; processes are recorded with pid
+//! and start time (from `/proc/<pid>/stat`), so [`Runtime::recover`] finds exactly the
+//! processes it started, never a recycled pid.
+//!
+//! Per VM a background task serves the guest channel (handshake, status events, stop
+//! requests) and watches the QEMU process; [`Runtime::next_event`] reads what it
+//! reports. This module must not decide policy (restarts, health thresholds,
+//! statuses belong to the instance actor) and must not log the guest config, which
+//! carries secrets.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(target_os = "linux")]
+mod vm;
+#[cfg(target_os = "linux")]
+pub use vm::{ProcId, QemuRuntime};
+
+/// Acceleration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` opens read-write, else TCG.
+    #[default]
+    Auto,
+    /// KVM (fails to start without it).
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// `[runtime.qemu]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuConfig {
+    /// QEMU binary (path or name on PATH).
+    #[serde(default = "default_qemu")]
+    pub binary: String,
+    /// Acceleration.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Guest kernel (required for `kind = "qemu"`).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Platform initramfs (`plfm-node-agent build-initramfs`; required).
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// `vhost-device-vsock` binary (path or name on PATH).
+    #[serde(default = "default_vhost")]
+    pub vhost_device_vsock: String,
+    /// Deadline from VMM start to a completed guest handshake (covers the boot).
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_seconds: u64,
+    /// Cap of the console log; it is cut back to its last half when exceeded.
+    #[serde(default = "default_console_max")]
+    pub console_max_bytes: u64,
+    /// IPv4 pool for the per-instance /30 links (`169.254.0.0/16`).
+    #[serde(default = "default_pool")]
+    pub ipv4_pool: String,
+    /// Size of a volume created on first use.
+    #[serde(default = "default_volume_bytes")]
+    pub volume_default_bytes: u64,
+    /// Memory added to the QEMU cgroup limit on top of the guest memory (unused while
+    /// cgroups are not managed; kept for the config's stability).
+    #[serde(default = "default_overhead")]
+    pub memory_overhead_mib: u64,
+}
+
+fn default_qemu() -> String {
+    "qemu-system-x86_64".into()
+}
+fn default_vhost() -> String {
+    "vhost-device-vsock".into()
+}
+fn default_boot_timeout() -> u64 {
+    90
+}
+fn default_console_max() -> u64 {
+    1 << 20
+}
+fn default_pool() -> String {
+    "169.254.0.0/16".into()
+}
+fn default_volume_bytes() -> u64 {
+    1 << 30
+}
+fn default_overhead() -> u64 {
+    64
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: default_qemu(),
+            accel: Accel::Auto,
+            kernel: None,
+            initramfs: None,
+            vhost_device_vsock: default_vhost(),
+            boot_timeout_seconds: default_boot_timeout(),
+            console_max_bytes: default_console_max(),
+            ipv4_pool: default_pool(),
+            volume_default_bytes: default_volume_bytes(),
+            memory_overhead_mib: default_overhead(),
+        }
+    }
+}
+
+impl QemuConfig {
+    /// Checks the table; the error starts with the bad key.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.kernel.is_none() {
+            return Err("kernel: required when runtime.kind = \"qemu\"".into());
+        }
+        if self.initramfs.is_none() {
+            return Err("initramfs: required when runtime.kind = \"qemu\" (plfm-node-agent build-initramfs)".into());
+        }
+        if self.binary.is_empty() {
+            return Err("binary: must not be empty".into());
+        }
+        if self.vhost_device_vsock.is_empty() {
+            return Err("vhost_device_vsock: must not be empty".into());
+        }
+        if self.boot_timeout_seconds == 0 {
+            return Err("boot_timeout_seconds: must be at least 1".into());
+        }
+        if self.console_max_bytes < 4096 {
+            return Err("console_max_bytes: must be at least 4096".into());
+        }
+        self.pool().map(|_| ())?;
+        Ok(())
+    }
+
+    fn pool(&self) -> Result<(Ipv4Addr, u8), String> {
+        let bad = || {
+            format!(
+                "ipv4_pool: {:?} is not an IPv4 prefix inside 169.254.0.0/16 (e.g. 169.254.0.0/16)",
+                self.ipv4_pool
+            )
+        };
+        let (a, l) = self.ipv4_pool.split_once('/').ok_or_else(bad)?;
+        let a: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let l: u8 = l.parse().map_err(|_| bad())?;
+        if !(16..=29).contains(&l) || a.octets()[..2] != [169, 254] {
+            return Err(bad());
+        }
+        Ok((a, l))
+    }
+}

@@ -1,0 +1,1316 @@
+//! The Linux part of the qemu runtime: preparing disks and network, spawning and
+//! watching QEMU and vhost-device-vsock, the guest channel, stop, recovery and cleanup
+//! (see the parent module for the contract).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use plfm_guest_protocol::{
+    Config as GuestConfig, Ipv4Config, MountConfig, NetworkConfig, SecretsConfig, SecretsData,
+    WorkloadConfig,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Accel, QemuConfig};
+use crate::guest::{accept_guest, bind_guest_listener, GuestEvent};
+use crate::image::{merge_process, ImageRef, ImageService, MergedProcess, SpecImage};
+use crate::instance::ReasonCode;
+use crate::network::{self, TapPlan};
+use crate::runtime::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
+use crate::spec::{HealthKind, HealthSpec, InstanceId, Workload};
+use crate::state::{ResourceRow, Store};
+
+/// Ledger kinds of this runtime.
+const KIND_PROCESS: &str = "process";
+const KIND_DISK: &str = "disk";
+const KIND_TAP: &str = "tap";
+const KIND_IPV4: &str = "ipv4";
+const KIND_VOLUME: &str = "volume";
+
+/// What the ledger says about a VM's processes (the `detail` of its `process` row).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmRecord {
+    instance_id: String,
+    generation: i32,
+    boot_id: String,
+    spec_hash: String,
+    qemu: Option<ProcId>,
+    vhost: Option<ProcId>,
+    /// Where the health check connects.
+    address: Option<IpAddr>,
+}
+
+/// A process identity: pid and start time (clock ticks since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    /// Pid.
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`.
+    pub start_time: u64,
+}
+
+/// `(start time, state)` of a pid, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(u64, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 overall is index 19 after (pid, comm).
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+impl ProcId {
+    fn of(pid: u32) -> Option<ProcId> {
+        proc_stat(pid).map(|(start_time, _)| ProcId { pid, start_time })
+    }
+
+    /// Still the same, running (not zombie) process.
+    pub fn alive(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((s, st)) if s == self.start_time && st != 'Z' && st != 'X')
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        if !self.alive() {
+            return;
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+}
+
+/// What `prepare` produced for an instance, used by `start`.
+#[derive(Debug, Clone)]
+struct Prepared {
+    root_disk: PathBuf,
+    process: MergedProcess,
+    scratch: PathBuf,
+    volumes: Vec<(String, PathBuf)>,
+    tap: TapPlan,
+}
+
+enum Command {
+    Stop {
+        grace: Duration,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// One VM the runtime tracks.
+struct Vm {
+    handle: VmHandle,
+    record: Mutex<VmRecord>,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<VmEvent>>,
+    commands: mpsc::UnboundedSender<Command>,
+    exit_code: Arc<Mutex<Option<i32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The qemu runtime.
+pub struct QemuRuntime {
+    config: QemuConfig,
+    data_dir: PathBuf,
+    images: ImageService,
+    ledger: Store,
+    prepared: Mutex<HashMap<InstanceId, Prepared>>,
+    vms: Mutex<HashMap<InstanceId, Arc<Vm>>>,
+    /// Serialises check-then-record of shared resources (IPv4 blocks, volumes) across
+    /// instances preparing at the same time.
+    allocation: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ledger_err(e: crate::state::StoreError) -> RuntimeError {
+    RuntimeError::VmmStart(format!("resource ledger: {e}"))
+}
+
+impl QemuRuntime {
+    /// A qemu runtime; `config` must have passed validation.
+    pub fn new(config: QemuConfig, data_dir: PathBuf, images: ImageService, ledger: Store) -> Self {
+        QemuRuntime {
+            config,
+            data_dir,
+            images,
+            ledger,
+            prepared: Mutex::new(HashMap::new()),
+            vms: Mutex::new(HashMap::new()),
+            allocation: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn instance_dir(&self, id: &InstanceId) -> PathBuf {
+        self.data_dir.join("instances").join(id.as_str())
+    }
+
+    /// The console log of an instance.
+    pub fn console_path(&self, id: &InstanceId) -> PathBuf {
+        self.instance_dir(id).join("console.log")
+    }
+
+    async fn ledger_add(
+        &self,
+        kind: &str,
+        name: &str,
+        id: &InstanceId,
+        detail: Option<String>,
+    ) -> Result<(), RuntimeError> {
+        let row = ResourceRow {
+            kind: kind.into(),
+            name: name.into(),
+            instance_id: id.to_string(),
+            detail,
+        };
+        self.ledger
+            .call(move |s| s.resource_add(&row))
+            .await
+            .map_err(ledger_err)
+    }
+
+    async fn ledger_remove(&self, kind: &str, name: &str) {
+        let (k, n) = (kind.to_string(), name.to_string());
+        if let Err(e) = self.ledger.call(move |s| s.resource_remove(&k, &n)).await {
+            tracing::warn!(kind, name, error = %e, "cannot remove resource from the ledger");
+        }
+    }
+
+    async fn rows(&self) -> Result<Vec<ResourceRow>, RuntimeError> {
+        self.ledger
+            .call(|s| s.resources())
+            .await
+            .map_err(ledger_err)
+    }
+
+    async fn prepare_scratch(&self, id: &InstanceId, bytes: u64) -> Result<PathBuf, RuntimeError> {
+        let dir = self.instance_dir(id);
+        let path = dir.join("scratch.ext4");
+        self.ledger_add(KIND_DISK, &path.display().to_string(), id, None)
+            .await?;
+        if path.exists() {
+            return Ok(path);
+        }
+        let tmp = dir.join("scratch.ext4.tmp");
+        let f = std::fs::File::create(&tmp).map_err(|e| {
+            RuntimeError::RootfsBuild(format!("scratch disk {}: create: {e}", tmp.display()))
+        })?;
+        f.set_len(bytes).map_err(|e| {
+            RuntimeError::RootfsBuild(format!("scratch disk {}: size {bytes}: {e}", tmp.display()))
+        })?;
+        drop(f);
+        mkfs(&tmp)
+            .await
+            .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk: {e}")))?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            RuntimeError::RootfsBuild(format!("scratch disk {}: rename: {e}", path.display()))
+        })?;
+        Ok(path)
+    }
+
+    async fn prepare_volumes(
+        &self,
+        id: &InstanceId,
+        w: &Workload,
+    ) -> Result<Vec<(String, PathBuf)>, RuntimeError> {
+        let mut mounts: Vec<_> = w.spec.mounts.clone().unwrap_or_default();
+        mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        if mounts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _allocating = self.allocation.lock().await;
+        let rows = self.rows().await?;
+        let dir = self.data_dir.join("volumes");
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            RuntimeError::Volume(format!("volumes directory {}: {e}", dir.display()))
+        })?;
+        let mut out = Vec::new();
+        for m in mounts {
+            let vid = &m.volume_id;
+            if vid.is_empty() || vid.contains('/') || vid.starts_with('.') || vid.len() > 128 {
+                return Err(RuntimeError::Volume(format!(
+                    "volume id {vid:?} is not a valid file name"
+                )));
+            }
+            if m.filesystem != "ext4" {
+                return Err(RuntimeError::Volume(format!(
+                    "volume {vid}: filesystem {:?} is not ext4",
+                    m.filesystem
+                )));
+            }
+            if let Some(other) = rows
+                .iter()
+                .find(|r| r.kind == KIND_VOLUME && r.name == *vid && r.instance_id != id.as_str())
+            {
+                return Err(RuntimeError::Volume(format!(
+                    "volume {vid} is attached to instance {}",
+                    other.instance_id
+                )));
+            }
+            self.ledger_add(KIND_VOLUME, vid, id, None).await?;
+            let path = dir.join(format!("{vid}.ext4"));
+            if !path.exists() {
+                let tmp = dir.join(format!("{vid}.ext4.tmp"));
+                let f = std::fs::File::create(&tmp).map_err(|e| {
+                    RuntimeError::Volume(format!("volume {vid}: create {}: {e}", tmp.display()))
+                })?;
+                f.set_len(self.config.volume_default_bytes)
+                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: size: {e}")))?;
+                drop(f);
+                mkfs(&tmp)
+                    .await
+                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: {e}")))?;
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: rename: {e}")))?;
+            }
+            out.push((vid.clone(), path));
+        }
+        Ok(out)
+    }
+
+    async fn prepare_network(
+        &self,
+        id: &InstanceId,
+        w: &Workload,
+    ) -> Result<TapPlan, RuntimeError> {
+        let ipv6 = network::parse_ipv6(&w.spec.network.overlay_ipv6)
+            .map_err(|e| RuntimeError::Network(e.to_string()))?;
+        let tap = network::tap_name(id.as_str());
+        let allocating = self.allocation.lock().await;
+        let rows = self.rows().await?;
+        let owned = rows
+            .iter()
+            .any(|r| r.kind == KIND_TAP && r.name == tap && r.instance_id == id.as_str());
+        // IPv4 link: the one this instance holds, else the first free block from a
+        // hash of the id.
+        let (pool, len) = self.config.pool().map_err(RuntimeError::Network)?;
+        let count = network::ipv4_link_count(len);
+        let mine = rows
+            .iter()
+            .find(|r| r.kind == KIND_IPV4 && r.instance_id == id.as_str())
+            .and_then(|r| r.name.parse::<u32>().ok());
+        let index = match mine {
+            Some(i) => i,
+            None => {
+                let taken: std::collections::HashSet<u32> = rows
+                    .iter()
+                    .filter(|r| r.kind == KIND_IPV4)
+                    .filter_map(|r| r.name.parse().ok())
+                    .collect();
+                let start = u32::from_str_radix(
+                    &tap[network::TAP_PREFIX.len()..network::TAP_PREFIX.len() + 7],
+                    16,
+                )
+                .unwrap_or(0)
+                    % count.max(1);
+                (0..count)
+                    .map(|k| (start + k) % count)
+                    .find(|i| !taken.contains(i))
+                    .ok_or_else(|| {
+                        RuntimeError::Network(format!(
+                            "ipv4 pool {} is exhausted",
+                            self.config.ipv4_pool
+                        ))
+                    })?
+            }
+        };
+        self.ledger_add(KIND_IPV4, &index.to_string(), id, None)
+            .await?;
+        drop(allocating);
+        let plan = TapPlan {
+            instance_id: id.to_string(),
+            tap: tap.clone(),
+            mtu: w.spec.network.mtu.unwrap_or(1420),
+            ipv6,
+            ipv4: network::ipv4_link(pool, len, index),
+        };
+        let detail = serde_json::json!({
+            "ipv6": ipv6.to_string(),
+            "ipv4": plan.ipv4.map(|l| l.guest.to_string()),
+        })
+        .to_string();
+        if !owned && network::link_exists(&tap).await {
+            return Err(RuntimeError::Network(
+                network::NetworkError::Collision {
+                    tap,
+                    instance_id: id.to_string(),
+                }
+                .to_string(),
+            ));
+        }
+        self.ledger_add(KIND_TAP, &tap, id, Some(detail)).await?;
+        network::setup(&plan, true)
+            .await
+            .map_err(|e| RuntimeError::Network(e.to_string()))?;
+        Ok(plan)
+    }
+
+    fn accel(&self) -> &'static str {
+        match self.config.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::Auto => {
+                if std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok()
+                {
+                    "kvm"
+                } else {
+                    "tcg"
+                }
+            }
+        }
+    }
+
+    fn guest_config(
+        &self,
+        id: &InstanceId,
+        w: &Workload,
+        p: &Prepared,
+        boot: &BootContext,
+    ) -> Result<GuestConfig, RuntimeError> {
+        let (uid, gid) = parse_user(p.process.user.as_deref())?;
+        let net = &w.spec.network;
+        let mut dns = Vec::new();
+        for d in net.dns.clone().unwrap_or_default() {
+            dns.push(d.parse::<IpAddr>().map_err(|_| {
+                RuntimeError::Network(format!("network.dns {d:?} is not an IP address"))
+            })?);
+        }
+        let mut mounts: Vec<_> = w.spec.mounts.clone().unwrap_or_default();
+        mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        let secrets = match &w.spec.secrets {
+            None => None,
+            Some(s) => {
+                let data = match &boot.secrets {
+                    Some(m) => Some(SecretsData::new(
+                        String::from_utf8(m.bytes().to_vec()).map_err(|_| {
+                            RuntimeError::SecretsInjection(format!(
+                                "secrets version {} is not UTF-8",
+                                m.version_id
+                            ))
+                        })?,
+                    )),
+                    None => None,
+                };
+                Some(SecretsConfig {
+                    required: s.required,
+                    path: s.mount_path.clone(),
+                    mode: s.mode.unwrap_or(0o400),
+                    uid: s.uid,
+                    gid: s.gid,
+                    data,
+                })
+            }
+        };
+        Ok(GuestConfig {
+            config_version: "v1".into(),
+            instance_id: id.to_string(),
+            generation: i64::from(w.spec.generation),
+            workload: WorkloadConfig {
+                argv: p.process.argv.clone(),
+                cwd: Some(p.process.cwd.clone()),
+                env: p.process.env.clone(),
+                uid,
+                gid,
+            },
+            network: Some(NetworkConfig {
+                address: IpAddr::V6(p.tap.ipv6),
+                prefix_len: 128,
+                gateway: Some(IpAddr::V6(network::HOST_LINK_LOCAL)),
+                mtu: p.tap.mtu,
+                dns,
+                ipv4: p.tap.ipv4.map(|l| Ipv4Config {
+                    address: l.guest,
+                    prefix_len: 30,
+                    gateway: Some(l.host),
+                }),
+            }),
+            mounts: mounts
+                .into_iter()
+                .map(|m| MountConfig {
+                    volume_id: m.volume_id,
+                    mount_path: m.mount_path,
+                    read_only: m.read_only,
+                    filesystem: m.filesystem,
+                })
+                .collect(),
+            secrets,
+        })
+    }
+
+    async fn kill_recorded(&self, id: &InstanceId) {
+        let Ok(rows) = self.rows().await else { return };
+        for r in rows
+            .iter()
+            .filter(|r| r.kind == KIND_PROCESS && r.instance_id == id.as_str())
+        {
+            if let Some(rec) = r
+                .detail
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<VmRecord>(d).ok())
+            {
+                for p in [rec.qemu, rec.vhost].into_iter().flatten() {
+                    p.signal(rustix::process::Signal::KILL);
+                    wait_gone(p, Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+}
+
+/// `uid[:gid]` numbers from the image's `User`; names cannot be resolved on the host.
+fn parse_user(user: Option<&str>) -> Result<(u32, u32), RuntimeError> {
+    let Some(u) = user.filter(|u| !u.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let (a, b) = u.split_once(':').unwrap_or((u, ""));
+    let uid: u32 = a.parse().map_err(|_| {
+        RuntimeError::VmmStart(format!(
+            "image user {u:?}: only numeric uid[:gid] is supported"
+        ))
+    })?;
+    let gid = if b.is_empty() {
+        uid
+    } else {
+        b.parse().map_err(|_| {
+            RuntimeError::VmmStart(format!(
+                "image user {u:?}: only numeric uid[:gid] is supported"
+            ))
+        })?
+    };
+    Ok((uid, gid))
+}
+
+async fn mkfs(path: &Path) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("mkfs.ext4");
+    cmd.args([
+        "-q",
+        "-F",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+    ])
+    .arg(path)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| format!("mkfs.ext4 {}: no exit within 60 s", path.display()))?
+        .map_err(|e| format!("cannot run mkfs.ext4: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(path);
+        Err(format!(
+            "mkfs.ext4 {}: {} ({})",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ))
+    }
+}
+
+async fn wait_gone(p: ProcId, within: Duration) -> bool {
+    let end = tokio::time::Instant::now() + within;
+    while p.alive() {
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+async fn wait_for_socket(path: &Path, p: ProcId, within: Duration) -> Result<(), String> {
+    let end = tokio::time::Instant::now() + within;
+    while !path.exists() {
+        if !p.alive() {
+            return Err(format!("exited before creating {}", path.display()));
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(format!("no {} within {within:?}", path.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Spawns a detached process (own session), stdout/stderr to `log`.
+fn spawn_detached(
+    program: &str,
+    args: &[String],
+    log: &Path,
+) -> Result<tokio::process::Child, String> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Rotates the console log when it grows past `max`: the old content moves to
+/// `console.log.1` and the log restarts empty (QEMU appends, so truncation is safe).
+fn cap_console(path: &Path, max: u64) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.len() <= max {
+        return;
+    }
+    let rotated = path.with_extension("log.1");
+    let _ = std::fs::copy(path, &rotated);
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_len(0);
+    }
+}
+
+/// How a VM's process ended or is watched.
+enum Watch {
+    /// Our own child: waited on (and reaped).
+    Child(tokio::process::Child),
+    /// Adopted after a restart: polled through /proc.
+    Adopted(ProcId),
+}
+
+impl Watch {
+    async fn exited(&mut self) -> Option<i32> {
+        match self {
+            Watch::Child(c) => c.wait().await.ok().and_then(|s| s.code()),
+            Watch::Adopted(p) => {
+                while p.alive() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None
+            }
+        }
+    }
+}
+
+struct TaskArgs {
+    id: InstanceId,
+    listener: tokio::net::UnixListener,
+    config: GuestConfig,
+    handshake: Duration,
+    watch: Watch,
+    events: mpsc::UnboundedSender<VmEvent>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    exit_code: Arc<Mutex<Option<i32>>>,
+    console: PathBuf,
+    console_max: u64,
+    adopted: bool,
+}
+
+/// Serves one VM's guest channel and watches its QEMU process until it ends.
+async fn vm_task(mut a: TaskArgs) {
+    let spawned = tokio::time::Instant::now();
+    let qemu_exit = |code: Option<i32>, console: &Path, when: &str| {
+        let detail = format!(
+            "qemu exited ({}) {when}; console: {}",
+            code.map_or("by a signal".to_string(), |c| format!("code {c}")),
+            tail(console, 3)
+        );
+        (code, detail)
+    };
+    let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    // Handshake (the guest connects once early; after an agent restart it reconnects).
+    let session = tokio::select! {
+        r = accept_guest(&a.listener, a.id.as_str(), a.config, a.handshake) => r,
+        code = a.watch.exited() => {
+            let (code, detail) = qemu_exit(code, &a.console, "before the guest handshake");
+            let _ = a.events.send(if a.adopted { VmEvent::VmmExited { code, detail } } else { VmEvent::Failed(RuntimeError::VmmStart(detail)) });
+            return;
+        }
+    };
+    let mut session = match session {
+        Ok(s) => {
+            tracing::debug!(instance = %a.id, handshake_ms = spawned.elapsed().as_millis() as u64, "guest handshake done after QEMU start");
+            s
+        }
+        Err(e) => {
+            let reason = e.reason();
+            let detail = format!("{e}; console: {}", tail(&a.console, 3));
+            let err = if reason == ReasonCode::FirecrackerStartFailed {
+                RuntimeError::VmmStart(detail)
+            } else {
+                RuntimeError::Guest { reason, detail }
+            };
+            let _ = a.events.send(VmEvent::Failed(err));
+            let _ = a.watch.exited().await;
+            return;
+        }
+    };
+    let mut terminal_sent = false;
+    let mut channel_open = true;
+    let mut cap_tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            ev = session.next_event(), if channel_open => match ev {
+                Ok(GuestEvent::ConfigApplied) => {}
+                Ok(GuestEvent::WorkloadStarted { init_time, handshake_wait, .. }) => {
+                    // Boot split: QEMU start → workload exec, and the guest's share of it.
+                    tracing::info!(
+                        instance = %a.id,
+                        since_qemu_start_ms = spawned.elapsed().as_millis() as u64,
+                        guest_init_ms = init_time.map(|d| d.as_millis() as u64),
+                        guest_handshake_wait_ms = handshake_wait.map(|d| d.as_millis() as u64),
+                        "workload started"
+                    );
+                    let _ = a.events.send(VmEvent::WorkloadStarted);
+                }
+                Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
+                    let code = code.or(signal.map(|s| 128 + s)).unwrap_or(-1);
+                    *lock(&a.exit_code) = Some(code);
+                    if !terminal_sent {
+                        terminal_sent = true;
+                        let _ = a.events.send(VmEvent::Exited { code, oom_killed });
+                    }
+                }
+                Ok(GuestEvent::Failed { reason, detail }) => {
+                    if !terminal_sent {
+                        terminal_sent = true;
+                        let _ = a.events.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
+                    }
+                }
+                Err(_) => channel_open = false,
+            },
+            cmd = a.commands.recv() => match cmd {
+                Some(Command::Stop { grace, done }) => {
+                    stop_waiters.push(done);
+                    // Without a channel there is nobody to ask: `stop` escalates to QMP
+                    // and SIGKILL after its deadline.
+                    if channel_open && session.request_stop(grace).await.is_err() {
+                        channel_open = false;
+                    }
+                }
+                None => {}
+            },
+            code = a.watch.exited() => {
+                if !terminal_sent {
+                    let (code, detail) = qemu_exit(code, &a.console, "while the workload ran");
+                    let _ = a.events.send(VmEvent::VmmExited { code, detail });
+                }
+                break;
+            }
+            _ = cap_tick.tick() => cap_console(&a.console, a.console_max),
+        }
+    }
+    for w in stop_waiters {
+        let _ = w.send(());
+    }
+}
+
+/// Asks QEMU to quit over QMP (bounded by 2 s).
+async fn qmp_quit(sock: &Path) -> Result<(), String> {
+    let fut = async {
+        let s = tokio::net::UnixStream::connect(sock)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (r, mut w) = s.into_split();
+        let mut lines = BufReader::new(r).lines();
+        lines.next_line().await.map_err(|e| e.to_string())?; // greeting
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        lines.next_line().await.map_err(|e| e.to_string())?;
+        w.write_all(b"{\"execute\":\"quit\"}\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = lines.next_line().await;
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .map_err(|_| "qmp: no answer within 2 s".to_string())?
+}
+
+#[async_trait]
+impl Runtime for QemuRuntime {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn prepare(&self, id: &InstanceId, w: &Workload) -> Result<(), RuntimeError> {
+        let dir = self.instance_dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()))
+        })?;
+        let spec_image = SpecImage {
+            reference: w.spec.image.reference.clone(),
+            digest: w.spec.image.digest.clone(),
+            index_digest: w.spec.image.index_digest.clone(),
+            resolved_digest: w.digest.to_string(),
+            os: None,
+            arch: None,
+        };
+        let image_err = |e: crate::image::ImageError| {
+            if e.reason() == ReasonCode::RootfsBuildFailed {
+                RuntimeError::RootfsBuild(e.to_string())
+            } else {
+                RuntimeError::ImagePull(e.to_string())
+            }
+        };
+        let image = ImageRef::from_spec(&spec_image).map_err(image_err)?;
+        let disk = self
+            .images
+            .ensure_root_disk(&image, id.as_str())
+            .await
+            .map_err(image_err)?;
+        let process = merge_process(
+            &disk.config,
+            &w.spec.command,
+            w.spec.env_vars.as_ref(),
+            w.spec.workdir.as_deref(),
+        );
+        if process.argv.is_empty() {
+            return Err(RuntimeError::VmmStart(format!(
+                "image {} has no entrypoint or cmd and the spec has no command",
+                w.digest
+            )));
+        }
+        let scratch_bytes = w
+            .spec
+            .resources
+            .ephemeral_disk_bytes
+            .map(|b| b.max(16 << 20) as u64)
+            .unwrap_or(4 << 30);
+        let scratch = self.prepare_scratch(id, scratch_bytes).await?;
+        let volumes = self.prepare_volumes(id, w).await?;
+        let tap = self.prepare_network(id, w).await?;
+        lock(&self.prepared).insert(
+            id.clone(),
+            Prepared {
+                root_disk: disk.path,
+                process,
+                scratch,
+                volumes,
+                tap,
+            },
+        );
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        id: &InstanceId,
+        w: &Workload,
+        boot: BootContext,
+    ) -> Result<VmHandle, RuntimeError> {
+        let p = lock(&self.prepared).get(id).cloned().ok_or_else(|| {
+            RuntimeError::VmmStart(format!("instance {id}: start before prepare"))
+        })?;
+        let kernel = self.config.kernel.clone().unwrap_or_default();
+        let initramfs = self.config.initramfs.clone().unwrap_or_default();
+        for (what, f) in [("kernel", &kernel), ("initramfs", &initramfs)] {
+            if !f.is_file() {
+                return Err(RuntimeError::VmmStart(format!(
+                    "runtime.qemu.{what} {}: no such file",
+                    f.display()
+                )));
+            }
+        }
+        let config = self.guest_config(id, w, &p, &boot)?;
+        // Any VM still recorded for this instance goes first (idempotent start).
+        self.kill_recorded(id).await;
+
+        let dir = self.instance_dir(id);
+        let uds = dir.join("vsock.sock");
+        let vhost_sock = dir.join("vhost.sock");
+        let qmp = dir.join("qmp.sock");
+        let console = self.console_path(id);
+        for s in [&vhost_sock, &qmp] {
+            let _ = std::fs::remove_file(s);
+        }
+        let listener = bind_guest_listener(&uds)
+            .map_err(|e| RuntimeError::VmmStart(format!("guest socket {}: {e}", uds.display())))?;
+        let handle = VmHandle {
+            instance_id: id.clone(),
+            generation: w.spec.generation,
+            boot_id: boot.boot_id.clone(),
+            spec_hash: w.spec_hash.clone(),
+        };
+        let mut record = VmRecord {
+            instance_id: id.to_string(),
+            generation: handle.generation,
+            boot_id: handle.boot_id.clone(),
+            spec_hash: handle.spec_hash.clone(),
+            qemu: None,
+            vhost: None,
+            address: Some(
+                p.tap
+                    .ipv4
+                    .map_or(IpAddr::V6(p.tap.ipv6), |l| IpAddr::V4(l.guest)),
+            ),
+        };
+        let row_name = format!("{id}/vm");
+        let save = |r: &VmRecord| serde_json::to_string(r).ok();
+        // Recorded before anything is spawned.
+        self.ledger_add(KIND_PROCESS, &row_name, id, save(&record))
+            .await?;
+
+        let vhost_args = vec![
+            "--vm".to_string(),
+            format!(
+                "guest-cid=3,socket={},uds-path={}",
+                vhost_sock.display(),
+                uds.display()
+            ),
+        ];
+        let vhost = spawn_detached(
+            &self.config.vhost_device_vsock,
+            &vhost_args,
+            &dir.join("vhost.log"),
+        )
+        .map_err(RuntimeError::VmmStart)?;
+        let vhost_id = vhost.id().and_then(ProcId::of);
+        record.vhost = vhost_id;
+        self.ledger_add(KIND_PROCESS, &row_name, id, save(&record))
+            .await?;
+        drop(vhost); // reaped by nobody while we live: see `kill_recorded` (SIGKILL + /proc poll)
+        let Some(vhost_id) = vhost_id else {
+            return Err(RuntimeError::VmmStart(
+                "vhost-device-vsock exited at once".into(),
+            ));
+        };
+        if let Err(e) = wait_for_socket(&vhost_sock, vhost_id, Duration::from_secs(10)).await {
+            vhost_id.signal(rustix::process::Signal::KILL);
+            return Err(RuntimeError::VmmStart(format!(
+                "vhost-device-vsock: {e}; log: {}",
+                tail(&dir.join("vhost.log"), 3)
+            )));
+        }
+
+        let mem_mib =
+            ((w.spec.resources.memory_limit_bytes.max(0) as u64).div_ceil(1 << 20)).max(64);
+        let vcpus = w.spec.resources.vcpu_count.unwrap_or(1).max(1);
+        let accel = self.accel();
+        let _ = std::fs::remove_file(&console);
+        let mut args: Vec<String> = vec![
+            "-M".into(),
+            format!("microvm,accel={accel},memory-backend=mem"),
+            "-m".into(),
+            format!("{mem_mib}M"),
+            "-smp".into(),
+            vcpus.to_string(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+        ];
+        if accel == "tcg" {
+            // The guest calibrates its TSC against instruction counts, not a loaded host.
+            args.extend(["-icount".into(), "shift=auto".into()]);
+        }
+        args.extend(
+            ["-no-reboot", "-nodefaults", "-no-user-config", "-nographic"].map(String::from),
+        );
+        args.extend([
+            // append=on: the agent can cut the log back while QEMU writes it.
+            "-chardev".into(),
+            format!("file,id=con0,path={},append=on", console.display()),
+            "-serial".into(),
+            "chardev:con0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+            "-kernel".into(),
+            kernel.display().to_string(),
+            "-initrd".into(),
+            initramfs.display().to_string(),
+            "-append".into(),
+            format!("console=ttyS0 reboot=t panic=1 platform.instance_id={id}"),
+            "-chardev".into(),
+            format!("socket,id=vsock0,path={}", vhost_sock.display()),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock0".into(),
+        ]);
+        let mut drives = vec![
+            ("vda".to_string(), p.root_disk.clone(), true),
+            ("vdb".to_string(), p.scratch.clone(), false),
+        ];
+        let letters = b"cdefghijklmnopqrstuvwxyz";
+        for (i, (_, path)) in p.volumes.iter().enumerate() {
+            let Some(l) = letters.get(i) else {
+                return Err(RuntimeError::Volume("more than 24 volumes".into()));
+            };
+            drives.push((format!("vd{}", *l as char), path.clone(), false));
+        }
+        for (name, path, ro) in &drives {
+            args.push("-drive".into());
+            args.push(format!(
+                "id={name},file={},format=raw,if=none{}",
+                path.display(),
+                if *ro { ",readonly=on" } else { "" }
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive={name}"));
+        }
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={},script=no,downscript=no", p.tap.tap),
+            "-device".into(),
+            "virtio-net-device,netdev=net0".into(),
+        ]);
+        let qemu = match spawn_detached(&self.config.binary, &args, &dir.join("qemu.log")) {
+            Ok(c) => c,
+            Err(e) => {
+                vhost_id.signal(rustix::process::Signal::KILL);
+                return Err(RuntimeError::VmmStart(e));
+            }
+        };
+        record.qemu = qemu.id().and_then(ProcId::of);
+        self.ledger_add(KIND_PROCESS, &row_name, id, save(&record))
+            .await?;
+        tracing::info!(instance = %id, accel, qemu_pid = ?record.qemu.map(|p| p.pid), "qemu started");
+
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let exit_code = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(vm_task(TaskArgs {
+            id: id.clone(),
+            listener,
+            config,
+            handshake: Duration::from_secs(self.config.boot_timeout_seconds),
+            watch: Watch::Child(qemu),
+            events: ev_tx,
+            commands: cmd_rx,
+            exit_code: exit_code.clone(),
+            console,
+            console_max: self.config.console_max_bytes,
+            adopted: false,
+        }));
+        let vm = Arc::new(Vm {
+            handle: handle.clone(),
+            record: Mutex::new(record),
+            events: tokio::sync::Mutex::new(ev_rx),
+            commands: cmd_tx,
+            exit_code,
+            task,
+        });
+        if let Some(old) = lock(&self.vms).insert(id.clone(), vm) {
+            old.task.abort();
+        }
+        Ok(handle)
+    }
+
+    async fn next_event(&self, handle: &VmHandle) -> VmEvent {
+        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
+        let Some(vm) = vm.filter(|v| v.handle == *handle) else {
+            return std::future::pending().await;
+        };
+        let mut rx = vm.events.lock().await;
+        match rx.recv().await {
+            Some(ev) => ev,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn probe_health(&self, handle: &VmHandle, check: &HealthSpec) -> Result<(), String> {
+        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
+        let addr = vm
+            .and_then(|v| lock(&v.record).address)
+            .ok_or_else(|| format!("instance {}: no address to probe", handle.instance_id))?;
+        let timeout = Duration::from_secs(check.timeout_seconds.max(1));
+        match check.kind {
+            HealthKind::Tcp => crate::health::probe_tcp(addr, check.port, timeout).await,
+            HealthKind::Http => {
+                crate::health::probe_http(
+                    addr,
+                    check.port,
+                    check.path.as_deref().unwrap_or("/"),
+                    timeout,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn stop(&self, handle: &VmHandle, grace: Duration) -> StopOutcome {
+        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
+        let Some(vm) = vm else {
+            self.kill_recorded(&handle.instance_id).await;
+            return StopOutcome {
+                graceful: true,
+                exit_code: None,
+            };
+        };
+        let record = lock(&vm.record).clone();
+        let qemu_alive = || record.qemu.is_some_and(|p| p.alive());
+        let mut graceful = !qemu_alive();
+        if !graceful {
+            let (tx, rx) = oneshot::channel();
+            let _ = vm.commands.send(Command::Stop { grace, done: tx });
+            // The guest stops the workload within `grace`, reports, syncs and reboots.
+            let settle = grace + Duration::from_secs(5);
+            graceful = tokio::time::timeout(settle, rx).await.is_ok() || !qemu_alive();
+            if !graceful {
+                let qmp = self.instance_dir(&handle.instance_id).join("qmp.sock");
+                if let Err(e) = qmp_quit(&qmp).await {
+                    tracing::warn!(instance = %handle.instance_id, error = %e, "qmp quit failed; killing qemu");
+                }
+                if let Some(q) = record.qemu {
+                    if !wait_gone(q, Duration::from_secs(2)).await {
+                        q.signal(rustix::process::Signal::KILL);
+                        wait_gone(q, Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        }
+        // The task ends right after QEMU does (it reaps it and sends the last event).
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !vm.task.is_finished() && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(v) = record.vhost {
+            v.signal(rustix::process::Signal::TERM);
+            if !wait_gone(v, Duration::from_secs(2)).await {
+                v.signal(rustix::process::Signal::KILL);
+                wait_gone(v, Duration::from_secs(2)).await;
+            }
+        }
+        let exit_code = *lock(&vm.exit_code);
+        StopOutcome {
+            graceful,
+            exit_code,
+        }
+    }
+
+    async fn recover(&self) -> Result<Vec<VmHandle>, RuntimeError> {
+        let rows = self.rows().await?;
+        let mut found = Vec::new();
+        for r in rows.iter().filter(|r| r.kind == KIND_PROCESS) {
+            let Some(rec) = r
+                .detail
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<VmRecord>(d).ok())
+            else {
+                continue;
+            };
+            let Ok(id) = InstanceId::parse(&rec.instance_id) else {
+                continue;
+            };
+            let Some(q) = rec.qemu.filter(|q| q.alive()) else {
+                // Dead VM: its processes go; the instance's other resources are removed
+                // by `cleanup` when the supervisor decides.
+                if let Some(v) = rec.vhost {
+                    v.signal(rustix::process::Signal::KILL);
+                }
+                continue;
+            };
+            let dir = self.instance_dir(&id);
+            let uds = dir.join("vsock.sock");
+            let listener = bind_guest_listener(&uds).map_err(|e| {
+                RuntimeError::VmmStart(format!("guest socket {}: {e}", uds.display()))
+            })?;
+            let handle = VmHandle {
+                instance_id: id.clone(),
+                generation: rec.generation,
+                boot_id: rec.boot_id.clone(),
+                spec_hash: rec.spec_hash.clone(),
+            };
+            // The running guest ignores the config of a resumed handshake.
+            let config = GuestConfig {
+                config_version: "v1".into(),
+                instance_id: id.to_string(),
+                generation: i64::from(rec.generation),
+                workload: WorkloadConfig {
+                    argv: vec!["/bin/false".into()],
+                    cwd: None,
+                    env: BTreeMap::new(),
+                    uid: 0,
+                    gid: 0,
+                },
+                network: None,
+                mounts: Vec::new(),
+                secrets: None,
+            };
+            let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            let exit_code = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(vm_task(TaskArgs {
+                id: id.clone(),
+                listener,
+                config,
+                handshake: Duration::from_secs(30),
+                watch: Watch::Adopted(q),
+                events: ev_tx,
+                commands: cmd_rx,
+                exit_code: exit_code.clone(),
+                console: self.console_path(&id),
+                console_max: self.config.console_max_bytes,
+                adopted: true,
+            }));
+            tracing::info!(instance = %id, qemu_pid = q.pid, "found running qemu");
+            lock(&self.vms).insert(
+                id.clone(),
+                Arc::new(Vm {
+                    handle: handle.clone(),
+                    record: Mutex::new(rec),
+                    events: tokio::sync::Mutex::new(ev_rx),
+                    commands: cmd_tx,
+                    exit_code,
+                    task,
+                }),
+            );
+            found.push(handle);
+        }
+        // Taps and rule chains with the plfm prefix that no ledger row owns are leftovers.
+        let owned: Vec<String> = rows
+            .iter()
+            .filter(|r| r.kind == KIND_TAP)
+            .map(|r| r.name.clone())
+            .collect();
+        let removed = network::remove_orphans(&owned).await;
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removed plfm taps and rules no instance owns");
+        }
+        Ok(found)
+    }
+
+    fn current_vm(&self, id: &InstanceId) -> Option<VmHandle> {
+        lock(&self.vms).get(id).map(|v| v.handle.clone())
+    }
+
+    async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
+        if let Some(vm) = lock(&self.vms).remove(id) {
+            vm.task.abort();
+        }
+        lock(&self.prepared).remove(id);
+        self.kill_recorded(id).await;
+        let rows = self.rows().await?;
+        let mine: Vec<&ResourceRow> = rows
+            .iter()
+            .filter(|r| r.instance_id == id.as_str())
+            .collect();
+        let mut first_err = None;
+        for r in mine {
+            match r.kind.as_str() {
+                KIND_TAP => {
+                    if let Err(e) = network::teardown(&r.name).await {
+                        first_err.get_or_insert(RuntimeError::Network(e.to_string()));
+                        continue;
+                    }
+                }
+                KIND_DISK => match std::fs::remove_file(&r.name) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        first_err.get_or_insert(RuntimeError::RootfsBuild(format!(
+                            "scratch disk {}: {e}",
+                            r.name
+                        )));
+                        continue;
+                    }
+                },
+                KIND_PROCESS | KIND_IPV4 | KIND_VOLUME => {}
+                _ => continue, // another runtime's row
+            }
+            self.ledger_remove(&r.kind, &r.name).await;
+        }
+        let dir = self.instance_dir(id);
+        for f in [
+            "vsock.sock",
+            "vsock.sock_5161",
+            "vhost.sock",
+            "qmp.sock",
+            "scratch.ext4.tmp",
+        ] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_with_its_start_time() {
+        let me = ProcId::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        let other = ProcId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !other.alive(),
+            "a recycled pid must not count as the same process"
+        );
+    }
+
+    #[test]
+    fn console_log_rotates_past_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, vec![b'x'; 5000]).unwrap();
+        cap_console(&log, 8192);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 5000);
+        cap_console(&log, 4096);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("console.log.1"))
+                .unwrap()
+                .len(),
+            5000
+        );
+    }
+
+    #[test]
+    fn numeric_users_parse_and_names_are_refused() {
+        assert_eq!(parse_user(None).unwrap(), (0, 0));
+        assert_eq!(parse_user(Some("1000")).unwrap(), (1000, 1000));
+        assert_eq!(parse_user(Some("1000:50")).unwrap(), (1000, 50));
+        assert!(parse_user(Some("nobody")).is_err());
+    }
+
+    #[test]
+    fn config_validation_names_the_key() {
+        let c = QemuConfig::default();
+        assert!(c.validate().unwrap_err().starts_with("kernel:"));
+        let c = QemuConfig {
+            kernel: Some("/k".into()),
+            initramfs: Some("/i".into()),
+            ipv4_pool: "10.0.0.0/8".into(),
+            ..QemuConfig::default()
+        };
+        assert!(c.validate().unwrap_err().starts_with("ipv4_pool:"));
+    }
+}

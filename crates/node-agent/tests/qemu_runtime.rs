@@ -1,0 +1,950 @@
+//! The qemu runtime end to end (issue 6): the agent binary in standalone mode with
+//! `runtime.kind = "qemu"` pulls a busybox image from a real `docker-registry` on
+//! loopback, boots it under QEMU (TCG when there is no KVM) with vsock through
+//! `vhost-device-vsock`, host networking (tap, addresses, nftables) and an HTTP health
+//! check from the host, and drains it; failures end with their reason codes.
+//!
+//! Every test re-runs itself inside a fresh network namespace (`ip netns exec`), so the
+//! registry, the agent's API, the taps and the nftables table live there and no traffic
+//! leaves it; instance addresses come from fd00::/8 and 169.254.0.0/16.
+//!
+//! Prerequisites: root, qemu-system-x86_64, a `/boot/vmlinuz-*-cloud-amd64` kernel with
+//! its modules (or `PLFM_TEST_KERNEL` + `PLFM_TEST_KERNEL_MODULES`), the static guest init
+//! (`PLFM_GUEST_INIT_BIN` or scripts/build-guest-init.sh), vhost-device-vsock,
+//! docker-registry, e2fsprogs, nft, ip and /bin/busybox. A missing one skips with a
+//! message, or fails when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
+
+#![cfg(target_os = "linux")]
+
+mod image_support;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image_support::{Registry, GZIP};
+use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
+use plfm_node_agent::instance::{ReasonCode, Status};
+use plfm_node_agent::report::{InstanceView, StatusReport};
+use plfm_node_agent::state::Store;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
+const NETNS_ENV: &str = "PLFM_QEMU_TEST_NETNS";
+
+fn skip(what: &str) {
+    if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
+        panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: system test prerequisite missing: {what}"
+    );
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn which(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(tool).is_file())
+}
+
+fn find_kernel() -> Option<(PathBuf, PathBuf)> {
+    if let (Ok(k), Ok(m)) = (
+        std::env::var("PLFM_TEST_KERNEL"),
+        std::env::var("PLFM_TEST_KERNEL_MODULES"),
+    ) {
+        return Some((k.into(), m.into()));
+    }
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    kernels.sort();
+    let kernel = kernels.pop()?;
+    let version = kernel
+        .file_name()?
+        .to_str()?
+        .strip_prefix("vmlinuz-")?
+        .to_string();
+    let modules = PathBuf::from("/lib/modules").join(version);
+    modules
+        .join("modules.dep")
+        .exists()
+        .then_some((kernel, modules))
+}
+
+fn static_guest_init() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("PLFM_GUEST_INIT_BIN") {
+        return Some(p.into());
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/build-guest-init.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let path = String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .last()?
+        .trim()
+        .to_string();
+    Some(path.into())
+}
+
+/// Kernel, modules and guest init when every prerequisite is there.
+fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    if !rustix::process::geteuid().is_root() {
+        skip("root (taps, nftables, network namespaces)");
+        return None;
+    }
+    for (tool, pkg) in [
+        ("qemu-system-x86_64", "Debian package qemu-system-x86"),
+        ("vhost-device-vsock", "cargo install vhost-device-vsock"),
+        ("docker-registry", "Debian package docker-registry"),
+        ("mkfs.ext4", "Debian package e2fsprogs"),
+        ("nft", "Debian package nftables"),
+        ("ip", "Debian package iproute2"),
+    ] {
+        if !which(tool) {
+            skip(&format!("{tool} ({pkg})"));
+            return None;
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() || !Path::new("/dev/net/tun").exists() {
+        skip("/bin/busybox (busybox-static) and /dev/net/tun");
+        return None;
+    }
+    let Some((kernel, modules)) = find_kernel() else {
+        skip("a /boot/vmlinuz-*-cloud-amd64 kernel with modules (linux-image-cloud-amd64)");
+        return None;
+    };
+    let Some(init) = static_guest_init() else {
+        skip("static plfm-guest-init (scripts/build-guest-init.sh failed)");
+        return None;
+    };
+    Some((kernel, modules, init))
+}
+
+/// Outside the namespace: creates one, re-runs `test` in it, deletes it, and returns
+/// false (the caller returns). Inside: returns true.
+fn inside_netns(test: &str) -> bool {
+    if std::env::var_os(NETNS_ENV).is_some() {
+        return true;
+    }
+    if prerequisites().is_none() {
+        return false;
+    }
+    // One namespace per test (tests of this binary run in parallel).
+    let tag = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let ns = format!("plfm-q{}-{:08x}", std::process::id(), tag as u32);
+    let ok = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cannot create network namespace {ns}");
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = DelNs(ns.clone());
+    let up = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(up, "cannot bring lo up in {ns}");
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(NETNS_ENV, &ns)
+        .status()
+        .expect("run the test inside its network namespace");
+    assert!(status.success(), "{test} failed inside {ns}");
+    false
+}
+
+/// Kills every process whose command line mentions `dir` (QEMU and vhost-device-vsock
+/// of this test's data dir) and the agent; runs when the test ends, pass or fail.
+struct Cleanup {
+    dir: PathBuf,
+    agent: Option<Child>,
+}
+
+fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie && String::from_utf8_lossy(&cmd).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for pid in processes_mentioning(&self.dir) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+struct Env {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    registry: Registry,
+    cleanup: Cleanup,
+}
+
+fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+    let mut l = Layer::new();
+    for d in [
+        "bin", "etc", "tmp", "proc", "sys", "dev", "run", "www", "data",
+    ] {
+        l = l.dir(d, 0o755);
+    }
+    l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
+    for applet in [
+        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls",
+    ] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": []}
+    }))
+    .unwrap();
+    (vec![(l.tar_gz(), GZIP)], config)
+}
+
+impl Env {
+    /// Registry with the busybox image, initramfs, agent config.
+    fn new(kernel_override: Option<&str>) -> (Env, String) {
+        let (kernel, modules, init) = prerequisites().expect("prerequisites checked outside");
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        std::fs::create_dir_all(root.join("desired/secrets")).unwrap();
+        let initramfs = root.join("initramfs.img");
+        write_initramfs(&BuildInitramfsArgs {
+            kernel_modules: Some(modules),
+            guest_init: init,
+            out: initramfs.clone(),
+        })
+        .unwrap();
+        let registry = Registry::start();
+        let (layers, config) = busybox_image();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let image = rt.block_on(registry.push("demo/busybox", &layers, &config));
+        let image_ref = format!("{}/demo/busybox@{}", registry.addr, image.digest.as_str());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let kernel = kernel_override
+            .map(str::to_string)
+            .unwrap_or_else(|| kernel.display().to_string());
+        let cfg = format!(
+            r#"node_id = "qemu-test-node"
+data_dir = "data"
+[log]
+level = "info,plfm_node_agent=debug"
+[api]
+listen = "127.0.0.1:{port}"
+[control_plane]
+mode = "standalone"
+desired_dir = "desired"
+rescan_interval_ms = 200
+[runtime]
+kind = "qemu"
+[runtime.qemu]
+kernel = {kernel:?}
+initramfs = {:?}
+boot_timeout_seconds = 60
+accel = "tcg"
+[agent]
+boot_timeout_seconds = 90
+reconcile_interval_ms = 200
+"#,
+            initramfs.display().to_string()
+        );
+        std::fs::write(root.join("agent.toml"), cfg).unwrap();
+        let cleanup = Cleanup {
+            dir: root.join("data"),
+            agent: None,
+        };
+        (
+            Env {
+                _root: tmp,
+                root,
+                registry,
+                cleanup,
+            },
+            image_ref,
+        )
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("agent.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(self.root.join("agent.toml"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.cleanup.agent = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut a) = self.cleanup.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    fn write(&self, name: &str, v: &serde_json::Value) {
+        let tmp = self.root.join("desired").join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(v).unwrap()).unwrap();
+        std::fs::rename(&tmp, self.root.join("desired").join(name)).unwrap();
+    }
+
+    fn instances(&self) -> Option<Vec<InstanceView>> {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(self.root.join("agent.toml"))
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn log(&self) -> String {
+        let agent = std::fs::read_to_string(self.root.join("agent.log")).unwrap_or_default();
+        let console = std::fs::read_dir(self.root.join("data/instances"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let c = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+                let lines: Vec<&str> = c
+                    .lines()
+                    .filter(|l| l.contains("plfm-guest-init") || l.contains("Out of memory"))
+                    .collect();
+                format!(
+                    "--- console of {:?}\n{}\n--- qemu.log: {}",
+                    e.file_name(),
+                    lines.join("\n"),
+                    std::fs::read_to_string(e.path().join("qemu.log")).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("agent log:\n{agent}\n{console}")
+    }
+
+    /// Polls the local API until `cond` holds for instance `id`.
+    fn wait(
+        &self,
+        what: &str,
+        within: Duration,
+        cond: impl Fn(&InstanceView) -> bool,
+    ) -> InstanceView {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(v) = self
+                .instances()
+                .and_then(|l| l.into_iter().find(|v| cond(v)))
+            {
+                return v;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out after {within:?} waiting for {what}; last: {:#?}\n{}",
+                    self.instances(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.root.join("data/state.db")).unwrap()
+    }
+
+    fn reports(&self, id: &str) -> Vec<StatusReport> {
+        self.store()
+            .delivered_reports(Some(id))
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, j)| serde_json::from_str(&j).unwrap())
+            .collect()
+    }
+
+    /// (tap, guest IPv4) from the resource ledger.
+    fn tap_of(&self, id: &str) -> Option<(String, String)> {
+        let rows = self.store().resources().ok()?;
+        let r = rows
+            .into_iter()
+            .find(|r| r.kind == "tap" && r.instance_id == id)?;
+        let d: serde_json::Value = serde_json::from_str(r.detail.as_deref()?).ok()?;
+        Some((r.name, d["ipv4"].as_str()?.to_string()))
+    }
+}
+
+fn assignment(id: &str, image: &str, script: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut w = json!({
+        "spec_version": "v1",
+        "instance_id": id,
+        "generation": 1,
+        "image": {"ref": image, "resolved_digest": image.rsplit('@').next().unwrap(), "os": "linux", "arch": "amd64"},
+        "command": ["/bin/sh", "-c", script],
+        "resources": {"cpu_request": 1.0, "memory_limit_bytes": 256i64 << 20, "ephemeral_disk_bytes": 64i64 << 20, "vcpu_count": 1},
+        "network": {"overlay_ipv6": "fd00::10", "gateway_ipv6": "fe80::1", "mtu": 1400},
+        "lifecycle": {"termination_grace_seconds": 10, "restart_policy": "never", "max_retries": 0}
+    });
+    if let (Some(w), Some(extra)) = (w.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            w.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"instance_id": id, "generation": 1, "desired_state": "running", "drain_grace_seconds": 10, "workload": w})
+}
+
+/// GET `path` from `ip:port` (plain HTTP/1.0 over TCP) → body.
+fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+fn nft_table() -> String {
+    Command::new("nft")
+        .args(["list", "table", "inet", "plfm"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+const HTTPD_SCRIPT: &str = "mkdir -p /www && echo hello-from-the-vm > /www/index.html && cat /run/secrets/platform.env > /www/secret.txt && exec httpd -f -p 8080 -h /www";
+
+fn http_health() -> serde_json::Value {
+    json!({"type": "http", "port": 8080, "path": "/", "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 120, "success_threshold": 1, "failure_threshold": 3})
+}
+
+#[test]
+fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() {
+    if !inside_netns("vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    std::fs::write(
+        env.root.join("desired/secrets/sv1.env"),
+        "# TRC_SECRETS_V1\nGREETING=secret-from-the-host\n",
+    )
+    .unwrap();
+    let extra = json!({
+        "health": http_health(),
+        "secrets": {"required": true, "secret_version_id": "sv1", "mount_path": "/run/secrets/platform.env"},
+    });
+    let mut a = assignment("web-q1", &image, HTTPD_SCRIPT, extra);
+    env.write("web-q1.json", &a);
+    let started = Instant::now();
+    env.spawn();
+    let ready = env.wait("web-q1 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "web-q1" && v.status == Status::Ready
+    });
+    let to_ready = started.elapsed();
+    let (tap, ipv4) = env.tap_of("web-q1").expect("tap in the ledger");
+    // The host fetches the page and the secrets file from the guest.
+    assert_eq!(
+        http_get(&ipv4, 8080, "/").unwrap().trim(),
+        "hello-from-the-vm"
+    );
+    let secret = http_get(&ipv4, 8080, "/secret.txt").unwrap();
+    assert!(secret.contains("GREETING=secret-from-the-host"), "{secret}");
+    assert!(
+        !env.log().contains("secret-from-the-host"),
+        "a secret value reached a log"
+    );
+    // Tap and rules exist while it runs; the tap and addresses are as planned.
+    // `status --json` (the local API) shows the tap and the addresses.
+    let v = env
+        .instances()
+        .and_then(|l| l.into_iter().find(|v| v.instance_id == "web-q1"))
+        .unwrap();
+    assert_eq!(v.tap.as_deref(), Some(tap.as_str()));
+    let addrs = v.addresses.expect("addresses");
+    assert_eq!(addrs.ipv6, "fd00::10");
+    assert_eq!(addrs.ipv4.as_deref(), Some(ipv4.as_str()));
+    let link = Command::new("ip")
+        .args(["-d", "link", "show", &tap])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).to_string();
+    assert!(link.contains("mtu 1400") && link.contains("tun"), "{link}");
+    assert!(
+        nft_table().contains(&format!("chain {tap}")),
+        "{}",
+        nft_table()
+    );
+    let qemu_pids = processes_mentioning(&env.root.join("data"));
+    assert!(qemu_pids.len() >= 2, "qemu and vhost-device-vsock expected");
+
+    // Drain.
+    a["desired_state"] = json!("draining");
+    env.write("web-q1.json", &a);
+    let drain_started = Instant::now();
+    env.wait("web-q1 stopped", Duration::from_secs(30), |v| {
+        v.instance_id == "web-q1" && v.status == Status::Stopped
+    });
+    let drained = drain_started.elapsed();
+    let statuses: Vec<Status> = env.reports("web-q1").iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            Status::Booting,
+            Status::Ready,
+            Status::Draining,
+            Status::Stopped
+        ],
+        "{}",
+        env.log()
+    );
+    assert!(drained < Duration::from_secs(20), "drain took {drained:?}");
+    // Nothing left: processes, tap, rules, scratch disk, mounts.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        processes_mentioning(&env.root.join("data")).is_empty(),
+        "VM processes left"
+    );
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("plfm"),
+        "tap left"
+    );
+    assert!(
+        !nft_table().contains(&format!("chain {tap}")),
+        "nft chain left"
+    );
+    assert!(!env.root.join("data/instances/web-q1/scratch.ext4").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&env.root.display().to_string()));
+    let left: Vec<_> = env
+        .store()
+        .resources()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.instance_id == "web-q1")
+        .collect();
+    assert!(left.is_empty(), "ledger rows left: {left:?}");
+    eprintln!(
+        "TIMING: desired -> ready {:.1} s (boot_duration_ms {:?}), drain -> stopped {:.1} s",
+        to_ready.as_secs_f64(),
+        env.reports("web-q1")
+            .iter()
+            .find_map(|r| (r.status == Status::Ready).then_some(r.boot_duration_ms))
+            .flatten(),
+        drained.as_secs_f64()
+    );
+    let agent_log = std::fs::read_to_string(env.root.join("agent.log")).unwrap_or_default();
+    for l in agent_log.lines().filter(|l| {
+        l.contains("new plan")
+            || l.contains("qemu started")
+            || l.contains("handshake done")
+            || l.contains("workload started")
+            || l.contains("ready")
+    }) {
+        eprintln!("TIMING: {l}");
+    }
+    let _ = ready;
+    drop(env.registry);
+}
+
+fn network(ipv6: &str) -> serde_json::Value {
+    json!({"overlay_ipv6": ipv6, "gateway_ipv6": "fe80::1", "mtu": 1400})
+}
+
+/// Failures that need no health check, in one agent: the workload exits 3 with
+/// `restart_policy = never`; a bound secret version that has no material; a tap name
+/// collision on the host.
+#[test]
+fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
+    if !inside_netns("exit_code_missing_secret_and_tap_collision_fail_with_their_reasons") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    env.write(
+        "exit3.json",
+        &assignment(
+            "exit3",
+            &image,
+            "echo bye; exit 3",
+            json!({"network": network("fd00::31")}),
+        ),
+    );
+    env.write(
+        "nosecret.json",
+        &assignment(
+            "nosecret",
+            &image,
+            "true",
+            json!({"network": network("fd00::32"),
+                   "secrets": {"required": true, "secret_version_id": "absent", "mount_path": "/run/secrets/platform.env"}}),
+        ),
+    );
+    env.spawn();
+    // After start-up (which removes plfm taps nobody owns), someone else's tap takes
+    // the name the agent derives for `taken`.
+    let end = Instant::now() + Duration::from_secs(30);
+    while env.instances().is_none() {
+        assert!(Instant::now() < end, "agent API not up: {}", env.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tap = plfm_node_agent::network::tap_name("taken");
+    let made = Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    env.write(
+        "taken.json",
+        &assignment(
+            "taken",
+            &image,
+            "true",
+            json!({"network": network("fd00::33")}),
+        ),
+    );
+    let failed = |id: &'static str| {
+        move |v: &InstanceView| v.instance_id == id && v.status == Status::Failed
+    };
+    let v = env.wait("exit3 failed", Duration::from_secs(90), failed("exit3"));
+    assert_eq!(v.exit_code, Some(3), "{v:?}");
+    let v = env.wait(
+        "nosecret failed",
+        Duration::from_secs(30),
+        failed("nosecret"),
+    );
+    assert_eq!(v.reason_code, Some(ReasonCode::SecretsMissing), "{v:?}");
+    let v = env.wait("taken failed", Duration::from_secs(30), failed("taken"));
+    assert_eq!(v.reason_code, Some(ReasonCode::NetworkSetupFailed), "{v:?}");
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&tap),
+        "{v:?}"
+    );
+    // The foreign tap is left alone; the failed VM left no process behind.
+    let still = Command::new("ip")
+        .args(["link", "show", &tap])
+        .status()
+        .unwrap();
+    assert!(still.success(), "the agent removed a tap it does not own");
+    let end = Instant::now() + Duration::from_secs(15);
+    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_mentioning(&env.root.join("data")).is_empty());
+}
+
+#[test]
+fn missing_kernel_file_fails_with_firecracker_start_failed() {
+    if !inside_netns("missing_kernel_file_fails_with_firecracker_start_failed") {
+        return;
+    }
+    let (mut env, image) = Env::new(Some("/nonexistent/vmlinuz"));
+    env.write(
+        "nokernel.json",
+        &assignment("nokernel", &image, "true", json!({})),
+    );
+    env.spawn();
+    let v = env.wait("nokernel failed", Duration::from_secs(60), |v| {
+        v.instance_id == "nokernel" && v.status == Status::Failed
+    });
+    assert_eq!(
+        v.reason_code,
+        Some(ReasonCode::FirecrackerStartFailed),
+        "{v:?}"
+    );
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("/nonexistent/vmlinuz"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn workload_past_its_memory_is_oom_killed() {
+    if !inside_netns("workload_past_its_memory_is_oom_killed") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    // Four dd processes each fill a 64 MiB buffer: together more than a 192 MiB VM has.
+    let script = "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=64M count=1 & done; wait";
+    env.write(
+        "oom.json",
+        &assignment(
+            "oom",
+            &image,
+            script,
+            json!({"resources": {"cpu_request": 1.0, "memory_limit_bytes": 192i64 << 20, "ephemeral_disk_bytes": 64i64 << 20}}),
+        ),
+    );
+    env.spawn();
+    let v = env.wait("oom failed", Duration::from_secs(90), |v| {
+        v.instance_id == "oom" && v.status == Status::Failed
+    });
+    assert_eq!(v.reason_code, Some(ReasonCode::OomKilled), "{v:?}");
+}
+
+/// `kill -9` of the agent while a VM is ready: the next agent adopts the same QEMU
+/// process (pid and start time), keeps it ready and sends no extra report.
+#[test]
+fn agent_killed_while_ready_adopts_the_same_qemu_process() {
+    if !inside_netns("agent_killed_while_ready_adopts_the_same_qemu_process") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    let extra = json!({"health": http_health(), "command": ["/bin/sh", "-c", "mkdir -p /www && echo up > /www/index.html && exec httpd -f -p 8080 -h /www"]});
+    let mut a = assignment("adopt", &image, "", extra);
+    env.write("adopt.json", &a);
+    env.spawn();
+    env.wait("adopt ready", Duration::from_secs(100), |v| {
+        v.instance_id == "adopt" && v.status == Status::Ready
+    });
+    let vm_row = |env: &Env| {
+        env.store()
+            .resources()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.kind == "process" && r.instance_id == "adopt")
+            .and_then(|r| r.detail)
+            .map(|d| serde_json::from_str::<serde_json::Value>(&d).unwrap()["qemu"].clone())
+    };
+    let before = vm_row(&env).expect("qemu recorded in the ledger");
+    let pid = before["pid"].as_u64().unwrap() as u32;
+    let reports_before = env.reports("adopt").len();
+    env.kill9();
+    let start_time = |pid: u32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        s.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(19)?
+            .parse::<u64>()
+            .ok()
+    };
+    assert_eq!(
+        start_time(pid),
+        before["start_time"].as_u64(),
+        "qemu died with the agent"
+    );
+    env.spawn();
+    // The new agent serves the API, still shows ready, and keeps probing the guest.
+    env.wait(
+        "adopt still ready after restart",
+        Duration::from_secs(30),
+        |v| v.instance_id == "adopt" && v.status == Status::Ready,
+    );
+    let (_, ipv4) = env.tap_of("adopt").unwrap();
+    assert_eq!(http_get(&ipv4, 8080, "/").unwrap().trim(), "up");
+    // A few health intervals later: same process, no new report.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            start_time(pid),
+            before["start_time"].as_u64(),
+            "qemu replaced"
+        );
+    }
+    assert_eq!(vm_row(&env), Some(before));
+    assert_eq!(
+        env.reports("adopt").len(),
+        reports_before,
+        "{:?}",
+        env.reports("adopt")
+    );
+    assert!(env.log().contains("adopted running VM"), "{}", env.log());
+    // And it still drains cleanly under the new agent.
+    a["desired_state"] = json!("draining");
+    env.write("adopt.json", &a);
+    env.wait("adopt stopped", Duration::from_secs(30), |v| {
+        v.instance_id == "adopt" && v.status == Status::Stopped
+    });
+    let end = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_mentioning(&env.root.join("data")).is_empty());
+}
+
+/// After `ready`, the health endpoint starts failing → `healthcheck_failed`; a workload
+/// that keeps failing under `restart_policy = always` spends its budget →
+/// `crash_loop_backoff`. Both in one agent.
+#[test]
+fn failing_health_after_ready_and_a_crash_loop_end_with_their_reasons() {
+    if !inside_netns("failing_health_after_ready_and_a_crash_loop_end_with_their_reasons") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    // httpd (daemonised) serves / until index.html goes away 6 s after start.
+    let flaky = "mkdir -p /www && echo ok > /www/index.html && httpd -p 8080 -h /www && sleep 6 && rm /www/index.html && exec sleep 1000";
+    env.write(
+        "flaky.json",
+        &assignment(
+            "flaky",
+            &image,
+            flaky,
+            json!({"network": network("fd00::41"), "health": http_health()}),
+        ),
+    );
+    env.write(
+        "loop.json",
+        &assignment(
+            "loop",
+            &image,
+            "exit 1",
+            json!({"network": network("fd00::42"),
+                   "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "always", "max_retries": 1}}),
+        ),
+    );
+    env.spawn();
+    let v = env.wait("loop crash_loop_backoff", Duration::from_secs(120), |v| {
+        v.instance_id == "loop" && v.reason_code == Some(ReasonCode::CrashLoopBackoff)
+    });
+    assert_eq!(v.status, Status::Failed, "{v:?}");
+    let v = env.wait("flaky healthcheck_failed", Duration::from_secs(120), |v| {
+        v.instance_id == "flaky" && v.status == Status::Failed
+    });
+    assert_eq!(v.reason_code, Some(ReasonCode::HealthcheckFailed), "{v:?}");
+    let statuses: Vec<Status> = env.reports("flaky").iter().map(|r| r.status).collect();
+    assert_eq!(
+        &statuses[..2],
+        &[Status::Booting, Status::Ready],
+        "{statuses:?}"
+    );
+}
+
+/// A volume written by one generation is there for the next (replace = new VM), and a
+/// second instance asking for the same volume while it is attached is refused.
+#[test]
+fn volume_survives_a_replacement_and_is_refused_to_a_second_instance() {
+    if !inside_netns("volume_survives_a_replacement_and_is_refused_to_a_second_instance") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    let mounts = json!([{"volume_id": "vol-a", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}]);
+    let gen1 = assignment(
+        "vol",
+        &image,
+        "echo written-by-gen1 > /data/f && exec sleep 1000",
+        json!({"network": network("fd00::51"), "mounts": mounts}),
+    );
+    env.write("vol.json", &gen1);
+    env.spawn();
+    env.wait("vol gen 1 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "vol" && v.status == Status::Ready && v.generation == 1
+    });
+    env.write(
+        "vol2.json",
+        &assignment(
+            "vol2",
+            &image,
+            "true",
+            json!({"network": network("fd00::52"), "mounts": mounts}),
+        ),
+    );
+    let v = env.wait("vol2 refused", Duration::from_secs(30), |v| {
+        v.instance_id == "vol2" && v.status == Status::Failed
+    });
+    assert_eq!(v.reason_code, Some(ReasonCode::VolumeAttachFailed), "{v:?}");
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("vol-a"),
+        "{v:?}"
+    );
+    std::fs::remove_file(env.root.join("desired/vol2.json")).unwrap();
+    // Generation 2 serves what generation 1 wrote.
+    let mut gen2 = assignment(
+        "vol",
+        &image,
+        "mkdir -p /www && cat /data/f > /www/index.html && exec httpd -f -p 8080 -h /www",
+        json!({"network": network("fd00::51"), "mounts": mounts, "generation": 2, "health": http_health()}),
+    );
+    gen2["generation"] = json!(2);
+    env.write("vol.json", &gen2);
+    env.wait("vol gen 2 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "vol" && v.status == Status::Ready && v.generation == 2
+    });
+    let (_, ipv4) = env.tap_of("vol").unwrap();
+    assert_eq!(
+        http_get(&ipv4, 8080, "/").unwrap().trim(),
+        "written-by-gen1"
+    );
+    assert!(env.root.join("data/volumes/vol-a.ext4").is_file());
+}
