@@ -251,12 +251,10 @@ impl LocalHost {
     }
 }
 
-/// The tap name of an instance: `plfm` + 11 hex digits of a hash of its id (15 bytes).
+/// The tap name of an instance: the same name host networking gives it
+/// ([`crate::network::tap_name`]), so every runtime agrees on it.
 pub fn tap_name(id: &InstanceId) -> String {
-    let h = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("plfm{:011x}", h & 0xfff_ffff_ffff)
+    crate::network::tap_name(id.as_str())
 }
 
 /// A locally administered guest MAC derived from the instance id.
