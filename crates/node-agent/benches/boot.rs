@@ -20,6 +20,10 @@
 #[allow(unused_imports)]
 mod image_support;
 
+#[cfg(target_os = "linux")]
+#[path = "../tests/support/vm_host.rs"]
+mod vm_host;
+
 #[cfg(not(target_os = "linux"))]
 fn main() {
     eprintln!("boot bench: linux only");
@@ -43,71 +47,10 @@ mod linux {
     use serde_json::{json, Value};
 
     use crate::image_support::{Registry, GZIP};
+    use crate::vm_host::{find_kernel, static_guest_init, which};
 
     const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
     const NETNS_ENV: &str = "PLFM_BOOT_BENCH_NETNS";
-
-    fn repo_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-    }
-
-    fn which(tool: &str) -> bool {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .any(|d| d.join(tool).is_file())
-    }
-
-    fn find_kernel() -> Option<(PathBuf, PathBuf)> {
-        if let (Ok(k), Ok(m)) = (
-            std::env::var("PLFM_TEST_KERNEL"),
-            std::env::var("PLFM_TEST_KERNEL_MODULES"),
-        ) {
-            return Some((k.into(), m.into()));
-        }
-        let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-            })
-            .collect();
-        kernels.sort();
-        let kernel = kernels.pop()?;
-        let version = kernel
-            .file_name()?
-            .to_str()?
-            .strip_prefix("vmlinuz-")?
-            .to_string();
-        let modules = PathBuf::from("/lib/modules").join(version);
-        modules
-            .join("modules.dep")
-            .exists()
-            .then_some((kernel, modules))
-    }
-
-    fn static_guest_init() -> Option<PathBuf> {
-        if let Ok(p) = std::env::var("PLFM_GUEST_INIT_BIN") {
-            return Some(p.into());
-        }
-        let out = Command::new("bash")
-            .arg(repo_root().join("scripts/build-guest-init.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let path = String::from_utf8(out.stdout)
-            .ok()?
-            .lines()
-            .last()?
-            .trim()
-            .to_string();
-        Some(path.into())
-    }
 
     /// Kernel, modules and guest init, or the name of what is missing.
     fn prerequisites() -> Result<(PathBuf, PathBuf, PathBuf), String> {

@@ -32,67 +32,15 @@ use plfm_node_agent::guest::{
 };
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 
+#[path = "support/vm_host.rs"]
+mod vm_host;
+use vm_host::{find_kernel, static_guest_init};
+
 fn require(what: &str) {
     if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
         panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
     }
     eprintln!("SKIPPED: system test prerequisite missing: {what}");
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn find_kernel() -> Option<(PathBuf, PathBuf)> {
-    if let (Ok(k), Ok(m)) = (
-        std::env::var("PLFM_TEST_KERNEL"),
-        std::env::var("PLFM_TEST_KERNEL_MODULES"),
-    ) {
-        return Some((k.into(), m.into()));
-    }
-    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-        })
-        .collect();
-    kernels.sort();
-    let kernel = kernels.pop()?;
-    let version = kernel
-        .file_name()?
-        .to_str()?
-        .strip_prefix("vmlinuz-")?
-        .to_string();
-    let modules = PathBuf::from("/lib/modules").join(version);
-    modules
-        .join("modules.dep")
-        .exists()
-        .then_some((kernel, modules))
-}
-
-/// The static guest init: `PLFM_GUEST_INIT_BIN`, or built by the project's script.
-fn static_guest_init() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("PLFM_GUEST_INIT_BIN") {
-        return Some(p.into());
-    }
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/build-guest-init.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let path = String::from_utf8(out.stdout)
-        .ok()?
-        .lines()
-        .last()?
-        .trim()
-        .to_string();
-    Some(path.into())
 }
 
 /// Kills and reaps QEMU when the test ends, pass or fail.
