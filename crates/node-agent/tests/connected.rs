@@ -312,7 +312,24 @@ fn write_agent_config(dir: &Path, url: &str, extra_cp: &str) -> std::path::PathB
     p
 }
 
-fn spawn_agent(config: &Path, log: &Path) -> std::process::Child {
+/// The agent binary, SIGKILLed and reaped when dropped (also when a test panics).
+struct AgentProcess(std::process::Child);
+
+impl AgentProcess {
+    /// SIGKILL, then reap.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_agent(config: &Path, log: &Path) -> AgentProcess {
     Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -320,6 +337,7 @@ fn spawn_agent(config: &Path, log: &Path) -> std::process::Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
+        .map(AgentProcess)
         .unwrap()
 }
 
@@ -372,8 +390,7 @@ async fn kill_dash_nine_with_pending_reports_delivers_them_after_restart_and_res
         },
     )
     .await;
-    let _ = agent.kill(); // SIGKILL
-    let _ = agent.wait();
+    agent.kill(); // SIGKILL
     let posts_before = cp.posts().len();
 
     cp.state.status_down.store(false, Ordering::SeqCst);
@@ -385,8 +402,7 @@ async fn kill_dash_nine_with_pending_reports_delivers_them_after_restart_and_res
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
 
     cp.check_delivery_log();
     let after: Vec<_> = cp.posts().into_iter().skip(posts_before).collect();
@@ -657,8 +673,7 @@ async fn secrets_missing_malformed_and_never_leaked() {
         cp.state.secret_gets.load(Ordering::SeqCst) >= 3 + 5,
         "the 500 is retried"
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
 
     // Nowhere: reports, the agent's (debug) log, the state store, the data dir.
     let reports = serde_json::to_string(
@@ -708,6 +723,5 @@ async fn workload_logs_reach_the_control_plane() {
     let batch = cp.state.logs.lock().unwrap()[0].clone();
     let e = &batch["entries"][0];
     assert!(e["ts"].is_string() && e["stream"] == "console" && e["truncated"] == false);
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
 }
