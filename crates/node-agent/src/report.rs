@@ -262,7 +262,7 @@ impl StatusManager {
     /// Applies a status change: validates it, numbers it, persists it and its report,
     /// and returns once both are durable. Repeats return [`Applied::Unchanged`].
     pub async fn update(&self, u: StatusUpdate) -> Result<Applied, ReportError> {
-        let (record, old) = {
+        let (record, old, entry) = {
             let mut map = self.lock();
             let current = map
                 .get(&u.instance_id)
@@ -289,7 +289,9 @@ impl StatusManager {
                 }
             }
             let now = self.clock.wall();
-            let entry = map.entry(u.instance_id.clone()).or_insert_with(|| Entry {
+            // The new entry becomes visible only once it is durable (below); one actor
+            // per instance means no other update of this instance runs meanwhile.
+            let mut entry = map.get(&u.instance_id).cloned().unwrap_or_else(|| Entry {
                 generation: u.generation,
                 status: Status::Pending,
                 reason: None,
@@ -347,7 +349,7 @@ impl StatusManager {
                 operator_stopped_generation: None,
                 updated_at: entry.updated_at.to_string(),
             };
-            (StatusRecord { row, report_json }, old)
+            (StatusRecord { row, report_json }, old, entry)
         };
         let seq = record.report_json.as_ref().map(|_| record.row.seq);
         let (tx, rx) = oneshot::channel();
@@ -356,6 +358,7 @@ impl StatusManager {
             .await
             .map_err(|_| ReportError::Closed)?;
         rx.await.map_err(|_| ReportError::Closed)?;
+        self.lock().insert(u.instance_id.clone(), entry);
         self.metrics
             .instances
             .get_or_create(&StatusLabel {
