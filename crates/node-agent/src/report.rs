@@ -188,6 +188,8 @@ pub struct StatusManager {
     listeners: Mutex<Vec<Arc<Notify>>>,
     /// Why statuses cannot be persisted right now (the node is degraded), if so.
     degraded: Arc<Mutex<Option<String>>>,
+    /// Why the host's disk is unusable (full), if so; set and cleared by the actors.
+    disk_degraded: Mutex<Option<String>>,
     commit_tx: mpsc::Sender<Commit>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -249,6 +251,7 @@ impl StatusManager {
             entries: Mutex::new(entries),
             listeners: Mutex::new(Vec::new()),
             degraded,
+            disk_degraded: Mutex::new(None),
             commit_tx,
             clock,
             metrics,
@@ -396,10 +399,22 @@ impl StatusManager {
 
     /// Why the node is degraded (statuses cannot be persisted), if it is.
     pub fn degraded(&self) -> Option<String> {
-        self.degraded
+        let store = self
+            .degraded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        store.or_else(|| {
+            self.disk_degraded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
+    /// Records (or clears) that the host's disk is full (the node is degraded).
+    pub fn set_disk_full(&self, reason: Option<String>) {
+        *self.disk_degraded.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
     /// A notification fired after every reported status change (e.g. to poll the plan).

@@ -453,3 +453,51 @@ async fn secret_values_never_reach_reports_logs_or_the_state_store() {
         "secret found in the state store"
     );
 }
+
+#[tokio::test]
+async fn disk_full_fails_rootfs_build_and_degrades_the_node_until_a_prepare_succeeds() {
+    let t = TestNode::start(MockConfig::instant()).await;
+    t.mock.inject(
+        &id("full"),
+        MockFault::PrepareFails {
+            reason: ReasonCode::RootfsBuildFailed,
+        },
+    );
+    t.apply(plan(
+        1,
+        vec![decode(&policy(assignment_json("full", 1), "never", 0))],
+    ))
+    .await;
+    t.wait_for("failed", STEP, |t| t.status("full") == Some(Status::Failed))
+        .await;
+    let v = t.node().status.get(&id("full")).unwrap();
+    assert_eq!(v.reason_code, Some(ReasonCode::RootfsBuildFailed));
+    assert!(v.error_message.unwrap().contains("no space"));
+    let degraded = t
+        .node()
+        .status
+        .degraded()
+        .expect("a full disk degrades the node");
+    assert!(degraded.contains("disk full"), "{degraded}");
+    assert!(
+        t.node()
+            .supervisor
+            .usage()
+            .await
+            .unwrap()
+            .degraded
+            .is_some(),
+        "heartbeats say degraded"
+    );
+    t.mock.clear_fault(&id("full"));
+    t.apply(plan(
+        2,
+        vec![decode(&policy(assignment_json("full", 2), "never", 0))],
+    ))
+    .await;
+    t.wait_for("ready after space is back", STEP, |t| {
+        t.status("full") == Some(Status::Ready)
+    })
+    .await;
+    assert_eq!(t.node().status.degraded(), None);
+}

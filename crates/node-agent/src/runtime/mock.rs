@@ -303,7 +303,7 @@ impl Runtime for MockRuntime {
                     ))
                 }
                 ReasonCode::RootfsBuildFailed => {
-                    return Err(RuntimeError::RootfsBuild(
+                    return Err(RuntimeError::NoSpace(
                         "mock: mkfs.ext4 failed: no space left on device (injected)".into(),
                     ))
                 }

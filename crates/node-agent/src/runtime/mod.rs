@@ -29,6 +29,9 @@ pub enum RuntimeError {
     /// Building the root disk failed.
     #[error("{0}")]
     RootfsBuild(String),
+    /// The host's disk is full (a `rootfs_build_failed` that also degrades the node).
+    #[error("{0}")]
+    NoSpace(String),
     /// The VMM did not start, refused its configuration, or died before the handshake.
     #[error("{0}")]
     VmmStart(String),
@@ -56,12 +59,26 @@ impl RuntimeError {
     pub fn reason(&self) -> ReasonCode {
         match self {
             RuntimeError::ImagePull(_) => ReasonCode::ImagePullFailed,
-            RuntimeError::RootfsBuild(_) => ReasonCode::RootfsBuildFailed,
+            RuntimeError::RootfsBuild(_) | RuntimeError::NoSpace(_) => {
+                ReasonCode::RootfsBuildFailed
+            }
             RuntimeError::VmmStart(_) => ReasonCode::FirecrackerStartFailed,
             RuntimeError::Network(_) => ReasonCode::NetworkSetupFailed,
             RuntimeError::Volume(_) => ReasonCode::VolumeAttachFailed,
             RuntimeError::SecretsInjection(_) => ReasonCode::SecretsInjectionFailed,
             RuntimeError::Guest { reason, .. } => *reason,
+        }
+    }
+}
+
+impl From<crate::image::ImageError> for RuntimeError {
+    fn from(e: crate::image::ImageError) -> Self {
+        if e.is_no_space() {
+            RuntimeError::NoSpace(e.to_string())
+        } else if e.reason() == ReasonCode::RootfsBuildFailed {
+            RuntimeError::RootfsBuild(e.to_string())
+        } else {
+            RuntimeError::ImagePull(e.to_string())
         }
     }
 }
@@ -157,4 +174,27 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes every host resource of an instance (idempotent; the VM must be stopped).
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageError;
+
+    #[test]
+    fn image_errors_map_to_runtime_errors_and_disk_full_is_its_own_kind() {
+        let full = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(28));
+        assert!(
+            matches!(RuntimeError::from(full), RuntimeError::NoSpace(m) if m.contains("no space"))
+        );
+        let build = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(5));
+        assert!(matches!(
+            RuntimeError::from(build),
+            RuntimeError::RootfsBuild(_)
+        ));
+        assert_eq!(
+            RuntimeError::NoSpace("x".into()).reason(),
+            ReasonCode::RootfsBuildFailed
+        );
+    }
 }

@@ -19,7 +19,7 @@ use crate::instance::{ReasonCode, Status};
 use crate::reconciler::{decide, Desired, InstanceAction, Observed};
 use crate::report::{Applied, StatusManager, StatusUpdate};
 use crate::restart::{Ending, RestartDecision, RestartTracker};
-use crate::runtime::{BootContext, Runtime, VmEvent, VmHandle};
+use crate::runtime::{BootContext, Runtime, RuntimeError, VmEvent, VmHandle};
 use crate::secrets::{SecretsError, SecretsSource};
 use crate::spec::{Assignment, DesiredState, HealthSpec, InstanceId};
 
@@ -305,11 +305,17 @@ impl Actor {
         match self.unless_superseded(&a, runtime.prepare(&id, &w)).await {
             None => return,
             Some(Err(e)) => {
+                if let RuntimeError::NoSpace(msg) = &e {
+                    tracing::error!(instance = %self.id, error = %msg, "host disk full; node degraded");
+                    self.env
+                        .status
+                        .set_disk_full(Some(format!("disk full: {msg}")));
+                }
                 return self
                     .end(Ending::Failure, Some(e.reason()), e.to_string(), None)
-                    .await
+                    .await;
             }
-            Some(Ok(())) => {}
+            Some(Ok(())) => self.env.status.set_disk_full(None),
         }
 
         let mut secrets = None;

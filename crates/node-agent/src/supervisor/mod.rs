@@ -272,6 +272,7 @@ impl SupervisorTask {
             Command::Usage(reply) => {
                 let mut u = Usage {
                     node_draining: self.node_draining,
+                    degraded: self.env.status.degraded(),
                     ..Usage::default()
                 };
                 for slot in self.slots.values() {

@@ -322,12 +322,7 @@ impl HostResources for LocalHost {
         let root = images
             .ensure_root_disk(&image, id.as_str())
             .await
-            .map_err(|e| match e.reason() {
-                crate::instance::ReasonCode::ImagePullFailed => {
-                    RuntimeError::ImagePull(e.to_string())
-                }
-                _ => RuntimeError::RootfsBuild(e.to_string()),
-            })?;
+            .map_err(RuntimeError::from)?;
         let process = crate::image::merge_process(
             &root.config,
             &workload.spec.command,

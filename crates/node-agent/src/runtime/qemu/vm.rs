@@ -780,19 +780,12 @@ impl Runtime for QemuRuntime {
             os: None,
             arch: None,
         };
-        let image_err = |e: crate::image::ImageError| {
-            if e.reason() == ReasonCode::RootfsBuildFailed {
-                RuntimeError::RootfsBuild(e.to_string())
-            } else {
-                RuntimeError::ImagePull(e.to_string())
-            }
-        };
-        let image = ImageRef::from_spec(&spec_image).map_err(image_err)?;
+        let image = ImageRef::from_spec(&spec_image).map_err(RuntimeError::from)?;
         let disk = self
             .images
             .ensure_root_disk(&image, id.as_str())
             .await
-            .map_err(image_err)?;
+            .map_err(RuntimeError::from)?;
         let process = merge_process(
             &disk.config,
             &w.spec.command,
