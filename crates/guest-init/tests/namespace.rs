@@ -794,6 +794,9 @@ fn guest_init_startup_benchmark() {
     let listener = rt.block_on(async { bind_guest_listener(&uds) }).unwrap();
     let mut own = Vec::new();
     let mut total = Vec::new();
+    // A rare broken pipe during the handshake (seen once in ~100 runs on a loaded CI
+    // machine, not yet diagnosed) skips that sample; more than two fail the benchmark.
+    let mut skipped = 0;
     for i in 0..runs {
         let mut cfg = config(&["/bin/true"], 0);
         cfg.mounts.push(MountConfig {
@@ -849,6 +852,14 @@ fn guest_init_startup_benchmark() {
         });
         let (init, wait) = match started {
             Ok((Some(i), Some(w))) => (i, w),
+            Err(e) if skipped < 2 => {
+                skipped += 1;
+                eprintln!(
+                    "guest init benchmark: run {i} skipped ({skipped} so far): {e:?}; console:\n{}",
+                    guest.console()
+                );
+                continue;
+            }
             other => panic!("{other:?}; console:\n{}", guest.console()),
         };
         assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
