@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # trap handlers look unreachable to shellcheck 0.9
 # The agent's main job with a real microVM, end to end:
 #   1. installs what is missing (scripts/install-deps.sh), builds the agent and the
 #      static guest init, builds the initramfs from the installed cloud kernel's modules;
@@ -36,7 +37,7 @@ for a in "$@"; do
   case "$a" in
     --check) check=1 ;;
     --netns) netns=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '3,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo: unknown argument $a (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,13 +78,13 @@ demo_pids() {
     case "$cmd" in *"scripts/demo.sh"*) continue ;; esac
     # Zombies have an empty cmdline and never match.
     echo "$p"
-  done
+  done | tr '\n' ' ' | sed 's/ $//'
 }
 
 # ---- phase 1 (current namespace, may need the network): install and build -----------
 if [ -z "${PLFM_DEMO_STAGE:-}" ]; then
   bash scripts/install-deps.sh
-  for tool in qemu-system-x86_64 vhost-device-vsock docker-registry mkfs.ext4 nft ip skopeo umoci curl setsid sha256sum; do
+  for tool in qemu-system-x86_64 vhost-device-vsock docker-registry mkfs.ext4 nft ip skopeo umoci curl sqlite3 setsid sha256sum; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (scripts/install-deps.sh should have installed it)"
   done
   [ -x /bin/busybox ] || die "/bin/busybox is missing (Debian package busybox-static)"
@@ -137,7 +138,7 @@ clean_leftovers() {
   local pids
   pids="$(demo_pids)"
   if [ -n "$pids" ]; then
-    say "ending processes of an earlier demo run: $(echo $pids)"
+    say "ending processes of an earlier demo run: $pids"
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
     sleep 0.5
@@ -185,18 +186,18 @@ verify_nothing_left() {
   say "checking that nothing is left behind:"
   pids="$(demo_pids)"
   if [ -n "$pids" ]; then
-    say "  LEFT: processes of the demo: $(echo $pids)"
-    ps -o pid,args -p "$(echo $pids | tr ' ' ,)" >&2 || true
+    say "  LEFT: processes of the demo: $pids"
+    ps -o pid,args -p "${pids// /,}" >&2 || true
     bad=1
   else
     say "  ok: no agent, registry, qemu-system-x86_64 or vhost-device-vsock process of $demo"
   fi
-  links="$(ip -o link show | awk -F': ' '{print $2}' | grep '^plfm' || true)"
+  links="$(ip -o link show | awk -F': ' '{print $2}' | grep '^plfm' | tr '\n' ' ' || true)"
   if ip link show "$tap" >/dev/null 2>&1; then
     say "  LEFT: tap $tap"
     bad=1
   else
-    say "  ok: no tap $tap${links:+ (other plfm links here, not from the demo: $(echo $links))}"
+    say "  ok: no tap $tap${links:+ (other plfm links here, not from the demo: ${links% })}"
   fi
   if nft list chain inet plfm "$tap" >/dev/null 2>&1; then
     say "  LEFT: nftables chain inet plfm $tap"
@@ -248,7 +249,20 @@ on_exit() {
     else
       say "the agent drained and exited (status 0) in $((SECONDS - t0)) s"
     fi
-    grep -E "shutting down|draining|stopped|agent stopped" "$demo/agent.log" 2>/dev/null | tail -n 6 | sed 's/^/  agent.log: /' >&2 || true
+    grep -E "shutting down|agent stopped" "$demo/agent.log" 2>/dev/null | tail -n 4 | sed 's/^/  agent.log: /' >&2 || true
+    # The statuses the agent reported (its durable outbox), e.g. booting → ready →
+    # draining → stopped; with the API gone, read from state.db.
+    local reported
+    reported="$(sqlite3 -readonly "$demo/data/state.db" \
+      "select json_extract(report_json, '\$.status') || coalesce(' (' || json_extract(report_json, '\$.reason_code') || ')', '') from reports where instance_id = '$instance' order by seq" 2>/dev/null |
+      paste -sd, - | sed 's/,/ -> /g' || true)"
+    if [ -n "$reported" ]; then
+      say "statuses reported for $instance: $reported"
+      if [ "$stage" != "setup" ] && [ "${reported##* -> }" != "stopped (node_draining)" ]; then
+        say "$instance did not end stopped by the drain"
+        left=1
+      fi
+    fi
   fi
   if [ -n "$registry_pid" ] && kill -0 "$registry_pid" 2>/dev/null; then
     kill -TERM "$registry_pid" 2>/dev/null || true
@@ -293,7 +307,7 @@ trap 'exit 130' INT TERM
 mkdir -p "$demo"/{guest,registry,desired/secrets,image}
 
 # ---- guest kernel and initramfs ------------------------------------------------------
-kernel="$(ls -1 /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1 || true)"
+kernel="$(printf '%s\n' /boot/vmlinuz-*-cloud-amd64 | grep -v '\*' | sort -V | tail -n 1 || true)"
 [ -n "$kernel" ] || die "no /boot/vmlinuz-*-cloud-amd64 (Debian package linux-image-cloud-amd64)"
 modules="/lib/modules/${kernel#/boot/vmlinuz-}"
 [ -f "$modules/modules.dep" ] || die "$modules/modules.dep is missing (modules of $kernel)"
@@ -348,6 +362,7 @@ hello from plfm demo: busybox httpd inside a QEMU microVM run by plfm-node-agent
 EOF
 umoci repack --image "$layout:demo" "$bundle" >/dev/null
 # The workload adds an instance-specific line (env from the spec, the guest's kernel).
+# shellcheck disable=SC2016  # expanded by the guest's shell, not here
 umoci config --image "$layout:demo" --os linux --architecture amd64 \
   --config.env PATH=/bin --config.exposedports 8080/tcp \
   --config.cmd /bin/sh --config.cmd -c \
@@ -395,7 +410,7 @@ mv "$tmp_spec" "$demo/desired/$instance.json"
 # ---- the agent -----------------------------------------------------------------------
 stage="running"
 say "starting the agent: $bin --config config/demo.toml (log: .plfm-demo/agent.log)"
-setsid "$bin" --config "$cfg" </dev/null >"$demo/agent.log" 2>&1 &
+NO_COLOR=1 setsid "$bin" --config "$cfg" </dev/null >"$demo/agent.log" 2>&1 &
 agent_pid=$!
 t_start=$SECONDS
 say "waiting for $instance to be ready (TCG boot; deadline ${ready_deadline_s} s)"
