@@ -9,7 +9,7 @@
 #      the agent with config/demo.toml (config/dev.toml switched to the qemu runtime, TCG);
 #   4. waits until the instance is `ready` (HTTP health check passed), shows `status`
 #      with its addresses and fetches the page from the VM with curl;
-#   5. Ctrl-C (SIGINT): the agent drains and stops the VM (`on_shutdown = "drain"`), the
+#   5. Ctrl-C (SIGINT) or SIGTERM: the agent drains and stops the VM (`on_shutdown = "drain"`), the
 #      registry stops, and the script checks that no VM process, tap, nftables chain or
 #      mount is left; it exits 0 only then.
 #
@@ -70,7 +70,7 @@ demo_pids() {
     p="${p#/proc/}"
     [ "$p" = "$$" ] && continue
     [ "$p" = "$BASHPID" ] && continue
-    cmd="$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" || continue
+    cmd="$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline")" || continue
     case "$cmd" in
       *"$repo/.plfm-demo"*|*"$repo/config/../.plfm-demo"*|*"$cfg"*) ;;
       *) continue ;;
@@ -206,7 +206,14 @@ verify_nothing_left() {
     say "  LEFT: nftables table inet plfm still mentions $tap"
     bad=1
   else
-    say "  ok: no nftables chain or rule for $tap$(nft list table inet plfm >/dev/null 2>&1 && echo ' (table inet plfm itself stays, without it)')"
+    say "  ok: no nftables chain or rule for $tap"
+    if [ "$nft_table_before" -eq 0 ] && nft list table inet plfm >/dev/null 2>&1; then
+      if nft list map inet plfm taps 2>/dev/null | grep -q 'elements'; then
+        say "  (table inet plfm still maps other taps; left in place)"
+      else
+        nft delete table inet plfm && say "  ok: removed the (now empty) nftables table inet plfm the demo's agent created"
+      fi
+    fi
   fi
   mounts="$(grep -c " $demo" /proc/self/mountinfo || true)"
   if [ "${mounts:-0}" -ne 0 ]; then
@@ -302,6 +309,10 @@ clean_leftovers_keep_dir() {
 }
 
 clean_leftovers
+# The agent creates the nftables table `inet plfm` and keeps it (empty) after its last
+# VM; when the demo made it, the demo removes it again at the end.
+nft_table_before=0
+nft list table inet plfm >/dev/null 2>&1 && nft_table_before=1
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$demo"/{guest,registry,desired/secrets,image}
@@ -485,6 +496,11 @@ echo "The VM keeps running. From another shell:"
 echo "  ${ns_prefix}curl http://$ipv4:8080/"
 echo "  ${ns_prefix}./target/release/plfm-node-agent --config config/demo.toml status --json"
 echo "Ctrl-C to drain and stop"
+# A shell started with `cmd &` (no job control) hands SIGINT down ignored, and bash
+# cannot trap a signal ignored at entry; SIGTERM takes the same path.
+if [ $(( 0x$(awk '/^SigIgn:/ {print $2}' /proc/$$/status) & 2 )) -ne 0 ]; then
+  say "note: SIGINT is ignored in this process (started in the background?); send SIGTERM instead"
+fi
 interrupted=0
 trap 'interrupted=1' INT TERM
 while [ "$interrupted" -eq 0 ] && kill -0 "$agent_pid" 2>/dev/null; do
