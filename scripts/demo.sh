@@ -97,13 +97,13 @@ if [ -z "${PLFM_DEMO_STAGE:-}" ]; then
   [ -x "$guest_init" ] || die "scripts/build-guest-init.sh did not produce a binary ($guest_init)"
   export PLFM_DEMO_GUEST_INIT="$guest_init"
 
+  # Leftover namespace of an interrupted --netns run: end its processes, delete it.
+  if ip netns list | grep -qw "^$ns_name"; then
+    say "removing network namespace $ns_name left by an earlier demo run"
+    for p in $(ip netns pids "$ns_name" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$ns_name" || true
+  fi
   if [ "$netns" -eq 1 ]; then
-    # Leftover namespace of an interrupted run: end its processes, delete it.
-    if ip netns list | grep -qw "^$ns_name"; then
-      say "removing leftover network namespace $ns_name"
-      for p in $(ip netns pids "$ns_name" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-      ip netns del "$ns_name" || true
-    fi
     ip netns add "$ns_name"
     del_ns() { ip netns del "$ns_name" 2>/dev/null || true; }
     trap del_ns EXIT
@@ -151,6 +151,12 @@ clean_leftovers() {
     say "removing nftables chain $tap left by an earlier demo run"
     nft delete element inet plfm taps "{ \"$tap\" }" 2>/dev/null || true
     nft delete chain inet plfm "$tap" 2>/dev/null || true
+  fi
+  # The table itself, when the earlier run's agent created it and no tap is left in it.
+  if [ -f "$demo/nft-table-by-demo" ] && nft list table inet plfm >/dev/null 2>&1 &&
+     ! nft list map inet plfm taps 2>/dev/null | grep -q 'elements'; then
+    say "removing the nftables table inet plfm an earlier demo run created"
+    nft delete table inet plfm || true
   fi
   if grep -q " $demo" /proc/self/mountinfo; then
     grep " $demo" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount -l "$m" || true; done
@@ -316,6 +322,8 @@ nft list table inet plfm >/dev/null 2>&1 && nft_table_before=1
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$demo"/{guest,registry,desired/secrets,image}
+# Remembered for the next run, should this one be killed before it cleans up.
+[ "$nft_table_before" -eq 1 ] || : >"$demo/nft-table-by-demo"
 
 # ---- guest kernel and initramfs ------------------------------------------------------
 kernel="$(printf '%s\n' /boot/vmlinuz-*-cloud-amd64 | grep -v '\*' | sort -V | tail -n 1 || true)"
