@@ -239,7 +239,7 @@ verify_nothing_left() {
 
 # Runs on every exit: drain (SIGINT to the agent), stop the registry, verify.
 on_exit() {
-  local rc=$? left=0 agent_rc=0 i
+  local rc=$? left=0 drain_bad=0 agent_rc=0 i
   trap - EXIT
   trap '' INT TERM   # a second Ctrl-C must not interrupt the drain and the checks
   if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
@@ -251,14 +251,14 @@ on_exit() {
       sleep 0.1
     done
     if kill -0 "$agent_pid" 2>/dev/null; then
-      say "the agent did not exit within 60 s of SIGINT; killing it"
+      say "FAILED: the agent did not exit within 60 s of SIGINT; killing it"
       kill -9 "$agent_pid" 2>/dev/null || true
-      left=1
+      drain_bad=1
     fi
     wait "$agent_pid" 2>/dev/null || agent_rc=$?
     if [ "$agent_rc" -ne 0 ]; then
-      say "the agent exited with status $agent_rc"
-      left=1
+      say "FAILED: the agent exited with status $agent_rc"
+      drain_bad=1
     else
       say "the agent drained and exited (status 0) in $((SECONDS - t0)) s"
     fi
@@ -271,9 +271,11 @@ on_exit() {
       paste -sd, - | sed 's/,/ -> /g' || true)"
     if [ -n "$reported" ]; then
       say "statuses reported for $instance: $reported"
-      if [ "$stage" != "setup" ] && [ "${reported##* -> }" != "stopped (node_draining)" ]; then
-        say "$instance did not end stopped by the drain"
-        left=1
+      if [ "$stage" = "served" ] || [ "$stage" = "waiting" ]; then
+        if [ "${reported##* -> }" != "stopped (node_draining)" ]; then
+          say "FAILED: $instance did not end stopped by the drain"
+          drain_bad=1
+        fi
       fi
     fi
   fi
@@ -296,10 +298,9 @@ on_exit() {
       say "FAILED: the demo left something behind (see above)"
     fi
   fi
+  [ "$drain_bad" -eq 0 ] || [ "$rc" -ne 0 ] || rc=1
   if [ "$rc" -eq 0 ]; then
     say "done: the VM was drained and stopped, nothing left behind"
-  elif [ "$stage" = "waiting" ] && [ "$rc" -eq 130 ]; then
-    rc=0
   fi
   exit "$rc"
 }
@@ -494,6 +495,7 @@ echo
 
 ns_prefix=""
 [ -n "${PLFM_DEMO_NETNS:-}" ] && ns_prefix="ip netns exec $PLFM_DEMO_NETNS "
+stage="served"
 if [ "$check" -eq 1 ]; then
   say "check mode: taking the Ctrl-C path now"
   exit 0
