@@ -301,6 +301,8 @@ on_exit() {
   [ "$drain_bad" -eq 0 ] || [ "$rc" -ne 0 ] || rc=1
   if [ "$rc" -eq 0 ]; then
     say "done: the VM was drained and stopped, nothing left behind"
+  elif [ "$rc" -eq 130 ]; then
+    say "interrupted before the page was served (exit 130); cleaned up as above"
   fi
   exit "$rc"
 }
