@@ -33,3 +33,4 @@ pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod supervisor;
+pub mod vmlinux;

@@ -66,6 +66,17 @@ enum Command {
     /// Build the platform initramfs (guest init + the kernel modules it needs). Needs no
     /// agent config.
     BuildInitramfs(plfm_node_agent::initramfs::BuildInitramfsArgs),
+    /// Extract the uncompressed ELF `vmlinux` that Firecracker boots from a `bzImage`
+    /// (LZ4, gzip or zstd payload; e.g. Debian's /boot/vmlinuz-*-cloud-amd64). Needs no
+    /// agent config.
+    ExtractVmlinux {
+        /// The bzImage (e.g. /boot/vmlinuz-6.1.0-56-cloud-amd64).
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        /// Where to write the ELF (e.g. /var/lib/plfm/guest/vmlinux).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn init_logging(config: &Config) {
@@ -88,6 +99,24 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("plfm-node-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::ExtractVmlinux { kernel, out }) = &cli.command {
+        return match plfm_node_agent::vmlinux::extract_file(kernel, out) {
+            Ok(x) => {
+                println!(
+                    "{}: {} payload → {} ({} bytes, x86_64 ELF)",
+                    kernel.display(),
+                    x.compression,
+                    out.display(),
+                    x.elf.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("plfm-node-agent: {}: {e}", kernel.display());
                 ExitCode::FAILURE
             }
         };
@@ -132,7 +161,7 @@ fn main() -> ExitCode {
                 config.images,
             ))
         }
-        Command::BuildInitramfs(_) => Ok(()),
+        Command::BuildInitramfs(_) | Command::ExtractVmlinux { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
