@@ -46,6 +46,8 @@ pub struct StatusUpdate {
     pub boot_duration_ms: Option<u64>,
     /// Restarts so far.
     pub restarts: u32,
+    /// Consecutive failures the restart policy has counted (persisted, not reported).
+    pub consecutive_failures: u32,
 }
 
 impl StatusUpdate {
@@ -61,6 +63,7 @@ impl StatusUpdate {
             boot_id: None,
             boot_duration_ms: None,
             restarts: 0,
+            consecutive_failures: 0,
         }
     }
 }
@@ -175,6 +178,7 @@ struct Entry {
     seq: i64,
     boot_id: Option<Box<str>>,
     restarts: u32,
+    consecutive_failures: u32,
     updated_at: Box<str>,
     /// Left the plan and cleaned up: kept (for seq continuity) but not listed.
     removed: bool,
@@ -232,6 +236,7 @@ impl StatusManager {
                     seq: r.seq,
                     boot_id: r.boot_id.map(Into::into),
                     restarts: u32::try_from(r.restarts).unwrap_or(0),
+                    consecutive_failures: u32::try_from(r.consecutive_failures).unwrap_or(0),
                     updated_at: r.updated_at.into(),
                     removed: r.desired_json.is_none()
                         && matches!(status, Status::Stopped | Status::Pending),
@@ -303,6 +308,7 @@ impl StatusManager {
                 seq: 0,
                 boot_id: None,
                 restarts: 0,
+                consecutive_failures: 0,
                 updated_at: "".into(),
                 removed: false,
             });
@@ -321,6 +327,7 @@ impl StatusManager {
                 entry.boot_id = u.boot_id.clone().map(Into::into);
             }
             entry.restarts = u.restarts;
+            entry.consecutive_failures = u.consecutive_failures;
             entry.updated_at = now.to_rfc3339().into();
             entry.removed = false;
             let report_json = reported.then(|| {
@@ -348,6 +355,7 @@ impl StatusManager {
                 seq: entry.seq,
                 boot_id: entry.boot_id.as_deref().map(str::to_string),
                 restarts: i64::from(u.restarts),
+                consecutive_failures: i64::from(u.consecutive_failures),
                 desired_json: None,
                 operator_stopped_generation: None,
                 updated_at: entry.updated_at.to_string(),
@@ -437,6 +445,15 @@ impl StatusManager {
         self.lock()
             .get(id)
             .map(|e| (e.status, e.generation, e.reason, e.restarts))
+    }
+
+    /// Consecutive failures the restart policy had counted at the last status change
+    /// (restored after an agent restart).
+    pub fn consecutive_failures(&self, id: &InstanceId) -> u32 {
+        self.lock()
+            .get(id)
+            .map(|e| e.consecutive_failures)
+            .unwrap_or(0)
     }
 
     /// Marks an instance as gone from the plan (kept for seq continuity, not listed).

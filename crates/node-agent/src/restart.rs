@@ -50,6 +50,15 @@ impl RestartTracker {
         self.ready_since = Some(now);
     }
 
+    /// Bookkeeping restored after an agent restart: `consecutive` failures already
+    /// counted (the persisted count), not ready since.
+    pub fn resume(consecutive: u32) -> Self {
+        RestartTracker {
+            consecutive,
+            ready_since: None,
+        }
+    }
+
     /// Consecutive failures counted so far.
     pub fn consecutive(&self) -> u32 {
         self.consecutive

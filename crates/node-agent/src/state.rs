@@ -56,6 +56,9 @@ pub struct InstanceRow {
     pub boot_id: Option<String>,
     /// Restarts so far.
     pub restarts: i64,
+    /// Consecutive failures counted by the restart policy (so the crash-loop budget
+    /// survives an agent restart).
+    pub consecutive_failures: i64,
     /// Last desired assignment (JSON), None once removed from the plan.
     pub desired_json: Option<String>,
     /// Generation an operator stopped, if any.
@@ -140,6 +143,26 @@ CREATE TABLE IF NOT EXISTS resources (
 );
 "#;
 
+/// Columns added after the first schema, added to older databases in place.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has("instances", "consecutive_failures")? {
+        conn.execute_batch(
+            "ALTER TABLE instances ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -158,6 +181,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::from(p.as_str()),
@@ -194,7 +218,7 @@ impl Store {
         let conn = self.lock();
         let mut stmt = conn
             .prepare(
-                "SELECT instance_id, generation, status, reason_code, error_message, exit_code, seq, boot_id, restarts, desired_json, operator_stopped_generation, updated_at FROM instances ORDER BY instance_id",
+                "SELECT instance_id, generation, status, reason_code, error_message, exit_code, seq, boot_id, restarts, desired_json, operator_stopped_generation, updated_at, consecutive_failures FROM instances ORDER BY instance_id",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
@@ -212,6 +236,7 @@ impl Store {
                     desired_json: r.get(9)?,
                     operator_stopped_generation: r.get(10)?,
                     updated_at: r.get(11)?,
+                    consecutive_failures: r.get(12)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -226,11 +251,12 @@ impl Store {
         {
             let mut up = tx
                 .prepare_cached(
-                    "INSERT INTO instances (instance_id, generation, status, reason_code, error_message, exit_code, seq, boot_id, restarts, desired_json, operator_stopped_generation, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                    "INSERT INTO instances (instance_id, generation, status, reason_code, error_message, exit_code, seq, boot_id, restarts, desired_json, operator_stopped_generation, updated_at, consecutive_failures)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                      ON CONFLICT(instance_id) DO UPDATE SET generation=excluded.generation, status=excluded.status,
                        reason_code=excluded.reason_code, error_message=excluded.error_message, exit_code=excluded.exit_code,
-                       seq=excluded.seq, boot_id=excluded.boot_id, restarts=excluded.restarts, updated_at=excluded.updated_at",
+                       seq=excluded.seq, boot_id=excluded.boot_id, restarts=excluded.restarts, updated_at=excluded.updated_at,
+                       consecutive_failures=excluded.consecutive_failures",
                 )
                 .map_err(|e| self.err(e))?;
             let mut ob = tx
@@ -252,7 +278,8 @@ impl Store {
                     r.restarts,
                     r.desired_json,
                     r.operator_stopped_generation,
-                    r.updated_at
+                    r.updated_at,
+                    r.consecutive_failures
                 ])
                 .map_err(|e| self.err(e))?;
                 if let Some(json) = &rec.report_json {
@@ -471,6 +498,7 @@ mod tests {
             seq,
             boot_id: None,
             restarts: 0,
+            consecutive_failures: 0,
             desired_json: None,
             operator_stopped_generation: None,
             updated_at: "2026-01-01T00:00:00Z".into(),
@@ -519,6 +547,40 @@ mod tests {
         s.deliver_to_local_sink(&ob).unwrap();
         assert_eq!(s.delivered_reports(Some("a")).unwrap().len(), 1);
         assert_eq!(s.outbox_depth().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_database_from_before_consecutive_failures_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE instances (instance_id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
+                   status TEXT NOT NULL, reason_code TEXT, error_message TEXT, exit_code INTEGER,
+                   seq INTEGER NOT NULL DEFAULT 0, boot_id TEXT, restarts INTEGER NOT NULL DEFAULT 0,
+                   desired_json TEXT, operator_stopped_generation INTEGER, updated_at TEXT NOT NULL DEFAULT '');
+                 INSERT INTO instances (instance_id, generation, status, seq, restarts) VALUES ('old', 3, 'failed', 7, 2);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let rows = s.load_instances().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].seq, rows[0].restarts, rows[0].consecutive_failures),
+            (7, 2, 0)
+        );
+        let mut r = row("old", 8, "failed");
+        r.consecutive_failures = 3;
+        s.commit_statuses(&[StatusRecord {
+            row: r,
+            report_json: None,
+        }])
+        .unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load_instances().unwrap()[0].consecutive_failures, 3);
     }
 
     #[test]

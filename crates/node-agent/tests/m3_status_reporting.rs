@@ -501,3 +501,48 @@ async fn disk_full_fails_rootfs_build_and_degrades_the_node_until_a_prepare_succ
     .await;
     assert_eq!(t.node().status.degraded(), None);
 }
+
+#[tokio::test]
+async fn the_crash_loop_budget_and_restart_count_survive_an_agent_restart() {
+    let mut t = TestNode::start(MockConfig::instant()).await;
+    t.mock.inject(
+        &id("r"),
+        MockFault::Exit {
+            code: 1,
+            after_ms: 0,
+        },
+    );
+    let p = || {
+        plan(
+            1,
+            vec![decode(&policy(assignment_json("r", 1), "always", 3))],
+        )
+    };
+    t.apply(p()).await;
+    // Two crashes (first boot + one restart), then the agent restarts while the
+    // instance waits in its backoff.
+    t.wait_for("second crash", Duration::from_millis(250), |t| {
+        t.mock.starts(&id("r")) == 2 && t.status("r") == Some(Status::Failed)
+    })
+    .await;
+    assert_eq!(t.node().status.get(&id("r")).unwrap().restarts, 1);
+    t.restart().await;
+    t.apply(p()).await;
+    t.wait_for("crash loop", Duration::from_millis(250), |t| {
+        t.node()
+            .status
+            .get(&id("r"))
+            .is_some_and(|v| v.reason_code == Some(ReasonCode::CrashLoopBackoff))
+    })
+    .await;
+    // The budget is first boot + max_retries restarts in all, not per agent run.
+    assert_eq!(
+        t.mock.starts(&id("r")),
+        4,
+        "the budget restarted with the agent"
+    );
+    let v = t.node().status.get(&id("r")).unwrap();
+    assert_eq!(v.restarts, 3);
+    let msg = v.error_message.unwrap_or_default();
+    assert!(msg.contains("4 failures in a row"), "{msg}");
+}

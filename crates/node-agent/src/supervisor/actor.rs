@@ -60,6 +60,9 @@ pub(crate) struct Actor {
     restarts: u32,
     parked: Option<String>,
     backoff_until: Option<Instant>,
+    /// Generation whose restart counters were restored from the store at an agent
+    /// restart, and whether it had failed: its first boot keeps the counters.
+    resumed: Option<(i32, bool)>,
 }
 
 impl Actor {
@@ -71,6 +74,7 @@ impl Actor {
         vm: Option<VmHandle>,
     ) -> Actor {
         let brief = env.status.brief(&id);
+        let failures = env.status.consecutive_failures(&id);
         let desired = rx.borrow().clone();
         let now = env.clock.now();
         let mut actor = Actor {
@@ -82,10 +86,12 @@ impl Actor {
             workload_started: false,
             ready: false,
             booted_at: now,
-            restart: RestartTracker::default(),
+            // The crash-loop budget survives an agent restart.
+            restart: RestartTracker::resume(failures),
             restarts: brief.map(|b| b.3).unwrap_or(0),
             parked: None,
             backoff_until: None,
+            resumed: brief.map(|b| (b.1, b.0 == Status::Failed)),
         };
         if let Some(vm) = vm {
             let matching = desired
@@ -165,6 +171,7 @@ impl Actor {
     async fn report(&self, status: Status, f: impl FnOnce(&mut StatusUpdate)) -> bool {
         let mut u = StatusUpdate::new(self.id.clone(), self.generation(), status);
         u.restarts = self.restarts;
+        u.consecutive_failures = self.restart.consecutive();
         u.boot_id = self.vm.as_ref().map(|v| v.boot_id.clone());
         f(&mut u);
         match self.env.status.update(u).await {
@@ -214,6 +221,7 @@ impl Actor {
                     u.reason = Some(refused.reason);
                     u.message = Some(refused.message.clone());
                     u.restarts = self.restarts;
+                    u.consecutive_failures = self.restart.consecutive();
                     let changed =
                         matches!(self.env.status.update(u).await, Ok(Applied::Changed { .. }));
                     if !changed && !self.changed().await {
@@ -289,11 +297,20 @@ impl Actor {
             .and_then(|c| c.spec_hash().map(str::to_string))
             == a.spec_hash().map(str::to_string)
             && self.current.as_ref().map(|c| c.generation) == Some(a.generation);
-        if !same_spec {
+        // The first boot after an agent restart, of the generation the store knew: the
+        // restored counters stay (the crash-loop budget survives the restart), and a
+        // boot after a failure counts as a restart.
+        let resumed = match self.resumed.take() {
+            Some((generation, failed)) if self.current.is_none() && generation == a.generation => {
+                Some(failed)
+            }
+            _ => None,
+        };
+        if !same_spec && resumed.is_none() {
             self.restart.reset();
             self.restarts = 0;
             self.parked = None;
-        } else if self.backoff_until.is_some() {
+        } else if self.backoff_until.is_some() || resumed == Some(true) {
             self.restarts += 1;
         }
         self.backoff_until = None;
@@ -664,6 +681,7 @@ impl Actor {
         u.message = Some(msg);
         u.exit_code = outcome.exit_code;
         u.restarts = self.restarts;
+        u.consecutive_failures = self.restart.consecutive();
         if let Err(e) = self.env.status.update(u).await {
             tracing::error!(instance = %self.id, error = %e, "status update refused");
         }
