@@ -807,7 +807,17 @@ async fn vm_task(mut a: TaskArgs) {
                         let _ = a.events.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
                     }
                 }
-                Err(_) => channel_open = false,
+                Err(_) => {
+                    channel_open = false;
+                    // The host cgroup may have killed vhost-device-vsock rather than
+                    // QEMU: the guest is cut off, so that is the end of this VM too.
+                    if let Some(oom) = a.oom.as_ref().and_then(OomWatch::killed) {
+                        if !terminal_sent {
+                            terminal_sent = true;
+                            let _ = a.events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed"))));
+                        }
+                    }
+                }
             },
             cmd = a.commands.recv() => match cmd {
                 Some(Command::Stop { grace, done }) => {
