@@ -498,6 +498,36 @@ mod tests {
     }
 
     #[test]
+    fn qemu_cgroup_keys_parse_default_and_are_validated_with_their_names() {
+        use crate::runtime::qemu::QemuConfig;
+        let base = "kernel = \"/k\"\ninitramfs = \"/i\"\n";
+        let parse = |extra: &str| toml::from_str::<QemuConfig>(&format!("{base}{extra}"));
+        let c = parse("").unwrap();
+        assert_eq!(c.cgroup, CgroupMode::Auto);
+        assert_eq!(c.cgroup_parent, None);
+        assert!(c.memory_overhead_mib >= 128, "{}", c.memory_overhead_mib);
+        assert!(c.validate().is_ok());
+        let c =
+            parse("cgroup = \"off\"\ncgroup_parent = \"/plfm.slice\"\nmemory_overhead_mib = 1\n")
+                .unwrap();
+        assert_eq!(c.cgroup, CgroupMode::Off);
+        assert!(c.validate().is_ok());
+        let err = parse("cgroup = \"v1\"\n").unwrap_err().to_string();
+        assert!(err.contains("cgroup"), "{err}");
+        let err = parse("cgroup_parnet = \"/x\"\n").unwrap_err().to_string();
+        assert!(err.contains("cgroup_parnet"), "{err}");
+        for (extra, key) in [
+            ("cgroup_parent = \"plfm\"\n", "cgroup_parent:"),
+            ("cgroup_parent = \"/a/../b\"\n", "cgroup_parent:"),
+            ("memory_overhead_mib = 0\n", "memory_overhead_mib:"),
+            ("memory_overhead_mib = 134217728\n", "memory_overhead_mib:"),
+        ] {
+            let err = parse(extra).unwrap().validate().unwrap_err();
+            assert!(err.starts_with(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn cgroup_parent_must_be_an_absolute_path_below_the_root() {
         assert!(validate_parent("/plfm").is_ok());
         assert!(validate_parent("/system.slice/plfm.slice/").is_ok());

@@ -622,6 +622,14 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
             cgroup_number(dir, "memory.usage_in_bytes", "memory.current").map(|b| b >> 20),
             cgroup_number(dir, "memory.limit_in_bytes", "memory.max").map(|b| b >> 20),
         );
+        for pid in &qemu_pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss: Vec<&str> = status
+                .lines()
+                .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"))
+                .collect();
+            eprintln!("MEASURED: pid {pid}: {}", rss.join(", "));
+        }
     }
 
     // Drain.
@@ -898,6 +906,7 @@ fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
         .filter(|r| r.status == Status::Booting)
         .count();
     assert_eq!(boots, 2, "one restart expected: {reports:#?}");
+    eprintln!("MEASURED: {:?}", oom[0].error_message);
     let last = v.error_message.unwrap_or_default();
     assert!(
         last.contains("oom_killed") && last.contains("host cgroup"),
@@ -949,6 +958,17 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
     };
     let before = vm_row(&env).expect("qemu recorded in the ledger");
     let pid = before["pid"].as_u64().unwrap() as u32;
+    let in_group = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim() == pid.to_string())
+    };
+    let cgroup = cgroup_of(&env, "adopt");
+    if env.cleanup.cgroup_parent.is_some() {
+        let dir = cgroup.as_deref().expect("cgroup in the ledger");
+        assert!(in_group(dir), "qemu {pid} not in {}", dir.display());
+    }
     let reports_before = env.reports("adopt").len();
     env.kill9();
     let start_time = |pid: u32| {
@@ -985,6 +1005,11 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         );
     }
     assert_eq!(vm_row(&env), Some(before));
+    // The adopted VM keeps its cgroup (the start-up sweep removes only unused ones).
+    if let Some(dir) = &cgroup {
+        assert!(in_group(dir), "qemu {pid} left {}", dir.display());
+        assert_eq!(cgroup_of(&env, "adopt").as_ref(), Some(dir));
+    }
     assert_eq!(
         env.reports("adopt").len(),
         reports_before,
@@ -1003,6 +1028,9 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(processes_mentioning(&env.root.join("data")).is_empty());
+    if let Some(dir) = &cgroup {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
 }
 
 /// After `ready`, the health endpoint starts failing → `healthcheck_failed`; a workload
