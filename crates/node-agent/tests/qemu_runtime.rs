@@ -876,6 +876,9 @@ fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
                    "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "on-failure", "max_retries": 1}}),
         ),
     );
+    // A group no instance owns (left by a crash) goes at start-up.
+    let leftover = parent.join("leftover");
+    std::fs::create_dir_all(&leftover).unwrap();
     env.spawn();
     let v = env.wait(
         "hostoom crash_loop_backoff",
@@ -922,6 +925,10 @@ fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
     }
     assert!(processes_mentioning(&env.root.join("data")).is_empty());
     assert!(!parent.join("hostoom").exists(), "cgroup left");
+    assert!(
+        !leftover.exists(),
+        "leftover cgroup not removed at start-up"
+    );
     let left: Vec<_> = env
         .store()
         .resources()
