@@ -223,19 +223,33 @@ pub fn build_runtime(
             )
             .with_logs(logs),
         ),
+        #[cfg(not(target_os = "linux"))]
+        RuntimeKind::Firecracker => {
+            let _ = (clock, logs, store);
+            anyhow::bail!("runtime firecracker needs Linux (KVM, taps)")
+        }
+        #[cfg(target_os = "linux")]
         RuntimeKind::Firecracker => {
             let _ = (clock, logs);
             let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
                 .map_err(|e| tracing::error!(error = %e, "image service unavailable; root disks cannot be built"))
                 .ok();
-            let host = Arc::new(crate::runtime::firecracker::LocalHost::new(
-                &config.data_dir,
-                images,
-            ));
+            let store = store.ok_or_else(|| {
+                anyhow::anyhow!("runtime firecracker needs the resource ledger (state store)")
+            })?;
+            let host = Arc::new(
+                crate::runtime::firecracker::LocalHost::new(
+                    &config.data_dir,
+                    images,
+                    store.clone(),
+                    &config.runtime.firecracker,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?,
+            );
             Arc::new(crate::runtime::firecracker::FirecrackerRuntime::new(
                 config.runtime.firecracker.clone(),
                 &config.data_dir,
-                store,
+                Some(store),
                 host,
             ))
         }
@@ -253,12 +267,15 @@ pub fn build_runtime(
             let store = store.ok_or_else(|| {
                 anyhow::anyhow!("runtime qemu needs the resource ledger (state store)")
             })?;
-            Arc::new(crate::runtime::qemu::QemuRuntime::new(
-                config.runtime.qemu.clone(),
-                config.data_dir.clone(),
-                images,
-                store,
-            ))
+            Arc::new(
+                crate::runtime::qemu::QemuRuntime::new(
+                    config.runtime.qemu.clone(),
+                    config.data_dir.clone(),
+                    images,
+                    store,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?,
+            )
         }
     })
 }

@@ -14,6 +14,19 @@ use tokio::net::TcpStream;
 /// Most bytes of a response read to find the status line.
 const MAX_HEAD: usize = 8192;
 
+/// One probe of `check` against `addr` (the kind, port, path and timeout come from the
+/// spec; a timeout below 1 s counts as 1 s).
+pub async fn probe(addr: IpAddr, check: &crate::spec::HealthSpec) -> Result<(), String> {
+    let timeout = Duration::from_secs(check.timeout_seconds.max(1));
+    match check.kind {
+        crate::spec::HealthKind::Tcp => probe_tcp(addr, check.port, timeout).await,
+        crate::spec::HealthKind::Http => {
+            let path = check.path.as_deref().unwrap_or("/");
+            probe_http(addr, check.port, path, timeout).await
+        }
+    }
+}
+
 /// A TCP connect to `addr:port` within `timeout`.
 pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> Result<(), String> {
     let target = SocketAddr::new(addr, port);

@@ -97,10 +97,12 @@ kernel = "/nonexistent/vmlinux"
 "#;
     let config = Config::from_toml(toml, "test", tmp.path(), std::iter::empty())
         .expect("config with a missing binary still loads");
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let ledger = plfm_node_agent::state::Store::open(&config.state_db()).unwrap();
     let runtime = build_runtime(
         &config,
         Arc::new(SystemClock::new()),
-        None,
+        Some(ledger),
         LogHandle::default(),
     )
     .expect("the firecracker runtime builds even without its binary");

@@ -90,38 +90,7 @@ fn inside_netns(test: &str) -> bool {
     if prerequisites().is_none() {
         return false;
     }
-    // One namespace per test (tests of this binary run in parallel).
-    let tag = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let ns = format!("plfm-q{}-{:08x}", std::process::id(), tag as u32);
-    let ok = Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "cannot create network namespace {ns}");
-    struct DelNs(String);
-    impl Drop for DelNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _ns = DelNs(ns.clone());
-    let up = Command::new("ip")
-        .args(["-n", &ns, "link", "set", "lo", "up"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(up, "cannot bring lo up in {ns}");
-    let exe = std::env::current_exe().unwrap();
-    let status = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(exe)
-        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-        .env(NETNS_ENV, &ns)
-        .status()
-        .expect("run the test inside its network namespace");
-    assert!(status.success(), "{test} failed inside {ns}");
-    false
+    vm_host::reexec_in_netns(test, NETNS_ENV, "q")
 }
 
 /// Kills every process whose command line mentions `dir` (QEMU and vhost-device-vsock

@@ -8,6 +8,8 @@
 //! actor. Every method is idempotent, and `stop`/`cleanup` never leave a VM behind.
 
 pub mod firecracker;
+#[cfg(target_os = "linux")]
+pub mod host;
 pub mod mock;
 pub mod qemu;
 
@@ -18,6 +20,24 @@ use async_trait::async_trait;
 use crate::instance::ReasonCode;
 use crate::secrets::SecretMaterial;
 use crate::spec::{HealthSpec, InstanceId, Workload};
+
+/// Parses an IPv4 pool for the per-instance /30 links: a prefix of length 16–29 inside
+/// 169.254.0.0/16 (`runtime.qemu.ipv4_pool`, `runtime.firecracker.ipv4_pool`). The
+/// error names the key's value and what it must be.
+pub fn parse_ipv4_pool(pool: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let bad = || {
+        format!(
+            "ipv4_pool: {pool:?} is not an IPv4 prefix of length 16-29 inside 169.254.0.0/16 (e.g. 169.254.0.0/16)"
+        )
+    };
+    let (a, l) = pool.split_once('/').ok_or_else(bad)?;
+    let a: std::net::Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let l: u8 = l.parse().map_err(|_| bad())?;
+    if !(16..=29).contains(&l) || a.octets()[..2] != [169, 254] {
+        return Err(bad());
+    }
+    Ok((a, l))
+}
 
 /// What a runtime failure means for the instance. The mapping to a reason code is the
 /// one `match` in [`RuntimeError::reason`].

@@ -2,18 +2,16 @@
 //! instance, with its vsock device served by one `vhost-device-vsock` process, both
 //! detached from the agent (own session) so they survive an agent restart.
 //!
-//! What it owns, per instance: the root disk pin (through [`ImageService`]), the scratch
-//! disk `<data_dir>/instances/<id>/scratch.ext4` (sparse, `mkfs.ext4` with lazy init,
-//! deleted by [`Runtime::cleanup`]), volume attachments (`<data_dir>/volumes/<id>.ext4`,
-//! created on first use, never deleted here, refused while another instance holds
-//! them), the tap and its rules (through [`crate::network`]), the two processes, their
+//! What it owns, per instance: the root disk pin (through [`ImageService`](crate::image::ImageService)), the scratch
+//! disk, volume attachments, tap, addresses and rules (through the host module shared
+//! with the Firecracker runtime, [`crate::runtime::host`]), the two processes, their
 //! sockets and the console log. Every resource is written to the resource ledger before
 //! it is created and removed from it after it is gone; processes are recorded with pid
-//! and start time (from `/proc/<pid>/stat`), so [`Runtime::recover`] finds exactly the
+//! and start time (from `/proc/<pid>/stat`), so [`Runtime::recover`](crate::runtime::Runtime::recover) finds exactly the
 //! processes it started, never a recycled pid.
 //!
 //! Per VM a background task serves the guest channel (handshake, status events, stop
-//! requests) and watches the QEMU process; [`Runtime::next_event`] reads what it
+//! requests) and watches the QEMU process; [`Runtime::next_event`](crate::runtime::Runtime::next_event) reads what it
 //! reports. This module must not decide policy (restarts, health thresholds,
 //! statuses belong to the instance actor) and must not log the guest config, which
 //! carries secrets.
@@ -165,19 +163,7 @@ impl QemuConfig {
         Ok(())
     }
 
-    fn pool(&self) -> Result<(Ipv4Addr, u8), String> {
-        let bad = || {
-            format!(
-                "ipv4_pool: {:?} is not an IPv4 prefix inside 169.254.0.0/16 (e.g. 169.254.0.0/16)",
-                self.ipv4_pool
-            )
-        };
-        let (a, l) = self.ipv4_pool.split_once('/').ok_or_else(bad)?;
-        let a: Ipv4Addr = a.parse().map_err(|_| bad())?;
-        let l: u8 = l.parse().map_err(|_| bad())?;
-        if !(16..=29).contains(&l) || a.octets()[..2] != [169, 254] {
-            return Err(bad());
-        }
-        Ok((a, l))
+    pub(crate) fn pool(&self) -> Result<(Ipv4Addr, u8), String> {
+        super::parse_ipv4_pool(&self.ipv4_pool)
     }
 }

@@ -262,6 +262,8 @@ impl HostResources for TestHost {
             scratch_disk: scratch,
             volumes,
             tap: self.tap.clone(),
+            guest_network: None,
+            address: None,
             process: None,
         })
     }

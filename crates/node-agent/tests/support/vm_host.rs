@@ -71,3 +71,45 @@ pub fn static_guest_init() -> Option<PathBuf> {
         .to_string();
     Some(path.into())
 }
+
+/// Re-runs test `test` of the current test binary inside a fresh network namespace (lo
+/// up), with `env_var` set to the namespace's name so the inner run knows it is inside.
+/// Returns true when already inside (the caller runs the test body), false after the
+/// inner run passed (it panics when it failed). The namespace is deleted afterwards.
+pub fn reexec_in_netns(test: &str, env_var: &str, tag: &str) -> bool {
+    if std::env::var_os(env_var).is_some() {
+        return true;
+    }
+    // One namespace per test (tests of a binary run in parallel).
+    let h = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let ns = format!("plfm-{tag}{}-{:08x}", std::process::id(), h as u32);
+    let ok = Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cannot create network namespace {ns}");
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = DelNs(ns.clone());
+    let up = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(up, "cannot bring lo up in {ns}");
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(env_var, &ns)
+        .status()
+        .expect("run the test inside its network namespace");
+    assert!(status.success(), "{test} failed inside {ns}");
+    false
+}

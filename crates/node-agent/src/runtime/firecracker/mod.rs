@@ -9,10 +9,9 @@
 //! `SendCtrlAltDel` → SIGKILL at the deadline), the jailer chroot, the instance's
 //! sockets and logs. What it must not do: decide restarts or statuses (the instance
 //! actor does), or build host networking, root disks and scratch disks itself: those
-//! come through the [`HostResources`] seam, whose default [`LocalHost`] is deliberately
-//! small (sparse ext4 scratch file, root disk from the image service, volumes under
-//! `<data_dir>/volumes`, an existing tap only) until the host-networking and disk
-//! modules of issue 6 plug in.
+//! come through the [`HostResources`] seam, whose default [`LocalHost`] uses the image
+//! service and the host module shared with the qemu runtime ([`crate::runtime::host`]:
+//! scratch disk, volumes, tap, addresses, nftables rules).
 
 pub mod api;
 pub mod process;
@@ -66,6 +65,12 @@ pub struct FirecrackerConfig {
     /// Timeout of one API call, milliseconds.
     #[serde(default = "default_api_timeout_ms")]
     pub api_timeout_ms: u64,
+    /// IPv4 pool for the per-instance /30 links (inside `169.254.0.0/16`).
+    #[serde(default = "default_pool")]
+    pub ipv4_pool: String,
+    /// Size of a volume created on first use.
+    #[serde(default = "default_volume_bytes")]
+    pub volume_default_bytes: u64,
 }
 
 fn default_binary() -> PathBuf {
@@ -89,6 +94,12 @@ fn default_boot_timeout() -> u64 {
 fn default_api_timeout_ms() -> u64 {
     2_000
 }
+fn default_pool() -> String {
+    "169.254.0.0/16".into()
+}
+fn default_volume_bytes() -> u64 {
+    1 << 30
+}
 
 impl Default for FirecrackerConfig {
     fn default() -> Self {
@@ -102,6 +113,8 @@ impl Default for FirecrackerConfig {
             gid: default_id(),
             boot_timeout: default_boot_timeout(),
             api_timeout_ms: default_api_timeout_ms(),
+            ipv4_pool: default_pool(),
+            volume_default_bytes: default_volume_bytes(),
         }
     }
 }
@@ -121,6 +134,10 @@ impl FirecrackerConfig {
         }
         if self.jailer.is_some() && (self.uid == 0 || self.gid == 0) {
             return Err("runtime.firecracker.uid/gid must not be 0 under the jailer".into());
+        }
+        super::parse_ipv4_pool(&self.ipv4_pool).map_err(|e| format!("runtime.firecracker.{e}"))?;
+        if self.volume_default_bytes < 16 << 20 {
+            return Err("runtime.firecracker.volume_default_bytes must be at least 16 MiB".into());
         }
         Ok(())
     }
@@ -215,6 +232,11 @@ pub struct PreparedHost {
     pub volumes: Vec<(String, DiskPath)>,
     /// The tap to attach as eth0, if any.
     pub tap: Option<String>,
+    /// The guest's network config (addresses on the tap), when host networking made
+    /// one; else the guest gets the spec's overlay address without an IPv4 link.
+    pub guest_network: Option<gp::NetworkConfig>,
+    /// Where the host reaches the guest for health checks; else the overlay IPv6.
+    pub address: Option<IpAddr>,
     /// Process defaults merged from the image (argv, env, cwd), if known.
     pub process: Option<crate::image::MergedProcess>,
 }
@@ -231,23 +253,41 @@ pub trait HostResources: Send + Sync + 'static {
     ) -> Result<PreparedHost, RuntimeError>;
     /// Releases what `prepare` created (idempotent).
     async fn release(&self, id: &InstanceId, instance_dir: &Path) -> Result<(), RuntimeError>;
+    /// At start-up: removes host resources no instance owns (orphan taps, rules).
+    async fn remove_orphans(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
-/// Default host resources: root disk from the image service, a sparse ext4 scratch
-/// file in the instance dir, volumes `<data_dir>/volumes/<id>.ext4` (created on first
-/// use, 1 GiB, never deleted here), and the instance's tap only if it already exists.
+/// Default host resources: the root disk from the image service, and scratch disk,
+/// volumes, tap, addresses and rules from the host module shared with the qemu runtime
+/// ([`crate::runtime::host`]). Linux only; taps need root.
+#[cfg(target_os = "linux")]
 pub struct LocalHost {
-    data_dir: PathBuf,
+    host: crate::runtime::host::Host,
     images: Option<crate::image::ImageService>,
 }
 
+#[cfg(target_os = "linux")]
 impl LocalHost {
-    /// Default host resources under `data_dir`.
-    pub fn new(data_dir: &Path, images: Option<crate::image::ImageService>) -> Self {
-        LocalHost {
-            data_dir: data_dir.to_path_buf(),
-            images,
-        }
+    /// Host resources under `data_dir`, recorded in the resource ledger `ledger`.
+    /// Fails on a bad `ipv4_pool` (naming the key).
+    pub fn new(
+        data_dir: &Path,
+        images: Option<crate::image::ImageService>,
+        ledger: Store,
+        config: &FirecrackerConfig,
+    ) -> Result<Self, String> {
+        let host = crate::runtime::host::Host::new(
+            data_dir,
+            ledger,
+            crate::runtime::host::HostConfig {
+                ipv4_pool: config.ipv4_pool.clone(),
+                volume_default_bytes: config.volume_default_bytes,
+            },
+        )
+        .map_err(|e| format!("runtime.firecracker.{e}"))?;
+        Ok(LocalHost { host, images })
     }
 }
 
@@ -266,42 +306,14 @@ pub fn guest_mac(id: &InstanceId) -> String {
     format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
-/// Creates a sparse file of `size` bytes and formats it ext4 (bounded by a timeout).
-pub async fn make_ext4(path: &Path, size: u64) -> Result<(), String> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.set_len(size)
-        .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
-    drop(f);
-    let mut cmd = tokio::process::Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-E", "nodiscard"])
-        .arg(path)
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .map_err(|_| format!("mkfs.ext4 {}: no result within 60 s", path.display()))?
-        .map_err(|e| format!("mkfs.ext4 {}: {e}", path.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "mkfs.ext4 {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
+#[cfg(target_os = "linux")]
 #[async_trait]
 impl HostResources for LocalHost {
     async fn prepare(
         &self,
         id: &InstanceId,
         workload: &Workload,
-        instance_dir: &Path,
+        _instance_dir: &Path,
     ) -> Result<PreparedHost, RuntimeError> {
         let Some(images) = &self.images else {
             return Err(RuntimeError::RootfsBuild(
@@ -317,8 +329,7 @@ impl HostResources for LocalHost {
             os: i.os.clone(),
             arch: i.arch.clone(),
         };
-        let image = crate::image::ImageRef::from_spec(&spec_image)
-            .map_err(|e| RuntimeError::ImagePull(e.to_string()))?;
+        let image = crate::image::ImageRef::from_spec(&spec_image).map_err(RuntimeError::from)?;
         let root = images
             .ensure_root_disk(&image, id.as_str())
             .await
@@ -329,62 +340,40 @@ impl HostResources for LocalHost {
             workload.spec.env_vars.as_ref(),
             workload.spec.workdir.as_deref(),
         );
-        let scratch = instance_dir.join("scratch.ext4");
-        if !scratch.exists() {
-            let size = workload
-                .spec
-                .resources
-                .ephemeral_disk_bytes
-                .unwrap_or(4 << 30)
-                .max(64 << 20) as u64;
-            make_ext4(&scratch, size)
-                .await
-                .map_err(RuntimeError::RootfsBuild)?;
-        }
-        let mut volumes = Vec::new();
-        let mut mounts = workload.spec.mounts.clone().unwrap_or_default();
-        mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        for m in mounts {
-            let dir = self.data_dir.join("volumes");
-            let path = dir.join(format!("{}.ext4", m.volume_id));
-            if !path.exists() {
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    RuntimeError::Volume(format!("cannot create {}: {e}", dir.display()))
-                })?;
-                make_ext4(&path, 1 << 30)
-                    .await
-                    .map_err(|e| RuntimeError::Volume(format!("volume {}: {e}", m.volume_id)))?;
-            }
-            volumes.push((
-                m.volume_id.clone(),
-                DiskPath {
-                    path,
-                    read_only: m.read_only,
-                },
-            ));
-        }
-        let tap = tap_name(id);
-        let tap = Path::new("/sys/class/net")
-            .join(&tap)
-            .exists()
-            .then_some(tap);
+        let prep = self.host.prepare(id, workload).await?;
         Ok(PreparedHost {
             root_disk: root.path,
-            scratch_disk: scratch,
-            volumes,
-            tap,
+            scratch_disk: prep.scratch.clone(),
+            volumes: prep
+                .volumes
+                .iter()
+                .map(|(vid, path, read_only)| {
+                    (
+                        vid.clone(),
+                        DiskPath {
+                            path: path.clone(),
+                            read_only: *read_only,
+                        },
+                    )
+                })
+                .collect(),
+            tap: Some(prep.tap.tap.clone()),
+            guest_network: Some(prep.guest_network(workload)?),
+            address: Some(prep.probe_address()),
             process: Some(process),
         })
     }
 
-    async fn release(&self, _id: &InstanceId, instance_dir: &Path) -> Result<(), RuntimeError> {
-        match std::fs::remove_file(instance_dir.join("scratch.ext4")) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RuntimeError::RootfsBuild(format!(
-                "cannot remove scratch disk: {e}"
-            ))),
+    async fn release(&self, id: &InstanceId, _instance_dir: &Path) -> Result<(), RuntimeError> {
+        self.host.release(id).await
+    }
+
+    async fn remove_orphans(&self) -> Result<(), RuntimeError> {
+        let removed = self.host.remove_orphans().await?;
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removed plfm taps and rules no instance owns");
         }
+        Ok(())
     }
 }
 
@@ -661,25 +650,26 @@ pub fn guest_config(
             s.workdir.clone(),
         ),
     };
-    let network = s
-        .network
-        .overlay_ipv6
-        .parse::<IpAddr>()
-        .ok()
-        .map(|address| gp::NetworkConfig {
-            address,
-            prefix_len: 128,
-            gateway: s.network.gateway_ipv6.parse().ok(),
-            mtu: s.network.mtu.unwrap_or(1420),
-            dns: s
-                .network
-                .dns
-                .iter()
-                .flatten()
-                .filter_map(|d| d.parse().ok())
-                .collect(),
-            ipv4: None,
-        });
+    let network = host.guest_network.clone().or_else(|| {
+        s.network
+            .overlay_ipv6
+            .parse::<IpAddr>()
+            .ok()
+            .map(|address| gp::NetworkConfig {
+                address,
+                prefix_len: 128,
+                gateway: s.network.gateway_ipv6.parse().ok(),
+                mtu: s.network.mtu.unwrap_or(1420),
+                dns: s
+                    .network
+                    .dns
+                    .iter()
+                    .flatten()
+                    .filter_map(|d| d.parse().ok())
+                    .collect(),
+                ipv4: None,
+            })
+    });
     let mut mounts: Vec<gp::MountConfig> = s
         .mounts
         .iter()
@@ -895,7 +885,9 @@ impl Runtime for FirecrackerRuntime {
             api_sock: layout.api_sock.clone(),
             vsock_uds: layout.vsock_uds.clone(),
             chroot: layout.chroot.clone(),
-            address: workload.spec.network.overlay_ipv6.parse().ok(),
+            address: prepared
+                .address
+                .or_else(|| workload.spec.network.overlay_ipv6.parse().ok()),
         };
         let record_path = layout.dir.join("vmm.json");
         self.ledger_add(id, "process", record_path.display().to_string(), None)
@@ -1010,28 +1002,13 @@ impl Runtime for FirecrackerRuntime {
     }
 
     async fn probe_health(&self, vm: &VmHandle, check: &HealthSpec) -> Result<(), String> {
-        // A TCP connect to the instance address; HTTP checks and the host route to the
-        // guest belong to the host-networking work (issue 6).
         let addr = lock(&self.vms)
             .get(&vm.instance_id)
             .and_then(|s| s.record.address);
         let Some(addr) = addr else {
-            return Err("instance has no address".into());
+            return Err(format!("instance {}: no address to probe", vm.instance_id));
         };
-        let sa = std::net::SocketAddr::new(addr, check.port);
-        match tokio::time::timeout(
-            Duration::from_secs(check.timeout_seconds.max(1)),
-            tokio::net::TcpStream::connect(sa),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("connect {sa}: {e}")),
-            Err(_) => Err(format!(
-                "connect {sa}: no answer within {} s",
-                check.timeout_seconds
-            )),
-        }
+        crate::health::probe(addr, check).await
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> StopOutcome {
@@ -1049,6 +1026,10 @@ impl Runtime for FirecrackerRuntime {
     }
 
     async fn recover(&self) -> Result<Vec<VmHandle>, RuntimeError> {
+        // Taps and rules no instance owns are leftovers of a crash.
+        if let Err(e) = self.host.remove_orphans().await {
+            tracing::warn!(error = %e, "cannot remove orphan host resources");
+        }
         let root = self.data_dir.join("instances");
         let mut found = Vec::new();
         let entries = match std::fs::read_dir(&root) {
@@ -1434,29 +1415,6 @@ mod tests {
         assert_ne!(a, b);
         let long = vmm_id(&InstanceId::parse(&"x".repeat(100)).unwrap());
         assert!(ok(&long), "{long}");
-    }
-
-    #[tokio::test]
-    async fn scratch_disk_is_a_sparse_ext4_file() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("scratch.ext4");
-        match make_ext4(&p, 64 << 20).await {
-            Ok(()) => {}
-            Err(e)
-                if e.contains("No such file")
-                    && std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1") =>
-            {
-                eprintln!("SKIP: mkfs.ext4 not installed: {e}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        }
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(&p).unwrap();
-        assert_eq!(m.len(), 64 << 20);
-        assert!(m.blocks() * 512 < m.len(), "sparse");
-        let sb = std::fs::read(&p).unwrap();
-        assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 magic");
     }
 
     #[test]

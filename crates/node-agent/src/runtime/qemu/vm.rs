@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use plfm_guest_protocol::{
-    Config as GuestConfig, Ipv4Config, MountConfig, NetworkConfig, SecretsConfig, SecretsData,
-    WorkloadConfig,
+    Config as GuestConfig, MountConfig, SecretsConfig, SecretsData, WorkloadConfig,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -22,17 +21,13 @@ use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy};
 use crate::guest::{accept_guest, bind_guest_listener, GuestEvent};
 use crate::image::{merge_process, ImageRef, ImageService, MergedProcess, SpecImage};
 use crate::instance::ReasonCode;
-use crate::network::{self, TapPlan};
+use crate::runtime::host::{Host, HostConfig, HostPrep};
 use crate::runtime::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
-use crate::spec::{HealthKind, HealthSpec, InstanceId, Workload};
+use crate::spec::{HealthSpec, InstanceId, Workload};
 use crate::state::{ResourceRow, Store};
 
 /// Ledger kinds of this runtime.
 const KIND_PROCESS: &str = "process";
-const KIND_DISK: &str = "disk";
-const KIND_TAP: &str = "tap";
-const KIND_IPV4: &str = "ipv4";
-const KIND_VOLUME: &str = "volume";
 /// The instance's host memory cgroup (name: its directory).
 const KIND_CGROUP: &str = "cgroup";
 
@@ -95,9 +90,7 @@ impl ProcId {
 struct Prepared {
     root_disk: PathBuf,
     process: MergedProcess,
-    scratch: PathBuf,
-    volumes: Vec<(String, PathBuf)>,
-    tap: TapPlan,
+    host: HostPrep,
 }
 
 enum Command {
@@ -125,11 +118,10 @@ pub struct QemuRuntime {
     data_dir: PathBuf,
     images: ImageService,
     ledger: Store,
+    /// Scratch disk, volumes, tap and addresses (shared with the Firecracker runtime).
+    host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
     vms: Mutex<HashMap<InstanceId, Arc<Vm>>>,
-    /// Serialises check-then-record of shared resources (IPv4 blocks, volumes) across
-    /// instances preparing at the same time.
-    allocation: tokio::sync::Mutex<()>,
     /// Host memory cgroups for the VMM processes, when usable (see [`crate::cgroup`]).
     cgroups: Option<Hierarchy>,
 }
@@ -143,10 +135,24 @@ fn ledger_err(e: crate::state::StoreError) -> RuntimeError {
 }
 
 impl QemuRuntime {
-    /// A qemu runtime; `config` must have passed validation.
+    /// A qemu runtime; fails on a config that did not pass validation (bad pool).
     /// Detects host cgroups (`runtime.qemu.cgroup`); where they are not usable it warns
     /// once and VMMs run without.
-    pub fn new(config: QemuConfig, data_dir: PathBuf, images: ImageService, ledger: Store) -> Self {
+    pub fn new(
+        config: QemuConfig,
+        data_dir: PathBuf,
+        images: ImageService,
+        ledger: Store,
+    ) -> Result<Self, String> {
+        let host = Host::new(
+            &data_dir,
+            ledger.clone(),
+            HostConfig {
+                ipv4_pool: config.ipv4_pool.clone(),
+                volume_default_bytes: config.volume_default_bytes,
+            },
+        )
+        .map_err(|e| format!("runtime.qemu.{e}"))?;
         let cgroups = match config.cgroup {
             CgroupMode::Off => None,
             CgroupMode::Auto => match Hierarchy::detect(config.cgroup_parent.as_deref()) {
@@ -160,16 +166,16 @@ impl QemuRuntime {
                 }
             },
         };
-        QemuRuntime {
+        Ok(QemuRuntime {
             cgroups,
             config,
             data_dir,
             images,
             ledger,
+            host,
             prepared: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
-            allocation: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     fn instance_dir(&self, id: &InstanceId) -> PathBuf {
@@ -214,168 +220,6 @@ impl QemuRuntime {
             .map_err(ledger_err)
     }
 
-    async fn prepare_scratch(&self, id: &InstanceId, bytes: u64) -> Result<PathBuf, RuntimeError> {
-        let dir = self.instance_dir(id);
-        let path = dir.join("scratch.ext4");
-        self.ledger_add(KIND_DISK, &path.display().to_string(), id, None)
-            .await?;
-        if path.exists() {
-            return Ok(path);
-        }
-        let tmp = dir.join("scratch.ext4.tmp");
-        let f = std::fs::File::create(&tmp).map_err(|e| {
-            RuntimeError::RootfsBuild(format!("scratch disk {}: create: {e}", tmp.display()))
-        })?;
-        f.set_len(bytes).map_err(|e| {
-            RuntimeError::RootfsBuild(format!("scratch disk {}: size {bytes}: {e}", tmp.display()))
-        })?;
-        drop(f);
-        mkfs(&tmp)
-            .await
-            .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(|e| {
-            RuntimeError::RootfsBuild(format!("scratch disk {}: rename: {e}", path.display()))
-        })?;
-        Ok(path)
-    }
-
-    async fn prepare_volumes(
-        &self,
-        id: &InstanceId,
-        w: &Workload,
-    ) -> Result<Vec<(String, PathBuf)>, RuntimeError> {
-        let mut mounts: Vec<_> = w.spec.mounts.clone().unwrap_or_default();
-        mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        if mounts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let _allocating = self.allocation.lock().await;
-        let rows = self.rows().await?;
-        let dir = self.data_dir.join("volumes");
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            RuntimeError::Volume(format!("volumes directory {}: {e}", dir.display()))
-        })?;
-        let mut out = Vec::new();
-        for m in mounts {
-            let vid = &m.volume_id;
-            if vid.is_empty() || vid.contains('/') || vid.starts_with('.') || vid.len() > 128 {
-                return Err(RuntimeError::Volume(format!(
-                    "volume id {vid:?} is not a valid file name"
-                )));
-            }
-            if m.filesystem != "ext4" {
-                return Err(RuntimeError::Volume(format!(
-                    "volume {vid}: filesystem {:?} is not ext4",
-                    m.filesystem
-                )));
-            }
-            if let Some(other) = rows
-                .iter()
-                .find(|r| r.kind == KIND_VOLUME && r.name == *vid && r.instance_id != id.as_str())
-            {
-                return Err(RuntimeError::Volume(format!(
-                    "volume {vid} is attached to instance {}",
-                    other.instance_id
-                )));
-            }
-            self.ledger_add(KIND_VOLUME, vid, id, None).await?;
-            let path = dir.join(format!("{vid}.ext4"));
-            if !path.exists() {
-                let tmp = dir.join(format!("{vid}.ext4.tmp"));
-                let f = std::fs::File::create(&tmp).map_err(|e| {
-                    RuntimeError::Volume(format!("volume {vid}: create {}: {e}", tmp.display()))
-                })?;
-                f.set_len(self.config.volume_default_bytes)
-                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: size: {e}")))?;
-                drop(f);
-                mkfs(&tmp)
-                    .await
-                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: {e}")))?;
-                std::fs::rename(&tmp, &path)
-                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: rename: {e}")))?;
-            }
-            out.push((vid.clone(), path));
-        }
-        Ok(out)
-    }
-
-    async fn prepare_network(
-        &self,
-        id: &InstanceId,
-        w: &Workload,
-    ) -> Result<TapPlan, RuntimeError> {
-        let ipv6 = network::parse_ipv6(&w.spec.network.overlay_ipv6)
-            .map_err(|e| RuntimeError::Network(e.to_string()))?;
-        let tap = network::tap_name(id.as_str());
-        let allocating = self.allocation.lock().await;
-        let rows = self.rows().await?;
-        let owned = rows
-            .iter()
-            .any(|r| r.kind == KIND_TAP && r.name == tap && r.instance_id == id.as_str());
-        // IPv4 link: the one this instance holds, else the first free block from a
-        // hash of the id.
-        let (pool, len) = self.config.pool().map_err(RuntimeError::Network)?;
-        let count = network::ipv4_link_count(len);
-        let mine = rows
-            .iter()
-            .find(|r| r.kind == KIND_IPV4 && r.instance_id == id.as_str())
-            .and_then(|r| r.name.parse::<u32>().ok());
-        let index = match mine {
-            Some(i) => i,
-            None => {
-                let taken: std::collections::HashSet<u32> = rows
-                    .iter()
-                    .filter(|r| r.kind == KIND_IPV4)
-                    .filter_map(|r| r.name.parse().ok())
-                    .collect();
-                let start = u32::from_str_radix(
-                    &tap[network::TAP_PREFIX.len()..network::TAP_PREFIX.len() + 7],
-                    16,
-                )
-                .unwrap_or(0)
-                    % count.max(1);
-                (0..count)
-                    .map(|k| (start + k) % count)
-                    .find(|i| !taken.contains(i))
-                    .ok_or_else(|| {
-                        RuntimeError::Network(format!(
-                            "ipv4 pool {} is exhausted",
-                            self.config.ipv4_pool
-                        ))
-                    })?
-            }
-        };
-        self.ledger_add(KIND_IPV4, &index.to_string(), id, None)
-            .await?;
-        drop(allocating);
-        let plan = TapPlan {
-            instance_id: id.to_string(),
-            tap: tap.clone(),
-            mtu: w.spec.network.mtu.unwrap_or(1420),
-            ipv6,
-            ipv4: network::ipv4_link(pool, len, index),
-        };
-        let detail = serde_json::json!({
-            "ipv6": ipv6.to_string(),
-            "ipv4": plan.ipv4.map(|l| l.guest.to_string()),
-        })
-        .to_string();
-        if !owned && network::link_exists(&tap).await {
-            return Err(RuntimeError::Network(
-                network::NetworkError::Collision {
-                    tap,
-                    instance_id: id.to_string(),
-                }
-                .to_string(),
-            ));
-        }
-        self.ledger_add(KIND_TAP, &tap, id, Some(detail)).await?;
-        network::setup(&plan, true)
-            .await
-            .map_err(|e| RuntimeError::Network(e.to_string()))?;
-        Ok(plan)
-    }
-
     fn accel(&self) -> &'static str {
         match self.config.accel {
             Accel::Kvm => "kvm",
@@ -403,13 +247,6 @@ impl QemuRuntime {
         boot: &BootContext,
     ) -> Result<GuestConfig, RuntimeError> {
         let (uid, gid) = parse_user(p.process.user.as_deref())?;
-        let net = &w.spec.network;
-        let mut dns = Vec::new();
-        for d in net.dns.clone().unwrap_or_default() {
-            dns.push(d.parse::<IpAddr>().map_err(|_| {
-                RuntimeError::Network(format!("network.dns {d:?} is not an IP address"))
-            })?);
-        }
         let mut mounts: Vec<_> = w.spec.mounts.clone().unwrap_or_default();
         mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
         let secrets = match &w.spec.secrets {
@@ -447,18 +284,7 @@ impl QemuRuntime {
                 uid,
                 gid,
             },
-            network: Some(NetworkConfig {
-                address: IpAddr::V6(p.tap.ipv6),
-                prefix_len: 128,
-                gateway: Some(IpAddr::V6(network::HOST_LINK_LOCAL)),
-                mtu: p.tap.mtu,
-                dns,
-                ipv4: p.tap.ipv4.map(|l| Ipv4Config {
-                    address: l.guest,
-                    prefix_len: 30,
-                    gateway: Some(l.host),
-                }),
-            }),
+            network: Some(p.host.guest_network(w)?),
             mounts: mounts
                 .into_iter()
                 .map(|m| MountConfig {
@@ -550,36 +376,6 @@ fn parse_user(user: Option<&str>) -> Result<(u32, u32), RuntimeError> {
         })?
     };
     Ok((uid, gid))
-}
-
-async fn mkfs(path: &Path) -> Result<(), String> {
-    let mut cmd = tokio::process::Command::new("mkfs.ext4");
-    cmd.args([
-        "-q",
-        "-F",
-        "-E",
-        "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-    ])
-    .arg(path)
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped())
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .map_err(|_| format!("mkfs.ext4 {}: no exit within 60 s", path.display()))?
-        .map_err(|e| format!("cannot run mkfs.ext4: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let _ = std::fs::remove_file(path);
-        Err(format!(
-            "mkfs.ext4 {}: {} ({})",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        ))
-    }
 }
 
 async fn wait_gone(p: ProcId, within: Duration) -> bool {
@@ -909,23 +705,13 @@ impl Runtime for QemuRuntime {
                 w.digest
             )));
         }
-        let scratch_bytes = w
-            .spec
-            .resources
-            .ephemeral_disk_bytes
-            .map(|b| b.max(16 << 20) as u64)
-            .unwrap_or(4 << 30);
-        let scratch = self.prepare_scratch(id, scratch_bytes).await?;
-        let volumes = self.prepare_volumes(id, w).await?;
-        let tap = self.prepare_network(id, w).await?;
+        let host = self.host.prepare(id, w).await?;
         lock(&self.prepared).insert(
             id.clone(),
             Prepared {
                 root_disk: disk.path,
                 process,
-                scratch,
-                volumes,
-                tap,
+                host,
             },
         );
         Ok(())
@@ -977,11 +763,7 @@ impl Runtime for QemuRuntime {
             spec_hash: handle.spec_hash.clone(),
             qemu: None,
             vhost: None,
-            address: Some(
-                p.tap
-                    .ipv4
-                    .map_or(IpAddr::V6(p.tap.ipv6), |l| IpAddr::V4(l.guest)),
-            ),
+            address: Some(p.host.probe_address()),
         };
         let row_name = format!("{id}/vm");
         let save = |r: &VmRecord| serde_json::to_string(r).ok();
@@ -1067,14 +849,14 @@ impl Runtime for QemuRuntime {
         ]);
         let mut drives = vec![
             ("vda".to_string(), p.root_disk.clone(), true),
-            ("vdb".to_string(), p.scratch.clone(), false),
+            ("vdb".to_string(), p.host.scratch.clone(), false),
         ];
         let letters = b"cdefghijklmnopqrstuvwxyz";
-        for (i, (_, path)) in p.volumes.iter().enumerate() {
+        for (i, (_, path, read_only)) in p.host.volumes.iter().enumerate() {
             let Some(l) = letters.get(i) else {
                 return Err(RuntimeError::Volume("more than 24 volumes".into()));
             };
-            drives.push((format!("vd{}", *l as char), path.clone(), false));
+            drives.push((format!("vd{}", *l as char), path.clone(), *read_only));
         }
         for (name, path, ro) in &drives {
             args.push("-drive".into());
@@ -1088,7 +870,10 @@ impl Runtime for QemuRuntime {
         }
         args.extend([
             "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", p.tap.tap),
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                p.host.tap.tap
+            ),
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
         ]);
@@ -1159,19 +944,7 @@ impl Runtime for QemuRuntime {
         let addr = vm
             .and_then(|v| lock(&v.record).address)
             .ok_or_else(|| format!("instance {}: no address to probe", handle.instance_id))?;
-        let timeout = Duration::from_secs(check.timeout_seconds.max(1));
-        match check.kind {
-            HealthKind::Tcp => crate::health::probe_tcp(addr, check.port, timeout).await,
-            HealthKind::Http => {
-                crate::health::probe_http(
-                    addr,
-                    check.port,
-                    check.path.as_deref().unwrap_or("/"),
-                    timeout,
-                )
-                .await
-            }
-        }
+        crate::health::probe(addr, check).await
     }
 
     async fn stop(&self, handle: &VmHandle, grace: Duration) -> StopOutcome {
@@ -1344,12 +1117,7 @@ impl Runtime for QemuRuntime {
             }
         }
         // Taps and rule chains with the plfm prefix that no ledger row owns are leftovers.
-        let owned: Vec<String> = rows
-            .iter()
-            .filter(|r| r.kind == KIND_TAP)
-            .map(|r| r.name.clone())
-            .collect();
-        let removed = network::remove_orphans(&owned).await;
+        let removed = self.host.remove_orphans().await?;
         if !removed.is_empty() {
             tracing::info!(?removed, "removed plfm taps and rules no instance owns");
         }
@@ -1366,65 +1134,36 @@ impl Runtime for QemuRuntime {
         }
         lock(&self.prepared).remove(id);
         self.kill_recorded(id).await;
+        let released = self.host.release(id).await;
         let rows = self.rows().await?;
-        let mine: Vec<&ResourceRow> = rows
+        let mut cgroup_err = None;
+        for r in rows
             .iter()
             .filter(|r| r.instance_id == id.as_str())
-            .collect();
-        let mut first_err = None;
-        for r in mine {
-            match r.kind.as_str() {
-                KIND_TAP => {
-                    if let Err(e) = network::teardown(&r.name).await {
-                        first_err.get_or_insert(RuntimeError::Network(e.to_string()));
-                        continue;
+            .filter(|r| r.kind == KIND_PROCESS || r.kind == KIND_CGROUP)
+        {
+            if r.kind == KIND_CGROUP {
+                // Anything still in the group is a VMM of this instance that was spawned
+                // but not yet recorded when the agent died.
+                let g = Group::at(&r.name);
+                for pid in g.pids() {
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                     }
                 }
-                KIND_DISK => match std::fs::remove_file(&r.name) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        first_err.get_or_insert(RuntimeError::RootfsBuild(format!(
-                            "scratch disk {}: {e}",
-                            r.name
-                        )));
-                        continue;
-                    }
-                },
-                KIND_CGROUP => {
-                    // Anything still in the group is a VMM of this instance that was
-                    // spawned but not yet recorded when the agent died.
-                    let g = Group::at(&r.name);
-                    for pid in g.pids() {
-                        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                            let _ =
-                                rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                        }
-                    }
-                    if let Err(e) = g.remove(Duration::from_secs(5)).await {
-                        first_err.get_or_insert(RuntimeError::VmmStart(e.to_string()));
-                        continue;
-                    }
+                if let Err(e) = g.remove(Duration::from_secs(5)).await {
+                    cgroup_err.get_or_insert(RuntimeError::VmmStart(e.to_string()));
+                    continue;
                 }
-                KIND_PROCESS | KIND_IPV4 | KIND_VOLUME => {}
-                _ => continue, // another runtime's row
             }
             self.ledger_remove(&r.kind, &r.name).await;
         }
         let dir = self.instance_dir(id);
-        for f in [
-            "vsock.sock",
-            "vsock.sock_5161",
-            "vhost.sock",
-            "qmp.sock",
-            "scratch.ext4.tmp",
-        ] {
+        for f in ["vsock.sock", "vsock.sock_5161", "vhost.sock", "qmp.sock"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        released?;
+        cgroup_err.map_or(Ok(()), Err)
     }
 }
 

@@ -1,0 +1,229 @@
+//! The Firecracker runtime with its real host resources ([`LocalHost`]: root disk from a
+//! real registry on loopback, scratch disk, volumes, tap, addresses and nftables rules
+//! through the host module it shares with the qemu runtime), driving the stand-in
+//! `firecracker` (a TEST DOUBLE under tests/fc_standin/). No real VMM can run here, so
+//! the guest side is the stand-in's; everything host-side is real.
+//!
+//! The test re-runs itself inside a fresh network namespace, so taps and rules live
+//! there; addresses come from fd00::/8 and 169.254.0.0/16. Prerequisites: root, `ip`,
+//! `nft`, docker-registry, e2fsprogs, /bin/busybox (a missing one skips, or fails with
+//! `PLFM_REQUIRE_SYSTEM_TESTS=1`).
+
+#![cfg(target_os = "linux")]
+
+mod fc_standin;
+mod image_support;
+#[path = "support/vm_host.rs"]
+mod vm_host;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fc_standin::FcEnv;
+use image_support::{config_json, Registry, GZIP};
+use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use plfm_node_agent::image::ImageService;
+use plfm_node_agent::runtime::firecracker::{FirecrackerRuntime, LocalHost};
+use plfm_node_agent::runtime::{BootContext, Runtime, VmEvent};
+use plfm_node_agent::spec::{HealthKind, HealthSpec, InstanceId};
+use plfm_node_agent::state::Store;
+
+const NETNS_ENV: &str = "PLFM_FC_HOST_TEST_NETNS";
+
+fn prerequisites(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root (taps, nftables, network namespaces)".to_string());
+    }
+    for tool in ["ip", "nft"] {
+        if !vm_host::which(tool) {
+            missing.push(format!("{tool} (Debian packages iproute2, nftables)"));
+        }
+    }
+    if !missing.is_empty() {
+        let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
+        assert!(
+            !fc_standin::require_system_tests(),
+            "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
+        );
+        eprintln!("SKIP {msg}");
+        return false;
+    }
+    image_support::prerequisites(test)
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them() {
+    const TEST: &str =
+        "local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them";
+    if std::env::var_os(NETNS_ENV).is_none() {
+        if prerequisites(TEST) {
+            vm_host::reexec_in_netns(TEST, NETNS_ENV, "f");
+        }
+        return;
+    }
+    let Some(env) = FcEnv::new("run") else { return };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body(env));
+}
+
+async fn body(env: FcEnv) {
+    let registry = Registry::start();
+    let layer = Layer::new().dir("bin", 0o755).entry(TarEntry::file(
+        "bin/app",
+        b"#!/bin/sh\nexit 0\n",
+        0o755,
+    ));
+    let image = registry
+        .push(
+            "fc/app",
+            &[(layer.tar_gz(), GZIP)],
+            &config_json(&["/bin/app"], &[], &["PATH=/bin"]),
+        )
+        .await;
+    let digest = image.digest.as_str().to_string();
+    let data = env.data_dir();
+    std::fs::create_dir_all(&data).unwrap();
+    let store = Store::open(&data.join("state.db")).unwrap();
+    let images = ImageService::open(&data, registry.image_config()).unwrap();
+    let config = env.config(5);
+    let host = LocalHost::new(&data, Some(images), store.clone(), &config).unwrap();
+    let rt = FirecrackerRuntime::new(config, &data, Some(store.clone()), Arc::new(host));
+
+    let spec = serde_json::json!({
+        "instance_id": "i-net", "generation": 1, "desired_state": "running",
+        "workload": {
+            "spec_version": "v1", "instance_id": "i-net", "generation": 1,
+            "image": {"ref": format!("{}/fc/app@{digest}", registry.addr),
+                      "digest": digest, "resolved_digest": digest},
+            "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64,
+                          "ephemeral_disk_bytes": 67108864_i64},
+            "network": {"overlay_ipv6": "fd00::7:1", "gateway_ipv6": "fe80::1", "mtu": 1400},
+            "mounts": [{"volume_id": "vol-n", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}],
+            "lifecycle": {"termination_grace_seconds": 2, "restart_policy": "never"}
+        }
+    });
+    let w = plfm_node_agent::spec::decode_assignment(&spec, "test")
+        .unwrap()
+        .workload
+        .unwrap();
+    let id = InstanceId::parse("i-net").unwrap();
+    let tap = plfm_node_agent::network::tap_name("i-net");
+
+    rt.prepare(&id, &w)
+        .await
+        .expect("prepare with real host resources");
+    let vm = rt
+        .start(
+            &id,
+            &w,
+            BootContext {
+                boot_id: "b1".into(),
+                secrets: None,
+            },
+        )
+        .await
+        .expect("start");
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), rt.next_event(&vm))
+            .await
+            .ok(),
+        Some(VmEvent::WorkloadStarted)
+    );
+
+    // The VMM was given the instance's tap and a guest MAC.
+    let reqs = env.requests();
+    let nic = reqs
+        .iter()
+        .find(|r| r.1 == "/network-interfaces/eth0")
+        .and_then(|r| r.2.clone())
+        .expect("PUT /network-interfaces/eth0");
+    assert_eq!(nic["host_dev_name"], tap.as_str());
+    // The tap is real: MTU, fe80::1, the host end of the IPv4 /30, a /128 route.
+    let link = run("ip", &["-o", "link", "show", "dev", &tap]);
+    assert!(link.contains("mtu 1400"), "{link}");
+    let addrs = run("ip", &["-o", "addr", "show", "dev", &tap]);
+    assert!(addrs.contains("fe80::1/64"), "{addrs}");
+    let host_v4 = addrs
+        .split_whitespace()
+        .find(|w| w.starts_with("169.254.") && w.ends_with("/30"))
+        .unwrap_or_else(|| panic!("no IPv4 /30 on {tap}: {addrs}"))
+        .trim_end_matches("/30")
+        .to_string();
+    let routes = run("ip", &["-6", "route", "show", "dev", &tap]);
+    assert!(routes.contains("fd00::7:1"), "{routes}");
+    let rules = run("nft", &["list", "table", "inet", "plfm"]);
+    assert!(rules.contains(&format!("chain {tap}")), "{rules}");
+    // The ledger shows the tap with its addresses (what `status --json` shows).
+    let rows = store.resources().unwrap();
+    let tap_row = rows
+        .iter()
+        .find(|r| r.kind == "tap" && r.instance_id == "i-net")
+        .expect("tap row");
+    assert_eq!(tap_row.name, tap);
+    let detail: serde_json::Value =
+        serde_json::from_str(tap_row.detail.as_deref().unwrap()).unwrap();
+    assert_eq!(detail["ipv6"], "fd00::7:1");
+    let guest_v4 = detail["ipv4"].as_str().unwrap().to_string();
+    let host_octets: Vec<u8> = host_v4.split('.').map(|o| o.parse().unwrap()).collect();
+    let guest_octets: Vec<u8> = guest_v4.split('.').map(|o| o.parse().unwrap()).collect();
+    assert_eq!(
+        guest_octets[3],
+        host_octets[3] + 1,
+        "{host_v4} / {guest_v4}"
+    );
+    // Scratch disk and volume are real ext4 files.
+    let scratch = data.join("instances/i-net/scratch.ext4");
+    assert_eq!(std::fs::metadata(&scratch).unwrap().len(), 64 << 20);
+    assert!(data.join("volumes/vol-n.ext4").is_file());
+
+    // HTTP health probes go to the guest's IPv4 link address (nothing listens: the
+    // stand-in plays no network, so the probe fails naming what it tried).
+    let check = HealthSpec {
+        kind: HealthKind::Http,
+        port: 8080,
+        path: Some("/healthz".into()),
+        interval_seconds: 1,
+        timeout_seconds: 1,
+        grace_period_seconds: 0,
+        success_threshold: 1,
+        failure_threshold: 1,
+    };
+    let err = rt.probe_health(&vm, &check).await.unwrap_err();
+    assert!(
+        err.contains(&format!("http GET /healthz on {guest_v4}:8080")),
+        "{err}"
+    );
+
+    let out = rt.stop(&vm, Duration::from_secs(3)).await;
+    assert!(out.graceful);
+    rt.cleanup(&id).await.expect("cleanup");
+    assert!(
+        run("ip", &["-o", "link", "show"])
+            .lines()
+            .all(|l| !l.contains(&tap)),
+        "tap left behind"
+    );
+    let rules = run("nft", &["list", "table", "inet", "plfm"]);
+    assert!(!rules.contains(&format!("chain {tap}")), "{rules}");
+    assert!(!scratch.exists(), "scratch disk left behind");
+    assert!(
+        data.join("volumes/vol-n.ext4").is_file(),
+        "volumes outlive instances"
+    );
+    assert!(store
+        .resources()
+        .unwrap()
+        .iter()
+        .all(|r| r.instance_id != "i-net"));
+}
