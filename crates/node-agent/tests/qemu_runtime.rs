@@ -815,6 +815,15 @@ fn workload_past_its_memory_is_oom_killed() {
         v.instance_id == "oom" && v.status == Status::Failed
     });
     assert_eq!(v.reason_code, Some(ReasonCode::OomKilled), "{v:?}");
+    // The guest kernel, not the host cgroup: with the default overhead a guest that
+    // uses all of its RAM stays inside its VMM's host limit.
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("guest kernel"),
+        "{v:?}"
+    );
 }
 
 /// The host cgroup of the VMM processes (limit = guest memory + overhead) OOM-kills
