@@ -318,6 +318,7 @@ impl QemuRuntime {
         });
         match made {
             Ok((group, entry)) => {
+                kill_unrecorded(&group);
                 let baseline = group.oom_kills().unwrap_or(0);
                 Ok(Some((
                     OomWatch {
@@ -351,6 +352,18 @@ impl QemuRuntime {
                     wait_gone(p, Duration::from_secs(5)).await;
                 }
             }
+        }
+    }
+}
+
+/// SIGKILLs what is still in an instance's cgroup once its recorded processes are gone:
+/// a VMM spawned but not yet recorded when the agent died (only this runtime places
+/// processes there).
+fn kill_unrecorded(g: &Group) {
+    for pid in g.pids() {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            tracing::warn!(pid = pid.as_raw_nonzero().get(), cgroup = %g.path().display(), "killing an unrecorded process left in a VMM cgroup");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
 }
@@ -1143,14 +1156,8 @@ impl Runtime for QemuRuntime {
             .filter(|r| r.kind == KIND_PROCESS || r.kind == KIND_CGROUP)
         {
             if r.kind == KIND_CGROUP {
-                // Anything still in the group is a VMM of this instance that was spawned
-                // but not yet recorded when the agent died.
                 let g = Group::at(&r.name);
-                for pid in g.pids() {
-                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                    }
-                }
+                kill_unrecorded(&g);
                 if let Err(e) = g.remove(Duration::from_secs(5)).await {
                     cgroup_err.get_or_insert(RuntimeError::VmmStart(e.to_string()));
                     continue;
