@@ -15,6 +15,8 @@ DEB_PACKAGES=(
   qemu-system-x86  # real VMs under TCG
   linux-image-cloud-amd64  # the guest kernel and its modules
   skopeo umoci     # reference tools the image benchmark compares against
+  curl             # the demo fetches the page from the VM
+  sqlite3          # the demo shows the statuses the agent reported (state.db)
   ca-certificates
 )
 

@@ -206,13 +206,20 @@ impl Node {
     }
 }
 
-/// Builds the runtime named in the config.
+/// Builds the runtime named in the config; the image service's counters are registered
+/// in `metrics` when given.
 pub fn build_runtime(
     config: &Config,
     clock: SharedClock,
     store: Option<Store>,
     logs: LogHandle,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> anyhow::Result<Arc<dyn Runtime>> {
+    let register = |images: &crate::image::ImageService| {
+        if let Some(m) = metrics {
+            m.with_registry(|r| images.metrics().register(r));
+        }
+    };
     Ok(match config.runtime.kind {
         RuntimeKind::Mock => Arc::new(
             MockRuntime::new(
@@ -225,7 +232,7 @@ pub fn build_runtime(
         ),
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Firecracker => {
-            let _ = (clock, logs, store);
+            let _ = (clock, logs, store, register);
             anyhow::bail!("runtime firecracker needs Linux (KVM, taps)")
         }
         #[cfg(target_os = "linux")]
@@ -234,6 +241,9 @@ pub fn build_runtime(
             let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
                 .map_err(|e| tracing::error!(error = %e, "image service unavailable; root disks cannot be built"))
                 .ok();
+            if let Some(i) = &images {
+                register(i);
+            }
             let store = store.ok_or_else(|| {
                 anyhow::anyhow!("runtime firecracker needs the resource ledger (state store)")
             })?;
@@ -255,7 +265,7 @@ pub fn build_runtime(
         }
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Qemu => {
-            let _ = store;
+            let _ = (store, register);
             anyhow::bail!("runtime qemu needs Linux (taps, vhost-user, /proc)")
         }
         #[cfg(target_os = "linux")]
@@ -264,6 +274,7 @@ pub fn build_runtime(
                 .map_err(|e| {
                     anyhow::anyhow!("image service in {}: {e}", config.data_dir.display())
                 })?;
+            register(&images);
             let store = store.ok_or_else(|| {
                 anyhow::anyhow!("runtime qemu needs the resource ledger (state store)")
             })?;
@@ -340,7 +351,13 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
 
     // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
     let ledger = Store::open(&config.state_db())?;
-    let runtime = build_runtime(&config, clock.clone(), Some(ledger), logs)?;
+    let runtime = build_runtime(
+        &config,
+        clock.clone(),
+        Some(ledger),
+        logs,
+        Some(metrics.as_ref()),
+    )?;
     let node = Node::start(NodeOptions {
         data_dir: config.data_dir.clone(),
         runtime,

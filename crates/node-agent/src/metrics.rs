@@ -98,7 +98,10 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("plfm_agent");
+        // The root has no prefix: the agent's own metrics are `plfm_agent_*`, other
+        // modules add theirs with their own prefix (`plfm_image_*`).
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("plfm_agent");
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
             instances: Family::default(),
@@ -159,7 +162,7 @@ impl Metrics {
             "Instance actor panics caught",
             m.actor_panics.clone(),
         );
-        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = root;
         m
     }
 

@@ -161,14 +161,17 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Whether a link of that name exists.
+/// Whether a link of that name exists in this network namespace (`if_nametoindex`, no
+/// process spawned: this check is on every boot's critical path).
 pub async fn link_exists(name: &str) -> bool {
-    run("ip", &["link", "show", "dev", name], None)
-        .await
-        .is_ok()
+    nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 /// Creates (or, when `owned`, re-uses) the tap and its addresses, routes and rules.
+///
+/// Two processes, run at once: one `ip -batch` for the tap, MTU, `fe80::1`, the /128
+/// route and the IPv4 link address, and one atomic `nft -f` script for the rules (they
+/// name the tap, so they need not wait for it).
 pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
     let tap = plan.tap.as_str();
     let fail = |step: &str| {
@@ -185,6 +188,7 @@ pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
             plan.mtu
         )));
     }
+    let mut batch = String::new();
     if link_exists(tap).await {
         if !owned {
             return Err(NetworkError::Collision {
@@ -193,35 +197,22 @@ pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
             });
         }
     } else {
-        run("ip", &["tuntap", "add", "dev", tap, "mode", "tap"], None)
-            .await
-            .map_err(fail("create"))?;
+        batch.push_str(&format!("tuntap add dev {tap} mode tap\n"));
     }
-    let mtu = plan.mtu.to_string();
-    run("ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"], None)
-        .await
-        .map_err(fail("set mtu and up"))?;
-    let ll = format!("{HOST_LINK_LOCAL}/64");
-    run(
-        "ip",
-        &["-6", "addr", "replace", &ll, "dev", tap, "nodad"],
-        None,
-    )
-    .await
-    .map_err(fail("add fe80::1"))?;
-    let r6 = format!("{}/128", plan.ipv6);
-    run("ip", &["-6", "route", "replace", &r6, "dev", tap], None)
-        .await
-        .map_err(fail("route to the instance address"))?;
+    batch.push_str(&format!(
+        "link set dev {tap} mtu {} up\naddr replace {HOST_LINK_LOCAL}/64 dev {tap} nodad\nroute replace {}/128 dev {tap}\n",
+        plan.mtu, plan.ipv6
+    ));
     if let Some(v4) = plan.ipv4 {
-        let a = format!("{}/30", v4.host);
-        run("ip", &["addr", "replace", &a, "dev", tap], None)
-            .await
-            .map_err(fail("add ipv4 link address"))?;
+        batch.push_str(&format!("addr replace {}/30 dev {tap}\n", v4.host));
     }
-    run("nft", &["-f", "-"], Some(&rules_script(plan)))
-        .await
-        .map_err(fail("nftables rules"))?;
+    let rules = rules_script(plan);
+    let (links, nft) = tokio::join!(
+        run("ip", &["-batch", "-"], Some(&batch)),
+        run("nft", &["-f", "-"], Some(&rules))
+    );
+    links.map_err(fail("create tap, addresses and route"))?;
+    nft.map_err(fail("nftables rules"))?;
     Ok(())
 }
 

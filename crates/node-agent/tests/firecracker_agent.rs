@@ -104,6 +104,7 @@ kernel = "/nonexistent/vmlinux"
         Arc::new(SystemClock::new()),
         Some(ledger),
         LogHandle::default(),
+        None,
     )
     .expect("the firecracker runtime builds even without its binary");
     assert_eq!(runtime.kind(), "firecracker");

@@ -238,6 +238,7 @@ impl Drop for Cleanup {
 struct Env {
     _root: tempfile::TempDir,
     root: PathBuf,
+    api_port: u16,
     registry: Registry,
     cleanup: Cleanup,
 }
@@ -346,6 +347,7 @@ reconcile_interval_ms = 200
             Env {
                 _root: tmp,
                 root,
+                api_port: port,
                 registry,
                 cleanup,
             },
@@ -600,6 +602,11 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
             eprintln!("MEASURED: pid {pid}: {}", rss.join(", "));
         }
     }
+    // The daemon's /metrics carries the image pipeline's counters next to its own.
+    let metrics = http_get("127.0.0.1", env.api_port, "/metrics").unwrap();
+    assert!(metrics.contains("plfm_image_pulls_total 1"), "{metrics}");
+    assert!(metrics.contains("plfm_image_builds_total 1"), "{metrics}");
+    assert!(metrics.contains("plfm_agent_instances{"), "{metrics}");
 
     // Drain.
     a["desired_state"] = json!("draining");

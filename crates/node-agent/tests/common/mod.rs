@@ -69,6 +69,13 @@ impl TestNode {
     pub async fn start(mock: MockConfig) -> TestNode {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
+        let mut t = TestNode::start_at(mock, dir).await;
+        t._tmp = Some(tmp);
+        t
+    }
+
+    /// A node whose data dir is `<dir>/data` (the caller owns `dir`).
+    pub async fn start_at(mock: MockConfig, dir: PathBuf) -> TestNode {
         let clock = Arc::new(ManualClock::new());
         let mock = Arc::new(MockRuntime::new(mock, clock.clone(), None, None));
         let mut t = TestNode {
@@ -76,7 +83,7 @@ impl TestNode {
             mock,
             clock,
             dir,
-            _tmp: Some(tmp),
+            _tmp: None,
         };
         t.restart().await;
         t
