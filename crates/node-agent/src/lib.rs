@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -94,10 +94,99 @@ fn inside_netns(test: &str) -> bool {
 }
 
 /// Kills every process whose command line mentions `dir` (QEMU and vhost-device-vsock
-/// of this test's data dir) and the agent; runs when the test ends, pass or fail.
+/// of this test's data dir) and the agent, then removes the test's cgroup parent; runs
+/// when the test ends, pass or fail.
 struct Cleanup {
     dir: PathBuf,
     agent: Option<Child>,
+    cgroup_parent: Option<PathBuf>,
+}
+
+/// A memory cgroup parent of this test's own (`<own memory cgroup>/plfm-<tag>`): the
+/// path for `runtime.qemu.cgroup_parent` and its directory. `None` without a usable
+/// memory cgroup (the agent then runs VMMs without one).
+fn test_cgroup_parent(tag: &str) -> Option<(String, PathBuf)> {
+    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
+    if std::env::var_os(NETNS_ENV).is_some() {
+        mount_cgroups_in_netns();
+    }
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| lists_memory(&c));
+    let (version, mount) = if v2 {
+        (Version::V2, "/sys/fs/cgroup")
+    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
+        (Version::V1, "/sys/fs/cgroup/memory")
+    } else {
+        return None;
+    };
+    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
+    let rel = format!("{}/plfm-{tag}", own.trim_end_matches('/'));
+    let dir = Path::new(mount).join(rel.trim_start_matches('/'));
+    Some((rel, dir))
+}
+
+/// `ip netns exec` mounts a fresh sysfs on /sys in its private mount namespace, which
+/// hides the host's cgroup mounts under /sys/fs/cgroup. Mounts the same hierarchies
+/// again there (the unified one when it has the memory controller, else the v1 memory
+/// hierarchy on a tmpfs), so the agent sees the host's cgroups as it would outside.
+/// Only this test process's mount namespace changes.
+fn mount_cgroups_in_netns() {
+    let cg = Path::new("/sys/fs/cgroup");
+    let listed = |p: &Path| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0) > 0;
+    if listed(cg) {
+        return;
+    }
+    let mount = |args: &[&str]| {
+        Command::new("mount")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let memory_in_v2 = || {
+        std::fs::read_to_string(cg.join("cgroup.controllers"))
+            .is_ok_and(|c| plfm_node_agent::cgroup::lists_memory(&c))
+    };
+    if mount(&["-t", "cgroup2", "none", "/sys/fs/cgroup"]) {
+        if memory_in_v2() {
+            return;
+        }
+        let _ = Command::new("umount").arg("/sys/fs/cgroup").status();
+    }
+    if mount(&["-t", "tmpfs", "cgroup", "/sys/fs/cgroup"]) {
+        let _ = std::fs::create_dir(cg.join("memory"));
+        let _ = mount(&[
+            "-t",
+            "cgroup",
+            "-o",
+            "memory",
+            "cgroup",
+            "/sys/fs/cgroup/memory",
+        ]);
+    }
+}
+
+/// The directory of instance `id`'s VMM cgroup, from the resource ledger.
+fn cgroup_of(env: &Env, id: &str) -> Option<PathBuf> {
+    env.store()
+        .resources()
+        .ok()?
+        .into_iter()
+        .find(|r| r.kind == "cgroup" && r.instance_id == id)
+        .map(|r| PathBuf::from(r.name))
+}
+
+/// A v1 or v2 memory cgroup file as a number.
+fn cgroup_number(dir: &Path, v1: &str, v2: &str) -> Option<u64> {
+    let f = if dir.join("memory.events").exists() {
+        v2
+    } else {
+        v1
+    };
+    std::fs::read_to_string(dir.join(f))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn processes_mentioning(dir: &Path) -> Vec<u32> {
@@ -131,6 +220,17 @@ impl Drop for Cleanup {
         }
         for pid in processes_mentioning(&self.dir) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if let Some(parent) = &self.cgroup_parent {
+            let end = Instant::now() + Duration::from_secs(5);
+            for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    while std::fs::remove_dir(e.path()).is_err() && Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
@@ -169,6 +269,11 @@ fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
 impl Env {
     /// Registry with the busybox image, initramfs, agent config.
     fn new(kernel_override: Option<&str>) -> (Env, String) {
+        Env::with_qemu(kernel_override, "")
+    }
+
+    /// As [`Env::new`], with extra `[runtime.qemu]` lines.
+    fn with_qemu(kernel_override: Option<&str>, qemu_extra: &str) -> (Env, String) {
         let (kernel, modules, init) = prerequisites().expect("prerequisites checked outside");
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
@@ -196,6 +301,17 @@ impl Env {
         let kernel = kernel_override
             .map(str::to_string)
             .unwrap_or_else(|| kernel.display().to_string());
+        // Each test's agent gets a cgroup parent of its own, so one agent's start-up
+        // sweep never meets another's groups.
+        let tag = root
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""))
+            .unwrap_or_default();
+        let cgroup = test_cgroup_parent(&tag);
+        let cgroup_line = cgroup
+            .as_ref()
+            .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
+            .unwrap_or_default();
         let cfg = format!(
             r#"node_id = "qemu-test-node"
 data_dir = "data"
@@ -214,6 +330,7 @@ kernel = {kernel:?}
 initramfs = {:?}
 boot_timeout_seconds = 60
 accel = "tcg"
+{cgroup_line}{qemu_extra}
 [agent]
 boot_timeout_seconds = 90
 reconcile_interval_ms = 200
@@ -224,6 +341,7 @@ reconcile_interval_ms = 200
         let cleanup = Cleanup {
             dir: root.join("data"),
             agent: None,
+            cgroup_parent: cgroup.map(|(_, dir)| dir),
         };
         (
             Env {
@@ -457,6 +575,33 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
     );
     let qemu_pids = processes_mentioning(&env.root.join("data"));
     assert!(qemu_pids.len() >= 2, "qemu and vhost-device-vsock expected");
+    // Both run in the instance's host cgroup (where the host has one).
+    let cgroup = cgroup_of(&env, "web-q1");
+    if env.cleanup.cgroup_parent.is_some() {
+        let dir = cgroup.as_deref().expect("cgroup in the ledger");
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in &qemu_pids {
+            assert!(
+                procs.lines().any(|l| l.trim() == pid.to_string()),
+                "{pid} not in {}: {procs:?}",
+                dir.display()
+            );
+        }
+        eprintln!(
+            "MEASURED: VMM cgroup of a ready 256 MiB guest: peak {:?} MiB, now {:?} MiB, limit {:?} MiB",
+            cgroup_number(dir, "memory.max_usage_in_bytes", "memory.peak").map(|b| b >> 20),
+            cgroup_number(dir, "memory.usage_in_bytes", "memory.current").map(|b| b >> 20),
+            cgroup_number(dir, "memory.limit_in_bytes", "memory.max").map(|b| b >> 20),
+        );
+        for pid in &qemu_pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss: Vec<&str> = status
+                .lines()
+                .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"))
+                .collect();
+            eprintln!("MEASURED: pid {pid}: {}", rss.join(", "));
+        }
+    }
     // The daemon's /metrics carries the image pipeline's counters next to its own.
     let metrics = http_get("127.0.0.1", env.api_port, "/metrics").unwrap();
     assert!(metrics.contains("plfm_image_pulls_total 1"), "{metrics}");
@@ -503,6 +648,9 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
         "nft chain left"
     );
     assert!(!env.root.join("data/instances/web-q1/scratch.ext4").exists());
+    if let Some(dir) = &cgroup {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&env.root.display().to_string()));
     let left: Vec<_> = env
@@ -674,6 +822,106 @@ fn workload_past_its_memory_is_oom_killed() {
         v.instance_id == "oom" && v.status == Status::Failed
     });
     assert_eq!(v.reason_code, Some(ReasonCode::OomKilled), "{v:?}");
+    // The guest kernel, not the host cgroup: with the default overhead a guest that
+    // uses all of its RAM stays inside its VMM's host limit.
+    assert!(
+        v.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("guest kernel"),
+        "{v:?}"
+    );
+}
+
+/// The host cgroup of the VMM processes (limit = guest memory + overhead) OOM-kills
+/// QEMU once the guest touches more of its RAM than the 1 MiB overhead leaves room for:
+/// the instance fails with `oom_killed` naming the host cgroup, the restart policy
+/// applies as for any failure (`on-failure`, one retry → `crash_loop_backoff`), and
+/// afterwards neither the group nor a VMM process is left.
+#[test]
+fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
+    if !inside_netns("vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing") {
+        return;
+    }
+    let (mut env, image) = Env::with_qemu(None, "memory_overhead_mib = 1\n");
+    let Some(parent) = env.cleanup.cgroup_parent.clone() else {
+        skip("a usable memory cgroup (v2 with the memory controller, or v1 memory)");
+        return;
+    };
+    // The guest fills 64 MiB of its 128: no guest OOM, but QEMU's own memory plus the
+    // guest RAM it has touched is far above 128 + 1 MiB.
+    let script = "dd if=/dev/zero of=/dev/null bs=64M count=1; exec sleep 1000";
+    env.write(
+        "hostoom.json",
+        &assignment(
+            "hostoom",
+            &image,
+            script,
+            json!({"resources": {"cpu_request": 1.0, "memory_limit_bytes": 128i64 << 20, "ephemeral_disk_bytes": 64i64 << 20},
+                   "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "on-failure", "max_retries": 1}}),
+        ),
+    );
+    // A group no instance owns (left by a crash) goes at start-up.
+    let leftover = parent.join("leftover");
+    std::fs::create_dir_all(&leftover).unwrap();
+    env.spawn();
+    let v = env.wait(
+        "hostoom crash_loop_backoff",
+        Duration::from_secs(240),
+        |v| v.instance_id == "hostoom" && v.reason_code == Some(ReasonCode::CrashLoopBackoff),
+    );
+    assert_eq!(v.status, Status::Failed, "{v:?}");
+    let reports = env.reports("hostoom");
+    let oom: Vec<&StatusReport> = reports
+        .iter()
+        .filter(|r| r.reason_code == Some(ReasonCode::OomKilled))
+        .collect();
+    assert!(
+        !oom.is_empty(),
+        "no oom_killed report: {reports:#?}\n{}",
+        env.log()
+    );
+    for r in &oom {
+        assert_eq!(r.status, Status::Failed, "{r:?}");
+        let msg = r.error_message.as_deref().unwrap_or_default();
+        assert!(
+            msg.contains("host cgroup") && msg.contains("limit 129 MiB"),
+            "{msg}"
+        );
+    }
+    let boots = reports
+        .iter()
+        .filter(|r| r.status == Status::Booting)
+        .count();
+    assert_eq!(boots, 2, "one restart expected: {reports:#?}");
+    eprintln!("MEASURED: {:?}", oom[0].error_message);
+    let last = v.error_message.unwrap_or_default();
+    assert!(
+        last.contains("oom_killed") && last.contains("host cgroup"),
+        "{last}"
+    );
+    // Nothing left: processes, the instance's group, its ledger rows.
+    let end = Instant::now() + Duration::from_secs(15);
+    while (!processes_mentioning(&env.root.join("data")).is_empty()
+        || parent.join("hostoom").exists())
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_mentioning(&env.root.join("data")).is_empty());
+    assert!(!parent.join("hostoom").exists(), "cgroup left");
+    assert!(
+        !leftover.exists(),
+        "leftover cgroup not removed at start-up"
+    );
+    let left: Vec<_> = env
+        .store()
+        .resources()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.instance_id == "hostoom" && r.kind != "volume")
+        .collect();
+    assert!(left.is_empty(), "ledger rows left: {left:?}");
 }
 
 /// `kill -9` of the agent while a VM is ready: the next agent adopts the same QEMU
@@ -702,6 +950,17 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
     };
     let before = vm_row(&env).expect("qemu recorded in the ledger");
     let pid = before["pid"].as_u64().unwrap() as u32;
+    let in_group = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim() == pid.to_string())
+    };
+    let cgroup = cgroup_of(&env, "adopt");
+    if env.cleanup.cgroup_parent.is_some() {
+        let dir = cgroup.as_deref().expect("cgroup in the ledger");
+        assert!(in_group(dir), "qemu {pid} not in {}", dir.display());
+    }
     let reports_before = env.reports("adopt").len();
     env.kill9();
     let start_time = |pid: u32| {
@@ -738,6 +997,11 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         );
     }
     assert_eq!(vm_row(&env), Some(before));
+    // The adopted VM keeps its cgroup (the start-up sweep removes only unused ones).
+    if let Some(dir) = &cgroup {
+        assert!(in_group(dir), "qemu {pid} left {}", dir.display());
+        assert_eq!(cgroup_of(&env, "adopt").as_ref(), Some(dir));
+    }
     assert_eq!(
         env.reports("adopt").len(),
         reports_before,
@@ -756,6 +1020,9 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(processes_mentioning(&env.root.join("data")).is_empty());
+    if let Some(dir) = &cgroup {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
 }
 
 /// After `ready`, the health endpoint starts failing → `healthcheck_failed`; a workload

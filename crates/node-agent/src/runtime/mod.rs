@@ -64,6 +64,9 @@ pub enum RuntimeError {
     /// Secrets could not be written in the guest.
     #[error("{0}")]
     SecretsInjection(String),
+    /// The host cgroup of the VMM processes OOM-killed one of them.
+    #[error("{0}")]
+    HostOom(String),
     /// The guest reported a failure with its own reason.
     #[error("{detail}")]
     Guest {
@@ -86,6 +89,7 @@ impl RuntimeError {
             RuntimeError::Network(_) => ReasonCode::NetworkSetupFailed,
             RuntimeError::Volume(_) => ReasonCode::VolumeAttachFailed,
             RuntimeError::SecretsInjection(_) => ReasonCode::SecretsInjectionFailed,
+            RuntimeError::HostOom(_) => ReasonCode::OomKilled,
             RuntimeError::Guest { reason, .. } => *reason,
         }
     }

@@ -21,6 +21,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::CgroupMode;
+
 #[cfg(target_os = "linux")]
 mod vm;
 #[cfg(target_os = "linux")]
@@ -70,8 +72,16 @@ pub struct QemuConfig {
     /// Size of a volume created on first use.
     #[serde(default = "default_volume_bytes")]
     pub volume_default_bytes: u64,
-    /// Memory added to the QEMU cgroup limit on top of the guest memory (unused while
-    /// cgroups are not managed; kept for the config's stability).
+    /// Host memory cgroup per instance for QEMU and vhost-device-vsock (`auto`: when
+    /// the host has a usable memory controller; `off`: never).
+    #[serde(default)]
+    pub cgroup: CgroupMode,
+    /// Parent of the per-instance groups, a path inside the memory hierarchy (default:
+    /// `plfm` under the agent's own memory cgroup).
+    #[serde(default)]
+    pub cgroup_parent: Option<String>,
+    /// Memory added to the guest memory for the instance's cgroup limit: what QEMU and
+    /// vhost-device-vsock use beyond guest RAM.
     #[serde(default = "default_overhead")]
     pub memory_overhead_mib: u64,
 }
@@ -95,8 +105,10 @@ fn default_volume_bytes() -> u64 {
     1 << 30
 }
 fn default_overhead() -> u64 {
-    64
+    192
 }
+/// 64 GiB: more is a unit mistake (bytes given as MiB).
+const MAX_OVERHEAD_MIB: u64 = 64 << 10;
 
 impl Default for QemuConfig {
     fn default() -> Self {
@@ -110,6 +122,8 @@ impl Default for QemuConfig {
             console_max_bytes: default_console_max(),
             ipv4_pool: default_pool(),
             volume_default_bytes: default_volume_bytes(),
+            cgroup: CgroupMode::Auto,
+            cgroup_parent: None,
             memory_overhead_mib: default_overhead(),
         }
     }
@@ -137,6 +151,15 @@ impl QemuConfig {
             return Err("console_max_bytes: must be at least 4096".into());
         }
         self.pool().map(|_| ())?;
+        if let Some(p) = &self.cgroup_parent {
+            crate::cgroup::validate_parent(p).map_err(|e| format!("cgroup_parent: {e}"))?;
+        }
+        if !(1..=MAX_OVERHEAD_MIB).contains(&self.memory_overhead_mib) {
+            return Err(format!(
+                "memory_overhead_mib: {} is outside 1..={MAX_OVERHEAD_MIB}",
+                self.memory_overhead_mib
+            ));
+        }
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Accel, QemuConfig};
+use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy};
 use crate::guest::{accept_guest, bind_guest_listener, GuestEvent};
 use crate::image::{merge_process, ImageRef, ImageService, MergedProcess, SpecImage};
 use crate::instance::ReasonCode;
@@ -27,6 +28,8 @@ use crate::state::{ResourceRow, Store};
 
 /// Ledger kinds of this runtime.
 const KIND_PROCESS: &str = "process";
+/// The instance's host memory cgroup (name: its directory).
+const KIND_CGROUP: &str = "cgroup";
 
 /// What the ledger says about a VM's processes (the `detail` of its `process` row).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +108,8 @@ struct Vm {
     commands: mpsc::UnboundedSender<Command>,
     exit_code: Arc<Mutex<Option<i32>>>,
     task: tokio::task::JoinHandle<()>,
+    /// Host cgroup of its processes, removed once they are gone.
+    cgroup: Option<Group>,
 }
 
 /// The qemu runtime.
@@ -117,6 +122,8 @@ pub struct QemuRuntime {
     host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
     vms: Mutex<HashMap<InstanceId, Arc<Vm>>>,
+    /// Host memory cgroups for the VMM processes, when usable (see [`crate::cgroup`]).
+    cgroups: Option<Hierarchy>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -129,6 +136,8 @@ fn ledger_err(e: crate::state::StoreError) -> RuntimeError {
 
 impl QemuRuntime {
     /// A qemu runtime; fails on a config that did not pass validation (bad pool).
+    /// Detects host cgroups (`runtime.qemu.cgroup`); where they are not usable it warns
+    /// once and VMMs run without.
     pub fn new(
         config: QemuConfig,
         data_dir: PathBuf,
@@ -144,7 +153,21 @@ impl QemuRuntime {
             },
         )
         .map_err(|e| format!("runtime.qemu.{e}"))?;
+        let cgroups = match config.cgroup {
+            CgroupMode::Off => None,
+            CgroupMode::Auto => match Hierarchy::detect(config.cgroup_parent.as_deref()) {
+                Ok(h) => {
+                    tracing::info!(version = ?h.version(), parent = %h.parent().display(), "VMM processes run in per-instance memory cgroups");
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "VMM processes run without host memory cgroups");
+                    None
+                }
+            },
+        };
         Ok(QemuRuntime {
+            cgroups,
             config,
             data_dir,
             images,
@@ -275,6 +298,44 @@ impl QemuRuntime {
         })
     }
 
+    /// The instance's host cgroup with limit guest memory + overhead, recorded in the
+    /// ledger before it is created. `None` when host cgroups are off or this one cannot
+    /// be set up (warned; the VMM then runs unconfined rather than not at all).
+    async fn vmm_cgroup(
+        &self,
+        id: &InstanceId,
+        mem_mib: u64,
+    ) -> Result<Option<(OomWatch, Entry)>, RuntimeError> {
+        let Some(h) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limit = (mem_mib + self.config.memory_overhead_mib) << 20;
+        let path = h.group(id.as_str()).path().display().to_string();
+        self.ledger_add(KIND_CGROUP, &path, id, None).await?;
+        let made = h.create(id.as_str(), limit).and_then(|g| {
+            let entry = g.entry()?;
+            Ok((g, entry))
+        });
+        match made {
+            Ok((group, entry)) => {
+                kill_unrecorded(&group);
+                let baseline = group.oom_kills().unwrap_or(0);
+                Ok(Some((
+                    OomWatch {
+                        group,
+                        baseline,
+                        limit,
+                    },
+                    entry,
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "VMM runs without its host cgroup");
+                Ok(None)
+            }
+        }
+    }
+
     async fn kill_recorded(&self, id: &InstanceId) {
         let Ok(rows) = self.rows().await else { return };
         for r in rows
@@ -291,6 +352,18 @@ impl QemuRuntime {
                     wait_gone(p, Duration::from_secs(5)).await;
                 }
             }
+        }
+    }
+}
+
+/// SIGKILLs what is still in an instance's cgroup once its recorded processes are gone:
+/// a VMM spawned but not yet recorded when the agent died (only this runtime places
+/// processes there).
+fn kill_unrecorded(g: &Group) {
+    for pid in g.pids() {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            tracing::warn!(pid = pid.as_raw_nonzero().get(), cgroup = %g.path().display(), "killing an unrecorded process left in a VMM cgroup");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
 }
@@ -345,12 +418,18 @@ async fn wait_for_socket(path: &Path, p: ProcId, within: Duration) -> Result<(),
     Ok(())
 }
 
-/// Spawns a detached process (own session), stdout/stderr to `log`.
+/// Spawns a detached process (own session), stdout/stderr to `log`, in the cgroup of
+/// `cgroup` (if any) from before its first instruction.
 fn spawn_detached(
     program: &str,
     args: &[String],
     log: &Path,
+    cgroup: Option<&Entry>,
 ) -> Result<tokio::process::Child, String> {
+    let cgroup = cgroup
+        .map(Entry::try_clone)
+        .transpose()
+        .map_err(|e| format!("cannot start {program}: cgroup.procs: {e}"))?;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -365,13 +444,17 @@ fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
+    // and write(2) of a static buffer to a descriptor opened before the fork
+    // (`Entry::join`); both are async-signal-safe, allocate nothing and touch no memory
+    // of the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            rustix::process::setsid().map_err(std::io::Error::from)?;
+            if let Some(c) = &cgroup {
+                c.join()?;
+            }
+            Ok(())
         });
     }
     cmd.spawn()
@@ -422,6 +505,28 @@ impl Watch {
     }
 }
 
+/// A VM's host cgroup and its OOM-kill count when QEMU was spawned (or adopted).
+struct OomWatch {
+    group: Group,
+    baseline: u64,
+    /// Bytes.
+    limit: u64,
+}
+
+impl OomWatch {
+    /// Why the VMM died, when the host cgroup OOM-killed a process since the baseline.
+    fn killed(&self) -> Option<String> {
+        let now = self.group.oom_kills().ok()?;
+        (now > self.baseline).then(|| {
+            format!(
+                "the host cgroup {} OOM-killed the VMM (limit {} MiB: guest memory + runtime.qemu.memory_overhead_mib)",
+                self.group.path().display(),
+                self.limit >> 20
+            )
+        })
+    }
+}
+
 struct TaskArgs {
     id: InstanceId,
     listener: tokio::net::UnixListener,
@@ -434,6 +539,7 @@ struct TaskArgs {
     console: PathBuf,
     console_max: u64,
     adopted: bool,
+    oom: Option<OomWatch>,
 }
 
 /// Serves one VM's guest channel and watches its QEMU process until it ends.
@@ -453,7 +559,12 @@ async fn vm_task(mut a: TaskArgs) {
         r = accept_guest(&a.listener, a.id.as_str(), a.config, a.handshake) => r,
         code = a.watch.exited() => {
             let (code, detail) = qemu_exit(code, &a.console, "before the guest handshake");
-            let _ = a.events.send(if a.adopted { VmEvent::VmmExited { code, detail } } else { VmEvent::Failed(RuntimeError::VmmStart(detail)) });
+            let ev = match a.oom.as_ref().and_then(OomWatch::killed) {
+                Some(oom) => VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; {detail}"))),
+                None if a.adopted => VmEvent::VmmExited { code, detail },
+                None => VmEvent::Failed(RuntimeError::VmmStart(detail)),
+            };
+            let _ = a.events.send(ev);
             return;
         }
     };
@@ -507,7 +618,17 @@ async fn vm_task(mut a: TaskArgs) {
                         let _ = a.events.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
                     }
                 }
-                Err(_) => channel_open = false,
+                Err(_) => {
+                    channel_open = false;
+                    // The host cgroup may have killed vhost-device-vsock rather than
+                    // QEMU: the guest is cut off, so that is the end of this VM too.
+                    if let Some(oom) = a.oom.as_ref().and_then(OomWatch::killed) {
+                        if !terminal_sent {
+                            terminal_sent = true;
+                            let _ = a.events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed"))));
+                        }
+                    }
+                }
             },
             cmd = a.commands.recv() => match cmd {
                 Some(Command::Stop { grace, done }) => {
@@ -523,7 +644,10 @@ async fn vm_task(mut a: TaskArgs) {
             code = a.watch.exited() => {
                 if !terminal_sent {
                     let (code, detail) = qemu_exit(code, &a.console, "while the workload ran");
-                    let _ = a.events.send(VmEvent::VmmExited { code, detail });
+                    let _ = a.events.send(match a.oom.as_ref().and_then(OomWatch::killed) {
+                        Some(oom) => VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; {detail}"))),
+                        None => VmEvent::VmmExited { code, detail },
+                    });
                 }
                 break;
             }
@@ -662,6 +786,10 @@ impl Runtime for QemuRuntime {
         self.ledger_add(KIND_PROCESS, &row_name, id, save(&record))
             .await?;
 
+        let mem_mib =
+            ((w.spec.resources.memory_limit_bytes.max(0) as u64).div_ceil(1 << 20)).max(64);
+        let (oom, entry) = self.vmm_cgroup(id, mem_mib).await?.unzip();
+
         let vhost_args = vec![
             "--vm".to_string(),
             format!(
@@ -674,6 +802,7 @@ impl Runtime for QemuRuntime {
             &self.config.vhost_device_vsock,
             &vhost_args,
             &dir.join("vhost.log"),
+            entry.as_ref(),
         )
         .map_err(RuntimeError::VmmStart)?;
         let vhost_id = vhost.id().and_then(ProcId::of);
@@ -694,8 +823,6 @@ impl Runtime for QemuRuntime {
             )));
         }
 
-        let mem_mib =
-            ((w.spec.resources.memory_limit_bytes.max(0) as u64).div_ceil(1 << 20)).max(64);
         let vcpus = w.spec.resources.vcpu_count.unwrap_or(1).max(1);
         let accel = self.accel();
         let _ = std::fs::remove_file(&console);
@@ -765,7 +892,12 @@ impl Runtime for QemuRuntime {
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
         ]);
-        let qemu = match spawn_detached(&self.config.binary, &args, &dir.join("qemu.log")) {
+        let qemu = match spawn_detached(
+            &self.config.binary,
+            &args,
+            &dir.join("qemu.log"),
+            entry.as_ref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 vhost_id.signal(rustix::process::Signal::KILL);
@@ -775,7 +907,8 @@ impl Runtime for QemuRuntime {
         record.qemu = qemu.id().and_then(ProcId::of);
         self.ledger_add(KIND_PROCESS, &row_name, id, save(&record))
             .await?;
-        tracing::info!(instance = %id, accel, qemu_pid = ?record.qemu.map(|p| p.pid), "qemu started");
+        tracing::info!(instance = %id, accel, qemu_pid = ?record.qemu.map(|p| p.pid), cgroup = ?oom.as_ref().map(|o| o.group.path()), "qemu started");
+        let cgroup = oom.as_ref().map(|o| o.group.clone());
 
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -792,6 +925,7 @@ impl Runtime for QemuRuntime {
             console,
             console_max: self.config.console_max_bytes,
             adopted: false,
+            oom,
         }));
         let vm = Arc::new(Vm {
             handle: handle.clone(),
@@ -800,6 +934,7 @@ impl Runtime for QemuRuntime {
             commands: cmd_tx,
             exit_code,
             task,
+            cgroup,
         });
         if let Some(old) = lock(&self.vms).insert(id.clone(), vm) {
             old.task.abort();
@@ -870,6 +1005,11 @@ impl Runtime for QemuRuntime {
                 wait_gone(v, Duration::from_secs(2)).await;
             }
         }
+        if let Some(g) = &vm.cgroup {
+            if let Err(e) = g.remove(Duration::from_secs(5)).await {
+                tracing::warn!(instance = %handle.instance_id, error = %e, "VMM cgroup not removed");
+            }
+        }
         let exit_code = *lock(&vm.exit_code);
         StopOutcome {
             graceful,
@@ -926,6 +1066,17 @@ impl Runtime for QemuRuntime {
                 mounts: Vec::new(),
                 secrets: None,
             };
+            // It keeps its cgroup; OOM kills count from now.
+            let cgroup = rows
+                .iter()
+                .find(|r| r.kind == KIND_CGROUP && r.instance_id == id.as_str())
+                .map(|r| Group::at(&r.name))
+                .filter(|g| g.path().is_dir());
+            let oom = cgroup.clone().map(|group| OomWatch {
+                baseline: group.oom_kills().unwrap_or(0),
+                limit: group.limit().unwrap_or(0),
+                group,
+            });
             let (ev_tx, ev_rx) = mpsc::unbounded_channel();
             let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
             let exit_code = Arc::new(Mutex::new(None));
@@ -941,6 +1092,7 @@ impl Runtime for QemuRuntime {
                 console: self.console_path(&id),
                 console_max: self.config.console_max_bytes,
                 adopted: true,
+                oom,
             }));
             tracing::info!(instance = %id, qemu_pid = q.pid, "found running qemu");
             lock(&self.vms).insert(
@@ -952,9 +1104,32 @@ impl Runtime for QemuRuntime {
                     commands: cmd_tx,
                     exit_code,
                     task,
+                    cgroup,
                 }),
             );
             found.push(handle);
+        }
+        // Groups under the parent that no adopted VM runs in are leftovers (their
+        // ledger rows, if any, go with the instance's `cleanup`).
+        if let Some(h) = &self.cgroups {
+            let live: Vec<PathBuf> = lock(&self.vms)
+                .values()
+                .filter_map(|v| v.cgroup.as_ref().map(|g| g.path().to_path_buf()))
+                .collect();
+            let mut removed = Vec::new();
+            for name in h.children() {
+                let g = h.group(&name);
+                if live.iter().any(|p| p == g.path()) {
+                    continue;
+                }
+                match g.remove(Duration::from_secs(2)).await {
+                    Ok(()) => removed.push(name),
+                    Err(e) => tracing::warn!(error = %e, "leftover VMM cgroup not removed"),
+                }
+            }
+            if !removed.is_empty() {
+                tracing::info!(?removed, "removed VMM cgroups no running VM uses");
+            }
         }
         // Taps and rule chains with the plfm prefix that no ledger row owns are leftovers.
         let removed = self.host.remove_orphans().await?;
@@ -976,17 +1151,28 @@ impl Runtime for QemuRuntime {
         self.kill_recorded(id).await;
         let released = self.host.release(id).await;
         let rows = self.rows().await?;
+        let mut cgroup_err = None;
         for r in rows
             .iter()
-            .filter(|r| r.instance_id == id.as_str() && r.kind == KIND_PROCESS)
+            .filter(|r| r.instance_id == id.as_str())
+            .filter(|r| r.kind == KIND_PROCESS || r.kind == KIND_CGROUP)
         {
+            if r.kind == KIND_CGROUP {
+                let g = Group::at(&r.name);
+                kill_unrecorded(&g);
+                if let Err(e) = g.remove(Duration::from_secs(5)).await {
+                    cgroup_err.get_or_insert(RuntimeError::VmmStart(e.to_string()));
+                    continue;
+                }
+            }
             self.ledger_remove(&r.kind, &r.name).await;
         }
         let dir = self.instance_dir(id);
         for f in ["vsock.sock", "vsock.sock_5161", "vhost.sock", "qmp.sock"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        released
+        released?;
+        cgroup_err.map_or(Ok(()), Err)
     }
 }
 
@@ -1031,6 +1217,71 @@ mod tests {
         assert_eq!(parse_user(Some("1000")).unwrap(), (1000, 1000));
         assert_eq!(parse_user(Some("1000:50")).unwrap(), (1000, 50));
         assert!(parse_user(Some("nobody")).is_err());
+    }
+
+    /// A process spawned through `spawn_detached` into a small memory cgroup is in the
+    /// group from the start, gets OOM-killed there, the counter shows it, and the group
+    /// is removed leaving nothing. Needs root and a usable memory cgroup (v1 or v2):
+    /// skips with a message without them, fails when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
+    #[tokio::test]
+    async fn process_spawned_into_a_small_cgroup_is_oom_killed_and_the_group_removed() {
+        let skip = |what: String| {
+            if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
+                panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
+            }
+            eprintln!("SKIPPED: system test prerequisite missing: {what}");
+        };
+        if !rustix::process::geteuid().is_root() {
+            return skip("root (cgroups)".into());
+        }
+        // A parent of its own, so no agent's start-up sweep meets it.
+        let probe = match Hierarchy::detect(None) {
+            Ok(h) => h,
+            Err(e) => return skip(e.to_string()),
+        };
+        let base = Path::new(if probe.version() == crate::cgroup::Version::V2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        });
+        let own_plfm = probe.parent().strip_prefix(base).unwrap().to_path_buf();
+        let parent = format!("/{}/unit-{}", own_plfm.display(), std::process::id());
+        let h = Hierarchy::detect(Some(&parent)).unwrap();
+        let g = h.create("oom-unit", 32 << 20).unwrap();
+        assert_eq!(g.limit(), Some(32 << 20));
+        assert_eq!(g.oom_kills().unwrap(), 0);
+        let entry = g.entry().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("out.log");
+
+        // In the group from its first instruction: there as soon as spawn returns.
+        let mut sleeper = spawn_detached("/bin/sleep", &["30".into()], &log, Some(&entry)).unwrap();
+        let pid = sleeper.id().unwrap();
+        assert!(g.pids().contains(&pid), "{pid} not in {:?}", g.pids());
+        sleeper.start_kill().unwrap();
+        sleeper.wait().await.unwrap();
+
+        // tail keeps the whole newline-free 200 MiB "last line" in memory.
+        let script = "head -c 200M /dev/zero | tail -c 300M > /dev/null".to_string();
+        let mut hog =
+            spawn_detached("/bin/sh", &["-c".into(), script], &log, Some(&entry)).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), hog.wait())
+            .await
+            .expect("allocating process ended within 60 s")
+            .unwrap();
+        assert!(!status.success(), "{status:?}; log: {}", tail(&log, 3));
+        assert!(g.oom_kills().unwrap() >= 1, "no OOM kill counted");
+        let peak = g.peak().unwrap_or(0);
+        assert!(peak <= 33 << 20, "peak {peak} above the limit");
+
+        drop(entry);
+        g.remove(Duration::from_secs(5)).await.unwrap();
+        assert!(!g.path().exists());
+        assert!(h.children().is_empty());
+        std::fs::remove_dir(h.parent()).unwrap();
+        assert!(!h.parent().exists());
+        // `detect(None)` made `<own>/plfm`; it goes too unless something else uses it.
+        let _ = std::fs::remove_dir(probe.parent());
     }
 
     #[test]
