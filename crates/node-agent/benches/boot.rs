@@ -42,12 +42,11 @@ mod linux {
     use std::time::{Duration, Instant};
 
     use chrono::{DateTime, Utc};
-    use plfm_node_agent::image::testtar::{Layer, TarEntry};
     use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
     use serde_json::{json, Value};
 
-    use crate::image_support::{Registry, GZIP};
-    use crate::vm_host::{find_kernel, static_guest_init, which};
+    use crate::image_support::{busybox_image, Registry};
+    use crate::vm_host::{find_kernel, processes_mentioning, static_guest_init, which};
 
     const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
     const NETNS_ENV: &str = "PLFM_BOOT_BENCH_NETNS";
@@ -115,28 +114,6 @@ mod linux {
         assert!(status.success(), "boot bench failed inside {ns}");
     }
 
-    fn processes_mentioning(needle: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if pid == std::process::id() {
-                continue;
-            }
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'));
-            if !zombie && String::from_utf8_lossy(&cmd).contains(needle) {
-                out.push(pid);
-            }
-        }
-        out
-    }
-
     /// Stops the agent, then kills every QEMU / vhost-device-vsock of this data dir
     /// (the namespace deletion afterwards removes the taps and the nftables table).
     struct Cleanup {
@@ -154,25 +131,6 @@ mod linux {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
         }
-    }
-
-    fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
-        let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
-        let mut l = Layer::new();
-        for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "run", "www"] {
-            l = l.dir(d, 0o755);
-        }
-        l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
-        for applet in ["sh", "echo", "mkdir", "httpd"] {
-            l = l.symlink(&format!("bin/{applet}"), "busybox");
-        }
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64", "os": "linux",
-            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": []}
-        }))
-        .unwrap();
-        (vec![(l.tar_gz(), GZIP)], config)
     }
 
     const HTTPD_SCRIPT: &str =

@@ -168,7 +168,7 @@ fn payload(image: &[u8]) -> Result<&[u8], VmlinuxError> {
         return Err(VmlinuxError::NotBzImage("truncated setup header".into()));
     };
     let start = (setup_sects + 1) * 512 + offset as usize;
-    let end = start.checked_add(length as usize).unwrap_or(usize::MAX);
+    let end = start.saturating_add(length as usize);
     image.get(start..end).ok_or_else(|| {
         VmlinuxError::NotBzImage(format!(
             "payload {start}..{end} lies outside the {}-byte image",

@@ -26,8 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_support::{Registry, GZIP};
-use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use image_support::{busybox_image, Registry};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 use plfm_node_agent::instance::{ReasonCode, Status};
 use plfm_node_agent::report::{InstanceView, StatusReport};
@@ -190,26 +189,7 @@ fn cgroup_number(dir: &Path, v1: &str, v2: &str) -> Option<u64> {
 }
 
 fn processes_mentioning(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&cmd).contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
+    vm_host::processes_mentioning(&dir.display().to_string())
 }
 
 impl Drop for Cleanup {
@@ -241,29 +221,6 @@ struct Env {
     api_port: u16,
     registry: Registry,
     cleanup: Cleanup,
-}
-
-fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
-    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
-    let mut l = Layer::new();
-    for d in [
-        "bin", "etc", "tmp", "proc", "sys", "dev", "run", "www", "data",
-    ] {
-        l = l.dir(d, 0o755);
-    }
-    l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
-    for applet in [
-        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls",
-    ] {
-        l = l.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": []}
-    }))
-    .unwrap();
-    (vec![(l.tar_gz(), GZIP)], config)
 }
 
 impl Env {

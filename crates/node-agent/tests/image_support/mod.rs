@@ -365,3 +365,29 @@ pub fn stat(disk: &Path, path: &str) -> (u32, u32, u32) {
         _ => panic!("cannot parse debugfs stat {path}: {out}"),
     }
 }
+
+/// A busybox image (static /bin/busybox with the applets the VM tests and benchmarks
+/// use) and its config: layers with media types, config JSON.
+pub fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
+    use plfm_node_agent::image::testtar::{Layer, TarEntry};
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+    let mut l = Layer::new();
+    for d in [
+        "bin", "etc", "tmp", "proc", "sys", "dev", "run", "www", "data",
+    ] {
+        l = l.dir(d, 0o755);
+    }
+    l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
+    for applet in [
+        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls",
+    ] {
+        l = l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": []}
+    }))
+    .expect("config JSON");
+    (vec![(l.tar_gz(), GZIP)], config)
+}
