@@ -13,7 +13,7 @@
 //! Run (root): `PLFM_GUEST_INIT_BIN=<static plfm-guest-init> cargo bench -p
 //! plfm-node-agent --bench boot`. Env: `PLFM_BOOT_BENCH_N` (concurrent instances,
 //! default 10), `PLFM_BOOT_BENCH_DEADLINE_S` (deadline of the concurrent run, default
-//! 300).
+//! 300), `PLFM_BOOT_BENCH_KEEP_LOG` (copy the agent's JSON log there at the end).
 
 #[cfg(target_os = "linux")]
 #[path = "../tests/image_support/mod.rs"]
@@ -461,6 +461,12 @@ reconcile_interval_ms = 200
                 agents[agents.len() - 1],
                 if mean < 50.0 { "mean under" } else { "mean OVER" }
             );
+        }
+        if let Ok(keep) = std::env::var("PLFM_BOOT_BENCH_KEEP_LOG") {
+            match std::fs::copy(bench.root.join("agent.log"), &keep) {
+                Ok(_) => println!("agent log kept in {keep}"),
+                Err(e) => println!("cannot keep the agent log in {keep}: {e}"),
+            }
         }
         drop(bench.cleanup);
     }
