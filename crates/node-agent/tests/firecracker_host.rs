@@ -58,17 +58,19 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them() {
-    const TEST: &str =
-        "local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them";
+/// Runs `body` inside the test's own network namespace (re-running the test there).
+fn in_netns<F: std::future::Future<Output = ()>>(
+    test: &str,
+    modes: &str,
+    body: impl FnOnce(FcEnv) -> F,
+) {
     if std::env::var_os(NETNS_ENV).is_none() {
-        if prerequisites(TEST) {
-            vm_host::reexec_in_netns(TEST, NETNS_ENV, "f");
+        if prerequisites(test) {
+            vm_host::reexec_in_netns(test, NETNS_ENV, "f");
         }
         return;
     }
-    let Some(env) = FcEnv::new("run") else { return };
+    let Some(env) = FcEnv::new(modes) else { return };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -77,7 +79,16 @@ fn local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_clean
         .block_on(body(env));
 }
 
-async fn body(env: FcEnv) {
+/// A registry with a one-file image, and the Firecracker runtime with real host
+/// resources (`LocalHost`) driving the stand-in VMM.
+struct Rig {
+    registry: Registry,
+    digest: String,
+    store: Store,
+    runtime: Arc<FirecrackerRuntime>,
+}
+
+async fn rig(env: &FcEnv) -> Rig {
     let registry = Registry::start();
     let layer = Layer::new().dir("bin", 0o755).entry(TarEntry::file(
         "bin/app",
@@ -98,21 +109,53 @@ async fn body(env: FcEnv) {
     let images = ImageService::open(&data, registry.image_config()).unwrap();
     let config = env.config(5);
     let host = LocalHost::new(&data, Some(images), store.clone(), &config).unwrap();
-    let rt = FirecrackerRuntime::new(config, &data, Some(store.clone()), Arc::new(host));
+    let runtime = Arc::new(FirecrackerRuntime::new(
+        config,
+        &data,
+        Some(store.clone()),
+        Arc::new(host),
+    ));
+    Rig {
+        registry,
+        digest,
+        store,
+        runtime,
+    }
+}
 
-    let spec = serde_json::json!({
-        "instance_id": "i-net", "generation": 1, "desired_state": "running",
-        "workload": {
-            "spec_version": "v1", "instance_id": "i-net", "generation": 1,
-            "image": {"ref": format!("{}/fc/app@{digest}", registry.addr),
-                      "digest": digest, "resolved_digest": digest},
-            "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64,
-                          "ephemeral_disk_bytes": 67108864_i64},
-            "network": {"overlay_ipv6": "fd00::7:1", "gateway_ipv6": "fe80::1", "mtu": 1400},
-            "mounts": [{"volume_id": "vol-n", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}],
-            "lifecycle": {"termination_grace_seconds": 2, "restart_policy": "never"}
-        }
-    });
+impl Rig {
+    fn assignment(&self, id: &str, ipv6: &str, policy: &str) -> serde_json::Value {
+        let digest = &self.digest;
+        serde_json::json!({
+            "instance_id": id, "generation": 1, "desired_state": "running",
+            "workload": {
+                "spec_version": "v1", "instance_id": id, "generation": 1,
+                "image": {"ref": format!("{}/fc/app@{digest}", self.registry.addr),
+                          "digest": digest, "resolved_digest": digest},
+                "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64,
+                              "ephemeral_disk_bytes": 67108864_i64},
+                "network": {"overlay_ipv6": ipv6, "gateway_ipv6": "fe80::1", "mtu": 1400},
+                "mounts": [{"volume_id": "vol-n", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}],
+                "lifecycle": {"termination_grace_seconds": 2, "restart_policy": policy, "max_retries": 5}
+            }
+        })
+    }
+}
+
+#[test]
+fn local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them() {
+    in_netns(
+        "local_host_gives_the_vmm_a_real_tap_addresses_rules_and_http_probes_and_cleanup_removes_them",
+        "run",
+        body,
+    );
+}
+
+async fn body(env: FcEnv) {
+    let r = rig(&env).await;
+    let (store, rt) = (&r.store, &r.runtime);
+    let data = env.data_dir();
+    let spec = r.assignment("i-net", "fd00::7:1", "never");
     let w = plfm_node_agent::spec::decode_assignment(&spec, "test")
         .unwrap()
         .workload
@@ -226,4 +269,117 @@ async fn body(env: FcEnv) {
         .unwrap()
         .iter()
         .all(|r| r.instance_id != "i-net"));
+}
+
+#[test]
+fn vmm_exit_before_the_handshake_removes_the_real_tap_rules_and_disk_then_restarts() {
+    in_netns(
+        "vmm_exit_before_the_handshake_removes_the_real_tap_rules_and_disk_then_restarts",
+        "exit_after_start:152",
+        exit_body,
+    );
+}
+
+async fn exit_body(env: FcEnv) {
+    use plfm_node_agent::agent::{Node, NodeOptions};
+    use plfm_node_agent::instance::Status;
+    use plfm_node_agent::report::LocalSink;
+
+    let r = rig(&env).await;
+    let data = env.data_dir();
+    let node = Node::start(NodeOptions {
+        data_dir: data.clone(),
+        runtime: r.runtime.clone(),
+        clock: Arc::new(plfm_node_agent::clock::SystemClock::new()),
+        secrets: Arc::new(plfm_node_agent::secrets::DirSecrets::new(
+            data.join("secrets"),
+        )),
+        sink: Arc::new(LocalSink),
+        boot_timeout: Duration::from_secs(30),
+        max_instances: 10,
+        metrics: Arc::new(plfm_node_agent::metrics::Metrics::new()),
+    })
+    .await
+    .unwrap();
+    let a = plfm_node_agent::spec::decode_assignment(
+        &r.assignment("i-crash", "fd00::7:2", "always"),
+        "test",
+    )
+    .unwrap();
+    node.supervisor
+        .apply(plfm_node_agent::spec::Plan {
+            cursor: 1,
+            assignments: vec![a],
+            rejected: vec![],
+        })
+        .await;
+    let tap = plfm_node_agent::network::tap_name("i-crash");
+    let reports = || -> Vec<plfm_node_agent::report::StatusReport> {
+        node.store
+            .delivered_reports(Some("i-crash"))
+            .unwrap()
+            .into_iter()
+            .map(|(_, _, j)| serde_json::from_str(&j).unwrap())
+            .collect()
+    };
+    // The tap existed for the boot (the VMM was given it).
+    fc_standin::wait_until("the VMM configured eth0", Duration::from_secs(30), || {
+        env.requests()
+            .iter()
+            .any(|r| r.1 == "/network-interfaces/eth0")
+    })
+    .await;
+    fc_standin::wait_until("failed report", Duration::from_secs(30), || {
+        reports().iter().any(|r| r.status == Status::Failed)
+    })
+    .await;
+    let failed = reports()
+        .into_iter()
+        .find(|r| r.status == Status::Failed)
+        .unwrap();
+    assert_eq!(
+        failed.reason_code.map(|c| c.as_str()),
+        Some("firecracker_start_failed")
+    );
+    assert!(
+        failed
+            .error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exit code 152 (bad configuration)"),
+        "{failed:?}"
+    );
+    // Clean-up ran before the failure was reported: no tap, no rules, no scratch
+    // disk, no host-resource rows (the restart backs off 1 s first).
+    assert!(
+        run("ip", &["-o", "link", "show"])
+            .lines()
+            .all(|l| !l.contains(&tap)),
+        "tap left behind after the failure"
+    );
+    let rules = run("nft", &["list", "table", "inet", "plfm"]);
+    assert!(!rules.contains(&format!("chain {tap}")), "{rules}");
+    assert!(!data.join("instances/i-crash/scratch.ext4").exists());
+    // The restart policy applies: it boots again, with its tap set up again.
+    fc_standin::wait_until("second boot", Duration::from_secs(30), || {
+        reports()
+            .iter()
+            .filter(|r| r.status == Status::Booting)
+            .count()
+            >= 2
+    })
+    .await;
+    node.shutdown(plfm_node_agent::config::ShutdownMode::Drain)
+        .await;
+    assert!(
+        r.store
+            .resources()
+            .unwrap()
+            .iter()
+            .all(|row| row.instance_id != "i-crash"
+                || row.kind == "volume"
+                || row.kind == "process"),
+        "{:?}",
+        r.store.resources().unwrap()
+    );
 }

@@ -30,8 +30,12 @@ pub fn standin() -> Option<PathBuf> {
         let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fc-standin");
         std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
         let out = out_dir.join("fake-firecracker");
-        // Each test binary builds its own copy and renames it in place: no races.
-        let tmp = out_dir.join(format!("fake-firecracker.{}", std::process::id()));
+        // Each test process builds its own copy in a directory of its own (rustc's
+        // intermediate files are named after the output, so concurrent builds must not
+        // share a directory) and renames it in place: no races.
+        let build_dir = out_dir.join(format!("build-{}", std::process::id()));
+        std::fs::create_dir_all(&build_dir).map_err(|e| e.to_string())?;
+        let tmp = build_dir.join("fake-firecracker");
         let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
         let status = std::process::Command::new(rustc)
             .args(["--edition", "2021", "-O", "-o"])
@@ -40,9 +44,12 @@ pub fn standin() -> Option<PathBuf> {
             .status()
             .map_err(|e| format!("cannot run rustc: {e}"))?;
         if !status.success() {
+            let _ = std::fs::remove_dir_all(&build_dir);
             return Err(format!("rustc failed on {}: {status}", src.display()));
         }
-        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+        let renamed = std::fs::rename(&tmp, &out).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&build_dir);
+        renamed?;
         Ok(out)
     });
     match r {
