@@ -193,10 +193,11 @@ impl Host {
         if path.exists() {
             return Ok(path);
         }
+        // An open descriptor: the copy reads it even if the template is evicted meanwhile.
         let template = self.scratch_template(bytes).await?;
         let tmp = dir.join("scratch.ext4.tmp");
-        let (from, to) = (template.clone(), tmp.clone());
-        tokio::task::spawn_blocking(move || sparse_copy(&from, &to))
+        let to = tmp.clone();
+        tokio::task::spawn_blocking(move || sparse_copy(&template, &to))
             .await
             .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk copy: {e}")))?
             .map_err(|e| {
@@ -207,25 +208,30 @@ impl Host {
         Ok(path)
     }
 
-    /// The formatted template of a scratch size, made once (atomically: formatted
-    /// under a temporary name, then renamed).
-    async fn scratch_template(&self, bytes: u64) -> Result<PathBuf, RuntimeError> {
+    /// The formatted template of a scratch size, opened for reading; made once
+    /// (formatted under a temporary name, then renamed). At most [`MAX_TEMPLATES`] sizes
+    /// are kept: making a new one evicts the least recently used (each costs a few MiB of
+    /// real disk: specs may ask for any size).
+    async fn scratch_template(&self, bytes: u64) -> Result<std::fs::File, RuntimeError> {
         let dir = self.data_dir.join("templates");
         let path = dir.join(format!("scratch-{bytes}.ext4"));
-        if path.exists() {
-            return Ok(path);
-        }
         let _making = self.templates.lock().await;
-        if path.exists() {
-            return Ok(path);
+        if !path.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| scratch_err(&dir, "create", e))?;
+            let tmp = dir.join(format!("scratch-{bytes}.ext4.tmp"));
+            make_ext4(&tmp, bytes)
+                .await
+                .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk template: {e}")))?;
+            std::fs::rename(&tmp, &path).map_err(|e| scratch_err(&path, "rename", e))?;
+            evict_templates(&dir, &path);
         }
-        std::fs::create_dir_all(&dir).map_err(|e| scratch_err(&dir, "create", e))?;
-        let tmp = dir.join(format!("scratch-{bytes}.ext4.tmp"));
-        make_ext4(&tmp, bytes)
-            .await
-            .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk template: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(|e| scratch_err(&path, "rename", e))?;
-        Ok(path)
+        let f = std::fs::File::open(&path).map_err(|e| scratch_err(&path, "open", e))?;
+        // Its modification time records its last use (for eviction).
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|w| w.set_modified(std::time::SystemTime::now()));
+        Ok(f)
     }
 
     /// Volumes: `<data_dir>/volumes/<volume_id>.ext4`, created on first use and kept
@@ -413,6 +419,28 @@ impl Host {
     }
 }
 
+/// Most scratch-disk template sizes kept in `<data_dir>/templates/`.
+pub const MAX_TEMPLATES: usize = 8;
+
+/// Removes the least recently used templates beyond [`MAX_TEMPLATES`], never `keep`.
+fn evict_templates(dir: &Path, keep: &Path) {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ext4") && p != keep)
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    let excess = (found.len() + 1).saturating_sub(MAX_TEMPLATES);
+    for (_, p) in found.into_iter().take(excess) {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot evict a scratch template");
+        }
+    }
+}
+
 fn scratch_err(path: &Path, what: &str, e: std::io::Error) -> RuntimeError {
     let msg = format!("scratch disk {}: {what}: {e}", path.display());
     if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
@@ -466,16 +494,16 @@ pub async fn make_ext4(path: &Path, size: u64) -> Result<(), String> {
     }
 }
 
-/// Copies `from` to `to` keeping holes: only the data extents (found with
+/// Copies `src` (read from its start) to `to` keeping holes: only the data extents (found with
 /// `SEEK_DATA`/`SEEK_HOLE`) are copied, the rest stays unallocated. Hand-written
 /// because `std::fs::copy` (copy_file_range) fills holes on filesystems without
 /// reflinks, which would allocate every byte of a 4 GiB scratch disk. The result is
 /// fsync'd.
-pub fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn sparse_copy(src: &std::fs::File, to: &Path) -> std::io::Result<()> {
     use rustix::fs::SeekFrom;
     use std::io::{Read, Seek, Write};
 
-    let mut src = std::fs::File::open(from)?;
+    let mut src = src;
     let len = src.metadata()?.len();
     let mut dst = std::fs::OpenOptions::new()
         .write(true)
@@ -524,11 +552,34 @@ mod tests {
             f.write_all(&vec![byte; 4096]).unwrap();
         }
         drop(f);
-        sparse_copy(&a, &b).unwrap();
+        sparse_copy(&std::fs::File::open(&a).unwrap(), &b).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&b).unwrap().blocks() * 512;
         assert!(blocks < 4 << 20, "copy allocated {blocks} bytes of 64 MiB");
+    }
+
+    #[test]
+    fn templates_beyond_the_cap_are_evicted_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut paths = Vec::new();
+        for i in 0..(MAX_TEMPLATES as u64 + 3) {
+            let p = dir.path().join(format!("scratch-{i}.ext4"));
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_modified(base + Duration::from_secs(i)).unwrap();
+            paths.push(p);
+        }
+        std::fs::write(dir.path().join("scratch-x.ext4.tmp"), b"").unwrap();
+        // The new template is the oldest by time but must stay.
+        let keep = paths[0].clone();
+        evict_templates(dir.path(), &keep);
+        let left: Vec<_> = paths.iter().filter(|p| p.exists()).cloned().collect();
+        assert_eq!(left.len(), MAX_TEMPLATES);
+        assert!(keep.exists());
+        assert!(!paths[1].exists() && !paths[2].exists() && !paths[3].exists());
+        assert!(paths[4..].iter().all(|p| p.exists()));
+        assert!(dir.path().join("scratch-x.ext4.tmp").exists());
     }
 
     #[tokio::test]
@@ -547,7 +598,7 @@ mod tests {
         let template = dir.path().join("t.ext4");
         make_ext4(&template, 1 << 30).await.unwrap();
         let copy = dir.path().join("c.ext4");
-        sparse_copy(&template, &copy).unwrap();
+        sparse_copy(&std::fs::File::open(&template).unwrap(), &copy).unwrap();
         let out = std::process::Command::new("dumpe2fs")
             .arg("-h")
             .arg(&copy)
