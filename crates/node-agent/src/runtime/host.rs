@@ -514,12 +514,12 @@ pub fn sparse_copy(src: &std::fs::File, to: &Path) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < len {
-        let data = match rustix::fs::seek(&src, SeekFrom::Data(pos)) {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
             Ok(d) => d,
             Err(rustix::io::Errno::NXIO) => break, // no data after `pos`
             Err(e) => return Err(e.into()),
         };
-        let hole = rustix::fs::seek(&src, SeekFrom::Hole(data))
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
             .map_err(std::io::Error::from)?
             .min(len);
         src.seek(std::io::SeekFrom::Start(data))?;
