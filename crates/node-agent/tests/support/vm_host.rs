@@ -106,7 +106,10 @@ pub fn reexec_in_netns(test: &str, env_var: &str, tag: &str) -> bool {
     let status = Command::new("ip")
         .args(["netns", "exec", &ns])
         .arg(exe)
+        // `--include-ignored`: the outer run already chose to run `test` (an ignored
+        // test runs only when asked for).
         .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .arg("--include-ignored")
         .env(env_var, &ns)
         .status()
         .expect("run the test inside its network namespace");

@@ -1,0 +1,294 @@
+//! Host networking of one instance for real (`src/network.rs`): tap, MTU, addresses
+//! (with `nodad`), the /128 route and the nftables chain and map element, checked with
+//! `ip -j` and `nft -j`; setup is idempotent for an owned tap, a foreign one is a
+//! collision, teardown leaves nothing and is idempotent, orphans are found and removed.
+//!
+//! Each test re-runs itself inside a fresh network namespace, so taps and rules live
+//! there; addresses come from fd00::/8 and 169.254.0.0/16. Prerequisites: root, `ip`,
+//! `nft` (a missing one skips, or fails with `PLFM_REQUIRE_SYSTEM_TESTS=1`).
+
+#![cfg(target_os = "linux")]
+
+#[path = "support/vm_host.rs"]
+mod vm_host;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use plfm_node_agent::network::{self, NetworkError, TapPlan};
+use serde_json::Value;
+
+const NETNS_ENV: &str = "PLFM_NETWORK_HOST_TEST_NETNS";
+
+fn require_system_tests() -> bool {
+    std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").is_ok_and(|v| v == "1")
+}
+
+fn prerequisites(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root (taps, nftables, network namespaces)".to_string());
+    }
+    for tool in ["ip", "nft"] {
+        if !vm_host::which(tool) {
+            missing.push(format!("{tool} (Debian packages iproute2, nftables)"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
+    assert!(!require_system_tests(), "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
+    eprintln!("SKIP {msg}");
+    false
+}
+
+/// Runs `body` inside the test's own network namespace (re-running the test there).
+fn in_netns<F: std::future::Future<Output = ()>>(test: &str, body: impl FnOnce() -> F) {
+    if std::env::var_os(NETNS_ENV).is_none() {
+        if prerequisites(test) {
+            vm_host::reexec_in_netns(test, NETNS_ENV, "n");
+        }
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body());
+}
+
+fn json(cmd: &str, args: &[&str]) -> Option<Value> {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn plan(id: &str, index: u32) -> TapPlan {
+    TapPlan {
+        instance_id: id.into(),
+        tap: network::tap_name(id),
+        mtu: 1420,
+        ipv6: format!("fd00::{:x}", index + 2).parse().unwrap(),
+        ipv4: network::ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, index),
+    }
+}
+
+/// The nftables table as JSON objects (`nft -j list table inet plfm`), empty when absent.
+fn nft_objects() -> Vec<Value> {
+    json("nft", &["-j", "list", "table", "inet", "plfm"])
+        .and_then(|v| v["nftables"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn nft_chains() -> Vec<String> {
+    nft_objects()
+        .iter()
+        .filter_map(|o| o["chain"]["name"].as_str().map(String::from))
+        .collect()
+}
+
+/// `(key, jump target)` of the `taps` map's elements.
+fn map_elements() -> Vec<(String, String)> {
+    let objects = nft_objects();
+    let Some(map) = objects.iter().find(|o| o["map"]["name"] == "taps") else {
+        return Vec::new();
+    };
+    map["map"]["elem"]
+        .as_array()
+        .map(|elems| {
+            elems
+                .iter()
+                .filter_map(|e| {
+                    let key = e[0].as_str()?.to_string();
+                    let target = e[1]["jump"]["target"].as_str()?.to_string();
+                    Some((key, target))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rules_of(chain: &str) -> Vec<Value> {
+    nft_objects()
+        .into_iter()
+        .filter(|o| o["rule"]["chain"] == chain)
+        .collect()
+}
+
+fn assert_set_up(p: &TapPlan) {
+    let tap = p.tap.as_str();
+    let link = json("ip", &["-j", "-d", "link", "show", "dev", tap]).expect("tap exists");
+    let link = &link[0];
+    assert_eq!(link["mtu"], 1420, "{link}");
+    assert!(
+        link["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP")),
+        "{link}"
+    );
+    assert_eq!(link["linkinfo"]["info_kind"], "tun", "{link}");
+    assert_eq!(link["linkinfo"]["info_data"]["type"], "tap", "{link}");
+    assert_eq!(link["linkinfo"]["info_data"]["pi"], false, "{link}");
+
+    let addrs = json("ip", &["-j", "addr", "show", "dev", tap]).expect("addresses");
+    let infos = addrs[0]["addr_info"].as_array().cloned().unwrap_or_default();
+    let ll = infos
+        .iter()
+        .find(|a| a["local"] == "fe80::1")
+        .unwrap_or_else(|| panic!("fe80::1 on {tap}: {addrs}"));
+    assert_eq!(ll["prefixlen"], 64, "{ll}");
+    assert_eq!(ll["nodad"], true, "fe80::1 must be nodad: {ll}");
+    let v4 = p.ipv4.expect("plan has IPv4");
+    let host = v4.host.to_string();
+    let a4 = infos
+        .iter()
+        .find(|a| a["local"] == host.as_str())
+        .unwrap_or_else(|| panic!("{host} on {tap}: {addrs}"));
+    assert_eq!(a4["prefixlen"], 30, "{a4}");
+    let v4_count = infos.iter().filter(|a| a["family"] == "inet").count();
+    assert_eq!(v4_count, 1, "exactly one IPv4 address: {addrs}");
+
+    let routes = json("ip", &["-j", "-6", "route", "show", "dev", tap]).expect("routes");
+    let dst = p.ipv6.to_string();
+    let n = routes
+        .as_array()
+        .map(|r| r.iter().filter(|r| r["dst"] == dst.as_str()).count())
+        .unwrap_or(0);
+    assert_eq!(n, 1, "one route {dst}/128 dev {tap}: {routes}");
+
+    assert!(nft_chains().iter().any(|c| c == tap), "chain {tap}");
+    assert!(
+        map_elements().contains(&(tap.to_string(), tap.to_string())),
+        "element \"{tap}\" : jump {tap} in {:?}",
+        map_elements()
+    );
+    let rules = rules_of(tap);
+    assert_eq!(rules.len(), 5, "{rules:?}");
+    let text = serde_json::to_string(&rules).unwrap();
+    assert!(text.contains(&dst), "{text}");
+    assert!(text.contains(&v4.guest.to_string()), "{text}");
+    assert!(text.contains("\"drop\""), "{text}");
+    assert_eq!(rules_of("prerouting").len(), 1);
+    assert_eq!(rules_of("input").len(), 3);
+}
+
+fn assert_gone(tap: &str) {
+    assert!(
+        json("ip", &["-j", "link", "show", "dev", tap]).is_none(),
+        "{tap} still exists"
+    );
+    assert!(!nft_chains().iter().any(|c| c == tap), "chain {tap} left");
+    assert!(
+        !map_elements().iter().any(|(k, _)| k == tap),
+        "element {tap} left"
+    );
+}
+
+#[test]
+fn setup_is_idempotent_and_teardown_leaves_nothing() {
+    in_netns("setup_is_idempotent_and_teardown_leaves_nothing", || async {
+        let p = plan("net-host-a", 0);
+        let tap = p.tap.clone();
+        network::setup(&p, false).await.expect("setup");
+        assert_set_up(&p);
+        assert!(network::link_exists(&tap).await);
+        assert_eq!(network::plfm_taps().await, vec![tap.clone()]);
+
+        // Owned: again, same result, nothing doubled.
+        network::setup(&p, true).await.expect("setup again (owned)");
+        assert_set_up(&p);
+
+        // Not owned: a collision, and the tap stays as it was.
+        match network::setup(&p, false).await {
+            Err(NetworkError::Collision { tap: t, .. }) => assert_eq!(t, tap),
+            other => panic!("expected a collision, got {other:?}"),
+        }
+        assert_set_up(&p);
+
+        // A second instance next to it; removing one keeps the other.
+        let q = plan("net-host-b", 1);
+        network::setup(&q, false).await.expect("setup b");
+        assert_set_up(&q);
+        let mut taps = network::plfm_taps().await;
+        taps.sort();
+        let mut want = vec![p.tap.clone(), q.tap.clone()];
+        want.sort();
+        assert_eq!(taps, want);
+
+        network::teardown(&tap).await.expect("teardown");
+        assert_gone(&tap);
+        assert_set_up(&q);
+        network::teardown(&tap).await.expect("teardown again");
+        assert_gone(&tap);
+
+        // Orphans: b is not owned, so it goes; a leftover chain without a tap goes too.
+        let r = plan("net-host-c", 2);
+        network::setup(&r, false).await.expect("setup c");
+        let ok = Command::new("ip")
+            .args(["link", "del", "dev", &r.tap])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok);
+        let mut removed = network::remove_orphans(&[]).await;
+        removed.sort();
+        let mut want = vec![q.tap.clone(), r.tap.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert_gone(&q.tap);
+        assert_gone(&r.tap);
+        assert!(network::plfm_taps().await.is_empty());
+        assert_eq!(rules_of("input").len(), 3, "base chains stay");
+    });
+}
+
+#[test]
+fn setup_of_a_bad_mtu_is_refused_before_anything_is_created() {
+    in_netns(
+        "setup_of_a_bad_mtu_is_refused_before_anything_is_created",
+        || async {
+            let mut p = plan("net-host-mtu", 0);
+            p.mtu = 100;
+            assert!(matches!(
+                network::setup(&p, false).await,
+                Err(NetworkError::Invalid(_))
+            ));
+            assert_gone(&p.tap);
+        },
+    );
+}
+
+/// Timing of `setup()` (and `teardown()`) for one tap; run with `--ignored --nocapture`.
+#[test]
+#[ignore = "timing, prints figures"]
+fn setup_timing() {
+    in_netns("setup_timing", || async {
+        // The first call pays one-time costs (table creation); measure after it.
+        let warm = plan("net-timing-warm", 0);
+        network::setup(&warm, false).await.expect("setup");
+        let mut setups = Vec::new();
+        let mut teardowns = Vec::new();
+        for i in 0..20u32 {
+            let p = plan(&format!("net-timing-{i}"), i + 1);
+            let t = Instant::now();
+            network::setup(&p, false).await.expect("setup");
+            setups.push(t.elapsed());
+            let t = Instant::now();
+            network::teardown(&p.tap).await.expect("teardown");
+            teardowns.push(t.elapsed());
+        }
+        network::teardown(&warm.tap).await.expect("teardown");
+        let med = |v: &mut Vec<Duration>| {
+            v.sort();
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let (m, lo, hi) = med(&mut setups);
+        println!("setup(): median {m:?} (min {lo:?}, max {hi:?}) over 20 taps");
+        let (m, lo, hi) = med(&mut teardowns);
+        println!("teardown(): median {m:?} (min {lo:?}, max {hi:?}) over 20 taps");
+    });
+}
