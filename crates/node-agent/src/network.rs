@@ -20,6 +20,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use futures_util::TryStreamExt as _;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::RouteMessageBuilder;
+use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
 /// Prefix of every tap the agent creates.
@@ -169,16 +174,12 @@ pub async fn link_exists(name: &str) -> bool {
 
 /// Creates (or, when `owned`, re-uses) the tap and its addresses, routes and rules.
 ///
-/// Two processes, run at once: one `ip -batch` for the tap, MTU, `fe80::1`, the /128
-/// route and the IPv4 link address, and one atomic `nft -f` script for the rules (they
-/// name the tap, so they need not wait for it).
+/// The tap is created through `/dev/net/tun` and configured over rtnetlink in-process
+/// (MTU and up, `fe80::1/64` nodad, the /128 route, the IPv4 link address: all with
+/// replace semantics), while one atomic `nft -j -f -` transaction installs the rules at
+/// the same time (they name the tap, so they need not wait for it).
 pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
     let tap = plan.tap.as_str();
-    let fail = |step: &str| {
-        let tap = tap.to_string();
-        let step = step.to_string();
-        move |message: String| NetworkError::Command { tap, step, message }
-    };
     if !is_root() {
         return Err(NetworkError::NotRoot(tap.into()));
     }
@@ -188,132 +189,447 @@ pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
             plan.mtu
         )));
     }
-    let mut batch = String::new();
-    if link_exists(tap).await {
-        if !owned {
-            return Err(NetworkError::Collision {
-                tap: tap.into(),
-                instance_id: plan.instance_id.clone(),
-            });
-        }
-    } else {
-        batch.push_str(&format!("tuntap add dev {tap} mode tap\n"));
+    if tap.is_empty() || tap.len() >= IFNAMSIZ || tap.contains(['\0', '/']) {
+        return Err(NetworkError::Invalid(format!(
+            "tap name {tap:?} is not a valid interface name"
+        )));
     }
-    batch.push_str(&format!(
-        "link set dev {tap} mtu {} up\naddr replace {HOST_LINK_LOCAL}/64 dev {tap} nodad\nroute replace {}/128 dev {tap}\n",
-        plan.mtu, plan.ipv6
-    ));
-    if let Some(v4) = plan.ipv4 {
-        batch.push_str(&format!("addr replace {}/30 dev {tap}\n", v4.host));
+    let exists = link_exists(tap).await;
+    if exists && !owned {
+        return Err(NetworkError::Collision {
+            tap: tap.into(),
+            instance_id: plan.instance_id.clone(),
+        });
     }
-    let rules = rules_script(plan);
-    let (links, nft) = tokio::join!(
-        run("ip", &["-batch", "-"], Some(&batch)),
-        run("nft", &["-f", "-"], Some(&rules))
-    );
-    links.map_err(fail("create tap, addresses and route"))?;
-    nft.map_err(fail("nftables rules"))?;
+    let rules = rules_json(plan);
+    let (links, nft) = tokio::join!(setup_links(plan, exists), nft_apply(&rules));
+    links?;
+    nft.map_err(|message| command_error(tap, "nftables rules", message))?;
     Ok(())
 }
 
-/// The base table and chains (idempotent: `add` of existing objects is a no-op).
-fn base_script() -> String {
-    format!(
-        "add table inet plfm
-add map inet plfm taps {{ type ifname : verdict; }}
-add chain inet plfm prerouting {{ type filter hook prerouting priority -150; policy accept; }}
-add chain inet plfm input {{ type filter hook input priority 0; policy accept; }}
-flush chain inet plfm prerouting
-flush chain inet plfm input
-add rule inet plfm prerouting iifname vmap @taps
-add rule inet plfm input iifname \"{TAP_PREFIX}*\" ct state established,related accept
-add rule inet plfm input iifname \"{TAP_PREFIX}*\" meta l4proto {{ icmp, ipv6-icmp }} accept
-add rule inet plfm input iifname \"{TAP_PREFIX}*\" drop
-"
-    )
+fn command_error(tap: &str, step: &str, message: String) -> NetworkError {
+    NetworkError::Command {
+        tap: tap.into(),
+        step: step.into(),
+        message,
+    }
 }
 
-/// Rules of one instance: only its own source addresses leave its tap.
-fn rules_script(plan: &TapPlan) -> String {
-    let tap = &plan.tap;
-    let mut s = base_script();
-    s.push_str(&format!(
-        "add chain inet plfm {tap}
-flush chain inet plfm {tap}
-add rule inet plfm {tap} ip6 saddr {{ {}, fe80::/64 }} return
-add rule inet plfm {tap} meta nfproto ipv6 ip6 saddr :: icmpv6 type {{ nd-neighbor-solicit, nd-router-solicit, mld2-listener-report }} return
-",
-        plan.ipv6
+/// The tap (created unless `exists`), its MTU and state, addresses and route.
+async fn setup_links(plan: &TapPlan, exists: bool) -> Result<(), NetworkError> {
+    let tap = plan.tap.as_str();
+    let fail = |step: &str| {
+        let step = step.to_string();
+        move |message: String| command_error(tap, &step, message)
+    };
+    if !exists {
+        create_persistent_tap(tap).map_err(|e| match e {
+            nix::errno::Errno::EPERM | nix::errno::Errno::EACCES => {
+                NetworkError::NotRoot(tap.into())
+            }
+            e => command_error(tap, "create tap (/dev/net/tun)", e.to_string()),
+        })?;
+    }
+    let index = nix::net::if_::if_nametoindex(tap)
+        .map_err(|e| command_error(tap, "find tap", e.to_string()))?;
+    let nl = Netlink::open().map_err(fail("netlink connection"))?;
+    let link = rtnetlink::LinkUnspec::new_with_index(index)
+        .mtu(plan.mtu)
+        .up()
+        .build();
+    bounded(nl.handle.link().set(link).execute())
+        .await
+        .map_err(fail(&format!("set mtu {} and up", plan.mtu)))?;
+
+    let mut ll = nl
+        .handle
+        .address()
+        .add(index, IpAddr::V6(HOST_LINK_LOCAL), 64)
+        .replace();
+    // No duplicate address detection: the address is usable at once (the guest's
+    // gateway), and nothing else on a point-to-point tap can hold it.
+    let msg = ll.message_mut();
+    msg.header.flags |= AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    bounded(ll.execute())
+        .await
+        .map_err(fail(&format!("add address {HOST_LINK_LOCAL}/64 nodad")))?;
+
+    let route = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(plan.ipv6, 128)
+        .output_interface(index)
+        .build();
+    bounded(nl.handle.route().add(route).replace().execute())
+        .await
+        .map_err(fail(&format!("add route {}/128", plan.ipv6)))?;
+
+    if let Some(v4) = plan.ipv4 {
+        let add = nl
+            .handle
+            .address()
+            .add(index, IpAddr::V4(v4.host), 30)
+            .replace();
+        bounded(add.execute())
+            .await
+            .map_err(fail(&format!("add address {}/30", v4.host)))?;
+    }
+    Ok(())
+}
+
+const IFNAMSIZ: usize = nix::libc::IFNAMSIZ;
+
+/// `struct ifreq` as TUNSETIFF reads it: the name and the flags member of the union
+/// (padded to the union's full size so the kernel never reads past it).
+#[repr(C)]
+struct TunIfReq {
+    name: [u8; IFNAMSIZ],
+    flags: nix::libc::c_short,
+    _pad: [u8; 24 - std::mem::size_of::<nix::libc::c_short>()],
+}
+
+nix::ioctl_write_ptr_bad!(
+    /// TUNSETIFF: `_IOW('T', 202, int)` that takes a `struct ifreq *` (hence "bad").
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<nix::libc::c_int>()),
+    TunIfReq
+);
+nix::ioctl_write_int!(
+    /// TUNSETPERSIST: `_IOW('T', 203, int)`, the value passed directly.
+    tun_set_persist,
+    b'T',
+    203
+);
+
+/// Creates tap `name` (no packet information header) and makes it persistent, so it
+/// outlives the descriptor; the VMM attaches to it later by name.
+fn create_persistent_tap(name: &str) -> Result<(), nix::errno::Errno> {
+    use std::os::fd::AsRawFd as _;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| {
+            e.raw_os_error()
+                .map_or(nix::errno::Errno::EIO, nix::errno::Errno::from_raw)
+        })?;
+    let mut req = TunIfReq {
+        name: [0; IFNAMSIZ],
+        flags: (nix::libc::IFF_TAP | nix::libc::IFF_NO_PI) as nix::libc::c_short,
+        _pad: [0; 22],
+    };
+    // The caller checked the length (< IFNAMSIZ), so the name stays NUL-terminated.
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `dev` is an open /dev/net/tun descriptor for the whole call, and `req` is
+    // a live, initialised `struct ifreq`-compatible value (NUL-terminated name, flags,
+    // zeroed rest of the union) that the kernel only reads and writes within its size.
+    unsafe { tun_set_iff(dev.as_raw_fd(), &req) }?;
+    // SAFETY: `dev` is the descriptor TUNSETIFF just attached to the tap; TUNSETPERSIST
+    // takes a plain integer, no memory is passed.
+    unsafe { tun_set_persist(dev.as_raw_fd(), 1) }?;
+    drop(dev);
+    Ok(())
+}
+
+/// One rtnetlink connection, its driver task on the current tokio runtime (aborted
+/// when dropped, so no task outlives the call that opened it).
+struct Netlink {
+    handle: rtnetlink::Handle,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Netlink {
+    fn open() -> Result<Self, String> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| format!("open netlink socket: {e}"))?;
+        Ok(Self {
+            handle,
+            driver: tokio::spawn(conn),
+        })
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// A netlink request bounded by [`COMMAND_TIMEOUT`]; the error is the kernel's errno
+/// text (`File exists (os error 17)`) or the timeout.
+async fn bounded<T>(
+    request: impl std::future::Future<Output = Result<T, rtnetlink::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(rtnetlink::Error::NetlinkError(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no netlink answer within {COMMAND_TIMEOUT:?}")),
+    }
+}
+
+/// Whether a netlink error is errno `code`.
+fn is_errno(e: &rtnetlink::Error, code: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == code)
+}
+
+const NFT_FAMILY: &str = "inet";
+const NFT_TABLE: &str = "plfm";
+/// The map `ifname : verdict` that dispatches each tap to its chain.
+const NFT_MAP: &str = "taps";
+
+/// Applies one nft JSON document (`nft -j -f -`: one atomic transaction).
+async fn nft_apply(doc: &Value) -> Result<(), String> {
+    run("nft", &["-j", "-f", "-"], Some(&doc.to_string()))
+        .await
+        .map(|_| ())
+}
+
+/// The objects of table `inet plfm` (`nft -j list table`), `None` when it is absent.
+async fn nft_table() -> Result<Option<Vec<Value>>, String> {
+    match run("nft", &["-j", "list", "table", NFT_FAMILY, NFT_TABLE], None).await {
+        Ok(out) => {
+            let doc: Value = serde_json::from_str(&out)
+                .map_err(|e| format!("nft -j list table {NFT_FAMILY} {NFT_TABLE}: {e}"))?;
+            Ok(Some(
+                doc["nftables"].as_array().cloned().unwrap_or_default(),
+            ))
+        }
+        Err(e) if e.contains("No such file or directory") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Names of the regular chains of the table that look like taps.
+fn tap_chains(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter_map(|o| o["chain"]["name"].as_str())
+        .filter(|c| c.starts_with(TAP_PREFIX) && c.len() == 15)
+        .map(String::from)
+        .collect()
+}
+
+/// Whether the `taps` map has an element keyed `tap`.
+fn has_element(objects: &[Value], tap: &str) -> bool {
+    objects.iter().any(|o| {
+        o["map"]["name"] == NFT_MAP
+            && o["map"]["elem"]
+                .as_array()
+                .is_some_and(|elems| elems.iter().any(|e| e[0] == tap))
+    })
+}
+
+fn nft_chain(name: &str) -> Value {
+    json!({ "family": NFT_FAMILY, "table": NFT_TABLE, "name": name })
+}
+
+fn nft_rule(chain: &str, expr: Vec<Value>) -> Value {
+    json!({ "add": { "rule": {
+        "family": NFT_FAMILY, "table": NFT_TABLE, "chain": chain, "expr": expr
+    } } })
+}
+
+/// `left == right` (a set on the right means "is one of").
+fn nft_eq(left: Value, right: Value) -> Value {
+    json!({ "match": { "op": "==", "left": left, "right": right } })
+}
+
+fn nft_meta(key: &str) -> Value {
+    json!({ "meta": { "key": key } })
+}
+
+fn nft_payload(protocol: &str, field: &str) -> Value {
+    json!({ "payload": { "protocol": protocol, "field": field } })
+}
+
+/// The base table, map and chains (idempotent: `add` of existing objects is a no-op;
+/// the base chains are flushed and refilled in the same transaction).
+fn base_commands() -> Vec<Value> {
+    // A string ending in `*` is nft's interface-name wildcard, as in the text syntax.
+    let from_taps = || nft_eq(nft_meta("iifname"), json!(format!("{TAP_PREFIX}*")));
+    let table = json!({ "family": NFT_FAMILY, "name": NFT_TABLE });
+    let base_chain = |name: &str, prio: i32| {
+        json!({ "add": { "chain": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": name,
+            "type": "filter", "hook": name, "prio": prio, "policy": "accept"
+        } } })
+    };
+    vec![
+        json!({ "add": { "table": table } }),
+        json!({ "add": { "map": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
+            "type": "ifname", "map": "verdict"
+        } } }),
+        base_chain("prerouting", -150),
+        base_chain("input", 0),
+        json!({ "flush": { "chain": nft_chain("prerouting") } }),
+        json!({ "flush": { "chain": nft_chain("input") } }),
+        nft_rule(
+            "prerouting",
+            vec![json!({ "vmap": { "key": nft_meta("iifname"), "data": format!("@{NFT_MAP}") } })],
+        ),
+        nft_rule(
+            "input",
+            vec![
+                from_taps(),
+                json!({ "match": {
+                    "op": "in", "left": { "ct": { "key": "state" } },
+                    "right": ["established", "related"]
+                } }),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule(
+            "input",
+            vec![
+                from_taps(),
+                nft_eq(nft_meta("l4proto"), json!({ "set": ["icmp", "ipv6-icmp"] })),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule("input", vec![from_taps(), json!({ "drop": null })]),
+    ]
+}
+
+/// Rules of one instance (with the base objects): only its own source addresses leave
+/// its tap. One `nft -j` document.
+fn rules_json(plan: &TapPlan) -> Value {
+    let tap = plan.tap.as_str();
+    let ret = || json!({ "return": null });
+    let mut cmds = base_commands();
+    cmds.push(json!({ "add": { "chain": nft_chain(tap) } }));
+    cmds.push(json!({ "flush": { "chain": nft_chain(tap) } }));
+    cmds.push(nft_rule(
+        tap,
+        vec![
+            nft_eq(
+                nft_payload("ip6", "saddr"),
+                json!({ "set": [
+                    plan.ipv6.to_string(),
+                    { "prefix": { "addr": "fe80::", "len": 64 } }
+                ] }),
+            ),
+            ret(),
+        ],
+    ));
+    // DAD and router/MLD solicitations come from the unspecified address.
+    cmds.push(nft_rule(
+        tap,
+        vec![
+            nft_eq(nft_meta("nfproto"), json!("ipv6")),
+            nft_eq(nft_payload("ip6", "saddr"), json!("::")),
+            nft_eq(
+                nft_payload("icmpv6", "type"),
+                json!({ "set": ["nd-neighbor-solicit", "nd-router-solicit", "mld2-listener-report"] }),
+            ),
+            ret(),
+        ],
     ));
     if let Some(v4) = plan.ipv4 {
-        s.push_str(&format!(
-            "add rule inet plfm {tap} ip saddr {} return\n",
-            v4.guest
+        cmds.push(nft_rule(
+            tap,
+            vec![
+                nft_eq(nft_payload("ip", "saddr"), json!(v4.guest.to_string())),
+                ret(),
+            ],
         ));
     }
-    s.push_str(&format!(
-        "add rule inet plfm {tap} meta protocol arp return
-add rule inet plfm {tap} drop
-add element inet plfm taps {{ \"{tap}\" : jump {tap} }}
-"
+    cmds.push(nft_rule(
+        tap,
+        vec![nft_eq(nft_meta("protocol"), json!("arp")), ret()],
     ));
-    s
+    cmds.push(nft_rule(tap, vec![json!({ "drop": null })]));
+    cmds.push(json!({ "add": { "element": {
+        "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
+        "elem": [[tap, { "jump": { "target": tap } }]]
+    } } }));
+    json!({ "nftables": cmds })
+}
+
+/// Removal of one tap's map element (if `element`) and chain (if `chain`), as one
+/// `nft -j` document.
+fn removal_json(tap: &str, element: bool, chain: bool) -> Value {
+    let mut cmds = Vec::new();
+    if element {
+        cmds.push(json!({ "delete": { "element": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP, "elem": [tap]
+        } } }));
+    }
+    if chain {
+        cmds.push(json!({ "flush": { "chain": nft_chain(tap) } }));
+        cmds.push(json!({ "delete": { "chain": nft_chain(tap) } }));
+    }
+    json!({ "nftables": cmds })
 }
 
 /// Removes the instance's rules and its tap (with addresses and routes). Idempotent.
 pub async fn teardown(tap: &str) -> Result<(), NetworkError> {
-    remove_rules(tap).await?;
-    if link_exists(tap).await {
-        run("ip", &["link", "del", "dev", tap], None)
-            .await
-            .map_err(|message| NetworkError::Command {
-                tap: tap.into(),
-                step: "delete".into(),
-                message,
-            })?;
-    }
-    Ok(())
+    // The rules name the tap only by its name, so both go at once.
+    let (rules, link) = tokio::join!(remove_rules(tap), delete_link(tap));
+    rules?;
+    link
+}
+
+async fn delete_link(tap: &str) -> Result<(), NetworkError> {
+    let Ok(index) = nix::net::if_::if_nametoindex(tap) else {
+        return Ok(());
+    };
+    let nl = Netlink::open().map_err(|m| command_error(tap, "netlink connection", m))?;
+    let del = async {
+        match nl.handle.link().del(index).execute().await {
+            // Gone in between: that is what was asked.
+            Err(e) if is_errno(&e, nix::libc::ENODEV) => Ok(()),
+            other => other,
+        }
+    };
+    bounded(del)
+        .await
+        .map_err(|m| command_error(tap, "delete", m))
 }
 
 async fn remove_rules(tap: &str) -> Result<(), NetworkError> {
-    if run("nft", &["list", "chain", "inet", "plfm", tap], None)
-        .await
-        .is_err()
-    {
+    let fail = |step: &str| {
+        let step = step.to_string();
+        move |message: String| command_error(tap, &step, message)
+    };
+    let Some(objects) = nft_table().await.map_err(fail("list nftables table"))? else {
+        return Ok(());
+    };
+    let chain = objects.iter().any(|o| o["chain"]["name"] == tap);
+    let element = has_element(&objects, tap);
+    if !chain && !element {
         return Ok(());
     }
-    let _ = run(
-        "nft",
-        &[
-            "delete",
-            "element",
-            "inet",
-            "plfm",
-            "taps",
-            &format!("{{ \"{tap}\" }}"),
-        ],
-        None,
-    )
-    .await;
-    let script = format!("flush chain inet plfm {tap}\ndelete chain inet plfm {tap}\n");
-    run("nft", &["-f", "-"], Some(&script))
+    nft_apply(&removal_json(tap, element, chain))
         .await
-        .map_err(|message| NetworkError::Command {
-            tap: tap.into(),
-            step: "remove nftables chain".into(),
-            message,
-        })?;
-    Ok(())
+        .map_err(fail("remove nftables chain"))
 }
 
-/// Taps with the plfm prefix on this host.
+/// Taps with the plfm prefix on this host (a netlink link dump).
 pub async fn plfm_taps() -> Vec<String> {
-    let Ok(out) = run("ip", &["-o", "link", "show"], None).await else {
+    let Ok(nl) = Netlink::open() else {
         return Vec::new();
     };
-    out.lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+    let dump = nl
+        .handle
+        .link()
+        .get()
+        .execute()
+        .try_filter_map(|m| {
+            let name = m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            });
+            futures_util::future::ready(Ok(name))
+        })
+        .try_collect::<Vec<String>>();
+    let Ok(names) = bounded(dump).await else {
+        return Vec::new();
+    };
+    names
+        .into_iter()
         .filter(|n| n.starts_with(TAP_PREFIX) && n.len() == 15)
         .collect()
 }
@@ -326,15 +642,10 @@ pub async fn remove_orphans(owned: &[String]) -> Vec<String> {
             removed.push(tap);
         }
     }
-    if let Ok(out) = run("nft", &["list", "table", "inet", "plfm"], None).await {
-        for chain in out
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("chain "))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|c| c.starts_with(TAP_PREFIX) && c.len() == 15)
-        {
-            if !owned.iter().any(|o| o == chain) && remove_rules(chain).await.is_ok() {
-                removed.push(chain.to_string());
+    if let Ok(Some(objects)) = nft_table().await {
+        for chain in tap_chains(&objects) {
+            if !owned.contains(&chain) && remove_rules(&chain).await.is_ok() {
+                removed.push(chain);
             }
         }
     }
