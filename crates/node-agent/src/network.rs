@@ -8,8 +8,17 @@
 //! resource ledger before calling it and passes `owned = true` when the ledger already
 //! had it); a tap of that name that the caller does not own is a collision and fails.
 //! [`teardown`] removes the tap (with its addresses and routes) and the instance's
-//! rules and is idempotent. Everything is done with the `ip` and `nft` binaries, each
-//! call bounded by [`COMMAND_TIMEOUT`].
+//! rules and is idempotent.
+//!
+//! How: the tap is created through `/dev/net/tun` (`TUNSETIFF` with `IFF_TAP |
+//! IFF_NO_PI`, then `TUNSETPERSIST`); its MTU and state, addresses (`fe80::1/64` without
+//! DAD, the IPv4 link address) and the /128 route are set over rtnetlink in-process
+//! (one connection per call, replace semantics, so repeating a setup changes nothing);
+//! teardown deletes the link (its addresses and routes go with it) and listing is a
+//! netlink link dump. No `ip` process is spawned. The rules are one nftables JSON
+//! document per change, applied atomically by `nft -j -f -`; what exists is read with
+//! `nft -j list table`. Every netlink request and `nft` call is bounded by
+//! [`COMMAND_TIMEOUT`].
 //!
 //! nftables: table `inet plfm`, a `prerouting` base chain that dispatches
 //! `iifname vmap @taps` to one regular chain per tap (named like the tap) which drops
@@ -30,7 +39,7 @@ use sha2::{Digest as _, Sha256};
 /// Prefix of every tap the agent creates.
 pub const TAP_PREFIX: &str = "plfm";
 
-/// Longest a single `ip`/`nft` call may take.
+/// Longest a single netlink request or `nft` call may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Host side link-local address on every tap (the guest's IPv6 gateway).
@@ -686,18 +695,193 @@ mod tests {
         assert!(ipv4_link(pool, 16, 16383).is_none());
     }
 
-    #[test]
-    fn rules_name_the_tap_and_its_addresses() {
-        let plan = TapPlan {
+    fn plan_a() -> TapPlan {
+        TapPlan {
             instance_id: "a".into(),
             tap: tap_name("a"),
             mtu: 1420,
             ipv6: "fd00::2".parse().unwrap(),
             ipv4: ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, 0),
+        }
+    }
+
+    fn commands(doc: &Value) -> Vec<Value> {
+        doc["nftables"].as_array().cloned().unwrap()
+    }
+
+    /// Rules added to `chain`, as their expression lists.
+    fn rules_in(doc: &Value, chain: &str) -> Vec<Value> {
+        commands(doc)
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn rules_json_builds_the_base_objects_then_the_tap_chain_and_its_element() {
+        let plan = plan_a();
+        let tap = plan.tap.as_str();
+        let doc = rules_json(&plan);
+        let cmds = commands(&doc);
+        // Every object is in table inet plfm.
+        for c in &cmds {
+            let (_, obj) = c.as_object().unwrap().iter().next().unwrap();
+            let (_, body) = obj.as_object().unwrap().iter().next().unwrap();
+            assert_eq!(body["family"], "inet", "{c}");
+            if body.get("table").is_some() {
+                assert_eq!(body["table"], "plfm", "{c}");
+            } else {
+                assert_eq!(body["name"], "plfm", "{c}");
+            }
+        }
+        assert_eq!(
+            cmds[0],
+            json!({"add": {"table": {"family": "inet", "name": "plfm"}}})
+        );
+        assert_eq!(cmds[1]["add"]["map"]["type"], "ifname");
+        assert_eq!(cmds[1]["add"]["map"]["map"], "verdict");
+        let pre = &cmds[2]["add"]["chain"];
+        assert_eq!(
+            (&pre["name"], &pre["hook"], &pre["prio"], &pre["policy"]),
+            (
+                &json!("prerouting"),
+                &json!("prerouting"),
+                &json!(-150),
+                &json!("accept")
+            )
+        );
+        let input = &cmds[3]["add"]["chain"];
+        assert_eq!(
+            (
+                &input["name"],
+                &input["hook"],
+                &input["prio"],
+                &input["policy"]
+            ),
+            (
+                &json!("input"),
+                &json!("input"),
+                &json!(0),
+                &json!("accept")
+            )
+        );
+        // Base chains are refilled (flush before their rules), the tap chain too.
+        let flushed: Vec<&Value> = cmds
+            .iter()
+            .filter_map(|c| c.get("flush").map(|f| &f["chain"]["name"]))
+            .collect();
+        assert_eq!(flushed, vec!["prerouting", "input", tap]);
+        assert_eq!(rules_in(&doc, "prerouting").len(), 1);
+        assert_eq!(rules_in(&doc, "prerouting")[0][0]["vmap"]["data"], "@taps");
+        let input_rules = rules_in(&doc, "input");
+        assert_eq!(input_rules.len(), 3);
+        for r in &input_rules {
+            // The wildcard, not one tap: the input rules cover every tap.
+            assert_eq!(r[0]["match"]["right"], "plfm*", "{r}");
+        }
+        assert_eq!(input_rules[2][1], json!({"drop": null}));
+
+        let last = cmds.last().unwrap();
+        assert_eq!(
+            last["add"]["element"]["elem"],
+            json!([[tap, {"jump": {"target": tap}}]])
+        );
+    }
+
+    #[test]
+    fn tap_rules_return_only_the_instances_own_addresses_then_drop() {
+        let plan = plan_a();
+        let doc = rules_json(&plan);
+        let rules = rules_in(&doc, &plan.tap);
+        assert_eq!(rules.len(), 5);
+        assert_eq!(
+            rules[0][0]["match"]["right"],
+            json!({"set": ["fd00::2", {"prefix": {"addr": "fe80::", "len": 64}}]})
+        );
+        assert_eq!(rules[0][0]["match"]["left"]["payload"]["field"], "saddr");
+        assert_eq!(rules[1][1]["match"]["right"], "::");
+        assert_eq!(
+            rules[2][0],
+            json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "169.254.0.6"}})
+        );
+        assert_eq!(rules[3][0]["match"]["right"], "arp");
+        assert_eq!(rules[4], json!([{"drop": null}]));
+        for r in &rules[..4] {
+            assert_eq!(
+                r.as_array().unwrap().last().unwrap(),
+                &json!({"return": null})
+            );
+        }
+
+        // Without an IPv4 link there is no IPv4 source rule (IPv4 is dropped).
+        let v6_only = TapPlan {
+            ipv4: None,
+            ..plan_a()
         };
-        let s = rules_script(&plan);
-        assert!(s.contains("ip6 saddr { fd00::2, fe80::/64 } return"));
-        assert!(s.contains("ip saddr 169.254.0.6 return"));
-        assert!(s.contains(&format!("jump {}", plan.tap)));
+        let doc = rules_json(&v6_only);
+        assert_eq!(rules_in(&doc, &v6_only.tap).len(), 4);
+        assert!(!doc.to_string().contains("169.254."));
+    }
+
+    #[test]
+    fn the_tap_name_appears_only_in_its_chain_rules_and_element() {
+        let plan = plan_a();
+        let tap = plan.tap.as_str();
+        let doc = rules_json(&plan);
+        let mut uses = 0;
+        for c in commands(&doc) {
+            let text = c.to_string();
+            if !text.contains(tap) {
+                continue;
+            }
+            uses += 1;
+            let ok = c["add"]["chain"]["name"] == tap
+                || c["flush"]["chain"]["name"] == tap
+                || c["add"]["rule"]["chain"] == tap
+                || c["add"]["element"]["name"] == "taps";
+            assert!(ok, "tap named outside its chain/element: {c}");
+            // A rule names the tap only as its chain, never in a match.
+            if c["add"]["rule"].is_object() {
+                assert!(!c["add"]["rule"]["expr"].to_string().contains(tap), "{c}");
+            }
+        }
+        // add chain, flush chain, 5 rules, 1 element.
+        assert_eq!(uses, 8);
+        assert!(!base_commands().iter().any(|c| c.to_string().contains(tap)));
+    }
+
+    #[test]
+    fn removal_deletes_what_exists_and_nothing_else() {
+        let tap = tap_name("a");
+        assert_eq!(
+            removal_json(&tap, true, true),
+            json!({"nftables": [
+                {"delete": {"element": {"family": "inet", "table": "plfm", "name": "taps", "elem": [tap]}}},
+                {"flush": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
+                {"delete": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
+            ]})
+        );
+        assert_eq!(commands(&removal_json(&tap, false, true)).len(), 2);
+        assert_eq!(commands(&removal_json(&tap, true, false)).len(), 1);
+    }
+
+    #[test]
+    fn listed_table_yields_tap_chains_and_elements() {
+        let tap = tap_name("a");
+        let listed: Value = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "inet", "name": "plfm", "handle": 1}},
+            {"map": {"family": "inet", "name": "taps", "table": "plfm", "type": "ifname",
+                     "handle": 1, "map": "verdict",
+                     "elem": [[tap, {"jump": {"target": tap}}]]}},
+            {"chain": {"family": "inet", "table": "plfm", "name": "prerouting", "handle": 2}},
+            {"chain": {"family": "inet", "table": "plfm", "name": tap, "handle": 9}},
+            {"chain": {"family": "inet", "table": "plfm", "name": "plfmshort", "handle": 10}},
+        ]});
+        let objects = commands(&listed);
+        assert_eq!(tap_chains(&objects), vec![tap.clone()]);
+        assert!(has_element(&objects, &tap));
+        assert!(!has_element(&objects, &tap_name("b")));
     }
 }

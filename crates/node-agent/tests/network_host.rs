@@ -39,7 +39,10 @@ fn prerequisites(test: &str) -> bool {
         return true;
     }
     let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
-    assert!(!require_system_tests(), "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
+    assert!(
+        !require_system_tests(),
+        "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
+    );
     eprintln!("SKIP {msg}");
     false
 }
@@ -136,7 +139,10 @@ fn assert_set_up(p: &TapPlan) {
     assert_eq!(link["linkinfo"]["info_data"]["pi"], false, "{link}");
 
     let addrs = json("ip", &["-j", "addr", "show", "dev", tap]).expect("addresses");
-    let infos = addrs[0]["addr_info"].as_array().cloned().unwrap_or_default();
+    let infos = addrs[0]["addr_info"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let ll = infos
         .iter()
         .find(|a| a["local"] == "fe80::1")
@@ -191,59 +197,62 @@ fn assert_gone(tap: &str) {
 
 #[test]
 fn setup_is_idempotent_and_teardown_leaves_nothing() {
-    in_netns("setup_is_idempotent_and_teardown_leaves_nothing", || async {
-        let p = plan("net-host-a", 0);
-        let tap = p.tap.clone();
-        network::setup(&p, false).await.expect("setup");
-        assert_set_up(&p);
-        assert!(network::link_exists(&tap).await);
-        assert_eq!(network::plfm_taps().await, vec![tap.clone()]);
+    in_netns(
+        "setup_is_idempotent_and_teardown_leaves_nothing",
+        || async {
+            let p = plan("net-host-a", 0);
+            let tap = p.tap.clone();
+            network::setup(&p, false).await.expect("setup");
+            assert_set_up(&p);
+            assert!(network::link_exists(&tap).await);
+            assert_eq!(network::plfm_taps().await, vec![tap.clone()]);
 
-        // Owned: again, same result, nothing doubled.
-        network::setup(&p, true).await.expect("setup again (owned)");
-        assert_set_up(&p);
+            // Owned: again, same result, nothing doubled.
+            network::setup(&p, true).await.expect("setup again (owned)");
+            assert_set_up(&p);
 
-        // Not owned: a collision, and the tap stays as it was.
-        match network::setup(&p, false).await {
-            Err(NetworkError::Collision { tap: t, .. }) => assert_eq!(t, tap),
-            other => panic!("expected a collision, got {other:?}"),
-        }
-        assert_set_up(&p);
+            // Not owned: a collision, and the tap stays as it was.
+            match network::setup(&p, false).await {
+                Err(NetworkError::Collision { tap: t, .. }) => assert_eq!(t, tap),
+                other => panic!("expected a collision, got {other:?}"),
+            }
+            assert_set_up(&p);
 
-        // A second instance next to it; removing one keeps the other.
-        let q = plan("net-host-b", 1);
-        network::setup(&q, false).await.expect("setup b");
-        assert_set_up(&q);
-        let mut taps = network::plfm_taps().await;
-        taps.sort();
-        let mut want = vec![p.tap.clone(), q.tap.clone()];
-        want.sort();
-        assert_eq!(taps, want);
+            // A second instance next to it; removing one keeps the other.
+            let q = plan("net-host-b", 1);
+            network::setup(&q, false).await.expect("setup b");
+            assert_set_up(&q);
+            let mut taps = network::plfm_taps().await;
+            taps.sort();
+            let mut want = vec![p.tap.clone(), q.tap.clone()];
+            want.sort();
+            assert_eq!(taps, want);
 
-        network::teardown(&tap).await.expect("teardown");
-        assert_gone(&tap);
-        assert_set_up(&q);
-        network::teardown(&tap).await.expect("teardown again");
-        assert_gone(&tap);
+            network::teardown(&tap).await.expect("teardown");
+            assert_gone(&tap);
+            assert_set_up(&q);
+            network::teardown(&tap).await.expect("teardown again");
+            assert_gone(&tap);
 
-        // Orphans: b is not owned, so it goes; a leftover chain without a tap goes too.
-        let r = plan("net-host-c", 2);
-        network::setup(&r, false).await.expect("setup c");
-        let ok = Command::new("ip")
-            .args(["link", "del", "dev", &r.tap])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok);
-        let mut removed = network::remove_orphans(&[]).await;
-        removed.sort();
-        let mut want = vec![q.tap.clone(), r.tap.clone()];
-        want.sort();
-        assert_eq!(removed, want);
-        assert_gone(&q.tap);
-        assert_gone(&r.tap);
-        assert!(network::plfm_taps().await.is_empty());
-        assert_eq!(rules_of("input").len(), 3, "base chains stay");
-    });
+            // Orphans: b is not owned, so it goes; a leftover chain without a tap goes too.
+            let r = plan("net-host-c", 2);
+            network::setup(&r, false).await.expect("setup c");
+            let ok = Command::new("ip")
+                .args(["link", "del", "dev", &r.tap])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok);
+            let mut removed = network::remove_orphans(&[]).await;
+            removed.sort();
+            let mut want = vec![q.tap.clone(), r.tap.clone()];
+            want.sort();
+            assert_eq!(removed, want);
+            assert_gone(&q.tap);
+            assert_gone(&r.tap);
+            assert!(network::plfm_taps().await.is_empty());
+            assert_eq!(rules_of("input").len(), 3, "base chains stay");
+        },
+    );
 }
 
 #[test]
