@@ -202,6 +202,12 @@ fn setup_is_idempotent_and_teardown_leaves_nothing() {
         || async {
             let p = plan("net-host-a", 0);
             let tap = p.tap.clone();
+            // Nothing there yet (no tap, no table): teardown and orphan removal are no-ops.
+            network::teardown(&tap)
+                .await
+                .expect("teardown before any setup");
+            assert!(network::remove_orphans(&[]).await.is_empty());
+            assert!(network::plfm_taps().await.is_empty());
             network::setup(&p, false).await.expect("setup");
             assert_set_up(&p);
             assert!(network::link_exists(&tap).await);
