@@ -1038,11 +1038,14 @@ fn volume_survives_a_replacement_and_is_refused_to_a_second_instance() {
     }
     let (mut env, image) = Env::new(None);
     let mounts = json!([{"volume_id": "vol-a", "mount_path": "/data", "read_only": false, "filesystem": "ext4"}]);
+    // `ready` only once the file is written: the HTTP health check passes only after
+    // the write (without it, `ready` follows the exec and a quick drain could stop the
+    // shell before its write).
     let gen1 = assignment(
         "vol",
         &image,
-        "echo written-by-gen1 > /data/f && exec sleep 1000",
-        json!({"network": network("fd00::51"), "mounts": mounts}),
+        "echo written-by-gen1 > /data/f && sync && mkdir -p /www && echo up > /www/index.html && exec httpd -f -p 8080 -h /www",
+        json!({"network": network("fd00::51"), "mounts": mounts, "health": http_health()}),
     );
     env.write("vol.json", &gen1);
     env.spawn();

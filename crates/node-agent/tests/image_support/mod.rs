@@ -379,7 +379,7 @@ pub fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
     }
     l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
     for applet in [
-        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls",
+        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls", "sync",
     ] {
         l = l.symlink(&format!("bin/{applet}"), "busybox");
     }
