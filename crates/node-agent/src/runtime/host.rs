@@ -127,7 +127,8 @@ impl Host {
         self.data_dir.join("instances").join(id.as_str())
     }
 
-    async fn ledger_add(
+    /// Records a resource row of `id` in the ledger (before the resource exists).
+    pub(crate) async fn ledger_add(
         &self,
         kind: &str,
         name: &str,
@@ -146,14 +147,16 @@ impl Host {
             .map_err(ledger_err)
     }
 
-    async fn ledger_remove(&self, kind: &str, name: &str) {
+    /// Removes a resource row (after the resource is gone); a failure is logged.
+    pub(crate) async fn ledger_remove(&self, kind: &str, name: &str) {
         let (k, n) = (kind.to_string(), name.to_string());
         if let Err(e) = self.ledger.call(move |s| s.resource_remove(&k, &n)).await {
             tracing::warn!(kind, name, error = %e, "cannot remove resource from the ledger");
         }
     }
 
-    async fn rows(&self) -> Result<Vec<ResourceRow>, RuntimeError> {
+    /// Every resource row of the ledger.
+    pub(crate) async fn rows(&self) -> Result<Vec<ResourceRow>, RuntimeError> {
         self.ledger
             .call(|s| s.resources())
             .await

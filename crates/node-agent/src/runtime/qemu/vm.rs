@@ -117,7 +117,6 @@ pub struct QemuRuntime {
     config: QemuConfig,
     data_dir: PathBuf,
     images: ImageService,
-    ledger: Store,
     /// Scratch disk, volumes, tap and addresses (shared with the Firecracker runtime).
     host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
@@ -128,10 +127,6 @@ pub struct QemuRuntime {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn ledger_err(e: crate::state::StoreError) -> RuntimeError {
-    RuntimeError::VmmStart(format!("resource ledger: {e}"))
 }
 
 impl QemuRuntime {
@@ -146,7 +141,7 @@ impl QemuRuntime {
     ) -> Result<Self, String> {
         let host = Host::new(
             &data_dir,
-            ledger.clone(),
+            ledger,
             HostConfig {
                 ipv4_pool: config.ipv4_pool.clone(),
                 volume_default_bytes: config.volume_default_bytes,
@@ -171,7 +166,6 @@ impl QemuRuntime {
             config,
             data_dir,
             images,
-            ledger,
             host,
             prepared: Mutex::new(HashMap::new()),
             vms: Mutex::new(HashMap::new()),
@@ -194,30 +188,15 @@ impl QemuRuntime {
         id: &InstanceId,
         detail: Option<String>,
     ) -> Result<(), RuntimeError> {
-        let row = ResourceRow {
-            kind: kind.into(),
-            name: name.into(),
-            instance_id: id.to_string(),
-            detail,
-        };
-        self.ledger
-            .call(move |s| s.resource_add(&row))
-            .await
-            .map_err(ledger_err)
+        self.host.ledger_add(kind, name, id, detail).await
     }
 
     async fn ledger_remove(&self, kind: &str, name: &str) {
-        let (k, n) = (kind.to_string(), name.to_string());
-        if let Err(e) = self.ledger.call(move |s| s.resource_remove(&k, &n)).await {
-            tracing::warn!(kind, name, error = %e, "cannot remove resource from the ledger");
-        }
+        self.host.ledger_remove(kind, name).await
     }
 
     async fn rows(&self) -> Result<Vec<ResourceRow>, RuntimeError> {
-        self.ledger
-            .call(|s| s.resources())
-            .await
-            .map_err(ledger_err)
+        self.host.rows().await
     }
 
     fn accel(&self) -> &'static str {
