@@ -143,7 +143,9 @@ CREATE TABLE IF NOT EXISTS resources (
 );
 "#;
 
-/// Columns added after the first schema, added to older databases in place.
+/// Columns added after the first schema, added to older databases in place. The check
+/// and the change run in one `BEGIN IMMEDIATE` transaction, so stores opened at the same
+/// time (the agent's two handles, a test reading the database) cannot both add a column.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
         let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
@@ -155,12 +157,22 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         }
         Ok(false)
     };
-    if !has("instances", "consecutive_failures")? {
-        conn.execute_batch(
-            "ALTER TABLE instances ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0",
-        )?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let changed = (|| {
+        if !has("instances", "consecutive_failures")? {
+            conn.execute_batch(
+                "ALTER TABLE instances ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        Ok(())
+    })();
+    match changed {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
     }
-    Ok(())
 }
 
 impl Store {
@@ -581,6 +593,39 @@ mod tests {
         drop(s);
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load_instances().unwrap()[0].consecutive_failures, 3);
+    }
+
+    #[test]
+    fn stores_opened_at_once_on_an_old_database_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE instances (instance_id TEXT PRIMARY KEY, generation INTEGER NOT NULL,
+                   status TEXT NOT NULL, reason_code TEXT, error_message TEXT, exit_code INTEGER,
+                   seq INTEGER NOT NULL DEFAULT 0, boot_id TEXT, restarts INTEGER NOT NULL DEFAULT 0,
+                   desired_json TEXT, operator_stopped_generation INTEGER, updated_at TEXT NOT NULL DEFAULT '');",
+            )
+            .unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let opened: Vec<_> = (0..8)
+            .map(|_| {
+                let (p, b) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    b.wait();
+                    Store::open(&p).map(|_| ())
+                })
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().unwrap();
+        }
+        assert!(Store::open(&path)
+            .unwrap()
+            .load_instances()
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
