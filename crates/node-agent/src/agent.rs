@@ -381,6 +381,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         supervisor: node.supervisor.clone(),
         metrics: node.metrics.clone(),
         store: node.store.clone(),
+        cp_refusals: client.as_ref().map(|c| c.refusals()),
     });
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(async move {

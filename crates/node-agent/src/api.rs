@@ -30,6 +30,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Delivered reports (standalone sink).
     pub store: Store,
+    /// Connected mode: the endpoints the control plane refuses right now.
+    pub cp_refusals: Option<Arc<crate::control_plane::http::Refusals>>,
 }
 
 /// The router.
@@ -62,12 +64,34 @@ fn parse_id(id: &str) -> Result<InstanceId, ApiError> {
     InstanceId::parse(id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
+/// `ok`, or `degraded` (503) with the reason: the state store cannot commit (disk
+/// full), or the control plane refuses the agent's requests (its reports or
+/// heartbeats are rejected, so the platform does not learn what this node does).
 async fn healthz(State(s): State<ApiState>) -> Response {
-    match s.status.degraded() {
-        None => Json(json!({ "status": "ok", "instances": s.status.list().len() })).into_response(),
+    let refused = s
+        .cp_refusals
+        .as_ref()
+        .map(|r| r.current())
+        .unwrap_or_default();
+    let reason = s.status.degraded().or_else(|| {
+        refused.first().map(|r| {
+            format!(
+                "the control plane refuses the agent's {} requests: HTTP {}: {}",
+                r.endpoint, r.code, r.message
+            )
+        })
+    });
+    let instances = s.status.list().len();
+    match reason {
+        None => Json(json!({ "status": "ok", "instances": instances })).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "degraded", "reason": reason })),
+            Json(json!({
+                "status": "degraded",
+                "reason": reason,
+                "instances": instances,
+                "control_plane_refusals": refused,
+            })),
         )
             .into_response(),
     }

@@ -58,6 +58,28 @@ pub async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
     let list: Vec<InstanceView> =
         serde_json::from_value(body).context("unexpected instance list")?;
     print!("{}", table(&list));
+    // A degraded node (disk full, control plane refusing its requests) is said below
+    // the table: the statuses above may not be what the platform sees.
+    if let Ok(resp) = client()?.get(format!("http://{addr}/healthz")).send().await {
+        if let Ok(h) = resp.json::<serde_json::Value>().await {
+            if h["status"] == "degraded" {
+                println!(
+                    "\nNODE DEGRADED: {}",
+                    h["reason"].as_str().unwrap_or("no reason given")
+                );
+                for r in h["control_plane_refusals"].as_array().into_iter().flatten() {
+                    println!(
+                        "  control plane refuses {}: HTTP {} since {} ({} times): {}",
+                        r["endpoint"].as_str().unwrap_or("?"),
+                        r["code"],
+                        r["since"].as_str().unwrap_or("?"),
+                        r["count"],
+                        r["message"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -162,6 +162,41 @@ impl Metrics {
             "Instance actor panics caught",
             m.actor_panics.clone(),
         );
+        registry.register(
+            "status_commits",
+            "State store transactions that committed status changes",
+            m.status_commits.clone(),
+        );
+        registry.register(
+            "cp_requests",
+            "Control-plane requests by endpoint and outcome (ok, http_4xx, http_5xx, error)",
+            m.cp_requests.clone(),
+        );
+        registry.register(
+            "cp_request_duration_seconds",
+            "Control-plane request latency by endpoint",
+            m.cp_latency.clone(),
+        );
+        registry.register(
+            "plan_age_seconds",
+            "Age of the last applied plan",
+            m.plan_age_seconds.clone(),
+        );
+        registry.register(
+            "reports_dropped",
+            "Status reports the control plane refused for good (4xx) and that were dropped",
+            m.reports_dropped.clone(),
+        );
+        registry.register(
+            "log_lines_shipped",
+            "Workload log lines delivered to the control plane",
+            m.log_lines_shipped.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Workload log lines dropped (queue full or delivery gave up)",
+            m.log_lines_dropped.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = root;
         m
     }

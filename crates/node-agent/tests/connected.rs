@@ -176,10 +176,7 @@ async fn plan_instances_reach_ready_and_every_transition_arrives_once_in_order()
     )
     .await;
     let hb = cp.state.heartbeats.lock().unwrap().last().cloned().unwrap();
-    assert!(
-        hb["available_cpu_cores"].as_f64().is_some()
-            && hb["available_memory_bytes"].as_i64().is_some()
-    );
+    assert!(hb["available_cpu_cores"].is_i64() && hb["available_memory_bytes"].as_i64().is_some());
 
     // An older or equal cursor is ignored; a newer one scales down.
     cp.set_plan(1, vec![]);

@@ -448,6 +448,23 @@ fn assignment(id: &str, image: &str, script: &str, extra: serde_json::Value) -> 
     json!({"instance_id": id, "generation": 1, "desired_state": "running", "drain_grace_seconds": 10, "workload": w})
 }
 
+/// Asks a QEMU to quit over its QMP socket (as an operator's `virsh`-like tool would).
+fn qmp_quit(sock: &Path) {
+    use std::io::BufRead;
+    let s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+}
+
 /// GET `path` from `ip:port` (plain HTTP/1.0 over TCP) → body.
 fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
@@ -673,6 +690,15 @@ fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
                    "secrets": {"required": true, "secret_version_id": "absent", "mount_path": "/run/secrets/platform.env"}}),
         ),
     );
+    env.write(
+        "vmmquit.json",
+        &assignment(
+            "vmmquit",
+            &image,
+            "exec sleep 1000",
+            json!({"network": network("fd00::34")}),
+        ),
+    );
     env.spawn();
     // After start-up (which removes plfm taps nobody owns), someone else's tap takes
     // the name the agent derives for `taken`.
@@ -701,6 +727,20 @@ fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
     };
     let v = env.wait("exit3 failed", Duration::from_secs(90), failed("exit3"));
     assert_eq!(v.exit_code, Some(3), "{v:?}");
+    // QEMU itself ends (exit code 0, asked over QMP) while the workload runs: a
+    // failure whose `exit_code` stays empty (it is the workload's alone) and whose
+    // message names the VMM's exit.
+    env.wait("vmmquit ready", Duration::from_secs(90), |v| {
+        v.instance_id == "vmmquit" && v.status == Status::Ready
+    });
+    qmp_quit(&env.root.join("data/instances/vmmquit/qmp.sock"));
+    let v = env.wait("vmmquit failed", Duration::from_secs(30), failed("vmmquit"));
+    assert_eq!((v.exit_code, v.reason_code), (None, None), "{v:?}");
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains("VMM exited unexpectedly") && msg.contains("qemu exited (code 0)"),
+        "{msg}"
+    );
     let v = env.wait(
         "nosecret failed",
         Duration::from_secs(30),

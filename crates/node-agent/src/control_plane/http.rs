@@ -187,12 +187,13 @@ pub struct Heartbeat {
     pub node_id: String,
     /// `active`, `draining` or `degraded`.
     pub state: String,
-    /// Cores not reserved by instances.
-    pub available_cpu_cores: f64,
+    /// Whole cores not reserved by instances (rounded down: plfm's node API types it
+    /// `i32` and answers 422 to a float).
+    pub available_cpu_cores: i32,
     /// Memory not reserved by instances.
     pub available_memory_bytes: i64,
-    /// Instances assigned and not stopped.
-    pub instance_count: usize,
+    /// Instances assigned and not stopped (`i32` in plfm's node API).
+    pub instance_count: i32,
     /// Reports waiting for delivery.
     pub outbox_depth: i64,
     /// Agent version.
@@ -227,6 +228,62 @@ pub struct ControlPlaneClient {
     node_id: String,
     token: Option<Zeroizing<String>>,
     metrics: Arc<Metrics>,
+    refusals: Arc<Refusals>,
+}
+
+/// The control plane's latest refusal (a 4xx answer) of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// `plan`, `status`, `heartbeat`, `logs` or `secrets`.
+    pub endpoint: String,
+    /// HTTP status code of the latest refusal.
+    pub code: u16,
+    /// Start of the latest answer's body (one line).
+    pub message: String,
+    /// When the endpoint started refusing (RFC 3339).
+    pub since: String,
+    /// Refusals since the endpoint last answered 2xx.
+    pub count: u64,
+}
+
+/// Which endpoints the control plane currently refuses: set on a 4xx answer, cleared
+/// by the next 2xx of the same endpoint. Shown by `/healthz` and `status`, so an agent
+/// whose heartbeats or reports are rejected (a contract mismatch, a revoked token) is
+/// visible beyond a log line.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    by_endpoint: std::sync::Mutex<BTreeMap<&'static str, Refusal>>,
+}
+
+impl Refusals {
+    fn record(&self, endpoint: &'static str, code: u16, body: &[u8]) {
+        let mut m = self.by_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        if (200..300).contains(&code) {
+            m.remove(endpoint);
+            return;
+        }
+        if !(400..500).contains(&code) {
+            return;
+        }
+        let message =
+            String::from_utf8_lossy(&body[..body.len().min(300)]).replace(['\n', '\r'], " ");
+        let e = m.entry(endpoint).or_insert_with(|| Refusal {
+            endpoint: endpoint.to_string(),
+            code,
+            message: String::new(),
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            count: 0,
+        });
+        e.code = code;
+        e.message = message;
+        e.count += 1;
+    }
+
+    /// The endpoints refused right now, by name.
+    pub fn current(&self) -> Vec<Refusal> {
+        let m = self.by_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        m.values().cloned().collect()
+    }
 }
 
 impl ControlPlaneClient {
@@ -260,7 +317,13 @@ impl ControlPlaneClient {
             node_id: node_id.to_string(),
             token,
             metrics,
+            refusals: Arc::default(),
         })
+    }
+
+    /// The endpoints the control plane refuses right now.
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
     }
 
     fn url(&self, tail: &str) -> String {
@@ -302,6 +365,9 @@ impl ControlPlaneClient {
             .cp_latency
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
+        if let Ok((c, body)) = &result {
+            self.refusals.record(endpoint, c.as_u16(), body);
+        }
         let outcome = match &result {
             Ok((c, _)) if c.is_success() => "ok",
             Ok((c, _)) if c.is_client_error() => "http_4xx",
@@ -666,6 +732,17 @@ pub async fn run_plan_poller(
     }
 }
 
+/// Whole cores left after reservations: rounded down (a scheduler must not place a
+/// 1-core instance on 0.5 free cores), never negative.
+pub fn available_cores(cores: f64, reserved: f64) -> i32 {
+    let free = (cores - reserved).floor();
+    if free.is_nan() || free <= 0.0 {
+        0
+    } else {
+        free.min(f64::from(i32::MAX)) as i32
+    }
+}
+
 /// Reads MemTotal from /proc/meminfo (0 elsewhere).
 fn total_memory_bytes() -> i64 {
     #[cfg(target_os = "linux")]
@@ -718,9 +795,9 @@ pub async fn run_heartbeat(
         let hb = Heartbeat {
             node_id: node_id.clone(),
             state: state.into(),
-            available_cpu_cores: (cores - usage.cpu_reserved).max(0.0),
+            available_cpu_cores: available_cores(cores, usage.cpu_reserved),
             available_memory_bytes: (memory - reserved_memory_bytes - usage.memory_reserved).max(0),
-            instance_count: usage.instances,
+            instance_count: i32::try_from(usage.instances).unwrap_or(i32::MAX),
             outbox_depth,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
@@ -742,5 +819,35 @@ pub async fn run_heartbeat(
             _ = clock.sleep_until(due) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_cores_are_whole_and_never_negative() {
+        assert_eq!(available_cores(2.0, 0.0), 2);
+        assert_eq!(available_cores(2.0, 0.5), 1);
+        assert_eq!(available_cores(2.0, 2.5), 0);
+        assert_eq!(available_cores(64.0, f64::NAN), 0);
+    }
+
+    #[test]
+    fn a_refusal_is_kept_until_the_endpoint_answers_2xx() {
+        let r = Refusals::default();
+        r.record("heartbeat", 422, b"available_cpu_cores: invalid type\n");
+        r.record("heartbeat", 422, b"again");
+        r.record("plan", 503, b"down");
+        let now = r.current();
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(
+            (now[0].endpoint.as_str(), now[0].code, now[0].count),
+            ("heartbeat", 422, 2)
+        );
+        assert_eq!(now[0].message, "again");
+        r.record("heartbeat", 200, b"{}");
+        assert!(r.current().is_empty());
     }
 }

@@ -548,9 +548,12 @@ impl Runtime for MockRuntime {
             let p = path.display().to_string();
             let _ = self.ledger(move |s| s.resource_remove("process", &p)).await;
         }
+        // A graceful stop lets the simulated workload exit 0; a forced one kills the
+        // VM before the guest can report, so no workload exit code is known (as with
+        // a real VMM).
         StopOutcome {
             graceful,
-            exit_code: Some(if graceful { 0 } else { 137 }),
+            exit_code: graceful.then_some(0),
         }
     }
 

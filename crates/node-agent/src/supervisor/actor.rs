@@ -542,22 +542,24 @@ impl Actor {
                 self.end(Ending::Failure, Some(e.reason()), e.to_string(), None)
                     .await
             }
-            VmEvent::VmmExited { code, detail } if !self.workload_started => {
+            // `exit_code` is the workload's exit code only (docs/statuses.md): the
+            // VMM's own exit status is in the message (`detail` names it).
+            VmEvent::VmmExited { detail, .. } if !self.workload_started => {
                 let msg = format!("VMM exited before the guest handshake: {detail}");
                 self.end(
                     Ending::Failure,
                     Some(ReasonCode::FirecrackerStartFailed),
                     msg,
-                    code,
+                    None,
                 )
                 .await
             }
-            VmEvent::VmmExited { code, detail } => {
+            VmEvent::VmmExited { detail, .. } => {
                 self.end(
                     Ending::Failure,
                     None,
                     format!("VMM exited unexpectedly: {detail}"),
-                    code,
+                    None,
                 )
                 .await
             }

@@ -1,7 +1,10 @@
 //! TEST DOUBLE: a stand-in for the `firecracker` binary, compiled by the tests with
 //! `rustc` (std only). It is not Firecracker and boots nothing.
 //!
-//! It takes `--api-sock <path> --id <id>`, serves a minimal HTTP/1.1 API on the socket
+//! It parses its command line as Firecracker v1.16.1 does (an unknown or repeated
+//! argument exits 153) and, run with `FAKE_FC_ROLE=jailer`, acts as the jailer (its
+//! arguments checked as strictly, then an exec of the stand-in with the arguments the
+//! real jailer adds). As `firecracker` it takes `--api-sock <path> --id <id>`, serves a minimal HTTP/1.1 API on the socket
 //! (204 for PUT, `InstanceInfo` for `GET /`), appends every request as
 //! `METHOD PATH BODY` to `$FAKE_FC_RECORD`, and plays a guest over the hybrid vsock
 //! (`<uds_path>_5161`) after `InstanceStart`. `$FAKE_FC` is a comma-separated list:
@@ -73,32 +76,179 @@ impl State {
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+/// Parsed command line: each option's values, and what follows `--`.
+struct Args {
+    values: std::collections::HashMap<String, Vec<String>>,
+    rest: Vec<String>,
+}
+
+impl Args {
+    fn one(&self, name: &str) -> Option<String> {
+        self.values.get(name).and_then(|v| v.first()).cloned()
+    }
+    fn all(&self, name: &str) -> Vec<String> {
+        self.values.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// Parses `--name value`, `--name=value` and flags the way Firecracker's and the
+/// jailer's own argument parser does: an unknown argument or a single-valued argument
+/// given twice is an error (Firecracker then exits 153, the jailer 1). `rest_ok`: `--`
+/// ends the options (jailer only).
+fn parse_args(
+    argv: &[String],
+    valued: &[&str],
+    flags: &[&str],
+    multi: &[&str],
+    rest_ok: bool,
+) -> Result<Args, String> {
+    let mut values: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut i = 0;
+    while i < argv.len() {
+        let a = &argv[i];
+        if a == "--" && rest_ok {
+            return Ok(Args {
+                values,
+                rest: argv[i + 1..].to_vec(),
+            });
+        }
+        let Some(body) = a.strip_prefix("--") else {
+            return Err(format!("Found argument '{a}' which wasn't expected, or isn't valid in this context."));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (body.to_string(), None),
+        };
+        let value = if flags.contains(&name.as_str()) {
+            String::new()
+        } else if valued.contains(&name.as_str()) || multi.contains(&name.as_str()) {
+            match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    argv.get(i).cloned().ok_or_else(|| format!("The argument '{name}' requires a value but none was supplied"))?
+                }
+            }
+        } else {
+            return Err(format!("Found argument '{name}' which wasn't expected, or isn't valid in this context."));
+        };
+        let e = values.entry(name.clone()).or_default();
+        if !e.is_empty() && !multi.contains(&name.as_str()) {
+            return Err(format!("The argument '{name}' was provided more than once."));
+        }
+        e.push(value);
+        i += 1;
+    }
+    Ok(Args {
+        values,
+        rest: vec![],
+    })
+}
+
+/// Firecracker v1.16.1's options (`firecracker --help`).
+const FC_VALUED: &[&str] = &[
+    "api-sock", "config-file", "describe-snapshot", "http-api-max-payload-size", "id",
+    "level", "log-path", "metadata", "metrics-path", "mmds-size-limit", "module",
+    "parent-cpu-time-us", "seccomp-filter", "start-time-cpu-us", "start-time-us",
+];
+const FC_FLAGS: &[&str] = &[
+    "boot-timer", "enable-pci", "help", "no-api", "no-seccomp", "show-level",
+    "show-log-origin", "snapshot-version", "version",
+];
+
+/// Acts as the jailer v1.16.1 (without the chroot, uid switch or cgroups): checks its
+/// arguments as strictly as the real one, creates `<base>/<exec file name>/<id>/root`
+/// and execs the exec file with what the real jailer passes (`--id`, `--start-time-us`,
+/// `--start-time-cpu-us`, `--parent-cpu-time-us`, then everything after `--`).
+fn jailer(argv: &[String]) -> ! {
+    let fail = |msg: String| -> ! {
+        eprintln!("{msg}");
+        std::process::exit(1)
     };
-    let sock = arg("--api-sock").unwrap_or_else(|| {
-        eprintln!("fake-firecracker: --api-sock is required");
+    let a = parse_args(
+        argv,
+        &["chroot-base-dir", "cgroup-version", "exec-file", "gid", "id", "netns", "parent-cgroup", "uid"],
+        &["daemonize", "help", "new-pid-ns", "version"],
+        &["cgroup", "resource-limit"],
+        true,
+    )
+    .unwrap_or_else(|e| fail(format!("Failed to parse arguments: {e}")));
+    let need = |n: &str| {
+        a.one(n)
+            .unwrap_or_else(|| fail(format!("Failed to parse arguments: Missing mandatory argument '{n}'")))
+    };
+    let id = need("id");
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        fail(format!("Invalid instance ID: {id}"));
+    }
+    let exec = need("exec-file");
+    for n in ["uid", "gid"] {
+        if need(n).parse::<u32>().is_err() {
+            fail(format!("Invalid {n} value"));
+        }
+    }
+    if !std::path::Path::new(&exec).is_file() {
+        fail(format!("Failed to canonicalize path {exec}: No such file or directory (os error 2)"));
+    }
+    let version = a.one("cgroup-version").unwrap_or_else(|| "1".into());
+    // Files of the other cgroup version name controllers the jailer cannot find there.
+    let (v1_only, v2_only) = (
+        ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "cpu.shares"],
+        ["memory.max", "memory.swap.max", "cpu.weight", "cpu.max"],
+    );
+    for c in a.all("cgroup") {
+        let Some((file, value)) = c.split_once('=') else {
+            fail(format!("Invalid cgroup {c}"));
+        };
+        let controller = file.split('.').next().unwrap_or("");
+        let wrong = match version.as_str() {
+            "1" => v2_only.contains(&file),
+            "2" => v1_only.contains(&file),
+            v => fail(format!("Invalid cgroup version {v}")),
+        };
+        if wrong || value.is_empty() {
+            fail(format!("Controller {controller} is unavailable"));
+        }
+        record(&format!("EVENT jailer_cgroup {} v{version} {c}", now_ms()));
+    }
+    let base = a.one("chroot-base-dir").unwrap_or_else(|| "/srv/jailer".into());
+    if !std::path::Path::new(&base).is_dir() {
+        fail(format!("Failed to canonicalize path {base}: No such file or directory (os error 2)"));
+    }
+    let name = std::path::Path::new(&exec)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = format!("{base}/{name}/{id}/root");
+    if let Err(e) = std::fs::create_dir_all(&root) {
+        fail(format!("Failed to create {root}: {e}"));
+    }
+    record(&format!("EVENT jailed {} {root}", now_ms()));
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&exec)
+        .args(["--id", &id, "--start-time-us", "1", "--start-time-cpu-us", "1", "--parent-cpu-time-us", "1"])
+        .args(&a.rest)
+        .env_remove("FAKE_FC_ROLE")
+        .env("FAKE_FC_JAIL", &root)
+        .exec();
+    fail(format!("Failed to exec into Firecracker: {err}"))
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if std::env::var("FAKE_FC_ROLE").as_deref() == Ok("jailer") {
+        jailer(&argv);
+    }
+    let args = parse_args(&argv, FC_VALUED, FC_FLAGS, &[], false).unwrap_or_else(|e| {
+        eprintln!("[fake-firecracker] Arguments parsing error: {e}");
+        eprintln!("[fake-firecracker] Firecracker exiting with error. exit_code=153");
         std::process::exit(153)
     });
-    let id = arg("--id").unwrap_or_default();
-    // Invoked as the jailer: the API socket and the paths given over the API are
-    // relative to `<chroot-base-dir>/<exec-file name>/<id>/root` (no real chroot).
-    let jail = arg("--chroot-base-dir").map(|base| {
-        let exec = arg("--exec-file").unwrap_or_default();
-        let name = std::path::Path::new(&exec)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        format!("{base}/{name}/{id}/root")
-    });
-    if let Some(root) = &jail {
-        record(&format!("EVENT jailed {} {root}", now_ms()));
-    }
+    let sock = args.one("api-sock").unwrap_or_else(|| "/run/firecracker.socket".into());
+    let id = args.one("id").unwrap_or_else(|| "anonymous-instance".into());
+    // Started by the jailer: the API socket and the paths given over the API are
+    // relative to the jail's root (no real chroot).
+    let jail = std::env::var("FAKE_FC_JAIL").ok();
     let sock = match &jail {
         Some(root) => format!("{root}{sock}"),
         None => sock,

@@ -79,12 +79,12 @@ impl FcEnv {
         let root = tempfile::tempdir().unwrap();
         let record = root.path().join("requests.log");
         let binary = root.path().join("firecracker");
-        for name in ["firecracker", "jailer"] {
+        for (name, role) in [("firecracker", ""), ("jailer", "FAKE_FC_ROLE=jailer ")] {
             let p = root.path().join(name);
             std::fs::write(
                 &p,
                 format!(
-                    "#!/bin/sh\nFAKE_FC='{modes}' FAKE_FC_RECORD='{}' exec '{}' \"$@\"\n",
+                    "#!/bin/sh\n{role}FAKE_FC='{modes}' FAKE_FC_RECORD='{}' exec '{}' \"$@\"\n",
                     record.display(),
                     standin.display()
                 ),

@@ -1,7 +1,101 @@
 //! An in-test control plane speaking the plfm node API v1 JSON of DESIGN §3 on
 //! loopback (plain HTTP or TLS with optional client certificates). It serves a plan
 //! the test sets, records every request it gets, and can be told to fail.
+//!
+//! It is as strict as the real one: every request body is deserialized into the types
+//! of [`plfm`], which mirror plfm's node API (`services/control-plane/src/api/v1/
+//! nodes.rs` of plfm-vt: integers where plfm has integers, unknown fields ignored), and
+//! a body that does not fit is answered 422 with serde's message, as axum's `Json`
+//! extractor in the real control plane answers.
 #![allow(dead_code)]
+
+/// Request types of plfm's node API v1, as the real control plane deserializes them
+/// (plfm-vt `services/control-plane/src/api/v1/nodes.rs` at commit 92b3c5f, and
+/// `libs/events/src/types.rs` for `NodeState`). Field types follow plfm's exactly
+/// (`i32`, `i64`, `Option`); serde ignores fields plfm does not declare.
+pub mod plfm {
+    use serde::Deserialize;
+
+    /// `NodeState` (snake_case on the wire).
+    #[derive(Debug, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    pub enum NodeState {
+        Active,
+        Draining,
+        Disabled,
+        Degraded,
+        Offline,
+    }
+
+    /// `POST /v1/nodes/{node_id}/heartbeat`.
+    #[derive(Debug, Deserialize)]
+    pub struct HeartbeatRequest {
+        pub state: NodeState,
+        pub available_cpu_cores: i32,
+        pub available_memory_bytes: i64,
+        pub instance_count: i32,
+        #[serde(default)]
+        pub instance_statuses: serde_json::Value,
+    }
+
+    /// `POST /v1/nodes/{node_id}/instances/{instance_id}/status`.
+    #[derive(Debug, Deserialize)]
+    pub struct ReportInstanceStatusRequest {
+        pub status: String,
+        #[serde(default)]
+        pub boot_id: Option<String>,
+        #[serde(default)]
+        pub error_message: Option<String>,
+        #[serde(default)]
+        pub exit_code: Option<i32>,
+    }
+
+    /// `POST /v1/nodes/{node_id}/logs`.
+    #[derive(Debug, Deserialize)]
+    pub struct WorkloadLogIngestRequest {
+        pub entries: Vec<WorkloadLogIngestEntry>,
+    }
+
+    /// One log line.
+    #[derive(Debug, Deserialize)]
+    pub struct WorkloadLogIngestEntry {
+        pub ts: chrono::DateTime<chrono::Utc>,
+        pub instance_id: String,
+        #[serde(default)]
+        pub stream: Option<String>,
+        pub line: String,
+        #[serde(default)]
+        pub truncated: Option<bool>,
+    }
+
+    /// `POST /v1/nodes/enroll`.
+    #[derive(Debug, Deserialize)]
+    pub struct EnrollNodeRequest {
+        pub hostname: String,
+        pub region: String,
+        pub wireguard_public_key: String,
+        pub agent_mtls_subject: String,
+        pub public_ipv6: std::net::Ipv6Addr,
+        #[serde(default)]
+        pub public_ipv4: Option<std::net::Ipv4Addr>,
+        pub cpu_cores: i32,
+        pub memory_bytes: i64,
+        #[serde(default)]
+        pub mtu: Option<i32>,
+        #[serde(default)]
+        pub labels: serde_json::Value,
+    }
+
+    /// Statuses plfm accepts (`report_instance_status` answers 400 otherwise).
+    pub const STATUSES: [&str; 5] = ["booting", "ready", "draining", "stopped", "failed"];
+
+    /// Deserializes `body` as plfm does; the error text is what its 422 carries.
+    pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("Failed to deserialize the JSON body into the target type: {e}"))
+    }
+}
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +136,10 @@ pub struct CpState {
     pub status_down: AtomicBool,
     pub token: Option<String>,
     pub next_heartbeat_secs: u64,
+    /// Bodies refused with 422 (they do not fit plfm's types).
+    pub rejected: Mutex<Vec<Rejected>>,
+    /// Answer 422 to every heartbeat (as a control plane with other types would).
+    pub refuse_heartbeats: AtomicBool,
 }
 
 pub struct FakeCp {
@@ -91,13 +189,45 @@ async fn plan(
     (StatusCode::OK, Json(s.plan.lock().unwrap().clone()))
 }
 
+/// A body refused by the typed check (422), by endpoint.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub endpoint: &'static str,
+    pub body: Value,
+    pub error: String,
+}
+
+fn unprocessable(
+    s: &CpState,
+    endpoint: &'static str,
+    raw: &[u8],
+    error: String,
+) -> (StatusCode, Json<Value>) {
+    s.rejected.lock().unwrap().push(Rejected {
+        endpoint,
+        body: serde_json::from_slice(raw).unwrap_or(Value::Null),
+        error: error.clone(),
+    });
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({"error": error})),
+    )
+}
+
 async fn status(
     State(s): State<Arc<CpState>>,
     h: HeaderMap,
     Path((_node, id)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    raw: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
-    let accepted = !s.down.load(Ordering::SeqCst)
+    let typed = plfm::parse::<plfm::ReportInstanceStatusRequest>(&raw);
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    let valid = match &typed {
+        Ok(r) => plfm::STATUSES.contains(&r.status.as_str()),
+        Err(_) => false,
+    };
+    let accepted = valid
+        && !s.down.load(Ordering::SeqCst)
         && !s.status_down.load(Ordering::SeqCst)
         && authorized(&s, &h);
     s.statuses.lock().unwrap().push(Received {
@@ -107,23 +237,38 @@ async fn status(
         body: body.clone(),
         accepted,
     });
-    if accepted {
-        (StatusCode::OK, Json(json!({"accepted": true})))
-    } else {
-        (
+    match typed {
+        Err(e) => unprocessable(&s, "status", &raw, e),
+        Ok(_) if !valid => (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"code": "invalid_status", "message": format!("Status must be one of: {:?}", plfm::STATUSES)}),
+            ),
+        ),
+        Ok(_) if accepted => (StatusCode::OK, Json(json!({"accepted": true}))),
+        Ok(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": "unavailable"})),
-        )
+        ),
     }
 }
 
 async fn heartbeat(
     State(s): State<Arc<CpState>>,
     h: HeaderMap,
-    Json(body): Json<Value>,
+    raw: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
     guard!(s, h);
-    s.heartbeats.lock().unwrap().push(body);
+    if let Err(e) = plfm::parse::<plfm::HeartbeatRequest>(&raw) {
+        return unprocessable(&s, "heartbeat", &raw, e);
+    }
+    if s.refuse_heartbeats.load(Ordering::SeqCst) {
+        return unprocessable(&s, "heartbeat", &raw, "refused by the test".into());
+    }
+    s.heartbeats
+        .lock()
+        .unwrap()
+        .push(serde_json::from_slice(&raw).unwrap_or(Value::Null));
     (
         StatusCode::OK,
         Json(json!({"accepted": true, "next_heartbeat_secs": s.next_heartbeat_secs})),
@@ -149,10 +294,16 @@ async fn secrets(
 async fn logs(
     State(s): State<Arc<CpState>>,
     h: HeaderMap,
-    Json(body): Json<Value>,
+    raw: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
     guard!(s, h);
-    s.logs.lock().unwrap().push(body);
+    if let Err(e) = plfm::parse::<plfm::WorkloadLogIngestRequest>(&raw) {
+        return unprocessable(&s, "logs", &raw, e);
+    }
+    s.logs
+        .lock()
+        .unwrap()
+        .push(serde_json::from_slice(&raw).unwrap_or(Value::Null));
     (StatusCode::OK, Json(json!({"accepted": true})))
 }
 

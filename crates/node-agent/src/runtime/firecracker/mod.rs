@@ -71,6 +71,10 @@ pub struct FirecrackerConfig {
     /// Size of a volume created on first use.
     #[serde(default = "default_volume_bytes")]
     pub volume_default_bytes: u64,
+    /// Under the jailer: `--parent-cgroup` of the VMMs' cgroups, relative to each
+    /// cgroup mount (`<mount>/<parent>/<vmm id>`).
+    #[serde(default = "default_jailer_cgroup_parent")]
+    pub jailer_cgroup_parent: String,
 }
 
 fn default_binary() -> PathBuf {
@@ -100,6 +104,9 @@ fn default_pool() -> String {
 fn default_volume_bytes() -> u64 {
     1 << 30
 }
+fn default_jailer_cgroup_parent() -> String {
+    process::JAILER_CGROUP_PARENT.into()
+}
 
 impl Default for FirecrackerConfig {
     fn default() -> Self {
@@ -115,6 +122,7 @@ impl Default for FirecrackerConfig {
             api_timeout_ms: default_api_timeout_ms(),
             ipv4_pool: default_pool(),
             volume_default_bytes: default_volume_bytes(),
+            jailer_cgroup_parent: default_jailer_cgroup_parent(),
         }
     }
 }
@@ -138,6 +146,19 @@ impl FirecrackerConfig {
         super::parse_ipv4_pool(&self.ipv4_pool).map_err(|e| format!("runtime.firecracker.{e}"))?;
         if self.volume_default_bytes < 16 << 20 {
             return Err("runtime.firecracker.volume_default_bytes must be at least 16 MiB".into());
+        }
+        let p = &self.jailer_cgroup_parent;
+        if p.is_empty()
+            || p.len() > 200
+            || p.starts_with('/')
+            || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(format!(
+                "runtime.firecracker.jailer_cgroup_parent {p:?} must be a relative cgroup path of [A-Za-z0-9._-] components, e.g. \"plfm-firecracker\""
+            ));
         }
         Ok(())
     }
@@ -438,6 +459,8 @@ pub struct FirecrackerRuntime {
     host: Arc<dyn HostResources>,
     vms: Mutex<HashMap<InstanceId, Arc<VmState>>>,
     prepared: Mutex<HashMap<InstanceId, PreparedHost>>,
+    /// How the jailer confines VMMs on this host (found once at start).
+    jailer_cgroups: process::JailerCgroups,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -455,6 +478,16 @@ impl FirecrackerRuntime {
         if let Err(e) = config.check_host() {
             tracing::error!(error = %e, "firecracker runtime: host is not ready; every instance will fail with firecracker_start_failed");
         }
+        let jailer_cgroups = process::JailerCgroups::detect(&config.jailer_cgroup_parent);
+        if config.jailer.is_some() {
+            match &jailer_cgroups {
+                process::JailerCgroups::Unavailable(why) => tracing::error!(
+                    why,
+                    "firecracker runtime: jailed VMs cannot run on this host; every instance will fail with firecracker_start_failed"
+                ),
+                c => tracing::info!(cgroups = ?c, "firecracker runtime: jailer cgroups"),
+            }
+        }
         FirecrackerRuntime {
             config,
             data_dir: data_dir.to_path_buf(),
@@ -462,6 +495,7 @@ impl FirecrackerRuntime {
             host,
             vms: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
+            jailer_cgroups,
         }
     }
 
@@ -553,6 +587,26 @@ impl FirecrackerRuntime {
     }
 }
 
+/// Guest memory of a workload in MiB: its memory limit, at least 128 MiB.
+fn guest_mem_mib(workload: &Workload) -> u64 {
+    ((workload.spec.resources.memory_limit_bytes.max(0) as u64) >> 20).max(128)
+}
+
+/// Memory limit of the VMM's cgroup under the jailer: guest memory plus 64 MiB for
+/// the VMM itself.
+fn vmm_memory_limit(workload: &Workload) -> u64 {
+    (guest_mem_mib(workload) + 64) << 20
+}
+
+/// CPU weight of the VMM's cgroup (DESIGN §5): the spec's `cpu_weight`, else
+/// `cpu_request × 100`, within 1..=10000.
+fn cpu_weight(workload: &Workload) -> u32 {
+    let r = &workload.spec.resources;
+    r.cpu_weight
+        .unwrap_or_else(|| (r.cpu_request * 100.0).round().clamp(1.0, 10_000.0) as u32)
+        .clamp(1, 10_000)
+}
+
 /// Builds the API configuration of a VM.
 fn vm_configuration(
     id: &InstanceId,
@@ -568,7 +622,7 @@ fn vm_configuration(
         .vcpu_count
         .unwrap_or_else(|| r.cpu_request.ceil().max(1.0) as u32)
         .clamp(1, 32);
-    let mem_mib = ((r.memory_limit_bytes.max(0) as u64) >> 20).max(128);
+    let mem_mib = guest_mem_mib(workload);
     let mut drives = vec![
         api::Drive {
             drive_id: "vda".into(),
@@ -750,17 +804,23 @@ fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
     .map_err(|e| format!("cannot chown {} to {uid}:{gid}: {e}", p.display()))
 }
 
-fn vmm_failure(what: String, layout_logs: &[&Path]) -> RuntimeError {
-    let tail = layout_logs
+/// `what` followed by the last lines of the VMM's log and the guest console, so every
+/// failure carries the VMM's own evidence.
+fn with_log_tail<P: AsRef<Path>>(what: String, logs: &[P]) -> String {
+    let tail = logs
         .iter()
-        .filter_map(|p| process::last_lines(p, 5))
+        .filter_map(|p| process::last_lines(p.as_ref(), 5))
         .collect::<Vec<_>>()
         .join(" | ");
     if tail.is_empty() {
-        RuntimeError::VmmStart(what)
+        what
     } else {
-        RuntimeError::VmmStart(format!("{what}; last VMM log lines: {tail}"))
+        format!("{what}; last VMM log lines: {tail}")
     }
+}
+
+fn vmm_failure(what: String, logs: &[&Path]) -> RuntimeError {
+    RuntimeError::VmmStart(with_log_tail(what, logs))
 }
 
 /// Kills a VMM we spawned and reaps it (bounded).
@@ -850,26 +910,27 @@ impl Runtime for FirecrackerRuntime {
         })?;
 
         let launch = match &resolved.jailer {
-            Some(jailer) => process::Launch {
-                program: jailer.clone(),
-                args: process::jailer_args(&process::JailerArgs {
-                    exec_file: &resolved.binary,
-                    id: &vmm_id(id),
-                    uid,
-                    gid,
-                    chroot_base_dir: &self.config.chroot_base_dir,
-                    memory_max: ((workload.spec.resources.memory_limit_bytes.max(0) as u64)
-                        .max(128 << 20))
-                        + (64 << 20),
-                    cpu_weight: workload
-                        .spec
-                        .resources
-                        .cpu_weight
-                        .unwrap_or(100)
-                        .clamp(1, 10_000),
-                }),
-                console_log: layout.console_log.clone(),
-            },
+            Some(jailer) => {
+                if let process::JailerCgroups::Unavailable(why) = &self.jailer_cgroups {
+                    return Err(RuntimeError::VmmStart(format!(
+                        "jailed VMs cannot run on this host: {why}"
+                    )));
+                }
+                process::Launch {
+                    program: jailer.clone(),
+                    args: process::jailer_args(&process::JailerArgs {
+                        exec_file: &resolved.binary,
+                        id: &vmm_id(id),
+                        uid,
+                        gid,
+                        chroot_base_dir: &self.config.chroot_base_dir,
+                        cgroups: &self.jailer_cgroups,
+                        memory_max: vmm_memory_limit(workload),
+                        cpu_weight: cpu_weight(workload),
+                    }),
+                    console_log: layout.console_log.clone(),
+                }
+            }
             None => process::Launch {
                 program: resolved.binary.clone(),
                 args: process::firecracker_args(&layout.api_sock, &vmm_id(id)),
@@ -1164,6 +1225,11 @@ impl Runtime for FirecrackerRuntime {
                 ));
             }
         }
+        if self.config.jailer.is_some() {
+            for dir in self.jailer_cgroups.dirs(&vmm_id(id)) {
+                remove_cgroup_dir(&dir).await?;
+            }
+        }
         for root in chroots {
             // `<base>/firecracker/<id>/root`: remove `<base>/firecracker/<id>`.
             let jail = root.parent().unwrap_or(&root).to_path_buf();
@@ -1201,6 +1267,28 @@ impl Runtime for FirecrackerRuntime {
                 .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// Removes a cgroup directory the jailer made for a VMM (idempotent). The VMM was
+/// killed just before: the kernel refuses the removal (`EBUSY`) until its last task is
+/// gone, so this retries for up to 2 s.
+async fn remove_cgroup_dir(dir: &Path) -> Result<(), RuntimeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline && e.raw_os_error() == Some(16) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                return Err(RuntimeError::VmmStart(format!(
+                    "cannot remove the VMM's cgroup {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
     }
 }
 
@@ -1267,14 +1355,14 @@ fn spawn_monitor(
                         tracing::debug!(instance = %instance, error = %e, "adopted guest has not reconnected yet");
                     }
                     Err(e) => {
+                        // The VMM's own log and the guest console say why the guest
+                        // never spoke (kernel panic, bad initramfs, KVM error …).
+                        let detail = with_log_tail(e.to_string(), &logs);
                         let err = match e.reason() {
                             crate::instance::ReasonCode::FirecrackerStartFailed => {
-                                RuntimeError::VmmStart(e.to_string())
+                                RuntimeError::VmmStart(detail)
                             }
-                            reason => RuntimeError::Guest {
-                                reason,
-                                detail: e.to_string(),
-                            },
+                            reason => RuntimeError::Guest { reason, detail },
                         };
                         let _ = ev_tx.send(VmEvent::Failed(err));
                         return std::future::pending::<()>().await;
@@ -1315,15 +1403,7 @@ fn spawn_monitor(
             _ = &mut guest => (None, None),
         };
         let _ = exit_tx.send(Some((code, signal)));
-        let mut detail = process::describe_exit(code, signal);
-        let tail: Vec<String> = logs
-            .iter()
-            .filter_map(|p| process::last_lines(p, 5))
-            .collect();
-        if !tail.is_empty() {
-            detail.push_str("; last VMM log lines: ");
-            detail.push_str(&tail.join(" | "));
-        }
+        let detail = with_log_tail(process::describe_exit(code, signal), &logs);
         let _ = ev_tx.send(VmEvent::VmmExited { code, detail });
     });
     Arc::new(VmState {
@@ -1377,9 +1457,10 @@ async fn stop_vm(state: &VmState, grace: Duration, api: &ApiClient) -> StopOutco
         p.signal(rustix::process::Signal::KILL);
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|v| v.is_some())).await;
+    // `exit_code` is the workload's alone: a killed VMM says nothing about it.
     StopOutcome {
         graceful: false,
-        exit_code: Some(137),
+        exit_code: *lock(&state.workload_exit),
     }
 }
 

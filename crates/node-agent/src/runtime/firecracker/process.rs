@@ -126,16 +126,22 @@ pub struct JailerArgs<'a> {
     pub gid: u32,
     /// `--chroot-base-dir`.
     pub chroot_base_dir: &'a Path,
-    /// `memory.max` of the VMM's cgroup (guest memory plus overhead).
+    /// How the jailer confines the VMM in cgroups on this host.
+    pub cgroups: &'a JailerCgroups,
+    /// Memory limit of the VMM's cgroup (guest memory plus overhead), bytes.
     pub memory_max: u64,
-    /// `cpu.weight` of the VMM's cgroup (1..=10000).
+    /// CPU weight of the VMM's cgroup (1..=10000, cgroup v2 scale).
     pub cpu_weight: u32,
 }
 
 /// Arguments of `jailer … -- <firecracker args>`; the API socket path is relative to
 /// the chroot (`/run/firecracker.socket`).
+///
+/// Only `--api-sock` follows `--`: the jailer itself passes `--id`, `--start-time-us`
+/// and `--start-time-cpu-us` to Firecracker, which refuses an argument given twice
+/// (exit 153, "The argument 'id' was provided more than once").
 pub fn jailer_args(j: &JailerArgs<'_>) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "--id".into(),
         j.id.to_string(),
         "--exec-file".into(),
@@ -146,18 +152,221 @@ pub fn jailer_args(j: &JailerArgs<'_>) -> Vec<String> {
         j.gid.to_string(),
         "--chroot-base-dir".into(),
         j.chroot_base_dir.display().to_string(),
-        "--cgroup-version".into(),
-        "2".into(),
-        "--cgroup".into(),
-        format!("memory.max={}", j.memory_max),
-        "--cgroup".into(),
-        format!("cpu.weight={}", j.cpu_weight),
-        "--".into(),
-        "--api-sock".into(),
-        JAILED_API_SOCK.into(),
-        "--id".into(),
-        j.id.to_string(),
-    ]
+    ];
+    args.extend(j.cgroups.args(j.memory_max, j.cpu_weight));
+    args.extend(["--".into(), "--api-sock".into(), JAILED_API_SOCK.into()]);
+    args
+}
+
+/// The cgroup interface the jailer uses on this host, found once at start from
+/// `/proc/self/mounts` ([`JailerCgroups::detect`]). The jailer itself looks for the
+/// controllers of its `--cgroup` files in `/proc/mounts`; passing cgroup v2 files on a
+/// v1 host (or v1 files on a v2 host) makes it fail (`CgroupControllerUnavailable`), so
+/// the agent passes what the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JailerCgroups {
+    /// Unified hierarchy with the `memory` and `cpu` controllers: `memory.max`,
+    /// `cpu.weight`.
+    V2 {
+        /// Mount point of the cgroup2 filesystem.
+        mount: PathBuf,
+        /// `--parent-cgroup` (relative to the mount).
+        parent: String,
+    },
+    /// Legacy hierarchies: `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`
+    /// when swap is accounted), `cpu.shares`.
+    V1 {
+        /// Mount point of the `memory` hierarchy.
+        memory: PathBuf,
+        /// Mount point of the `cpu` hierarchy.
+        cpu: PathBuf,
+        /// The host accounts swap (`memory.memsw.limit_in_bytes` exists).
+        memsw: bool,
+        /// `--parent-cgroup` (relative to each mount).
+        parent: String,
+    },
+    /// No usable hierarchy: jailed VMs cannot run on this host (the string says why).
+    Unavailable(String),
+}
+
+/// The default `--parent-cgroup` of jailed VMMs: `<mount>/plfm-firecracker/<vmm id>`.
+pub const JAILER_CGROUP_PARENT: &str = "plfm-firecracker";
+
+impl JailerCgroups {
+    /// Finds the hierarchy from the text of `/proc/self/mounts`. `controllers_v2` reads
+    /// `cgroup.controllers` of a cgroup2 mount; `has_file` tells whether a file exists.
+    /// v2 wins when its mount offers both `memory` and `cpu` (a hybrid host's empty
+    /// `unified` mount does not); else v1 when both controllers have a hierarchy.
+    pub fn from_mounts(
+        mounts: &str,
+        controllers_v2: &dyn Fn(&Path) -> Option<String>,
+        has_file: &dyn Fn(&Path) -> bool,
+        parent: &str,
+    ) -> JailerCgroups {
+        let mut v1_memory = None;
+        let mut v1_cpu = None;
+        let mut v2_seen = Vec::new();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(dir), Some(fstype)) = (f.get(1), f.get(2)) else {
+                continue;
+            };
+            let dir = PathBuf::from(unescape_mount_path(dir));
+            match *fstype {
+                "cgroup2" => {
+                    let c = controllers_v2(&dir).unwrap_or_default();
+                    let has = |n: &str| c.split_whitespace().any(|x| x == n);
+                    if has("memory") && has("cpu") {
+                        return JailerCgroups::V2 {
+                            mount: dir,
+                            parent: parent.to_string(),
+                        };
+                    }
+                    v2_seen.push(format!("{} (controllers: {:?})", dir.display(), c.trim()));
+                }
+                "cgroup" => {
+                    let opts = f.get(3).copied().unwrap_or("");
+                    let has = |n: &str| opts.split(',').any(|o| o == n);
+                    if has("memory") && v1_memory.is_none() {
+                        v1_memory = Some(dir.clone());
+                    }
+                    if has("cpu") && v1_cpu.is_none() {
+                        v1_cpu = Some(dir);
+                    }
+                }
+                _ => {}
+            }
+        }
+        match (v1_memory, v1_cpu) {
+            (Some(memory), Some(cpu)) => JailerCgroups::V1 {
+                memsw: has_file(&memory.join("memory.memsw.limit_in_bytes")),
+                memory,
+                cpu,
+                parent: parent.to_string(),
+            },
+            (m, c) => JailerCgroups::Unavailable(format!(
+                "no cgroup hierarchy with the memory and cpu controllers in /proc/self/mounts \
+                 (cgroup2: {}; cgroup v1 memory: {}, cpu: {}); the jailer cannot confine a VMM \
+                 here (under `ip netns exec`, which remounts /sys, mount the cgroup hierarchies \
+                 again or use `unshare -n`)",
+                if v2_seen.is_empty() {
+                    "none".to_string()
+                } else {
+                    v2_seen.join(", ")
+                },
+                m.map_or("none".to_string(), |p| p.display().to_string()),
+                c.map_or("none".to_string(), |p| p.display().to_string()),
+            )),
+        }
+    }
+
+    /// Detects the host's hierarchy (Linux); elsewhere always unavailable.
+    pub fn detect(parent: &str) -> JailerCgroups {
+        match std::fs::read_to_string("/proc/self/mounts") {
+            Ok(text) => Self::from_mounts(
+                &text,
+                &|dir| std::fs::read_to_string(dir.join("cgroup.controllers")).ok(),
+                &|p| p.is_file(),
+                parent,
+            ),
+            Err(e) => JailerCgroups::Unavailable(format!("cannot read /proc/self/mounts: {e}")),
+        }
+    }
+
+    /// The jailer arguments for a VMM limited to `memory_max` bytes and `cpu_weight`.
+    /// Empty when unavailable (the runtime refuses to start such a VMM first).
+    pub fn args(&self, memory_max: u64, cpu_weight: u32) -> Vec<String> {
+        let weight = cpu_weight.clamp(1, 10_000);
+        let mut a: Vec<String> = Vec::new();
+        let mut cgroup = |kv: String| {
+            a.push("--cgroup".into());
+            a.push(kv);
+        };
+        let parent = match self {
+            JailerCgroups::V2 { parent, .. } => {
+                cgroup(format!("memory.max={memory_max}"));
+                cgroup(format!("cpu.weight={weight}"));
+                parent
+            }
+            JailerCgroups::V1 { memsw, parent, .. } => {
+                cgroup(format!("memory.limit_in_bytes={memory_max}"));
+                if *memsw {
+                    // memory + swap = memory: the VMM gets no swap (as on v2 with the
+                    // agent's own groups). Written after memory.limit_in_bytes, which
+                    // memsw must never be below.
+                    cgroup(format!("memory.memsw.limit_in_bytes={memory_max}"));
+                }
+                cgroup(format!("cpu.shares={}", shares_of_weight(weight)));
+                parent
+            }
+            JailerCgroups::Unavailable(_) => return a,
+        };
+        let version = if matches!(self, JailerCgroups::V2 { .. }) {
+            "2"
+        } else {
+            "1"
+        };
+        let mut out = vec![
+            "--cgroup-version".to_string(),
+            version.to_string(),
+            "--parent-cgroup".to_string(),
+            parent.clone(),
+        ];
+        out.extend(a);
+        out
+    }
+
+    /// The cgroup directories the jailer creates for VMM `id` (to remove at cleanup).
+    pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        match self {
+            JailerCgroups::V2 { mount, parent } => vec![mount.join(parent).join(id)],
+            JailerCgroups::V1 {
+                memory,
+                cpu,
+                parent,
+                ..
+            } => {
+                let mut v = vec![memory.join(parent).join(id)];
+                if cpu != memory {
+                    v.push(cpu.join(parent).join(id));
+                }
+                v
+            }
+            JailerCgroups::Unavailable(_) => vec![],
+        }
+    }
+}
+
+/// cgroup v2 `cpu.weight` (1..=10000, default 100) on the v1 `cpu.shares` scale
+/// (2..=262144, default 1024): linear, 1024 shares = weight 100 (as systemd maps
+/// `CPUShares=` to `CPUWeight=`).
+pub fn shares_of_weight(weight: u32) -> u64 {
+    (u64::from(weight.clamp(1, 10_000)) * 1024 / 100).clamp(2, 262_144)
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The API socket path as the jailed firecracker sees it.
@@ -316,20 +525,45 @@ mod tests {
         }
     }
 
-    #[test]
-    fn jailer_command_line_has_cgroup_v2_limits_and_the_firecracker_args() {
-        let a = jailer_args(&JailerArgs {
+    const HYBRID_MOUNTS: &str = "tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+    const V2_MOUNTS: &str = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec 0 0\n";
+
+    fn detect(mounts: &str, v2_controllers: &str, memsw: bool) -> JailerCgroups {
+        let c = v2_controllers.to_string();
+        JailerCgroups::from_mounts(
+            mounts,
+            &move |_| Some(c.clone()),
+            &move |p| memsw && p.ends_with("memory.memsw.limit_in_bytes"),
+            JAILER_CGROUP_PARENT,
+        )
+    }
+
+    fn jailer_line(cgroups: &JailerCgroups) -> String {
+        jailer_args(&JailerArgs {
             exec_file: Path::new("/usr/bin/firecracker"),
             id: "i-1",
             uid: 123,
             gid: 100,
             chroot_base_dir: Path::new("/srv/jailer"),
+            cgroups,
             memory_max: 1 << 30,
-            cpu_weight: 100,
-        });
-        let s = a.join(" ");
-        assert!(s.starts_with("--id i-1 --exec-file /usr/bin/firecracker --uid 123 --gid 100 --chroot-base-dir /srv/jailer --cgroup-version 2"));
-        assert!(s.contains("--cgroup memory.max=1073741824 --cgroup cpu.weight=100 -- --api-sock /run/firecracker.socket --id i-1"));
+            cpu_weight: 200,
+        })
+        .join(" ")
+    }
+
+    #[test]
+    fn jailer_passes_only_the_api_socket_to_firecracker() {
+        // The jailer adds `--id` itself; Firecracker refuses a duplicate (exit 153).
+        let s = jailer_line(&detect(V2_MOUNTS, "cpuset cpu io memory pids", false));
+        let (jailer, fc) = s.split_once(" -- ").expect("a -- separator");
+        assert_eq!(fc, "--api-sock /run/firecracker.socket");
+        assert!(jailer.starts_with("--id i-1 --exec-file /usr/bin/firecracker --uid 123 --gid 100 --chroot-base-dir /srv/jailer"), "{jailer}");
         assert_eq!(
             chroot_dir(
                 Path::new("/srv/jailer"),
@@ -338,6 +572,93 @@ mod tests {
             ),
             PathBuf::from("/srv/jailer/firecracker/i-1/root")
         );
+    }
+
+    #[test]
+    fn cgroup_v2_host_gets_memory_max_and_cpu_weight() {
+        let c = detect(V2_MOUNTS, "cpuset cpu io memory pids", false);
+        assert_eq!(
+            c,
+            JailerCgroups::V2 {
+                mount: "/sys/fs/cgroup".into(),
+                parent: JAILER_CGROUP_PARENT.into()
+            }
+        );
+        let s = jailer_line(&c);
+        assert!(s.contains("--cgroup-version 2 --parent-cgroup plfm-firecracker --cgroup memory.max=1073741824 --cgroup cpu.weight=200 --"), "{s}");
+        assert_eq!(
+            c.dirs("i-1"),
+            vec![PathBuf::from("/sys/fs/cgroup/plfm-firecracker/i-1")]
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_host_gets_limit_in_bytes_and_cpu_shares() {
+        // A hybrid host (this project's CI): the unified mount has no controllers.
+        let c = detect(HYBRID_MOUNTS, "", true);
+        let s = jailer_line(&c);
+        assert!(s.contains("--cgroup-version 1 --parent-cgroup plfm-firecracker --cgroup memory.limit_in_bytes=1073741824 --cgroup memory.memsw.limit_in_bytes=1073741824 --cgroup cpu.shares=2048 --"), "{s}");
+        assert!(
+            !s.contains("memory.max") && !s.contains("cpu.weight"),
+            "{s}"
+        );
+        assert_eq!(
+            c.dirs("i-1"),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/memory/plfm-firecracker/i-1"),
+                PathBuf::from("/sys/fs/cgroup/cpu/plfm-firecracker/i-1")
+            ]
+        );
+        // Without swap accounting there is no memsw file to write.
+        let s = jailer_line(&detect(HYBRID_MOUNTS, "", false));
+        assert!(!s.contains("memsw"), "{s}");
+        // Shared mounts (cpu,cpuacct) are found by their options.
+        let c = detect(
+            "cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n",
+            "",
+            false,
+        );
+        assert!(
+            matches!(c, JailerCgroups::V1 { ref cpu, .. } if cpu == Path::new("/sys/fs/cgroup/cpu,cpuacct")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn no_cgroup_hierarchy_says_why_and_passes_no_cgroup_args() {
+        // `ip netns exec` remounts /sys: no cgroup mount is left.
+        let c = detect("sysfs /sys sysfs rw 0 0\n", "", false);
+        let JailerCgroups::Unavailable(why) = &c else {
+            panic!("{c:?}")
+        };
+        assert!(why.contains("memory and cpu controllers"), "{why}");
+        assert!(c.args(1 << 30, 100).is_empty());
+        assert!(c.dirs("i-1").is_empty());
+        // v1 with memory only is not enough either.
+        let c = detect(
+            "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n",
+            "",
+            false,
+        );
+        assert!(
+            matches!(c, JailerCgroups::Unavailable(ref w) if w.contains("cpu: none")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn weights_map_to_shares_linearly_within_bounds() {
+        assert_eq!(shares_of_weight(100), 1024);
+        assert_eq!(shares_of_weight(1), 10);
+        assert_eq!(shares_of_weight(10_000), 102_400);
+        assert_eq!(shares_of_weight(0), 10);
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/a\\999"), "/a\\999");
+        assert_eq!(unescape_mount_path("/x\\"), "/x\\");
     }
 
     #[cfg(target_os = "linux")]
