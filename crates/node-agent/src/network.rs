@@ -130,6 +130,9 @@ pub struct TapPlan {
     pub ipv6: Ipv6Addr,
     /// IPv4 link, if any.
     pub ipv4: Option<Ipv4Link>,
+    /// Uid and gid allowed to attach to the tap without `CAP_NET_ADMIN` (a jailed
+    /// Firecracker runs unprivileged); `None`: root only.
+    pub owner: Option<(u32, u32)>,
 }
 
 async fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
@@ -233,7 +236,7 @@ async fn setup_links(plan: &TapPlan, exists: bool) -> Result<(), NetworkError> {
         move |message: String| command_error(tap, &step, message)
     };
     if !exists {
-        create_persistent_tap(tap).map_err(|e| match e {
+        create_persistent_tap(tap, plan.owner).map_err(|e| match e {
             nix::errno::Errno::EPERM | nix::errno::Errno::EACCES => {
                 NetworkError::NotRoot(tap.into())
             }
@@ -310,10 +313,23 @@ nix::ioctl_write_int!(
     b'T',
     203
 );
+nix::ioctl_write_int!(
+    /// TUNSETOWNER: `_IOW('T', 204, int)`, the uid passed directly.
+    tun_set_owner,
+    b'T',
+    204
+);
+nix::ioctl_write_int!(
+    /// TUNSETGROUP: `_IOW('T', 206, int)`, the gid passed directly.
+    tun_set_group,
+    b'T',
+    206
+);
 
 /// Creates tap `name` (no packet information header) and makes it persistent, so it
-/// outlives the descriptor; the VMM attaches to it later by name.
-fn create_persistent_tap(name: &str) -> Result<(), nix::errno::Errno> {
+/// outlives the descriptor; the VMM attaches to it later by name (as `owner`, when
+/// given, without privileges).
+fn create_persistent_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), nix::errno::Errno> {
     use std::os::fd::AsRawFd as _;
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -334,6 +350,13 @@ fn create_persistent_tap(name: &str) -> Result<(), nix::errno::Errno> {
     // a live, initialised `struct ifreq`-compatible value (NUL-terminated name, flags,
     // zeroed rest of the union) that the kernel only reads and writes within its size.
     unsafe { tun_set_iff(dev.as_raw_fd(), &req) }?;
+    if let Some((uid, gid)) = owner {
+        // SAFETY: `dev` is attached to the tap; TUNSETOWNER and TUNSETGROUP take plain
+        // integers, no memory is passed.
+        unsafe { tun_set_owner(dev.as_raw_fd(), uid as _) }?;
+        // SAFETY: as above.
+        unsafe { tun_set_group(dev.as_raw_fd(), gid as _) }?;
+    }
     // SAFETY: `dev` is the descriptor TUNSETIFF just attached to the tap; TUNSETPERSIST
     // takes a plain integer, no memory is passed.
     unsafe { tun_set_persist(dev.as_raw_fd(), 1) }?;
@@ -697,6 +720,7 @@ mod tests {
 
     fn plan_a() -> TapPlan {
         TapPlan {
+            owner: None,
             instance_id: "a".into(),
             tap: tap_name("a"),
             mtu: 1420,

@@ -78,6 +78,7 @@ fn plan(id: &str, index: u32) -> TapPlan {
         mtu: 1420,
         ipv6: format!("fd00::{:x}", index + 2).parse().unwrap(),
         ipv4: network::ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, index),
+        owner: None,
     }
 }
 

@@ -46,6 +46,8 @@ pub struct HostConfig {
     pub ipv4_pool: String,
     /// Size of a volume created on first use.
     pub volume_default_bytes: u64,
+    /// Uid and gid that may attach to the instances' taps (an unprivileged VMM).
+    pub tap_owner: Option<(u32, u32)>,
 }
 
 /// What [`Host::prepare`] made for an instance.
@@ -345,6 +347,7 @@ impl Host {
             mtu: w.spec.network.mtu.unwrap_or(1420),
             ipv6,
             ipv4: network::ipv4_link(pool, len, index),
+            owner: self.config.tap_owner,
         };
         let detail = serde_json::json!({
             "ipv6": ipv6.to_string(),

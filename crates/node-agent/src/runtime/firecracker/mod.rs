@@ -305,6 +305,8 @@ impl LocalHost {
             crate::runtime::host::HostConfig {
                 ipv4_pool: config.ipv4_pool.clone(),
                 volume_default_bytes: config.volume_default_bytes,
+                // A jailed Firecracker runs as `uid:gid` and must open its tap itself.
+                tap_owner: config.jailer.is_some().then_some((config.uid, config.gid)),
             },
         )
         .map_err(|e| format!("runtime.firecracker.{e}"))?;

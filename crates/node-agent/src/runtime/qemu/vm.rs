@@ -145,6 +145,7 @@ impl QemuRuntime {
             HostConfig {
                 ipv4_pool: config.ipv4_pool.clone(),
                 volume_default_bytes: config.volume_default_bytes,
+                tap_owner: None,
             },
         )
         .map_err(|e| format!("runtime.qemu.{e}"))?;

@@ -1,0 +1,753 @@
+//! The Firecracker runtime against the real `firecracker` and `jailer` v1.16.1
+//! (`shared/firecracker/bin/`, built from the public release source). On these hosts
+//! `/dev/kvm` opens but a guest kernel dies in early boot (nested virtualization):
+//! Firecracker accepts its whole configuration and `InstanceStart`, then exits 1 after
+//! about 40 s. That is enough to prove, against the real peer, what the stand-in
+//! cannot: the API conversation (every call answered 2xx), the command lines of the
+//! plain and the jailed launch (the jailer passes `--id` itself; its cgroup arguments
+//! follow the host), stop by `SendCtrlAltDel` then SIGKILL, the VMM's own failures
+//! reported with its log, `kill -9` of the agent and adoption of the running VMM, and
+//! cleanup that leaves no process, tap, rule, jail, cgroup or file. A guest that boots
+//! and handshakes stays the stand-in's (firecracker_process.rs, firecracker_host.rs).
+//!
+//! Each test re-runs itself in a network namespace of its own made with `unshare -n`
+//! (which, unlike `ip netns exec`, keeps the host's cgroup mounts the jailer needs);
+//! addresses come from fd00::/8 and 169.254.0.0/16. Prerequisites: root, /dev/kvm,
+//! the binaries in shared/, a Debian cloud kernel in /boot, `unshare`, `ip`, `nft`,
+//! docker-registry and e2fsprogs (a missing one skips, or fails with
+//! `PLFM_REQUIRE_SYSTEM_TESTS=1`).
+
+#![cfg(target_os = "linux")]
+
+mod fc_standin;
+mod image_support;
+#[path = "support/vm_host.rs"]
+mod vm_host;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image_support::{config_json, Registry, GZIP};
+use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use plfm_node_agent::image::ImageService;
+use plfm_node_agent::runtime::firecracker::api::ApiClient;
+use plfm_node_agent::runtime::firecracker::{FirecrackerConfig, FirecrackerRuntime, LocalHost};
+use plfm_node_agent::runtime::{BootContext, Runtime, RuntimeError, VmEvent};
+use plfm_node_agent::spec::{InstanceId, Workload};
+use plfm_node_agent::state::Store;
+use serde_json::{json, Value};
+
+const NETNS_ENV: &str = "PLFM_FC_REAL_TEST_NETNS";
+const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
+const JAIL_UID: u32 = 10_123;
+
+fn shared_bin(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/firecracker/bin")
+        .join(name)
+}
+
+fn missing_prerequisites() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root (taps, jailer, network namespaces)".to_string());
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        missing.push("/dev/kvm (Firecracker needs KVM)".into());
+    }
+    for b in ["firecracker", "jailer"] {
+        if !shared_bin(b).is_file() {
+            missing.push(format!(
+                "{} (shared/firecracker/bin)",
+                shared_bin(b).display()
+            ));
+        }
+    }
+    if vm_host::find_kernel().is_none() {
+        missing.push("a kernel in /boot (Debian package linux-image-cloud-amd64)".into());
+    }
+    for (tool, pkg) in [
+        ("unshare", "util-linux"),
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+    ] {
+        if !vm_host::which(tool) {
+            missing.push(format!("{tool} (Debian package {pkg})"));
+        }
+    }
+    missing
+}
+
+/// Runs `body` inside a network namespace of its own (re-running this test there).
+fn in_netns<F: std::future::Future<Output = ()>>(test: &str, body: impl FnOnce(Rig) -> F) {
+    if std::env::var_os(NETNS_ENV).is_none() {
+        let missing = missing_prerequisites();
+        if !missing.is_empty() {
+            let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
+            assert!(
+                !fc_standin::require_system_tests(),
+                "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
+            );
+            eprintln!("SKIP {msg}");
+            return;
+        }
+        if !image_support::prerequisites(test) {
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        let status = Command::new("unshare")
+            .args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$@\"",
+                "sh",
+            ])
+            .arg(exe)
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env(NETNS_ENV, "1")
+            .status()
+            .expect("run the test in its own network namespace");
+        assert!(
+            status.success(),
+            "{test} failed inside its network namespace"
+        );
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let rig = Rig::new().await;
+            body(rig).await
+        });
+}
+
+/// A temp root with the platform kernel (ELF vmlinux extracted from the installed
+/// cloud kernel), an initramfs file, a registry serving a one-file image.
+struct Rig {
+    tmp: tempfile::TempDir,
+    registry: Registry,
+    digest: String,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let tmp = tempfile::tempdir().unwrap();
+        let (bz, _) = vm_host::find_kernel().unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        plfm_node_agent::vmlinux::extract_file(&bz, &kernel).expect("extract vmlinux");
+        // Loaded as the initrd; the guest dies before it would unpack it.
+        let initramfs = tmp.path().join("initramfs.cpio.gz");
+        std::fs::write(&initramfs, vec![0u8; 4096]).unwrap();
+        let registry = Registry::start();
+        let layer = Layer::new().dir("bin", 0o755).entry(TarEntry::file(
+            "bin/app",
+            b"#!/bin/sh\nexit 0\n",
+            0o755,
+        ));
+        let image = registry
+            .push(
+                "fc/real",
+                &[(layer.tar_gz(), GZIP)],
+                &config_json(&["/bin/app"], &[], &["PATH=/bin"]),
+            )
+            .await;
+        Rig {
+            digest: image.digest.as_str().to_string(),
+            tmp,
+            registry,
+            kernel,
+            initramfs,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn config(&self, jailed: bool, boot_timeout: u64) -> FirecrackerConfig {
+        FirecrackerConfig {
+            binary: shared_bin("firecracker"),
+            jailer: jailed.then(|| shared_bin("jailer")),
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            chroot_base_dir: self.path("jail"),
+            uid: JAIL_UID,
+            gid: JAIL_UID,
+            boot_timeout,
+            api_timeout_ms: 5000,
+            ..Default::default()
+        }
+    }
+
+    /// The runtime with its real host resources under `data/`.
+    fn runtime(&self, config: FirecrackerConfig) -> (Arc<FirecrackerRuntime>, Store) {
+        let data = self.path("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(self.path("jail")).unwrap();
+        let store = Store::open(&data.join("state.db")).unwrap();
+        let images = ImageService::open(&data, self.registry.image_config()).unwrap();
+        let host = LocalHost::new(&data, Some(images), store.clone(), &config).unwrap();
+        let rt = FirecrackerRuntime::new(config, &data, Some(store.clone()), Arc::new(host));
+        (Arc::new(rt), store)
+    }
+
+    fn assignment(&self, id: &str, ipv6: &str) -> Value {
+        let digest = &self.digest;
+        json!({
+            "instance_id": id, "generation": 1, "desired_state": "running", "drain_grace_seconds": 2,
+            "workload": {
+                "spec_version": "v1", "instance_id": id, "generation": 1,
+                "image": {"ref": format!("{}/fc/real@{digest}", self.registry.addr),
+                          "digest": digest, "resolved_digest": digest},
+                "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64,
+                              "ephemeral_disk_bytes": 67108864_i64},
+                "network": {"overlay_ipv6": ipv6, "gateway_ipv6": "fe80::1", "mtu": 1400},
+                "lifecycle": {"termination_grace_seconds": 2, "restart_policy": "never", "max_retries": 0}
+            }
+        })
+    }
+
+    fn workload(&self, id: &str, ipv6: &str) -> Arc<Workload> {
+        plfm_node_agent::spec::decode_assignment(&self.assignment(id, ipv6), "test")
+            .unwrap()
+            .workload
+            .unwrap()
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn boot(id: &str) -> BootContext {
+    BootContext {
+        boot_id: id.into(),
+        secrets: None,
+    }
+}
+
+/// The recorded VMM process of an instance (`vmm.json`).
+fn recorded_pid(data: &Path, id: &str) -> Option<u32> {
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(data.join(format!("instances/{id}/vmm.json"))).ok()?)
+            .ok()?;
+    rec["process"]["pid"].as_u64().map(|p| p as u32)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+        })
+        == Some(false)
+}
+
+/// Live processes whose command line mentions `needle`.
+fn processes(needle: &str) -> Vec<u32> {
+    vm_host::processes_mentioning(needle)
+}
+
+/// Nothing of the instance is left on the host: no process, tap, rule, file, jail,
+/// cgroup or ledger row (volumes outlive instances and are not made here).
+fn assert_nothing_left(rig: &Rig, store: &Store, id: &str, cgroups: &[PathBuf]) {
+    let tap = plfm_node_agent::network::tap_name(id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes(&rig.path("data").display().to_string()).is_empty()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        processes(&rig.path("data").display().to_string()).is_empty(),
+        "VMM process left"
+    );
+    // A jailed VMM's command line is `/firecracker --id <id> …` (inside its chroot).
+    assert!(
+        processes(&format!("--id\0{id}\0")).is_empty(),
+        "jailed VMM left"
+    );
+    assert!(
+        run("ip", &["-o", "link", "show"])
+            .lines()
+            .all(|l| !l.contains(&tap)),
+        "tap {tap} left"
+    );
+    let rules = run("nft", &["list", "table", "inet", "plfm"]);
+    assert!(!rules.contains(&format!("chain {tap}")), "{rules}");
+    assert!(
+        !rig.path(&format!("data/instances/{id}")).exists(),
+        "instance dir left"
+    );
+    assert!(
+        !rig.path(&format!("jail/firecracker/{id}")).exists(),
+        "jail left"
+    );
+    for c in cgroups {
+        assert!(!c.exists(), "cgroup {} left", c.display());
+    }
+    let rows: Vec<_> = store
+        .resources()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.instance_id == id)
+        .collect();
+    assert!(rows.is_empty(), "ledger rows left: {rows:?}");
+}
+
+fn fc_log(rig: &Rig, id: &str, jailed: bool) -> String {
+    let p = if jailed {
+        rig.path(&format!("jail/firecracker/{id}/root/firecracker.log"))
+    } else {
+        rig.path(&format!("data/instances/{id}/firecracker.log"))
+    };
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// The plain launch: every API call of the configuration and `InstanceStart` is
+/// answered 2xx (`start` fails on the first refusal); the guest never handshakes, and
+/// that failure carries Firecracker's own log; stop asks the guest, then sends
+/// `SendCtrlAltDel` (204), then kills the VMM at the deadline; cleanup leaves nothing.
+#[test]
+fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_leaves_nothing() {
+    in_netns(
+        "real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_leaves_nothing",
+        |rig| async move {
+            let (rt, store) = rig.runtime(rig.config(false, 3));
+            let id = InstanceId::parse("fc-plain").unwrap();
+            let w = rig.workload("fc-plain", "fd00::9:1");
+            rt.prepare(&id, &w).await.expect("prepare");
+            let vm = rt
+                .start(&id, &w, boot("b1"))
+                .await
+                .unwrap_or_else(|e| panic!("start: {e}\nlog: {}", fc_log(&rig, "fc-plain", false)));
+            let api = ApiClient::new(
+                &rig.path("data/instances/fc-plain/api.sock"),
+                Duration::from_secs(5),
+            );
+            let info = api.instance_info().await.expect("GET /");
+            assert_eq!(info.id, "fc-plain");
+            assert_eq!(info.state, "Running", "{info:?}");
+            let mc = api.machine_config().await.expect("GET /machine-config");
+            assert_eq!((mc.vcpu_count, mc.mem_size_mib), (1, 256));
+            let pid = recorded_pid(&rig.path("data"), "fc-plain").expect("vmm.json pid");
+            assert!(alive(pid));
+            // No guest ever connects here: the handshake deadline fails the boot with
+            // the VMM's own last lines.
+            let ev = tokio::time::timeout(Duration::from_secs(20), rt.next_event(&vm))
+                .await
+                .expect("an event within the handshake deadline");
+            let VmEvent::Failed(RuntimeError::VmmStart(msg)) = ev else {
+                panic!("{ev:?}")
+            };
+            assert!(msg.contains("guest handshake did not complete"), "{msg}");
+            assert!(
+                msg.contains("last VMM log lines") && msg.contains("Firecracker"),
+                "{msg}"
+            );
+            // Stop: guest request (nobody listens), SendCtrlAltDel (the dying guest
+            // ignores it), SIGKILL at the grace deadline.
+            let started = Instant::now();
+            let out = rt.stop(&vm, Duration::from_secs(2)).await;
+            assert!(!out.graceful, "{out:?}");
+            assert_eq!(
+                out.exit_code, None,
+                "no workload exit code from a killed VMM"
+            );
+            assert!(
+                started.elapsed() >= Duration::from_millis(1900),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(!alive(pid), "VMM {pid} still alive after stop");
+            let log = fc_log(&rig, "fc-plain", false);
+            assert!(log.contains("SendCtrlAltDel"), "{log}");
+            assert!(
+                !log.contains("Received Error"),
+                "an API call was refused:\n{log}"
+            );
+            rt.cleanup(&id).await.expect("cleanup");
+            rt.cleanup(&id).await.expect("cleanup twice");
+            assert_nothing_left(&rig, &store, "fc-plain", &[]);
+        },
+    );
+}
+
+/// The jailed launch (fails on the old command line: Firecracker exits 153 on a second
+/// `--id`): the jailer confines the VMM in cgroups of the host's version (v1 here:
+/// `memory.limit_in_bytes`, `cpu.shares`), runs it as the configured uid in its
+/// chroot, the whole configuration is accepted (the tap is the VMM uid's to open), and
+/// cleanup removes the jail and the cgroups.
+#[test]
+fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_cgroups() {
+    in_netns(
+        "real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_cgroups",
+        |rig| async move {
+            let cgroups = plfm_node_agent::runtime::firecracker::process::JailerCgroups::detect(
+                plfm_node_agent::runtime::firecracker::process::JAILER_CGROUP_PARENT,
+            );
+            let (rt, store) = rig.runtime(rig.config(true, 30));
+            let id = InstanceId::parse("fc-jailed").unwrap();
+            let w = rig.workload("fc-jailed", "fd00::9:2");
+            rt.prepare(&id, &w).await.expect("prepare");
+            let vm = rt.start(&id, &w, boot("b1")).await.unwrap_or_else(|e| {
+                panic!(
+                    "start: {e}\nlog: {}\nconsole: {}",
+                    fc_log(&rig, "fc-jailed", true),
+                    std::fs::read_to_string(rig.path("data/instances/fc-jailed/console.log"))
+                        .unwrap_or_default()
+                )
+            });
+            let root = rig.path("jail/firecracker/fc-jailed/root");
+            let api = ApiClient::new(&root.join("run/firecracker.socket"), Duration::from_secs(5));
+            assert_eq!(api.instance_info().await.expect("GET /").state, "Running");
+            let pid = recorded_pid(&rig.path("data"), "fc-jailed").expect("vmm.json pid");
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert!(uid_line.contains(&JAIL_UID.to_string()), "{uid_line}");
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            let dirs = cgroups.dirs("fc-jailed");
+            assert!(
+                !dirs.is_empty(),
+                "no cgroup hierarchy detected: {cgroups:?}"
+            );
+            assert!(
+                cg.contains("/plfm-firecracker/fc-jailed"),
+                "VMM not in its cgroup: {cg}"
+            );
+            // Guest memory 256 MiB + 64 MiB for the VMM; weight 100 (cpu_request 1).
+            let limit = 320u64 << 20;
+            match &cgroups {
+                plfm_node_agent::runtime::firecracker::process::JailerCgroups::V1 { .. } => {
+                    let mem =
+                        std::fs::read_to_string(dirs[0].join("memory.limit_in_bytes")).unwrap();
+                    assert_eq!(mem.trim().parse::<u64>().unwrap(), limit);
+                    let shares = std::fs::read_to_string(dirs[1].join("cpu.shares")).unwrap();
+                    assert_eq!(shares.trim(), "1024");
+                }
+                plfm_node_agent::runtime::firecracker::process::JailerCgroups::V2 { .. } => {
+                    let mem = std::fs::read_to_string(dirs[0].join("memory.max")).unwrap();
+                    assert_eq!(mem.trim().parse::<u64>().unwrap(), limit);
+                }
+                other => panic!("{other:?}"),
+            }
+            // The tap is the VMM uid's to open (it runs without CAP_NET_ADMIN).
+            let tap = plfm_node_agent::network::tap_name("fc-jailed");
+            let link = run("ip", &["-d", "link", "show", "dev", &tap]);
+            assert!(
+                link.contains(&format!("user {JAIL_UID} group {JAIL_UID}")),
+                "{link}"
+            );
+            let out = rt.stop(&vm, Duration::from_secs(2)).await;
+            assert!(!out.graceful);
+            assert!(!alive(pid));
+            let log = fc_log(&rig, "fc-jailed", true);
+            assert!(
+                !log.contains("Received Error"),
+                "an API call was refused:\n{log}"
+            );
+            rt.cleanup(&id).await.expect("cleanup");
+            assert_nothing_left(&rig, &store, "fc-jailed", &dirs);
+        },
+    );
+}
+
+/// A kernel Firecracker cannot load: `InstanceStart` is refused and the failure says
+/// what Firecracker said; nothing is left.
+#[test]
+fn real_firecracker_refusing_its_kernel_fails_the_start_with_its_own_words() {
+    in_netns(
+        "real_firecracker_refusing_its_kernel_fails_the_start_with_its_own_words",
+        |rig| async move {
+            let bad = rig.path("not-a-kernel");
+            std::fs::write(&bad, b"this is not an ELF kernel").unwrap();
+            let config = FirecrackerConfig {
+                kernel: bad,
+                ..rig.config(false, 5)
+            };
+            let (rt, store) = rig.runtime(config);
+            let id = InstanceId::parse("fc-badkernel").unwrap();
+            let w = rig.workload("fc-badkernel", "fd00::9:3");
+            rt.prepare(&id, &w).await.expect("prepare");
+            let err = rt
+                .start(&id, &w, boot("b1"))
+                .await
+                .expect_err("a bad kernel must fail");
+            let RuntimeError::VmmStart(msg) = &err else {
+                panic!("{err:?}")
+            };
+            assert!(
+                msg.contains("InstanceStart") || msg.contains("/actions"),
+                "{msg}"
+            );
+            assert!(msg.to_lowercase().contains("kernel"), "{msg}");
+            rt.cleanup(&id).await.expect("cleanup");
+            assert_nothing_left(&rig, &store, "fc-badkernel", &[]);
+        },
+    );
+}
+
+/// The agent binary with the real Firecracker, standalone.
+struct Agent {
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Agent {
+    fn new(rig: &Rig, id: &str, ipv6: &str, handshake_secs: u64) -> Agent {
+        std::fs::create_dir_all(rig.path("desired")).unwrap();
+        std::fs::create_dir_all(rig.path("jail")).unwrap();
+        std::fs::write(
+            rig.path(&format!("desired/{id}.json")),
+            serde_json::to_vec(&rig.assignment(id, ipv6)).unwrap(),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = format!(
+            r#"node_id = "fc-real-node"
+data_dir = "data"
+[log]
+level = "info,plfm_node_agent=debug"
+[api]
+listen = "127.0.0.1:{port}"
+[control_plane]
+mode = "standalone"
+desired_dir = "desired"
+rescan_interval_ms = 200
+[runtime]
+kind = "firecracker"
+[runtime.firecracker]
+binary = {:?}
+kernel = {:?}
+initramfs = {:?}
+boot_timeout = {handshake_secs}
+"#,
+            shared_bin("firecracker").display().to_string(),
+            rig.kernel.display().to_string(),
+            rig.initramfs.display().to_string(),
+        );
+        let config = rig.path("agent.toml");
+        std::fs::write(&config, cfg).unwrap();
+        Agent {
+            config,
+            log: rig.path("agent.log"),
+            child: None,
+        }
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The instance's view from `status --json`.
+    fn view(&self, id: &str) -> Option<Value> {
+        let (ok, out) = self.cli(&["status", "--json"]);
+        if !ok {
+            return None;
+        }
+        let list: Value = serde_json::from_str(&out).ok()?;
+        list.as_array()?
+            .iter()
+            .find(|v| v["instance_id"] == id)
+            .cloned()
+    }
+
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Value) -> bool,
+        id: &str,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.view(id) {
+                if cond(&v) {
+                    return v;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `kill -9` of the agent while the real VMM boots: the VMM survives, the next agent
+/// adopts the same process (pid and start time, no second VMM, no repeated report),
+/// and an operator stop then kills it and leaves nothing.
+#[test]
+fn agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly() {
+    in_netns(
+        "agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly",
+        |rig| async move {
+            let mut agent = Agent::new(&rig, "fc-adopt", "fd00::9:4", 120);
+            agent.spawn();
+            let data = rig.path("data");
+            agent.wait(
+                "booting",
+                Duration::from_secs(60),
+                |v| v["status"] == "booting",
+                "fc-adopt",
+            );
+            let pid = recorded_pid(&data, "fc-adopt").expect("vmm.json pid");
+            let api = ApiClient::new(
+                &data.join("instances/fc-adopt/api.sock"),
+                Duration::from_secs(5),
+            );
+            assert_eq!(api.instance_info().await.expect("GET /").state, "Running");
+            let reports_before = agent.cli(&["status", "--json"]).1;
+            agent.kill9();
+            assert!(alive(pid), "the VMM died with the agent");
+            agent.spawn();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !agent.log().contains("adopted") {
+                assert!(Instant::now() < deadline, "no adoption:\n{}", agent.log());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let v = agent.wait(
+                "still booting",
+                Duration::from_secs(10),
+                |v| v["status"] == "booting",
+                "fc-adopt",
+            );
+            assert_eq!(
+                recorded_pid(&data, "fc-adopt"),
+                Some(pid),
+                "a new VMM was started"
+            );
+            assert!(alive(pid));
+            let vmms = processes(
+                &data
+                    .join("instances/fc-adopt/api.sock")
+                    .display()
+                    .to_string(),
+            );
+            assert_eq!(vmms, vec![pid], "exactly the adopted VMM runs");
+            let before: Value = serde_json::from_str(&reports_before).unwrap();
+            let before = before
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["instance_id"] == "fc-adopt")
+                .unwrap()
+                .clone();
+            assert_eq!(v["generation"], before["generation"]);
+            assert_eq!(v["restarts"], before["restarts"]);
+            // An operator stop: SendCtrlAltDel, then SIGKILL at the grace deadline.
+            let (ok, out) = agent.cli(&["stop", "fc-adopt"]);
+            assert!(ok, "{out}");
+            let v = agent.wait(
+                "stopped",
+                Duration::from_secs(30),
+                |v| v["status"] == "stopped",
+                "fc-adopt",
+            );
+            assert_eq!(v["reason_code"], "terminated_by_operator", "{v}");
+            assert!(!alive(pid), "VMM survived the stop");
+            agent.kill9();
+            let store = Store::open(&data.join("state.db")).unwrap();
+            assert_nothing_left(&rig, &store, "fc-adopt", &[]);
+        },
+    );
+}
+
+/// With a handshake deadline past Firecracker's own end, the VMM exits by itself
+/// (exit 1 after the guest's KVM error): `failed` with `firecracker_start_failed`, the
+/// VMM's exit and its last log lines in the message, and no `exit_code` (it is the
+/// workload's alone).
+#[test]
+fn real_firecracker_exiting_by_itself_is_failed_with_its_exit_and_log_and_no_exit_code() {
+    in_netns(
+        "real_firecracker_exiting_by_itself_is_failed_with_its_exit_and_log_and_no_exit_code",
+        |rig| async move {
+            let mut agent = Agent::new(&rig, "fc-exit", "fd00::9:5", 300);
+            agent.spawn();
+            let v = agent.wait(
+                "failed",
+                Duration::from_secs(180),
+                |v| v["status"] == "failed",
+                "fc-exit",
+            );
+            assert_eq!(v["reason_code"], "firecracker_start_failed", "{v}");
+            assert!(v["exit_code"].is_null(), "{v}");
+            let msg = v["error_message"].as_str().unwrap_or_default();
+            assert!(
+                msg.contains("VMM exited before the guest handshake"),
+                "{msg}"
+            );
+            assert!(msg.contains("exit code 1 (generic error)"), "{msg}");
+            assert!(msg.contains("last VMM log lines"), "{msg}");
+            agent.kill9();
+            let store = Store::open(&rig.path("data").join("state.db")).unwrap();
+            assert_nothing_left(&rig, &store, "fc-exit", &[]);
+        },
+    );
+}
