@@ -447,6 +447,27 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
                 }
                 other => panic!("{other:?}"),
             }
+            // A restarted agent adopts the jailed VMM and keeps its cgroups, but removes
+            // the jailer groups no VMM owns (a crash between spawn and record).
+            let leftover = cgroups.dirs("fc-leftover");
+            for d in &leftover {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            let (rt2, _) = rig.runtime(rig.config(true, 30));
+            let adopted = rt2.recover().await.expect("recover");
+            assert_eq!(adopted.len(), 1, "{adopted:?}");
+            assert_eq!(adopted[0].instance_id, id);
+            for d in &leftover {
+                assert!(!d.exists(), "orphan cgroup {} kept", d.display());
+            }
+            for d in &dirs {
+                assert!(
+                    d.exists(),
+                    "the adopted VMM's cgroup {} was removed",
+                    d.display()
+                );
+            }
+            assert!(alive(pid));
             // The tap is the VMM uid's to open (it runs without CAP_NET_ADMIN).
             let tap = plfm_node_agent::network::tap_name("fc-jailed");
             let link = run("ip", &["-d", "link", "show", "dev", &tap]);

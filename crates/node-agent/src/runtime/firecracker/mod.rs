@@ -533,6 +533,33 @@ impl FirecrackerRuntime {
         }
     }
 
+    /// At start-up, after adoption: the jailer's cgroups under our parent that no
+    /// adopted VMM owns are leftovers of a crash (the agent died between spawn and
+    /// record, or before cleanup). A process still in one was never recorded: it is
+    /// killed (SIGKILL), then the groups are removed.
+    async fn remove_orphan_cgroups(&self, adopted: &[VmHandle]) {
+        let owned: Vec<String> = adopted.iter().map(|h| vmm_id(&h.instance_id)).collect();
+        for name in self.jailer_cgroups.children() {
+            if owned.contains(&name) {
+                continue;
+            }
+            for pid in self.jailer_cgroups.pids(&name) {
+                if let Some(p) = ProcessId::of(pid) {
+                    tracing::warn!(pid, cgroup = %name, "killing an unrecorded VMM left in a jailer cgroup");
+                    p.signal(rustix::process::Signal::KILL);
+                }
+            }
+            for dir in self.jailer_cgroups.dirs(&name) {
+                match remove_cgroup_dir(&dir).await {
+                    Ok(()) => {
+                        tracing::info!(cgroup = %dir.display(), "removed a jailer cgroup no VMM owns")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot remove an orphan jailer cgroup"),
+                }
+            }
+        }
+    }
+
     fn api(&self, sock: &Path) -> ApiClient {
         ApiClient::new(sock, Duration::from_millis(self.config.api_timeout_ms))
     }
@@ -1190,6 +1217,9 @@ impl Runtime for FirecrackerRuntime {
             found.push(handle);
         }
         found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        if self.config.jailer.is_some() {
+            self.remove_orphan_cgroups(&found).await;
+        }
         Ok(found)
     }
 

@@ -337,6 +337,43 @@ impl JailerCgroups {
     }
 }
 
+impl JailerCgroups {
+    /// Names of the VMM groups that exist under the parent (in any controller).
+    pub fn children(&self) -> Vec<String> {
+        let parents: Vec<PathBuf> = self
+            .dirs("x")
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect();
+        let mut names: Vec<String> = parents
+            .iter()
+            .flat_map(|p| std::fs::read_dir(p).into_iter().flatten().flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Pids in the VMM group `id` (any controller).
+    pub fn pids(&self, id: &str) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .dirs(id)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
 /// cgroup v2 `cpu.weight` (1..=10000, default 100) on the v1 `cpu.shares` scale
 /// (2..=262144, default 1024): linear, 1024 shares = weight 100 (as systemd maps
 /// `CPUShares=` to `CPUWeight=`).

@@ -447,6 +447,19 @@ fn tail(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join(" | ")
 }
 
+/// The VM's last words for a failure message: the guest console's last lines and,
+/// when QEMU itself wrote anything (its stderr, `qemu.log` beside the console), its
+/// last lines too.
+fn evidence(console: &Path) -> String {
+    let mut s = format!("console: {}", tail(console, 3));
+    let qemu = tail(&console.with_file_name("qemu.log"), 3);
+    if !qemu.is_empty() {
+        s.push_str("; qemu: ");
+        s.push_str(&qemu);
+    }
+    s
+}
+
 /// Rotates the console log when it grows past `max`: the old content moves to
 /// `console.log.1` and the log restarts empty (QEMU appends, so truncation is safe).
 fn cap_console(path: &Path, max: u64) {
@@ -527,9 +540,9 @@ async fn vm_task(mut a: TaskArgs) {
     let spawned = tokio::time::Instant::now();
     let qemu_exit = |code: Option<i32>, console: &Path, when: &str| {
         let detail = format!(
-            "qemu exited ({}) {when}; console: {}",
+            "qemu exited ({}) {when}; {}",
             code.map_or("by a signal".to_string(), |c| format!("code {c}")),
-            tail(console, 3)
+            evidence(console)
         );
         (code, detail)
     };
@@ -555,7 +568,7 @@ async fn vm_task(mut a: TaskArgs) {
         }
         Err(e) => {
             let reason = e.reason();
-            let detail = format!("{e}; console: {}", tail(&a.console, 3));
+            let detail = format!("{e}; {}", evidence(&a.console));
             let err = if reason == ReasonCode::FirecrackerStartFailed {
                 RuntimeError::VmmStart(detail)
             } else {
@@ -791,9 +804,10 @@ impl Runtime for QemuRuntime {
             .await?;
         drop(vhost); // reaped by nobody while we live: see `kill_recorded` (SIGKILL + /proc poll)
         let Some(vhost_id) = vhost_id else {
-            return Err(RuntimeError::VmmStart(
-                "vhost-device-vsock exited at once".into(),
-            ));
+            return Err(RuntimeError::VmmStart(format!(
+                "vhost-device-vsock exited at once; log: {}",
+                tail(&dir.join("vhost.log"), 3)
+            )));
         };
         if let Err(e) = wait_for_socket(&vhost_sock, vhost_id, Duration::from_secs(10)).await {
             vhost_id.signal(rustix::process::Signal::KILL);
