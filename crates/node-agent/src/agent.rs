@@ -21,11 +21,12 @@ use crate::control_plane::http::{
 use crate::control_plane::standalone;
 use crate::logs::LogHandle;
 use crate::metrics::Metrics;
-use crate::report::{LocalSink, OutboxDrainer, ReportSink, StatusManager};
 use crate::runtime::mock::MockRuntime;
 use crate::runtime::Runtime;
 use crate::secrets::{DirSecrets, SecretsSource};
 use crate::state::{Store, StoreError};
+use crate::status::outbox::{LocalSink, OutboxDrainer, ReportSink};
+use crate::status::StatusManager;
 use crate::supervisor::{ActorEnv, Supervisor, SupervisorConfig};
 
 /// A start-up failure, naming what is wrong.

@@ -24,10 +24,10 @@ use crate::clock::SharedClock;
 use crate::config::ControlPlaneConfig;
 use crate::logs::{LogDestination, LogEntry};
 use crate::metrics::{EndpointLabel, Metrics, RequestLabels};
-use crate::report::{Delivery, ReportSink};
 use crate::secrets::{SecretMaterial, SecretsError, SecretsSource};
 use crate::spec::{parse_plan, Plan};
 use crate::state::{OutboxRow, Store};
+use crate::status::outbox::{Delivery, ReportSink};
 use crate::supervisor::Supervisor;
 
 /// Largest response body read (plans of thousands of instances fit easily).
