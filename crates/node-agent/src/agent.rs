@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ControlPlaneMode, RuntimeKind, ShutdownMode};
 use crate::control_plane::http::{
-    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
 };
+use crate::control_plane::secrets::http_secrets;
 use crate::control_plane::standalone;
 use crate::logs::LogHandle;
 use crate::metrics::Metrics;
@@ -139,6 +140,7 @@ impl Node {
                 opts.sink.clone(),
                 outbox_ready,
                 metrics.clone(),
+                opts.clock.clone(),
             )
             .run(shutdown_rx),
         );
@@ -344,7 +346,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             (
                 Some(client.clone()),
                 Arc::new(HttpSink::new(client.clone(), metrics.clone())),
-                Arc::new(HttpSecrets::new(client)),
+                Arc::new(http_secrets(client, clock.clone())),
                 logs,
             )
         }

@@ -165,6 +165,12 @@ pub struct StatusManager {
 /// Most status changes committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// First wait before retrying a failed commit; doubles per failure up to
+/// [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between commit attempts.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(5);
+
 impl StatusManager {
     /// Loads the persisted statuses and starts the group-commit task. `outbox_ready` is
     /// notified after every commit that queued reports.
@@ -214,6 +220,7 @@ impl StatusManager {
             outbox_ready,
             metrics.clone(),
             degraded.clone(),
+            clock.clone(),
         ));
         Ok(Arc::new(StatusManager {
             entries: Mutex::new(entries),
@@ -496,6 +503,7 @@ async fn commit_loop(
     outbox_ready: Arc<Notify>,
     metrics: Arc<Metrics>,
     degraded: Arc<Mutex<Option<String>>>,
+    clock: SharedClock,
 ) {
     let mut batch: Vec<Commit> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -508,7 +516,7 @@ async fn commit_loop(
         }
         let records: Vec<StatusRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let queued = records.iter().any(|r| r.report_json.is_some());
-        let mut delay = Duration::from_millis(50);
+        let mut delay = COMMIT_RETRY_FIRST;
         let records = Arc::new(records);
         loop {
             let recs = records.clone();
@@ -523,8 +531,8 @@ async fn commit_loop(
                         Some(format!("state store: {e}"));
                     // Nothing is acknowledged before it is durable: callers wait.
                     tracing::error!(error = %e, "cannot persist status changes; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    clock.sleep(delay).await;
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
             }
         }
@@ -540,7 +548,7 @@ async fn commit_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
 
     async fn manager() -> (Arc<StatusManager>, Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -605,6 +613,75 @@ mod tests {
         assert!(!msg.contains('\n'));
         assert!(msg.len() <= MAX_MESSAGE_BYTES);
         assert_eq!(r.reason_code, Some(ReasonCode::ImagePullFailed));
+    }
+
+    /// Makes the store refuse (or accept again) every report it queues: an SQLite
+    /// trigger on the outbox, set through a second connection.
+    fn refuse_reports(db: &std::path::Path, refuse: bool) {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let sql = if refuse {
+            "CREATE TRIGGER refuse_reports BEFORE INSERT ON outbox \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+        } else {
+            "DROP TRIGGER refuse_reports;"
+        };
+        conn.execute_batch(sql).unwrap();
+    }
+
+    /// A commit that fails is retried after 50 ms, 100 ms, … up to 5 s, each wait on
+    /// the injected clock; the update returns only once a retry made it durable.
+    #[tokio::test]
+    async fn a_failed_commit_is_retried_on_the_clock_with_doubling_capped_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let store = Store::open(&db).unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let m = StatusManager::start(
+            store.clone(),
+            clock.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        )
+        .unwrap();
+        m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
+            .await
+            .unwrap();
+        refuse_reports(&db, true);
+        let m2 = m.clone();
+        let update = tokio::spawn(async move {
+            m2.update(StatusUpdate::new(id("a"), 1, Status::Booting))
+                .await
+        });
+        let waits = [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000].map(Duration::from_millis);
+        for (failure, wait) in waits.into_iter().enumerate() {
+            let wake = clock
+                .parked(Duration::from_secs(10))
+                .await
+                .expect("after a failed commit the commit loop waits on the injected clock");
+            assert_eq!(
+                wake.since(clock.now()),
+                wait,
+                "wait after failure {failure}"
+            );
+            assert!(m.degraded().is_some_and(|d| d.contains("injected failure")));
+            assert_eq!(m.status_of(&id("a")), Some((Status::Preparing, 1)));
+            if failure == waits.len() - 1 {
+                refuse_reports(&db, false);
+            }
+            clock.advance(wait - Duration::from_millis(1));
+            assert!(!update.is_finished(), "acknowledged before it was durable");
+            assert_eq!(clock.next_deadline(), Some(wake), "retried early");
+            clock.advance(Duration::from_millis(1));
+        }
+        let applied = tokio::time::timeout(Duration::from_secs(10), update)
+            .await
+            .expect("the retry after the last wait commits")
+            .unwrap()
+            .unwrap();
+        assert_eq!(applied, Applied::Changed { seq: Some(1) });
+        assert_eq!(m.degraded(), None);
+        assert_eq!(m.status_of(&id("a")), Some((Status::Booting, 1)));
+        assert_eq!(store.outbox_depth().unwrap(), 1);
     }
 
     #[tokio::test]
