@@ -1,9 +1,10 @@
 //! The reconciler: the one place that turns desired vs observed into actions.
 //!
-//! Two pure functions. [`plan_actions`] compares a plan with the instances the
-//! supervisor has actors for and says which actors to create, update or tell to leave.
-//! [`decide`] compares one instance's desired state with what its actor observes and
-//! says what the actor does next. Neither performs I/O or reads a clock.
+//! Pure functions. [`plan_actions`] compares a plan with the instances the supervisor
+//! has actors for and says which actors to create, update or tell to leave. [`decide`]
+//! compares one instance's desired state with what its actor observes and says what the
+//! actor does next; [`drain_done`] says, from the same rules, when a node drain is over
+//! for an instance. None performs I/O or reads a clock.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -186,6 +187,33 @@ pub fn decide(desired: &Desired, obs: &Observed) -> InstanceAction {
         Some(t) if t > obs.now => InstanceAction::WaitUntil(t),
         _ => InstanceAction::Boot(a.clone()),
     }
+}
+
+/// Whether an instance has reached its end state of a node drain (`desired` has
+/// `node_draining` set): its next step would be to hold or to leave. That is `stopped`
+/// (a VM drained, or an instance that had failed marked stopped with `node_draining`),
+/// a refused spec's `failed`, or gone from the plan. `status`, `reason` and `generation`
+/// are the status owner's; a VM is taken to exist exactly when the status has one.
+pub fn drain_done(
+    desired: &Desired,
+    status: Status,
+    reason: Option<ReasonCode>,
+    generation: i32,
+) -> bool {
+    let obs = Observed {
+        status,
+        reason,
+        generation,
+        // No spec hash is needed: with the node draining, a VM is drained whatever it runs.
+        vm: status.has_vm().then(|| (generation, String::new())),
+        parked: None,
+        backoff_until: None,
+        now: Instant::default(),
+    };
+    matches!(
+        decide(desired, &obs),
+        InstanceAction::Hold | InstanceAction::Remove
+    )
 }
 
 /// A supervisor step.
@@ -420,6 +448,66 @@ mod tests {
             ..running(&a)
         };
         assert_eq!(decide(&d, &o), InstanceAction::Keep);
+    }
+
+    #[test]
+    fn a_node_drain_is_done_for_an_instance_only_once_it_is_stopped() {
+        let a = assignment("a", 1, "running");
+        let draining = Desired {
+            node_draining: true,
+            ..running(&a)
+        };
+        let done = |d: &Desired, s: Status, r: Option<ReasonCode>| drain_done(d, s, r, 1);
+        for s in [
+            Status::Pending,
+            Status::Preparing,
+            Status::Booting,
+            Status::Ready,
+            Status::Draining,
+        ] {
+            assert!(!done(&draining, s, None), "{s:?} still has to stop");
+        }
+        // An instance that had failed is done only once it is marked stopped.
+        assert!(!done(&draining, Status::Failed, None));
+        assert!(!done(
+            &draining,
+            Status::Failed,
+            Some(ReasonCode::CrashLoopBackoff)
+        ));
+        assert!(done(
+            &draining,
+            Status::Stopped,
+            Some(ReasonCode::NodeDraining)
+        ));
+        // Stopped before the drain (by an operator, or by itself): nothing to do.
+        assert!(done(
+            &draining,
+            Status::Stopped,
+            Some(ReasonCode::TerminatedByOperator)
+        ));
+        // A refused spec stays failed; an instance that left the plan is done once
+        // its VM is gone.
+        let refused = Desired {
+            assignment: None,
+            refused: Some(Arc::new(RefusedSpec {
+                generation: Some(1),
+                reason: ReasonCode::ImagePullFailed,
+                message: String::new(),
+            })),
+            node_draining: true,
+            ..Desired::default()
+        };
+        assert!(done(
+            &refused,
+            Status::Failed,
+            Some(ReasonCode::ImagePullFailed)
+        ));
+        let gone = Desired {
+            node_draining: true,
+            ..Desired::default()
+        };
+        assert!(!done(&gone, Status::Ready, None));
+        assert!(done(&gone, Status::Stopped, None));
     }
 
     #[test]
