@@ -35,4 +35,6 @@ pub mod spec;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 pub mod vmlinux;

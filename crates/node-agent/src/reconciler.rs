@@ -452,62 +452,53 @@ mod tests {
 
     #[test]
     fn a_node_drain_is_done_for_an_instance_only_once_it_is_stopped() {
+        use ReasonCode::*;
+        use Status::*;
         let a = assignment("a", 1, "running");
         let draining = Desired {
             node_draining: true,
             ..running(&a)
         };
-        let done = |d: &Desired, s: Status, r: Option<ReasonCode>| drain_done(d, s, r, 1);
-        for s in [
-            Status::Pending,
-            Status::Preparing,
-            Status::Booting,
-            Status::Ready,
-            Status::Draining,
-        ] {
-            assert!(!done(&draining, s, None), "{s:?} still has to stop");
-        }
-        // An instance that had failed is done only once it is marked stopped.
-        assert!(!done(&draining, Status::Failed, None));
-        assert!(!done(
-            &draining,
-            Status::Failed,
-            Some(ReasonCode::CrashLoopBackoff)
-        ));
-        assert!(done(
-            &draining,
-            Status::Stopped,
-            Some(ReasonCode::NodeDraining)
-        ));
-        // Stopped before the drain (by an operator, or by itself): nothing to do.
-        assert!(done(
-            &draining,
-            Status::Stopped,
-            Some(ReasonCode::TerminatedByOperator)
-        ));
-        // A refused spec stays failed; an instance that left the plan is done once
-        // its VM is gone.
         let refused = Desired {
             assignment: None,
             refused: Some(Arc::new(RefusedSpec {
                 generation: Some(1),
-                reason: ReasonCode::ImagePullFailed,
+                reason: ImagePullFailed,
                 message: String::new(),
             })),
             node_draining: true,
             ..Desired::default()
         };
-        assert!(done(
-            &refused,
-            Status::Failed,
-            Some(ReasonCode::ImagePullFailed)
-        ));
         let gone = Desired {
             node_draining: true,
             ..Desired::default()
         };
-        assert!(!done(&gone, Status::Ready, None));
-        assert!(done(&gone, Status::Stopped, None));
+        let cases = [
+            // Anything on its way or running still has to stop.
+            (&draining, Pending, None, false),
+            (&draining, Preparing, None, false),
+            (&draining, Booting, None, false),
+            (&draining, Ready, None, false),
+            (&draining, Draining, Some(NodeDraining), false),
+            // An instance that had failed is done only once it is marked stopped.
+            (&draining, Failed, None, false),
+            (&draining, Failed, Some(CrashLoopBackoff), false),
+            (&draining, Stopped, Some(NodeDraining), true),
+            // Stopped before the drain (by an operator, or by itself): nothing to do.
+            (&draining, Stopped, Some(TerminatedByOperator), true),
+            // A refused spec stays failed.
+            (&refused, Failed, Some(ImagePullFailed), true),
+            // Gone from the plan: done once its VM is.
+            (&gone, Ready, None, false),
+            (&gone, Stopped, None, true),
+        ];
+        for (desired, status, reason, done) in cases {
+            assert_eq!(
+                drain_done(desired, status, reason, 1),
+                done,
+                "{status:?} {reason:?}"
+            );
+        }
     }
 
     #[test]

@@ -386,18 +386,12 @@ mod tests {
         (source, rx)
     }
 
-    async fn fetches_reach(rx: &mut tokio::sync::watch::Receiver<u32>, n: u32) {
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|f| *f >= n))
-            .await
-            .unwrap_or_else(|_| panic!("no fetch {n}"))
-            .unwrap();
-    }
-
     /// Transient failures are retried after 0.5 s and then 1 s on the injected clock,
     /// never earlier; the third failure is final.
     #[tokio::test]
     async fn transient_fetch_failures_are_retried_on_the_clock() {
         use crate::clock::{Clock, ManualClock};
+        use crate::testing::count_reaches;
         let good = || SecretMaterial::new("v1", GOOD.as_bytes().to_vec());
         for (answers, succeeds) in [
             (vec![unreachable_cp(), unreachable_cp(), good()], true),
@@ -411,7 +405,7 @@ mod tests {
             let retrying = RetryingSecrets::new(source, clock.clone());
             let fetch = tokio::spawn(async move { retrying.fetch("v1").await });
             for (n, wait) in [(1, FETCH_RETRY_FIRST), (2, FETCH_RETRY_FIRST * 2)] {
-                fetches_reach(&mut fetches, n).await;
+                count_reaches(&mut fetches, n, "fetch").await;
                 let wake = clock
                     .parked(Duration::from_secs(10))
                     .await

@@ -550,16 +550,20 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
 
-    async fn manager() -> (Arc<StatusManager>, Store, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let m = StatusManager::start(
+    fn start(store: &Store, clock: Arc<ManualClock>) -> Arc<StatusManager> {
+        StatusManager::start(
             store.clone(),
-            Arc::new(ManualClock::new()),
+            clock,
             Arc::new(Metrics::new()),
             Arc::new(Notify::new()),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    async fn manager() -> (Arc<StatusManager>, Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let m = start(&store, Arc::new(ManualClock::new()));
         (m, store, dir)
     }
 
@@ -636,13 +640,7 @@ mod tests {
         let db = dir.path().join("state.db");
         let store = Store::open(&db).unwrap();
         let clock = Arc::new(ManualClock::new());
-        let m = StatusManager::start(
-            store.clone(),
-            clock.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
+        let m = start(&store, clock.clone());
         m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
             .await
             .unwrap();
@@ -690,13 +688,7 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let store = Store::open(&path).unwrap();
-            let m = StatusManager::start(
-                store,
-                Arc::new(ManualClock::new()),
-                Arc::new(Metrics::new()),
-                Arc::new(Notify::new()),
-            )
-            .unwrap();
+            let m = start(&store, Arc::new(ManualClock::new()));
             m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
                 .await
                 .unwrap();
@@ -705,13 +697,7 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let m = StatusManager::start(
-            store.clone(),
-            Arc::new(ManualClock::new()),
-            Arc::new(Metrics::new()),
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
+        let m = start(&store, Arc::new(ManualClock::new()));
         assert_eq!(m.status_of(&id("a")), Some((Status::Booting, 1)));
         assert_eq!(
             m.update(StatusUpdate::new(id("a"), 1, Status::Booting))

@@ -171,6 +171,7 @@ mod tests {
     use crate::instance::Status;
     use crate::spec::InstanceId;
     use crate::status::{StatusManager, StatusUpdate};
+    use crate::testing::count_reaches;
 
     /// A sink that refuses as many attempts as `refuse` says, then takes everything.
     struct Flaky {
@@ -200,13 +201,6 @@ mod tests {
                 retry: false,
             }
         }
-    }
-
-    async fn attempts_reach(rx: &mut watch::Receiver<u32>, n: u32) {
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|a| *a >= n))
-            .await
-            .unwrap_or_else(|_| panic!("no delivery attempt {n}"))
-            .unwrap();
     }
 
     /// A sink that fails 12 times: each retry waits on the injected clock, 100 ms
@@ -254,7 +248,7 @@ mod tests {
         let mut nominal = RETRY_FIRST;
         let mut capped = 0;
         for attempt in 1..=12 {
-            attempts_reach(&mut attempts_rx, attempt).await;
+            count_reaches(&mut attempts_rx, attempt, "delivery attempt").await;
             let wake = clock
                 .parked(Duration::from_secs(10))
                 .await
@@ -279,7 +273,7 @@ mod tests {
         assert_eq!(capped, 3, "the wait stops doubling at {RETRY_MAX:?}");
 
         // Attempt 13 is taken; the drainer then idles with an empty outbox.
-        attempts_reach(&mut attempts_rx, 13).await;
+        count_reaches(&mut attempts_rx, 13, "delivery attempt").await;
         let idle = clock.parked(Duration::from_secs(10)).await;
         assert_eq!(idle.map(|t| t.since(clock.now())), Some(IDLE_RECHECK));
         assert_eq!(sink.taken.lock().unwrap().len(), 1);
@@ -291,11 +285,11 @@ mod tests {
             .update(StatusUpdate::new(id.clone(), 1, Status::Ready))
             .await
             .unwrap();
-        attempts_reach(&mut attempts_rx, 14).await;
+        count_reaches(&mut attempts_rx, 14, "delivery attempt").await;
         let wake = clock.parked(Duration::from_secs(10)).await.unwrap();
         assert!(within(wake.since(clock.now()), RETRY_FIRST));
         clock.advance(wake.since(clock.now()));
-        attempts_reach(&mut attempts_rx, 15).await;
+        count_reaches(&mut attempts_rx, 15, "delivery attempt").await;
         let _ = stop.send(true);
         drainer.await.unwrap();
         assert_eq!(sink.taken.lock().unwrap().len(), 2);
