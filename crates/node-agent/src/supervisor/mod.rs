@@ -315,7 +315,7 @@ impl SupervisorTask {
     /// Tells every actor the node drains and waits until each instance reached its
     /// drained end state ([`drain_done`]: stopped, including one that had failed, now
     /// marked stopped with `node_draining`), or until a deadline on the clock. Wakes on
-    /// reported status changes, which every step towards that end state is.
+    /// reported status changes: the step that reaches an end state always is one.
     async fn drain_before_detach(&mut self) {
         let changes = self.env.status.subscribe_changes();
         self.node_draining = true;
