@@ -19,8 +19,9 @@ use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{ManualClock, SharedClock};
 use plfm_node_agent::config::{Config, ShutdownMode};
 use plfm_node_agent::control_plane::http::{
-    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
 };
+use plfm_node_agent::control_plane::secrets::http_secrets;
 use plfm_node_agent::metrics::Metrics;
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
 
@@ -53,7 +54,7 @@ fn main() {
             data_dir: dir.path().join("data"),
             runtime: mock.clone(),
             clock: shared.clone(),
-            secrets: Arc::new(HttpSecrets::new(client.clone())),
+            secrets: Arc::new(http_secrets(client.clone(), shared.clone())),
             sink: Arc::new(HttpSink::new(client.clone(), metrics.clone())),
             boot_timeout: Duration::from_secs(60),
             max_instances: n + 1,

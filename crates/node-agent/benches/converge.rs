@@ -15,10 +15,10 @@ use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::SystemClock;
 use plfm_node_agent::config::ShutdownMode;
 use plfm_node_agent::instance::Status;
-use plfm_node_agent::report::LocalSink;
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
 use plfm_node_agent::secrets::DirSecrets;
 use plfm_node_agent::spec::{decode_assignment, Plan};
+use plfm_node_agent::status::outbox::LocalSink;
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);

@@ -16,16 +16,18 @@ use tokio::task::JoinHandle;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ControlPlaneMode, RuntimeKind, ShutdownMode};
 use crate::control_plane::http::{
-    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
 };
+use crate::control_plane::secrets::http_secrets;
 use crate::control_plane::standalone;
 use crate::logs::LogHandle;
 use crate::metrics::Metrics;
-use crate::report::{LocalSink, OutboxDrainer, ReportSink, StatusManager};
 use crate::runtime::mock::MockRuntime;
 use crate::runtime::Runtime;
 use crate::secrets::{DirSecrets, SecretsSource};
 use crate::state::{Store, StoreError};
+use crate::status::outbox::{LocalSink, OutboxDrainer, ReportSink};
+use crate::status::StatusManager;
 use crate::supervisor::{ActorEnv, Supervisor, SupervisorConfig};
 
 /// A start-up failure, naming what is wrong.
@@ -138,6 +140,7 @@ impl Node {
                 opts.sink.clone(),
                 outbox_ready,
                 metrics.clone(),
+                opts.clock.clone(),
             )
             .run(shutdown_rx),
         );
@@ -343,7 +346,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             (
                 Some(client.clone()),
                 Arc::new(HttpSink::new(client.clone(), metrics.clone())),
-                Arc::new(HttpSecrets::new(client)),
+                Arc::new(http_secrets(client, clock.clone())),
                 logs,
             )
         }

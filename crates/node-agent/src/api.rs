@@ -14,9 +14,9 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::report::{StatusManager, StatusReport};
 use crate::spec::InstanceId;
 use crate::state::Store;
+use crate::status::{StatusManager, StatusReport};
 use crate::supervisor::{OperatorError, Supervisor};
 
 /// What the handlers need.
@@ -116,7 +116,7 @@ async fn list(State(s): State<ApiState>) -> Response {
 
 /// Adds each instance's tap and addresses from the resource ledger (`tap` rows, whose
 /// detail the qemu runtime writes as `{"ipv6", "ipv4"}`).
-async fn with_network(store: &Store, views: &mut [crate::report::InstanceView]) {
+async fn with_network(store: &Store, views: &mut [crate::status::view::InstanceView]) {
     let Ok(rows) = store.call(|s| s.resources()).await else {
         return;
     };
@@ -131,7 +131,7 @@ async fn with_network(store: &Store, views: &mut [crate::report::InstanceView]) 
             .unwrap_or_default();
         v.addresses = d["ipv6"]
             .as_str()
-            .map(|ipv6| crate::report::InstanceAddresses {
+            .map(|ipv6| crate::status::view::InstanceAddresses {
                 ipv6: ipv6.to_string(),
                 ipv4: d["ipv4"].as_str().map(str::to_string),
             });

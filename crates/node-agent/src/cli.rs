@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::report::InstanceView;
+use crate::status::view::InstanceView;
 
 fn client() -> anyhow::Result<reqwest::Client> {
     crate::control_plane::http::ensure_crypto_provider();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 /// A point on the clock's monotonic timeline (time since the clock's origin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -85,6 +85,8 @@ impl Clock for SystemClock {
 #[derive(Clone)]
 pub struct ManualClock {
     inner: Arc<Mutex<ManualInner>>,
+    /// Fired whenever someone starts sleeping.
+    slept: Arc<Notify>,
     wall_origin: DateTime<Utc>,
 }
 
@@ -103,6 +105,7 @@ impl ManualClock {
                 next_id: 0,
                 waiters: BTreeMap::new(),
             })),
+            slept: Arc::new(Notify::new()),
             wall_origin: Utc::now(),
         }
     }
@@ -132,6 +135,32 @@ impl ManualClock {
         g.waiters.retain(|_, tx| !tx.is_closed());
         g.waiters.len()
     }
+
+    /// The earliest deadline a pending sleeper waits for, if anyone sleeps.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut g = self.lock();
+        g.waiters.retain(|_, tx| !tx.is_closed());
+        g.waiters.keys().next().map(|(deadline, _)| *deadline)
+    }
+
+    /// Waits until someone sleeps on this clock and returns the earliest deadline
+    /// (see [`ManualClock::next_deadline`]); `None` if nobody did within `within` of
+    /// real time. Lets a test see that a task parked on this clock, and until when,
+    /// without sleeping itself.
+    pub async fn parked(&self, within: Duration) -> Option<Instant> {
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            let slept = self.slept.notified();
+            tokio::pin!(slept);
+            slept.as_mut().enable();
+            if let Some(d) = self.next_deadline() {
+                return Some(d);
+            }
+            if tokio::time::timeout_at(give_up, slept).await.is_err() {
+                return None;
+            }
+        }
+    }
 }
 
 impl Default for ManualClock {
@@ -160,6 +189,7 @@ impl Clock for ManualClock {
             g.waiters.insert((deadline, id), tx);
             rx
         };
+        self.slept.notify_waiters();
         Box::pin(async move {
             let _ = rx.await;
         })
@@ -190,6 +220,28 @@ mod tests {
             .await
             .expect("5 s sleeper wakes at 5 s");
         assert_eq!(clock.now(), Instant(Duration::from_secs(5)));
+    }
+
+    #[tokio::test]
+    async fn parked_reports_the_earliest_live_sleeper() {
+        let clock = ManualClock::new();
+        assert_eq!(clock.parked(Duration::from_millis(1)).await, None);
+        let c = clock.clone();
+        let sleeper = tokio::spawn(async move { c.sleep(Duration::from_secs(3)).await });
+        assert_eq!(
+            clock.parked(Duration::from_secs(10)).await,
+            Some(Instant(Duration::from_secs(3)))
+        );
+        let dropped = clock.sleep(Duration::from_secs(1));
+        assert_eq!(clock.next_deadline(), Some(Instant(Duration::from_secs(1))));
+        drop(dropped);
+        assert_eq!(clock.next_deadline(), Some(Instant(Duration::from_secs(3))));
+        clock.advance(Duration::from_secs(3));
+        tokio::time::timeout(Duration::from_secs(10), sleeper)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(clock.next_deadline(), None);
     }
 
     #[tokio::test]

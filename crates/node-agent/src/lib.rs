@@ -5,7 +5,8 @@
 //! The library does the work; the `plfm-node-agent` binary parses arguments and calls it.
 //! Map of the crate: [`spec`] and [`config`] are the boundary types; [`reconciler`]
 //! decides; [`supervisor`] runs one actor per instance; [`runtime`] is the VMM seam;
-//! [`report`] owns statuses and their delivery; [`state`] is the SQLite store;
+//! [`status`] owns statuses (delivery in [`status::outbox`], the API's view in
+//! [`status::view`]); [`state`] is the SQLite store;
 //! [`control_plane`] brings desired state in; [`api`] and [`cli`] face operators.
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -27,11 +28,13 @@ pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod network;
 pub mod reconciler;
-pub mod report;
 pub mod restart;
 pub mod runtime;
 pub mod secrets;
 pub mod spec;
 pub mod state;
+pub mod status;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 pub mod vmlinux;

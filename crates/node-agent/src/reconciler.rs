@@ -1,9 +1,10 @@
 //! The reconciler: the one place that turns desired vs observed into actions.
 //!
-//! Two pure functions. [`plan_actions`] compares a plan with the instances the
-//! supervisor has actors for and says which actors to create, update or tell to leave.
-//! [`decide`] compares one instance's desired state with what its actor observes and
-//! says what the actor does next. Neither performs I/O or reads a clock.
+//! Pure functions. [`plan_actions`] compares a plan with the instances the supervisor
+//! has actors for and says which actors to create, update or tell to leave. [`decide`]
+//! compares one instance's desired state with what its actor observes and says what the
+//! actor does next; [`drain_done`] says, from the same rules, when a node drain is over
+//! for an instance. None performs I/O or reads a clock.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -186,6 +187,33 @@ pub fn decide(desired: &Desired, obs: &Observed) -> InstanceAction {
         Some(t) if t > obs.now => InstanceAction::WaitUntil(t),
         _ => InstanceAction::Boot(a.clone()),
     }
+}
+
+/// Whether an instance has reached its end state of a node drain (`desired` has
+/// `node_draining` set): its next step would be to hold or to leave. That is `stopped`
+/// (a VM drained, or an instance that had failed marked stopped with `node_draining`),
+/// a refused spec's `failed`, or gone from the plan. `status`, `reason` and `generation`
+/// are the status owner's; a VM is taken to exist exactly when the status has one.
+pub fn drain_done(
+    desired: &Desired,
+    status: Status,
+    reason: Option<ReasonCode>,
+    generation: i32,
+) -> bool {
+    let obs = Observed {
+        status,
+        reason,
+        generation,
+        // No spec hash is needed: with the node draining, a VM is drained whatever it runs.
+        vm: status.has_vm().then(|| (generation, String::new())),
+        parked: None,
+        backoff_until: None,
+        now: Instant::default(),
+    };
+    matches!(
+        decide(desired, &obs),
+        InstanceAction::Hold | InstanceAction::Remove
+    )
 }
 
 /// A supervisor step.
@@ -420,6 +448,57 @@ mod tests {
             ..running(&a)
         };
         assert_eq!(decide(&d, &o), InstanceAction::Keep);
+    }
+
+    #[test]
+    fn a_node_drain_is_done_for_an_instance_only_once_it_is_stopped() {
+        use ReasonCode::*;
+        use Status::*;
+        let a = assignment("a", 1, "running");
+        let draining = Desired {
+            node_draining: true,
+            ..running(&a)
+        };
+        let refused = Desired {
+            assignment: None,
+            refused: Some(Arc::new(RefusedSpec {
+                generation: Some(1),
+                reason: ImagePullFailed,
+                message: String::new(),
+            })),
+            node_draining: true,
+            ..Desired::default()
+        };
+        let gone = Desired {
+            node_draining: true,
+            ..Desired::default()
+        };
+        let cases = [
+            // Anything on its way or running still has to stop.
+            (&draining, Pending, None, false),
+            (&draining, Preparing, None, false),
+            (&draining, Booting, None, false),
+            (&draining, Ready, None, false),
+            (&draining, Draining, Some(NodeDraining), false),
+            // An instance that had failed is done only once it is marked stopped.
+            (&draining, Failed, None, false),
+            (&draining, Failed, Some(CrashLoopBackoff), false),
+            (&draining, Stopped, Some(NodeDraining), true),
+            // Stopped before the drain (by an operator, or by itself): nothing to do.
+            (&draining, Stopped, Some(TerminatedByOperator), true),
+            // A refused spec stays failed.
+            (&refused, Failed, Some(ImagePullFailed), true),
+            // Gone from the plan: done once its VM is.
+            (&gone, Ready, None, false),
+            (&gone, Stopped, None, true),
+        ];
+        for (desired, status, reason, done) in cases {
+            assert_eq!(
+                drain_done(desired, status, reason, 1),
+                done,
+                "{status:?} {reason:?}"
+            );
+        }
     }
 
     #[test]

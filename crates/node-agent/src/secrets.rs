@@ -7,11 +7,14 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use crate::clock::SharedClock;
 use crate::instance::ReasonCode;
 
 /// Largest secrets file.
@@ -183,6 +186,50 @@ pub trait SecretsSource: Send + Sync + 'static {
     async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError>;
 }
 
+/// Fetch attempts of [`RetryingSecrets::new`].
+pub const FETCH_ATTEMPTS: u32 = 3;
+/// Wait before the second attempt; doubles before each further one.
+pub const FETCH_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// Retries another source's transient failures ([`SecretsError::Fetch`]) with backoff
+/// on the injected clock; a missing or malformed version is final and returned at once.
+pub struct RetryingSecrets {
+    inner: Arc<dyn SecretsSource>,
+    clock: SharedClock,
+    attempts: u32,
+}
+
+impl RetryingSecrets {
+    /// `inner` with [`FETCH_ATTEMPTS`] attempts, waiting [`FETCH_RETRY_FIRST`], then
+    /// twice as long, between them.
+    pub fn new(inner: Arc<dyn SecretsSource>, clock: SharedClock) -> Self {
+        RetryingSecrets {
+            inner,
+            clock,
+            attempts: FETCH_ATTEMPTS,
+        }
+    }
+}
+
+#[async_trait]
+impl SecretsSource for RetryingSecrets {
+    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+        let mut delay = FETCH_RETRY_FIRST;
+        let mut attempt = 1;
+        loop {
+            match self.inner.fetch(version_id).await {
+                Err(e @ SecretsError::Fetch { .. }) if attempt < self.attempts => {
+                    tracing::warn!(version = version_id, attempt, retry_in_ms = delay.as_millis() as u64, error = %e, "secret fetch failed");
+                    self.clock.sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Standalone mode: `<desired_dir>/secrets/<version_id>.env`.
 pub struct DirSecrets {
     dir: PathBuf,
@@ -299,6 +346,105 @@ mod tests {
         let m = SecretMaterial::new("v1", GOOD.as_bytes().to_vec()).unwrap();
         let dbg = format!("{m:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    /// A source whose next answers are scripted; counts its fetches.
+    struct Scripted {
+        answers: std::sync::Mutex<Vec<Result<SecretMaterial, SecretsError>>>,
+        fetches: tokio::sync::watch::Sender<u32>,
+    }
+
+    #[async_trait]
+    impl SecretsSource for Scripted {
+        async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+            self.fetches.send_modify(|n| *n += 1);
+            self.answers.lock().unwrap().remove(0).map_err(|e| match e {
+                SecretsError::Fetch { detail, .. } => SecretsError::Fetch {
+                    version_id: version_id.into(),
+                    detail,
+                },
+                other => other,
+            })
+        }
+    }
+
+    fn unreachable_cp() -> Result<SecretMaterial, SecretsError> {
+        Err(SecretsError::Fetch {
+            version_id: String::new(),
+            detail: "connection refused".into(),
+        })
+    }
+
+    fn scripted(
+        answers: Vec<Result<SecretMaterial, SecretsError>>,
+    ) -> (Arc<Scripted>, tokio::sync::watch::Receiver<u32>) {
+        let (fetches, rx) = tokio::sync::watch::channel(0);
+        let source = Arc::new(Scripted {
+            answers: std::sync::Mutex::new(answers),
+            fetches,
+        });
+        (source, rx)
+    }
+
+    /// Transient failures are retried after 0.5 s and then 1 s on the injected clock,
+    /// never earlier; the third failure is final.
+    #[tokio::test]
+    async fn transient_fetch_failures_are_retried_on_the_clock() {
+        use crate::clock::{Clock, ManualClock};
+        use crate::testing::count_reaches;
+        let good = || SecretMaterial::new("v1", GOOD.as_bytes().to_vec());
+        for (answers, succeeds) in [
+            (vec![unreachable_cp(), unreachable_cp(), good()], true),
+            (
+                vec![unreachable_cp(), unreachable_cp(), unreachable_cp()],
+                false,
+            ),
+        ] {
+            let clock = Arc::new(ManualClock::new());
+            let (source, mut fetches) = scripted(answers);
+            let retrying = RetryingSecrets::new(source, clock.clone());
+            let fetch = tokio::spawn(async move { retrying.fetch("v1").await });
+            for (n, wait) in [(1, FETCH_RETRY_FIRST), (2, FETCH_RETRY_FIRST * 2)] {
+                count_reaches(&mut fetches, n, "fetch").await;
+                let wake = clock
+                    .parked(Duration::from_secs(10))
+                    .await
+                    .expect("a failed fetch waits on the injected clock");
+                assert_eq!(wake.since(clock.now()), wait);
+                clock.advance(wait - Duration::from_millis(1));
+                assert_eq!(*fetches.borrow(), n, "retried before the wait ended");
+                assert!(!fetch.is_finished());
+                clock.advance(Duration::from_millis(1));
+            }
+            let result = tokio::time::timeout(Duration::from_secs(10), fetch)
+                .await
+                .expect("the third attempt ends the fetch")
+                .unwrap();
+            assert_eq!(*fetches.borrow(), 3);
+            match result {
+                Ok(m) => assert!(succeeds && m.bytes() == GOOD.as_bytes()),
+                Err(e) => assert!(!succeeds && matches!(e, SecretsError::Fetch { .. }), "{e}"),
+            }
+        }
+    }
+
+    /// Missing or malformed material is final: no retry, no wait.
+    #[tokio::test]
+    async fn missing_or_malformed_versions_are_not_retried() {
+        let clock = Arc::new(crate::clock::ManualClock::new());
+        let missing = Err(SecretsError::Missing {
+            version_id: "v1".into(),
+            detail: "404".into(),
+        });
+        let malformed = SecretMaterial::new("v1", b"nope".to_vec());
+        for answer in [missing, malformed] {
+            let (source, fetches) = scripted(vec![answer]);
+            let retrying = RetryingSecrets::new(source, clock.clone());
+            let e = retrying.fetch("v1").await.unwrap_err();
+            assert!(!matches!(e, SecretsError::Fetch { .. }), "{e}");
+            assert_eq!(*fetches.borrow(), 1);
+            assert_eq!(clock.next_deadline(), None);
+        }
     }
 
     #[tokio::test]

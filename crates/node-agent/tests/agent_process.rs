@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::{assignment_json, free_port, tree, wait_real};
 use plfm_node_agent::instance::Status;
-use plfm_node_agent::report::{InstanceView, StatusReport};
 use plfm_node_agent::state::Store;
+use plfm_node_agent::status::view::InstanceView;
+use plfm_node_agent::status::StatusReport;
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");

@@ -17,8 +17,9 @@ use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{SharedClock, SystemClock};
 use plfm_node_agent::config::{Config, ControlPlaneConfig, ShutdownMode};
 use plfm_node_agent::control_plane::http::{
-    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSecrets, HttpSink,
+    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
 };
+use plfm_node_agent::control_plane::secrets::http_secrets;
 use plfm_node_agent::instance::ReasonCode;
 use plfm_node_agent::metrics::Metrics;
 use plfm_node_agent::runtime::mock::{MockConfig, MockFault, MockRuntime};
@@ -59,7 +60,7 @@ impl Connected {
             data_dir: tmp.path().join("data"),
             runtime: mock.clone(),
             clock: clock.clone(),
-            secrets: Arc::new(HttpSecrets::new(client.clone())),
+            secrets: Arc::new(http_secrets(client.clone(), clock.clone())),
             sink: Arc::new(HttpSink::new(client.clone(), metrics.clone())),
             boot_timeout: Duration::from_secs(30),
             max_instances: 10_000,

@@ -17,11 +17,12 @@ use plfm_node_agent::clock::SystemClock;
 use plfm_node_agent::config::{Config, ShutdownMode};
 use plfm_node_agent::instance::Status;
 use plfm_node_agent::logs::LogHandle;
-use plfm_node_agent::report::{LocalSink, StatusReport};
 use plfm_node_agent::runtime::firecracker::FirecrackerRuntime;
 use plfm_node_agent::runtime::Runtime;
 use plfm_node_agent::secrets::DirSecrets;
 use plfm_node_agent::spec::{decode_assignment, Plan};
+use plfm_node_agent::status::outbox::LocalSink;
+use plfm_node_agent::status::StatusReport;
 
 fn assignment(instance: &str) -> serde_json::Value {
     serde_json::json!({

@@ -283,7 +283,7 @@ fn vmm_exit_before_the_handshake_removes_the_real_tap_rules_and_disk_then_restar
 async fn exit_body(env: FcEnv) {
     use plfm_node_agent::agent::{Node, NodeOptions};
     use plfm_node_agent::instance::Status;
-    use plfm_node_agent::report::LocalSink;
+    use plfm_node_agent::status::outbox::LocalSink;
 
     let r = rig(&env).await;
     let data = env.data_dir();
@@ -314,7 +314,7 @@ async fn exit_body(env: FcEnv) {
         })
         .await;
     let tap = plfm_node_agent::network::tap_name("i-crash");
-    let reports = || -> Vec<plfm_node_agent::report::StatusReport> {
+    let reports = || -> Vec<plfm_node_agent::status::StatusReport> {
         node.store
             .delivered_reports(Some("i-crash"))
             .unwrap()

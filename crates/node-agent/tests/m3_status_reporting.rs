@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use plfm_node_agent::instance::{ReasonCode, Status};
-use plfm_node_agent::report::StatusReport;
 use plfm_node_agent::runtime::mock::{MockConfig, MockFault};
+use plfm_node_agent::status::StatusReport;
 use serde_json::json;
 
 const STEP: Duration = Duration::from_millis(100);

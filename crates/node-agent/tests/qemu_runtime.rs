@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 use image_support::{busybox_image, Registry};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 use plfm_node_agent::instance::{ReasonCode, Status};
-use plfm_node_agent::report::{InstanceView, StatusReport};
 use plfm_node_agent::state::Store;
+use plfm_node_agent::status::view::InstanceView;
+use plfm_node_agent::status::StatusReport;
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");

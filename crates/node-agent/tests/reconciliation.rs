@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use plfm_node_agent::config::ShutdownMode;
-use plfm_node_agent::instance::Status;
+use plfm_node_agent::instance::{ReasonCode, Status};
 use plfm_node_agent::runtime::mock::{MockConfig, MockFault};
 
 const STEP: Duration = Duration::from_millis(100);
@@ -66,6 +66,73 @@ async fn supervisor_shutdown_with_drain_stops_every_vm() {
             Status::Stopped
         ]
     );
+}
+
+/// A node with `failed` instances (their workload exited 3, restart policy `never`) and
+/// `ready` ones.
+async fn failed_and_ready(failed: &[&str], ready: &[&str]) -> TestNode {
+    let t = TestNode::start(MockConfig::instant()).await;
+    let mut assignments = Vec::new();
+    for i in failed {
+        t.mock.inject(
+            &id(i),
+            MockFault::Exit {
+                code: 3,
+                after_ms: 0,
+            },
+        );
+        let mut v = assignment_json(i, 1);
+        v["workload"]["lifecycle"]["restart_policy"] = "never".into();
+        assignments.push(decode(&v));
+    }
+    assignments.extend(ready.iter().map(|i| assignment(i, 1)));
+    t.apply(plan(1, assignments)).await;
+    t.wait_for("instances failed and ready", STEP, |t| {
+        failed.iter().all(|i| t.status(i) == Some(Status::Failed))
+            && ready.iter().all(|i| t.status(i) == Some(Status::Ready))
+    })
+    .await;
+    t
+}
+
+/// The last report of an instance: status and reason.
+fn last_report(t: &TestNode, i: &str) -> Option<(Status, Option<ReasonCode>)> {
+    t.reports(i).last().map(|r| (r.status, r.reason_code))
+}
+
+const DRAINED: Option<(Status, Option<ReasonCode>)> =
+    Some((Status::Stopped, Some(ReasonCode::NodeDraining)));
+
+/// `on_shutdown = "drain"` ends only once every instance is stopped: the ready one
+/// drained, the failed one marked stopped with `node_draining` (as the API drain does).
+#[tokio::test]
+async fn shutdown_drain_marks_failed_instances_stopped_node_draining() {
+    for (failed, ready) in [(&["f"][..], &["r"][..]), (&["f", "g"][..], &[][..])] {
+        let mut t = failed_and_ready(failed, ready).await;
+        let node = t.node.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), node.shutdown(ShutdownMode::Drain))
+            .await
+            .expect("the drain shutdown ends once every instance is stopped");
+        assert!(t.mock.running().is_empty());
+        t.restart().await;
+        for i in failed.iter().chain(ready) {
+            assert_eq!(last_report(&t, i), DRAINED, "{i} (failed: {failed:?})");
+            assert_eq!(t.status(i), Some(Status::Stopped), "{i}");
+        }
+    }
+}
+
+/// `POST /v1/node/drain` (the supervisor's node drain) does the same.
+#[tokio::test]
+async fn api_drain_marks_failed_instances_stopped_node_draining() {
+    let t = failed_and_ready(&["f"], &["r"]).await;
+    t.node().supervisor.drain_node().await.unwrap();
+    t.wait_for("f and r stopped by the drain", STEP, |t| {
+        t.node().store.outbox_depth().unwrap() == 0
+            && ["f", "r"].iter().all(|i| last_report(t, i) == DRAINED)
+    })
+    .await;
+    assert!(t.mock.running().is_empty());
 }
 
 #[tokio::test]

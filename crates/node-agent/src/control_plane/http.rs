@@ -24,10 +24,10 @@ use crate::clock::SharedClock;
 use crate::config::ControlPlaneConfig;
 use crate::logs::{LogDestination, LogEntry};
 use crate::metrics::{EndpointLabel, Metrics, RequestLabels};
-use crate::report::{Delivery, ReportSink};
-use crate::secrets::{SecretMaterial, SecretsError, SecretsSource};
+use crate::secrets::{SecretMaterial, SecretsError};
 use crate::spec::{parse_plan, Plan};
 use crate::state::{OutboxRow, Store};
+use crate::status::outbox::{Delivery, ReportSink};
 use crate::supervisor::Supervisor;
 
 /// Largest response body read (plans of thousands of instances fit easily).
@@ -594,47 +594,6 @@ impl ReportSink for HttpSink {
             }
         }
         out
-    }
-}
-
-/// Secrets from the control plane, retried on transient errors.
-pub struct HttpSecrets {
-    client: Arc<ControlPlaneClient>,
-    attempts: u32,
-}
-
-impl HttpSecrets {
-    /// Secrets through `client` (3 attempts, backoff 0.5 s, 1 s).
-    pub fn new(client: Arc<ControlPlaneClient>) -> Self {
-        HttpSecrets {
-            client,
-            attempts: 3,
-        }
-    }
-}
-
-#[async_trait]
-impl SecretsSource for HttpSecrets {
-    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
-        let mut delay = Duration::from_millis(500);
-        let mut last = None;
-        for attempt in 1..=self.attempts {
-            match self.client.get_secret(version_id).await {
-                Err(e @ SecretsError::Fetch { .. }) => {
-                    tracing::warn!(version = version_id, attempt, error = %e, "secret fetch failed");
-                    last = Some(e);
-                    if attempt < self.attempts {
-                        tokio::time::sleep(delay).await;
-                        delay *= 2;
-                    }
-                }
-                other => return other,
-            }
-        }
-        Err(last.unwrap_or_else(|| SecretsError::Fetch {
-            version_id: version_id.into(),
-            detail: "no attempt".into(),
-        }))
     }
 }
 

@@ -5,4 +5,5 @@
 //! them to the supervisor; it never decides what to do with an instance.
 
 pub mod http;
+pub mod secrets;
 pub mod standalone;

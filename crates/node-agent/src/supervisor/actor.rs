@@ -17,11 +17,11 @@ use tokio::sync::watch;
 use crate::clock::{Instant, SharedClock};
 use crate::instance::{ReasonCode, Status};
 use crate::reconciler::{decide, Desired, InstanceAction, Observed};
-use crate::report::{Applied, StatusManager, StatusUpdate};
 use crate::restart::{Ending, RestartDecision, RestartTracker};
 use crate::runtime::{BootContext, Runtime, RuntimeError, VmEvent, VmHandle};
 use crate::secrets::{SecretsError, SecretsSource};
 use crate::spec::{Assignment, DesiredState, HealthSpec, InstanceId};
+use crate::status::{Applied, StatusManager, StatusUpdate};
 
 /// What every actor shares.
 pub struct ActorEnv {

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use crate::config::ShutdownMode;
 use crate::instance::Status;
 use crate::metrics::{KindLabel, Metrics};
-use crate::reconciler::{plan_actions, refusals, Desired, SupervisorAction};
+use crate::reconciler::{drain_done, plan_actions, refusals, Desired, SupervisorAction};
 use crate::runtime::VmHandle;
 use crate::spec::{Assignment, AssignmentWire, InstanceId, Plan};
 use crate::state::Store;
@@ -303,33 +303,55 @@ impl SupervisorTask {
             "supervisor shutting down"
         );
         if mode == ShutdownMode::Drain {
-            // Drain every VM (without persisting a node drain), then detach.
-            self.node_draining = true;
-            let ids: Vec<_> = self.slots.keys().cloned().collect();
-            for id in &ids {
-                self.push(id);
-            }
-            let deadline = std::time::Instant::now()
-                + Duration::from_secs(crate::spec::MAX_GRACE_SECONDS + 30);
-            while std::time::Instant::now() < deadline {
-                let busy = ids.iter().any(|id| {
-                    self.env.status.status_of(id).is_some_and(|(s, _)| {
-                        matches!(
-                            s,
-                            Status::Preparing | Status::Booting | Status::Ready | Status::Draining
-                        )
-                    })
-                });
-                if !busy {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // Drain every instance (without persisting a node drain), then detach.
+            self.drain_before_detach().await;
         }
         for slot in self.slots.values() {
             slot.tx.send_modify(|d| d.detach = true);
         }
         self.shutdown = Some((mode, reply.into_iter().collect()));
+    }
+
+    /// Tells every actor the node drains and waits until each instance reached its
+    /// drained end state ([`drain_done`]: stopped, including one that had failed, now
+    /// marked stopped with `node_draining`), or until a deadline on the clock. Wakes on
+    /// reported status changes: the step that reaches an end state always is one.
+    async fn drain_before_detach(&mut self) {
+        let changes = self.env.status.subscribe_changes();
+        self.node_draining = true;
+        let ids: Vec<_> = self.slots.keys().cloned().collect();
+        for id in &ids {
+            self.push(id);
+        }
+        let limit = Duration::from_secs(crate::spec::MAX_GRACE_SECONDS + 30);
+        let mut deadline = self.env.clock.sleep(limit);
+        loop {
+            let pending: Vec<&InstanceId> = ids.iter().filter(|id| !self.drained(id)).collect();
+            if pending.is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = changes.notified() => {}
+                _ = &mut deadline => {
+                    tracing::warn!(instances = ?pending, limit_s = limit.as_secs(), "drain on shutdown did not finish in time; detaching");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether an instance reached its end state of the node drain.
+    fn drained(&self, id: &InstanceId) -> bool {
+        // No slot, or no actor (it panicked; the respawn waits): nothing will change.
+        let Some(slot) = self.slots.get(id).filter(|s| s.running) else {
+            return true;
+        };
+        let (status, generation, reason, _) =
+            self.env
+                .status
+                .brief(id)
+                .unwrap_or((Status::Pending, 0, None, 0));
+        drain_done(&slot.tx.borrow(), status, reason, generation)
     }
 
     fn desired_for(&self, id: &InstanceId, assignment: Option<Arc<Assignment>>) -> Desired {

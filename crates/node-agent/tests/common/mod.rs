@@ -9,10 +9,11 @@ use std::time::Duration;
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{Clock, ManualClock};
 use plfm_node_agent::instance::Status;
-use plfm_node_agent::report::{LocalSink, StatusReport};
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
 use plfm_node_agent::secrets::DirSecrets;
 use plfm_node_agent::spec::{decode_assignment, Assignment, InstanceId, Plan};
+use plfm_node_agent::status::outbox::LocalSink;
+use plfm_node_agent::status::StatusReport;
 use serde_json::{json, Value};
 
 pub const DIGEST: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

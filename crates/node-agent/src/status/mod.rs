@@ -1,18 +1,22 @@
-//! The status manager: the one owner of instance statuses. Everything that changes an
+//! The status owner: the one owner of instance statuses. Everything that changes an
 //! instance's status goes through [`StatusManager::update`]; it rejects illegal
 //! transitions, drops repeats, numbers reports (`seq`), persists the new status and its
-//! report in the outbox in one group-committed transaction, and only then returns. The
-//! [`OutboxDrainer`] hands queued reports to a [`ReportSink`] in order and removes them
-//! after the sink took them.
+//! report in the outbox in one group-committed transaction, and only then returns.
 //!
-//! Nobody else writes statuses or sends reports. This module does not decide *when* a
-//! transition happens.
+//! Layout: this module owns statuses and their commit to the state store;
+//! [`outbox`] delivers the queued reports to a sink; [`view`] holds the types the local
+//! API and CLI show.
+//!
+//! Nobody else writes statuses. This module must not decide *when* a transition
+//! happens (the actors do), nor send reports (the outbox does).
+
+pub mod outbox;
+pub mod view;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -20,7 +24,8 @@ use crate::clock::SharedClock;
 use crate::instance::{check_transition, Change, IllegalTransition, ReasonCode, Status};
 use crate::metrics::{Metrics, StatusLabel, TransitionLabels};
 use crate::spec::InstanceId;
-use crate::state::{InstanceRow, OutboxRow, StatusRecord, Store, StoreError};
+use crate::state::{InstanceRow, StatusRecord, Store, StoreError};
+use view::InstanceView;
 
 /// Longest `error_message` kept (one line).
 pub const MAX_MESSAGE_BYTES: usize = 1024;
@@ -126,48 +131,6 @@ pub enum ReportError {
     Closed,
 }
 
-/// What the API shows for one instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceView {
-    /// Instance.
-    pub instance_id: String,
-    /// Generation.
-    pub generation: i32,
-    /// Current status.
-    pub status: Status,
-    /// Reason code.
-    pub reason_code: Option<ReasonCode>,
-    /// Message.
-    pub error_message: Option<String>,
-    /// Exit code.
-    pub exit_code: Option<i32>,
-    /// Restarts.
-    pub restarts: u32,
-    /// Boot id.
-    pub boot_id: Option<String>,
-    /// Last report seq.
-    pub seq: i64,
-    /// Last change (RFC 3339).
-    pub updated_at: String,
-    /// The instance's addresses (runtimes with host networking; filled in by the API
-    /// from the resource ledger).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub addresses: Option<InstanceAddresses>,
-    /// The instance's tap (runtimes with host networking).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tap: Option<String>,
-}
-
-/// Addresses of an instance, as the local API shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceAddresses {
-    /// Overlay IPv6 address.
-    pub ipv6: String,
-    /// IPv4 link address, if one was assigned.
-    #[serde(default)]
-    pub ipv4: Option<String>,
-}
-
 #[derive(Debug, Clone)]
 struct Entry {
     generation: i32,
@@ -201,6 +164,12 @@ pub struct StatusManager {
 
 /// Most status changes committed in one transaction.
 const MAX_BATCH: usize = 4096;
+
+/// First wait before retrying a failed commit; doubles per failure up to
+/// [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between commit attempts.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl StatusManager {
     /// Loads the persisted statuses and starts the group-commit task. `outbox_ready` is
@@ -251,6 +220,7 @@ impl StatusManager {
             outbox_ready,
             metrics.clone(),
             degraded.clone(),
+            clock.clone(),
         ));
         Ok(Arc::new(StatusManager {
             entries: Mutex::new(entries),
@@ -533,6 +503,7 @@ async fn commit_loop(
     outbox_ready: Arc<Notify>,
     metrics: Arc<Metrics>,
     degraded: Arc<Mutex<Option<String>>>,
+    clock: SharedClock,
 ) {
     let mut batch: Vec<Commit> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -545,7 +516,7 @@ async fn commit_loop(
         }
         let records: Vec<StatusRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let queued = records.iter().any(|r| r.report_json.is_some());
-        let mut delay = Duration::from_millis(50);
+        let mut delay = COMMIT_RETRY_FIRST;
         let records = Arc::new(records);
         loop {
             let recs = records.clone();
@@ -560,8 +531,8 @@ async fn commit_loop(
                         Some(format!("state store: {e}"));
                     // Nothing is acknowledged before it is durable: callers wait.
                     tracing::error!(error = %e, "cannot persist status changes; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    clock.sleep(delay).await;
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
             }
         }
@@ -574,149 +545,25 @@ async fn commit_loop(
     }
 }
 
-/// What a delivery attempt achieved.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delivery {
-    /// Outbox ids that are done (accepted, or refused for good) and leave the outbox.
-    pub done: Vec<i64>,
-    /// Some reports could not be delivered now: retry later with backoff.
-    pub retry: bool,
-}
-
-/// Where delivered reports go.
-#[async_trait]
-pub trait ReportSink: Send + Sync + 'static {
-    /// Delivers `rows`, keeping each instance's reports in order: a report is only
-    /// attempted after every earlier report of its instance is done.
-    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Delivery;
-}
-
-/// Standalone mode's sink: the `reports` table of the state store, served by the local
-/// API. Delivery and outbox removal are one transaction.
-pub struct LocalSink;
-
-#[async_trait]
-impl ReportSink for LocalSink {
-    async fn deliver(&self, store: &Store, rows: Vec<OutboxRow>) -> Delivery {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        match store.call(move |s| s.deliver_to_local_sink(&rows)).await {
-            Ok(()) => Delivery {
-                done: ids,
-                retry: false,
-            },
-            Err(e) => {
-                tracing::error!(error = %e, "local report sink failed");
-                Delivery {
-                    done: Vec::new(),
-                    retry: true,
-                }
-            }
-        }
-    }
-}
-
-/// Moves reports from the outbox to a sink, oldest first, retrying with backoff.
-pub struct OutboxDrainer {
-    store: Store,
-    sink: Arc<dyn ReportSink>,
-    ready: Arc<Notify>,
-    metrics: Arc<Metrics>,
-}
-
-impl OutboxDrainer {
-    /// A drainer; `ready` is the status manager's notification.
-    pub fn new(
-        store: Store,
-        sink: Arc<dyn ReportSink>,
-        ready: Arc<Notify>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        OutboxDrainer {
-            store,
-            sink,
-            ready,
-            metrics,
-        }
-    }
-
-    /// Runs until `shutdown` resolves.
-    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let rows = match self.store.call(|s| s.outbox_peek(1000)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
-                    Vec::new()
-                }
-            };
-            if let Ok(depth) = self.store.call(|s| s.outbox_depth()).await {
-                self.metrics.outbox_depth.set(depth);
-            }
-            let mut retrying = false;
-            let wait = if rows.is_empty() {
-                Duration::from_secs(5)
-            } else {
-                let n = rows.len();
-                let d = self.sink.deliver(&self.store, rows).await;
-                let done = d.done.len();
-                if done > 0 {
-                    let ids = d.done;
-                    if let Err(e) = self.store.call(move |s| s.outbox_ack(&ids)).await {
-                        tracing::error!(error = %e, "cannot remove delivered reports from the outbox");
-                    }
-                    self.metrics.reports_delivered.inc_by(done as u64);
-                }
-                if !d.retry {
-                    delay = Duration::from_millis(100);
-                    if done == n {
-                        continue;
-                    }
-                    delay
-                } else {
-                    self.metrics.delivery_errors.inc();
-                    retrying = true;
-                    // Exponential backoff with ±20 % jitter.
-                    let jitter = 0.8 + rand::random::<f64>() * 0.4;
-                    let d = delay.mul_f64(jitter);
-                    tracing::warn!(
-                        delivered = done,
-                        pending = n - done,
-                        retry_in_ms = d.as_millis() as u64,
-                        "status delivery incomplete; retrying"
-                    );
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                    d
-                }
-            };
-            tokio::select! {
-                // While backing off, new reports wait for the retry time too.
-                _ = self.ready.notified(), if !retrying => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() {
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
+
+    fn start(store: &Store, clock: Arc<ManualClock>) -> Arc<StatusManager> {
+        StatusManager::start(
+            store.clone(),
+            clock,
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+        )
+        .unwrap()
+    }
 
     async fn manager() -> (Arc<StatusManager>, Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let m = StatusManager::start(
-            store.clone(),
-            Arc::new(ManualClock::new()),
-            Arc::new(Metrics::new()),
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
+        let m = start(&store, Arc::new(ManualClock::new()));
         (m, store, dir)
     }
 
@@ -772,19 +619,76 @@ mod tests {
         assert_eq!(r.reason_code, Some(ReasonCode::ImagePullFailed));
     }
 
+    /// Makes the store refuse (or accept again) every report it queues: an SQLite
+    /// trigger on the outbox, set through a second connection.
+    fn refuse_reports(db: &std::path::Path, refuse: bool) {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let sql = if refuse {
+            "CREATE TRIGGER refuse_reports BEFORE INSERT ON outbox \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+        } else {
+            "DROP TRIGGER refuse_reports;"
+        };
+        conn.execute_batch(sql).unwrap();
+    }
+
+    /// A commit that fails is retried after 50 ms, 100 ms, … up to 5 s, each wait on
+    /// the injected clock; the update returns only once a retry made it durable.
+    #[tokio::test]
+    async fn a_failed_commit_is_retried_on_the_clock_with_doubling_capped_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let store = Store::open(&db).unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let m = start(&store, clock.clone());
+        m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
+            .await
+            .unwrap();
+        refuse_reports(&db, true);
+        let m2 = m.clone();
+        let update = tokio::spawn(async move {
+            m2.update(StatusUpdate::new(id("a"), 1, Status::Booting))
+                .await
+        });
+        let waits = [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000].map(Duration::from_millis);
+        for (failure, wait) in waits.into_iter().enumerate() {
+            let wake = clock
+                .parked(Duration::from_secs(10))
+                .await
+                .expect("after a failed commit the commit loop waits on the injected clock");
+            assert_eq!(
+                wake.since(clock.now()),
+                wait,
+                "wait after failure {failure}"
+            );
+            assert!(m.degraded().is_some_and(|d| d.contains("injected failure")));
+            assert_eq!(m.status_of(&id("a")), Some((Status::Preparing, 1)));
+            if failure == waits.len() - 1 {
+                refuse_reports(&db, false);
+            }
+            clock.advance(wait - Duration::from_millis(1));
+            assert!(!update.is_finished(), "acknowledged before it was durable");
+            assert_eq!(clock.next_deadline(), Some(wake), "retried early");
+            clock.advance(Duration::from_millis(1));
+        }
+        let applied = tokio::time::timeout(Duration::from_secs(10), update)
+            .await
+            .expect("the retry after the last wait commits")
+            .unwrap()
+            .unwrap();
+        assert_eq!(applied, Applied::Changed { seq: Some(1) });
+        assert_eq!(m.degraded(), None);
+        assert_eq!(m.status_of(&id("a")), Some((Status::Booting, 1)));
+        assert_eq!(store.outbox_depth().unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn seq_continues_after_reload() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         {
             let store = Store::open(&path).unwrap();
-            let m = StatusManager::start(
-                store,
-                Arc::new(ManualClock::new()),
-                Arc::new(Metrics::new()),
-                Arc::new(Notify::new()),
-            )
-            .unwrap();
+            let m = start(&store, Arc::new(ManualClock::new()));
             m.update(StatusUpdate::new(id("a"), 1, Status::Preparing))
                 .await
                 .unwrap();
@@ -793,13 +697,7 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        let m = StatusManager::start(
-            store.clone(),
-            Arc::new(ManualClock::new()),
-            Arc::new(Metrics::new()),
-            Arc::new(Notify::new()),
-        )
-        .unwrap();
+        let m = start(&store, Arc::new(ManualClock::new()));
         assert_eq!(m.status_of(&id("a")), Some((Status::Booting, 1)));
         assert_eq!(
             m.update(StatusUpdate::new(id("a"), 1, Status::Booting))
