@@ -61,12 +61,18 @@ impl Poll {
     }
 
     /// Blocks the thread until `probe` returns `Ok`, and returns its value.
-    pub fn until<T, S: Debug>(self, what: &str, mut probe: impl FnMut() -> Result<T, S>) -> T {
+    pub fn until<T, S: Debug>(self, what: &str, probe: impl FnMut() -> Result<T, S>) -> T {
+        self.try_until(probe)
+            .unwrap_or_else(|seen| self.timed_out(what, &seen))
+    }
+
+    /// As [`Poll::until`], but gives up quietly: `Err` with the last observation.
+    pub fn try_until<T, S>(self, mut probe: impl FnMut() -> Result<T, S>) -> Result<T, S> {
         let deadline = Instant::now() + self.within;
         loop {
             match probe() {
-                Ok(v) => return v,
-                Err(seen) if Instant::now() >= deadline => self.timed_out(what, &seen),
+                Ok(v) => return Ok(v),
+                Err(seen) if Instant::now() >= deadline => return Err(seen),
                 Err(_) => std::thread::sleep(self.every),
             }
         }
@@ -76,13 +82,23 @@ impl Poll {
     pub async fn until_async<T, S: Debug>(
         self,
         what: &str,
-        mut probe: impl FnMut() -> Result<T, S>,
+        probe: impl FnMut() -> Result<T, S>,
     ) -> T {
+        self.try_until_async(probe)
+            .await
+            .unwrap_or_else(|seen| self.timed_out(what, &seen))
+    }
+
+    /// As [`Poll::try_until`], sleeping on tokio's timer between checks.
+    pub async fn try_until_async<T, S>(
+        self,
+        mut probe: impl FnMut() -> Result<T, S>,
+    ) -> Result<T, S> {
         let deadline = Instant::now() + self.within;
         loop {
             match probe() {
-                Ok(v) => return v,
-                Err(seen) if Instant::now() >= deadline => self.timed_out(what, &seen),
+                Ok(v) => return Ok(v),
+                Err(seen) if Instant::now() >= deadline => return Err(seen),
                 Err(_) => tokio::time::sleep(self.every).await,
             }
         }
