@@ -196,7 +196,7 @@ async fn plan_instances_reach_ready_and_every_transition_arrives_once_in_order()
     // or ignored it.
     let polls = agent.plan_polls();
     wait(
-        "two plan fetches after the empty plan with cursor 1",
+        "the poller to handle a fetch of the empty plan with cursor 1",
         Duration::from_secs(10),
         || agent.plan_polls() >= polls + 3,
     )
