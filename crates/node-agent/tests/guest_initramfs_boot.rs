@@ -36,7 +36,7 @@ mod common;
 #[path = "support/vm_host.rs"]
 mod vm_host;
 use common::gate::skip_or_fail as require;
-use common::wait::{poll_until, wait_until};
+use common::wait::{poll_until, wait_until, Poll};
 use vm_host::{find_kernel, static_guest_init};
 
 /// Kills and reaps QEMU when the test ends, pass or fail.
@@ -442,16 +442,10 @@ fn run_vm_with(
 
     // The deadline covers the TCG boot to guest init plus the guest's own 5 s.
     let events = host(&listener, &rt);
-    let end = Instant::now() + Duration::from_secs(60);
-    let exited = loop {
-        if qemu.0.try_wait().unwrap().is_some() {
-            break true;
-        }
-        if Instant::now() >= end {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exited = Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .try_until(|| qemu.0.try_wait().unwrap().ok_or(()))
+        .is_ok();
     let lifetime = started.elapsed();
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     // Keep the console for debugging (target/tmp/guest-vm-console.log).

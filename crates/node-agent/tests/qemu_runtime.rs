@@ -195,10 +195,9 @@ impl Drop for Cleanup {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     // Best effort (no panic in drop): a group empties once its
                     // processes are reaped.
-                    let end = Instant::now() + Duration::from_secs(5);
-                    while std::fs::remove_dir(e.path()).is_err() && Instant::now() < end {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    let _ = Poll::within(Duration::from_secs(5))
+                        .every(Duration::from_millis(50))
+                        .try_until(|| std::fs::remove_dir(e.path()));
                 }
             }
             let _ = std::fs::remove_dir(parent);
