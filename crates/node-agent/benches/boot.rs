@@ -16,6 +16,10 @@
 //! 300), `PLFM_BOOT_BENCH_KEEP_LOG` (copy the agent's JSON log there at the end).
 
 #[cfg(target_os = "linux")]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+#[cfg(target_os = "linux")]
 #[path = "../tests/image_support/mod.rs"]
 #[allow(unused_imports)]
 mod image_support;
@@ -38,17 +42,18 @@ fn main() {
 mod linux {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::Command;
     use std::time::{Duration, Instant};
 
     use chrono::{DateTime, Utc};
     use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
     use serde_json::{json, Value};
 
+    use crate::common::agent::AgentProcess;
+    use crate::common::wait::{holds, Poll};
     use crate::image_support::{busybox_image, Registry};
     use crate::vm_host::{find_kernel, processes_mentioning, static_guest_init, which};
 
-    const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
     const NETNS_ENV: &str = "PLFM_BOOT_BENCH_NETNS";
 
     /// Kernel, modules and guest init, or the name of what is missing.
@@ -118,15 +123,12 @@ mod linux {
     /// (the namespace deletion afterwards removes the taps and the nftables table).
     struct Cleanup {
         dir: PathBuf,
-        agent: Option<Child>,
+        agent: Option<AgentProcess>,
     }
 
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            if let Some(mut a) = self.agent.take() {
-                let _ = a.kill();
-                let _ = a.wait();
-            }
+            drop(self.agent.take()); // SIGKILL
             for pid in processes_mentioning(&self.dir.display().to_string()) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
@@ -225,18 +227,23 @@ mod linux {
             out
         }
 
+        /// The boots once every one of `ids` is ready, or as they are after `within`.
         fn wait_ready(&self, ids: &[String], within: Duration) -> HashMap<String, Boot> {
-            let end = Instant::now() + within;
-            loop {
+            let all_ready = || {
                 let boots = self.boots();
                 let all = ids
                     .iter()
                     .all(|id| boots.get(id).is_some_and(|b| b.ready.is_some()));
-                if all || Instant::now() > end {
-                    return boots;
+                if all {
+                    Ok(boots)
+                } else {
+                    Err(boots)
                 }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            };
+            Poll::within(within)
+                .every(Duration::from_millis(50))
+                .try_until(all_ready)
+                .unwrap_or_else(|boots| boots)
         }
     }
 
@@ -292,16 +299,7 @@ reconcile_interval_ms = 200
             initramfs.display().to_string()
         );
         std::fs::write(root.join("agent.toml"), cfg).unwrap();
-        let log = std::fs::File::create(root.join("agent.log")).unwrap();
-        let agent = Command::new(BIN)
-            .arg("--config")
-            .arg(root.join("agent.toml"))
-            .env_remove("RUST_LOG")
-            .current_dir(&root)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let agent = AgentProcess::spawn(&root.join("agent.toml"), &root.join("agent.log"));
         Bench {
             cleanup: Cleanup {
                 dir: root.join("data"),
@@ -384,10 +382,9 @@ reconcile_interval_ms = 200
             .join("data/instances/warm-0")
             .display()
             .to_string();
-        let end = Instant::now() + Duration::from_secs(60);
-        while !processes_mentioning(&dir).is_empty() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let _ = Poll::within(Duration::from_secs(60))
+            .every(Duration::from_millis(200))
+            .try_until(|| holds(processes_mentioning(&dir).is_empty()));
 
         // One instance, warm cache.
         bench.write("one-1", 1);
@@ -413,10 +410,9 @@ reconcile_interval_ms = 200
             .join("data/instances/one-1")
             .display()
             .to_string();
-        let end = Instant::now() + Duration::from_secs(60);
-        while !processes_mentioning(&dir).is_empty() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let _ = Poll::within(Duration::from_secs(60))
+            .every(Duration::from_millis(200))
+            .try_until(|| holds(processes_mentioning(&dir).is_empty()));
 
         // N instances at once.
         println!("\n== {n} instances concurrently (deadline {deadline:?}) ==");

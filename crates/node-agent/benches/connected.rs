@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::wait::{holds, Poll};
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{ManualClock, SharedClock};
 use plfm_node_agent::config::{Config, ShutdownMode};
@@ -75,11 +76,13 @@ fn main() {
             rx.clone(),
         ));
         let hb = tokio::spawn(run_heartbeat(client.clone(), node.supervisor.clone(), node.store.clone(), shared.clone(), NODE.into(), Duration::from_secs(10), 0, rx));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while cp.accepted().len() < 2 * n {
-            assert!(Instant::now() < deadline, "reports not delivered: {}", cp.accepted().len());
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        Poll::within(Duration::from_secs(120))
+            .every(Duration::from_millis(1))
+            .until_async("every boot report accepted", || {
+                let accepted = cp.accepted().len();
+                if accepted >= 2 * n { Ok(()) } else { Err(format!("{accepted} of {} accepted", 2 * n)) }
+            })
+            .await;
         let boot_delivery = t0.elapsed();
         cp.check_delivery_log();
 
@@ -92,10 +95,9 @@ fn main() {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         // Let the beat due at exactly 3600 s land (up to 2 s of real time).
-        let settle = Instant::now() + Duration::from_secs(2);
-        while cp.state.heartbeats.lock().unwrap().len() - hb0 < 360 && Instant::now() < settle {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let _ = Poll::within(Duration::from_secs(2))
+            .try_until_async(|| holds(cp.state.heartbeats.lock().unwrap().len() - hb0 >= 360))
+            .await;
         let simulated = t1.elapsed();
         let posts = cp.posts().len() - posts0;
         let heartbeats = cp.state.heartbeats.lock().unwrap().len() - hb0;

@@ -6,6 +6,9 @@
 //!
 //! Run: `cargo bench -p plfm-node-agent --bench converge` (`-- 2000` for another count).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -86,12 +89,12 @@ fn plan(n: usize, cursor: i64) -> Plan {
     }
 }
 
+/// Waits for `cond`, checking every millisecond (the timings printed are this fine).
 async fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    common::wait::Poll::within(timeout)
+        .every(Duration::from_millis(1))
+        .until_async(what, || common::wait::holds(cond()))
+        .await
 }
 
 fn main() {

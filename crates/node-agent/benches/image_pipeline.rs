@@ -7,6 +7,8 @@
 //! Run: `cargo bench -p plfm-node-agent --bench image_pipeline`
 //! (env `PLFM_BENCH_MB` and `PLFM_BENCH_FILES` scale the image).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "../tests/image_support/mod.rs"]
 #[allow(unused_imports)]
 mod image_support;

@@ -4,17 +4,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assignment_json, free_port, tree, wait_real};
+use common::agent::{AgentProcess, BIN};
+use common::wait::{poll_until_async, wait_until_async, Poll};
+use common::{assignment_json, free_port, tree};
 use plfm_node_agent::instance::Status;
 use plfm_node_agent::state::Store;
 use plfm_node_agent::status::view::InstanceView;
 use plfm_node_agent::status::StatusReport;
 use serde_json::json;
-
-const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -64,32 +64,11 @@ kind = "mock"
         )
         .unwrap();
     }
-    fn spawn(&self) -> Agent {
-        let log = std::fs::File::create(self.path("agent.log")).unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(self.config())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Agent { child }
+    fn spawn(&self) -> AgentProcess {
+        AgentProcess::spawn(&self.config(), &self.path("agent.log"))
     }
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-    fn instances(&self) -> Option<Vec<InstanceView>> {
-        let out = self.cli(&["status", "--json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        common::agent::cli(&self.config(), args)
     }
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
@@ -99,66 +78,21 @@ kind = "mock"
     }
 }
 
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we own and a valid signal has no memory effects.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// Waits until the agent's `status --json` satisfies `cond`.
 async fn wait_statuses(
-    env: &Env,
+    agent: &AgentProcess,
     what: &str,
     timeout: Duration,
     cond: impl Fn(&[InstanceView]) -> bool,
 ) -> Vec<InstanceView> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(list) = env.instances() {
-            if cond(&list) {
-                return list;
-            }
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; last: {:#?}\nlog:\n{}",
-                env.instances(),
-                env.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Poll::within(timeout)
+        .every(Duration::from_millis(50))
+        .until_async(what, || agent.instances_where(&cond))
+        .await
 }
 
-async fn http_get(url: String) -> reqwest::Result<reqwest::Response> {
-    plfm_node_agent::control_plane::http::ensure_crypto_provider();
-    reqwest::get(url).await
+fn api_get(agent: &AgentProcess, path: &str) -> (u16, String) {
+    agent.api_get(path).unwrap()
 }
 
 fn all_ready(list: &[InstanceView], n: usize) -> bool {
@@ -183,7 +117,7 @@ async fn dev_config_instances_reach_ready_within_ten_seconds() {
     let started = Instant::now();
     let mut agent = env.spawn();
     let list = wait_statuses(
-        &env,
+        &agent,
         "example instances ready",
         Duration::from_secs(10),
         |l| all_ready(l, 2),
@@ -197,7 +131,7 @@ async fn dev_config_instances_reach_ready_within_ten_seconds() {
         table.contains("web-1") && table.contains("ready"),
         "{table}"
     );
-    assert!(agent.terminate().success());
+    assert!(agent.terminate(Duration::from_secs(20)).success());
 }
 
 #[tokio::test]
@@ -206,8 +140,11 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
     for i in ["a", "b"] {
         env.write_assignment(&format!("{i}.json"), &assignment_json(i, 1));
     }
-    let _agent = env.spawn();
-    wait_statuses(&env, "ready", Duration::from_secs(10), |l| all_ready(l, 2)).await;
+    let agent = env.spawn();
+    wait_statuses(&agent, "ready", Duration::from_secs(10), |l| {
+        all_ready(l, 2)
+    })
+    .await;
     let out = env.cli(&["stop", "a"]);
     assert!(
         out.status.success(),
@@ -215,7 +152,7 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
     wait_statuses(
-        &env,
+        &agent,
         "a stopped by operator",
         Duration::from_secs(10),
         |l| {
@@ -231,7 +168,7 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope is not assigned"));
     assert!(env.cli(&["drain"]).status.success());
-    wait_statuses(&env, "b drained", Duration::from_secs(10), |l| {
+    wait_statuses(&agent, "b drained", Duration::from_secs(10), |l| {
         l.iter().any(|v| {
             v.instance_id == "b"
                 && v.status == Status::Stopped
@@ -239,12 +176,7 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
         })
     })
     .await;
-    let metrics = http_get(format!("http://127.0.0.1:{}/metrics", env.port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, metrics) = api_get(&agent, "/metrics");
     assert!(
         metrics.contains(
             "plfm_agent_status_transitions_total{status=\"stopped\",reason=\"node_draining\"} 1"
@@ -307,7 +239,7 @@ async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_
 
     let mut agent = env.spawn();
     let list = wait_statuses(
-        &env,
+        &agent,
         "good ready, bad ones failed",
         Duration::from_secs(15),
         |l| {
@@ -349,11 +281,9 @@ async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_
         "log must name the refused id:\n{log}"
     );
     // Still healthy, and nothing written outside data_dir.
-    let health = http_get(format!("http://127.0.0.1:{}/healthz", env.port))
-        .await
-        .unwrap();
-    assert!(health.status().is_success());
-    assert!(agent.terminate().success());
+    let (health, _) = api_get(&agent, "/healthz");
+    assert_eq!(health, 200);
+    assert!(agent.terminate(Duration::from_secs(20)).success());
     let after: Vec<_> = tree(env.root.path())
         .into_iter()
         .filter(|p| !p.starts_with("data") && p != "agent.log")
@@ -402,29 +332,29 @@ async fn kill_dash_nine_mid_reconcile_converges_without_duplicates_or_losses() {
     let mut agent = env.spawn();
     // Kill when some, but not all, instances are ready.
     let db = env.path("data/state.db");
-    wait_real("state store created", Duration::from_secs(10), || {
+    wait_until_async("state store created", Duration::from_secs(10), || {
         db.exists()
     })
     .await;
     let store = env.store();
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = match store.load_instances() {
-            Ok(rows) => rows.iter().filter(|r| r.status == "ready").count(),
-            Err(e) => panic!("cannot read the state store: {e}"),
-        };
-        seen.push(ready);
-        if (3..n).contains(&ready) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw 3..{n} ready: {seen:?}\nlog:\n{}",
-            env.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until_async(
+        &format!("3..{n} instances ready"),
+        Duration::from_secs(15),
+        || {
+            let ready = match store.load_instances() {
+                Ok(rows) => rows.iter().filter(|r| r.status == "ready").count(),
+                Err(e) => panic!("cannot read the state store: {e}"),
+            };
+            seen.push(ready);
+            if (3..n).contains(&ready) {
+                Ok(())
+            } else {
+                Err(format!("ready counts seen: {seen:?}\nlog:\n{}", env.log()))
+            }
+        },
+    )
+    .await;
     agent.kill9();
     let ready_before: Vec<String> = store
         .load_instances()
@@ -437,13 +367,13 @@ async fn kill_dash_nine_mid_reconcile_converges_without_duplicates_or_losses() {
 
     let mut agent = env.spawn();
     wait_statuses(
-        &env,
+        &agent,
         "all ready after restart",
         Duration::from_secs(20),
         |l| all_ready(l, n),
     )
     .await;
-    assert!(agent.terminate().success());
+    assert!(agent.terminate(Duration::from_secs(20)).success());
 
     let by = check_report_log(&store);
     assert_eq!(by.len(), n);

@@ -7,11 +7,12 @@ mod common;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::agent::AgentProcess;
+use common::wait::wait_until_async as wait;
 use common::{assignment_json, free_port, id, tree};
 use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{SharedClock, SystemClock};
@@ -20,9 +21,10 @@ use plfm_node_agent::control_plane::http::{
     run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
 };
 use plfm_node_agent::control_plane::secrets::http_secrets;
-use plfm_node_agent::instance::ReasonCode;
-use plfm_node_agent::metrics::Metrics;
+use plfm_node_agent::instance::{ReasonCode, Status};
+use plfm_node_agent::metrics::{Metrics, RequestLabels};
 use plfm_node_agent::runtime::mock::{MockConfig, MockFault, MockRuntime};
+use plfm_node_agent::state::Store;
 use serde_json::{json, Value};
 use support::{new_state, FakeCp};
 use tokio::sync::watch;
@@ -41,6 +43,7 @@ fn cp_config(url: &str, extra: &str) -> ControlPlaneConfig {
 struct Connected {
     node: Option<Node>,
     mock: Arc<MockRuntime>,
+    metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _tmp: tempfile::TempDir,
@@ -94,6 +97,7 @@ impl Connected {
         Connected {
             node: Some(node),
             mock,
+            metrics,
             stop,
             tasks,
             _tmp: tmp,
@@ -102,6 +106,18 @@ impl Connected {
 
     fn node(&self) -> &Node {
         self.node.as_ref().unwrap()
+    }
+
+    /// Plan fetches answered 200: the poller applies (or ignores) each one before it
+    /// sends the next, so this count is the poller's progress.
+    fn plan_polls(&self) -> u64 {
+        self.metrics
+            .cp_requests
+            .get_or_create(&RequestLabels {
+                endpoint: "plan",
+                outcome: "ok",
+            })
+            .get()
     }
 
     async fn stop(mut self) {
@@ -114,14 +130,6 @@ impl Connected {
             .unwrap()
             .shutdown(ShutdownMode::Detach)
             .await;
-    }
-}
-
-async fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -181,7 +189,16 @@ async fn plan_instances_reach_ready_and_every_transition_arrives_once_in_order()
 
     // An older or equal cursor is ignored; a newer one scales down.
     cp.set_plan(1, vec![]);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The fetch in flight when the plan changed may have got the old one; the next one
+    // got the empty plan, and the one after it starts only once the poller has applied
+    // or ignored it.
+    let polls = agent.plan_polls();
+    wait(
+        "the poller to handle a fetch of the empty plan with cursor 1",
+        Duration::from_secs(10),
+        || agent.plan_polls() >= polls + 3,
+    )
+    .await;
     assert_eq!(
         agent.mock.running().len(),
         5,
@@ -195,6 +212,12 @@ async fn plan_instances_reach_ready_and_every_transition_arrives_once_in_order()
     })
     .await;
     cp.check_delivery_log();
+    // Had the empty plan been applied, p1 and p2 would have drained before plan 2 (or
+    // at least reported draining): they kept their first VM and report nothing new.
+    for i in &ids[..2] {
+        assert_eq!(statuses(&cp, i), ["booting", "ready"], "{i}");
+        assert_eq!(agent.mock.starts(&id(i)), 1, "{i}");
+    }
     agent.stop().await;
 }
 
@@ -298,8 +321,6 @@ async fn outage_loses_nothing_and_stops_no_workload() {
     agent.stop().await;
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
-
 fn write_agent_config(dir: &Path, url: &str, extra_cp: &str) -> std::path::PathBuf {
     let cfg = format!(
         "node_id = \"{NODE}\"\ndata_dir = \"data\"\n[api]\nlisten = \"127.0.0.1:{}\"\n[control_plane]\nmode = \"http\"\nurl = \"{url}\"\npoll_interval_ms = 200\nheartbeat_interval_secs = 1\n{extra_cp}\n[runtime]\nkind = \"mock\"\n[runtime.mock]\nprepare_ms = 10\nboot_ms = 50\nstop_ms = 10\n",
@@ -310,33 +331,10 @@ fn write_agent_config(dir: &Path, url: &str, extra_cp: &str) -> std::path::PathB
     p
 }
 
-/// The agent binary, SIGKILLed and reaped when dropped (also when a test panics).
-struct AgentProcess(std::process::Child);
-
-impl AgentProcess {
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
+/// The agent binary on `config`, logging at debug level to `log` (the secrets test
+/// checks that even that log holds no secret).
 fn spawn_agent(config: &Path, log: &Path) -> AgentProcess {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .map(AgentProcess)
-        .unwrap()
+    AgentProcess::spawn_with(config, log, &[("RUST_LOG", "debug")])
 }
 
 #[tokio::test]
@@ -370,16 +368,10 @@ async fn kill_dash_nine_with_pending_reports_delivers_them_after_restart_and_res
         "second wave ready, its reports refused",
         Duration::from_secs(15),
         || {
-            let out = Command::new(BIN)
-                .arg("--config")
-                .arg(&config)
-                .args(["status", "--json"])
-                .output()
-                .unwrap();
-            let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let list = agent.instances().unwrap_or_default();
             second.iter().all(|i| {
                 list.iter()
-                    .any(|v| v["instance_id"] == *i && v["status"] == "ready")
+                    .any(|v| v.instance_id == *i && v.status == Status::Ready)
             }) && second.iter().all(|i| {
                 cp.posts()
                     .iter()
@@ -388,19 +380,32 @@ async fn kill_dash_nine_with_pending_reports_delivers_them_after_restart_and_res
         },
     )
     .await;
-    agent.kill(); // SIGKILL
+    agent.kill9();
     let posts_before = cp.posts().len();
 
     cp.state.status_down.store(false, Ordering::SeqCst);
     let mut agent = spawn_agent(&config, &tmp.path().join("agent2.log"));
-    wait("pending reports delivered", Duration::from_secs(20), || {
-        second
-            .iter()
-            .all(|i| statuses(&cp, i) == ["booting", "ready"])
+    // Once the API answers, recovery is done: whatever the new agent would (wrongly)
+    // send again is in its outbox by then. An empty outbox after that means every
+    // report it queued has been sent and acknowledged; with every instance ready and
+    // steady, nothing new gets queued.
+    common::wait::poll_until_async("the new agent's API", Duration::from_secs(20), || {
+        agent.api_up()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    agent.kill();
+    let store = Store::open(&tmp.path().join("data/state.db")).unwrap();
+    wait(
+        "pending reports delivered, the new agent's outbox empty",
+        Duration::from_secs(20),
+        || {
+            second
+                .iter()
+                .all(|i| statuses(&cp, i) == ["booting", "ready"])
+                && store.outbox_depth().unwrap() == 0
+        },
+    )
+    .await;
+    agent.kill9();
 
     cp.check_delivery_log();
     let after: Vec<_> = cp.posts().into_iter().skip(posts_before).collect();
@@ -671,7 +676,7 @@ async fn secrets_missing_malformed_and_never_leaked() {
         cp.state.secret_gets.load(Ordering::SeqCst) >= 3 + 5,
         "the 500 is retried"
     );
-    agent.kill();
+    agent.kill9();
 
     // Nowhere: reports, the agent's (debug) log, the state store, the data dir.
     let reports = serde_json::to_string(
@@ -721,5 +726,5 @@ async fn workload_logs_reach_the_control_plane() {
     let batch = cp.state.logs.lock().unwrap()[0].clone();
     let e = &batch["entries"][0];
     assert!(e["ts"].is_string() && e["stream"] == "console" && e["truncated"] == false);
-    agent.kill();
+    agent.kill9();
 }

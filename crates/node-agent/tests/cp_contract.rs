@@ -11,16 +11,16 @@ mod common;
 #[path = "support/control_plane.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::agent::AgentProcess;
+use common::wait::wait_until_async;
 use common::{assignment_json, free_port};
 use serde_json::{json, Value};
 use support::{new_state, FakeCp};
 
-const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 const NODE: &str = "node-1";
 
 fn schema() -> Value {
@@ -70,22 +70,9 @@ fn strict_integers(schema: &Value, def: &Value, body: &Value, at: &str, out: &mu
     }
 }
 
-/// The agent binary, SIGKILLed and reaped when dropped.
-struct Agent {
-    child: std::process::Child,
-    config: PathBuf,
-    api: String,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_agent(cp: &FakeCp, faults: &str) -> Agent {
+/// The agent binary in connected mode against `cp`, with mock runtime faults; its API
+/// as a base URL.
+fn spawn_agent(cp: &FakeCp, faults: &str) -> (AgentProcess, String, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let cfg = format!(
@@ -94,27 +81,8 @@ fn spawn_agent(cp: &FakeCp, faults: &str) -> Agent {
     );
     let config = tmp.path().join("agent.toml");
     std::fs::write(&config, cfg).unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    Agent {
-        child,
-        config,
-        api: format!("http://127.0.0.1:{port}"),
-        _tmp: tmp,
-    }
-}
-
-async fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let agent = AgentProcess::spawn(&config, &tmp.path().join("agent.log"));
+    (agent, format!("http://127.0.0.1:{port}"), tmp)
 }
 
 #[tokio::test]
@@ -130,7 +98,7 @@ async fn every_request_body_the_agent_sends_fits_plfms_node_api() {
     );
     // Every kind of body: reports (booting, ready, failed with an exit code),
     // heartbeats counting the instances, and console log lines.
-    wait(
+    wait_until_async(
         "reports, a heartbeat and logs",
         Duration::from_secs(20),
         || {
@@ -258,15 +226,11 @@ async fn the_in_test_control_plane_answers_422_like_plfm() {
 async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted() {
     let cp = FakeCp::start(new_state(NODE, 1, None)).await;
     cp.state.refuse_heartbeats.store(true, Ordering::SeqCst);
-    let agent = spawn_agent(&cp, "");
+    let (agent, api, _tmp) = spawn_agent(&cp, "");
     plfm_node_agent::control_plane::http::ensure_crypto_provider();
     let http = reqwest::Client::new();
     let healthz = || async {
-        let r = http
-            .get(format!("{}/healthz", agent.api))
-            .send()
-            .await
-            .ok()?;
+        let r = http.get(format!("{api}/healthz")).send().await.ok()?;
         let code = r.status().as_u16();
         Some((code, r.json::<Value>().await.ok()?))
     };
@@ -286,12 +250,7 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
     assert_eq!(refusal["code"], 422, "{h}");
     assert!(h["reason"].as_str().unwrap().contains("refuses"), "{h}");
     // `status` says so below the table.
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = agent.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -300,7 +259,7 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
         "{text}"
     );
     let metrics = http
-        .get(format!("{}/metrics", agent.api))
+        .get(format!("{api}/metrics"))
         .send()
         .await
         .unwrap()

@@ -5,6 +5,7 @@
 //! VMM log tail, its files are removed, and the restart policy applies.
 #![cfg(target_os = "linux")]
 
+mod common;
 mod fc_standin;
 
 use std::path::Path;
@@ -246,28 +247,22 @@ binary = "/nonexistent/bin/firecracker"
             .unwrap(),
     );
     plfm_node_agent::control_plane::http::ensure_crypto_provider();
-    let get = |path: &str| {
-        let url = format!("http://127.0.0.1:{port}{path}");
-        async move {
-            let r = reqwest::get(url).await.ok()?;
-            r.status().is_success().then_some(())?;
-            r.json::<serde_json::Value>().await.ok()
-        }
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let view = loop {
-        if let Some(v) = get("/v1/instances/i-bin").await {
-            if v["status"] == "failed" {
-                break v;
+    let view = common::wait::Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(100))
+        .until_async("i-bin failed at the API", || {
+            let got = common::agent::http_get(&format!("127.0.0.1:{port}"), "/v1/instances/i-bin");
+            match got {
+                Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(v) if v["status"] == "failed" => Ok(v),
+                    other => Err(format!("{other:?}")),
+                },
+                other => Err(format!(
+                    "{other:?}; agent log:\n{}",
+                    std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default()
+                )),
             }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no failed status; agent log:\n{}",
-            std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        })
+        .await;
     assert_eq!(view["reason_code"], "firecracker_start_failed");
     let msg = view["error_message"].as_str().unwrap_or_default();
     assert!(msg.contains("/nonexistent/bin/firecracker"), "{msg}");

@@ -11,6 +11,7 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
 mod fc_standin;
 mod image_support;
 #[path = "support/vm_host.rs"]
@@ -42,12 +43,7 @@ fn prerequisites(test: &str) -> bool {
         }
     }
     if !missing.is_empty() {
-        let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
-        assert!(
-            !fc_standin::require_system_tests(),
-            "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
-        );
-        eprintln!("SKIP {msg}");
+        common::gate::skip_or_fail(&format!("{test}: {}", missing.join(", ")));
         return false;
     }
     image_support::prerequisites(test)

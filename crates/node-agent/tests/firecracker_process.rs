@@ -4,6 +4,7 @@
 //! order (guest stop → SendCtrlAltDel → SIGKILL) with its deadlines. Linux only.
 #![cfg(target_os = "linux")]
 
+mod common;
 mod fc_standin;
 
 use std::time::{Duration, Instant};
@@ -286,12 +287,10 @@ async fn dead_vmm_record_is_not_adopted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
     let Some(env) = FcEnv::new("run") else { return };
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            !fc_standin::require_system_tests(),
-            "PLFM_REQUIRE_SYSTEM_TESTS=1: the jailer test needs root (chown into the jail)"
-        );
-        eprintln!("SKIP: the jailer test needs root (chown into the jail)");
+    if !common::gate::present(
+        rustix::process::geteuid().is_root(),
+        "root (the jailer chowns into the jail)",
+    ) {
         return;
     }
     let rt = plfm_node_agent::runtime::firecracker::FirecrackerRuntime::new(

@@ -19,28 +19,33 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
 mod fc_standin;
 mod image_support;
 #[path = "support/vm_host.rs"]
 mod vm_host;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::agent::AgentProcess;
+use common::wait::{poll_until, wait_until};
 
 use image_support::{config_json, Registry, GZIP};
 use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::ImageService;
+use plfm_node_agent::instance::{ReasonCode, Status};
 use plfm_node_agent::runtime::firecracker::api::ApiClient;
 use plfm_node_agent::runtime::firecracker::{FirecrackerConfig, FirecrackerRuntime, LocalHost};
 use plfm_node_agent::runtime::{BootContext, Runtime, RuntimeError, VmEvent};
 use plfm_node_agent::spec::{InstanceId, Workload};
 use plfm_node_agent::state::Store;
+use plfm_node_agent::status::view::InstanceView;
 use serde_json::{json, Value};
 
 const NETNS_ENV: &str = "PLFM_FC_REAL_TEST_NETNS";
-const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 const JAIL_UID: u32 = 10_123;
 
 fn shared_bin(name: &str) -> PathBuf {
@@ -89,13 +94,7 @@ fn missing_prerequisites() -> Vec<String> {
 fn in_netns<F: std::future::Future<Output = ()>>(test: &str, body: impl FnOnce(Rig) -> F) {
     if std::env::var_os(NETNS_ENV).is_none() {
         let missing = missing_prerequisites();
-        if !missing.is_empty() {
-            let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
-            assert!(
-                !fc_standin::require_system_tests(),
-                "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
-            );
-            eprintln!("SKIP {msg}");
+        if !common::gate::present(missing.is_empty(), &missing.join(", ")) {
             return;
         }
         if !image_support::prerequisites(test) {
@@ -268,16 +267,10 @@ fn processes(needle: &str) -> Vec<u32> {
 /// cgroup or ledger row (volumes outlive instances and are not made here).
 fn assert_nothing_left(rig: &Rig, store: &Store, id: &str, cgroups: &[PathBuf]) {
     let tap = plfm_node_agent::network::tap_name(id);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes(&rig.path("data").display().to_string()).is_empty()
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        processes(&rig.path("data").display().to_string()).is_empty(),
-        "VMM process left"
-    );
+    let data = rig.path("data").display().to_string();
+    wait_until("no VMM process left", Duration::from_secs(10), || {
+        processes(&data).is_empty()
+    });
     // A jailed VMM's command line is `/firecracker --id <id> …` (inside its chroot).
     assert!(
         processes(&format!("--id\0{id}\0")).is_empty(),
@@ -524,34 +517,21 @@ fn real_firecracker_refusing_its_kernel_fails_the_start_with_its_own_words() {
     );
 }
 
-/// The agent binary with the real Firecracker, standalone.
-struct Agent {
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl Agent {
-    fn new(rig: &Rig, id: &str, ipv6: &str, handshake_secs: u64) -> Agent {
-        std::fs::create_dir_all(rig.path("desired")).unwrap();
-        std::fs::create_dir_all(rig.path("jail")).unwrap();
-        std::fs::write(
-            rig.path(&format!("desired/{id}.json")),
-            serde_json::to_vec(&rig.assignment(id, ipv6)).unwrap(),
-        )
-        .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cfg = format!(
-            r#"node_id = "fc-real-node"
+/// The agent binary with the real Firecracker, standalone, for instance `id`.
+fn spawn_agent(rig: &Rig, id: &str, ipv6: &str, handshake_secs: u64) -> AgentProcess {
+    std::fs::create_dir_all(rig.path("desired")).unwrap();
+    std::fs::write(
+        rig.path(&format!("desired/{id}.json")),
+        serde_json::to_vec(&rig.assignment(id, ipv6)).unwrap(),
+    )
+    .unwrap();
+    let cfg = format!(
+        r#"node_id = "fc-real-node"
 data_dir = "data"
 [log]
 level = "info,plfm_node_agent=debug"
 [api]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:{}"
 [control_plane]
 mode = "standalone"
 desired_dir = "desired"
@@ -564,141 +544,59 @@ kernel = {:?}
 initramfs = {:?}
 boot_timeout = {handshake_secs}
 "#,
-            shared_bin("firecracker").display().to_string(),
-            rig.kernel.display().to_string(),
-            rig.initramfs.display().to_string(),
-        );
-        let config = rig.path("agent.toml");
-        std::fs::write(&config, cfg).unwrap();
-        Agent {
-            config,
-            log: rig.path("agent.log"),
-            child: None,
-        }
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(
-            Command::new(BIN)
-                .arg("--config")
-                .arg(&self.config)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// The instance's view from `status --json`.
-    fn view(&self, id: &str) -> Option<Value> {
-        let (ok, out) = self.cli(&["status", "--json"]);
-        if !ok {
-            return None;
-        }
-        let list: Value = serde_json::from_str(&out).ok()?;
-        list.as_array()?
-            .iter()
-            .find(|v| v["instance_id"] == id)
-            .cloned()
-    }
-
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut cond: impl FnMut(&Value) -> bool,
-        id: &str,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.view(id) {
-                if cond(&v) {
-                    return v;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+        common::free_port(),
+        shared_bin("firecracker").display().to_string(),
+        rig.kernel.display().to_string(),
+        rig.initramfs.display().to_string(),
+    );
+    let config = rig.path("agent.toml");
+    std::fs::write(&config, cfg).unwrap();
+    AgentProcess::spawn(&config, &rig.path("agent.log"))
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// Waits until the agent shows instance `id` with `status`.
+fn wait_status(agent: &AgentProcess, id: &str, status: Status, within: Duration) -> InstanceView {
+    poll_until(&format!("{id} {status}"), within, || {
+        agent.instance_where(|v| v.instance_id == id && v.status == status)
+    })
 }
 
 /// `kill -9` of the agent while the real VMM boots: the VMM survives, the next agent
-/// adopts the same process (pid and start time, no second VMM, no repeated report),
-/// and an operator stop then kills it and leaves nothing.
+/// adopts the same process (pid and start time, no second VMM, no new report), and an
+/// operator stop then kills it and leaves nothing.
 #[test]
 fn agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly() {
     in_netns(
         "agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly",
         |rig| async move {
-            let mut agent = Agent::new(&rig, "fc-adopt", "fd00::9:4", 120);
-            agent.spawn();
+            let mut agent = spawn_agent(&rig, "fc-adopt", "fd00::9:4", 120);
             let data = rig.path("data");
-            agent.wait(
-                "booting",
-                Duration::from_secs(60),
-                |v| v["status"] == "booting",
-                "fc-adopt",
-            );
+            let before = wait_status(&agent, "fc-adopt", Status::Booting, Duration::from_secs(60));
             let pid = recorded_pid(&data, "fc-adopt").expect("vmm.json pid");
             let api = ApiClient::new(
                 &data.join("instances/fc-adopt/api.sock"),
                 Duration::from_secs(5),
             );
-            assert_eq!(api.instance_info().await.expect("GET /").state, "Running");
-            let reports_before = agent.cli(&["status", "--json"]).1;
+            // `booting` is reported as the VMM starts: wait for InstanceStart.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match api.instance_info().await {
+                    Ok(info) if info.state == "Running" => break,
+                    other => assert!(
+                        std::time::Instant::now() < deadline,
+                        "the VMM never ran: {other:?}\n{}",
+                        agent.log()
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             agent.kill9();
             assert!(alive(pid), "the VMM died with the agent");
-            agent.spawn();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !agent.log().contains("adopted") {
-                assert!(Instant::now() < deadline, "no adoption:\n{}", agent.log());
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let v = agent.wait(
-                "still booting",
-                Duration::from_secs(10),
-                |v| v["status"] == "booting",
-                "fc-adopt",
-            );
+            let agent = AgentProcess::spawn(&rig.path("agent.toml"), &rig.path("agent.log"));
+            wait_until("the running VMM adopted", Duration::from_secs(30), || {
+                agent.log().contains("adopted")
+            });
+            let v = wait_status(&agent, "fc-adopt", Status::Booting, Duration::from_secs(10));
             assert_eq!(
                 recorded_pid(&data, "fc-adopt"),
                 Some(pid),
@@ -712,28 +610,22 @@ fn agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly() {
                     .to_string(),
             );
             assert_eq!(vmms, vec![pid], "exactly the adopted VMM runs");
-            let before: Value = serde_json::from_str(&reports_before).unwrap();
-            let before = before
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["instance_id"] == "fc-adopt")
-                .unwrap()
-                .clone();
-            assert_eq!(v["generation"], before["generation"]);
-            assert_eq!(v["restarts"], before["restarts"]);
-            // An operator stop: SendCtrlAltDel, then SIGKILL at the grace deadline.
-            let (ok, out) = agent.cli(&["stop", "fc-adopt"]);
-            assert!(ok, "{out}");
-            let v = agent.wait(
-                "stopped",
-                Duration::from_secs(30),
-                |v| v["status"] == "stopped",
-                "fc-adopt",
+            assert_eq!(
+                (v.generation, v.restarts, &v.updated_at),
+                (before.generation, before.restarts, &before.updated_at),
+                "the adoption changed the instance's status"
             );
-            assert_eq!(v["reason_code"], "terminated_by_operator", "{v}");
+            // An operator stop: SendCtrlAltDel, then SIGKILL at the grace deadline.
+            let out = agent.cli(&["stop", "fc-adopt"]);
+            assert!(out.status.success(), "{out:?}");
+            let v = wait_status(&agent, "fc-adopt", Status::Stopped, Duration::from_secs(30));
+            assert_eq!(
+                v.reason_code,
+                Some(ReasonCode::TerminatedByOperator),
+                "{v:?}"
+            );
             assert!(!alive(pid), "VMM survived the stop");
-            agent.kill9();
+            drop(agent);
             let store = Store::open(&data.join("state.db")).unwrap();
             assert_nothing_left(&rig, &store, "fc-adopt", &[]);
         },
@@ -749,24 +641,22 @@ fn real_firecracker_exiting_by_itself_is_failed_with_its_exit_and_log_and_no_exi
     in_netns(
         "real_firecracker_exiting_by_itself_is_failed_with_its_exit_and_log_and_no_exit_code",
         |rig| async move {
-            let mut agent = Agent::new(&rig, "fc-exit", "fd00::9:5", 300);
-            agent.spawn();
-            let v = agent.wait(
-                "failed",
-                Duration::from_secs(180),
-                |v| v["status"] == "failed",
-                "fc-exit",
+            let agent = spawn_agent(&rig, "fc-exit", "fd00::9:5", 300);
+            let v = wait_status(&agent, "fc-exit", Status::Failed, Duration::from_secs(180));
+            assert_eq!(
+                v.reason_code,
+                Some(ReasonCode::FirecrackerStartFailed),
+                "{v:?}"
             );
-            assert_eq!(v["reason_code"], "firecracker_start_failed", "{v}");
-            assert!(v["exit_code"].is_null(), "{v}");
-            let msg = v["error_message"].as_str().unwrap_or_default();
+            assert_eq!(v.exit_code, None, "{v:?}");
+            let msg = v.error_message.unwrap_or_default();
             assert!(
                 msg.contains("VMM exited before the guest handshake"),
                 "{msg}"
             );
             assert!(msg.contains("exit code 1 (generic error)"), "{msg}");
             assert!(msg.contains("last VMM log lines"), "{msg}");
-            agent.kill9();
+            drop(agent);
             let store = Store::open(&rig.path("data").join("state.db")).unwrap();
             assert_nothing_left(&rig, &store, "fc-exit", &[]);
         },

@@ -336,10 +336,27 @@ async fn failures_and_oom_after_ack_carry_reason_codes() {
     g.join().unwrap();
 }
 
-#[test]
-fn stale_socket_file_is_replaced() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+#[tokio::test]
+async fn stale_socket_file_is_replaced() {
+    use std::os::unix::fs::FileTypeExt;
     let (_dir, uds) = socket_dir();
-    std::fs::write(guest_socket_path(&uds), b"stale").unwrap();
-    rt.block_on(async { bind_guest_listener(&uds).unwrap() });
+    let path = guest_socket_path(&uds);
+    std::fs::write(&path, b"stale").unwrap();
+    let listener = bind_guest_listener(&uds).unwrap();
+    // The stale file is gone: a socket took its place, and it is the listener's.
+    assert!(
+        std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_socket(),
+        "{} is still not a socket",
+        path.display()
+    );
+    let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (mut accepted, _) = listener.accept().await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    client.write_all(b"hi").await.unwrap();
+    let mut got = [0u8; 2];
+    accepted.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hi");
 }

@@ -32,16 +32,12 @@ use plfm_node_agent::guest::{
 };
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 
+mod common;
 #[path = "support/vm_host.rs"]
 mod vm_host;
+use common::gate::skip_or_fail as require;
+use common::wait::{poll_until, wait_until, Poll};
 use vm_host::{find_kernel, static_guest_init};
-
-fn require(what: &str) {
-    if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
-        panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
-    }
-    eprintln!("SKIPPED: system test prerequisite missing: {what}");
-}
 
 /// Kills and reaps QEMU when the test ends, pass or fail.
 struct KillOnDrop(Child);
@@ -53,34 +49,25 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Waits until the console shows `needle`; returns when it was seen.
-fn wait_for_line(
-    log: &Path,
-    needle: &str,
-    deadline: Instant,
-    qemu: &mut Child,
-) -> Result<Instant, String> {
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(Instant::now());
-        }
-        if let Ok(Some(status)) = qemu.try_wait() {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
+/// Waits until the console shows `needle` (before `deadline`); returns when it was seen.
+/// Fails at once if QEMU exits first.
+fn wait_for_line(log: &Path, needle: &str, deadline: Instant, qemu: &mut Child) -> Instant {
+    let console = || std::fs::read_to_string(log).unwrap_or_default();
+    poll_until(
+        &format!("{needle:?} on the console"),
+        deadline.saturating_duration_since(Instant::now()),
+        || {
+            let exited = qemu.try_wait().ok().flatten();
+            let text = console();
             if text.contains(needle) {
                 return Ok(Instant::now());
             }
-            return Err(format!(
-                "qemu exited ({status}) before {needle:?}; console:\n{text}"
-            ));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "no {needle:?} on the console before the deadline; console:\n{text}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            if let Some(status) = exited {
+                panic!("qemu exited ({status}) before {needle:?}; console:\n{text}");
+            }
+            Err(format!("console:\n{text}"))
+        },
+    )
 }
 
 #[test]
@@ -163,8 +150,7 @@ fn initramfs_boots_to_guest_init_under_qemu_microvm_tcg() {
         "plfm-guest-init: plfm-guest-init",
         deadline,
         &mut qemu.0,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    );
     eprintln!(
         "guest init's first console line after {:.2} s (TCG)",
         (first - started).as_secs_f64()
@@ -175,8 +161,7 @@ fn initramfs_boots_to_guest_init_under_qemu_microvm_tcg() {
             "kernel modules from /lib/modules/plfm",
             deadline,
             &mut qemu.0,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        );
     }
     // No vsock device in this VM: the handshake fails clearly and the VM ends itself.
     let failed = wait_for_line(
@@ -184,19 +169,12 @@ fn initramfs_boots_to_guest_init_under_qemu_microvm_tcg() {
         "FAILED (firecracker_start_failed): handshake failed",
         deadline,
         &mut qemu.0,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = qemu.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < end,
-            "qemu still running after guest init rebooted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    );
+    let status = poll_until(
+        "qemu to exit after guest init rebooted",
+        Duration::from_secs(30),
+        || qemu.0.try_wait().unwrap().ok_or("still running"),
+    );
     let console = std::fs::read_to_string(&log).unwrap();
     eprintln!("--- console (guest init lines) ---");
     for l in console.lines().filter(|l| l.contains("plfm-guest-init")) {
@@ -256,15 +234,9 @@ fn debugfs_cat(img: &Path, path: &str) -> Option<String> {
 }
 
 fn wait_for_path(path: &Path, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(&format!("{} to appear", path.display()), within, || {
+        path.exists()
+    });
 }
 
 /// One VM run: disks, host side, console.
@@ -470,16 +442,10 @@ fn run_vm_with(
 
     // The deadline covers the TCG boot to guest init plus the guest's own 5 s.
     let events = host(&listener, &rt);
-    let end = Instant::now() + Duration::from_secs(60);
-    let exited = loop {
-        if qemu.0.try_wait().unwrap().is_some() {
-            break true;
-        }
-        if Instant::now() >= end {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exited = Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .try_until(|| qemu.0.try_wait().unwrap().ok_or(()))
+        .is_ok();
     let lifetime = started.elapsed();
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     // Keep the console for debugging (target/tmp/guest-vm-console.log).

@@ -2,6 +2,7 @@
 //! the right reason code and a message naming the cause, and nothing is written
 //! outside the cache's build directory.
 
+mod common;
 mod image_support;
 
 use image_support::*;
@@ -378,12 +379,7 @@ fn a_full_disk_while_unpacking_is_rootfs_build_failed_with_no_space() {
         .output()
         .is_err()
     {
-        let msg = "unshare (util-linux) missing";
-        assert!(
-            std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
-            "{msg}"
-        );
-        eprintln!("SKIP {msg}");
+        common::gate::skip_or_fail("unshare (util-linux)");
         return;
     }
     let c = Case::new();

@@ -2,6 +2,7 @@
 //! spares pinned disks, and recovery after the process is killed mid-pull and
 //! mid-build.
 
+mod common;
 mod image_support;
 
 use std::path::Path;
@@ -155,21 +156,6 @@ fn eviction_removes_the_least_recently_used_unreferenced_disks_only() {
     assert!(again.path.exists());
 }
 
-/// Runs inside a child process started by the interruption test.
-#[test]
-fn helper_process_pulls_until_killed() {
-    let (Ok(data), Ok(reference)) = (
-        std::env::var("PLFM_IMAGE_HELPER_DATA"),
-        std::env::var("PLFM_IMAGE_HELPER_REF"),
-    ) else {
-        return;
-    };
-    let image = ImageRef::parse_pinned(&reference).unwrap();
-    let svc = ImageService::open(Path::new(&data), ImageConfig::default()).unwrap();
-    rt().block_on(svc.ensure_root_disk(&image, "helper"))
-        .unwrap();
-}
-
 fn tmp_entries(data: &Path, kind: &str) -> Vec<String> {
     names(&data.join("images/tmp"))
         .into_iter()
@@ -177,16 +163,22 @@ fn tmp_entries(data: &Path, kind: &str) -> Vec<String> {
         .collect()
 }
 
-fn kill_helper_when(data: &Path, image: &ImageRef, what: &str, cond: impl Fn() -> bool) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_process_pulls_until_killed",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("PLFM_IMAGE_HELPER_DATA", data)
-        .env("PLFM_IMAGE_HELPER_REF", image.pinned())
+/// Starts `plfm-node-agent image pull` (the operator's pull, a process of its own) on
+/// the cache under `data` and SIGKILLs it as soon as `cond` holds.
+fn kill_pull_when(data: &Path, image: &ImageRef, what: &str, cond: impl Fn() -> bool) {
+    let config = data.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"n1\"\ndata_dir = {:?}\n[control_plane]\nmode = \"standalone\"\ndesired_dir = \"desired\"\n[runtime]\nkind = \"mock\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(common::agent::BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["image", "pull", &image.pinned()])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -195,7 +187,7 @@ fn kill_helper_when(data: &Path, image: &ImageRef, what: &str, cond: impl Fn() -
     });
     assert!(
         child.try_wait().unwrap().is_none(),
-        "helper finished before it could be killed ({what})"
+        "the pull finished before it could be killed ({what})"
     );
     child.kill().unwrap();
     child.wait().unwrap();
@@ -229,7 +221,7 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     let d = data.path();
 
     // 1. Killed while the layer is streaming into tmp/.
-    kill_helper_when(d, &image, "a partial blob in tmp/", || {
+    kill_pull_when(d, &image, "a partial blob in tmp/", || {
         !tmp_entries(d, ".blob-").is_empty()
     });
     assert!(
@@ -246,7 +238,7 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     drop(svc);
 
     // 2. Killed while unpacking/building in tmp/.
-    kill_helper_when(d, &image, "a build directory in tmp/", || {
+    kill_pull_when(d, &image, "a build directory in tmp/", || {
         !tmp_entries(d, ".build-").is_empty()
     });
     let svc = ImageService::open(d, ImageConfig::default()).unwrap();

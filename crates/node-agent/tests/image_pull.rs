@@ -1,6 +1,7 @@
 //! Pull → root disk against a real `docker-registry` on loopback; disks are read
 //! back with `debugfs` (no mount).
 
+mod common;
 mod image_support;
 
 use std::path::Path;

@@ -50,7 +50,8 @@ async fn steady_state_sends_zero_reports_over_many_reconcile_ticks() {
     for tick in 0..60 {
         t.apply(plan_of(2 + tick)).await;
         t.clock.advance(Duration::from_secs(1)); // one health interval per tick
-        tokio::time::sleep(Duration::from_millis(2)).await;
+                                                 // Every actor has taken the plan and run its health check before the next tick.
+        t.settle().await;
     }
     t.wait_delivered().await;
     assert_eq!(
@@ -307,10 +308,12 @@ async fn crash_backs_off_restarts_then_enters_crash_loop_backoff() {
     let v = t.node().status.get(&id("c")).unwrap();
     assert_eq!(v.restarts, 3);
     assert_eq!(v.exit_code, Some(1));
-    // Parked: no more boots, however long we wait.
+    // Parked: no more boots, however long we wait. After an hour of clock time, the
+    // node runs until idle: a boot it would make is made by then.
     t.clock.advance(Duration::from_secs(3600));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.settle().await;
     assert_eq!(t.mock.starts(&id("c")), 4);
+    assert_eq!(t.reports("c").len(), 12, "no report while parked");
     // A new spec gets a fresh budget.
     t.mock.clear_fault(&id("c"));
     t.apply(plan(
@@ -363,8 +366,10 @@ async fn workload_exit_with_restart_never_is_failed_with_its_exit_code() {
     );
     let z = last(&t, "z").unwrap();
     assert_eq!((z.status, z.exit_code), (Status::Stopped, Some(0)));
+    // Ten minutes of clock time, then until the node is idle: a restart it would make
+    // is made by then.
     t.clock.advance(Duration::from_secs(600));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.settle().await;
     assert_eq!(
         (t.mock.starts(&id("x")), t.mock.starts(&id("z"))),
         (1, 1),
@@ -382,7 +387,8 @@ async fn health_check_gates_ready_and_counts_only_after_the_grace_period() {
         t.status("h") == Some(Status::Booting)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Without clock time no check runs: once the node is idle, still booting.
+    t.settle().await;
     assert_eq!(t.status("h"), Some(Status::Booting));
     t.wait_for("ready", STEP, |t| t.status("h") == Some(Status::Ready))
         .await;

@@ -9,6 +9,7 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
 #[path = "support/vm_host.rs"]
 mod vm_host;
 
@@ -20,10 +21,6 @@ use plfm_node_agent::network::{self, NetworkError, TapPlan};
 use serde_json::Value;
 
 const NETNS_ENV: &str = "PLFM_NETWORK_HOST_TEST_NETNS";
-
-fn require_system_tests() -> bool {
-    std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").is_ok_and(|v| v == "1")
-}
 
 fn prerequisites(test: &str) -> bool {
     let mut missing = Vec::new();
@@ -38,12 +35,7 @@ fn prerequisites(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
-    assert!(
-        !require_system_tests(),
-        "{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)"
-    );
-    eprintln!("SKIP {msg}");
+    common::gate::skip_or_fail(&format!("{test}: {}", missing.join(", ")));
     false
 }
 

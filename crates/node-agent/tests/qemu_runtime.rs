@@ -16,16 +16,19 @@
 
 #![cfg(target_os = "linux")]
 
+mod common;
 mod image_support;
 #[path = "support/vm_host.rs"]
 mod vm_host;
 use vm_host::{find_kernel, static_guest_init, which};
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::agent::AgentProcess;
+use common::gate::skip_or_fail as skip;
+use common::wait::{wait_until, Poll};
 use image_support::{busybox_image, Registry};
 use plfm_node_agent::initramfs::{write_initramfs, BuildInitramfsArgs};
 use plfm_node_agent::instance::{ReasonCode, Status};
@@ -34,18 +37,7 @@ use plfm_node_agent::status::view::InstanceView;
 use plfm_node_agent::status::StatusReport;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 const NETNS_ENV: &str = "PLFM_QEMU_TEST_NETNS";
-
-fn skip(what: &str) {
-    if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
-        panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: system test prerequisite missing: {what}"
-    );
-}
 
 /// Kernel, modules and guest init when every prerequisite is there.
 fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
@@ -98,7 +90,7 @@ fn inside_netns(test: &str) -> bool {
 /// when the test ends, pass or fail.
 struct Cleanup {
     dir: PathBuf,
-    agent: Option<Child>,
+    agent: Option<AgentProcess>,
     cgroup_parent: Option<PathBuf>,
 }
 
@@ -195,20 +187,18 @@ fn processes_mentioning(dir: &Path) -> Vec<u32> {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
+        drop(self.agent.take()); // SIGKILL
         for pid in processes_mentioning(&self.dir) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         if let Some(parent) = &self.cgroup_parent {
-            let end = Instant::now() + Duration::from_secs(5);
             for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    while std::fs::remove_dir(e.path()).is_err() && Instant::now() < end {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    // Best effort (no panic in drop): a group empties once its
+                    // processes are reaped.
+                    let _ = Poll::within(Duration::from_secs(5))
+                        .every(Duration::from_millis(50))
+                        .try_until(|| std::fs::remove_dir(e.path()));
                 }
             }
             let _ = std::fs::remove_dir(parent);
@@ -219,7 +209,6 @@ impl Drop for Cleanup {
 struct Env {
     _root: tempfile::TempDir,
     root: PathBuf,
-    api_port: u16,
     registry: Registry,
     cleanup: Cleanup,
 }
@@ -305,7 +294,6 @@ reconcile_interval_ms = 200
             Env {
                 _root: tmp,
                 root,
-                api_port: port,
                 registry,
                 cleanup,
             },
@@ -314,27 +302,19 @@ reconcile_interval_ms = 200
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join("agent.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(self.root.join("agent.toml"))
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.cleanup.agent = Some(child);
+        let root = self.root.clone();
+        let agent =
+            AgentProcess::spawn(&self.root.join("agent.toml"), &self.root.join("agent.log"))
+                .diagnose(move || consoles(&root));
+        self.cleanup.agent = Some(agent);
+    }
+
+    fn agent(&self) -> &AgentProcess {
+        self.cleanup.agent.as_ref().expect("the agent runs")
     }
 
     fn kill9(&mut self) {
-        if let Some(mut a) = self.cleanup.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
+        drop(self.cleanup.agent.take());
     }
 
     fn write(&self, name: &str, v: &serde_json::Value) {
@@ -344,66 +324,24 @@ reconcile_interval_ms = 200
     }
 
     fn instances(&self) -> Option<Vec<InstanceView>> {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(self.root.join("agent.toml"))
-            .args(["status", "--json"])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        common::agent::instances(&self.root.join("agent.toml"))
     }
 
     fn log(&self) -> String {
         let agent = std::fs::read_to_string(self.root.join("agent.log")).unwrap_or_default();
-        let console = std::fs::read_dir(self.root.join("data/instances"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| {
-                let c = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
-                let lines: Vec<&str> = c
-                    .lines()
-                    .filter(|l| l.contains("plfm-guest-init") || l.contains("Out of memory"))
-                    .collect();
-                format!(
-                    "--- console of {:?}\n{}\n--- qemu.log: {}",
-                    e.file_name(),
-                    lines.join("\n"),
-                    std::fs::read_to_string(e.path().join("qemu.log")).unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        format!("agent log:\n{agent}\n{console}")
+        format!("agent log:\n{agent}\n{}", consoles(&self.root))
     }
 
-    /// Polls the local API until `cond` holds for instance `id`.
+    /// Polls the local API until `cond` holds for an instance.
     fn wait(
         &self,
         what: &str,
         within: Duration,
         cond: impl Fn(&InstanceView) -> bool,
     ) -> InstanceView {
-        let end = Instant::now() + within;
-        loop {
-            if let Some(v) = self
-                .instances()
-                .and_then(|l| l.into_iter().find(|v| cond(v)))
-            {
-                return v;
-            }
-            if Instant::now() > end {
-                panic!(
-                    "timed out after {within:?} waiting for {what}; last: {:#?}\n{}",
-                    self.instances(),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        Poll::within(within)
+            .every(Duration::from_millis(200))
+            .until(what, || self.agent().instance_where(&cond))
     }
 
     fn store(&self) -> Store {
@@ -430,6 +368,29 @@ reconcile_interval_ms = 200
     }
 }
 
+/// The guest init and OOM lines of every VM console, and every qemu.log, under `root`.
+fn consoles(root: &Path) -> String {
+    std::fs::read_dir(root.join("data/instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let c = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+            let lines: Vec<&str> = c
+                .lines()
+                .filter(|l| l.contains("plfm-guest-init") || l.contains("Out of memory"))
+                .collect();
+            format!(
+                "--- console of {:?}\n{}\n--- qemu.log: {}",
+                e.file_name(),
+                lines.join("\n"),
+                std::fs::read_to_string(e.path().join("qemu.log")).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn assignment(id: &str, image: &str, script: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut w = json!({
         "spec_version": "v1",
@@ -451,7 +412,7 @@ fn assignment(id: &str, image: &str, script: &str, extra: serde_json::Value) -> 
 
 /// Asks a QEMU to quit over its QMP socket (as an operator's `virsh`-like tool would).
 fn qmp_quit(sock: &Path) {
-    use std::io::BufRead;
+    use std::io::{BufRead, Write};
     let s = std::os::unix::net::UnixStream::connect(sock)
         .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -468,14 +429,22 @@ fn qmp_quit(sock: &Path) {
 
 /// GET `path` from `ip:port` (plain HTTP/1.0 over TCP) → body.
 fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    common::agent::http_get(&format!("{ip}:{port}"), path).map(|(_, body)| body)
+}
+
+/// Waits until no process mentions the test's data dir (QEMU, vhost-device-vsock).
+fn wait_no_vm_processes(env: &Env, within: Duration) {
+    let data = env.root.join("data");
+    Poll::within(within)
+        .every(Duration::from_millis(50))
+        .until("no VM process left", || {
+            let left = processes_mentioning(&data);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        });
 }
 
 fn nft_table() -> String {
@@ -578,7 +547,7 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
         }
     }
     // The daemon's /metrics carries the image pipeline's counters next to its own.
-    let metrics = http_get("127.0.0.1", env.api_port, "/metrics").unwrap();
+    let (_, metrics) = env.agent().api_get("/metrics").unwrap();
     assert!(metrics.contains("plfm_image_pulls_total 1"), "{metrics}");
     assert!(metrics.contains("plfm_image_builds_total 1"), "{metrics}");
     assert!(metrics.contains("plfm_agent_instances{"), "{metrics}");
@@ -605,14 +574,7 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
     );
     assert!(drained < Duration::from_secs(20), "drain took {drained:?}");
     // Nothing left: processes, tap, rules, scratch disk, mounts.
-    let end = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        processes_mentioning(&env.root.join("data")).is_empty(),
-        "VM processes left"
-    );
+    wait_no_vm_processes(&env, Duration::from_secs(10));
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     assert!(
         !String::from_utf8_lossy(&links.stdout).contains("plfm"),
@@ -703,11 +665,7 @@ fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
     env.spawn();
     // After start-up (which removes plfm taps nobody owns), someone else's tap takes
     // the name the agent derives for `taken`.
-    let end = Instant::now() + Duration::from_secs(30);
-    while env.instances().is_none() {
-        assert!(Instant::now() < end, "agent API not up: {}", env.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    env.agent().wait_api(Duration::from_secs(30));
     let tap = plfm_node_agent::network::tap_name("taken");
     let made = Command::new("ip")
         .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
@@ -763,11 +721,7 @@ fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
         .status()
         .unwrap();
     assert!(still.success(), "the agent removed a tap it does not own");
-    let end = Instant::now() + Duration::from_secs(15);
-    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(processes_mentioning(&env.root.join("data")).is_empty());
+    wait_no_vm_processes(&env, Duration::from_secs(15));
 }
 
 #[test]
@@ -899,15 +853,12 @@ fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
         "{last}"
     );
     // Nothing left: processes, the instance's group, its ledger rows.
-    let end = Instant::now() + Duration::from_secs(15);
-    while (!processes_mentioning(&env.root.join("data")).is_empty()
-        || parent.join("hostoom").exists())
-        && Instant::now() < end
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(processes_mentioning(&env.root.join("data")).is_empty());
-    assert!(!parent.join("hostoom").exists(), "cgroup left");
+    wait_no_vm_processes(&env, Duration::from_secs(15));
+    wait_until(
+        "the instance's cgroup removed",
+        Duration::from_secs(15),
+        || !parent.join("hostoom").exists(),
+    );
     assert!(
         !leftover.exists(),
         "leftover cgroup not removed at start-up"
@@ -1013,11 +964,7 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
     env.wait("adopt stopped", Duration::from_secs(30), |v| {
         v.instance_id == "adopt" && v.status == Status::Stopped
     });
-    let end = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&env.root.join("data")).is_empty() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(processes_mentioning(&env.root.join("data")).is_empty());
+    wait_no_vm_processes(&env, Duration::from_secs(10));
     if let Some(dir) = &cgroup {
         assert!(!dir.exists(), "cgroup {} left", dir.display());
     }

@@ -35,10 +35,12 @@ async fn supervisor_start_and_detach_keeps_vms_for_the_next_agent() {
     );
     t.apply(plan(2, vec![assignment("a", 1), assignment("b", 1)]))
         .await;
-    // Give the adopted actors many chances to (wrongly) act.
+    // Give the adopted actors many chances to (wrongly) act: 50 steps of clock time,
+    // each followed by running the node until it is idle.
+    t.settle().await;
     for _ in 0..50 {
         t.clock.advance(STEP);
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        t.settle().await;
     }
     assert!(ready(&t, &["a", "b"]));
     assert_eq!(t.mock.starts(&id("a")), 1, "adopted, not restarted");
@@ -303,20 +305,33 @@ async fn panicking_actor_is_restarted_with_backoff_and_the_supervisor_survives()
     t.mock.inject(&id("p"), MockFault::PanicAtPrepare);
     t.apply(plan(1, vec![assignment("p", 1), assignment("q", 1)]))
         .await;
-    t.wait_for("q ready", STEP, |t| ready(t, &["q"])).await;
-    t.wait_for("p panicked twice", STEP, |t| {
+    // The node runs until idle after every clock step (none needed for q: it is ready
+    // at clock 0), so the clock moves only as far as the test says: the second panic
+    // came during the last step, at most 100 ms ago.
+    t.step_until("q ready", STEP, |t| ready(t, &["q"])).await;
+    t.step_until("p panicked twice", STEP, |t| {
         t.node().metrics.actor_panics.get() >= 2
     })
     .await;
-    // Backoff: the second respawn waits 2 s of manual time after the second panic.
-    let panics = t.node().metrics.actor_panics.get();
-    t.clock.advance(Duration::from_millis(500));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(t.node().metrics.actor_panics.get(), 2);
+    // Backoff: the second respawn waits 2 s of clock time after the second panic. 1.8 s
+    // on, with the node idle, none yet; at 2 s it comes (and panics again, the fault
+    // still being there).
+    t.clock.advance(Duration::from_millis(1800));
+    t.settle().await;
     assert_eq!(
         t.node().metrics.actor_panics.get(),
-        panics,
+        2,
         "no respawn before the backoff"
     );
+    t.clock.advance(Duration::from_millis(200));
+    t.settle().await;
+    assert_eq!(
+        t.node().metrics.actor_panics.get(),
+        3,
+        "the respawn comes when the backoff is over"
+    );
+    assert_eq!(t.mock.starts(&id("p")), 0, "p never got past prepare");
     t.mock.clear_fault(&id("p"));
     t.wait_for("p ready after the fault is gone", STEP, |t| {
         ready(t, &["p"])
@@ -339,9 +354,11 @@ async fn orphan_vm_without_assignment_is_stopped_after_restart() {
     t.wait_for("ready", STEP, |t| ready(t, &["keep", "orphan"]))
         .await;
     t.restart().await;
-    // Nothing happens before the first plan.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Nothing happens before the first plan: once the restarted node is idle, both VMs
+    // still run.
+    t.settle().await;
     assert_eq!(t.mock.running().len(), 2);
+    assert_eq!(t.mock.starts(&id("orphan")), 1);
     t.apply(plan(2, vec![assignment("keep", 1)])).await;
     t.wait_for("orphan stopped", STEP, |t| {
         t.mock.running() == vec![id("keep")] && t.status("orphan").is_none()

@@ -1,6 +1,14 @@
 //! Shared test harness: a node on a temp data dir with the mock runtime and a manual
 //! clock, plan builders, and condition waits with deadlines (never sleep-and-hope).
+//!
+//! Submodules, usable from any test or bench crate that includes `common`:
+//! [`wait`] (the one poll loop, and `settle`), [`gate`] (the system-test gate) and
+//! [`agent`] (the agent binary as a child process).
 #![allow(dead_code)]
+
+pub mod agent;
+pub mod gate;
+pub mod wait;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -171,18 +179,46 @@ impl TestNode {
         step: Duration,
         mut cond: impl FnMut(&TestNode) -> bool,
     ) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if cond(self) {
-                return;
-            }
-            if std::time::Instant::now() > deadline {
-                let list = self.node().status.list();
-                panic!("timed out waiting for {what}; instances: {list:#?}");
-            }
-            self.clock.advance(step);
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait::Poll::within(Duration::from_secs(20))
+            .every(Duration::from_millis(2))
+            .until_async(what, || {
+                if cond(self) {
+                    return Ok(());
+                }
+                self.clock.advance(step);
+                Err(Instances(self))
+            })
+            .await
+    }
+
+    /// Like [`TestNode::wait_for`], but the node runs until idle after every clock step
+    /// (see [`wait::settle`]): when it returns, what `cond` waited for happened during
+    /// the last step, so the clock is at most `step` past it.
+    pub async fn step_until(
+        &self,
+        what: &str,
+        step: Duration,
+        mut cond: impl FnMut(&TestNode) -> bool,
+    ) {
+        wait::Poll::within(Duration::from_secs(20))
+            .until_settled(
+                what,
+                || self.clock.advance(step),
+                || {
+                    if cond(self) {
+                        Ok(())
+                    } else {
+                        Err(Instances(self))
+                    }
+                },
+            )
+            .await
+    }
+
+    /// Runs the node until it is idle (see [`wait::settle`]): whatever the test did so
+    /// far has had every consequence it will have without more input.
+    pub async fn settle(&self) {
+        wait::settle().await
     }
 
     /// Waits until every report is delivered (outbox empty).
@@ -198,14 +234,12 @@ impl TestNode {
     }
 }
 
-/// Waits for a plain condition with a real-time deadline.
-pub async fn wait_real(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
-    while !cond() {
-        if std::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// The node's instances, listed only when a wait gives up.
+struct Instances<'a>(&'a TestNode);
+
+impl std::fmt::Debug for Instances<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "instances: {:#?}", self.0.node().status.list())
     }
 }
 

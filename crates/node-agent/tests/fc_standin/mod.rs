@@ -15,9 +15,10 @@ use plfm_node_agent::runtime::firecracker::{
 use plfm_node_agent::runtime::RuntimeError;
 use plfm_node_agent::spec::{InstanceId, Workload};
 
-/// Whether a missing prerequisite must fail the test (CI).
+/// Whether a missing prerequisite must fail the test (CI): the shared gate's answer
+/// (`common::gate`; every crate including this module includes `common`).
 pub fn require_system_tests() -> bool {
-    std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").is_ok_and(|v| v == "1")
+    crate::common::gate::system_tests_required()
 }
 
 /// Path of the compiled stand-in, or why it could not be built (the test then skips,
@@ -54,11 +55,10 @@ pub fn standin() -> Option<PathBuf> {
     });
     match r {
         Ok(p) => Some(p.clone()),
-        Err(e) if require_system_tests() => {
-            panic!("PLFM_REQUIRE_SYSTEM_TESTS=1 and the firecracker stand-in cannot be built: {e}")
-        }
         Err(e) => {
-            eprintln!("SKIP: firecracker stand-in cannot be built: {e}");
+            crate::common::gate::skip_or_fail(&format!(
+                "the firecracker stand-in (cannot be built: {e})"
+            ));
             None
         }
     }

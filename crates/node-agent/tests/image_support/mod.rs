@@ -3,14 +3,17 @@
 //! in memory, and reading built disks with `debugfs` (no mount).
 //!
 //! Prerequisites are checked by [`prerequisites`]: a missing tool skips the test
-//! with a message, or fails it when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
+//! with a message, or fails it when `PLFM_REQUIRE_SYSTEM_TESTS=1` (the gate of
+//! `common::gate`, which every crate including this module includes too).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use crate::common::wait::wait_until as wait_for;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -52,26 +55,8 @@ pub fn prerequisites(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: missing prerequisites: {}", missing.join(", "));
-    if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
-        panic!("{msg} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
-    }
-    // Straight to stderr, not eprintln!: the test harness captures the latter for
-    // passing tests, and a skip must be visible.
-    let _ = writeln!(std::io::stderr(), "SKIP {msg}");
+    crate::common::gate::skip_or_fail(&format!("{test}: {}", missing.join(", ")));
     false
-}
-
-/// Polls `cond` until true or the deadline passes.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A `docker-registry` serving from a temp directory on 127.0.0.1.
