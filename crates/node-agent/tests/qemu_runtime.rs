@@ -697,7 +697,7 @@ fn exit_code_missing_secret_and_tap_collision_fail_with_their_reasons() {
     assert_eq!((v.exit_code, v.reason_code), (None, None), "{v:?}");
     let msg = v.error_message.as_deref().unwrap_or_default();
     assert!(
-        msg.contains("VMM exited unexpectedly") && msg.contains("qemu exited (code 0)"),
+        msg.contains("VMM exited unexpectedly") && msg.contains("exit code 0"),
         "{msg}"
     );
     let v = env.wait(

@@ -106,7 +106,6 @@ pub struct Host {
     templates: tokio::sync::Mutex<()>,
 }
 
-
 impl Host {
     /// Host resources under `data_dir`, recorded in `ledger`. Fails on a bad pool.
     pub fn new(data_dir: &Path, ledger: Store, config: HostConfig) -> Result<Host, String> {

@@ -14,7 +14,13 @@
 //! scratch disk, volumes, tap, addresses, nftables rules).
 
 pub mod api;
+mod host;
+mod jail;
 pub mod process;
+
+#[cfg(target_os = "linux")]
+pub use host::LocalHost;
+pub use host::{DiskPath, HostResources, PreparedHost};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,14 +29,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use plfm_guest_protocol as gp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
 
 use self::api::{ActionType, ApiClient, VmConfiguration};
-use self::process::ProcessId;
+use super::vmm::guest;
+use super::vmm::logs::Evidence;
+use super::vmm::monitor::{self, Monitor, MonitorArgs, OomCheck};
+use super::vmm::process::{self as vproc, ProcessId, Watch};
 use super::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
-use crate::guest::{accept_guest, bind_guest_listener, GuestEvent};
+use crate::guest::bind_guest_listener;
 use crate::spec::{HealthSpec, InstanceId, Workload};
 use crate::state::{ResourceRow, Store};
 
@@ -75,6 +82,17 @@ pub struct FirecrackerConfig {
     /// cgroup mount (`<mount>/<parent>/<vmm id>`).
     #[serde(default = "default_jailer_cgroup_parent")]
     pub jailer_cgroup_parent: String,
+    /// Without the jailer: a host memory cgroup per VMM (`auto`: when the host has a
+    /// usable memory controller; `off`: never), as the qemu runtime's.
+    #[serde(default)]
+    pub cgroup: crate::cgroup::CgroupMode,
+    /// Without the jailer: parent of the per-instance groups, a path inside the memory
+    /// hierarchy (default: `plfm` under the agent's own memory cgroup).
+    #[serde(default)]
+    pub cgroup_parent: Option<String>,
+    /// Memory added to the guest memory for the VMM's cgroup limit (jailed or not).
+    #[serde(default = "default_overhead")]
+    pub memory_overhead_mib: u64,
 }
 
 fn default_binary() -> PathBuf {
@@ -104,6 +122,9 @@ fn default_pool() -> String {
 fn default_volume_bytes() -> u64 {
     1 << 30
 }
+fn default_overhead() -> u64 {
+    64
+}
 fn default_jailer_cgroup_parent() -> String {
     process::JAILER_CGROUP_PARENT.into()
 }
@@ -123,6 +144,9 @@ impl Default for FirecrackerConfig {
             ipv4_pool: default_pool(),
             volume_default_bytes: default_volume_bytes(),
             jailer_cgroup_parent: default_jailer_cgroup_parent(),
+            cgroup: crate::cgroup::CgroupMode::Auto,
+            cgroup_parent: None,
+            memory_overhead_mib: default_overhead(),
         }
     }
 }
@@ -146,6 +170,16 @@ impl FirecrackerConfig {
         super::parse_ipv4_pool(&self.ipv4_pool).map_err(|e| format!("runtime.firecracker.{e}"))?;
         if self.volume_default_bytes < 16 << 20 {
             return Err("runtime.firecracker.volume_default_bytes must be at least 16 MiB".into());
+        }
+        if let Some(p) = &self.cgroup_parent {
+            crate::cgroup::validate_parent(p)
+                .map_err(|e| format!("runtime.firecracker.cgroup_parent: {e}"))?;
+        }
+        if !(1..=65_536).contains(&self.memory_overhead_mib) {
+            return Err(format!(
+                "runtime.firecracker.memory_overhead_mib {} is outside 1..=65536",
+                self.memory_overhead_mib
+            ));
         }
         let p = &self.jailer_cgroup_parent;
         if p.is_empty()
@@ -233,87 +267,6 @@ pub fn vmm_id(id: &InstanceId) -> String {
     format!("{clean}-{h:016x}")
 }
 
-/// A disk handed to the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskPath {
-    /// Host path.
-    pub path: PathBuf,
-    /// Read-only.
-    pub read_only: bool,
-}
-
-/// Host resources of one instance, from [`HostResources::prepare`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreparedHost {
-    /// Root disk (vda, read-only).
-    pub root_disk: PathBuf,
-    /// Scratch disk (vdb).
-    pub scratch_disk: PathBuf,
-    /// Volumes in `volume_id` order (vdc, vdd, …).
-    pub volumes: Vec<(String, DiskPath)>,
-    /// The tap to attach as eth0, if any.
-    pub tap: Option<String>,
-    /// The guest's network config (addresses on the tap), when host networking made
-    /// one; else the guest gets the spec's overlay address without an IPv4 link.
-    pub guest_network: Option<gp::NetworkConfig>,
-    /// Where the host reaches the guest for health checks; else the overlay IPv6.
-    pub address: Option<IpAddr>,
-    /// Process defaults merged from the image (argv, env, cwd), if known.
-    pub process: Option<crate::image::MergedProcess>,
-}
-
-/// The seam to host networking and disks (issue 6 provides the real ones).
-#[async_trait]
-pub trait HostResources: Send + Sync + 'static {
-    /// Creates (idempotently) root disk, scratch disk, volumes and tap of an instance.
-    async fn prepare(
-        &self,
-        id: &InstanceId,
-        workload: &Workload,
-        instance_dir: &Path,
-    ) -> Result<PreparedHost, RuntimeError>;
-    /// Releases what `prepare` created (idempotent).
-    async fn release(&self, id: &InstanceId, instance_dir: &Path) -> Result<(), RuntimeError>;
-    /// At start-up: removes host resources no instance owns (orphan taps, rules).
-    async fn remove_orphans(&self) -> Result<(), RuntimeError> {
-        Ok(())
-    }
-}
-
-/// Default host resources: the root disk from the image service, and scratch disk,
-/// volumes, tap, addresses and rules from the host module shared with the qemu runtime
-/// ([`crate::runtime::host`]). Linux only; taps need root.
-#[cfg(target_os = "linux")]
-pub struct LocalHost {
-    host: crate::runtime::host::Host,
-    images: Option<crate::image::ImageService>,
-}
-
-#[cfg(target_os = "linux")]
-impl LocalHost {
-    /// Host resources under `data_dir`, recorded in the resource ledger `ledger`.
-    /// Fails on a bad `ipv4_pool` (naming the key).
-    pub fn new(
-        data_dir: &Path,
-        images: Option<crate::image::ImageService>,
-        ledger: Store,
-        config: &FirecrackerConfig,
-    ) -> Result<Self, String> {
-        let host = crate::runtime::host::Host::new(
-            data_dir,
-            ledger,
-            crate::runtime::host::HostConfig {
-                ipv4_pool: config.ipv4_pool.clone(),
-                volume_default_bytes: config.volume_default_bytes,
-                // A jailed Firecracker runs as `uid:gid` and must open its tap itself.
-                tap_owner: config.jailer.is_some().then_some((config.uid, config.gid)),
-            },
-        )
-        .map_err(|e| format!("runtime.firecracker.{e}"))?;
-        Ok(LocalHost { host, images })
-    }
-}
-
 /// The tap name of an instance: the same name host networking gives it
 /// ([`crate::network::tap_name`]), so every runtime agrees on it.
 pub fn tap_name(id: &InstanceId) -> String {
@@ -327,77 +280,6 @@ pub fn guest_mac(id: &InstanceId) -> String {
     });
     let b = h.to_be_bytes();
     format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
-}
-
-#[cfg(target_os = "linux")]
-#[async_trait]
-impl HostResources for LocalHost {
-    async fn prepare(
-        &self,
-        id: &InstanceId,
-        workload: &Workload,
-        _instance_dir: &Path,
-    ) -> Result<PreparedHost, RuntimeError> {
-        let Some(images) = &self.images else {
-            return Err(RuntimeError::RootfsBuild(
-                "no image service: cannot build the root disk".into(),
-            ));
-        };
-        let i = &workload.spec.image;
-        let spec_image = crate::image::SpecImage {
-            reference: i.reference.clone(),
-            digest: i.digest.clone(),
-            index_digest: i.index_digest.clone(),
-            resolved_digest: workload.digest.as_str().to_string(),
-            os: i.os.clone(),
-            arch: i.arch.clone(),
-        };
-        let image = crate::image::ImageRef::from_spec(&spec_image).map_err(RuntimeError::from)?;
-        let root = images
-            .ensure_root_disk(&image, id.as_str())
-            .await
-            .map_err(RuntimeError::from)?;
-        let process = crate::image::merge_process(
-            &root.config,
-            &workload.spec.command,
-            workload.spec.env_vars.as_ref(),
-            workload.spec.workdir.as_deref(),
-        );
-        let prep = self.host.prepare(id, workload).await?;
-        Ok(PreparedHost {
-            root_disk: root.path,
-            scratch_disk: prep.scratch.clone(),
-            volumes: prep
-                .volumes
-                .iter()
-                .map(|(vid, path, read_only)| {
-                    (
-                        vid.clone(),
-                        DiskPath {
-                            path: path.clone(),
-                            read_only: *read_only,
-                        },
-                    )
-                })
-                .collect(),
-            tap: Some(prep.tap.tap.clone()),
-            guest_network: Some(prep.guest_network(workload)?),
-            address: Some(prep.probe_address()),
-            process: Some(process),
-        })
-    }
-
-    async fn release(&self, id: &InstanceId, _instance_dir: &Path) -> Result<(), RuntimeError> {
-        self.host.release(id).await
-    }
-
-    async fn remove_orphans(&self) -> Result<(), RuntimeError> {
-        let removed = self.host.remove_orphans().await?;
-        if !removed.is_empty() {
-            tracing::info!(?removed, "removed plfm taps and rules no instance owns");
-        }
-        Ok(())
-    }
 }
 
 /// What `vmm.json` records about a running VMM (no secrets).
@@ -440,17 +322,34 @@ impl Layout {
             None => host.display().to_string(),
         }
     }
+
+    /// How the VMM names a file linked into its jail (`/<file name>`), or the host
+    /// path when it is not jailed.
+    fn linked_name(&self, host: &Path) -> String {
+        match &self.chroot {
+            Some(_) => format!(
+                "/{}",
+                host.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+            None => host.display().to_string(),
+        }
+    }
+
+    fn evidence(&self) -> Evidence {
+        Evidence::new(vec![
+            ("firecracker", self.fc_log.clone()),
+            ("console", self.console_log.clone()),
+        ])
+    }
 }
 
-/// Shared by the runtime and one VM's monitor task.
+/// One VM the runtime tracks.
 struct VmState {
     handle: VmHandle,
     record: VmmRecord,
-    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<VmEvent>>,
-    stop_tx: mpsc::UnboundedSender<Duration>,
-    exited: watch::Receiver<Option<(Option<i32>, Option<i32>)>>,
-    workload_exit: Arc<Mutex<Option<i32>>>,
-    monitor: tokio::task::JoinHandle<()>,
+    monitor: Monitor,
 }
 
 /// The Firecracker runtime.
@@ -463,6 +362,9 @@ pub struct FirecrackerRuntime {
     prepared: Mutex<HashMap<InstanceId, PreparedHost>>,
     /// How the jailer confines VMMs on this host (found once at start).
     jailer_cgroups: process::JailerCgroups,
+    /// Host memory cgroups of plain (not jailed) VMMs.
+    #[cfg(target_os = "linux")]
+    cgroups: crate::runtime::vmm::cgroup::VmmCgroups,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -490,6 +392,17 @@ impl FirecrackerRuntime {
                 c => tracing::info!(cgroups = ?c, "firecracker runtime: jailer cgroups"),
             }
         }
+        // Under the jailer its own `--cgroup` arguments confine the VMM; without it the
+        // VMM layer's per-instance group does, when the ledger can record it.
+        #[cfg(target_os = "linux")]
+        let cgroups = if config.jailer.is_some() || host.ledger().is_none() {
+            crate::runtime::vmm::cgroup::VmmCgroups::none()
+        } else {
+            crate::runtime::vmm::cgroup::VmmCgroups::detect(
+                config.cgroup,
+                config.cgroup_parent.as_deref(),
+            )
+        };
         FirecrackerRuntime {
             config,
             data_dir: data_dir.to_path_buf(),
@@ -498,6 +411,8 @@ impl FirecrackerRuntime {
             vms: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
             jailer_cgroups,
+            #[cfg(target_os = "linux")]
+            cgroups,
         }
     }
 
@@ -537,7 +452,7 @@ impl FirecrackerRuntime {
     /// adopted VMM owns are leftovers of a crash (the agent died between spawn and
     /// record, or before cleanup). A process still in one was never recorded: it is
     /// killed (SIGKILL), then the groups are removed.
-    async fn remove_orphan_cgroups(&self, adopted: &[VmHandle]) {
+    async fn remove_orphan_jailer_cgroups(&self, adopted: &[VmHandle]) {
         let owned: Vec<String> = adopted.iter().map(|h| vmm_id(&h.instance_id)).collect();
         for name in self.jailer_cgroups.children() {
             if owned.contains(&name) {
@@ -550,7 +465,7 @@ impl FirecrackerRuntime {
                 }
             }
             for dir in self.jailer_cgroups.dirs(&name) {
-                match remove_cgroup_dir(&dir).await {
+                match jail::remove_cgroup_dir(&dir).await {
                     Ok(()) => {
                         tracing::info!(cgroup = %dir.display(), "removed a jailer cgroup no VMM owns")
                     }
@@ -592,18 +507,6 @@ impl FirecrackerRuntime {
             jailer: jailed.then(|| PathBuf::from("jailer")),
         };
         let layout = self.layout(id, &resolved);
-        let inside = |p: &Path| -> String {
-            if jailed {
-                format!(
-                    "/{}",
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                )
-            } else {
-                p.display().to_string()
-            }
-        };
         vm_configuration(
             id,
             workload,
@@ -611,29 +514,148 @@ impl FirecrackerRuntime {
             &layout,
             &self.config.kernel,
             &self.config.initramfs,
-            &inside,
         )
     }
-}
 
-/// Guest memory of a workload in MiB: its memory limit, at least 128 MiB.
-fn guest_mem_mib(workload: &Workload) -> u64 {
-    ((workload.spec.resources.memory_limit_bytes.max(0) as u64) >> 20).max(128)
-}
+    /// The command line of a VMM: plain, or the jailer's (refused where the jailer
+    /// cannot confine it).
+    fn launch(
+        &self,
+        id: &InstanceId,
+        workload: &Workload,
+        resolved: &ResolvedHost,
+        layout: &Layout,
+    ) -> Result<process::Launch, RuntimeError> {
+        let Some(jailer) = &resolved.jailer else {
+            return Ok(process::Launch {
+                program: resolved.binary.clone(),
+                args: process::firecracker_args(&layout.api_sock, &vmm_id(id)),
+                console_log: layout.console_log.clone(),
+            });
+        };
+        if let process::JailerCgroups::Unavailable(why) = &self.jailer_cgroups {
+            return Err(RuntimeError::VmmStart(format!(
+                "jailed VMs cannot run on this host: {why}"
+            )));
+        }
+        Ok(process::Launch {
+            program: jailer.clone(),
+            args: process::jailer_args(&process::JailerArgs {
+                exec_file: &resolved.binary,
+                id: &vmm_id(id),
+                uid: self.config.uid,
+                gid: self.config.gid,
+                chroot_base_dir: &self.config.chroot_base_dir,
+                cgroups: &self.jailer_cgroups,
+                memory_max: guest::vmm_memory_limit(workload, self.config.memory_overhead_mib),
+                cpu_weight: guest::cpu_weight(workload),
+            }),
+            console_log: layout.console_log.clone(),
+        })
+    }
 
-/// Memory limit of the VMM's cgroup under the jailer: guest memory plus 64 MiB for
-/// the VMM itself.
-fn vmm_memory_limit(workload: &Workload) -> u64 {
-    (guest_mem_mib(workload) + 64) << 20
-}
+    /// Spawns the VMM (in its host cgroup when there is one), recorded in the ledger
+    /// and in `vmm.json` before anything else happens to it.
+    async fn spawn_vmm(
+        &self,
+        id: &InstanceId,
+        workload: &Workload,
+        launch: &process::Launch,
+        record: &mut VmmRecord,
+        layout: &Layout,
+    ) -> Result<(Watch, Option<OomCheck>), RuntimeError> {
+        let record_path = layout.dir.join("vmm.json");
+        self.ledger_add(id, "process", record_path.display().to_string(), None)
+            .await;
+        #[cfg(target_os = "linux")]
+        let (oom, entry) = match self.host.ledger() {
+            Some(ledger) if self.cgroups.enabled() => {
+                let limit = guest::vmm_memory_limit(workload, self.config.memory_overhead_mib);
+                self.cgroups.create(&ledger, id, limit).await?.unzip()
+            }
+            _ => (None, None),
+        };
+        #[cfg(not(target_os = "linux"))]
+        let (oom, entry): (Option<OomCheck>, Option<()>) = {
+            let _ = workload;
+            (None, None)
+        };
+        let spawned = vproc::spawn_detached(
+            &launch.program,
+            &launch.args,
+            &launch.console_log,
+            entry.as_ref(),
+        )
+        .map_err(RuntimeError::VmmStart)?;
+        record.process = Some(spawned.id);
+        let detail = serde_json::to_string(&spawned.id).ok();
+        self.ledger_add(id, "process", record_path.display().to_string(), detail)
+            .await;
+        let mut watch = Watch::Child(spawned.child);
+        if let Err(e) = write_record(&record_path, record) {
+            watch.kill().await;
+            return Err(RuntimeError::VmmStart(e));
+        }
+        #[cfg(target_os = "linux")]
+        let oom = oom.map(|o| o.into_check());
+        Ok((watch, oom))
+    }
 
-/// CPU weight of the VMM's cgroup (DESIGN §5): the spec's `cpu_weight`, else
-/// `cpu_request × 100`, within 1..=10000.
-fn cpu_weight(workload: &Workload) -> u32 {
-    let r = &workload.spec.resources;
-    r.cpu_weight
-        .unwrap_or_else(|| (r.cpu_request * 100.0).round().clamp(1.0, 10_000.0) as u32)
-        .clamp(1, 10_000)
+    /// Waits for the API socket and sends the whole configuration, `InstanceStart`
+    /// last. Any failure kills the VMM and carries its exit and log tails.
+    async fn configure(
+        &self,
+        id: &InstanceId,
+        workload: &Workload,
+        prepared: &PreparedHost,
+        layout: &Layout,
+        launch: &process::Launch,
+        watch: &mut Watch,
+    ) -> Result<(), RuntimeError> {
+        let evidence = layout.evidence();
+        let boot_timeout = Duration::from_secs(self.config.boot_timeout);
+        match vproc::wait_for_socket(&layout.api_sock, watch, boot_timeout, true).await {
+            Ok(()) => {}
+            Err(vproc::SocketWait::Timeout) => {
+                watch.kill().await;
+                return Err(RuntimeError::VmmStart(evidence.attach(format!(
+                    "firecracker API socket {} did not appear within {boot_timeout:?}",
+                    layout.api_sock.display()
+                ))));
+            }
+            Err(vproc::SocketWait::Exited(st)) => {
+                return Err(RuntimeError::VmmStart(evidence.attach(format!(
+                    "{} exited before serving its API: {}",
+                    launch.program.display(),
+                    st.describe(process::exit_code_meaning)
+                ))));
+            }
+        }
+        let client = self.api(&layout.api_sock);
+        let vm_config = vm_configuration(
+            id,
+            workload,
+            prepared,
+            layout,
+            &self.config.kernel,
+            &self.config.initramfs,
+        );
+        for req in vm_config.requests() {
+            if let Err(e) = client.send(&req).await {
+                // Give the VMM a moment to write its exit reason, then kill it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let exit = match watch.try_exited() {
+                    Some(st) => format!(" (VMM {})", st.describe(process::exit_code_meaning)),
+                    None => String::new(),
+                };
+                watch.kill().await;
+                return Err(RuntimeError::VmmStart(
+                    evidence.attach(format!("{e}{exit}")),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Builds the API configuration of a VM.
@@ -644,14 +666,8 @@ fn vm_configuration(
     layout: &Layout,
     kernel: &Path,
     initramfs: &Path,
-    inside: &dyn Fn(&Path) -> String,
 ) -> VmConfiguration {
-    let r = &workload.spec.resources;
-    let vcpus = r
-        .vcpu_count
-        .unwrap_or_else(|| r.cpu_request.ceil().max(1.0) as u32)
-        .clamp(1, 32);
-    let mem_mib = guest_mem_mib(workload);
+    let inside = |p: &Path| layout.linked_name(p);
     let mut drives = vec![
         api::Drive {
             drive_id: "vda".into(),
@@ -698,8 +714,8 @@ fn vm_configuration(
             metrics_path: layout.vmm_path(&layout.metrics),
         },
         machine: api::MachineConfig {
-            vcpu_count: vcpus,
-            mem_size_mib: mem_mib,
+            vcpu_count: guest::vcpus(workload),
+            mem_size_mib: guest::guest_mem_mib(workload),
             smt: Some(false),
             track_dirty_pages: None,
             huge_pages: None,
@@ -716,146 +732,6 @@ fn vm_configuration(
             uds_path: layout.vmm_path(&layout.vsock_uds),
         },
     }
-}
-
-/// The guest config of the handshake (DESIGN §6).
-pub fn guest_config(
-    workload: &Workload,
-    host: &PreparedHost,
-    secrets: Option<&crate::secrets::SecretMaterial>,
-) -> gp::Config {
-    let s = &workload.spec;
-    let (argv, env, cwd) = match &host.process {
-        Some(p) => (p.argv.clone(), p.env.clone(), Some(p.cwd.clone())),
-        None => (
-            s.command.clone(),
-            s.env_vars.clone().unwrap_or_default(),
-            s.workdir.clone(),
-        ),
-    };
-    let network = host.guest_network.clone().or_else(|| {
-        s.network
-            .overlay_ipv6
-            .parse::<IpAddr>()
-            .ok()
-            .map(|address| gp::NetworkConfig {
-                address,
-                prefix_len: 128,
-                gateway: s.network.gateway_ipv6.parse().ok(),
-                mtu: s.network.mtu.unwrap_or(1420),
-                dns: s
-                    .network
-                    .dns
-                    .iter()
-                    .flatten()
-                    .filter_map(|d| d.parse().ok())
-                    .collect(),
-                ipv4: None,
-            })
-    });
-    let mut mounts: Vec<gp::MountConfig> = s
-        .mounts
-        .iter()
-        .flatten()
-        .map(|m| gp::MountConfig {
-            volume_id: m.volume_id.clone(),
-            mount_path: m.mount_path.clone(),
-            read_only: m.read_only,
-            filesystem: m.filesystem.clone(),
-        })
-        .collect();
-    mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-    let secrets = s.secrets.as_ref().map(|sec| gp::SecretsConfig {
-        required: sec.required,
-        path: sec.mount_path.clone(),
-        mode: sec.mode.unwrap_or(0o400),
-        uid: sec.uid,
-        gid: sec.gid,
-        data: secrets
-            .map(|m| gp::SecretsData::new(String::from_utf8_lossy(m.bytes()).into_owned())),
-    });
-    gp::Config {
-        config_version: gp::CONFIG_VERSION.to_string(),
-        instance_id: s.instance_id.clone(),
-        generation: i64::from(s.generation),
-        workload: gp::WorkloadConfig {
-            argv,
-            cwd,
-            env,
-            uid: 0,
-            gid: 0,
-        },
-        network,
-        mounts,
-        secrets,
-    }
-}
-
-/// Links `src` into the jail as `<root>/<name>` (hard link, else a copy when `copy_ok`)
-/// and gives it to the VMM's uid/gid.
-fn link_into_jail(
-    src: &Path,
-    root: &Path,
-    uid: u32,
-    gid: u32,
-    copy_ok: bool,
-) -> Result<(), String> {
-    let name = src
-        .file_name()
-        .ok_or_else(|| format!("{} has no file name", src.display()))?;
-    let dst = root.join(name);
-    let _ = std::fs::remove_file(&dst);
-    if let Err(e) = std::fs::hard_link(src, &dst) {
-        if !copy_ok {
-            return Err(format!(
-                "cannot hard-link {} into the jail {}: {e}",
-                src.display(),
-                root.display()
-            ));
-        }
-        std::fs::copy(src, &dst).map_err(|e| {
-            format!(
-                "cannot copy {} into the jail {}: {e}",
-                src.display(),
-                root.display()
-            )
-        })?;
-    }
-    chown(&dst, uid, gid)
-}
-
-fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    rustix::fs::chown(
-        p,
-        Some(rustix::fs::Uid::from_raw(uid)),
-        Some(rustix::fs::Gid::from_raw(gid)),
-    )
-    .map_err(|e| format!("cannot chown {} to {uid}:{gid}: {e}", p.display()))
-}
-
-/// `what` followed by the last lines of the VMM's log and the guest console, so every
-/// failure carries the VMM's own evidence.
-fn with_log_tail<P: AsRef<Path>>(what: String, logs: &[P]) -> String {
-    let tail = logs
-        .iter()
-        .filter_map(|p| process::last_lines(p.as_ref(), 5))
-        .collect::<Vec<_>>()
-        .join(" | ");
-    if tail.is_empty() {
-        what
-    } else {
-        format!("{what}; last VMM log lines: {tail}")
-    }
-}
-
-fn vmm_failure(what: String, logs: &[&Path]) -> RuntimeError {
-    RuntimeError::VmmStart(with_log_tail(what, logs))
-}
-
-/// Kills a VMM we spawned and reaps it (bounded).
-async fn kill_child(child: &mut tokio::process::Child) {
-    let _ = child.start_kill();
-    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
 }
 
 #[async_trait]
@@ -884,52 +760,28 @@ impl Runtime for FirecrackerRuntime {
         boot: BootContext,
     ) -> Result<VmHandle, RuntimeError> {
         let resolved = self.config.check_host().map_err(RuntimeError::VmmStart)?;
-        let prepared = match lock(&self.prepared).get(id).cloned() {
-            Some(p) => p,
-            None => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "instance {id} was not prepared"
-                )))
-            }
+        let Some(prepared) = lock(&self.prepared).get(id).cloned() else {
+            return Err(RuntimeError::VmmStart(format!(
+                "instance {id} was not prepared"
+            )));
         };
+        let config = guest::guest_config(
+            workload,
+            prepared.process.as_ref(),
+            prepared.guest_network.clone(),
+            boot.secrets.as_ref(),
+        )?;
         let layout = self.layout(id, &resolved);
         std::fs::create_dir_all(&layout.dir).map_err(|e| {
             RuntimeError::VmmStart(format!("cannot create {}: {e}", layout.dir.display()))
         })?;
-        // Jail: the VMM sees only what is linked into it.
-        let (uid, gid) = (self.config.uid, self.config.gid);
-        let inside_jail = layout.chroot.is_some();
         if let Some(root) = &layout.chroot {
             self.ledger_add(id, "chroot", root.display().to_string(), None)
                 .await;
-            std::fs::create_dir_all(root.join("run")).map_err(|e| {
-                RuntimeError::VmmStart(format!("cannot create jail {}: {e}", root.display()))
-            })?;
-            let mut links: Vec<(&Path, bool)> = vec![
-                (&self.config.kernel, true),
-                (&self.config.initramfs, true),
-                (&prepared.root_disk, true),
-                (&prepared.scratch_disk, false),
-            ];
-            for (_, d) in &prepared.volumes {
-                links.push((&d.path, false));
-            }
-            for (p, copy_ok) in links {
-                link_into_jail(p, root, uid, gid, copy_ok).map_err(RuntimeError::VmmStart)?;
-            }
-            chown(&root.join("run"), uid, gid).map_err(RuntimeError::VmmStart)?;
+            jail::populate(root, &self.config, &prepared).map_err(RuntimeError::VmmStart)?;
         }
-        for p in [&layout.api_sock, &layout.vsock_uds] {
-            let _ = std::fs::remove_file(p);
-        }
-        for p in [&layout.fc_log, &layout.metrics] {
-            std::fs::write(p, b"").map_err(|e| {
-                RuntimeError::VmmStart(format!("cannot create {}: {e}", p.display()))
-            })?;
-            if inside_jail {
-                chown(p, uid, gid).map_err(RuntimeError::VmmStart)?;
-            }
-        }
+        jail::fresh_files(&layout, self.config.uid, self.config.gid)
+            .map_err(RuntimeError::VmmStart)?;
         // The guest connects once, early: listen before the VMM exists.
         let listener = bind_guest_listener(&layout.vsock_uds).map_err(|e| {
             RuntimeError::VmmStart(format!(
@@ -937,35 +789,7 @@ impl Runtime for FirecrackerRuntime {
                 crate::guest::guest_socket_path(&layout.vsock_uds).display()
             ))
         })?;
-
-        let launch = match &resolved.jailer {
-            Some(jailer) => {
-                if let process::JailerCgroups::Unavailable(why) = &self.jailer_cgroups {
-                    return Err(RuntimeError::VmmStart(format!(
-                        "jailed VMs cannot run on this host: {why}"
-                    )));
-                }
-                process::Launch {
-                    program: jailer.clone(),
-                    args: process::jailer_args(&process::JailerArgs {
-                        exec_file: &resolved.binary,
-                        id: &vmm_id(id),
-                        uid,
-                        gid,
-                        chroot_base_dir: &self.config.chroot_base_dir,
-                        cgroups: &self.jailer_cgroups,
-                        memory_max: vmm_memory_limit(workload),
-                        cpu_weight: cpu_weight(workload),
-                    }),
-                    console_log: layout.console_log.clone(),
-                }
-            }
-            None => process::Launch {
-                program: resolved.binary.clone(),
-                args: process::firecracker_args(&layout.api_sock, &vmm_id(id)),
-                console_log: layout.console_log.clone(),
-            },
-        };
+        let launch = self.launch(id, workload, &resolved, &layout)?;
         let mut record = VmmRecord {
             instance_id: id.to_string(),
             generation: workload.spec.generation,
@@ -979,115 +803,45 @@ impl Runtime for FirecrackerRuntime {
                 .address
                 .or_else(|| workload.spec.network.overlay_ipv6.parse().ok()),
         };
-        let record_path = layout.dir.join("vmm.json");
-        self.ledger_add(id, "process", record_path.display().to_string(), None)
-            .await;
-        let spawned = process::spawn(&launch).map_err(RuntimeError::VmmStart)?;
-        let mut child = spawned.child;
-        record.process = Some(spawned.id);
-        let detail = serde_json::to_string(&spawned.id).ok();
-        self.ledger_add(id, "process", record_path.display().to_string(), detail)
-            .await;
-        if let Err(e) = write_record(&record_path, &record) {
-            kill_child(&mut child).await;
-            return Err(RuntimeError::VmmStart(e));
-        }
-        let logs = [layout.fc_log.as_path(), layout.console_log.as_path()];
-        let boot_timeout = Duration::from_secs(self.config.boot_timeout);
-        match process::wait_for_socket(&layout.api_sock, &mut child, boot_timeout).await {
-            Ok(()) => {}
-            Err(process::SocketWait::Timeout) => {
-                kill_child(&mut child).await;
-                return Err(vmm_failure(
-                    format!(
-                        "firecracker API socket {} did not appear within {boot_timeout:?}",
-                        layout.api_sock.display()
-                    ),
-                    &logs,
-                ));
-            }
-            Err(process::SocketWait::Exited(status)) => {
-                let (c, s) = process::split_status(status);
-                return Err(vmm_failure(
-                    format!(
-                        "{} exited before serving its API: {}",
-                        launch.program.display(),
-                        process::describe_exit(c, s)
-                    ),
-                    &logs,
-                ));
-            }
-        }
-        let client = self.api(&layout.api_sock);
-        let jail_name = |p: &Path| -> String {
-            if inside_jail {
-                format!(
-                    "/{}",
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                )
-            } else {
-                p.display().to_string()
-            }
-        };
-        let vm_config = vm_configuration(
-            id,
-            workload,
-            &prepared,
-            &layout,
-            &self.config.kernel,
-            &self.config.initramfs,
-            &jail_name,
-        );
-        for req in vm_config.requests() {
-            if let Err(e) = client.send(&req).await {
-                // Give the VMM a moment to write its exit reason, then kill it.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let exit = match child.try_wait() {
-                    Ok(Some(st)) => {
-                        let (c, s) = process::split_status(st);
-                        format!(" (VMM {})", process::describe_exit(c, s))
-                    }
-                    _ => String::new(),
-                };
-                kill_child(&mut child).await;
-                return Err(vmm_failure(format!("{e}{exit}"), &logs));
-            }
-        }
-
-        let config = guest_config(workload, &prepared, boot.secrets.as_ref());
+        let (mut watch, oom) = self
+            .spawn_vmm(id, workload, &launch, &mut record, &layout)
+            .await?;
+        self.configure(id, workload, &prepared, &layout, &launch, &mut watch)
+            .await?;
         let handle = VmHandle {
             instance_id: id.clone(),
             generation: workload.spec.generation,
             boot_id: boot.boot_id,
             spec_hash: workload.spec_hash.clone(),
         };
-        let state = spawn_monitor(
-            handle.clone(),
-            record,
-            Exit::Child(child),
+        let monitor = Monitor::spawn(MonitorArgs {
+            instance: id.to_string(),
             listener,
             config,
-            boot_timeout,
-            vec![layout.fc_log.clone(), layout.console_log.clone()],
-        );
-        lock(&self.vms).insert(id.clone(), state);
+            handshake: Duration::from_secs(self.config.boot_timeout),
+            watch,
+            adopted: false,
+            evidence: layout.evidence(),
+            console_cap: Some((layout.console_log.clone(), CONSOLE_MAX_BYTES)),
+            oom,
+            exit_meaning: process::exit_code_meaning,
+        });
+        let state = Arc::new(VmState {
+            handle: handle.clone(),
+            record,
+            monitor,
+        });
+        if let Some(old) = lock(&self.vms).insert(id.clone(), state) {
+            old.monitor.abort();
+        }
         Ok(handle)
     }
 
     async fn next_event(&self, vm: &VmHandle) -> VmEvent {
         let state = lock(&self.vms).get(&vm.instance_id).cloned();
-        let Some(state) = state.filter(|s| s.handle.boot_id == vm.boot_id) else {
-            return VmEvent::VmmExited {
-                code: None,
-                detail: "no such VM (stopped or replaced)".into(),
-            };
-        };
-        let mut rx = state.events.lock().await;
-        match rx.recv().await {
-            Some(ev) => ev,
-            None => std::future::pending().await,
+        match state.filter(|s| s.handle == *vm) {
+            Some(state) => state.monitor.next_event().await,
+            None => monitor::unknown_vm(),
         }
     }
 
@@ -1123,8 +877,8 @@ impl Runtime for FirecrackerRuntime {
         let root = self.data_dir.join("instances");
         let mut found = Vec::new();
         let entries = match std::fs::read_dir(&root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Ok(e) => e.flatten().collect::<Vec<_>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
             Err(e) => {
                 return Err(RuntimeError::VmmStart(format!(
                     "cannot list {}: {e}",
@@ -1132,94 +886,29 @@ impl Runtime for FirecrackerRuntime {
                 )))
             }
         };
-        for entry in entries.flatten() {
-            let path = entry.path().join("vmm.json");
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            let Ok(rec) = serde_json::from_slice::<VmmRecord>(&bytes) else {
-                tracing::warn!(path = %path.display(), "ignoring unreadable VMM record");
-                continue;
-            };
-            let Ok(id) = InstanceId::parse(&rec.instance_id) else {
-                continue;
-            };
-            if lock(&self.vms).contains_key(&id) {
-                continue;
+        for entry in entries {
+            if let Some(handle) = self.adopt(&entry.path()).await {
+                found.push(handle);
             }
-            let Some(pid) = rec.process.filter(|p| p.is_alive()) else {
-                tracing::info!(instance = %id, "recorded VMM is gone; not adopting");
-                let _ = std::fs::remove_file(&path);
-                continue;
-            };
-            // Probe: the socket must answer and name this instance.
-            match self.api(&rec.api_sock).instance_info().await {
-                Ok(info) if info.id == vmm_id(&id) => {}
-                other => {
-                    let why = match other {
-                        Ok(info) => format!("API answers for {:?}", info.id),
-                        Err(e) => e.to_string(),
-                    };
-                    tracing::warn!(instance = %id, pid = pid.pid, why, "VMM does not answer as expected; killing it");
-                    pid.signal(rustix::process::Signal::KILL);
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
-            }
-            let handle = VmHandle {
-                instance_id: id.clone(),
-                generation: rec.generation,
-                boot_id: rec.boot_id.clone(),
-                spec_hash: rec.spec_hash.clone(),
-            };
-            // A running guest reconnects with `hello {resumed: true}` and does not apply
-            // the config again; the config sent carries no secrets.
-            let listener = match bind_guest_listener(&rec.vsock_uds) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(instance = %id, error = %e, "cannot listen for the adopted guest");
-                    continue;
-                }
-            };
-            let config = gp::Config {
-                config_version: gp::CONFIG_VERSION.to_string(),
-                instance_id: rec.instance_id.clone(),
-                generation: i64::from(rec.generation),
-                workload: gp::WorkloadConfig {
-                    argv: vec![],
-                    cwd: None,
-                    env: Default::default(),
-                    uid: 0,
-                    gid: 0,
-                },
-                network: None,
-                mounts: vec![],
-                secrets: None,
-            };
-            let dir = entry.path();
-            let logs = vec![
-                rec.chroot
-                    .as_ref()
-                    .map(|r| r.join("firecracker.log"))
-                    .unwrap_or_else(|| dir.join("firecracker.log")),
-                dir.join("console.log"),
-            ];
-            let state = spawn_monitor(
-                handle.clone(),
-                rec,
-                Exit::Adopted(pid),
-                listener,
-                config,
-                Duration::from_secs(self.config.boot_timeout),
-                logs,
-            );
-            lock(&self.vms).insert(id, state);
-            found.push(handle);
         }
         found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         if self.config.jailer.is_some() {
-            self.remove_orphan_cgroups(&found).await;
+            self.remove_orphan_jailer_cgroups(&found).await;
         }
+        #[cfg(target_os = "linux")]
+        {
+            let live: Vec<PathBuf> = found
+                .iter()
+                .filter_map(|h| {
+                    self.cgroups
+                        .parent()
+                        .map(|p| p.join(h.instance_id.as_str()))
+                })
+                .collect();
+            self.cgroups.remove_orphans(&live).await;
+        }
+        let adopted: Vec<InstanceId> = found.iter().map(|h| h.instance_id.clone()).collect();
+        self.host.retain_root_disks(&adopted).await;
         Ok(found)
     }
 
@@ -1240,14 +929,20 @@ impl Runtime for FirecrackerRuntime {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(p) = record.as_ref().and_then(|r| r.process) {
-            p.signal(rustix::process::Signal::KILL);
+            p.kill(Duration::from_secs(5)).await;
         }
         lock(&self.prepared).remove(id);
         self.host.release(id, &dir).await?;
-        let mut chroots = vec![];
-        if let Some(root) = record.and_then(|r| r.chroot) {
-            chroots.push(root);
+        #[cfg(target_os = "linux")]
+        if let Some(ledger) = self.host.ledger() {
+            self.cgroups.release(&ledger, id).await?;
         }
+        if self.config.jailer.is_some() {
+            for d in self.jailer_cgroups.dirs(&vmm_id(id)) {
+                jail::remove_cgroup_dir(&d).await?;
+            }
+        }
+        let mut chroots: Vec<PathBuf> = record.and_then(|r| r.chroot).into_iter().collect();
         if let Ok(host) = self.config.check_host() {
             if host.jailer.is_some() {
                 chroots.push(process::chroot_dir(
@@ -1257,24 +952,8 @@ impl Runtime for FirecrackerRuntime {
                 ));
             }
         }
-        if self.config.jailer.is_some() {
-            for dir in self.jailer_cgroups.dirs(&vmm_id(id)) {
-                remove_cgroup_dir(&dir).await?;
-            }
-        }
         for root in chroots {
-            // `<base>/firecracker/<id>/root`: remove `<base>/firecracker/<id>`.
-            let jail = root.parent().unwrap_or(&root).to_path_buf();
-            match std::fs::remove_dir_all(&jail) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(RuntimeError::VmmStart(format!(
-                        "cannot remove jail {}: {e}",
-                        jail.display()
-                    )))
-                }
-            }
+            jail::remove(&root)?;
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -1287,42 +966,115 @@ impl Runtime for FirecrackerRuntime {
             }
         }
         if let Some(store) = &self.ledger {
-            let iid = id.to_string();
-            store
-                .call(move |s| {
-                    for r in s.resources()?.into_iter().filter(|r| r.instance_id == iid) {
-                        s.resource_remove(&r.kind, &r.name)?;
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}")))?;
+            #[cfg(target_os = "linux")]
+            crate::runtime::vmm::ledger::Ledger(store.clone())
+                .remove_instance(id)
+                .await?;
+            #[cfg(not(target_os = "linux"))]
+            let _ = store;
         }
         Ok(())
     }
 }
 
-/// Removes a cgroup directory the jailer made for a VMM (idempotent). The VMM was
-/// killed just before: the kernel refuses the removal (`EBUSY`) until its last task is
-/// gone, so this retries for up to 2 s.
-async fn remove_cgroup_dir(dir: &Path) -> Result<(), RuntimeError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if tokio::time::Instant::now() < deadline && e.raw_os_error() == Some(16) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "cannot remove the VMM's cgroup {}: {e}",
-                    dir.display()
-                )))
+impl FirecrackerRuntime {
+    /// Adopts the VMM recorded in an instance directory after an agent restart: its
+    /// pid and start time must still run and its API must answer with its id. A VMM
+    /// that is alive but does not answer is killed; a dead one is forgotten.
+    async fn adopt(&self, dir: &Path) -> Option<VmHandle> {
+        let path = dir.join("vmm.json");
+        let bytes = std::fs::read(&path).ok()?;
+        let Ok(rec) = serde_json::from_slice::<VmmRecord>(&bytes) else {
+            tracing::warn!(path = %path.display(), "ignoring unreadable VMM record");
+            return None;
+        };
+        let id = InstanceId::parse(&rec.instance_id).ok()?;
+        if lock(&self.vms).contains_key(&id) {
+            return None;
+        }
+        let Some(pid) = rec.process.filter(|p| p.is_alive()) else {
+            tracing::info!(instance = %id, "recorded VMM is gone; not adopting");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        };
+        match self.api(&rec.api_sock).instance_info().await {
+            Ok(info) if info.id == vmm_id(&id) => {}
+            other => {
+                let why = match other {
+                    Ok(info) => format!("API answers for {:?}", info.id),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(instance = %id, pid = pid.pid, why, "VMM does not answer as expected; killing it");
+                pid.kill(Duration::from_secs(5)).await;
+                let _ = std::fs::remove_file(&path);
+                return None;
             }
         }
+        let handle = VmHandle {
+            instance_id: id.clone(),
+            generation: rec.generation,
+            boot_id: rec.boot_id.clone(),
+            spec_hash: rec.spec_hash.clone(),
+        };
+        let listener = match bind_guest_listener(&rec.vsock_uds) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(instance = %id, error = %e, "cannot listen for the adopted guest");
+                return None;
+            }
+        };
+        let layout = Layout {
+            dir: dir.to_path_buf(),
+            api_sock: rec.api_sock.clone(),
+            vsock_uds: rec.vsock_uds.clone(),
+            fc_log: rec
+                .chroot
+                .as_ref()
+                .map(|r| r.join("firecracker.log"))
+                .unwrap_or_else(|| dir.join("firecracker.log")),
+            metrics: PathBuf::new(),
+            console_log: dir.join("console.log"),
+            chroot: rec.chroot.clone(),
+        };
+        #[cfg(target_os = "linux")]
+        let oom = match &self.ledger {
+            Some(store) => store
+                .call(|s| s.resources())
+                .await
+                .ok()
+                .and_then(|rows| crate::runtime::vmm::cgroup::VmmCgroups::adopt(&rows, &id))
+                .map(|o| o.into_check()),
+            None => None,
+        };
+        #[cfg(not(target_os = "linux"))]
+        let oom = None;
+        let monitor = Monitor::spawn(MonitorArgs {
+            instance: id.to_string(),
+            listener,
+            config: guest::resumed_config(id.as_str(), rec.generation),
+            handshake: Duration::from_secs(self.config.boot_timeout),
+            watch: Watch::Adopted(pid),
+            adopted: true,
+            evidence: layout.evidence(),
+            console_cap: Some((layout.console_log.clone(), CONSOLE_MAX_BYTES)),
+            oom,
+            exit_meaning: process::exit_code_meaning,
+        });
+        tracing::info!(instance = %id, pid = pid.pid, "adopted running firecracker");
+        lock(&self.vms).insert(
+            id,
+            Arc::new(VmState {
+                handle: handle.clone(),
+                record: rec,
+                monitor,
+            }),
+        );
+        Some(handle)
     }
 }
+
+/// Largest console log of a VM before it is rotated (`console.log.1`).
+const CONSOLE_MAX_BYTES: u64 = 1 << 20;
 
 fn write_record(path: &Path, rec: &VmmRecord) -> Result<(), String> {
     let json = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
@@ -1331,169 +1083,36 @@ fn write_record(path: &Path, rec: &VmmRecord) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// How the monitor learns that the VMM exited.
-enum Exit {
-    /// Our child: `wait()` gives the exit status.
-    Child(tokio::process::Child),
-    /// Adopted after a restart: poll pid + start time.
-    Adopted(ProcessId),
-}
-
-impl Exit {
-    async fn wait(self) -> (Option<i32>, Option<i32>) {
-        match self {
-            Exit::Child(mut c) => match c.wait().await {
-                Ok(st) => process::split_status(st),
-                Err(_) => (None, None),
-            },
-            Exit::Adopted(p) => {
-                while p.is_alive() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                (None, None)
-            }
-        }
-    }
-}
-
-/// Starts the task that turns guest messages and the VMM's exit into [`VmEvent`]s
-/// and forwards stop requests to the guest.
-fn spawn_monitor(
-    handle: VmHandle,
-    record: VmmRecord,
-    exit: Exit,
-    listener: tokio::net::UnixListener,
-    config: gp::Config,
-    handshake_deadline: Duration,
-    logs: Vec<PathBuf>,
-) -> Arc<VmState> {
-    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<Duration>();
-    let (exit_tx, exit_rx) = watch::channel(None);
-    let adopted = matches!(exit, Exit::Adopted(_));
-    let instance = handle.instance_id.to_string();
-    let workload_exit = Arc::new(Mutex::new(None));
-    let workload_exit_w = workload_exit.clone();
-    let monitor = tokio::spawn(async move {
-        let exited = exit.wait();
-        tokio::pin!(exited);
-        let guest = async {
-            // An adopted VM's guest reconnects (every second, `resumed`) whenever it
-            // likes: keep listening instead of failing a healthy VM.
-            let mut session = loop {
-                match accept_guest(&listener, &instance, config.clone(), handshake_deadline).await {
-                    Ok(s) => break s,
-                    Err(e) if adopted => {
-                        tracing::debug!(instance = %instance, error = %e, "adopted guest has not reconnected yet");
-                    }
-                    Err(e) => {
-                        // The VMM's own log and the guest console say why the guest
-                        // never spoke (kernel panic, bad initramfs, KVM error …).
-                        let detail = with_log_tail(e.to_string(), &logs);
-                        let err = match e.reason() {
-                            crate::instance::ReasonCode::FirecrackerStartFailed => {
-                                RuntimeError::VmmStart(detail)
-                            }
-                            reason => RuntimeError::Guest { reason, detail },
-                        };
-                        let _ = ev_tx.send(VmEvent::Failed(err));
-                        return std::future::pending::<()>().await;
-                    }
-                }
-            };
-            drop(listener);
-            loop {
-                tokio::select! {
-                    ev = session.next_event() => match ev {
-                        Ok(GuestEvent::WorkloadStarted { .. }) => {
-                            let _ = ev_tx.send(VmEvent::WorkloadStarted);
-                        }
-                        Ok(GuestEvent::ConfigApplied) => {}
-                        Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
-                            let code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
-                            *lock(&workload_exit_w) = Some(code);
-                            let _ = ev_tx.send(VmEvent::Exited { code, oom_killed });
-                        }
-                        Ok(GuestEvent::Failed { reason, detail }) => {
-                            let _ = ev_tx.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
-                        }
-                        // The channel ended: the VMM's exit says the rest.
-                        Err(_) => return std::future::pending::<()>().await,
-                    },
-                    Some(deadline) = stop_rx.recv() => {
-                        if let Err(e) = session.request_stop(deadline).await {
-                            tracing::warn!(instance = %instance, error = %e, "guest stop request failed");
-                        }
-                    }
-                }
-            }
-        };
-        tokio::pin!(guest);
-        // `guest` never completes (it ends in `pending`): the VMM's exit ends the task.
-        let (code, signal) = tokio::select! {
-            r = &mut exited => r,
-            _ = &mut guest => (None, None),
-        };
-        let _ = exit_tx.send(Some((code, signal)));
-        let detail = with_log_tail(process::describe_exit(code, signal), &logs);
-        let _ = ev_tx.send(VmEvent::VmmExited { code, detail });
-    });
-    Arc::new(VmState {
-        handle,
-        record,
-        events: tokio::sync::Mutex::new(ev_rx),
-        stop_tx,
-        exited: exit_rx,
-        workload_exit,
-        monitor,
-    })
-}
-
 /// Graceful stop: guest stop request at once; `SendCtrlAltDel` at three quarters of
-/// `grace` if the VMM still runs; SIGKILL at `grace`.
+/// `grace` if the VMM still runs; SIGKILL at `grace`. The outcome's `exit_code` is the
+/// workload's, when the guest reported one (a killed VMM says nothing about it).
 async fn stop_vm(state: &VmState, grace: Duration, api: &ApiClient) -> StopOutcome {
-    let mut exited = state.exited.clone();
+    let m = &state.monitor;
     let start = tokio::time::Instant::now();
-    let wait_exit = |until: tokio::time::Instant| {
-        let mut rx = exited.clone();
-        async move {
-            tokio::time::timeout_at(until, rx.wait_for(|v| v.is_some()))
-                .await
-                .is_ok()
-        }
+    let done = |graceful| StopOutcome {
+        graceful,
+        exit_code: m.workload_exit(),
     };
-    if state.exited.borrow().is_some() {
-        return StopOutcome {
-            graceful: true,
-            exit_code: *lock(&state.workload_exit),
-        };
+    if m.has_exited() {
+        return done(true);
     }
-    let _ = state.stop_tx.send(grace);
-    if wait_exit(start + grace.mul_f32(0.75)).await {
-        return StopOutcome {
-            graceful: true,
-            exit_code: *lock(&state.workload_exit),
-        };
+    m.request_guest_stop(grace);
+    if m.wait_exit(start + grace.mul_f32(0.75)).await {
+        return done(true);
     }
     if let Err(e) = api.action(ActionType::SendCtrlAltDel).await {
         tracing::warn!(instance = %state.handle.instance_id, error = %e, "SendCtrlAltDel failed");
     }
-    if wait_exit(start + grace).await {
-        return StopOutcome {
-            graceful: true,
-            exit_code: *lock(&state.workload_exit),
-        };
+    if m.wait_exit(start + grace).await {
+        return done(true);
     }
     if let Some(p) = state.record.process {
         tracing::warn!(instance = %state.handle.instance_id, pid = p.pid, "VMM still running at the stop deadline: SIGKILL");
         p.signal(rustix::process::Signal::KILL);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|v| v.is_some())).await;
-    // `exit_code` is the workload's alone: a killed VMM says nothing about it.
-    StopOutcome {
-        graceful: false,
-        exit_code: *lock(&state.workload_exit),
-    }
+    m.wait_exit(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    done(false)
 }
 
 #[cfg(test)]

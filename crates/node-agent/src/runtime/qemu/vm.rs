@@ -226,18 +226,27 @@ impl QemuRuntime {
         let id = spawned.id;
         // Not reaped while we live: stop and cleanup SIGKILL it and poll /proc.
         let mut watch = Watch::Child(spawned.child);
-        match vproc::wait_for_socket(&paths.vhost_sock, &mut watch, Duration::from_secs(10), false)
-            .await
+        match vproc::wait_for_socket(
+            &paths.vhost_sock,
+            &mut watch,
+            Duration::from_secs(10),
+            false,
+        )
+        .await
         {
             Ok(()) => Ok(id),
             Err(e) => {
                 watch.kill().await;
                 let what = match e {
                     SocketWait::Timeout => format!("no {} within 10 s", paths.vhost_sock.display()),
-                    SocketWait::Exited(st) => format!("exited ({})", st.describe(qemu_exit_meaning)),
+                    SocketWait::Exited(st) => {
+                        format!("exited ({})", st.describe(qemu_exit_meaning))
+                    }
                 };
                 Err(RuntimeError::VmmStart(
-                    paths.evidence().attach(format!("vhost-device-vsock: {what}")),
+                    paths
+                        .evidence()
+                        .attach(format!("vhost-device-vsock: {what}")),
                 ))
             }
         }
@@ -312,7 +321,10 @@ fn qemu_args(
     }
     args.extend([
         "-netdev".into(),
-        format!("tap,id=net0,ifname={},script=no,downscript=no", p.host.tap.tap),
+        format!(
+            "tap,id=net0,ifname={},script=no,downscript=no",
+            p.host.tap.tap
+        ),
         "-device".into(),
         "virtio-net-device,netdev=net0".into(),
     ]);
@@ -408,7 +420,11 @@ impl Runtime for QemuRuntime {
         // Recorded before anything is spawned.
         self.save(id, &record).await?;
         let limit = guest::vmm_memory_limit(w, self.config.memory_overhead_mib);
-        let (oom, entry) = self.cgroups.create(&self.host.ledger(), id, limit).await?.unzip();
+        let (oom, entry) = self
+            .cgroups
+            .create(&self.host.ledger(), id, limit)
+            .await?
+            .unzip();
         let vhost = self.spawn_vhost(&paths, entry.as_ref()).await?;
         record.vhost = Some(vhost);
         self.save(id, &record).await?;
@@ -488,7 +504,9 @@ impl Runtime for QemuRuntime {
             let settle = tokio::time::Instant::now() + grace + Duration::from_secs(5);
             graceful = vm.monitor.wait_exit(settle).await;
             if !graceful {
-                if let Err(e) = qmp_quit(&self.instance_dir(&handle.instance_id).join("qmp.sock")).await {
+                if let Err(e) =
+                    qmp_quit(&self.instance_dir(&handle.instance_id).join("qmp.sock")).await
+                {
                     tracing::warn!(instance = %handle.instance_id, error = %e, "qmp quit failed; killing qemu");
                 }
                 if let Some(q) = vm.record.qemu {
@@ -677,7 +695,10 @@ mod tests {
         let log = dir.path().join("out.log");
 
         // In the group from its first instruction: there as soon as spawn returns.
-        let mut sleeper = vproc::spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log, Some(&entry)).unwrap().child;
+        let mut sleeper =
+            vproc::spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log, Some(&entry))
+                .unwrap()
+                .child;
         let pid = sleeper.id().unwrap();
         assert!(g.pids().contains(&pid), "{pid} not in {:?}", g.pids());
         sleeper.start_kill().unwrap();
@@ -685,10 +706,14 @@ mod tests {
 
         // tail keeps the whole newline-free 200 MiB "last line" in memory.
         let script = "head -c 200M /dev/zero | tail -c 300M > /dev/null".to_string();
-        let mut hog =
-            vproc::spawn_detached(Path::new("/bin/sh"), &["-c".into(), script], &log, Some(&entry))
-                .unwrap()
-                .child;
+        let mut hog = vproc::spawn_detached(
+            Path::new("/bin/sh"),
+            &["-c".into(), script],
+            &log,
+            Some(&entry),
+        )
+        .unwrap()
+        .child;
         let status = tokio::time::timeout(Duration::from_secs(60), hog.wait())
             .await
             .expect("allocating process ended within 60 s")

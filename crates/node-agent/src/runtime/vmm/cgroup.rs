@@ -13,8 +13,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy};
 use super::ledger::Ledger;
+use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy};
 use crate::runtime::RuntimeError;
 use crate::spec::InstanceId;
 use crate::state::ResourceRow;

@@ -111,7 +111,12 @@ pub fn guest_config(
 ) -> Result<gp::Config, RuntimeError> {
     let s = &w.spec;
     let (argv, env, cwd, user) = match process {
-        Some(p) => (p.argv.clone(), p.env.clone(), Some(p.cwd.clone()), p.user.as_deref()),
+        Some(p) => (
+            p.argv.clone(),
+            p.env.clone(),
+            Some(p.cwd.clone()),
+            p.user.as_deref(),
+        ),
         None => (
             s.command.clone(),
             s.env_vars.clone().unwrap_or_default().into_iter().collect(),
@@ -219,7 +224,10 @@ mod tests {
             }
         }
         let a = serde_json::json!({"instance_id": "i-1", "generation": 2, "desired_state": "running", "workload": w});
-        crate::spec::decode_assignment(&a, "test").unwrap().workload.unwrap()
+        crate::spec::decode_assignment(&a, "test")
+            .unwrap()
+            .workload
+            .unwrap()
     }
 
     #[test]
@@ -229,7 +237,9 @@ mod tests {
         assert_eq!(vcpus(&w), 2);
         assert_eq!(cpu_weight(&w), 150);
         assert_eq!(vmm_memory_limit(&w, 64), (191 + 64) << 20);
-        let small = workload(serde_json::json!({"resources": {"cpu_request": 0.001, "memory_limit_bytes": 1, "vcpu_count": 4, "cpu_weight": 20000}}));
+        let small = workload(
+            serde_json::json!({"resources": {"cpu_request": 0.001, "memory_limit_bytes": 67108864_i64, "vcpu_count": 4, "cpu_weight": 10000}}),
+        );
         assert_eq!(guest_mem_mib(&small), MIN_GUEST_MIB);
         assert_eq!((vcpus(&small), cpu_weight(&small)), (4, 10_000));
     }
@@ -269,8 +279,13 @@ mod tests {
         assert_eq!(data.expose(), "# TRC_SECRETS_V1\nA=b\n");
         // Material is validated as UTF-8 when it is fetched: bytes that are not never
         // become material, so no runtime can pass them on mangled.
-        let e = SecretMaterial::new("v1", vec![b'#', 0xff, 0xfe, b'\n']).err().unwrap();
-        assert_eq!(e.reason(), crate::instance::ReasonCode::SecretsInjectionFailed);
+        let e = SecretMaterial::new("v1", vec![b'#', 0xff, 0xfe, b'\n'])
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.reason(),
+            crate::instance::ReasonCode::SecretsInjectionFailed
+        );
         assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 }

@@ -51,7 +51,12 @@ impl Ledger {
 
     /// Removes every row of instance `id`.
     pub async fn remove_instance(&self, id: &InstanceId) -> Result<(), RuntimeError> {
-        for r in self.rows().await?.into_iter().filter(|r| r.instance_id == id.as_str()) {
+        for r in self
+            .rows()
+            .await?
+            .into_iter()
+            .filter(|r| r.instance_id == id.as_str())
+        {
             self.remove(&r.kind, &r.name).await;
         }
         Ok(())

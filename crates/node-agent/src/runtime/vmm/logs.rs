@@ -19,7 +19,8 @@ const TAIL_MAX_CHARS: usize = 1024;
 pub fn last_lines(path: &Path, n: usize) -> Option<String> {
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_READ))).ok()?;
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_READ)))
+        .ok()?;
     let mut buf = Vec::new();
     f.take(TAIL_READ).read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf);

@@ -227,7 +227,10 @@ pub fn spawn_detached(
         .id()
         .ok_or_else(|| format!("{} exited at once", program.display()))?;
     if std::env::var(FAULT_ABORT_AFTER_SPAWN).as_deref() == Ok("1") {
-        tracing::error!(pid, "{FAULT_ABORT_AFTER_SPAWN}=1: aborting before the VMM is recorded");
+        tracing::error!(
+            pid,
+            "{FAULT_ABORT_AFTER_SPAWN}=1: aborting before the VMM is recorded"
+        );
         std::process::abort();
     }
     let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
@@ -265,9 +268,7 @@ pub async fn wait_for_socket(
 ) -> Result<(), SocketWait> {
     let until = tokio::time::Instant::now() + within;
     loop {
-        if socket.exists()
-            && (!connect || tokio::net::UnixStream::connect(socket).await.is_ok())
-        {
+        if socket.exists() && (!connect || tokio::net::UnixStream::connect(socket).await.is_ok()) {
             return Ok(());
         }
         if let Some(status) = process.try_exited() {
@@ -293,7 +294,10 @@ mod tests {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!other.is_alive(), "a recycled pid must not count as the same process");
+        assert!(
+            !other.is_alive(),
+            "a recycled pid must not count as the same process"
+        );
         assert!(!other.signal(rustix::process::Signal::CONT));
     }
 
@@ -301,10 +305,16 @@ mod tests {
     fn exit_statuses_are_described_with_the_vmms_meanings() {
         let m = |c: i32| (c == 152).then_some("bad configuration");
         let s = |code, signal| ExitStatus { code, signal };
-        assert_eq!(s(Some(152), None).describe(m), "exit code 152 (bad configuration)");
+        assert_eq!(
+            s(Some(152), None).describe(m),
+            "exit code 152 (bad configuration)"
+        );
         assert_eq!(s(Some(3), None).describe(m), "exit code 3");
         assert_eq!(s(None, Some(9)).describe(m), "killed by signal 9");
-        assert_eq!(s(None, None).describe(m), "exit status unknown (not our child)");
+        assert_eq!(
+            s(None, None).describe(m),
+            "exit status unknown (not our child)"
+        );
     }
 
     #[cfg(target_os = "linux")]
@@ -319,7 +329,13 @@ mod tests {
         )
         .unwrap();
         let mut w = Watch::Child(spawned.child);
-        let r = wait_for_socket(&d.path().join("none.sock"), &mut w, Duration::from_secs(10), false).await;
+        let r = wait_for_socket(
+            &d.path().join("none.sock"),
+            &mut w,
+            Duration::from_secs(10),
+            false,
+        )
+        .await;
         assert!(
             matches!(r, Err(SocketWait::Exited(ExitStatus { code: Some(7), .. }))),
             "{r:?}"
@@ -333,11 +349,25 @@ mod tests {
         .unwrap();
         let id = spawned.id;
         let mut w = Watch::Child(spawned.child);
-        let r = wait_for_socket(&d.path().join("none.sock"), &mut w, Duration::from_millis(50), false).await;
+        let r = wait_for_socket(
+            &d.path().join("none.sock"),
+            &mut w,
+            Duration::from_millis(50),
+            false,
+        )
+        .await;
         assert!(matches!(r, Err(SocketWait::Timeout)), "{r:?}");
         assert!(id.kill(Duration::from_secs(5)).await || !id.is_alive());
         w.kill().await;
-        let missing = spawn_detached(Path::new("/nonexistent/vmm"), &[], &d.path().join("log"), None);
-        assert!(missing.err().unwrap().contains("/nonexistent/vmm: not found"));
+        let missing = spawn_detached(
+            Path::new("/nonexistent/vmm"),
+            &[],
+            &d.path().join("log"),
+            None,
+        );
+        assert!(missing
+            .err()
+            .unwrap()
+            .contains("/nonexistent/vmm: not found"));
     }
 }

@@ -76,7 +76,10 @@ pub fn retain(images: &ImageService, adopted: &[InstanceId]) {
     let keep: Vec<&str> = adopted.iter().map(|i| i.as_str()).collect();
     match images.retain_pins(&keep) {
         Ok(0) => {}
-        Ok(n) => tracing::info!(unpinned = n, "root disks of instances not running are evictable again"),
+        Ok(n) => tracing::info!(
+            unpinned = n,
+            "root disks of instances not running are evictable again"
+        ),
         Err(e) => tracing::warn!(error = %e, "cannot drop stale root-disk pins"),
     }
 }
