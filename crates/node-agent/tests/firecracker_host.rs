@@ -379,3 +379,105 @@ async fn exit_body(env: FcEnv) {
         r.store.resources().unwrap()
     );
 }
+
+/// Root disks are released with their instance: a node that cycles 50 distinct images
+/// through a cache of about 3 disks never holds more than 3 unpinned disks (nor more
+/// than 4 in all: 3 plus the one in use), no pin outlives its instance, and after the
+/// last instance is removed `image gc` (what `plfm-node-agent image gc` runs) deletes
+/// its disk. Real images from a loopback registry, real ext4 disks.
+#[test]
+fn removed_instances_release_their_root_disks_and_a_cache_of_3_disks_stays_bounded() {
+    in_netns(
+        "removed_instances_release_their_root_disks_and_a_cache_of_3_disks_stays_bounded",
+        "run",
+        disks_body,
+    );
+}
+
+async fn disks_body(env: FcEnv) {
+    const IMAGES: usize = 50;
+    let registry = Registry::start();
+    let mut digests = Vec::new();
+    for i in 0..IMAGES {
+        let layer = Layer::new().dir("bin", 0o755).entry(TarEntry::file(
+            "bin/app",
+            format!("#!/bin/sh\necho image {i}\n").as_bytes(),
+            0o755,
+        ));
+        let image = registry
+            .push(
+                &format!("fc/cycle{i}"),
+                &[(layer.tar_gz(), GZIP)],
+                &config_json(&["/bin/app"], &[], &["PATH=/bin"]),
+            )
+            .await;
+        digests.push(image.digest.as_str().to_string());
+    }
+    let assignment = |i: usize| {
+        let d = &digests[i];
+        let v = serde_json::json!({
+            "instance_id": format!("i-cycle-{i}"), "generation": 1, "desired_state": "running",
+            "workload": {
+                "spec_version": "v1", "instance_id": format!("i-cycle-{i}"), "generation": 1,
+                "image": {"ref": format!("{}/fc/cycle{i}@{d}", registry.addr), "digest": d, "resolved_digest": d},
+                "resources": {"cpu_request": 1.0, "memory_limit_bytes": 134217728_i64, "ephemeral_disk_bytes": 67108864_i64},
+                "network": {"overlay_ipv6": "fd00::8:1", "gateway_ipv6": "fe80::1"}
+            }
+        });
+        plfm_node_agent::spec::decode_assignment(&v, "test")
+            .unwrap()
+            .workload
+            .unwrap()
+    };
+    // One disk's allocated size, measured on a cache of its own.
+    let probe_dir = env.path("probe");
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    let probe = ImageService::open(&probe_dir, registry.image_config()).unwrap();
+    let id0 = InstanceId::parse("probe").unwrap();
+    plfm_node_agent::runtime::vmm::rootdisk::prepare(&probe, &id0, &assignment(0))
+        .await
+        .unwrap();
+    let disk = probe.list().unwrap()[0].allocated_bytes;
+    assert!(disk > 0);
+    // High water (90 %) at 3.2 disks: a fourth disk triggers eviction.
+    let mut config = registry.image_config();
+    config.cache_max_bytes = (disk as f64 * 3.2 / 0.9) as u64;
+    let data = env.data_dir();
+    std::fs::create_dir_all(&data).unwrap();
+    let store = Store::open(&data.join("state.db")).unwrap();
+    let images = ImageService::open(&data, config).unwrap();
+    let fc = env.config(5);
+    let host = LocalHost::new(&data, Some(images.clone()), store.clone(), &fc).unwrap();
+    let rt = FirecrackerRuntime::new(fc, &data, Some(store.clone()), Arc::new(host));
+    for i in 0..IMAGES {
+        let id = InstanceId::parse(&format!("i-cycle-{i}")).unwrap();
+        rt.prepare(&id, &assignment(i)).await.expect("prepare");
+        let cached = images.list().unwrap();
+        let mine = cached
+            .iter()
+            .find(|c| c.digest == digests[i])
+            .expect("its disk is cached");
+        assert_eq!(mine.refs, 1, "the instance pins its disk");
+        rt.cleanup(&id).await.expect("cleanup");
+        let cached = images.list().unwrap();
+        let pinned: Vec<_> = cached.iter().filter(|c| c.refs > 0).collect();
+        assert!(
+            pinned.is_empty(),
+            "pins outlive their instances: {pinned:?}"
+        );
+        assert!(
+            cached.len() <= 3,
+            "after {} images the cache holds {} unpinned disks (limit ~3 disks)",
+            i + 1,
+            cached.len()
+        );
+    }
+    let last = images.list().unwrap();
+    assert!(last.iter().any(|c| c.digest == digests[IMAGES - 1]));
+    let report = images.gc_unreferenced().unwrap();
+    assert!(report.evicted.contains(&digests[IMAGES - 1]), "{report:?}");
+    assert!(images.list().unwrap().is_empty());
+    for c in last {
+        assert!(!c.path.exists(), "{} left after image gc", c.path.display());
+    }
+}

@@ -284,6 +284,111 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl MockRuntime {
+    /// The first event of a VM: its boot (the workload starts) or an injected boot
+    /// fault.
+    async fn boot_event(
+        &self,
+        handle: &VmHandle,
+        vm: &MockVm,
+        boot_done: crate::clock::Instant,
+    ) -> VmEvent {
+        match &vm.fault {
+            Some(MockFault::NoHandshake) => {
+                vm.stopped.notified().await;
+                return VmEvent::VmmExited {
+                    code: Some(0),
+                    detail: "stopped".into(),
+                };
+            }
+            Some(MockFault::VmmExitsAtBoot { code }) => {
+                self.clock.sleep_until(boot_done).await;
+                lock(&self.vms).remove(&handle.instance_id);
+                return VmEvent::VmmExited {
+                    code: Some(*code),
+                    detail: format!("mock VMM exited with code {code} before the guest handshake"),
+                };
+            }
+            Some(MockFault::GuestFails { reason, after_ms }) => {
+                self.clock
+                    .sleep_until(boot_done.plus(Duration::from_millis(*after_ms)))
+                    .await;
+                return VmEvent::Failed(RuntimeError::Guest {
+                    reason: *reason,
+                    detail: format!("guest: {reason} (injected by mock)"),
+                });
+            }
+            _ => {}
+        }
+        self.clock.sleep_until(boot_done).await;
+        vm.started_reported.store(true, Ordering::Release);
+        self.logs.push(
+            handle.instance_id.as_str(),
+            "console",
+            "[mock] guest-init: workload started",
+        );
+        VmEvent::WorkloadStarted
+    }
+
+    /// Events of a running VM: injected exits and OOM kills (read live), or the stop.
+    async fn running_event(
+        &self,
+        handle: &VmHandle,
+        vm: &MockVm,
+        boot_done: crate::clock::Instant,
+    ) -> VmEvent {
+        let after = |ms: u64| boot_done.plus(Duration::from_millis(ms));
+        loop {
+            // Faults after the start are read live, so a test can make a running
+            // workload exit, OOM or turn unhealthy.
+            let changed = self.fault_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let event = match self.fault_of(&handle.instance_id) {
+                Some(MockFault::Exit { code, after_ms }) => Some((
+                    after(after_ms),
+                    VmEvent::Exited {
+                        code,
+                        oom_killed: false,
+                    },
+                )),
+                Some(MockFault::Oom { after_ms }) => Some((
+                    after(after_ms),
+                    VmEvent::Exited {
+                        code: 137,
+                        oom_killed: true,
+                    },
+                )),
+                _ => None,
+            };
+            match event {
+                Some((at, ev)) if !vm.terminal_reported.load(Ordering::Acquire) => {
+                    tokio::select! {
+                        _ = self.clock.sleep_until(at) => {
+                            vm.terminal_reported.store(true, Ordering::Release);
+                            return ev;
+                        }
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {}
+                    }
+                }
+                _ => {
+                    // Idle workload: nothing happens until the VM is stopped or a fault
+                    // is injected.
+                    tokio::select! {
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {}
+                    }
+                }
+            }
+            return VmEvent::VmmExited {
+                code: Some(0),
+                detail: "stopped".into(),
+            };
+        }
+    }
+}
+
 #[async_trait]
 impl Runtime for MockRuntime {
     fn kind(&self) -> &'static str {
@@ -424,93 +529,9 @@ impl Runtime for MockRuntime {
             .started_at
             .plus(Duration::from_millis(self.boot_ms(&handle.instance_id)));
         if !vm.started_reported.load(Ordering::Acquire) {
-            match &vm.fault {
-                Some(MockFault::NoHandshake) => {
-                    vm.stopped.notified().await;
-                    return VmEvent::VmmExited {
-                        code: Some(0),
-                        detail: "stopped".into(),
-                    };
-                }
-                Some(MockFault::VmmExitsAtBoot { code }) => {
-                    self.clock.sleep_until(boot_done).await;
-                    lock(&self.vms).remove(&handle.instance_id);
-                    return VmEvent::VmmExited {
-                        code: Some(*code),
-                        detail: format!(
-                            "mock VMM exited with code {code} before the guest handshake"
-                        ),
-                    };
-                }
-                Some(MockFault::GuestFails { reason, after_ms }) => {
-                    self.clock
-                        .sleep_until(boot_done.plus(Duration::from_millis(*after_ms)))
-                        .await;
-                    return VmEvent::Failed(RuntimeError::Guest {
-                        reason: *reason,
-                        detail: format!("guest: {reason} (injected by mock)"),
-                    });
-                }
-                _ => {}
-            }
-            self.clock.sleep_until(boot_done).await;
-            vm.started_reported.store(true, Ordering::Release);
-            self.logs.push(
-                handle.instance_id.as_str(),
-                "console",
-                "[mock] guest-init: workload started",
-            );
-            return VmEvent::WorkloadStarted;
+            return self.boot_event(handle, &vm, boot_done).await;
         }
-        let after = |ms: u64| boot_done.plus(Duration::from_millis(ms));
-        loop {
-            // Faults after the start are read live, so a test can make a running
-            // workload exit, OOM or turn unhealthy.
-            let changed = self.fault_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let event = match self.fault_of(&handle.instance_id) {
-                Some(MockFault::Exit { code, after_ms }) => Some((
-                    after(after_ms),
-                    VmEvent::Exited {
-                        code,
-                        oom_killed: false,
-                    },
-                )),
-                Some(MockFault::Oom { after_ms }) => Some((
-                    after(after_ms),
-                    VmEvent::Exited {
-                        code: 137,
-                        oom_killed: true,
-                    },
-                )),
-                _ => None,
-            };
-            match event {
-                Some((at, ev)) if !vm.terminal_reported.load(Ordering::Acquire) => {
-                    tokio::select! {
-                        _ = self.clock.sleep_until(at) => {
-                            vm.terminal_reported.store(true, Ordering::Release);
-                            return ev;
-                        }
-                        _ = &mut changed => continue,
-                        _ = vm.stopped.notified() => {}
-                    }
-                }
-                _ => {
-                    // Idle workload: nothing happens until the VM is stopped or a fault
-                    // is injected.
-                    tokio::select! {
-                        _ = &mut changed => continue,
-                        _ = vm.stopped.notified() => {}
-                    }
-                }
-            }
-            return VmEvent::VmmExited {
-                code: Some(0),
-                detail: "stopped".into(),
-            };
-        }
+        self.running_event(handle, &vm, boot_done).await
     }
 
     async fn probe_health(&self, handle: &VmHandle, check: &HealthSpec) -> Result<(), String> {

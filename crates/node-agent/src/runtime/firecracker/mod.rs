@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use self::api::{ActionType, ApiClient, VmConfiguration};
 use super::vmm::guest;
 use super::vmm::logs::Evidence;
-use super::vmm::monitor::{self, Monitor, MonitorArgs, OomCheck};
+use super::vmm::monitor::{Monitor, MonitorArgs, OomCheck, Tracked, VmTable};
 use super::vmm::process::{self as vproc, ProcessId, Watch};
 use super::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
 use crate::guest::bind_guest_listener;
@@ -345,12 +345,8 @@ impl Layout {
     }
 }
 
-/// One VM the runtime tracks.
-struct VmState {
-    handle: VmHandle,
-    record: VmmRecord,
-    monitor: Monitor,
-}
+/// A tracked VM: its handle, monitor and `vmm.json` record.
+type VmState = Tracked<VmmRecord>;
 
 /// The Firecracker runtime.
 pub struct FirecrackerRuntime {
@@ -358,7 +354,7 @@ pub struct FirecrackerRuntime {
     data_dir: PathBuf,
     ledger: Option<Store>,
     host: Arc<dyn HostResources>,
-    vms: Mutex<HashMap<InstanceId, Arc<VmState>>>,
+    vms: VmTable<VmmRecord>,
     prepared: Mutex<HashMap<InstanceId, PreparedHost>>,
     /// How the jailer confines VMMs on this host (found once at start).
     jailer_cgroups: process::JailerCgroups,
@@ -408,7 +404,7 @@ impl FirecrackerRuntime {
             data_dir: data_dir.to_path_buf(),
             ledger,
             host,
-            vms: Mutex::new(HashMap::new()),
+            vms: VmTable::default(),
             prepared: Mutex::new(HashMap::new()),
             jailer_cgroups,
             #[cfg(target_os = "linux")]
@@ -826,29 +822,19 @@ impl Runtime for FirecrackerRuntime {
             oom,
             exit_meaning: process::exit_code_meaning,
         });
-        let state = Arc::new(VmState {
-            handle: handle.clone(),
-            record,
+        Ok(self.vms.insert(Tracked {
+            handle,
             monitor,
-        });
-        if let Some(old) = lock(&self.vms).insert(id.clone(), state) {
-            old.monitor.abort();
-        }
-        Ok(handle)
+            record,
+        }))
     }
 
     async fn next_event(&self, vm: &VmHandle) -> VmEvent {
-        let state = lock(&self.vms).get(&vm.instance_id).cloned();
-        match state.filter(|s| s.handle == *vm) {
-            Some(state) => state.monitor.next_event().await,
-            None => monitor::unknown_vm(),
-        }
+        self.vms.next_event(vm).await
     }
 
     async fn probe_health(&self, vm: &VmHandle, check: &HealthSpec) -> Result<(), String> {
-        let addr = lock(&self.vms)
-            .get(&vm.instance_id)
-            .and_then(|s| s.record.address);
+        let addr = self.vms.get(&vm.instance_id).and_then(|s| s.record.address);
         let Some(addr) = addr else {
             return Err(format!("instance {}: no address to probe", vm.instance_id));
         };
@@ -856,16 +842,14 @@ impl Runtime for FirecrackerRuntime {
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> StopOutcome {
-        let state = lock(&self.vms).get(&vm.instance_id).cloned();
-        let Some(state) = state else {
+        let Some(state) = self.vms.get(&vm.instance_id) else {
             return StopOutcome {
                 graceful: true,
                 exit_code: None,
             };
         };
         let outcome = stop_vm(&state, grace, &self.api(&state.record.api_sock)).await;
-        lock(&self.vms).remove(&vm.instance_id);
-        state.monitor.abort();
+        self.vms.remove(&vm.instance_id);
         outcome
     }
 
@@ -913,16 +897,15 @@ impl Runtime for FirecrackerRuntime {
     }
 
     fn current_vm(&self, id: &InstanceId) -> Option<VmHandle> {
-        lock(&self.vms).get(id).map(|s| s.handle.clone())
+        self.vms.current(id)
     }
 
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(id);
-        if let Some(state) = lock(&self.vms).remove(id) {
+        if let Some(state) = self.vms.remove(id) {
             if let Some(p) = state.record.process {
                 p.signal(rustix::process::Signal::KILL);
             }
-            state.monitor.abort();
         }
         // A record left by an earlier run: make sure its VMM is gone.
         let record: Option<VmmRecord> = std::fs::read(dir.join("vmm.json"))
@@ -989,7 +972,7 @@ impl FirecrackerRuntime {
             return None;
         };
         let id = InstanceId::parse(&rec.instance_id).ok()?;
-        if lock(&self.vms).contains_key(&id) {
+        if self.vms.contains(&id) {
             return None;
         }
         let Some(pid) = rec.process.filter(|p| p.is_alive()) else {
@@ -1061,15 +1044,11 @@ impl FirecrackerRuntime {
             exit_meaning: process::exit_code_meaning,
         });
         tracing::info!(instance = %id, pid = pid.pid, "adopted running firecracker");
-        lock(&self.vms).insert(
-            id,
-            Arc::new(VmState {
-                handle: handle.clone(),
-                record: rec,
-                monitor,
-            }),
-        );
-        Some(handle)
+        Some(self.vms.insert(Tracked {
+            handle,
+            monitor,
+            record: rec,
+        }))
     }
 }
 

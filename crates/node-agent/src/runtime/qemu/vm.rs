@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +21,7 @@ use crate::image::ImageService;
 use crate::runtime::host::{Host, HostConfig, HostPrep};
 use crate::runtime::vmm::cgroup::VmmCgroups;
 use crate::runtime::vmm::logs::Evidence;
-use crate::runtime::vmm::monitor::{Monitor, MonitorArgs};
+use crate::runtime::vmm::monitor::{Monitor, MonitorArgs, Tracked, VmTable};
 use crate::runtime::vmm::process::{self as vproc, ProcessId, SocketWait, Watch};
 use crate::runtime::vmm::{guest, rootdisk};
 use crate::runtime::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
@@ -53,11 +53,9 @@ struct Prepared {
     host: HostPrep,
 }
 
-/// One VM the runtime tracks.
+/// What the runtime keeps about a tracked VM.
 struct Vm {
-    handle: VmHandle,
     record: VmRecord,
-    monitor: Monitor,
     /// Host cgroup of its processes, removed once they are gone.
     cgroup: Option<Group>,
 }
@@ -70,7 +68,7 @@ pub struct QemuRuntime {
     /// Scratch disk, volumes, tap and addresses (shared with the Firecracker runtime).
     host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
-    vms: Mutex<HashMap<InstanceId, Arc<Vm>>>,
+    vms: VmTable<Vm>,
     /// Host memory cgroups for the VMM processes, when usable.
     cgroups: VmmCgroups,
 }
@@ -141,7 +139,7 @@ impl QemuRuntime {
             images,
             host,
             prepared: Mutex::new(HashMap::new()),
-            vms: Mutex::new(HashMap::new()),
+            vms: VmTable::default(),
         })
     }
 
@@ -459,30 +457,22 @@ impl Runtime for QemuRuntime {
             oom: oom.map(|o| o.into_check()),
             exit_meaning: qemu_exit_meaning,
         });
-        let vm = Arc::new(Vm {
-            handle: handle.clone(),
-            record,
+        Ok(self.vms.insert(Tracked {
+            handle,
             monitor,
-            cgroup,
-        });
-        if let Some(old) = lock(&self.vms).insert(id.clone(), vm) {
-            old.monitor.abort();
-        }
-        Ok(handle)
+            record: Vm { record, cgroup },
+        }))
     }
 
     async fn next_event(&self, handle: &VmHandle) -> VmEvent {
-        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
-        match vm.filter(|v| v.handle == *handle) {
-            Some(vm) => vm.monitor.next_event().await,
-            None => crate::runtime::vmm::monitor::unknown_vm(),
-        }
+        self.vms.next_event(handle).await
     }
 
     async fn probe_health(&self, handle: &VmHandle, check: &HealthSpec) -> Result<(), String> {
-        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
-        let addr = vm
-            .and_then(|v| v.record.address)
+        let addr = self
+            .vms
+            .get(&handle.instance_id)
+            .and_then(|v| v.record.record.address)
             .ok_or_else(|| format!("instance {}: no address to probe", handle.instance_id))?;
         crate::health::probe(addr, check).await
     }
@@ -490,8 +480,7 @@ impl Runtime for QemuRuntime {
     /// Graceful stop: the guest stops its workload within `grace`, syncs and reboots
     /// (QEMU exits); else QMP `quit` 5 s later, then SIGKILL.
     async fn stop(&self, handle: &VmHandle, grace: Duration) -> StopOutcome {
-        let vm = lock(&self.vms).get(&handle.instance_id).cloned();
-        let Some(vm) = vm else {
+        let Some(vm) = self.vms.get(&handle.instance_id) else {
             self.kill_recorded(&handle.instance_id).await;
             return StopOutcome {
                 graceful: true,
@@ -509,7 +498,7 @@ impl Runtime for QemuRuntime {
                 {
                     tracing::warn!(instance = %handle.instance_id, error = %e, "qmp quit failed; killing qemu");
                 }
-                if let Some(q) = vm.record.qemu {
+                if let Some(q) = vm.record.record.qemu {
                     if !q.wait_gone(Duration::from_secs(2)).await {
                         q.kill(Duration::from_secs(5)).await;
                     }
@@ -519,13 +508,13 @@ impl Runtime for QemuRuntime {
                     .await;
             }
         }
-        if let Some(v) = vm.record.vhost {
+        if let Some(v) = vm.record.record.vhost {
             v.signal(rustix::process::Signal::TERM);
             if !v.wait_gone(Duration::from_secs(2)).await {
                 v.kill(Duration::from_secs(2)).await;
             }
         }
-        if let Some(g) = &vm.cgroup {
+        if let Some(g) = &vm.record.cgroup {
             if let Err(e) = g.remove(Duration::from_secs(5)).await {
                 tracing::warn!(instance = %handle.instance_id, error = %e, "VMM cgroup not removed");
             }
@@ -562,9 +551,11 @@ impl Runtime for QemuRuntime {
             found.push(handle);
         }
         // Groups under the parent that no adopted VM runs in are leftovers.
-        let live: Vec<PathBuf> = lock(&self.vms)
-            .values()
-            .filter_map(|v| v.cgroup.as_ref().map(|g| g.path().to_path_buf()))
+        let live: Vec<PathBuf> = self
+            .vms
+            .all()
+            .iter()
+            .filter_map(|v| v.record.cgroup.as_ref().map(|g| g.path().to_path_buf()))
             .collect();
         self.cgroups.remove_orphans(&live).await;
         // Taps and rule chains with the plfm prefix that no ledger row owns are leftovers.
@@ -578,13 +569,11 @@ impl Runtime for QemuRuntime {
     }
 
     fn current_vm(&self, id: &InstanceId) -> Option<VmHandle> {
-        lock(&self.vms).get(id).map(|v| v.handle.clone())
+        self.vms.current(id)
     }
 
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
-        if let Some(vm) = lock(&self.vms).remove(id) {
-            vm.monitor.abort();
-        }
+        self.vms.remove(id);
         lock(&self.prepared).remove(id);
         self.kill_recorded(id).await;
         let released = self.host.release(id).await;
@@ -641,16 +630,14 @@ impl QemuRuntime {
             exit_meaning: qemu_exit_meaning,
         });
         tracing::info!(instance = %id, qemu_pid = q.pid, "found running qemu");
-        lock(&self.vms).insert(
-            id.clone(),
-            Arc::new(Vm {
-                handle: handle.clone(),
+        Ok(self.vms.insert(Tracked {
+            handle,
+            monitor,
+            record: Vm {
                 record: rec,
-                monitor,
                 cgroup,
-            }),
-        );
-        Ok(handle)
+            },
+        }))
     }
 }
 

@@ -26,7 +26,8 @@ use super::logs::Evidence;
 use super::process::{ExitStatus, Watch};
 use crate::guest::{accept_guest, GuestEvent};
 use crate::instance::ReasonCode;
-use crate::runtime::{RuntimeError, VmEvent};
+use crate::runtime::{RuntimeError, VmEvent, VmHandle};
+use crate::spec::InstanceId;
 
 /// What a monitor needs.
 pub struct MonitorArgs {
@@ -287,6 +288,82 @@ async fn guest(
                     tracing::warn!(instance = %a.instance, error = %e, "guest stop request failed");
                 }
             }
+        }
+    }
+}
+
+/// One tracked VM: its handle, its monitor and what its runtime keeps about it.
+pub struct Tracked<R> {
+    /// The VM.
+    pub handle: VmHandle,
+    /// Its monitor.
+    pub monitor: Monitor,
+    /// The runtime's own record (processes, addresses, cgroup).
+    pub record: R,
+}
+
+/// The VMs a runtime tracks, by instance: at most one per instance (a new one stops
+/// the old one's monitor).
+pub struct VmTable<R> {
+    vms: Mutex<std::collections::HashMap<InstanceId, Arc<Tracked<R>>>>,
+}
+
+impl<R> Default for VmTable<R> {
+    fn default() -> Self {
+        VmTable {
+            vms: Mutex::new(Default::default()),
+        }
+    }
+}
+
+impl<R> VmTable<R> {
+    /// Tracks `vm` (replacing the instance's previous one); returns its handle.
+    pub fn insert(&self, vm: Tracked<R>) -> VmHandle {
+        let handle = vm.handle.clone();
+        if let Some(old) = lock(&self.vms).insert(handle.instance_id.clone(), Arc::new(vm)) {
+            old.monitor.abort();
+        }
+        handle
+    }
+
+    /// The instance's VM.
+    pub fn get(&self, id: &InstanceId) -> Option<Arc<Tracked<R>>> {
+        lock(&self.vms).get(id).cloned()
+    }
+
+    /// Stops tracking the instance's VM (its monitor ends; the VMM is not touched).
+    pub fn remove(&self, id: &InstanceId) -> Option<Arc<Tracked<R>>> {
+        let vm = lock(&self.vms).remove(id);
+        if let Some(vm) = &vm {
+            vm.monitor.abort();
+        }
+        vm
+    }
+
+    /// Whether the instance has a tracked VM.
+    pub fn contains(&self, id: &InstanceId) -> bool {
+        lock(&self.vms).contains_key(id)
+    }
+
+    /// The instance's current VM handle.
+    pub fn current(&self, id: &InstanceId) -> Option<VmHandle> {
+        lock(&self.vms).get(id).map(|v| v.handle.clone())
+    }
+
+    /// Every tracked VM.
+    pub fn all(&self) -> Vec<Arc<Tracked<R>>> {
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    /// The next event of `handle`'s VM; an unknown VM (stopped, replaced, never
+    /// started here) is answered at once with [`unknown_vm`].
+    pub async fn next_event(&self, handle: &VmHandle) -> VmEvent {
+        match self
+            .get(&handle.instance_id)
+            .filter(|v| v.handle == *handle)
+        {
+            Some(vm) => vm.monitor.next_event().await,
+            None => unknown_vm(),
         }
     }
 }
