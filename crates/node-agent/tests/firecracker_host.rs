@@ -449,13 +449,13 @@ async fn disks_body(env: FcEnv) {
     let fc = env.config(5);
     let host = LocalHost::new(&data, Some(images.clone()), store.clone(), &fc).unwrap();
     let rt = FirecrackerRuntime::new(fc, &data, Some(store.clone()), Arc::new(host));
-    for i in 0..IMAGES {
+    for (i, digest) in digests.iter().enumerate() {
         let id = InstanceId::parse(&format!("i-cycle-{i}")).unwrap();
         rt.prepare(&id, &assignment(i)).await.expect("prepare");
         let cached = images.list().unwrap();
         let mine = cached
             .iter()
-            .find(|c| c.digest == digests[i])
+            .find(|c| &c.digest == digest)
             .expect("its disk is cached");
         assert_eq!(mine.refs, 1, "the instance pins its disk");
         rt.cleanup(&id).await.expect("cleanup");
