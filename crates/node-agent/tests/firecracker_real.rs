@@ -304,6 +304,25 @@ fn assert_nothing_left(rig: &Rig, store: &Store, id: &str, cgroups: &[PathBuf]) 
     assert!(rows.is_empty(), "ledger rows left: {rows:?}");
 }
 
+/// The memory cgroup directory of a process (v1 `memory` line, else the v2 line).
+fn memory_cgroup_of(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let v1 = text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+        ctl.split(',')
+            .any(|c| c == "memory")
+            .then(|| PathBuf::from("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')))
+    });
+    let v2 = || {
+        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+    };
+    v1.filter(|p| p.join("memory.limit_in_bytes").is_file())
+        .or_else(v2)
+        .filter(|p| p.is_dir())
+}
+
 fn fc_log(rig: &Rig, id: &str, jailed: bool) -> String {
     let p = if jailed {
         rig.path(&format!("jail/firecracker/{id}/root/firecracker.log"))
@@ -341,6 +360,14 @@ fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_le
             assert_eq!((mc.vcpu_count, mc.mem_size_mib), (1, 256));
             let pid = recorded_pid(&rig.path("data"), "fc-plain").expect("vmm.json pid");
             assert!(alive(pid));
+            // Without the jailer the VMM runs in the agent's own per-instance memory
+            // cgroup: guest memory (256 MiB) + memory_overhead_mib (64).
+            let group = memory_cgroup_of(pid).expect("the VMM is in a memory cgroup");
+            assert!(group.ends_with("plfm/fc-plain"), "{}", group.display());
+            let limit = std::fs::read_to_string(group.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(group.join("memory.max")))
+                .unwrap();
+            assert_eq!(limit.trim().parse::<u64>().unwrap(), 320 << 20);
             // No guest ever connects here: the handshake deadline fails the boot with
             // the VMM's own last lines.
             let ev = tokio::time::timeout(Duration::from_secs(20), rt.next_event(&vm))
@@ -377,7 +404,7 @@ fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_le
             );
             rt.cleanup(&id).await.expect("cleanup");
             rt.cleanup(&id).await.expect("cleanup twice");
-            assert_nothing_left(&rig, &store, "fc-plain", &[]);
+            assert_nothing_left(&rig, &store, "fc-plain", &[group]);
         },
     );
 }
