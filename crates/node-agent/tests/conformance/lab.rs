@@ -122,9 +122,15 @@ pub enum Health {
 impl Health {
     fn json(self) -> Value {
         match self {
-            Health::Http(port) => json!({"type": "http", "port": port, "path": "/", "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3}),
-            Health::Tcp(port) => json!({"type": "tcp", "port": port, "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3}),
-            Health::Never(port) => json!({"type": "http", "port": port, "path": "/", "interval_seconds": 1, "timeout_seconds": 1, "grace_period_seconds": 0, "success_threshold": 1, "failure_threshold": 3}),
+            Health::Http(port) => {
+                json!({"type": "http", "port": port, "path": "/", "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3})
+            }
+            Health::Tcp(port) => {
+                json!({"type": "tcp", "port": port, "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3})
+            }
+            Health::Never(port) => {
+                json!({"type": "http", "port": port, "path": "/", "interval_seconds": 1, "timeout_seconds": 1, "grace_period_seconds": 0, "success_threshold": 1, "failure_threshold": 3})
+            }
         }
     }
 }
@@ -180,7 +186,12 @@ impl Inst {
 fn new_thread_netns() -> File {
     // SAFETY: unshare(2) with a constant flag; affects only the calling thread.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
     let up = Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status()
@@ -317,7 +328,10 @@ impl Lab {
     /// restart nor kill the agent (`None`: prerequisite missing, skipped or failed by
     /// the gate). The calling thread joins its network namespace.
     pub fn shared(kind: Kind) -> Option<Arc<Lab>> {
-        assert!(kind != Kind::Mock, "mock scenarios run in labs of their own");
+        assert!(
+            kind != Kind::Mock,
+            "mock scenarios run in labs of their own"
+        );
         let cell = if kind == Kind::Qemu {
             &SHARED_QEMU
         } else {
@@ -377,11 +391,7 @@ impl Lab {
             let a = rt.block_on(registry.push("conf/busybox", &layers, &config));
             let b = rt.block_on(registry.push("conf/busybox-user", &layers, &user_config));
             let image = format!("{}/conf/busybox@{}", registry.addr, a.digest.as_str());
-            let user_image = format!(
-                "{}/conf/busybox-user@{}",
-                registry.addr,
-                b.digest.as_str()
-            );
+            let user_image = format!("{}/conf/busybox-user@{}", registry.addr, b.digest.as_str());
             (Some(registry), image, user_image)
         } else {
             let i = format!("127.0.0.1:9/app@{}", crate::common::DIGEST);
@@ -498,8 +508,9 @@ reconcile_interval_ms = 200
     pub fn spawn(&self, env: &[(&str, &str)]) {
         self.write_config();
         let root = self.root.clone();
-        let agent = AgentProcess::spawn_with(&self.config_path(), &self.root.join("agent.log"), env)
-            .diagnose(move || consoles(&root));
+        let agent =
+            AgentProcess::spawn_with(&self.config_path(), &self.root.join("agent.log"), env)
+                .diagnose(move || consoles(&root));
         *lock(&self.agent) = Some(Arc::new(agent));
     }
 

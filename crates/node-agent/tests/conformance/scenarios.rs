@@ -96,7 +96,9 @@ fn ready_with_health(kind: Kind, id: &str, port: u16, health: Health) {
     assert_eq!(statuses(&lab, id), [Status::Booting, Status::Ready]);
     if kind.has_network() {
         // The check passed because the workload answers, from the host.
-        let ip = lab.guest_ipv4(id).expect("the instance's IPv4 link address");
+        let ip = lab
+            .guest_ipv4(id)
+            .expect("the instance's IPv4 link address");
         let (code, _) = crate::common::agent::http_get(&format!("{ip}:{port}"), "/")
             .unwrap_or_else(|e| panic!("GET http://{ip}:{port}/: {e}"));
         assert_eq!(code, 200);
@@ -222,12 +224,9 @@ pub fn drain_of_a_workload_ignoring_sigterm_is_forced_at_the_grace_deadline(kind
     ready(&lab, &inst.id);
     let asked = Instant::now();
     lab.set_desired_state(&inst, "draining");
-    let v = lab.wait(
-        &inst.id,
-        "stopped",
-        Duration::from_secs(grace + 60),
-        |v| v.status == Status::Stopped || v.status == Status::Failed,
-    );
+    let v = lab.wait(&inst.id, "stopped", Duration::from_secs(grace + 60), |v| {
+        v.status == Status::Stopped || v.status == Status::Failed
+    });
     let took = asked.elapsed();
     assert_eq!(v.status, Status::Stopped, "{v:#?}\n{}", lab.log());
     let msg = v.error_message.as_deref().unwrap_or_default();
@@ -317,14 +316,25 @@ pub fn agent_killed_between_vmm_spawn_and_record_leaves_no_orphan(kind: Kind) {
         .until(
             "the agent to abort after spawning a VMM (PLFM_FAULT_ABORT_AFTER_VMM_SPAWN=1)",
             || {
-                if alive(pid) {
+                if !alive(pid) {
+                    return Ok(());
+                }
+                let ready = lab
+                    .agent()
+                    .instances()
+                    .is_some_and(|l| l.iter().any(|v| v.instance_id == inst.id && v.status == Status::Ready));
+                assert!(
+                    !ready,
+                    "the agent ran {} to ready without aborting: PLFM_FAULT_ABORT_AFTER_VMM_SPAWN=1 had no effect\n{}",
+                    inst.id,
+                    lab.log()
+                );
+                {
                     Err(format!(
                         "agent {pid} still runs; instances: {:#?}\n{}",
                         lab.agent().instances(),
                         lab.log()
                     ))
-                } else {
-                    Ok(())
                 }
             },
         );
@@ -431,7 +441,10 @@ pub fn cleanup_twice_leaves_nothing_behind(kind: Kind) {
         let out = lab.agent().cli(&["image", "ls", "--json"]);
         assert!(out.status.success(), "{out:?}");
         let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let images = images.as_array().expect("image ls --json is a list").clone();
+        let images = images
+            .as_array()
+            .expect("image ls --json is a list")
+            .clone();
         assert!(!images.is_empty(), "the root disk was never cached?");
         for i in &images {
             assert_eq!(i["refs"], 0, "a root disk is still pinned: {i}");
