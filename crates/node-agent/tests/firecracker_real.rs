@@ -633,7 +633,7 @@ fn agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly() {
 }
 
 /// With a handshake deadline past Firecracker's own end, the VMM exits by itself
-/// (exit 1 after the guest's KVM error): `failed` with `firecracker_start_failed`, the
+/// (exit code 1, sometimes 0, after the guest's KVM error): `failed` with `firecracker_start_failed`, the
 /// VMM's exit and its last log lines in the message, and no `exit_code` (it is the
 /// workload's alone).
 #[test]
@@ -654,7 +654,10 @@ fn real_firecracker_exiting_by_itself_is_failed_with_its_exit_and_log_and_no_exi
                 msg.contains("VMM exited before the guest handshake"),
                 "{msg}"
             );
-            assert!(msg.contains("exit code 1 (generic error)"), "{msg}");
+            // Firecracker 1.16.1 ends with exit code 1 or 0 after the guest's KVM
+            // error (both seen here): the message names the code and its log says why.
+            assert!(msg.contains("exit code "), "{msg}");
+            assert!(msg.contains("KVM_EXIT_INTERNAL_ERROR"), "{msg}");
             assert!(msg.contains("last VMM log lines"), "{msg}");
             drop(agent);
             let store = Store::open(&rig.path("data").join("state.db")).unwrap();

@@ -106,9 +106,6 @@ pub struct Host {
     templates: tokio::sync::Mutex<()>,
 }
 
-fn ledger_err(e: crate::state::StoreError) -> RuntimeError {
-    RuntimeError::VmmStart(format!("resource ledger: {e}"))
-}
 
 impl Host {
     /// Host resources under `data_dir`, recorded in `ledger`. Fails on a bad pool.
@@ -137,32 +134,22 @@ impl Host {
         id: &InstanceId,
         detail: Option<String>,
     ) -> Result<(), RuntimeError> {
-        let row = ResourceRow {
-            kind: kind.to_string(),
-            name: name.to_string(),
-            instance_id: id.to_string(),
-            detail,
-        };
-        self.ledger
-            .call(move |s| s.resource_add(&row))
-            .await
-            .map_err(ledger_err)
+        self.ledger().add(kind, name, id, detail).await
     }
 
     /// Removes a resource row (after the resource is gone); a failure is logged.
     pub(crate) async fn ledger_remove(&self, kind: &str, name: &str) {
-        let (k, n) = (kind.to_string(), name.to_string());
-        if let Err(e) = self.ledger.call(move |s| s.resource_remove(&k, &n)).await {
-            tracing::warn!(kind, name, error = %e, "cannot remove resource from the ledger");
-        }
+        self.ledger().remove(kind, name).await
     }
 
     /// Every resource row of the ledger.
     pub(crate) async fn rows(&self) -> Result<Vec<ResourceRow>, RuntimeError> {
-        self.ledger
-            .call(|s| s.resources())
-            .await
-            .map_err(ledger_err)
+        self.ledger().rows().await
+    }
+
+    /// The resource ledger these host resources are recorded in.
+    pub fn ledger(&self) -> crate::runtime::vmm::ledger::Ledger {
+        crate::runtime::vmm::ledger::Ledger(self.ledger.clone())
     }
 
     /// Scratch disk, volumes and tap of an instance (idempotent).

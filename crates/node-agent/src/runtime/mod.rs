@@ -12,6 +12,7 @@ pub mod firecracker;
 pub mod host;
 pub mod mock;
 pub mod qemu;
+pub mod vmm;
 
 use std::time::Duration;
 

@@ -1,0 +1,292 @@
+//! One VM's monitor: a task that serves the guest channel (handshake, status events,
+//! stop requests) and watches the VMM process, and turns both into [`VmEvent`]s, the
+//! same way for every VMM.
+//!
+//! Rules it keeps for every runtime:
+//! - at most one terminal event (`Exited`, `Failed`, `VmmExited`) per VM;
+//! - a workload killed by signal S exits with `128 + S`;
+//! - the VMM's exit before the handshake is `firecracker_start_failed` with the VMM's
+//!   exit and log tails; after it, `VmmExited` (the actor reports it without an
+//!   `exit_code`, which is the workload's alone);
+//! - a handshake that does not come in time fails the boot with the log tails; an
+//!   adopted VM's guest may reconnect whenever it likes (no deadline: a healthy VM is
+//!   never failed for a slow reconnect);
+//! - the host cgroup's OOM kill of a VMM process is `oom_killed`.
+//!
+//! What it must not do: stop or kill the VMM (the runtime does, through the VMM's own
+//! controls), decide restarts or statuses, or log the guest config (it has secrets).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plfm_guest_protocol as gp;
+use tokio::sync::{mpsc, watch};
+
+use super::logs::Evidence;
+use super::process::{ExitStatus, Watch};
+use crate::guest::{accept_guest, GuestEvent};
+use crate::instance::ReasonCode;
+use crate::runtime::{RuntimeError, VmEvent};
+
+/// What a monitor needs.
+pub struct MonitorArgs {
+    /// Instance id (the guest's `hello` must name it).
+    pub instance: String,
+    /// The guest's listener (`<uds>_5161`), bound before the VMM started.
+    pub listener: tokio::net::UnixListener,
+    /// The config handed over in the handshake.
+    pub config: gp::Config,
+    /// Handshake deadline (fresh boots).
+    pub handshake: Duration,
+    /// The VMM process.
+    pub watch: Watch,
+    /// Adopted after an agent restart.
+    pub adopted: bool,
+    /// Log files whose tails go into failure messages.
+    pub evidence: Evidence,
+    /// A console log to keep under a size cap (path, bytes).
+    pub console_cap: Option<(std::path::PathBuf, u64)>,
+    /// Tells whether the VMM processes' host cgroup OOM-killed one of them (and says
+    /// so), when there is such a group.
+    pub oom: Option<OomCheck>,
+    /// The VMM's meaning of its exit codes.
+    pub exit_meaning: fn(i32) -> Option<&'static str>,
+}
+
+/// A check of the host cgroup's OOM kills: `Some(why)` once one happened.
+pub type OomCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The running monitor of one VM.
+pub struct Monitor {
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<VmEvent>>,
+    stop_tx: mpsc::UnboundedSender<Duration>,
+    exited: watch::Receiver<Option<ExitStatus>>,
+    workload_exit: Arc<Mutex<Option<i32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends VM events, at most one terminal one.
+struct Events {
+    tx: mpsc::UnboundedSender<VmEvent>,
+    terminal_sent: bool,
+    /// The guest completed its handshake.
+    handshake_done: bool,
+}
+
+impl Events {
+    fn send(&mut self, ev: VmEvent) {
+        let terminal = !matches!(ev, VmEvent::WorkloadStarted);
+        if terminal && std::mem::replace(&mut self.terminal_sent, true) {
+            return;
+        }
+        let _ = self.tx.send(ev);
+    }
+}
+
+impl Monitor {
+    /// Starts the monitor task.
+    pub fn spawn(args: MonitorArgs) -> Monitor {
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let workload_exit = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(run(
+            args,
+            Events {
+                tx: ev_tx,
+                terminal_sent: false,
+                handshake_done: false,
+            },
+            stop_rx,
+            exit_tx,
+            workload_exit.clone(),
+        ));
+        Monitor {
+            events: tokio::sync::Mutex::new(ev_rx),
+            stop_tx,
+            exited: exit_rx,
+            workload_exit,
+            task,
+        }
+    }
+
+    /// The next event; pending forever once the monitor has said everything.
+    /// Cancel-safe.
+    pub async fn next_event(&self) -> VmEvent {
+        let mut rx = self.events.lock().await;
+        match rx.recv().await {
+            Some(ev) => ev,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Asks the guest to stop its workload within `grace` (nothing happens without a
+    /// guest channel; the runtime escalates).
+    pub fn request_guest_stop(&self, grace: Duration) {
+        let _ = self.stop_tx.send(grace);
+    }
+
+    /// Whether the VMM process has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exited.borrow().is_some()
+    }
+
+    /// Waits until the VMM has exited or `until` passes; whether it exited.
+    pub async fn wait_exit(&self, until: tokio::time::Instant) -> bool {
+        let mut rx = self.exited.clone();
+        let exited = tokio::time::timeout_at(until, rx.wait_for(|v| v.is_some()))
+            .await
+            .is_ok();
+        exited
+    }
+
+    /// The workload's exit code, when the guest reported one.
+    pub fn workload_exit(&self) -> Option<i32> {
+        *lock(&self.workload_exit)
+    }
+
+    /// Stops the task (the VMM itself is not touched).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// An event for a VM this runtime does not track (stopped, replaced, never started):
+/// answered at once, so no caller waits forever.
+pub fn unknown_vm() -> VmEvent {
+    VmEvent::VmmExited {
+        code: None,
+        detail: "no such VM (stopped or replaced)".into(),
+    }
+}
+
+/// The monitor's side of the guest channel (everything but the VMM process).
+struct GuestSide {
+    instance: String,
+    listener: tokio::net::UnixListener,
+    config: gp::Config,
+    handshake: Duration,
+    adopted: bool,
+    evidence: Evidence,
+    oom: Option<OomCheck>,
+}
+
+async fn run(
+    a: MonitorArgs,
+    mut events: Events,
+    mut stop_rx: mpsc::UnboundedReceiver<Duration>,
+    exit_tx: watch::Sender<Option<ExitStatus>>,
+    workload_exit: Arc<Mutex<Option<i32>>>,
+) {
+    let MonitorArgs {
+        instance,
+        listener,
+        config,
+        handshake,
+        mut watch,
+        adopted,
+        evidence,
+        console_cap,
+        oom,
+        exit_meaning,
+    } = a;
+    let g = GuestSide {
+        instance,
+        listener,
+        config,
+        handshake,
+        adopted,
+        evidence,
+        oom,
+    };
+    let capper = async {
+        let Some((path, max)) = &console_cap else {
+            return std::future::pending().await;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            super::logs::cap_log(path, *max);
+        }
+    };
+    let status = tokio::select! {
+        s = watch.exited() => s,
+        _ = guest(&g, &mut events, &mut stop_rx, &workload_exit) => watch.exited().await,
+        _ = capper => watch.exited().await,
+    };
+    let _ = exit_tx.send(Some(status));
+    let detail = g.evidence.attach(status.describe(exit_meaning));
+    let oom = g.oom.as_ref().and_then(|f| f());
+    let ev = match oom {
+        Some(oom) => VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; {detail}"))),
+        None if !events.handshake_done && !g.adopted => VmEvent::Failed(RuntimeError::VmmStart(
+            format!("VMM exited before the guest handshake: {detail}"),
+        )),
+        None => VmEvent::VmmExited {
+            code: status.code,
+            detail,
+        },
+    };
+    events.send(ev);
+}
+
+/// Serves the guest channel; returns only when there is nothing more to hear from it.
+async fn guest(
+    a: &GuestSide,
+    events: &mut Events,
+    stop_rx: &mut mpsc::UnboundedReceiver<Duration>,
+    workload_exit: &Mutex<Option<i32>>,
+) {
+    let mut session = loop {
+        let accept = accept_guest(&a.listener, &a.instance, a.config.clone(), a.handshake);
+        match accept.await {
+            Ok(s) => break s,
+            // A running guest reconnects (every second, `resumed`) when it likes.
+            Err(e) if a.adopted => {
+                tracing::debug!(instance = %a.instance, error = %e, "adopted guest has not reconnected yet");
+            }
+            Err(e) => {
+                let detail = a.evidence.attach(e.to_string());
+                events.send(VmEvent::Failed(match e.reason() {
+                    ReasonCode::FirecrackerStartFailed => RuntimeError::VmmStart(detail),
+                    reason => RuntimeError::Guest { reason, detail },
+                }));
+                return std::future::pending().await;
+            }
+        }
+    };
+    events.handshake_done = true;
+    loop {
+        tokio::select! {
+            ev = session.next_event() => match ev {
+                Ok(GuestEvent::ConfigApplied) => {}
+                Ok(GuestEvent::WorkloadStarted { .. }) => events.send(VmEvent::WorkloadStarted),
+                Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
+                    let code = code.or(signal.map(|s| 128 + s)).unwrap_or(128);
+                    *lock(workload_exit) = Some(code);
+                    events.send(VmEvent::Exited { code, oom_killed });
+                }
+                Ok(GuestEvent::Failed { reason, detail }) => {
+                    events.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
+                }
+                Err(_) => {
+                    // The channel ended. A host cgroup OOM kill of a helper process
+                    // (vhost-device-vsock) cuts the guest off: that is this VM's end.
+                    if let Some(oom) = a.oom.as_ref().and_then(|f| f()) {
+                        events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed"))));
+                    }
+                    return std::future::pending().await;
+                }
+            },
+            Some(grace) = stop_rx.recv() => {
+                if let Err(e) = session.request_stop(grace).await {
+                    tracing::warn!(instance = %a.instance, error = %e, "guest stop request failed");
+                }
+            }
+        }
+    }
+}
