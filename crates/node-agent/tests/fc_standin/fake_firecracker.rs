@@ -19,6 +19,26 @@
 //! - `ignore_stop`: ignore the guest stop request (default: report exited 0 and exit 0).
 //! - `ignore_cad`: ignore SendCtrlAltDel (default: exit 0).
 //!
+//! Under `run`, the guest also plays the workload the handshake config names when its
+//! `argv[0]` is one of these verbs (any other argv idles until stopped, as before):
+//!
+//! - `["exit", "<code>"]`: the workload exits with `code` right after its start.
+//! - `["kill", "<signal>"]`: the workload is killed by `signal`.
+//! - `["oom"]`: the guest kernel OOM-kills the workload (reported as the guest init
+//!   does: killed by signal 9, `oom_killed`).
+//! - `["serve", "<port>"]`: the workload answers HTTP 200 on `<port>` of the guest's
+//!   IPv4 link address from the config (added to `lo`, as the guest would own it on its
+//!   eth0; 127.0.0.1 when the config has none), for host health checks (HTTP or TCP).
+//! - `["ignore-term"]`: the workload ignores SIGTERM: on a stop request the guest waits
+//!   the whole `deadline_ms`, reports it killed by signal 9 and ends (as the real guest
+//!   init kills what is left at the deadline and reboots).
+//! - `["user-check", "<uid>", "<gid>"]`: the workload exits 42 when the config's
+//!   `workload.uid`/`gid` are these, else 43.
+//!
+//! A workload that ends ends the VM (the stand-in exits 0, as Firecracker does when its
+//! guest reboots). Every config received is recorded as
+//! `EVENT guest_config <unix ms> <instance id> uid=<uid> gid=<gid> secrets_replacement_char=<bool>`.
+//!
 //! Events are recorded as `EVENT <name> <unix ms>`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -378,6 +398,241 @@ fn serve(mut conn: UnixStream, state: &Arc<Mutex<State>>) {
     }
 }
 
+/// A JSON value (just enough to read the handshake config; std only).
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+impl J {
+    fn get(&self, k: &str) -> Option<&J> {
+        match self {
+            J::Obj(v) => v.iter().find(|(n, _)| n == k).map(|(_, j)| j),
+            _ => None,
+        }
+    }
+    fn str(&self) -> Option<&str> {
+        match self {
+            J::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn num(&self) -> Option<f64> {
+        match self {
+            J::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+fn parse_json(text: &str) -> Option<J> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    let v = parse_value(&chars, &mut i)?;
+    Some(v)
+}
+
+fn skip_ws(c: &[char], i: &mut usize) {
+    while *i < c.len() && c[*i].is_whitespace() {
+        *i += 1;
+    }
+}
+
+fn parse_value(c: &[char], i: &mut usize) -> Option<J> {
+    skip_ws(c, i);
+    match *c.get(*i)? {
+        '{' => {
+            *i += 1;
+            let mut out = Vec::new();
+            loop {
+                skip_ws(c, i);
+                if *c.get(*i)? == '}' {
+                    *i += 1;
+                    return Some(J::Obj(out));
+                }
+                let k = match parse_value(c, i)? {
+                    J::Str(s) => s,
+                    _ => return None,
+                };
+                skip_ws(c, i);
+                if *c.get(*i)? != ':' {
+                    return None;
+                }
+                *i += 1;
+                let v = parse_value(c, i)?;
+                out.push((k, v));
+                skip_ws(c, i);
+                if *c.get(*i)? == ',' {
+                    *i += 1;
+                }
+            }
+        }
+        '[' => {
+            *i += 1;
+            let mut out = Vec::new();
+            loop {
+                skip_ws(c, i);
+                if *c.get(*i)? == ']' {
+                    *i += 1;
+                    return Some(J::Arr(out));
+                }
+                out.push(parse_value(c, i)?);
+                skip_ws(c, i);
+                if *c.get(*i)? == ',' {
+                    *i += 1;
+                }
+            }
+        }
+        '"' => {
+            *i += 1;
+            let mut s = String::new();
+            loop {
+                let ch = *c.get(*i)?;
+                *i += 1;
+                match ch {
+                    '"' => return Some(J::Str(s)),
+                    '\\' => {
+                        let e = *c.get(*i)?;
+                        *i += 1;
+                        match e {
+                            'n' => s.push('\n'),
+                            't' => s.push('\t'),
+                            'r' => s.push('\r'),
+                            'b' => s.push('\u{8}'),
+                            'f' => s.push('\u{c}'),
+                            'u' => {
+                                let hex: String = c.get(*i..*i + 4)?.iter().collect();
+                                *i += 4;
+                                let mut code = u32::from_str_radix(&hex, 16).ok()?;
+                                if (0xD800..0xDC00).contains(&code) && c.get(*i) == Some(&'\\') {
+                                    let lo: String = c.get(*i + 2..*i + 6)?.iter().collect();
+                                    let lo = u32::from_str_radix(&lo, 16).ok()?;
+                                    *i += 6;
+                                    code = 0x10000 + ((code - 0xD800) << 10) + (lo - 0xDC00);
+                                }
+                                s.push(char::from_u32(code).unwrap_or('\u{FFFD}'));
+                            }
+                            other => s.push(other),
+                        }
+                    }
+                    other => s.push(other),
+                }
+            }
+        }
+        't' => {
+            *i += 4;
+            Some(J::Bool(true))
+        }
+        'f' => {
+            *i += 5;
+            Some(J::Bool(false))
+        }
+        'n' => {
+            *i += 4;
+            Some(J::Null)
+        }
+        _ => {
+            let start = *i;
+            while *i < c.len() && (c[*i].is_ascii_digit() || "+-.eE".contains(c[*i])) {
+                *i += 1;
+            }
+            let n: String = c[start..*i].iter().collect();
+            n.parse().ok().map(J::Num)
+        }
+    }
+}
+
+/// What the workload named in the config does (see the module doc).
+#[derive(Debug, Clone, PartialEq)]
+enum Workload {
+    Idle,
+    Exit(i32),
+    Kill(i32),
+    Oom,
+    Serve(u16),
+    IgnoreTerm,
+    UserCheck(i32),
+}
+
+fn workload_of(config: &J) -> (Workload, Option<String>) {
+    let w = config.get("workload");
+    let argv: Vec<String> = match w.and_then(|w| w.get("argv")) {
+        Some(J::Arr(a)) => a.iter().filter_map(|v| v.str().map(str::to_string)).collect(),
+        _ => vec![],
+    };
+    let num = |i: usize| argv.get(i).and_then(|a| a.parse::<i64>().ok());
+    let ipv4 = config
+        .get("network")
+        .and_then(|n| n.get("ipv4"))
+        .and_then(|n| n.get("address"))
+        .and_then(J::str)
+        .map(str::to_string);
+    let id_of = |k: &str| w.and_then(|w| w.get(k)).and_then(J::num).map(|n| n as i64);
+    let wl = match argv.first().map(String::as_str) {
+        Some("exit") => Workload::Exit(num(1).unwrap_or(0) as i32),
+        Some("kill") => Workload::Kill(num(1).unwrap_or(9) as i32),
+        Some("oom") => Workload::Oom,
+        Some("serve") => Workload::Serve(num(1).unwrap_or(8080) as u16),
+        Some("ignore-term") => Workload::IgnoreTerm,
+        Some("user-check") => {
+            let ok = id_of("uid") == num(1) && id_of("gid") == num(2);
+            Workload::UserCheck(if ok { 42 } else { 43 })
+        }
+        _ => Workload::Idle,
+    };
+    (wl, ipv4)
+}
+
+/// Serves HTTP 200 to every connection on `port` of `ipv4` (added to `lo`).
+fn serve_workload(port: u16, ipv4: Option<String>) {
+    let addr = match ipv4 {
+        Some(a) => {
+            let _ = std::process::Command::new("ip")
+                .args(["addr", "add", &format!("{a}/32"), "dev", "lo"])
+                .stderr(std::process::Stdio::null())
+                .status();
+            a
+        }
+        None => "127.0.0.1".to_string(),
+    };
+    let listener = match std::net::TcpListener::bind((addr.as_str(), port)) {
+        Ok(l) => l,
+        Err(e) => {
+            record(&format!("EVENT serve_failed {} {addr}:{port} {e}", now_ms()));
+            return;
+        }
+    };
+    event("serving");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                );
+            });
+        }
+    });
+}
+
+fn exited_line(code: Option<i32>, signal: Option<i32>, oom: bool) -> String {
+    let n = |v: Option<i32>| v.map_or("null".to_string(), |v| v.to_string());
+    format!(
+        "{{\"type\":\"status\",\"event\":\"exited\",\"code\":{},\"signal\":{},\"oom_killed\":{oom}}}",
+        n(code),
+        n(signal)
+    )
+}
+
 /// Plays the guest side of the handshake, reconnecting as `resumed` when the host
 /// side goes away (agent restart).
 fn guest(state: Arc<Mutex<State>>) {
@@ -387,6 +642,7 @@ fn guest(state: Arc<Mutex<State>>) {
     };
     let path = format!("{uds}_5161");
     let mut resumed = false;
+    let mut workload = Workload::Idle;
     loop {
         let Ok(conn) = UnixStream::connect(&path) else {
             std::thread::sleep(Duration::from_millis(50));
@@ -404,12 +660,53 @@ fn guest(state: Arc<Mutex<State>>) {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        // A resumed guest ignores the config it gets (its workload runs already).
+        if !resumed {
+            if let Some(config) = parse_json(line.trim()) {
+                let (wl, ipv4) = workload_of(&config);
+                let w = config.get("workload");
+                let id_of = |k: &str| {
+                    w.and_then(|w| w.get(k))
+                        .and_then(J::num)
+                        .map_or("none".to_string(), |n| (n as i64).to_string())
+                };
+                let replacement = config
+                    .get("secrets")
+                    .and_then(|s| s.get("data"))
+                    .and_then(J::str)
+                    .is_some_and(|d| d.contains('\u{FFFD}'));
+                let instance = config.get("instance_id").and_then(J::str).unwrap_or("?");
+                record(&format!(
+                    "EVENT guest_config {} {instance} uid={} gid={} secrets_replacement_char={replacement}",
+                    now_ms(),
+                    id_of("uid"),
+                    id_of("gid")
+                ));
+                if let Workload::Serve(port) = wl {
+                    serve_workload(port, ipv4);
+                }
+                workload = wl;
+            }
+        }
         let _ = writeln!(w, "{{\"type\":\"ack\"}}");
         let _ = writeln!(
             w,
             "{{\"type\":\"status\",\"event\":\"workload_started\",\"pid\":7}}"
         );
         event(if resumed { "guest_resumed" } else { "guest_started" });
+        let ended = match workload {
+            Workload::Exit(code) | Workload::UserCheck(code) => Some(exited_line(Some(code), None, false)),
+            Workload::Kill(sig) => Some(exited_line(None, Some(sig), false)),
+            Workload::Oom => Some(exited_line(None, Some(9), true)),
+            _ => None,
+        };
+        if let Some(l) = ended {
+            event("workload_exited");
+            let _ = writeln!(w, "{l}");
+            let _ = w.flush();
+            std::thread::sleep(Duration::from_millis(20));
+            std::process::exit(0);
+        }
         loop {
             let mut line = String::new();
             if r.read_line(&mut line).unwrap_or(0) == 0 {
@@ -417,6 +714,16 @@ fn guest(state: Arc<Mutex<State>>) {
             }
             if line.contains("\"stop\"") {
                 event("guest_stop");
+                if workload == Workload::IgnoreTerm {
+                    let deadline = parse_json(line.trim())
+                        .and_then(|j| j.get("deadline_ms").and_then(J::num))
+                        .unwrap_or(0.0) as u64;
+                    std::thread::sleep(Duration::from_millis(deadline));
+                    event("guest_killed_at_deadline");
+                    let _ = writeln!(w, "{}", exited_line(None, Some(9), false));
+                    std::thread::sleep(Duration::from_millis(20));
+                    std::process::exit(0);
+                }
                 if !ignore_stop {
                     let _ = writeln!(
                         w,

@@ -1,0 +1,554 @@
+//! The scenarios, each written once over a runtime [`Kind`]. A scenario asserts the
+//! behaviour the docs promise for every runtime (`docs/statuses.md`, README "Reading
+//! statuses"); what differs between runtimes is only how its workload is made to do
+//! something ([`Behaviour`]) and, for a runtime that cannot play a scenario at all, the
+//! reason it gives for skipping ([`unsupported`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::lab::{alive, start_time, unsupported, Behaviour, Health, Inst, Kind, Lab};
+use crate::common::wait::Poll;
+use plfm_node_agent::instance::{ReasonCode, Status};
+use plfm_node_agent::status::view::InstanceView;
+
+/// The lab a scenario runs in: mock scenarios always get their own agent (faults are
+/// its configuration, and it is cheap); qemu and firecracker scenarios share one agent
+/// per runtime unless they kill or restart it (`own`).
+fn lab(kind: Kind, own: bool) -> Option<Arc<Lab>> {
+    if kind == Kind::Mock || own {
+        Lab::own(kind).map(Arc::new)
+    } else {
+        Lab::shared(kind)
+    }
+}
+
+/// Adds the instances and starts the agent (unless it runs already).
+fn run(lab: &Arc<Lab>, insts: &[&Inst]) -> Cleanup {
+    for i in insts {
+        lab.add(i);
+    }
+    lab.ensure_started();
+    Cleanup {
+        lab: lab.clone(),
+        ids: insts.iter().map(|i| i.id.clone()).collect(),
+    }
+}
+
+/// Removes a scenario's instances from a shared plan when the scenario ends (pass or
+/// fail), so their VMs stop and free the machine for the next scenarios.
+struct Cleanup {
+    lab: Arc<Lab>,
+    ids: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.lab.shared {
+            for id in &self.ids {
+                self.lab.remove(id);
+            }
+        }
+    }
+}
+
+fn is_settled(v: &InstanceView) -> bool {
+    matches!(v.status, Status::Ready | Status::Failed | Status::Stopped)
+}
+
+fn is_ended(v: &InstanceView) -> bool {
+    matches!(v.status, Status::Failed | Status::Stopped)
+}
+
+/// Waits until `id` is ready, failed or stopped.
+fn settled(lab: &Lab, id: &str) -> InstanceView {
+    lab.wait(
+        id,
+        "ready, failed or stopped",
+        lab.kind.boot_within(),
+        is_settled,
+    )
+}
+
+/// Waits until `id` has ended (failed or stopped).
+fn ended(lab: &Lab, id: &str) -> InstanceView {
+    lab.wait(id, "failed or stopped", lab.kind.boot_within(), is_ended)
+}
+
+fn ready(lab: &Lab, id: &str) -> InstanceView {
+    let v = settled(lab, id);
+    assert_eq!(v.status, Status::Ready, "{v:#?}\n{}", lab.log());
+    v
+}
+
+fn statuses(lab: &Lab, id: &str) -> Vec<Status> {
+    lab.reports(id).iter().map(|r| r.status).collect()
+}
+
+// ------------------------------------------------------------------- 1
+
+fn ready_with_health(kind: Kind, id: &str, port: u16, health: Health) {
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new(id, Behaviour::Serve(port)).health(health);
+    let _c = run(&lab, &[&inst]);
+    let v = ready(&lab, id);
+    assert_eq!((v.reason_code, v.exit_code), (None, None), "{v:#?}");
+    assert_eq!(statuses(&lab, id), [Status::Booting, Status::Ready]);
+    if kind.has_network() {
+        // The check passed because the workload answers, from the host.
+        let ip = lab
+            .guest_ipv4(id)
+            .expect("the instance's IPv4 link address");
+        let (code, _) = crate::common::agent::http_get(&format!("{ip}:{port}"), "/")
+            .unwrap_or_else(|e| panic!("GET http://{ip}:{port}/: {e}"));
+        assert_eq!(code, 200);
+    }
+}
+
+/// Boot → `ready` once an HTTP health check passes.
+pub fn ready_with_http_health_check(kind: Kind) {
+    ready_with_health(kind, "c-http", 8081, Health::Http(8081));
+}
+
+/// Boot → `ready` once a TCP health check passes.
+pub fn ready_with_tcp_health_check(kind: Kind) {
+    ready_with_health(kind, "c-tcp", 8082, Health::Tcp(8082));
+}
+
+// ------------------------------------------------------------------- 2
+
+/// A health check that never passes → `failed` / `healthcheck_failed`, never `ready`.
+pub fn health_check_that_never_passes_fails_with_healthcheck_failed(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-unhealthy", Behaviour::Idle).health(Health::Never(8083));
+    let _c = run(&lab, &[&inst]);
+    let v = settled(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!(v.reason_code, Some(ReasonCode::HealthcheckFailed), "{v:#?}");
+    assert_eq!(v.exit_code, None, "{v:#?}");
+    assert!(
+        !statuses(&lab, &inst.id).contains(&Status::Ready),
+        "{:?}",
+        statuses(&lab, &inst.id)
+    );
+}
+
+// ------------------------------------------------------------------- 3
+
+/// The workload exits 0 → `stopped`, `exit_code` 0, no reason.
+pub fn workload_exit_0_is_stopped_with_exit_code_0(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-exit0", Behaviour::Exit(0));
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Stopped, "{v:#?}\n{}", lab.log());
+    assert_eq!((v.exit_code, v.reason_code), (Some(0), None), "{v:#?}");
+}
+
+/// The workload exits 3 → `failed`, `exit_code` 3, no reason, the message says so.
+pub fn workload_exit_3_fails_with_exit_code_3(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-exit3", Behaviour::Exit(3));
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!((v.exit_code, v.reason_code), (Some(3), None), "{v:#?}");
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(msg.contains("exited with code 3"), "{msg}");
+}
+
+/// The workload is killed by SIGKILL → `failed`, `exit_code` 137 (128 + 9), no reason.
+pub fn workload_killed_by_sigkill_fails_with_exit_code_137(kind: Kind) {
+    if kind == Kind::Mock {
+        return unsupported(
+            kind,
+            "its workload has no process to signal (a simulated exit is a code only)",
+        );
+    }
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-sigkill", Behaviour::Signal(9));
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!((v.exit_code, v.reason_code), (Some(137), None), "{v:#?}");
+}
+
+// ------------------------------------------------------------------- 4
+
+/// The guest kernel OOM-kills the workload → `failed` / `oom_killed`.
+pub fn guest_oom_fails_with_oom_killed(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-oom", Behaviour::Oom);
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!(v.reason_code, Some(ReasonCode::OomKilled), "{v:#?}");
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(msg.contains("OOM"), "{msg}");
+}
+
+// ------------------------------------------------------------------- 5
+
+/// `kill -9` of the VMM after the handshake → `failed`, no reason code, no
+/// `exit_code` (the workload's is unknown), the message says the VMM exited.
+pub fn vmm_killed_after_the_handshake_fails_without_reason_or_exit_code(kind: Kind) {
+    if !kind.has_vmm_process() {
+        return unsupported(kind, "it has no VMM process to kill");
+    }
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-vmmkill", Behaviour::Idle);
+    let _c = run(&lab, &[&inst]);
+    ready(&lab, &inst.id);
+    let pids = lab.vmm_pids(&inst.id);
+    let [pid] = pids[..] else {
+        panic!("one VMM process expected for {}: {pids:?}", inst.id)
+    };
+    // SAFETY: kill(2) of the VMM process of this scenario's instance.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!((v.reason_code, v.exit_code), (None, None), "{v:#?}");
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(msg.to_lowercase().contains("vmm exited"), "{msg}");
+}
+
+// ------------------------------------------------------------------- 6
+
+/// Drain of a workload that ignores SIGTERM: stopped at the grace deadline (not
+/// before), reported `stopped`, the message says the stop was forced.
+pub fn drain_of_a_workload_ignoring_sigterm_is_forced_at_the_grace_deadline(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    let grace = 3;
+    let inst = Inst::new("c-drain", Behaviour::IgnoreTerm).grace(grace);
+    let _c = run(&lab, &[&inst]);
+    ready(&lab, &inst.id);
+    let asked = Instant::now();
+    lab.set_desired_state(&inst, "draining");
+    let v = lab.wait(&inst.id, "stopped", Duration::from_secs(grace + 60), |v| {
+        v.status == Status::Stopped || v.status == Status::Failed
+    });
+    let took = asked.elapsed();
+    assert_eq!(v.status, Status::Stopped, "{v:#?}\n{}", lab.log());
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(msg.contains("forced"), "{msg} ({took:?})");
+    assert!(
+        took >= Duration::from_secs(grace),
+        "stopped after {took:?}, before the {grace} s grace ended"
+    );
+    assert!(
+        took < Duration::from_secs(grace + 20),
+        "stopped only after {took:?} (grace {grace} s)"
+    );
+    assert_eq!(
+        statuses(&lab, &inst.id),
+        [
+            Status::Booting,
+            Status::Ready,
+            Status::Draining,
+            Status::Stopped
+        ]
+    );
+}
+
+// ------------------------------------------------------------------- 7
+
+/// `kill -9` of the agent while ready: the next agent adopts the same VM (same VMM
+/// pid and start time; the mock: same boot), boots nothing, reports nothing.
+pub fn agent_killed_while_ready_adopts_the_same_vm_without_a_report(kind: Kind) {
+    let Some(lab) = lab(kind, true) else { return };
+    let inst = Inst::new("c-adopt", Behaviour::Serve(8084)).health(Health::Http(8084));
+    let _c = run(&lab, &[&inst]);
+    ready(&lab, &inst.id);
+    let before = lab
+        .vm_identity(&inst.id)
+        .expect("the running VM's identity");
+    let reports = lab.reports(&inst.id);
+    let spawned = |lab: &Lab| {
+        lab.standin_lines()
+            .iter()
+            .filter(|l| l.starts_with("EVENT spawned"))
+            .count()
+    };
+    let spawned_before = spawned(&lab);
+    lab.kill_agent();
+    assert_eq!(
+        lab.vm_identity(&inst.id).as_deref(),
+        Some(before.as_str()),
+        "the VM did not survive the agent"
+    );
+    lab.start(&[]);
+    let v = lab.wait_status(&inst.id, Status::Ready, Duration::from_secs(60));
+    assert_eq!(v.seq, reports.last().unwrap().seq, "{v:#?}");
+    // Several health intervals under the new agent: the same VM, no report.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        assert_eq!(
+            lab.vm_identity(&inst.id).as_deref(),
+            Some(before.as_str()),
+            "the VM was replaced\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let after = lab.reports(&inst.id);
+    assert_eq!(after.len(), reports.len(), "new reports: {after:#?}");
+    assert_eq!(spawned(&lab), spawned_before, "a new VMM was spawned");
+    let v = lab.wait_status(&inst.id, Status::Ready, Duration::from_secs(5));
+    assert_eq!(v.seq, reports.last().unwrap().seq, "{v:#?}");
+}
+
+// ------------------------------------------------------------------- 8
+
+/// The agent dies (`PLFM_FAULT_ABORT_AFTER_VMM_SPAWN=1`: abort right after spawning a
+/// VMM, before recording it): after the next start no orphan VMM is left, and the
+/// instance runs on exactly one VMM.
+pub fn agent_killed_between_vmm_spawn_and_record_leaves_no_orphan(kind: Kind) {
+    if !kind.has_vmm_process() {
+        return unsupported(kind, "it spawns no VMM process");
+    }
+    let Some(lab) = lab(kind, true) else { return };
+    let inst = Inst::new("c-orphan", Behaviour::Idle);
+    lab.add(&inst);
+    lab.spawn(&[("PLFM_FAULT_ABORT_AFTER_VMM_SPAWN", "1")]);
+    let pid = lab.agent_pid();
+    Poll::within(lab.kind.boot_within())
+        .every(Duration::from_millis(100))
+        .until(
+            "the agent to abort after spawning a VMM (PLFM_FAULT_ABORT_AFTER_VMM_SPAWN=1)",
+            || {
+                if !alive(pid) {
+                    return Ok(());
+                }
+                let ready = lab
+                    .agent()
+                    .instances()
+                    .is_some_and(|l| l.iter().any(|v| v.instance_id == inst.id && v.status == Status::Ready));
+                assert!(
+                    !ready,
+                    "the agent ran {} to ready without aborting: PLFM_FAULT_ABORT_AFTER_VMM_SPAWN=1 had no effect\n{}",
+                    inst.id,
+                    lab.log()
+                );
+                {
+                    Err(format!(
+                        "agent {pid} still runs; instances: {:#?}\n{}",
+                        lab.agent().instances(),
+                        lab.log()
+                    ))
+                }
+            },
+        );
+    let orphans: Vec<(u32, Option<u64>)> = lab
+        .vmm_pids(&inst.id)
+        .into_iter()
+        .map(|p| (p, start_time(p)))
+        .collect();
+    lab.kill_agent();
+    lab.start(&[]);
+    ready(&lab, &inst.id);
+    let gone = |(p, t): &(u32, Option<u64>)| start_time(*p) != *t;
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(100))
+        .until("no orphan VMM left", || {
+            let left: Vec<_> = orphans.iter().filter(|o| !gone(o)).collect();
+            let now = lab.vmm_pids(&inst.id);
+            if left.is_empty() && now.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "orphans from the aborted agent still alive: {left:?}; VMMs of {}: {now:?}",
+                    inst.id
+                ))
+            }
+        });
+}
+
+// ------------------------------------------------------------------- 9
+
+/// Clean-up twice (stop the instance, then remove it from the plan, then restart the
+/// agent): no process, tap, nftables chain, cgroup, scratch disk, ledger row or
+/// root-disk pin is left.
+pub fn cleanup_twice_leaves_nothing_behind(kind: Kind) {
+    let Some(lab) = lab(kind, true) else { return };
+    let inst = Inst::new("c-cleanup", Behaviour::Idle);
+    let _c = run(&lab, &[&inst]);
+    ready(&lab, &inst.id);
+    let id = inst.id.as_str();
+    let rows = lab.store().resources().unwrap();
+    let mine: Vec<_> = rows.iter().filter(|r| r.instance_id == id).collect();
+    assert!(!mine.is_empty(), "no ledger row while it runs: {rows:?}");
+    let cgroup = mine
+        .iter()
+        .find(|r| r.kind == "cgroup")
+        .map(|r| std::path::PathBuf::from(&r.name));
+    let tap = plfm_node_agent::network::tap_name(id);
+    if kind.has_network() {
+        assert!(Lab::run("ip", &["link", "show", &tap]).0, "no tap {tap}");
+    }
+    // 1: stop.
+    let out = lab.agent().cli(&["stop", id]);
+    assert!(out.status.success(), "{out:?}");
+    let v = lab.wait_status(id, Status::Stopped, Duration::from_secs(60));
+    assert_eq!(
+        v.reason_code,
+        Some(ReasonCode::TerminatedByOperator),
+        "{v:#?}"
+    );
+    // 2: remove from the plan; 3: restart the agent (start-up recovery).
+    lab.remove(id);
+    let agent = lab.agent();
+    Poll::within(Duration::from_secs(30))
+        .every(Duration::from_millis(200))
+        .until("the instance to leave the agent's list", || {
+            agent.instances_where(|l| l.iter().all(|v| v.instance_id != id))
+        });
+    drop(agent);
+    lab.kill_agent();
+    lab.start(&[]);
+    Poll::within(Duration::from_secs(15))
+        .every(Duration::from_millis(100))
+        .until("no process of the instance", || {
+            let p = lab.processes_of(id);
+            if p.is_empty() {
+                Ok(())
+            } else {
+                Err(p)
+            }
+        });
+    if kind.has_network() {
+        let (up, _) = Lab::run("ip", &["link", "show", &tap]);
+        assert!(!up, "tap {tap} left");
+        let (_, nft) = Lab::run("nft", &["list", "ruleset"]);
+        assert!(!nft.contains(&tap), "nftables mention {tap}:\n{nft}");
+    }
+    if let Some(dir) = cgroup {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
+    let left: Vec<_> = lab
+        .store()
+        .resources()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.instance_id == id && r.kind != "volume")
+        .collect();
+    assert!(left.is_empty(), "ledger rows left: {left:?}");
+    let disks: Vec<_> = crate::common::tree(&lab.instance_dir(id))
+        .into_iter()
+        .filter(|f| f.ends_with(".ext4"))
+        .collect();
+    assert!(disks.is_empty(), "disks left: {disks:?}");
+    if kind.has_network() {
+        let out = lab.agent().cli(&["image", "ls", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let images = images
+            .as_array()
+            .expect("image ls --json is a list")
+            .clone();
+        assert!(!images.is_empty(), "the root disk was never cached?");
+        for i in &images {
+            assert_eq!(i["refs"], 0, "a root disk is still pinned: {i}");
+        }
+        let db = rusqlite::Connection::open(lab.data().join("state.db")).unwrap();
+        let pins: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM image_refs WHERE instance_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(pins, 0, "root-disk pins of {id} left in state.db");
+    }
+}
+
+// ------------------------------------------------------------------- 10
+
+/// `next_event` for a VM the runtime does not know answers at once with a VMM-exited
+/// event (it must not wait forever).
+pub fn next_event_for_an_unknown_vm_is_vmm_exited_at_once(kind: Kind) {
+    use plfm_node_agent::runtime::{VmEvent, VmHandle};
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((runtime, _keep)) = super::lab::runtime_in_process(kind, tmp.path()) else {
+        return;
+    };
+    let handle = VmHandle {
+        instance_id: plfm_node_agent::spec::InstanceId::parse("c-never-started").unwrap(),
+        generation: 1,
+        boot_id: "0123456789abcdef".into(),
+        spec_hash: "none".into(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), runtime.next_event(&handle)).await
+    });
+    match got {
+        Ok(VmEvent::VmmExited { .. }) => {}
+        Ok(other) => panic!("{}: next_event of an unknown VM: {other:?}", runtime.kind()),
+        Err(_) => panic!(
+            "{}: next_event of an unknown VM did not answer within 10 s",
+            runtime.kind()
+        ),
+    }
+}
+
+// ------------------------------------------------------------------- 11
+
+/// Secret material that is not UTF-8 → `failed` / `secrets_injection_failed`, the
+/// message says it is not UTF-8; the guest never sees a replacement character.
+pub fn non_utf8_secrets_fail_with_secrets_injection_failed(kind: Kind) {
+    let Some(lab) = lab(kind, false) else { return };
+    lab.write_secret("c-latin1", b"# TRC_SECRETS_V1\nGREETING=caf\xe9\n");
+    let inst = Inst::new("c-secrets", Behaviour::Idle).secrets("c-latin1");
+    let _c = run(&lab, &[&inst]);
+    let v = settled(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}\n{}", lab.log());
+    assert_eq!(
+        v.reason_code,
+        Some(ReasonCode::SecretsInjectionFailed),
+        "{v:#?}"
+    );
+    let msg = v.error_message.as_deref().unwrap_or_default();
+    assert!(msg.contains("not UTF-8"), "{msg}");
+    let replaced: Vec<String> = lab
+        .standin_lines()
+        .into_iter()
+        .filter(|l| {
+            l.starts_with("EVENT guest_config")
+                && l.contains(&format!(" {} ", inst.id))
+                && l.contains("secrets_replacement_char=true")
+        })
+        .collect();
+    assert!(
+        replaced.is_empty(),
+        "the guest got secrets with a replacement character: {replaced:?}"
+    );
+}
+
+// ------------------------------------------------------------------- 12
+
+/// The image config's `User` "1000:1000" is the workload's uid and gid (the workload
+/// exits 42 when it runs as 1000:1000, 43 otherwise).
+pub fn image_user_is_the_workload_user(kind: Kind) {
+    if kind == Kind::Mock {
+        return unsupported(kind, "it has no image and no guest user");
+    }
+    let Some(lab) = lab(kind, false) else { return };
+    let inst = Inst::new("c-user", Behaviour::UserCheck).user_image();
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    let seen: Vec<String> = lab
+        .standin_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("EVENT guest_config") && l.contains(" c-user "))
+        .collect();
+    assert_eq!(
+        v.exit_code,
+        Some(42),
+        "the workload did not run as 1000:1000 (43: it ran as another user): {v:#?}; handshake configs: {seen:?}\n{}",
+        lab.log()
+    );
+}
