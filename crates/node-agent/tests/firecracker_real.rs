@@ -135,6 +135,9 @@ fn in_netns<F: std::future::Future<Output = ()>>(test: &str, body: impl FnOnce(R
 /// A temp root with the platform kernel (ELF vmlinux extracted from the installed
 /// cloud kernel), an initramfs file, a registry serving a one-file image.
 struct Rig {
+    /// A memory cgroup parent of this test's own (`cgroup_parent`, its directory), so
+    /// one agent's start-up sweep of leftover groups never meets another test's VMMs.
+    cgroup: Option<(String, PathBuf)>,
     tmp: tempfile::TempDir,
     registry: Registry,
     digest: String,
@@ -164,7 +167,13 @@ impl Rig {
                 &config_json(&["/bin/app"], &[], &["PATH=/bin"]),
             )
             .await;
+        let tag = tmp
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""))
+            .unwrap_or_default();
         Rig {
+            cgroup: test_cgroup_parent(&tag),
             digest: image.digest.as_str().to_string(),
             tmp,
             registry,
@@ -188,6 +197,7 @@ impl Rig {
             gid: JAIL_UID,
             boot_timeout,
             api_timeout_ms: 5000,
+            cgroup_parent: self.cgroup.as_ref().map(|(rel, _)| rel.clone()),
             ..Default::default()
         }
     }
@@ -226,6 +236,37 @@ impl Rig {
             .workload
             .unwrap()
     }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some((_, dir)) = &self.cgroup {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `<the test's own memory cgroup>/plfm-fc-<tag>` (v1 or v2), when there is one.
+fn test_cgroup_parent(tag: &str) -> Option<(String, PathBuf)> {
+    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| lists_memory(&c));
+    let (version, mount) = if v2 {
+        (Version::V2, "/sys/fs/cgroup")
+    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
+        (Version::V1, "/sys/fs/cgroup/memory")
+    } else {
+        return None;
+    };
+    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
+    let rel = format!("{}/plfm-fc-{tag}", own.trim_end_matches('/'));
+    let dir = Path::new(mount).join(rel.trim_start_matches('/'));
+    Some((rel, dir))
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -363,7 +404,8 @@ fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_le
             // Without the jailer the VMM runs in the agent's own per-instance memory
             // cgroup: guest memory (256 MiB) + memory_overhead_mib (64).
             let group = memory_cgroup_of(pid).expect("the VMM is in a memory cgroup");
-            assert!(group.ends_with("plfm/fc-plain"), "{}", group.display());
+            let parent = rig.cgroup.as_ref().map(|(_, d)| d.clone()).unwrap();
+            assert_eq!(group, parent.join("fc-plain"));
             let limit = std::fs::read_to_string(group.join("memory.limit_in_bytes"))
                 .or_else(|_| std::fs::read_to_string(group.join("memory.max")))
                 .unwrap();
@@ -570,11 +612,15 @@ binary = {:?}
 kernel = {:?}
 initramfs = {:?}
 boot_timeout = {handshake_secs}
-"#,
+{}"#,
         common::free_port(),
         shared_bin("firecracker").display().to_string(),
         rig.kernel.display().to_string(),
         rig.initramfs.display().to_string(),
+        rig.cgroup
+            .as_ref()
+            .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
+            .unwrap_or_default(),
     );
     let config = rig.path("agent.toml");
     std::fs::write(&config, cfg).unwrap();

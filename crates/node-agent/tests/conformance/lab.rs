@@ -409,7 +409,10 @@ impl Lab {
             .file_name()
             .map(|n| n.to_string_lossy().replace(['.', '-'], ""))
             .unwrap_or_default();
-        let cgroup = (kind == Kind::Qemu).then(|| cgroup_parent(&tag)).flatten();
+        // qemu and a plain Firecracker put their VMMs in per-instance memory groups.
+        let cgroup = matches!(kind, Kind::Qemu | Kind::Firecracker)
+            .then(|| cgroup_parent(&tag))
+            .flatten();
         Ok(Lab {
             kind,
             root,
@@ -463,8 +466,13 @@ impl Lab {
             }
             Kind::Firecracker => {
                 let fc = self.fc.as_ref().unwrap();
+                let cgroup = self
+                    .cgroup
+                    .as_ref()
+                    .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
+                    .unwrap_or_default();
                 format!(
-                    "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\nbinary = {:?}\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout = 30\n",
+                    "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\nbinary = {:?}\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout = 30\n{cgroup}",
                     fc.binary.display().to_string(),
                     fc.path("vmlinux").display().to_string(),
                     fc.path("initramfs.cpio.gz").display().to_string()

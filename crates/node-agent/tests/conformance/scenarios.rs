@@ -231,8 +231,10 @@ pub fn drain_of_a_workload_ignoring_sigterm_is_forced_at_the_grace_deadline(kind
     assert_eq!(v.status, Status::Stopped, "{v:#?}\n{}", lab.log());
     let msg = v.error_message.as_deref().unwrap_or_default();
     assert!(msg.contains("forced"), "{msg} ({took:?})");
+    // The guest enforces the deadline on its own clock, which under TCG (`-icount
+    // shift=auto`) may run a little ahead of the host's: half a second of slack.
     assert!(
-        took >= Duration::from_secs(grace),
+        took + Duration::from_millis(500) >= Duration::from_secs(grace),
         "stopped after {took:?}, before the {grace} s grace ended"
     );
     assert!(

@@ -1062,36 +1062,28 @@ fn write_record(path: &Path, rec: &VmmRecord) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Graceful stop: guest stop request at once; `SendCtrlAltDel` at three quarters of
-/// `grace` if the VMM still runs; SIGKILL at `grace`. The outcome's `exit_code` is the
-/// workload's, when the guest reported one (a killed VMM says nothing about it).
+/// Stop: the guest stops its workload within `grace` and reboots (Firecracker
+/// exits); else `SendCtrlAltDel`, then SIGKILL ([`Monitor::stop_escalating`]).
 async fn stop_vm(state: &VmState, grace: Duration, api: &ApiClient) -> StopOutcome {
-    let m = &state.monitor;
-    let start = tokio::time::Instant::now();
-    let done = |graceful| StopOutcome {
-        graceful,
-        exit_code: m.workload_exit(),
-    };
-    if m.has_exited() {
-        return done(true);
-    }
-    m.request_guest_stop(grace);
-    if m.wait_exit(start + grace.mul_f32(0.75)).await {
-        return done(true);
-    }
-    if let Err(e) = api.action(ActionType::SendCtrlAltDel).await {
-        tracing::warn!(instance = %state.handle.instance_id, error = %e, "SendCtrlAltDel failed");
-    }
-    if m.wait_exit(start + grace).await {
-        return done(true);
-    }
-    if let Some(p) = state.record.process {
-        tracing::warn!(instance = %state.handle.instance_id, pid = p.pid, "VMM still running at the stop deadline: SIGKILL");
-        p.signal(rustix::process::Signal::KILL);
-    }
-    m.wait_exit(tokio::time::Instant::now() + Duration::from_secs(5))
-        .await;
-    done(false)
+    let id = &state.handle.instance_id;
+    let pid = state.record.process;
+    state
+        .monitor
+        .stop_escalating(
+            grace,
+            async {
+                if let Err(e) = api.action(ActionType::SendCtrlAltDel).await {
+                    tracing::warn!(instance = %id, error = %e, "SendCtrlAltDel failed");
+                }
+            },
+            || {
+                if let Some(p) = pid {
+                    tracing::warn!(instance = %id, pid = p.pid, "VMM still running after SendCtrlAltDel: SIGKILL");
+                    p.signal(rustix::process::Signal::KILL);
+                }
+            },
+        )
+        .await
 }
 
 #[cfg(test)]

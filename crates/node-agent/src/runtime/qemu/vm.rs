@@ -477,8 +477,9 @@ impl Runtime for QemuRuntime {
         crate::health::probe(addr, check).await
     }
 
-    /// Graceful stop: the guest stops its workload within `grace`, syncs and reboots
-    /// (QEMU exits); else QMP `quit` 5 s later, then SIGKILL.
+    /// Stop: the guest stops its workload within `grace`, syncs and reboots (QEMU
+    /// exits); else QMP `quit`, then SIGKILL ([`Monitor::stop_escalating`]); then
+    /// vhost-device-vsock and the host cgroup go.
     async fn stop(&self, handle: &VmHandle, grace: Duration) -> StopOutcome {
         let Some(vm) = self.vms.get(&handle.instance_id) else {
             self.kill_recorded(&handle.instance_id).await;
@@ -487,27 +488,25 @@ impl Runtime for QemuRuntime {
                 exit_code: None,
             };
         };
-        let mut graceful = vm.monitor.has_exited();
-        if !graceful {
-            vm.monitor.request_guest_stop(grace);
-            let settle = tokio::time::Instant::now() + grace + Duration::from_secs(5);
-            graceful = vm.monitor.wait_exit(settle).await;
-            if !graceful {
-                if let Err(e) =
-                    qmp_quit(&self.instance_dir(&handle.instance_id).join("qmp.sock")).await
-                {
-                    tracing::warn!(instance = %handle.instance_id, error = %e, "qmp quit failed; killing qemu");
-                }
-                if let Some(q) = vm.record.record.qemu {
-                    if !q.wait_gone(Duration::from_secs(2)).await {
-                        q.kill(Duration::from_secs(5)).await;
+        let qmp = self.instance_dir(&handle.instance_id).join("qmp.sock");
+        let qemu = vm.record.record.qemu;
+        let outcome = vm
+            .monitor
+            .stop_escalating(
+                grace,
+                async {
+                    if let Err(e) = qmp_quit(&qmp).await {
+                        tracing::warn!(instance = %handle.instance_id, error = %e, "qmp quit failed; killing qemu");
                     }
-                }
-                vm.monitor
-                    .wait_exit(tokio::time::Instant::now() + Duration::from_secs(5))
-                    .await;
-            }
-        }
+                },
+                || {
+                    if let Some(q) = qemu {
+                        tracing::warn!(instance = %handle.instance_id, pid = q.pid, "qemu still running after quit: SIGKILL");
+                        q.signal(rustix::process::Signal::KILL);
+                    }
+                },
+            )
+            .await;
         if let Some(v) = vm.record.record.vhost {
             v.signal(rustix::process::Signal::TERM);
             if !v.wait_gone(Duration::from_secs(2)).await {
@@ -519,10 +518,7 @@ impl Runtime for QemuRuntime {
                 tracing::warn!(instance = %handle.instance_id, error = %e, "VMM cgroup not removed");
             }
         }
-        StopOutcome {
-            graceful,
-            exit_code: vm.monitor.workload_exit(),
-        }
+        outcome
     }
 
     async fn recover(&self) -> Result<Vec<VmHandle>, RuntimeError> {

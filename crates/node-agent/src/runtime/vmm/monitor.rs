@@ -54,6 +54,11 @@ pub struct MonitorArgs {
     pub exit_meaning: fn(i32) -> Option<&'static str>,
 }
 
+/// How long after a stop's deadline the guest has to end the VMM (sync, reboot).
+pub const GUEST_MARGIN: Duration = Duration::from_secs(2);
+/// How long the VMM has to end after its own stop control before it is killed.
+pub const VMM_MARGIN: Duration = Duration::from_secs(3);
+
 /// A check of the host cgroup's OOM kills: `Some(why)` once one happened.
 pub type OomCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
@@ -62,8 +67,17 @@ pub struct Monitor {
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<VmEvent>>,
     stop_tx: mpsc::UnboundedSender<Duration>,
     exited: watch::Receiver<Option<ExitStatus>>,
-    workload_exit: Arc<Mutex<Option<i32>>>,
+    workload_exit: Arc<Mutex<Option<WorkloadExit>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// How the workload ended, as the guest reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WorkloadExit {
+    /// Exit code (128 + signal for a signal).
+    code: i32,
+    /// SIGKILL ended it (the guest's escalation at a stop deadline, or an OOM kill).
+    killed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,7 +161,49 @@ impl Monitor {
 
     /// The workload's exit code, when the guest reported one.
     pub fn workload_exit(&self) -> Option<i32> {
-        *lock(&self.workload_exit)
+        lock(&self.workload_exit).map(|w| w.code)
+    }
+
+    /// Whether the guest had to SIGKILL the workload.
+    fn workload_killed(&self) -> bool {
+        lock(&self.workload_exit).is_some_and(|w| w.killed)
+    }
+
+    /// Stops the VM, escalating, the same way for every VMM: the guest is asked to
+    /// stop the workload within `grace` (it SIGKILLs it at the deadline, syncs and
+    /// reboots, which ends the VMM); [`GUEST_MARGIN`] after the deadline the VMM's own
+    /// control is used (`vmm_stop`: QMP quit, SendCtrlAltDel); [`VMM_MARGIN`] later the
+    /// VMM is killed (`kill`). The stop is graceful only when the VMM ended in the
+    /// first step and the workload was not SIGKILLed; `exit_code` is the workload's.
+    pub async fn stop_escalating<F: std::future::Future<Output = ()>>(
+        &self,
+        grace: Duration,
+        vmm_stop: F,
+        kill: impl FnOnce(),
+    ) -> crate::runtime::StopOutcome {
+        let outcome = |graceful: bool| crate::runtime::StopOutcome {
+            graceful: graceful && !self.workload_killed(),
+            exit_code: self.workload_exit(),
+        };
+        if self.has_exited() {
+            return outcome(true);
+        }
+        let start = tokio::time::Instant::now();
+        self.request_guest_stop(grace);
+        if self.wait_exit(start + grace + GUEST_MARGIN).await {
+            return outcome(true);
+        }
+        vmm_stop.await;
+        if self
+            .wait_exit(tokio::time::Instant::now() + VMM_MARGIN)
+            .await
+        {
+            return outcome(false);
+        }
+        kill();
+        self.wait_exit(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+        outcome(false)
     }
 
     /// Stops the task (the VMM itself is not touched).
@@ -181,7 +237,7 @@ async fn run(
     mut events: Events,
     mut stop_rx: mpsc::UnboundedReceiver<Duration>,
     exit_tx: watch::Sender<Option<ExitStatus>>,
-    workload_exit: Arc<Mutex<Option<i32>>>,
+    workload_exit: Arc<Mutex<Option<WorkloadExit>>>,
 ) {
     let MonitorArgs {
         instance,
@@ -240,7 +296,7 @@ async fn guest(
     a: &GuestSide,
     events: &mut Events,
     stop_rx: &mut mpsc::UnboundedReceiver<Duration>,
-    workload_exit: &Mutex<Option<i32>>,
+    workload_exit: &Mutex<Option<WorkloadExit>>,
 ) {
     let mut session = loop {
         let accept = accept_guest(&a.listener, &a.instance, a.config.clone(), a.handshake);
@@ -268,7 +324,7 @@ async fn guest(
                 Ok(GuestEvent::WorkloadStarted { .. }) => events.send(VmEvent::WorkloadStarted),
                 Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
                     let code = code.or(signal.map(|s| 128 + s)).unwrap_or(128);
-                    *lock(workload_exit) = Some(code);
+                    *lock(workload_exit) = Some(WorkloadExit { code, killed: signal == Some(9) });
                     events.send(VmEvent::Exited { code, oom_killed });
                 }
                 Ok(GuestEvent::Failed { reason, detail }) => {
