@@ -82,7 +82,7 @@ async fn each_firecracker_exit_code_is_named_in_the_error() {
             "{code}: {e}"
         );
         assert_eq!(
-            RuntimeError::VmmStart(e).reason().as_str(),
+            RuntimeError::VmmStart(e.into()).reason().as_str(),
             "firecracker_start_failed"
         );
     }
@@ -119,7 +119,8 @@ async fn crash_after_instance_start_is_a_vmm_exit_with_meaning_and_log_tail() {
     // Before the handshake a VMM exit fails the boot (firecracker_start_failed) with
     // the exit code's meaning and the VMM's last log lines, as in every runtime.
     match ev {
-        VmEvent::Failed(RuntimeError::VmmStart(detail)) => {
+        VmEvent::Failed(RuntimeError::VmmStart(cause)) => {
+            let detail = cause.to_string();
             assert!(
                 detail.contains("VMM exited before the guest handshake"),
                 "{detail}"

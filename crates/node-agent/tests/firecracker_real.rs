@@ -415,9 +415,10 @@ fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_le
             let ev = tokio::time::timeout(Duration::from_secs(20), rt.next_event(&vm))
                 .await
                 .expect("an event within the handshake deadline");
-            let VmEvent::Failed(RuntimeError::VmmStart(msg)) = ev else {
+            let VmEvent::Failed(RuntimeError::VmmStart(cause)) = ev else {
                 panic!("{ev:?}")
             };
+            let msg = cause.to_string();
             assert!(msg.contains("guest handshake did not complete"), "{msg}");
             assert!(
                 msg.contains("last VMM log lines") && msg.contains("Firecracker"),
@@ -572,9 +573,10 @@ fn real_firecracker_refusing_its_kernel_fails_the_start_with_its_own_words() {
                 .start(&id, &w, boot("b1"))
                 .await
                 .expect_err("a bad kernel must fail");
-            let RuntimeError::VmmStart(msg) = &err else {
+            let RuntimeError::VmmStart(_) = &err else {
                 panic!("{err:?}")
             };
+            let msg = err.to_string();
             assert!(
                 msg.contains("InstanceStart") || msg.contains("/actions"),
                 "{msg}"

@@ -76,7 +76,7 @@ impl HostPrep {
         let mut dns = Vec::new();
         for d in w.spec.network.dns.iter().flatten() {
             dns.push(d.parse::<IpAddr>().map_err(|_| {
-                RuntimeError::Network(format!("network.dns {d:?} is not an IP address"))
+                RuntimeError::Network(format!("network.dns {d:?} is not an IP address").into())
             })?);
         }
         Ok(NetworkConfig {
@@ -176,7 +176,7 @@ impl Host {
     async fn prepare_scratch(&self, id: &InstanceId, bytes: u64) -> Result<PathBuf, RuntimeError> {
         let dir = self.instance_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| {
-            RuntimeError::RootfsBuild(format!("instance directory {}: {e}", dir.display()))
+            RuntimeError::RootfsBuild(format!("instance directory {}: {e}", dir.display()).into())
         })?;
         let path = dir.join("scratch.ext4");
         self.ledger_add(KIND_DISK, &path.display().to_string(), id, None)
@@ -190,7 +190,7 @@ impl Host {
         let to = tmp.clone();
         tokio::task::spawn_blocking(move || sparse_copy(&template, &to))
             .await
-            .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk copy: {e}")))?
+            .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk copy: {e}").into()))?
             .map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 scratch_err(&tmp, "copy of the template", e)
@@ -210,9 +210,9 @@ impl Host {
         if !path.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| scratch_err(&dir, "create", e))?;
             let tmp = dir.join(format!("scratch-{bytes}.ext4.tmp"));
-            make_ext4(&tmp, bytes)
-                .await
-                .map_err(|e| RuntimeError::RootfsBuild(format!("scratch disk template: {e}")))?;
+            make_ext4(&tmp, bytes).await.map_err(|e| {
+                RuntimeError::RootfsBuild(format!("scratch disk template: {e}").into())
+            })?;
             std::fs::rename(&tmp, &path).map_err(|e| scratch_err(&path, "rename", e))?;
             evict_templates(&dir, &path);
         }
@@ -241,30 +241,28 @@ impl Host {
         let rows = self.rows().await?;
         let dir = self.data_dir.join("volumes");
         std::fs::create_dir_all(&dir).map_err(|e| {
-            RuntimeError::Volume(format!("volumes directory {}: {e}", dir.display()))
+            RuntimeError::Volume(format!("volumes directory {}: {e}", dir.display()).into())
         })?;
         let mut out = Vec::new();
         for m in mounts {
             let vid = &m.volume_id;
             if vid.is_empty() || vid.contains('/') || vid.starts_with('.') || vid.len() > 128 {
-                return Err(RuntimeError::Volume(format!(
-                    "volume id {vid:?} is not a valid file name"
-                )));
+                return Err(RuntimeError::Volume(
+                    format!("volume id {vid:?} is not a valid file name").into(),
+                ));
             }
             if m.filesystem != "ext4" {
-                return Err(RuntimeError::Volume(format!(
-                    "volume {vid}: filesystem {:?} is not ext4",
-                    m.filesystem
-                )));
+                return Err(RuntimeError::Volume(
+                    format!("volume {vid}: filesystem {:?} is not ext4", m.filesystem).into(),
+                ));
             }
             if let Some(other) = rows
                 .iter()
                 .find(|r| r.kind == KIND_VOLUME && r.name == *vid && r.instance_id != id.as_str())
             {
-                return Err(RuntimeError::Volume(format!(
-                    "volume {vid} is attached to instance {}",
-                    other.instance_id
-                )));
+                return Err(RuntimeError::Volume(
+                    format!("volume {vid} is attached to instance {}", other.instance_id).into(),
+                ));
             }
             self.ledger_add(KIND_VOLUME, vid, id, None).await?;
             let path = dir.join(format!("{vid}.ext4"));
@@ -272,9 +270,10 @@ impl Host {
                 let tmp = dir.join(format!("{vid}.ext4.tmp"));
                 make_ext4(&tmp, self.config.volume_default_bytes)
                     .await
-                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: {e}")))?;
-                std::fs::rename(&tmp, &path)
-                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: rename: {e}")))?;
+                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: {e}").into()))?;
+                std::fs::rename(&tmp, &path).map_err(|e| {
+                    RuntimeError::Volume(format!("volume {vid}: rename: {e}").into())
+                })?;
             }
             out.push((vid.clone(), path, m.read_only));
         }
@@ -290,7 +289,7 @@ impl Host {
         w: &Workload,
     ) -> Result<TapPlan, RuntimeError> {
         let ipv6 = network::parse_ipv6(&w.spec.network.overlay_ipv6)
-            .map_err(|e| RuntimeError::Network(e.to_string()))?;
+            .map_err(|e| RuntimeError::Network(crate::runtime::Cause::of(e)))?;
         let tap = network::tap_name(id.as_str());
         let allocating = self.allocation.lock().await;
         let rows = self.rows().await?;
@@ -317,10 +316,9 @@ impl Host {
                     .map(|k| (start + k) % count)
                     .find(|i| !taken.contains(i))
                     .ok_or_else(|| {
-                        RuntimeError::Network(format!(
-                            "ipv4 pool {} is exhausted",
-                            self.config.ipv4_pool
-                        ))
+                        RuntimeError::Network(
+                            format!("ipv4 pool {} is exhausted", self.config.ipv4_pool).into(),
+                        )
                     })?
             }
         };
@@ -346,13 +344,14 @@ impl Host {
                     tap,
                     instance_id: id.to_string(),
                 }
-                .to_string(),
+                .to_string()
+                .into(),
             ));
         }
         self.ledger_add(KIND_TAP, &tap, id, Some(detail)).await?;
         network::setup(&plan, true)
             .await
-            .map_err(|e| RuntimeError::Network(e.to_string()))?;
+            .map_err(|e| RuntimeError::Network(crate::runtime::Cause::of(e)))?;
         Ok(plan)
     }
 
@@ -366,7 +365,8 @@ impl Host {
             match r.kind.as_str() {
                 KIND_TAP => {
                     if let Err(e) = network::teardown(&r.name).await {
-                        first_err.get_or_insert(RuntimeError::Network(e.to_string()));
+                        first_err
+                            .get_or_insert(RuntimeError::Network(crate::runtime::Cause::of(e)));
                         continue;
                     }
                 }
@@ -436,9 +436,9 @@ fn evict_templates(dir: &Path, keep: &Path) {
 fn scratch_err(path: &Path, what: &str, e: std::io::Error) -> RuntimeError {
     let msg = format!("scratch disk {}: {what}: {e}", path.display());
     if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
-        RuntimeError::NoSpace(msg)
+        RuntimeError::NoSpace(msg.into())
     } else {
-        RuntimeError::RootfsBuild(msg)
+        RuntimeError::RootfsBuild(msg.into())
     }
 }
 

@@ -274,7 +274,7 @@ impl MockRuntime {
             store
                 .call(f)
                 .await
-                .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}")))?;
+                .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}").into()))?;
         }
         Ok(())
     }
@@ -441,7 +441,7 @@ impl Runtime for MockRuntime {
             })
             .await?;
             tokio::fs::create_dir_all(&dir).await.map_err(|e| {
-                RuntimeError::RootfsBuild(format!("cannot create {}: {e}", dir.display()))
+                RuntimeError::RootfsBuild(format!("cannot create {}: {e}", dir.display()).into())
             })?;
         }
         Ok(())
@@ -483,14 +483,14 @@ impl Runtime for MockRuntime {
                 })
             })
             .await?;
-            let json =
-                serde_json::to_vec(&rec).map_err(|e| RuntimeError::VmmStart(e.to_string()))?;
+            let json = serde_json::to_vec(&rec)
+                .map_err(|e| RuntimeError::VmmStart(crate::runtime::Cause::of(e)))?;
             let tmp = dir.join("mock-vm.json.tmp");
             tokio::fs::write(&tmp, json).await.map_err(|e| {
-                RuntimeError::VmmStart(format!("cannot write {}: {e}", tmp.display()))
+                RuntimeError::VmmStart(format!("cannot write {}: {e}", tmp.display()).into())
             })?;
             tokio::fs::rename(&tmp, &path).await.map_err(|e| {
-                RuntimeError::VmmStart(format!("cannot write {}: {e}", path.display()))
+                RuntimeError::VmmStart(format!("cannot write {}: {e}", path.display()).into())
             })?;
         }
         let vm = Arc::new(MockVm {
@@ -592,10 +592,9 @@ impl Runtime for MockRuntime {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
             Err(e) => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "cannot list {}: {e}",
-                    root.display()
-                )))
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot list {}: {e}", root.display()).into(),
+                ))
             }
         };
         while let Ok(Some(entry)) = entries.next_entry().await {
@@ -647,10 +646,9 @@ impl Runtime for MockRuntime {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(RuntimeError::VmmStart(format!(
-                        "cannot remove {}: {e}",
-                        dir.display()
-                    )))
+                    return Err(RuntimeError::VmmStart(
+                        format!("cannot remove {}: {e}", dir.display()).into(),
+                    ))
                 }
             }
             let iid = id.to_string();

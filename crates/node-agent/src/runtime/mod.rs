@@ -40,34 +40,108 @@ pub fn parse_ipv4_pool(pool: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
     Ok((a, l))
 }
 
-/// What a runtime failure means for the instance. The mapping to a reason code is the
-/// one `match` in [`RuntimeError::reason`].
+/// What failed (one line, never a secret) and, where one exists, the typed error that
+/// caused it (an I/O, network, image, cgroup or ledger error), reachable through
+/// [`std::error::Error::source`].
+#[derive(Debug, Clone)]
+pub struct Cause {
+    what: String,
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Cause {
+    /// A failure described by `what` alone.
+    pub fn new(what: impl Into<String>) -> Cause {
+        Cause {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// `what` failed because of `source`.
+    pub fn because(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Cause {
+        Cause {
+            what: what.into(),
+            source: Some(std::sync::Arc::new(source)),
+        }
+    }
+
+    /// A typed error that says it all.
+    pub fn of(source: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause::because(String::new(), source)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.source, self.what.is_empty()) {
+            (Some(s), true) => write!(f, "{s}"),
+            (Some(s), false) => write!(f, "{}: {s}", self.what),
+            (None, _) => f.write_str(&self.what),
+        }
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Equal when they say the same (the typed sources are not comparable).
+impl PartialEq for Cause {
+    fn eq(&self, other: &Cause) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}
+
+impl From<String> for Cause {
+    fn from(what: String) -> Cause {
+        Cause::new(what)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(what: &str) -> Cause {
+        Cause::new(what)
+    }
+}
+
+/// What a runtime failure means for the instance, with its cause. The mapping to a
+/// reason code is the one `match` in [`RuntimeError::reason`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     /// Pulling the image failed.
-    #[error("{0}")]
-    ImagePull(String),
+    #[error(transparent)]
+    ImagePull(Cause),
     /// Building the root disk failed.
-    #[error("{0}")]
-    RootfsBuild(String),
+    #[error(transparent)]
+    RootfsBuild(Cause),
     /// The host's disk is full (a `rootfs_build_failed` that also degrades the node).
-    #[error("{0}")]
-    NoSpace(String),
+    #[error(transparent)]
+    NoSpace(Cause),
     /// The VMM did not start, refused its configuration, or died before the handshake.
-    #[error("{0}")]
-    VmmStart(String),
+    #[error(transparent)]
+    VmmStart(Cause),
     /// Host or guest network setup failed.
-    #[error("{0}")]
-    Network(String),
+    #[error(transparent)]
+    Network(Cause),
     /// A volume could not be attached or mounted.
-    #[error("{0}")]
-    Volume(String),
+    #[error(transparent)]
+    Volume(Cause),
     /// Secrets could not be written in the guest.
-    #[error("{0}")]
-    SecretsInjection(String),
+    #[error(transparent)]
+    SecretsInjection(Cause),
     /// The host cgroup of the VMM processes OOM-killed one of them.
-    #[error("{0}")]
-    HostOom(String),
+    #[error(transparent)]
+    HostOom(Cause),
     /// The guest reported a failure with its own reason.
     #[error("{detail}")]
     Guest {
@@ -99,11 +173,11 @@ impl RuntimeError {
 impl From<crate::image::ImageError> for RuntimeError {
     fn from(e: crate::image::ImageError) -> Self {
         if e.is_no_space() {
-            RuntimeError::NoSpace(e.to_string())
+            RuntimeError::NoSpace(Cause::of(e))
         } else if e.reason() == ReasonCode::RootfsBuildFailed {
-            RuntimeError::RootfsBuild(e.to_string())
+            RuntimeError::RootfsBuild(Cause::of(e))
         } else {
-            RuntimeError::ImagePull(e.to_string())
+            RuntimeError::ImagePull(Cause::of(e))
         }
     }
 }
@@ -207,10 +281,29 @@ mod tests {
     use crate::image::ImageError;
 
     #[test]
+    fn a_runtime_error_keeps_its_typed_cause_as_the_source() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = RuntimeError::VmmStart(Cause::because("cannot execute /x/vmm", io));
+        assert!(e.to_string().starts_with("cannot execute /x/vmm: "), "{e}");
+        let src = std::error::Error::source(&e).expect("a source");
+        assert!(src.downcast_ref::<std::io::Error>().is_some(), "{src:?}");
+        let plain = RuntimeError::Volume("more than 24 volumes".into());
+        assert!(std::error::Error::source(&plain).is_none());
+        assert_eq!(plain.to_string(), "more than 24 volumes");
+        let image = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(5));
+        let text = image.to_string();
+        let e = RuntimeError::from(image);
+        assert_eq!(e.to_string(), text);
+        assert!(std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<ImageError>())
+            .is_some());
+    }
+
+    #[test]
     fn image_errors_map_to_runtime_errors_and_disk_full_is_its_own_kind() {
         let full = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(28));
         assert!(
-            matches!(RuntimeError::from(full), RuntimeError::NoSpace(m) if m.contains("no space"))
+            matches!(RuntimeError::from(full), RuntimeError::NoSpace(m) if m.to_string().contains("no space"))
         );
         let build = ImageError::build_io("write", "/x", std::io::Error::from_raw_os_error(5));
         assert!(matches!(

@@ -245,9 +245,9 @@ impl HostResources for TestHost {
     ) -> Result<PreparedHost, RuntimeError> {
         let scratch = instance_dir.join("scratch.ext4");
         let f = std::fs::File::create(&scratch)
-            .map_err(|e| RuntimeError::RootfsBuild(e.to_string()))?;
+            .map_err(|e| RuntimeError::RootfsBuild(plfm_node_agent::runtime::Cause::of(e)))?;
         f.set_len(1 << 30)
-            .map_err(|e| RuntimeError::RootfsBuild(e.to_string()))?;
+            .map_err(|e| RuntimeError::RootfsBuild(plfm_node_agent::runtime::Cause::of(e)))?;
         let mut mounts = workload.spec.mounts.clone().unwrap_or_default();
         mounts.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
         let volumes = mounts

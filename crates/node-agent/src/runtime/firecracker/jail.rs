@@ -98,10 +98,9 @@ pub(super) fn remove(root: &Path) -> Result<(), RuntimeError> {
     match std::fs::remove_dir_all(&jail) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(RuntimeError::VmmStart(format!(
-            "cannot remove jail {}: {e}",
-            jail.display()
-        ))),
+        Err(e) => Err(RuntimeError::VmmStart(
+            format!("cannot remove jail {}: {e}", jail.display()).into(),
+        )),
     }
 }
 
@@ -118,10 +117,9 @@ pub(super) async fn remove_cgroup_dir(dir: &Path) -> Result<(), RuntimeError> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "cannot remove the VMM's cgroup {}: {e}",
-                    dir.display()
-                )))
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot remove the VMM's cgroup {}: {e}", dir.display()).into(),
+                ))
             }
         }
     }

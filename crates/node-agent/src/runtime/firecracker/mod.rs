@@ -530,9 +530,9 @@ impl FirecrackerRuntime {
             });
         };
         if let process::JailerCgroups::Unavailable(why) = &self.jailer_cgroups {
-            return Err(RuntimeError::VmmStart(format!(
-                "jailed VMs cannot run on this host: {why}"
-            )));
+            return Err(RuntimeError::VmmStart(
+                format!("jailed VMs cannot run on this host: {why}").into(),
+            ));
         }
         Ok(process::Launch {
             program: jailer.clone(),
@@ -590,7 +590,7 @@ impl FirecrackerRuntime {
         let mut watch = Watch::Child(spawned.child);
         if let Err(e) = write_record(&record_path, record) {
             watch.kill().await;
-            return Err(RuntimeError::VmmStart(e));
+            return Err(RuntimeError::VmmStart(e.into()));
         }
         #[cfg(target_os = "linux")]
         let oom = oom.map(|o| o.into_check());
@@ -614,17 +614,25 @@ impl FirecrackerRuntime {
             Ok(()) => {}
             Err(vproc::SocketWait::Timeout) => {
                 watch.kill().await;
-                return Err(RuntimeError::VmmStart(evidence.attach(format!(
-                    "firecracker API socket {} did not appear within {boot_timeout:?}",
-                    layout.api_sock.display()
-                ))));
+                return Err(RuntimeError::VmmStart(
+                    evidence
+                        .attach(format!(
+                            "firecracker API socket {} did not appear within {boot_timeout:?}",
+                            layout.api_sock.display()
+                        ))
+                        .into(),
+                ));
             }
             Err(vproc::SocketWait::Exited(st)) => {
-                return Err(RuntimeError::VmmStart(evidence.attach(format!(
-                    "{} exited before serving its API: {}",
-                    launch.program.display(),
-                    st.describe(process::exit_code_meaning)
-                ))));
+                return Err(RuntimeError::VmmStart(
+                    evidence
+                        .attach(format!(
+                            "{} exited before serving its API: {}",
+                            launch.program.display(),
+                            st.describe(process::exit_code_meaning)
+                        ))
+                        .into(),
+                ));
             }
         }
         let client = self.api(&layout.api_sock);
@@ -646,7 +654,7 @@ impl FirecrackerRuntime {
                 };
                 watch.kill().await;
                 return Err(RuntimeError::VmmStart(
-                    evidence.attach(format!("{e}{exit}")),
+                    evidence.attach(format!("{e}{exit}")).into(),
                 ));
             }
         }
@@ -738,12 +746,15 @@ impl Runtime for FirecrackerRuntime {
 
     async fn prepare(&self, id: &InstanceId, workload: &Workload) -> Result<(), RuntimeError> {
         // A host that cannot run VMMs fails the instance before pulling anything.
-        self.config.check_host().map_err(RuntimeError::VmmStart)?;
+        self.config
+            .check_host()
+            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         let dir = self.instance_dir(id);
         self.ledger_add(id, "instance_dir", dir.display().to_string(), None)
             .await;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| RuntimeError::VmmStart(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            RuntimeError::VmmStart(format!("cannot create {}: {e}", dir.display()).into())
+        })?;
         let prepared = self.host.prepare(id, workload, &dir).await?;
         lock(&self.prepared).insert(id.clone(), prepared);
         Ok(())
@@ -755,11 +766,14 @@ impl Runtime for FirecrackerRuntime {
         workload: &Workload,
         boot: BootContext,
     ) -> Result<VmHandle, RuntimeError> {
-        let resolved = self.config.check_host().map_err(RuntimeError::VmmStart)?;
+        let resolved = self
+            .config
+            .check_host()
+            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         let Some(prepared) = lock(&self.prepared).get(id).cloned() else {
-            return Err(RuntimeError::VmmStart(format!(
-                "instance {id} was not prepared"
-            )));
+            return Err(RuntimeError::VmmStart(
+                format!("instance {id} was not prepared").into(),
+            ));
         };
         let config = guest::guest_config(
             workload,
@@ -769,21 +783,25 @@ impl Runtime for FirecrackerRuntime {
         )?;
         let layout = self.layout(id, &resolved);
         std::fs::create_dir_all(&layout.dir).map_err(|e| {
-            RuntimeError::VmmStart(format!("cannot create {}: {e}", layout.dir.display()))
+            RuntimeError::VmmStart(format!("cannot create {}: {e}", layout.dir.display()).into())
         })?;
         if let Some(root) = &layout.chroot {
             self.ledger_add(id, "chroot", root.display().to_string(), None)
                 .await;
-            jail::populate(root, &self.config, &prepared).map_err(RuntimeError::VmmStart)?;
+            jail::populate(root, &self.config, &prepared)
+                .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         }
         jail::fresh_files(&layout, self.config.uid, self.config.gid)
-            .map_err(RuntimeError::VmmStart)?;
+            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         // The guest connects once, early: listen before the VMM exists.
         let listener = bind_guest_listener(&layout.vsock_uds).map_err(|e| {
-            RuntimeError::VmmStart(format!(
-                "cannot listen on {}: {e}",
-                crate::guest::guest_socket_path(&layout.vsock_uds).display()
-            ))
+            RuntimeError::VmmStart(
+                format!(
+                    "cannot listen on {}: {e}",
+                    crate::guest::guest_socket_path(&layout.vsock_uds).display()
+                )
+                .into(),
+            )
         })?;
         let launch = self.launch(id, workload, &resolved, &layout)?;
         let mut record = VmmRecord {
@@ -864,10 +882,9 @@ impl Runtime for FirecrackerRuntime {
             Ok(e) => e.flatten().collect::<Vec<_>>(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
             Err(e) => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "cannot list {}: {e}",
-                    root.display()
-                )))
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot list {}: {e}", root.display()).into(),
+                ))
             }
         };
         for entry in entries {
@@ -942,10 +959,9 @@ impl Runtime for FirecrackerRuntime {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(RuntimeError::VmmStart(format!(
-                    "cannot remove {}: {e}",
-                    dir.display()
-                )))
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot remove {}: {e}", dir.display()).into(),
+                ))
             }
         }
         if let Some(store) = &self.ledger {

@@ -244,7 +244,8 @@ impl QemuRuntime {
                 Err(RuntimeError::VmmStart(
                     paths
                         .evidence()
-                        .attach(format!("vhost-device-vsock: {what}")),
+                        .attach(format!("vhost-device-vsock: {what}"))
+                        .into(),
                 ))
             }
         }
@@ -362,7 +363,7 @@ impl Runtime for QemuRuntime {
     async fn prepare(&self, id: &InstanceId, w: &Workload) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| {
-            RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()))
+            RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()).into())
         })?;
         let root = rootdisk::prepare(&self.images, id, w).await?;
         let host = self.host.prepare(id, w).await?;
@@ -377,16 +378,15 @@ impl Runtime for QemuRuntime {
         boot: BootContext,
     ) -> Result<VmHandle, RuntimeError> {
         let p = lock(&self.prepared).get(id).cloned().ok_or_else(|| {
-            RuntimeError::VmmStart(format!("instance {id}: start before prepare"))
+            RuntimeError::VmmStart(format!("instance {id}: start before prepare").into())
         })?;
         let kernel = self.config.kernel.clone().unwrap_or_default();
         let initramfs = self.config.initramfs.clone().unwrap_or_default();
         for (what, f) in [("kernel", &kernel), ("initramfs", &initramfs)] {
             if !f.is_file() {
-                return Err(RuntimeError::VmmStart(format!(
-                    "runtime.qemu.{what} {}: no such file",
-                    f.display()
-                )));
+                return Err(RuntimeError::VmmStart(
+                    format!("runtime.qemu.{what} {}: no such file", f.display()).into(),
+                ));
             }
         }
         let network = Some(p.host.guest_network(w)?);
@@ -398,7 +398,7 @@ impl Runtime for QemuRuntime {
             let _ = std::fs::remove_file(s);
         }
         let listener = bind_guest_listener(&paths.uds).map_err(|e| {
-            RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()))
+            RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()).into())
         })?;
         let handle = VmHandle {
             instance_id: id.clone(),
@@ -602,7 +602,7 @@ impl QemuRuntime {
     ) -> Result<VmHandle, RuntimeError> {
         let paths = Paths::of(self.instance_dir(id));
         let listener = bind_guest_listener(&paths.uds).map_err(|e| {
-            RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()))
+            RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()).into())
         })?;
         let handle = VmHandle {
             instance_id: id.clone(),

@@ -159,7 +159,7 @@ impl VmmCgroups {
             kill_unrecorded(&g);
             g.remove(Duration::from_secs(5))
                 .await
-                .map_err(|e| RuntimeError::VmmStart(e.to_string()))?;
+                .map_err(|e| RuntimeError::VmmStart(crate::runtime::Cause::of(e)))?;
             ledger.remove(KIND_CGROUP, &r.name).await;
         }
         Ok(())

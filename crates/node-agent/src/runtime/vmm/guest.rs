@@ -61,9 +61,9 @@ pub fn parse_user(user: Option<&str>) -> Result<(u32, u32), RuntimeError> {
         return Ok((0, 0));
     };
     let bad = || {
-        RuntimeError::VmmStart(format!(
-            "image user {u:?}: only a numeric uid[:gid] is supported"
-        ))
+        RuntimeError::VmmStart(
+            format!("image user {u:?}: only a numeric uid[:gid] is supported").into(),
+        )
     };
     let (a, b) = u.split_once(':').unwrap_or((u, ""));
     let uid: u32 = a.parse().map_err(|_| bad())?;
@@ -85,7 +85,7 @@ fn spec_network(w: &Workload) -> Result<Option<gp::NetworkConfig>, RuntimeError>
     let mut dns = Vec::new();
     for d in n.dns.iter().flatten() {
         dns.push(d.parse::<IpAddr>().map_err(|_| {
-            RuntimeError::Network(format!("network.dns {d:?} is not an IP address"))
+            RuntimeError::Network(format!("network.dns {d:?} is not an IP address").into())
         })?);
     }
     Ok(Some(gp::NetworkConfig {
@@ -172,10 +172,13 @@ pub fn guest_config(
 fn secrets_data(m: &SecretMaterial) -> Result<gp::SecretsData, RuntimeError> {
     match std::str::from_utf8(m.bytes()) {
         Ok(text) => Ok(gp::SecretsData::new(text.to_string())),
-        Err(_) => Err(RuntimeError::SecretsInjection(format!(
-            "secrets version {} is not UTF-8 (secrets format v1 is UTF-8 text)",
-            m.version_id
-        ))),
+        Err(_) => Err(RuntimeError::SecretsInjection(
+            format!(
+                "secrets version {} is not UTF-8 (secrets format v1 is UTF-8 text)",
+                m.version_id
+            )
+            .into(),
+        )),
     }
 }
 

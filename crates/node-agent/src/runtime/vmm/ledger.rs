@@ -4,7 +4,7 @@
 //!
 //! This module only reads and writes rows; it creates and removes nothing else.
 
-use crate::runtime::RuntimeError;
+use crate::runtime::{Cause, RuntimeError};
 use crate::spec::InstanceId;
 use crate::state::{ResourceRow, Store};
 
@@ -30,7 +30,7 @@ impl Ledger {
         self.0
             .call(move |s| s.resource_add(&row))
             .await
-            .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}")))
+            .map_err(|e| RuntimeError::VmmStart(Cause::because("resource ledger", e)))
     }
 
     /// Removes a row (after the resource is gone); a failure is logged.
@@ -46,7 +46,7 @@ impl Ledger {
         self.0
             .call(|s| s.resources())
             .await
-            .map_err(|e| RuntimeError::VmmStart(format!("resource ledger: {e}")))
+            .map_err(|e| RuntimeError::VmmStart(Cause::because("resource ledger", e)))
     }
 
     /// Removes every row of instance `id`.

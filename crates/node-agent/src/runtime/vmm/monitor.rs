@@ -279,9 +279,9 @@ async fn run(
     let detail = g.evidence.attach(status.describe(exit_meaning));
     let oom = g.oom.as_ref().and_then(|f| f());
     let ev = match oom {
-        Some(oom) => VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; {detail}"))),
+        Some(oom) => VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; {detail}").into())),
         None if !events.handshake_done && !g.adopted => VmEvent::Failed(RuntimeError::VmmStart(
-            format!("VMM exited before the guest handshake: {detail}"),
+            format!("VMM exited before the guest handshake: {detail}").into(),
         )),
         None => VmEvent::VmmExited {
             code: status.code,
@@ -309,7 +309,7 @@ async fn guest(
             Err(e) => {
                 let detail = a.evidence.attach(e.to_string());
                 events.send(VmEvent::Failed(match e.reason() {
-                    ReasonCode::FirecrackerStartFailed => RuntimeError::VmmStart(detail),
+                    ReasonCode::FirecrackerStartFailed => RuntimeError::VmmStart(detail.into()),
                     reason => RuntimeError::Guest { reason, detail },
                 }));
                 return std::future::pending().await;
@@ -334,7 +334,7 @@ async fn guest(
                     // The channel ended. A host cgroup OOM kill of a helper process
                     // (vhost-device-vsock) cuts the guest off: that is this VM's end.
                     if let Some(oom) = a.oom.as_ref().and_then(|f| f()) {
-                        events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed"))));
+                        events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed").into())));
                     }
                     return std::future::pending().await;
                 }

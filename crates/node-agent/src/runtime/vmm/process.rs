@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::Cause;
+
 /// A process identified by pid and start time (`/proc/<pid>/stat` field 22).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessId {
@@ -184,19 +186,24 @@ pub fn spawn_detached(
     args: &[String],
     log: &Path,
     cgroup: Option<&crate::cgroup::Entry>,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, Cause> {
     let cgroup = cgroup
         .map(crate::cgroup::Entry::try_clone)
         .transpose()
-        .map_err(|e| format!("cannot start {}: cgroup.procs: {e}", program.display()))?;
+        .map_err(|e| {
+            Cause::because(
+                format!("cannot start {}: cgroup.procs", program.display()),
+                e,
+            )
+        })?;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        .map_err(|e| Cause::because(format!("cannot open {}", log.display()), e))?;
     let err = out
         .try_clone()
-        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        .map_err(|e| Cause::because(format!("cannot open {}", log.display()), e))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
@@ -218,14 +225,17 @@ pub fn spawn_detached(
     }
     let child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            format!("{}: not found (is it installed?)", program.display())
+            Cause::because(
+                format!("{}: not found (is it installed?)", program.display()),
+                e,
+            )
         } else {
-            format!("cannot execute {}: {e}", program.display())
+            Cause::because(format!("cannot execute {}", program.display()), e)
         }
     })?;
     let pid = child
         .id()
-        .ok_or_else(|| format!("{} exited at once", program.display()))?;
+        .ok_or_else(|| Cause::new(format!("{} exited at once", program.display())))?;
     if std::env::var(FAULT_ABORT_AFTER_SPAWN).as_deref() == Ok("1") {
         tracing::error!(
             pid,
@@ -244,8 +254,11 @@ pub fn spawn_detached(
     _args: &[String],
     _log: &Path,
     _cgroup: Option<&()>,
-) -> Result<Spawned, String> {
-    Err(format!("{}: VMMs run only on Linux", program.display()))
+) -> Result<Spawned, Cause> {
+    Err(Cause::new(format!(
+        "{}: VMMs run only on Linux",
+        program.display()
+    )))
 }
 
 /// Why a socket did not appear.
@@ -365,9 +378,9 @@ mod tests {
             &d.path().join("log"),
             None,
         );
-        assert!(missing
-            .err()
-            .unwrap()
-            .contains("/nonexistent/vmm: not found"));
+        let e = missing.err().unwrap();
+        assert!(e.to_string().contains("/nonexistent/vmm: not found"), "{e}");
+        let io = std::error::Error::source(&e).expect("the spawn's I/O error is the source");
+        assert!(io.to_string().contains("No such file"), "{io}");
     }
 }

@@ -52,10 +52,13 @@ pub async fn prepare(
     if process.argv.is_empty() {
         // The disk stays cached but not pinned by an instance that cannot run.
         release(images, id);
-        return Err(RuntimeError::VmmStart(format!(
-            "image {} has no entrypoint or cmd and the spec has no command",
-            w.digest
-        )));
+        return Err(RuntimeError::VmmStart(
+            format!(
+                "image {} has no entrypoint or cmd and the spec has no command",
+                w.digest
+            )
+            .into(),
+        ));
     }
     Ok(RootDisk {
         path: disk.path,
