@@ -1,5 +1,10 @@
 //! Helpers shared by the unit tests. Test-only; nothing here runs in the agent.
 
+/// The one system-test gate of the workspace (`PLFM_REQUIRE_SYSTEM_TESTS=1` turns a
+/// missing prerequisite into a failure), shared with the integration tests.
+#[path = "../tests/common/gate.rs"]
+pub(crate) mod gate;
+
 use std::time::Duration;
 
 use tokio::sync::watch;

@@ -191,19 +191,8 @@ async fn vmm_exit_before_the_handshake_fails_cleans_up_and_restarts() {
     }
 }
 
-/// The agent binary, killed on drop.
-struct AgentProcess(std::process::Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_binary_with_firecracker_kind_and_no_binary_stays_healthy() {
-    let bin = env!("CARGO_BIN_EXE_plfm-node-agent");
     let tmp = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -235,16 +224,9 @@ binary = "/nonexistent/bin/firecracker"
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("agent.log")).unwrap();
-    let _agent = AgentProcess(
-        std::process::Command::new(bin)
-            .arg("--config")
-            .arg(tmp.path().join("agent.toml"))
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let _agent = common::agent::AgentProcess::spawn(
+        &tmp.path().join("agent.toml"),
+        &tmp.path().join("agent.log"),
     );
     plfm_node_agent::control_plane::http::ensure_crypto_provider();
     let view = common::wait::Poll::within(Duration::from_secs(30))

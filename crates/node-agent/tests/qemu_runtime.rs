@@ -94,27 +94,13 @@ struct Cleanup {
     cgroup_parent: Option<PathBuf>,
 }
 
-/// A memory cgroup parent of this test's own (`<own memory cgroup>/plfm-<tag>`): the
-/// path for `runtime.qemu.cgroup_parent` and its directory. `None` without a usable
-/// memory cgroup (the agent then runs VMMs without one).
+/// A memory cgroup parent of this test's own (`<own memory cgroup>/plfm-<tag>`), in
+/// the network namespace's mount namespace with the cgroups mounted again there.
 fn test_cgroup_parent(tag: &str) -> Option<(String, PathBuf)> {
-    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
     if std::env::var_os(NETNS_ENV).is_some() {
         mount_cgroups_in_netns();
     }
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-        .is_ok_and(|c| lists_memory(&c));
-    let (version, mount) = if v2 {
-        (Version::V2, "/sys/fs/cgroup")
-    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
-        (Version::V1, "/sys/fs/cgroup/memory")
-    } else {
-        return None;
-    };
-    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
-    let rel = format!("{}/plfm-{tag}", own.trim_end_matches('/'));
-    let dir = Path::new(mount).join(rel.trim_start_matches('/'));
-    Some((rel, dir))
+    vm_host::test_cgroup_parent(&format!("plfm-{tag}"))
 }
 
 /// `ip netns exec` mounts a fresh sysfs on /sys in its private mount namespace, which
@@ -425,6 +411,15 @@ fn qmp_quit(sock: &Path) {
     line.clear();
     r.read_line(&mut line).unwrap();
     w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+    // QEMU answers `quit` (or just closes the socket) once it has taken it.
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.contains("\"return\"") => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// GET `path` from `ip:port` (plain HTTP/1.0 over TCP) → body.

@@ -274,20 +274,7 @@ fn qemu_boot_files() -> Result<(PathBuf, PathBuf), String> {
 /// A memory cgroup parent of this lab's own, so one agent's start-up sweep never meets
 /// another's groups: (path for `cgroup_parent`, its directory).
 fn cgroup_parent(tag: &str) -> Option<(String, PathBuf)> {
-    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-        .is_ok_and(|c| lists_memory(&c));
-    let (version, mount) = if v2 {
-        (Version::V2, "/sys/fs/cgroup")
-    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
-        (Version::V1, "/sys/fs/cgroup/memory")
-    } else {
-        return None;
-    };
-    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
-    let rel = format!("{}/plfm-conf-{tag}", own.trim_end_matches('/'));
-    let dir = Path::new(mount).join(rel.trim_start_matches('/'));
-    Some((rel, dir))
+    vm_host::test_cgroup_parent(&format!("plfm-conf-{tag}"))
 }
 
 // ---------------------------------------------------------------- the lab

@@ -309,13 +309,6 @@ pub fn realistic_workload(instance: &str) -> Arc<Workload> {
 }
 
 /// Waits for `cond` with a deadline.
-pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+pub async fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    crate::common::wait::wait_until_async(what, timeout, cond).await
 }

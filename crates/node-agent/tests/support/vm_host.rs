@@ -140,3 +140,24 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// A memory cgroup parent of a test's own, `<this process's memory cgroup>/<name>` (v2
+/// with the memory controller, else v1): the path for a runtime's `cgroup_parent` and
+/// its directory, so one agent's start-up sweep of leftover groups never meets another
+/// test's VMMs. `None` without a usable memory cgroup.
+pub fn test_cgroup_parent(name: &str) -> Option<(String, PathBuf)> {
+    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| lists_memory(&c));
+    let (version, mount) = if v2 {
+        (Version::V2, "/sys/fs/cgroup")
+    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
+        (Version::V1, "/sys/fs/cgroup/memory")
+    } else {
+        return None;
+    };
+    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
+    let rel = format!("{}/{name}", own.trim_end_matches('/'));
+    let dir = Path::new(mount).join(rel.trim_start_matches('/'));
+    Some((rel, dir))
+}

@@ -648,12 +648,7 @@ mod tests {
     /// skips with a message without them, fails when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
     #[tokio::test]
     async fn process_spawned_into_a_small_cgroup_is_oom_killed_and_the_group_removed() {
-        let skip = |what: String| {
-            if std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() == Ok("1") {
-                panic!("system test prerequisite missing: {what} (PLFM_REQUIRE_SYSTEM_TESTS=1)");
-            }
-            eprintln!("SKIPPED: system test prerequisite missing: {what}");
-        };
+        let skip = |what: String| crate::testing::gate::skip_or_fail(&what);
         if !rustix::process::geteuid().is_root() {
             return skip("root (cgroups)".into());
         }
