@@ -111,8 +111,10 @@ impl SecretsFile {
                 ));
             }
             if !valid_key(key) {
+                // Possibly secret material (a PEM line with '=' padding): never shown.
                 return Err(format!(
-                    "secrets file line {n}: key {key:?} does not match [A-Z_][A-Z0-9_]*"
+                    "secrets file line {n}: the {} bytes before '=' are not a key ([A-Z_][A-Z0-9_]*; not shown)",
+                    key.len()
                 ));
             }
             if let Some(b64) = value.strip_prefix("base64:") {
@@ -242,8 +244,13 @@ mod tests {
         let cases = [
             ("", "header"),
             ("A=hunter2\n", "first non-empty line"),
-            ("# TRC_SECRETS_V1\nlower=hunter2\n", "does not match"),
-            ("# TRC_SECRETS_V1\n1A=hunter2\n", "does not match"),
+            ("# TRC_SECRETS_V1\nlower=hunter2\n", "are not a key"),
+            ("# TRC_SECRETS_V1\n1A=hunter2\n", "are not a key"),
+            // What stands before '=' may itself be secret (a PEM line with padding).
+            (
+                "# TRC_SECRETS_V1\nMIIEhunter2AgEAAoIBAQ==\n",
+                "are not a key",
+            ),
             (
                 "# TRC_SECRETS_V1\nA=hunter2\nA=hunter2\n",
                 "duplicate key A",

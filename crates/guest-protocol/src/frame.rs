@@ -98,11 +98,15 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, ProtocolError>
     serde_json::from_slice(line).map_err(malformed)
 }
 
-/// Bytes received but not yet returned as lines.
+/// Bytes received but not yet returned as lines. Taking a line only advances an
+/// offset; consumed bytes are dropped in one move when the buffer holds no further
+/// line, so a peer sending a flood of (blank) lines costs O(n), not O(n²).
 #[derive(Debug)]
 pub(crate) struct LineBuffer {
     pending: Vec<u8>,
-    /// Bytes of `pending` already searched for a newline.
+    /// Start of the bytes not yet returned (everything before is consumed).
+    start: usize,
+    /// Bytes of `pending` already searched for a newline (absolute index, >= start).
     scanned: usize,
     limit: usize,
 }
@@ -111,8 +115,18 @@ impl LineBuffer {
     pub(crate) fn new(limit: usize) -> Self {
         LineBuffer {
             pending: Vec::new(),
+            start: 0,
             scanned: 0,
             limit,
+        }
+    }
+
+    /// Drops the consumed prefix (one move of the unconsumed rest).
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.pending.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
         }
     }
 
@@ -124,31 +138,32 @@ impl LineBuffer {
                 .position(|&b| b == b'\n')
             else {
                 self.scanned = self.pending.len();
+                self.compact();
                 if self.pending.len() > self.limit {
                     return Err(ProtocolError::LineTooLong { limit: self.limit });
                 }
                 return Ok(None);
             };
             let end = self.scanned + rel;
-            if end > self.limit {
+            if end - self.start > self.limit {
                 return Err(ProtocolError::LineTooLong { limit: self.limit });
             }
-            let mut line: Vec<u8> = self.pending.drain(..=end).collect();
-            self.scanned = 0;
-            line.pop();
+            let mut line = &self.pending[self.start..end];
+            self.start = end + 1;
+            self.scanned = self.start;
             if line.last() == Some(&b'\r') {
-                line.pop();
+                line = &line[..line.len() - 1];
             }
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            return Ok(Some(line));
+            return Ok(Some(line.to_vec()));
         }
     }
 
     /// True when a newline is buffered.
     pub(crate) fn has_line(&self) -> bool {
-        self.pending.contains(&b'\n')
+        self.pending[self.start..].contains(&b'\n')
     }
 
     /// Appends received bytes.
@@ -158,14 +173,59 @@ impl LineBuffer {
 
     /// Bytes waiting without a newline yet.
     pub(crate) fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending.len() - self.start
     }
 
     /// How many bytes to ask the transport for next (never far past the limit).
     pub(crate) fn chunk_len(&self) -> usize {
         (self.limit + 1)
-            .saturating_sub(self.pending.len())
+            .saturating_sub(self.pending())
             .clamp(1, 16 * 1024)
+    }
+}
+
+#[cfg(test)]
+mod line_buffer_tests {
+    use super::*;
+
+    /// A peer flooding the channel with newlines (a hostile guest) is consumed in
+    /// linear time: 8 MiB of blank lines in one buffer take well under a second (the
+    /// old one-line-at-a-time removal moved the whole rest per line: ~10^13 bytes).
+    #[test]
+    fn a_flood_of_blank_lines_is_consumed_in_linear_time() {
+        let mut b = LineBuffer::new(1 << 20);
+        let mut flood = vec![b'\n'; 8 << 20];
+        flood.extend_from_slice(b"{\"type\":\"ack\"}\npartial");
+        b.extend(&flood);
+        let started = std::time::Instant::now();
+        let line = b.take_line().unwrap().expect("the line after the flood");
+        assert_eq!(line, b"{\"type\":\"ack\"}");
+        assert_eq!(b.take_line().unwrap(), None);
+        assert_eq!(b.pending(), b"partial".len());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn lines_are_returned_in_order_across_extends_and_the_limit_holds() {
+        let mut b = LineBuffer::new(8);
+        b.extend(b"ab\r\n\n  \ncd");
+        assert_eq!(b.take_line().unwrap().as_deref(), Some(&b"ab"[..]));
+        assert_eq!(b.take_line().unwrap(), None);
+        assert!(!b.has_line());
+        b.extend(b"e\nfg");
+        assert!(b.has_line());
+        assert_eq!(b.take_line().unwrap().as_deref(), Some(&b"cde"[..]));
+        assert_eq!(b.take_line().unwrap(), None);
+        assert_eq!(b.pending(), 2);
+        b.extend(b"123456789");
+        assert!(matches!(
+            b.take_line(),
+            Err(ProtocolError::LineTooLong { limit: 8 })
+        ));
     }
 }
 

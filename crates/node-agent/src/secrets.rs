@@ -153,9 +153,11 @@ pub fn validate(version_id: &str, data: &[u8]) -> Result<(), SecretsError> {
             .next()
             .is_some_and(|c| c.is_ascii_uppercase() || c == '_');
         if !first_ok || !chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
-            // The key is not a secret; the value is never shown.
+            // What stands before `=` is not a key: it may be secret material (a PEM or
+            // base64 line with `=` padding), so it is never shown; only where and why.
             return Err(bad(format!(
-                "line {n}: key {key:?} does not match [A-Z_][A-Z0-9_]*"
+                "line {n}: the {} bytes before '=' are not a key ([A-Z_][A-Z0-9_]*; not shown)",
+                key.len()
             )));
         }
         if let Some(b64) = value.strip_prefix("base64:") {
@@ -302,8 +304,12 @@ mod tests {
 
     #[test]
     fn errors_never_contain_values() {
-        let cases: [&[u8]; 4] = [
+        let cases: [&[u8]; 6] = [
             b"# TRC_SECRETS_V1\nlower=s3cr3tvalue\n",
+            // A PEM body line with '=' padding where a KEY=VALUE line should be: what
+            // stands before '=' is secret material too.
+            b"# TRC_SECRETS_V1\nMIIEs3cr3tvalueBADANBgkqhkiG9w0BAQEFAASC==\n",
+            b"# TRC_SECRETS_V1\nA=1\ns3cr3tvalue-in-a-bad-key=x\n",
             b"# TRC_SECRETS_V1\nA=s3cr3tvalue\nA=s3cr3tvalue\n",
             b"# TRC_SECRETS_V1\nA=base64:s3cr3tvalue!!\n",
             b"# TRC_SECRETS_V1\nA=s3cr3tvalue\r\n",

@@ -27,6 +27,10 @@ pub const MAX_ENV_BYTES: usize = 128 * 1024;
 pub const MIN_MEMORY_BYTES: i64 = 64 * 1024 * 1024;
 /// Longest accepted drain grace period.
 pub const MAX_GRACE_SECONDS: u64 = 3600;
+/// Longest health-check interval or timeout, seconds.
+pub const MAX_HEALTH_SECONDS: u64 = 3600;
+/// Largest health-check success or failure threshold.
+pub const MAX_HEALTH_THRESHOLD: u64 = 1000;
 /// Paths a volume or secrets file may not be mounted on (DESIGN §6); their children are
 /// refused too.
 pub const RESERVED_MOUNT_PATHS: [&str; 7] =
@@ -748,7 +752,7 @@ fn validate_workload(
         ));
     }
     let n = &spec.network;
-    n.overlay_ipv6.parse::<Ipv6Addr>().map_err(|_| {
+    let overlay = n.overlay_ipv6.parse::<Ipv6Addr>().map_err(|_| {
         invalid(
             "workload.network.overlay_ipv6",
             format!(
@@ -757,6 +761,26 @@ fn validate_workload(
             ),
         )
     })?;
+    // An instance address must be a unicast address routed to its tap: never the
+    // host's loopback, the unspecified address, multicast or link-local (fe80::/10 is
+    // the host side of every tap).
+    let class = if overlay.is_loopback() {
+        Some("loopback")
+    } else if overlay.is_unspecified() {
+        Some("unspecified")
+    } else if overlay.is_multicast() {
+        Some("multicast")
+    } else if overlay.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else {
+        None
+    };
+    if let Some(class) = class {
+        return Err(invalid(
+            "workload.network.overlay_ipv6",
+            format!("{overlay} is a {class} address, not an instance address"),
+        ));
+    }
     n.gateway_ipv6.parse::<Ipv6Addr>().map_err(|_| {
         invalid(
             "workload.network.gateway_ipv6",
@@ -850,6 +874,34 @@ fn validate_workload(
                 "workload.health",
                 "success_threshold and failure_threshold must be at least 1",
             ));
+        }
+        // Bounded, so no deadline computed from them can overflow (a hostile plan with
+        // `interval_seconds` near 2^63 used to panic the instance's task).
+        for (field, value, max) in [
+            ("interval_seconds", h.interval_seconds, MAX_HEALTH_SECONDS),
+            ("timeout_seconds", h.timeout_seconds, MAX_HEALTH_SECONDS),
+            (
+                "grace_period_seconds",
+                h.grace_period_seconds,
+                MAX_GRACE_SECONDS,
+            ),
+            (
+                "success_threshold",
+                u64::from(h.success_threshold),
+                MAX_HEALTH_THRESHOLD,
+            ),
+            (
+                "failure_threshold",
+                u64::from(h.failure_threshold),
+                MAX_HEALTH_THRESHOLD,
+            ),
+        ] {
+            if value > max {
+                return Err(invalid(
+                    format!("workload.health.{field}"),
+                    format!("{value} exceeds the limit of {max}"),
+                ));
+            }
         }
         if let Some(p) = &h.path {
             if !p.starts_with('/') || p.chars().any(|c| c.is_control() || c == ' ') {
@@ -984,6 +1036,46 @@ pub(crate) mod tests {
         v["workload"]["image"]["resolved_digest"] = json!("sha256:xyz");
         let r = decode_assignment(&v, "t").unwrap_err();
         assert!(r.error.to_string().contains("sha256:xyz"));
+    }
+
+    #[test]
+    fn health_timings_past_their_bounds_are_refused_not_overflowed() {
+        for (field, value) in [
+            ("interval_seconds", json!(1u64 << 62)),
+            ("timeout_seconds", json!(3601)),
+            ("grace_period_seconds", json!(u64::MAX)),
+            ("failure_threshold", json!(1_000_000)),
+        ] {
+            let mut v = assignment_json("web-1");
+            v["workload"]["health"] = json!({"type": "http", "port": 8080});
+            v["workload"]["health"][field] = value;
+            let r = decode_assignment(&v, "t").unwrap_err();
+            let e = r.error.to_string();
+            assert!(e.contains(&format!("workload.health.{field}")), "{e}");
+            assert!(e.contains("exceeds the limit"), "{e}");
+        }
+        let mut v = assignment_json("web-1");
+        v["workload"]["health"] =
+            json!({"type": "tcp", "port": 8080, "interval_seconds": 3600, "timeout_seconds": 3600});
+        assert!(decode_assignment(&v, "t").is_ok());
+    }
+
+    #[test]
+    fn special_overlay_addresses_are_refused() {
+        for (addr, class) in [
+            ("::1", "loopback"),
+            ("::", "unspecified"),
+            ("ff02::1", "multicast"),
+            ("fe80::1", "link-local"),
+        ] {
+            let mut v = assignment_json("web-1");
+            v["workload"]["network"]["overlay_ipv6"] = json!(addr);
+            let e = decode_assignment(&v, "t").unwrap_err().error.to_string();
+            assert!(
+                e.contains("overlay_ipv6") && e.contains(class),
+                "{addr}: {e}"
+            );
+        }
     }
 
     #[test]
