@@ -572,6 +572,59 @@ pub struct Plan {
     pub rejected: Vec<Rejected>,
 }
 
+impl Plan {
+    /// One `overlay_ipv6` per instance on the node: host routes are installed with
+    /// *replace*, so a second instance with the same address would take the first one's
+    /// traffic (and its spoof filter would allow it). The instance that comes first in
+    /// instance-id order keeps the address; every other one is refused, identifiably, so
+    /// it fails with `network_setup_failed` and a message naming the holder.
+    pub fn refuse_shared_addresses(&mut self) {
+        let mut order: Vec<usize> = (0..self.assignments.len()).collect();
+        order.sort_by(|a, b| {
+            self.assignments[*a]
+                .instance_id
+                .cmp(&self.assignments[*b].instance_id)
+        });
+        let mut holders: std::collections::BTreeMap<Ipv6Addr, InstanceId> = Default::default();
+        let mut refused = std::collections::BTreeSet::new();
+        for i in order {
+            let a = &self.assignments[i];
+            let Some(addr) = a
+                .workload
+                .as_deref()
+                .and_then(|w| w.spec.network.overlay_ipv6.parse::<Ipv6Addr>().ok())
+            else {
+                continue;
+            };
+            match holders.get(&addr) {
+                Some(holder) => {
+                    self.rejected.push(Rejected {
+                        instance_id: Some(a.instance_id.clone()),
+                        generation: Some(a.generation),
+                        origin: format!("instance {}", a.instance_id),
+                        error: invalid(
+                            "workload.network.overlay_ipv6",
+                            format!(
+                                "{addr} is already the address of instance {holder} on this node"
+                            ),
+                        ),
+                    });
+                    refused.insert(i);
+                }
+                None => {
+                    holders.insert(addr, a.instance_id.clone());
+                }
+            }
+        }
+        let mut i = 0;
+        self.assignments.retain(|_| {
+            let keep = !refused.contains(&i);
+            i += 1;
+            keep
+        });
+    }
+}
+
 /// Decodes one assignment from JSON, never failing the caller: the result is either a
 /// valid assignment or a rejection that names the instance when it can.
 pub fn decode_assignment(value: &serde_json::Value, origin: &str) -> Result<Assignment, Rejected> {
@@ -966,6 +1019,7 @@ pub fn parse_plan(body: &[u8]) -> Result<Plan, SpecError> {
             Err(r) => plan.rejected.push(r),
         }
     }
+    plan.refuse_shared_addresses();
     Ok(plan)
 }
 
@@ -981,7 +1035,7 @@ pub(crate) mod tests {
             "image": {"ref": "127.0.0.1:5000/app:v1", "resolved_digest": format!("sha256:{}", "a".repeat(64))},
             "command": ["/bin/app"],
             "resources": {"cpu_request": 0.5, "memory_limit_bytes": 128 * 1024 * 1024},
-            "network": {"overlay_ipv6": "fd00::10", "gateway_ipv6": "fe80::1"}
+            "network": {"overlay_ipv6": format!("fd00::{:x}", id.bytes().fold(7u16, |h, b| h.wrapping_mul(31).wrapping_add(u16::from(b)))), "gateway_ipv6": "fe80::1"}
         })
     }
 
@@ -1076,6 +1130,29 @@ pub(crate) mod tests {
                 "{addr}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_address_taken_by_another_instance_is_refused_for_the_second() {
+        let mut a = assignment_json("a-1");
+        let mut b = assignment_json("b-1");
+        let c = assignment_json("c-1");
+        a["workload"]["network"]["overlay_ipv6"] = json!("fd00::7");
+        b["workload"]["network"]["overlay_ipv6"] = json!("fd00:0::0:7");
+        let body = json!({"spec_version": "v1", "node_id": "n", "plan_id": "p", "created_at": "2026-11-29T00:00:00Z",
+                          "cursor_event_id": 3, "instances": [b, c, a]});
+        let plan = parse_plan(body.to_string().as_bytes()).unwrap();
+        let ids: Vec<&str> = plan
+            .assignments
+            .iter()
+            .map(|a| a.instance_id.as_str())
+            .collect();
+        assert_eq!(ids, ["c-1", "a-1"], "a-1 keeps fd00::7 (first in id order)");
+        let r = &plan.rejected[0];
+        assert_eq!(r.instance_id.as_ref().map(|i| i.as_str()), Some("b-1"));
+        let e = r.error.to_string();
+        assert!(e.contains("fd00::7") && e.contains("instance a-1"), "{e}");
+        assert!(e.contains("workload.network.overlay_ipv6"), "{e}");
     }
 
     #[test]

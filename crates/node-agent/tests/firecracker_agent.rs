@@ -35,7 +35,7 @@ fn assignment(instance: &str) -> serde_json::Value {
                       "resolved_digest": "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
             "command": ["/app"],
             "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64},
-            "network": {"overlay_ipv6": "fd00::1:3", "gateway_ipv6": "fe80::1"},
+            "network": {"overlay_ipv6": common::overlay_of(instance), "gateway_ipv6": "fe80::1"},
             "lifecycle": {"termination_grace_seconds": 2, "restart_policy": "always", "max_retries": 5}
         }
     })

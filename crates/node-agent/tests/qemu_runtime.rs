@@ -385,7 +385,7 @@ fn assignment(id: &str, image: &str, script: &str, extra: serde_json::Value) -> 
         "image": {"ref": image, "resolved_digest": image.rsplit('@').next().unwrap(), "os": "linux", "arch": "amd64"},
         "command": ["/bin/sh", "-c", script],
         "resources": {"cpu_request": 1.0, "memory_limit_bytes": 256i64 << 20, "ephemeral_disk_bytes": 64i64 << 20, "vcpu_count": 1},
-        "network": {"overlay_ipv6": "fd00::10", "gateway_ipv6": "fe80::1", "mtu": 1400},
+        "network": {"overlay_ipv6": common::overlay_of(id), "gateway_ipv6": "fe80::1", "mtu": 1400},
         "lifecycle": {"termination_grace_seconds": 10, "restart_policy": "never", "max_retries": 0}
     });
     if let (Some(w), Some(extra)) = (w.as_object_mut(), extra.as_object()) {
@@ -499,7 +499,7 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
         .unwrap();
     assert_eq!(v.tap.as_deref(), Some(tap.as_str()));
     let addrs = v.addresses.expect("addresses");
-    assert_eq!(addrs.ipv6, "fd00::10");
+    assert_eq!(addrs.ipv6, common::overlay_of("web-q1"));
     assert_eq!(addrs.ipv4.as_deref(), Some(ipv4.as_str()));
     let link = Command::new("ip")
         .args(["-d", "link", "show", &tap])

@@ -136,6 +136,7 @@ impl DirSource {
                 plan.assignments.push(a.clone());
             }
         }
+        plan.refuse_shared_addresses();
         Ok(Some(plan))
     }
 }

@@ -30,6 +30,15 @@ pub fn id(s: &str) -> InstanceId {
     InstanceId::parse(s).unwrap()
 }
 
+/// An overlay address of an instance's own (`fd00::<hash>:<hash>` of its id): the agent
+/// refuses two instances with one address on a node.
+pub fn overlay_of(instance: &str) -> String {
+    let h = instance.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("fd00::{:x}:{:x}", h >> 16, h & 0xffff)
+}
+
 /// A valid workload JSON.
 pub fn workload(instance: &str, generation: i32) -> Value {
     json!({
@@ -39,7 +48,7 @@ pub fn workload(instance: &str, generation: i32) -> Value {
         "image": {"ref": "127.0.0.1:5000/app:v1", "digest": DIGEST, "resolved_digest": DIGEST, "os": "linux", "arch": "amd64"},
         "command": ["/app"],
         "resources": {"cpu_request": 0.25, "memory_limit_bytes": 128 * 1024 * 1024},
-        "network": {"overlay_ipv6": "fd00::1:1", "gateway_ipv6": "fe80::1"},
+        "network": {"overlay_ipv6": overlay_of(instance), "gateway_ipv6": "fe80::1"},
         "lifecycle": {"termination_grace_seconds": 5, "restart_policy": "always", "max_retries": 3}
     })
 }
