@@ -104,8 +104,10 @@ pub enum Behaviour {
     Signal(i32),
     /// Allocates more than the guest has: the guest kernel OOM-kills it.
     Oom,
-    /// Ignores SIGTERM (a stop has to kill it).
-    IgnoreTerm,
+    /// Ignores SIGTERM (a stop has to kill it); once it does, answers HTTP on `port`
+    /// (a health check on it tells when the SIGTERM disposition is in place: under TCG
+    /// a drain can otherwise reach the shell before its `trap` ran).
+    IgnoreTerm(u16),
     /// Exits 42 when it runs as uid 1000 / gid 1000, else 43 (the image's `User`).
     UserCheck,
 }
@@ -617,9 +619,9 @@ reconcile_interval_ms = 200
             (Kind::Qemu, Behaviour::Oom) => sh(
                 "for i in 1 2 3 4; do dd if=/dev/zero of=/dev/null bs=64M count=1 & done; wait",
             ),
-            (Kind::Qemu, Behaviour::IgnoreTerm) => {
-                sh("trap '' TERM; while true; do sleep 1; done")
-            }
+            (Kind::Qemu, Behaviour::IgnoreTerm(port)) => sh(&format!(
+                "trap '' TERM; mkdir -p /www && echo ok > /www/index.html; httpd -f -p {port} -h /www & while true; do sleep 1; done"
+            )),
             (Kind::Qemu, Behaviour::UserCheck) => sh(
                 "u=$(busybox id -u); g=$(busybox id -g); echo \"uid=$u gid=$g\"; [ \"$u:$g\" = 1000:1000 ] && exit 42; exit 43",
             ),
@@ -628,7 +630,9 @@ reconcile_interval_ms = 200
             (Kind::Firecracker, Behaviour::Exit(code)) => v(&["exit", &code.to_string()]),
             (Kind::Firecracker, Behaviour::Signal(sig)) => v(&["kill", &sig.to_string()]),
             (Kind::Firecracker, Behaviour::Oom) => v(&["oom"]),
-            (Kind::Firecracker, Behaviour::IgnoreTerm) => v(&["ignore-term"]),
+            (Kind::Firecracker, Behaviour::IgnoreTerm(port)) => {
+                v(&["ignore-term", &port.to_string()])
+            }
             (Kind::Firecracker, Behaviour::UserCheck) => v(&["user-check", "1000", "1000"]),
         }
     }
@@ -638,7 +642,7 @@ reconcile_interval_ms = 200
             (_, Some(Health::Never(_))) => Some("{ kind = \"health_fails\" }".to_string()),
             (Behaviour::Exit(code), _) => Some(format!("{{ kind = \"exit\", code = {code} }}")),
             (Behaviour::Oom, _) => Some("{ kind = \"oom\" }".to_string()),
-            (Behaviour::IgnoreTerm, _) => {
+            (Behaviour::IgnoreTerm(_), _) => {
                 // The mock's "workload" takes stop_ms to stop: longer than any grace.
                 *lock(&self.mock_stop_ms) = 600_000;
                 None

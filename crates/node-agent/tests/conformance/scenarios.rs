@@ -219,7 +219,11 @@ pub fn vmm_killed_after_the_handshake_fails_without_reason_or_exit_code(kind: Ki
 pub fn drain_of_a_workload_ignoring_sigterm_is_forced_at_the_grace_deadline(kind: Kind) {
     let Some(lab) = lab(kind, false) else { return };
     let grace = 3;
-    let inst = Inst::new("c-drain", Behaviour::IgnoreTerm).grace(grace);
+    // Ready only once the workload answers on 8085, which it does after its SIGTERM
+    // disposition is in place.
+    let inst = Inst::new("c-drain", Behaviour::IgnoreTerm(8085))
+        .health(Health::Tcp(8085))
+        .grace(grace);
     let _c = run(&lab, &[&inst]);
     ready(&lab, &inst.id);
     let asked = Instant::now();

@@ -29,9 +29,10 @@
 //! - `["serve", "<port>"]`: the workload answers HTTP 200 on `<port>` of the guest's
 //!   IPv4 link address from the config (added to `lo`, as the guest would own it on its
 //!   eth0; 127.0.0.1 when the config has none), for host health checks (HTTP or TCP).
-//! - `["ignore-term"]`: the workload ignores SIGTERM: on a stop request the guest waits
-//!   the whole `deadline_ms`, reports it killed by signal 9 and ends (as the real guest
-//!   init kills what is left at the deadline and reboots).
+//! - `["ignore-term"]` or `["ignore-term", "<port>"]`: the workload ignores SIGTERM: on
+//!   a stop request the guest waits the whole `deadline_ms`, reports it killed by signal
+//!   9 and ends (as the real guest init kills what is left at the deadline and reboots).
+//!   With a port it also answers HTTP there, as `serve` does.
 //! - `["user-check", "<uid>", "<gid>"]`: the workload exits 42 when the config's
 //!   `workload.uid`/`gid` are these, else 43.
 //!
@@ -556,7 +557,7 @@ enum Workload {
     Kill(i32),
     Oom,
     Serve(u16),
-    IgnoreTerm,
+    IgnoreTerm(Option<u16>),
     UserCheck(i32),
 }
 
@@ -579,7 +580,7 @@ fn workload_of(config: &J) -> (Workload, Option<String>) {
         Some("kill") => Workload::Kill(num(1).unwrap_or(9) as i32),
         Some("oom") => Workload::Oom,
         Some("serve") => Workload::Serve(num(1).unwrap_or(8080) as u16),
-        Some("ignore-term") => Workload::IgnoreTerm,
+        Some("ignore-term") => Workload::IgnoreTerm(num(1).map(|p| p as u16)),
         Some("user-check") => {
             let ok = id_of("uid") == num(1) && id_of("gid") == num(2);
             Workload::UserCheck(if ok { 42 } else { 43 })
@@ -682,7 +683,7 @@ fn guest(state: Arc<Mutex<State>>) {
                     id_of("uid"),
                     id_of("gid")
                 ));
-                if let Workload::Serve(port) = wl {
+                if let Workload::Serve(port) | Workload::IgnoreTerm(Some(port)) = wl {
                     serve_workload(port, ipv4);
                 }
                 workload = wl;
@@ -714,7 +715,7 @@ fn guest(state: Arc<Mutex<State>>) {
             }
             if line.contains("\"stop\"") {
                 event("guest_stop");
-                if workload == Workload::IgnoreTerm {
+                if let Workload::IgnoreTerm(_) = workload {
                     let deadline = parse_json(line.trim())
                         .and_then(|j| j.get("deadline_ms").and_then(J::num))
                         .unwrap_or(0.0) as u64;
