@@ -107,6 +107,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
         message,
     };
     std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create: {e}")))?;
+    restrict_data_dir(dir).map_err(err)?;
     let path = dir.join("agent.lock");
     let file = File::options()
         .create(true)
@@ -118,6 +119,31 @@ fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
         .map_err(|e| err(format!("another agent holds {} ({e})", path.display())))?;
     Ok(file)
 }
+
+/// The data dir holds tenants' disks, unpacked image trees (setuid files included),
+/// secrets-bearing state and the sockets that hand a guest its config: it must be
+/// owned by the agent's user and reachable by nobody else (0700). A dir another user
+/// owns is refused, not adopted: that user could have planted links in it.
+fn restrict_data_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot stat: {e}"))?;
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(format!(
+            "owned by uid {}, not by the agent's uid {euid}: refusing a data dir another user controls",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make it 0700: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The daemon's file-creation mask: everything it creates (disks, logs, sockets,
+/// `state.db`, image trees' directories) gets no group or other permission bits.
+pub const DAEMON_UMASK: u32 = 0o077;
 
 impl Node {
     /// Opens the state, recovers running VMs and starts the supervisor. Nothing boots
@@ -483,4 +509,39 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_data_dir_open_to_others_is_made_0700() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _lock = lock_data_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    }
+
+    #[test]
+    fn a_data_dir_planted_by_another_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            return crate::testing::gate::skip_or_fail("chown to another uid needs root");
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let err = lock_data_dir(&dir).expect_err("a dir uid 65534 owns must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains("owned by uid 65534"), "{msg}");
+        assert!(
+            !dir.join("agent.lock").exists(),
+            "nothing is created in a refused dir"
+        );
+    }
 }

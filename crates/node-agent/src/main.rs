@@ -93,6 +93,10 @@ fn init_logging(config: &Config) {
 }
 
 fn main() -> ExitCode {
+    // Before anything is created: nothing the agent writes is for other users.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(
+        plfm_node_agent::agent::DAEMON_UMASK,
+    ));
     let cli = Cli::parse();
     if let Some(Command::BuildInitramfs(args)) = &cli.command {
         return match plfm_node_agent::initramfs::run(args) {

@@ -76,6 +76,10 @@ macro_rules! runtime_suite {
         fn image_user_is_the_workload_user() {
             s::image_user_is_the_workload_user(KIND)
         }
+        #[test]
+        fn data_dir_is_unreachable_for_a_local_user_while_a_vm_runs() {
+            s::data_dir_is_unreachable_for_a_local_user_while_a_vm_runs(KIND)
+        }
     };
 }
 

@@ -558,3 +558,77 @@ pub fn image_user_is_the_workload_user(kind: Kind) {
         lab.log()
     );
 }
+
+// ------------------------------------------------------------------ 16
+
+/// A local user (uid 65534) cannot reach anything under the data dir while a VM runs:
+/// no disk, log, socket or `state.db` can be read, listed or connected to, and every
+/// entry the agent created has no group/other permission bits (umask 077, 0700 data
+/// dir). The lab's root is opened to others first, as `/var/lib` is on a host.
+pub fn data_dir_is_unreachable_for_a_local_user_while_a_vm_runs(kind: Kind) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !rustix::process::geteuid().is_root() {
+        return crate::common::gate::skip_or_fail("running a shell as uid 65534 needs root");
+    }
+    let Some(lab) = lab(kind, true) else { return };
+    std::fs::set_permissions(&lab.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let inst = Inst::new("c-modes", Behaviour::Idle);
+    let _c = run(&lab, &[&inst]);
+    ready(&lab, &inst.id);
+
+    let mut paths = vec![lab.data()];
+    let mut open_to_others = Vec::new();
+    let mut i = 0;
+    while i < paths.len() {
+        let p = paths[i].clone();
+        i += 1;
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.mode() & 0o077 != 0 {
+            open_to_others.push(format!("{:o} {}", meta.mode() & 0o7777, p.display()));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                paths.push(e.path());
+            }
+        }
+    }
+    assert!(
+        paths.len() > 3,
+        "the walk found too little to mean anything: {paths:?}"
+    );
+    assert!(
+        open_to_others.is_empty(),
+        "entries with group/other permission bits:\n{}",
+        open_to_others.join("\n")
+    );
+
+    // The attack: a shell as uid/gid 65534 tries to list, read or connect to each.
+    let script = r#"for p in "$@"; do
+  if [ -d "$p" ]; then ls "$p" >/dev/null 2>&1 && echo "listed $p"
+  elif [ -S "$p" ]; then [ -w "$p" ] && echo "could connect to $p"
+  elif [ -e "$p" ]; then head -c1 "$p" >/dev/null 2>&1 && echo "read $p"
+  fi
+done
+exit 0"#;
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(&paths)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run a shell as uid 65534");
+    assert!(out.status.success(), "{out:?}");
+    let reached = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reached.trim().is_empty(),
+        "uid 65534 reached the data dir:\n{reached}"
+    );
+}
