@@ -24,6 +24,11 @@ pub enum Ending {
     CleanExit,
     /// Anything else: non-zero exit, OOM, health check, VMM or preparation failure.
     Failure,
+    /// A preparation failure outside the instance that will likely pass (control
+    /// plane or registry unreachable, 5xx, timeout): retried after
+    /// [`transient_backoff`] whatever the restart policy, and never counted against
+    /// `max_retries`, so an outage of any length ends with the instance booting.
+    Transient,
 }
 
 /// What to do next.
@@ -37,10 +42,16 @@ pub enum RestartDecision {
     CrashLoop,
 }
 
+/// Longest wait between retries after transient failures: short, so an instance boots
+/// soon after an outage ends.
+pub const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Restart bookkeeping of one instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestartTracker {
     consecutive: u32,
+    /// Transient failures in a row (not persisted: they spend no budget).
+    transient: u32,
     ready_since: Option<Instant>,
 }
 
@@ -48,6 +59,7 @@ impl RestartTracker {
     /// The instance became ready at `now`.
     pub fn on_ready(&mut self, now: Instant) {
         self.ready_since = Some(now);
+        self.transient = 0;
     }
 
     /// Bookkeeping restored after an agent restart: `consecutive` failures already
@@ -55,6 +67,7 @@ impl RestartTracker {
     pub fn resume(consecutive: u32) -> Self {
         RestartTracker {
             consecutive,
+            transient: 0,
             ready_since: None,
         }
     }
@@ -77,6 +90,11 @@ impl RestartTracker {
         max_retries: u32,
         now: Instant,
     ) -> RestartDecision {
+        if ending == Ending::Transient {
+            self.transient = self.transient.saturating_add(1);
+            return RestartDecision::RestartAfter(transient_backoff(self.transient));
+        }
+        self.transient = 0;
         if let Some(since) = self.ready_since.take() {
             if now.since(since) >= RESET_AFTER_READY {
                 self.consecutive = 0;
@@ -103,6 +121,12 @@ pub fn backoff(n: u32) -> Duration {
     INITIAL_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
 }
 
+/// Wait before the retry after the `n`-th transient failure in a row: 1 s, 2 s, 4 s, …
+/// up to [`MAX_TRANSIENT_BACKOFF`].
+pub fn transient_backoff(n: u32) -> Duration {
+    backoff(n).min(MAX_TRANSIENT_BACKOFF)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +140,29 @@ mod tests {
         let secs: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
         assert_eq!(backoff(1000), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn transient_failures_never_spend_the_budget_and_back_off_to_a_minute() {
+        let mut t = RestartTracker::default();
+        let d: Vec<_> = (0..20)
+            .map(|i| t.on_end(Ending::Transient, RestartPolicy::Never, 0, at(i)))
+            .collect();
+        let delays: Vec<u64> = d
+            .iter()
+            .map(|d| match d {
+                RestartDecision::RestartAfter(d) => d.as_secs(),
+                other => panic!("a transient failure must be retried: {other:?}"),
+            })
+            .collect();
+        assert_eq!(&delays[..8], &[1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(t.consecutive(), 0, "no budget spent");
+        // A real failure afterwards is the first one counted.
+        assert_eq!(
+            t.on_end(Ending::Failure, RestartPolicy::Always, 3, at(30)),
+            RestartDecision::RestartAfter(Duration::from_secs(1))
+        );
+        assert_eq!(t.consecutive(), 1);
     }
 
     #[test]

@@ -99,6 +99,13 @@ impl SecretsError {
             }
         }
     }
+
+    /// The source could not be reached or answered with an error (not 404): a later
+    /// fetch will likely succeed, so the instance is retried without spending its
+    /// restart budget. A missing or malformed version is final.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SecretsError::Fetch { .. })
+    }
 }
 
 /// Checks the secrets file format v1 without ever echoing a value.

@@ -248,8 +248,8 @@ fn an_index_digest_is_refused_with_a_clear_message() {
 }
 
 #[test]
-fn a_missing_manifest_and_an_unreachable_registry_are_pull_failures() {
-    if !prerequisites("a_missing_manifest_and_an_unreachable_registry_are_pull_failures") {
+fn a_missing_manifest_is_final_and_an_unreachable_registry_is_transient() {
+    if !prerequisites("a_missing_manifest_is_final_and_an_unreachable_registry_is_transient") {
         return;
     }
     let rt = rt();
@@ -267,6 +267,10 @@ fn a_missing_manifest_and_an_unreachable_registry_are_pull_failures() {
         .unwrap_err();
     assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
+    assert!(
+        !err.is_transient(),
+        "a digest the registry does not have is the image's failure: {err}"
+    );
     let addr = reg.addr.clone();
     drop(reg);
     let gone = plfm_node_agent::image::ImageRef::parse_pinned(&format!(
@@ -276,6 +280,10 @@ fn a_missing_manifest_and_an_unreachable_registry_are_pull_failures() {
     .unwrap();
     let err = rt.block_on(svc.ensure_root_disk(&gone, "i")).unwrap_err();
     assert_eq!(err.reason(), ReasonCode::ImagePullFailed);
+    assert!(
+        err.is_transient(),
+        "an unreachable registry is retried without spending the budget: {err}"
+    );
 }
 
 #[test]

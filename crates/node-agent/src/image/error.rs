@@ -49,6 +49,10 @@ pub enum ImageError {
         repository: String,
         /// The registry or transport error.
         cause: String,
+        /// The registry was unreachable, overloaded (5xx, 429) or the transfer broke
+        /// off: worth retrying later without blaming the instance (see
+        /// [`ImageError::is_transient`]).
+        transient: bool,
     },
     /// The content received does not hash to the digest it was asked for.
     #[error("{what} from {repository}: digest mismatch (got {got})")]
@@ -163,6 +167,21 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// A failure of the path to the registry rather than of the image: unreachable,
+    /// 5xx/429, a transfer that broke off, or a pull that ran out of time. The instance
+    /// is retried with backoff without spending its restart budget; every other
+    /// failure (missing digest, mismatch, hostile layer, limits) is the image's own.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ImageError::Registry { transient, .. } => *transient,
+            ImageError::LimitExceeded { limit, .. } => {
+                matches!(*limit, "layer_timeout_secs" | "image_timeout_secs")
+            }
+            ImageError::Shared(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
     /// The reason code this failure reports to the control plane (DESIGN §2).
     pub fn reason(&self) -> ReasonCode {
         match self {

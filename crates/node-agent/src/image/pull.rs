@@ -99,6 +99,7 @@ pub async fn pull_image(
         |what: String, e: oci_client::errors::OciDistributionError| ImageError::Registry {
             what,
             repository: repo.clone(),
+            transient: is_transient(&e),
             cause: e.to_string(),
         };
     let protocol = if config.plain_http(&image.registry) {
@@ -250,6 +251,18 @@ pub async fn pull_image(
     })
 }
 
+/// Whether a registry error is the path's (unreachable, broken off, 5xx, 429, 408) and
+/// worth a later retry, rather than the image's or the credentials' (404, 401, bad
+/// manifest).
+fn is_transient(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::RequestError(_) | E::IoError(_) => true,
+        E::ServerError { code, .. } => *code >= 500 || *code == 429 || *code == 408,
+        _ => false,
+    }
+}
+
 fn bad_manifest(image: &ImageRef, why: &str) -> ImageError {
     ImageError::BadManifest {
         digest: image.digest.short(),
@@ -340,6 +353,7 @@ async fn fetch_small(
         .map_err(|e| ImageError::Registry {
             what: what.clone(),
             repository: repo.to_string(),
+            transient: is_transient(&e),
             cause: e.to_string(),
         })?;
     let mut out = Vec::new();
@@ -378,6 +392,8 @@ async fn fetch_small(
                     what,
                     repository: repo.to_string(),
                     cause: e.to_string(),
+                    // The transfer broke off.
+                    transient: true,
                 });
             }
         }
@@ -412,6 +428,7 @@ async fn download_blob(
         .map_err(|e| ImageError::Registry {
             what: what.clone(),
             repository: repo.to_string(),
+            transient: is_transient(&e),
             cause: e.to_string(),
         })?;
     if let Some(len) = stream.content_length {
@@ -420,6 +437,7 @@ async fn download_blob(
                 what,
                 repository: repo.to_string(),
                 cause: format!("registry announces {len} bytes, manifest says {expected}"),
+                transient: false,
             });
         }
     }
@@ -441,6 +459,7 @@ async fn download_blob(
                         what,
                         repository: repo.to_string(),
                         cause: format!("more than the {expected} bytes the manifest says"),
+                        transient: false,
                     });
                 }
                 hasher.update(&c);
@@ -464,6 +483,7 @@ async fn download_blob(
                 Some(e) => format!("truncated after {n} of {expected} bytes: {e}"),
                 None => format!("truncated: got {n} of {expected} bytes"),
             },
+            transient: true,
         });
     }
     if got != digest.as_str() {
@@ -478,6 +498,7 @@ async fn download_blob(
             what,
             repository: repo.to_string(),
             cause: e.to_string(),
+            transient: true,
         });
     }
     out.flush()
@@ -513,6 +534,26 @@ mod tests {
             "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":Digest::of(b"c").to_string(),"size":2},
             "layers": l}))
         .unwrap()
+    }
+
+    #[test]
+    fn registry_errors_are_transient_only_when_the_path_failed() {
+        use oci_client::errors::OciDistributionError as E;
+        let server = |code| E::ServerError {
+            code,
+            url: "http://127.0.0.1:1/v2/".into(),
+            message: String::new(),
+        };
+        assert!(is_transient(&server(503)));
+        assert!(is_transient(&server(500)));
+        assert!(is_transient(&server(429)));
+        assert!(!is_transient(&server(404)));
+        assert!(!is_transient(&server(403)));
+        assert!(is_transient(&E::IoError(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!is_transient(&E::ImageManifestNotFoundError("x".into())));
+        assert!(!is_transient(&E::UnauthorizedError { url: "u".into() }));
     }
 
     #[test]

@@ -168,6 +168,20 @@ impl RuntimeError {
             RuntimeError::Guest { reason, .. } => *reason,
         }
     }
+
+    /// A failure of something outside the instance that will likely pass (the registry
+    /// unreachable, 5xx, a pull that timed out): the instance is retried with backoff
+    /// and its restart budget is not spent. Found through the typed source chain.
+    pub fn is_transient(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(image) = e.downcast_ref::<crate::image::ImageError>() {
+                return image.is_transient();
+            }
+            cur = e.source();
+        }
+        false
+    }
 }
 
 impl From<crate::image::ImageError> for RuntimeError {
@@ -297,6 +311,33 @@ mod tests {
         assert!(std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<ImageError>())
             .is_some());
+    }
+
+    #[test]
+    fn only_a_transient_image_failure_makes_a_transient_runtime_error() {
+        let registry = |transient| ImageError::Registry {
+            what: "manifest sha256:ab".into(),
+            repository: "127.0.0.1:1/app".into(),
+            cause: "connection refused".into(),
+            transient,
+        };
+        assert!(RuntimeError::from(registry(true)).is_transient());
+        assert!(!RuntimeError::from(registry(false)).is_transient());
+        let shared = ImageError::Shared(std::sync::Arc::new(registry(true)));
+        assert!(RuntimeError::from(shared).is_transient());
+        let timeout = ImageError::LimitExceeded {
+            what: "image".into(),
+            limit: "image_timeout_secs",
+            detail: "x".into(),
+        };
+        assert!(RuntimeError::from(timeout).is_transient());
+        let big = ImageError::LimitExceeded {
+            what: "image".into(),
+            limit: "max_unpacked_bytes",
+            detail: "x".into(),
+        };
+        assert!(!RuntimeError::from(big).is_transient());
+        assert!(!RuntimeError::VmmStart("exited".into()).is_transient());
     }
 
     #[test]

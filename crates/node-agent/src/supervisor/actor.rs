@@ -60,6 +60,8 @@ pub(crate) struct Actor {
     restarts: u32,
     parked: Option<String>,
     backoff_until: Option<Instant>,
+    /// The backoff running is a retry after a transient failure (not a restart).
+    retrying_transient: bool,
     /// Generation whose restart counters were restored from the store at an agent
     /// restart, and whether it had failed: its first boot keeps the counters.
     resumed: Option<(i32, bool)>,
@@ -91,6 +93,7 @@ impl Actor {
             restarts: brief.map(|b| b.3).unwrap_or(0),
             parked: None,
             backoff_until: None,
+            retrying_transient: false,
             resumed: brief.map(|b| (b.1, b.0 == Status::Failed)),
         };
         if let Some(vm) = vm {
@@ -310,10 +313,13 @@ impl Actor {
             self.restart.reset();
             self.restarts = 0;
             self.parked = None;
-        } else if self.backoff_until.is_some() || resumed == Some(true) {
+        } else if (self.backoff_until.is_some() && !self.retrying_transient)
+            || resumed == Some(true)
+        {
             self.restarts += 1;
         }
         self.backoff_until = None;
+        self.retrying_transient = false;
         self.current = Some(a.clone());
         self.report(Status::Preparing, |_| {}).await;
 
@@ -328,8 +334,13 @@ impl Actor {
                         .status
                         .set_disk_full(Some(format!("disk full: {msg}")));
                 }
+                let ending = if e.is_transient() {
+                    Ending::Transient
+                } else {
+                    Ending::Failure
+                };
                 return self
-                    .end(Ending::Failure, Some(e.reason()), e.to_string(), None)
+                    .end(ending, Some(e.reason()), e.to_string(), None)
                     .await;
             }
             Some(Ok(())) => self.env.status.set_disk_full(None),
@@ -344,9 +355,14 @@ impl Actor {
                     Some(Ok(m)) => secrets = Some(m),
                     Some(Err(SecretsError::Missing { .. })) if !s.required => {}
                     Some(Err(e)) => {
+                        let ending = if e.is_transient() {
+                            Ending::Transient
+                        } else {
+                            Ending::Failure
+                        };
                         return self
-                            .end(Ending::Failure, Some(e.reason()), e.to_string(), None)
-                            .await
+                            .end(ending, Some(e.reason()), e.to_string(), None)
+                            .await;
                     }
                 }
             }
@@ -625,6 +641,15 @@ impl Actor {
                 } else {
                     Status::Failed
                 };
+                let message = match d {
+                    RestartDecision::RestartAfter(delay) if ending == Ending::Transient => {
+                        format!(
+                            "{message}; transient: retrying in {} s (not counted against max_retries)",
+                            delay.as_secs()
+                        )
+                    }
+                    _ => message,
+                };
                 tracing::warn!(instance = %self.id, %status, reason = ?reason, %message, "instance ended");
                 self.report(status, |u| {
                     u.reason = reason;
@@ -635,7 +660,8 @@ impl Actor {
                 .await;
                 match d {
                     RestartDecision::RestartAfter(delay) => {
-                        self.backoff_until = Some(now.plus(delay))
+                        self.backoff_until = Some(now.plus(delay));
+                        self.retrying_transient = ending == Ending::Transient;
                     }
                     _ => self.parked = hash,
                 }

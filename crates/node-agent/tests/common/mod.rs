@@ -18,7 +18,9 @@ use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{Clock, ManualClock};
 use plfm_node_agent::instance::Status;
 use plfm_node_agent::runtime::mock::{MockConfig, MockRuntime};
-use plfm_node_agent::secrets::DirSecrets;
+use plfm_node_agent::secrets::{
+    DirSecrets, RetryingSecrets, SecretMaterial, SecretsError, SecretsSource,
+};
 use plfm_node_agent::spec::{decode_assignment, Assignment, InstanceId, Plan};
 use plfm_node_agent::status::outbox::LocalSink;
 use plfm_node_agent::status::StatusReport;
@@ -74,11 +76,34 @@ pub fn plan(cursor: i64, assignments: Vec<Assignment>) -> Plan {
     }
 }
 
+/// Standalone secrets from a directory, unreachable while `down` is set (a control
+/// plane outage: every fetch fails as a connection failure would), retried as the
+/// connected agent retries them.
+pub struct OutageSecrets {
+    inner: DirSecrets,
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SecretsSource for OutageSecrets {
+    async fn fetch(&self, version_id: &str) -> Result<SecretMaterial, SecretsError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SecretsError::Fetch {
+                version_id: version_id.to_string(),
+                detail: "connection refused (test outage)".into(),
+            });
+        }
+        self.inner.fetch(version_id).await
+    }
+}
+
 /// A node with the mock runtime and a manual clock.
 pub struct TestNode {
     pub node: Option<Node>,
     pub mock: Arc<MockRuntime>,
     pub clock: Arc<ManualClock>,
+    /// The node's secrets source: set `secrets.down` for an outage.
+    pub secrets: Arc<OutageSecrets>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -96,10 +121,15 @@ impl TestNode {
     pub async fn start_at(mock: MockConfig, dir: PathBuf) -> TestNode {
         let clock = Arc::new(ManualClock::new());
         let mock = Arc::new(MockRuntime::new(mock, clock.clone(), None, None));
+        let secrets = Arc::new(OutageSecrets {
+            inner: DirSecrets::new(dir.join("desired/secrets")),
+            down: false.into(),
+        });
         let mut t = TestNode {
             node: None,
             mock,
             clock,
+            secrets,
             dir,
             _tmp: None,
         };
@@ -119,7 +149,10 @@ impl TestNode {
             data_dir: self.dir.join("data"),
             runtime: self.mock.clone(),
             clock: self.clock.clone(),
-            secrets: Arc::new(DirSecrets::new(self.dir.join("desired/secrets"))),
+            secrets: Arc::new(RetryingSecrets::new(
+                self.secrets.clone(),
+                self.clock.clone(),
+            )),
             sink: Arc::new(LocalSink),
             boot_timeout: Duration::from_secs(30),
             max_instances: 20_000,
