@@ -22,9 +22,16 @@
 //!
 //! nftables: table `inet plfm`, a `prerouting` base chain that dispatches
 //! `iifname vmap @taps` to one regular chain per tap (named like the tap) which drops
-//! packets whose source is not the instance's own addresses; an `input` base chain that
-//! lets a tap reach the host only for established flows, ICMP/ICMPv6 (neighbour
-//! discovery) and nothing else. This module must not decide lifecycle or log secrets.
+//! packets whose source is not the instance's own addresses (its overlay address, its
+//! IPv4 link address and the one link-local address its MAC gives it); an `input` base
+//! chain that lets a tap reach the host only for established flows, neighbour
+//! discovery and echo, nothing else; a `forward` base chain that drops everything a
+//! guest starts through the host (guest to guest, guest to anywhere) and lets only
+//! answers to flows started elsewhere through. Table `arp plfm` drops ARP from a tap
+//! whose sender address is not that tap's guest (the `inet` family never sees ARP).
+//! Each tap is persistent, owned by root (or the configured unprivileged VMM user), so
+//! no other local user can attach to it, and has `accept_ra`/`accept_redirects` off.
+//! This module must not decide lifecycle or log secrets.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -108,6 +115,40 @@ pub fn ipv4_link(pool: Ipv4Addr, prefix_len: u8, index: u32) -> Option<Ipv4Link>
     })
 }
 
+/// A locally administered guest MAC derived from the instance id (every runtime gives
+/// the guest this MAC, so its link-local address is known: [`eui64_link_local`]).
+pub fn guest_mac(instance_id: &str) -> [u8; 6] {
+    let h = instance_id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let b = h.to_be_bytes();
+    [0x06, 0x00, b[0], b[1], b[2], b[3]]
+}
+
+/// `06:00:…` text of a MAC.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The link-local address a Linux guest derives from its MAC (modified EUI-64).
+pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let iid = [
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ];
+    let mut o = [0u8; 16];
+    o[0] = 0xfe;
+    o[1] = 0x80;
+    o[8..].copy_from_slice(&iid);
+    Ipv6Addr::from(o)
+}
+
 /// Number of /30 links in a pool.
 pub fn ipv4_link_count(prefix_len: u8) -> u32 {
     if prefix_len > 30 {
@@ -133,6 +174,9 @@ pub struct TapPlan {
     /// Uid and gid allowed to attach to the tap without `CAP_NET_ADMIN` (a jailed
     /// Firecracker runs unprivileged); `None`: root only.
     pub owner: Option<(u32, u32)>,
+    /// The guest's MAC ([`guest_mac`]); its EUI-64 link-local address is the only
+    /// link-local source the tap lets through.
+    pub guest_mac: [u8; 6],
 }
 
 async fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
@@ -287,8 +331,22 @@ async fn setup_links(plan: &TapPlan, exists: bool) -> Result<(), NetworkError> {
             .await
             .map_err(fail(&format!("add address {}/30", v4.host)))?;
     }
+    for key in TAP_SYSCTLS_OFF {
+        let path = format!("/proc/sys/net/{}", key.replace("{tap}", tap));
+        tokio::fs::write(&path, "0")
+            .await
+            .map_err(|e| command_error(tap, &format!("write 0 to {path}"), e.to_string()))?;
+    }
     Ok(())
 }
+
+/// Per-tap sysctls set to 0: the host takes no router advertisement or redirect from a
+/// guest (a guest must not steer the host's routes).
+pub const TAP_SYSCTLS_OFF: [&str; 3] = [
+    "ipv6/conf/{tap}/accept_ra",
+    "ipv6/conf/{tap}/accept_redirects",
+    "ipv4/conf/{tap}/accept_redirects",
+];
 
 const IFNAMSIZ: usize = nix::libc::IFNAMSIZ;
 
@@ -301,8 +359,9 @@ struct TunIfReq {
     _pad: [u8; 24 - std::mem::size_of::<nix::libc::c_short>()],
 }
 
-nix::ioctl_write_ptr_bad!(
-    /// TUNSETIFF: `_IOW('T', 202, int)` that takes a `struct ifreq *` (hence "bad").
+nix::ioctl_readwrite_bad!(
+    /// TUNSETIFF: `_IOW('T', 202, int)` that takes a `struct ifreq *` (hence "bad"),
+    /// which the kernel also writes (the name it chose): a mutable pointer.
     tun_set_iff,
     nix::request_code_write!(b'T', 202, std::mem::size_of::<nix::libc::c_int>()),
     TunIfReq
@@ -347,13 +406,21 @@ fn create_persistent_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), ni
     // The caller checked the length (< IFNAMSIZ), so the name stays NUL-terminated.
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: `dev` is an open /dev/net/tun descriptor for the whole call, and `req` is
-    // a live, initialised `struct ifreq`-compatible value (NUL-terminated name, flags,
-    // zeroed rest of the union) that the kernel only reads and writes within its size.
-    unsafe { tun_set_iff(dev.as_raw_fd(), &req) }?;
-    if let Some((uid, gid)) = owner {
-        // SAFETY: `dev` is attached to the tap; TUNSETOWNER and TUNSETGROUP take plain
-        // integers, no memory is passed.
-        unsafe { tun_set_owner(dev.as_raw_fd(), uid as _) }?;
+    // a live, initialised, exclusively borrowed `struct ifreq`-compatible value
+    // (NUL-terminated name, flags, zeroed rest of the union) that the kernel reads and
+    // writes only within its size.
+    unsafe { tun_set_iff(dev.as_raw_fd(), &mut req) }?;
+    // A persistent tap with neither owner nor group can be attached by any process that
+    // opens /dev/net/tun (mode 0666): it always gets an owner, root unless an
+    // unprivileged VMM user is configured.
+    let (uid, gid) = match owner {
+        Some((uid, gid)) => (uid, Some(gid)),
+        None => (0, None),
+    };
+    // SAFETY: `dev` is attached to the tap; TUNSETOWNER and TUNSETGROUP take plain
+    // integers, no memory is passed.
+    unsafe { tun_set_owner(dev.as_raw_fd(), uid as _) }?;
+    if let Some(gid) = gid {
         // SAFETY: as above.
         unsafe { tun_set_group(dev.as_raw_fd(), gid as _) }?;
     }
@@ -410,6 +477,10 @@ const NFT_FAMILY: &str = "inet";
 const NFT_TABLE: &str = "plfm";
 /// The map `ifname : verdict` that dispatches each tap to its chain.
 const NFT_MAP: &str = "taps";
+/// Family of the ARP table (also named [`NFT_TABLE`]).
+const ARP_FAMILY: &str = "arp";
+/// The set `ifname . ipv4_addr` of the sender address each tap may use in ARP.
+const ARP_SET: &str = "senders";
 
 /// Applies one nft JSON document (`nft -j -f -`: one atomic transaction).
 async fn nft_apply(doc: &Value) -> Result<(), String> {
@@ -418,12 +489,12 @@ async fn nft_apply(doc: &Value) -> Result<(), String> {
         .map(|_| ())
 }
 
-/// The objects of table `inet plfm` (`nft -j list table`), `None` when it is absent.
-async fn nft_table() -> Result<Option<Vec<Value>>, String> {
-    match run("nft", &["-j", "list", "table", NFT_FAMILY, NFT_TABLE], None).await {
+/// The objects of table `<family> plfm` (`nft -j list table`), `None` when it is absent.
+async fn nft_table(family: &str) -> Result<Option<Vec<Value>>, String> {
+    match run("nft", &["-j", "list", "table", family, NFT_TABLE], None).await {
         Ok(out) => {
             let doc: Value = serde_json::from_str(&out)
-                .map_err(|e| format!("nft -j list table {NFT_FAMILY} {NFT_TABLE}: {e}"))?;
+                .map_err(|e| format!("nft -j list table {family} {NFT_TABLE}: {e}"))?;
             Ok(Some(
                 doc["nftables"].as_array().cloned().unwrap_or_default(),
             ))
@@ -441,6 +512,28 @@ fn tap_chains(objects: &[Value]) -> Vec<String> {
         .filter(|c| c.starts_with(TAP_PREFIX) && c.len() == 15)
         .map(String::from)
         .collect()
+}
+
+/// Taps that have an element in the ARP `senders` set.
+fn arp_taps(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| o["set"]["name"] == ARP_SET)
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| e["concat"][0].as_str().map(String::from))
+        .collect()
+}
+
+/// The ARP `senders` element of `tap`, as listed (`{"concat": [tap, addr]}`).
+fn arp_element(objects: &[Value], tap: &str) -> Option<Value> {
+    objects
+        .iter()
+        .filter(|o| o["set"]["name"] == ARP_SET)
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .find(|e| e["concat"][0] == tap)
+        .cloned()
 }
 
 /// Whether the `taps` map has an element keyed `tap`.
@@ -496,8 +589,10 @@ fn base_commands() -> Vec<Value> {
         } } }),
         base_chain("prerouting", -150),
         base_chain("input", 0),
+        base_chain("forward", 0),
         json!({ "flush": { "chain": nft_chain("prerouting") } }),
         json!({ "flush": { "chain": nft_chain("input") } }),
+        json!({ "flush": { "chain": nft_chain("forward") } }),
         nft_rule(
             "prerouting",
             vec![json!({ "vmap": { "key": nft_meta("iifname"), "data": format!("@{NFT_MAP}") } })],
@@ -513,15 +608,78 @@ fn base_commands() -> Vec<Value> {
                 json!({ "accept": null }),
             ],
         ),
+        // Neighbour discovery, echo and packet-too-big (errors about the host's own
+        // flows are `related` above); no redirects, router adverts or anything else.
         nft_rule(
             "input",
             vec![
                 from_taps(),
-                nft_eq(nft_meta("l4proto"), json!({ "set": ["icmp", "ipv6-icmp"] })),
+                nft_eq(nft_meta("l4proto"), json!("ipv6-icmp")),
+                nft_eq(
+                    nft_payload("icmpv6", "type"),
+                    json!({ "set": [
+                        "nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit",
+                        "echo-request", "packet-too-big"
+                    ] }),
+                ),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule(
+            "input",
+            vec![
+                from_taps(),
+                nft_eq(nft_meta("l4proto"), json!("icmp")),
+                nft_eq(nft_payload("icmp", "type"), json!("echo-request")),
                 json!({ "accept": null }),
             ],
         ),
         nft_rule("input", vec![from_taps(), json!({ "drop": null })]),
+        // Through the host: a guest starts nothing (not to another guest, not out);
+        // answers to flows started elsewhere pass. Egress is opened deliberately by
+        // the overlay work, not by default.
+        nft_rule(
+            "forward",
+            vec![
+                from_taps(),
+                json!({ "match": {
+                    "op": "in", "left": { "ct": { "key": "state" } },
+                    "right": ["established", "related"]
+                } }),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule("forward", vec![from_taps(), json!({ "drop": null })]),
+    ]
+}
+
+/// The ARP table: a tap's ARP must name its guest's address as sender (a tap with no
+/// IPv4 link has no element: all its ARP is dropped).
+fn arp_base_commands() -> Vec<Value> {
+    let table = json!({ "family": ARP_FAMILY, "name": NFT_TABLE });
+    let chain = json!({ "family": ARP_FAMILY, "table": NFT_TABLE, "name": "input" });
+    vec![
+        json!({ "add": { "table": table } }),
+        json!({ "add": { "set": {
+            "family": ARP_FAMILY, "table": NFT_TABLE, "name": ARP_SET,
+            "type": ["ifname", "ipv4_addr"]
+        } } }),
+        json!({ "add": { "chain": {
+            "family": ARP_FAMILY, "table": NFT_TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"
+        } } }),
+        json!({ "flush": { "chain": chain } }),
+        json!({ "add": { "rule": {
+            "family": ARP_FAMILY, "table": NFT_TABLE, "chain": "input", "expr": [
+                nft_eq(nft_meta("iifname"), json!(format!("{TAP_PREFIX}*"))),
+                { "match": {
+                    "op": "!=",
+                    "left": { "concat": [nft_meta("iifname"), nft_payload("arp", "saddr ip")] },
+                    "right": format!("@{ARP_SET}")
+                } },
+                { "drop": null }
+            ]
+        } } }),
     ]
 }
 
@@ -540,7 +698,7 @@ fn rules_json(plan: &TapPlan) -> Value {
                 nft_payload("ip6", "saddr"),
                 json!({ "set": [
                     plan.ipv6.to_string(),
-                    { "prefix": { "addr": "fe80::", "len": 64 } }
+                    eui64_link_local(plan.guest_mac).to_string()
                 ] }),
             ),
             ret(),
@@ -568,22 +726,30 @@ fn rules_json(plan: &TapPlan) -> Value {
             ],
         ));
     }
-    cmds.push(nft_rule(
-        tap,
-        vec![nft_eq(nft_meta("protocol"), json!("arp")), ret()],
-    ));
     cmds.push(nft_rule(tap, vec![json!({ "drop": null })]));
     cmds.push(json!({ "add": { "element": {
         "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
         "elem": [[tap, { "jump": { "target": tap } }]]
     } } }));
+    cmds.extend(arp_base_commands());
+    if let Some(v4) = plan.ipv4 {
+        cmds.push(json!({ "add": { "element": {
+            "family": ARP_FAMILY, "table": NFT_TABLE, "name": ARP_SET,
+            "elem": [{ "concat": [tap, v4.guest.to_string()] }]
+        } } }));
+    }
     json!({ "nftables": cmds })
 }
 
-/// Removal of one tap's map element (if `element`) and chain (if `chain`), as one
-/// `nft -j` document.
-fn removal_json(tap: &str, element: bool, chain: bool) -> Value {
+/// Removal of one tap's map element (if `element`), chain (if `chain`) and ARP sender
+/// element (as listed, if any), as one `nft -j` document.
+fn removal_json(tap: &str, element: bool, chain: bool, arp: Option<Value>) -> Value {
     let mut cmds = Vec::new();
+    if let Some(e) = arp {
+        cmds.push(json!({ "delete": { "element": {
+            "family": ARP_FAMILY, "table": NFT_TABLE, "name": ARP_SET, "elem": [e]
+        } } }));
+    }
     if element {
         cmds.push(json!({ "delete": { "element": {
             "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP, "elem": [tap]
@@ -626,15 +792,18 @@ async fn remove_rules(tap: &str) -> Result<(), NetworkError> {
         let step = step.to_string();
         move |message: String| command_error(tap, &step, message)
     };
-    let Some(objects) = nft_table().await.map_err(fail("list nftables table"))? else {
-        return Ok(());
-    };
+    let (inet, arp) = tokio::join!(nft_table(NFT_FAMILY), nft_table(ARP_FAMILY));
+    let objects = inet
+        .map_err(fail("list nftables table"))?
+        .unwrap_or_default();
+    let arp = arp.map_err(fail("list nftables arp table"))?;
+    let arp = arp.as_deref().and_then(|o| arp_element(o, tap));
     let chain = objects.iter().any(|o| o["chain"]["name"] == tap);
     let element = has_element(&objects, tap);
-    if !chain && !element {
+    if !chain && !element && arp.is_none() {
         return Ok(());
     }
-    nft_apply(&removal_json(tap, element, chain))
+    nft_apply(&removal_json(tap, element, chain, arp))
         .await
         .map_err(fail("remove nftables chain"))
 }
@@ -674,11 +843,19 @@ pub async fn remove_orphans(owned: &[String]) -> Vec<String> {
             removed.push(tap);
         }
     }
-    if let Ok(Some(objects)) = nft_table().await {
-        for chain in tap_chains(&objects) {
-            if !owned.contains(&chain) && remove_rules(&chain).await.is_ok() {
-                removed.push(chain);
-            }
+    let mut leftovers = Vec::new();
+    if let Ok(Some(objects)) = nft_table(NFT_FAMILY).await {
+        leftovers.extend(tap_chains(&objects));
+    }
+    if let Ok(Some(objects)) = nft_table(ARP_FAMILY).await {
+        leftovers.extend(arp_taps(&objects));
+    }
+    for chain in leftovers {
+        if !owned.contains(&chain)
+            && !removed.contains(&chain)
+            && remove_rules(&chain).await.is_ok()
+        {
+            removed.push(chain);
         }
     }
     removed
@@ -726,6 +903,7 @@ mod tests {
             mtu: 1420,
             ipv6: "fd00::2".parse().unwrap(),
             ipv4: ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, 0),
+            guest_mac: guest_mac("a"),
         }
     }
 
@@ -748,11 +926,11 @@ mod tests {
         let tap = plan.tap.as_str();
         let doc = rules_json(&plan);
         let cmds = commands(&doc);
-        // Every object is in table inet plfm.
+        // Every object is in table inet plfm or arp plfm (ARP is not seen by inet).
         for c in &cmds {
             let (_, obj) = c.as_object().unwrap().iter().next().unwrap();
             let (_, body) = obj.as_object().unwrap().iter().next().unwrap();
-            assert_eq!(body["family"], "inet", "{c}");
+            assert!(body["family"] == "inet" || body["family"] == "arp", "{c}");
             if body.get("table").is_some() {
                 assert_eq!(body["table"], "plfm", "{c}");
             } else {
@@ -790,26 +968,57 @@ mod tests {
                 &json!("accept")
             )
         );
+        let forward = &cmds[4]["add"]["chain"];
+        assert_eq!(
+            (&forward["hook"], &forward["policy"]),
+            (&json!("forward"), &json!("accept"))
+        );
         // Base chains are refilled (flush before their rules), the tap chain too.
         let flushed: Vec<&Value> = cmds
             .iter()
             .filter_map(|c| c.get("flush").map(|f| &f["chain"]["name"]))
             .collect();
-        assert_eq!(flushed, vec!["prerouting", "input", tap]);
+        assert_eq!(
+            flushed,
+            vec!["prerouting", "input", "forward", tap, "input"]
+        );
         assert_eq!(rules_in(&doc, "prerouting").len(), 1);
         assert_eq!(rules_in(&doc, "prerouting")[0][0]["vmap"]["data"], "@taps");
-        let input_rules = rules_in(&doc, "input");
-        assert_eq!(input_rules.len(), 3);
-        for r in &input_rules {
-            // The wildcard, not one tap: the input rules cover every tap.
+        let inet_input: Vec<Value> = commands(&doc)
+            .iter()
+            .filter(|c| {
+                c["add"]["rule"]["chain"] == "input" && c["add"]["rule"]["family"] == "inet"
+            })
+            .map(|c| c["add"]["rule"]["expr"].clone())
+            .collect();
+        assert_eq!(inet_input.len(), 4);
+        let forward_rules = rules_in(&doc, "forward");
+        assert_eq!(forward_rules.len(), 2);
+        for r in inet_input.iter().chain(&forward_rules) {
+            // The wildcard, not one tap: the base rules cover every tap.
             assert_eq!(r[0]["match"]["right"], "plfm*", "{r}");
         }
-        assert_eq!(input_rules[2][1], json!({"drop": null}));
+        assert_eq!(inet_input[3][1], json!({"drop": null}));
+        assert_eq!(forward_rules[1][1], json!({"drop": null}));
+        let text = serde_json::to_string(&inet_input).unwrap();
+        assert!(
+            !text.contains("nd-redirect") && !text.contains("nd-router-advert"),
+            "{text}"
+        );
 
-        let last = cmds.last().unwrap();
+        let element = cmds
+            .iter()
+            .find(|c| c["add"]["element"]["name"] == "taps")
+            .unwrap();
         assert_eq!(
-            last["add"]["element"]["elem"],
+            element["add"]["element"]["elem"],
             json!([[tap, {"jump": {"target": tap}}]])
+        );
+        let arp = cmds.last().unwrap();
+        assert_eq!(arp["add"]["element"]["family"], "arp");
+        assert_eq!(
+            arp["add"]["element"]["elem"],
+            json!([{"concat": [tap, "169.254.0.6"]}])
         );
     }
 
@@ -818,10 +1027,12 @@ mod tests {
         let plan = plan_a();
         let doc = rules_json(&plan);
         let rules = rules_in(&doc, &plan.tap);
-        assert_eq!(rules.len(), 5);
+        assert_eq!(rules.len(), 4);
+        // Its own link-local address only, not any of fe80::/64.
+        let ll = eui64_link_local(plan.guest_mac).to_string();
         assert_eq!(
             rules[0][0]["match"]["right"],
-            json!({"set": ["fd00::2", {"prefix": {"addr": "fe80::", "len": 64}}]})
+            json!({"set": ["fd00::2", ll]})
         );
         assert_eq!(rules[0][0]["match"]["left"]["payload"]["field"], "saddr");
         assert_eq!(rules[1][1]["match"]["right"], "::");
@@ -829,9 +1040,8 @@ mod tests {
             rules[2][0],
             json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "169.254.0.6"}})
         );
-        assert_eq!(rules[3][0]["match"]["right"], "arp");
-        assert_eq!(rules[4], json!([{"drop": null}]));
-        for r in &rules[..4] {
+        assert_eq!(rules[3], json!([{"drop": null}]));
+        for r in &rules[..3] {
             assert_eq!(
                 r.as_array().unwrap().last().unwrap(),
                 &json!({"return": null})
@@ -844,8 +1054,14 @@ mod tests {
             ..plan_a()
         };
         let doc = rules_json(&v6_only);
-        assert_eq!(rules_in(&doc, &v6_only.tap).len(), 4);
+        assert_eq!(rules_in(&doc, &v6_only.tap).len(), 3);
         assert!(!doc.to_string().contains("169.254."));
+        assert!(
+            !commands(&doc)
+                .iter()
+                .any(|c| c["add"]["element"]["family"] == "arp"),
+            "no ARP sender: every ARP from the tap is dropped"
+        );
     }
 
     #[test]
@@ -863,14 +1079,15 @@ mod tests {
             let ok = c["add"]["chain"]["name"] == tap
                 || c["flush"]["chain"]["name"] == tap
                 || c["add"]["rule"]["chain"] == tap
-                || c["add"]["element"]["name"] == "taps";
+                || c["add"]["element"]["name"] == "taps"
+                || c["add"]["element"]["name"] == "senders";
             assert!(ok, "tap named outside its chain/element: {c}");
             // A rule names the tap only as its chain, never in a match.
             if c["add"]["rule"].is_object() {
                 assert!(!c["add"]["rule"]["expr"].to_string().contains(tap), "{c}");
             }
         }
-        // add chain, flush chain, 5 rules, 1 element.
+        // add chain, flush chain, 4 rules, the map element, the ARP sender element.
         assert_eq!(uses, 8);
         assert!(!base_commands().iter().any(|c| c.to_string().contains(tap)));
     }
@@ -879,15 +1096,40 @@ mod tests {
     fn removal_deletes_what_exists_and_nothing_else() {
         let tap = tap_name("a");
         assert_eq!(
-            removal_json(&tap, true, true),
+            removal_json(&tap, true, true, None),
             json!({"nftables": [
                 {"delete": {"element": {"family": "inet", "table": "plfm", "name": "taps", "elem": [tap]}}},
                 {"flush": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
                 {"delete": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
             ]})
         );
-        assert_eq!(commands(&removal_json(&tap, false, true)).len(), 2);
-        assert_eq!(commands(&removal_json(&tap, true, false)).len(), 1);
+        assert_eq!(commands(&removal_json(&tap, false, true, None)).len(), 2);
+        assert_eq!(commands(&removal_json(&tap, true, false, None)).len(), 1);
+        let arp = json!({"concat": [tap, "169.254.0.6"]});
+        let doc = removal_json(&tap, false, false, Some(arp.clone()));
+        assert_eq!(
+            commands(&doc),
+            vec![
+                json!({"delete": {"element": {"family": "arp", "table": "plfm", "name": "senders", "elem": [arp]}}})
+            ]
+        );
+    }
+
+    #[test]
+    fn the_guest_link_local_address_is_the_eui64_of_its_mac() {
+        let mac = [0x06, 0x00, 0x12, 0x34, 0x56, 0x78];
+        assert_eq!(mac_string(mac), "06:00:12:34:56:78");
+        assert_eq!(
+            eui64_link_local(mac),
+            "fe80::400:12ff:fe34:5678".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(guest_mac("web-1"), guest_mac("web-1"));
+        assert_ne!(guest_mac("web-1"), guest_mac("web-2"));
+        assert_eq!(
+            guest_mac("x")[0] & 0x03,
+            0x02,
+            "locally administered unicast"
+        );
     }
 
     #[test]

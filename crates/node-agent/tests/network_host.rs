@@ -71,6 +71,7 @@ fn plan(id: &str, index: u32) -> TapPlan {
         ipv6: format!("fd00::{:x}", index + 2).parse().unwrap(),
         ipv4: network::ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, index),
         owner: None,
+        guest_mac: network::guest_mac(id),
     }
 }
 
@@ -167,13 +168,38 @@ fn assert_set_up(p: &TapPlan) {
         map_elements()
     );
     let rules = rules_of(tap);
-    assert_eq!(rules.len(), 5, "{rules:?}");
+    assert_eq!(rules.len(), 4, "{rules:?}");
     let text = serde_json::to_string(&rules).unwrap();
     assert!(text.contains(&dst), "{text}");
     assert!(text.contains(&v4.guest.to_string()), "{text}");
     assert!(text.contains("\"drop\""), "{text}");
     assert_eq!(rules_of("prerouting").len(), 1);
-    assert_eq!(rules_of("input").len(), 3);
+    assert_eq!(rules_of("input").len(), 4);
+    assert_eq!(rules_of("forward").len(), 2);
+    for key in network::TAP_SYSCTLS_OFF {
+        let path = format!("/proc/sys/net/{}", key.replace("{tap}", tap));
+        let v = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(v.trim(), "0", "{path}");
+    }
+}
+
+/// Elements of the ARP `senders` set as `(tap, address)`.
+fn arp_senders() -> Vec<(String, String)> {
+    let objects = json("nft", &["-j", "list", "table", "arp", "plfm"])
+        .and_then(|v| v["nftables"].as_array().cloned())
+        .unwrap_or_default();
+    objects
+        .iter()
+        .filter(|o| o["set"]["name"] == "senders")
+        .filter_map(|o| o["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["concat"][0].as_str()?.to_string(),
+                e["concat"][1].as_str()?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 fn assert_gone(tap: &str) {
@@ -186,6 +212,135 @@ fn assert_gone(tap: &str) {
         !map_elements().iter().any(|(k, _)| k == tap),
         "element {tap} left"
     );
+    assert!(
+        !arp_senders().iter().any(|(k, _)| k == tap),
+        "ARP sender of {tap} left"
+    );
+}
+
+/// Tries, as `uid`/`gid` (no supplementary groups), to attach to tap `name` the way a
+/// VMM does (`open /dev/net/tun` + `TUNSETIFF`). The attempt runs in the child between
+/// fork and exec, after the identity change; `Ok` means it attached.
+fn attach_as(uid: u32, gid: u32, name: &str) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    // struct ifreq: the name, then IFF_TAP | IFF_NO_PI, the rest zero (built here: the
+    // child may not allocate).
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    let mut cmd = Command::new("/bin/true");
+    cmd.uid(uid).gid(gid);
+    // SAFETY: the closure only makes the async-signal-safe calls open(2), ioctl(2) and
+    // close(2) on its own copy of `ifr`; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut req = ifr;
+            let r = libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr());
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if r < 0 {
+                return Err(err);
+            }
+            Ok(())
+        })
+    };
+    cmd.status().map(|_| ())
+}
+
+#[test]
+fn a_local_user_cannot_attach_to_a_tenant_tap() {
+    in_netns("a_local_user_cannot_attach_to_a_tenant_tap", || async {
+        let p = plan("net-attach-a", 0);
+        network::setup(&p, false).await.expect("setup");
+        match attach_as(65534, 65534, &p.tap) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => panic!("uid 65534 attaching to {}: {other:?} (want EPERM)", p.tap),
+        }
+        // The probe can succeed: a tap given to uid 65534 (a sandboxed VMM's identity)
+        // takes that user, and still no other.
+        let mut q = plan("net-attach-b", 1);
+        q.owner = Some((65534, 65534));
+        network::setup(&q, false).await.expect("setup");
+        attach_as(65534, 65534, &q.tap).expect("its owner attaches");
+        match attach_as(65533, 65533, &q.tap) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => panic!("uid 65533 attaching to {}: {other:?} (want EPERM)", q.tap),
+        }
+        network::teardown(&p.tap).await.unwrap();
+        network::teardown(&q.tap).await.unwrap();
+    });
+}
+
+/// Sends one ARP request from the "guest" side of `tap` (the test holds the tap's
+/// queue, as the VMM would) claiming `sender` as its address.
+fn send_arp(fd: &std::fs::File, sender: Ipv4Addr, target: Ipv4Addr) {
+    use std::io::Write;
+    let mac = [0x06, 0, 0xde, 0xad, 0xbe, 0xef];
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    (&*fd).write_all(&f).expect("write a frame to the tap");
+}
+
+/// The host's neighbour entry for `addr` on `tap`, if any.
+fn neighbour(tap: &str, addr: Ipv4Addr) -> Option<Value> {
+    let v = json("ip", &["-j", "-4", "neigh", "show", "dev", tap])?;
+    v.as_array()?
+        .iter()
+        .find(|n| n["dst"] == addr.to_string().as_str())
+        .cloned()
+}
+
+#[test]
+fn a_guest_cannot_claim_another_address_over_arp() {
+    in_netns("a_guest_cannot_claim_another_address_over_arp", || async {
+        let p = plan("net-arp-a", 0);
+        network::setup(&p, false).await.expect("setup");
+        let v4 = p.ipv4.unwrap();
+        // Attach as the VMM would (root may), then speak ARP as the guest.
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut ifr = [0u8; 40];
+        ifr[..p.tap.len()].copy_from_slice(p.tap.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        use std::os::fd::AsRawFd;
+        // SAFETY: TUNSETIFF on an open /dev/net/tun descriptor with a 40-byte ifreq.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
+        assert_eq!(r, 0, "attach: {}", std::io::Error::last_os_error());
+
+        // A spoofed sender (another guest's address in the pool) is dropped: the host
+        // learns nothing.
+        let spoofed = Ipv4Addr::new(169, 254, 7, 2);
+        send_arp(&fd, spoofed, v4.host);
+        // Its own address is answered and learnt: proof the frames reach the host.
+        send_arp(&fd, v4.guest, v4.host);
+        common::wait::Poll::within(Duration::from_secs(5))
+            .until("the guest's own ARP to be learnt", || {
+                neighbour(&p.tap, v4.guest).ok_or("no entry yet")
+            });
+        assert!(
+            neighbour(&p.tap, spoofed).is_none(),
+            "the host learnt the spoofed sender {spoofed}: {:?}",
+            neighbour(&p.tap, spoofed)
+        );
+        drop(fd);
+        network::teardown(&p.tap).await.unwrap();
+    });
 }
 
 #[test]
@@ -249,7 +404,8 @@ fn setup_is_idempotent_and_teardown_leaves_nothing() {
             assert_gone(&q.tap);
             assert_gone(&r.tap);
             assert!(network::plfm_taps().await.is_empty());
-            assert_eq!(rules_of("input").len(), 3, "base chains stay");
+            assert_eq!(rules_of("input").len(), 4, "base chains stay");
+            assert!(arp_senders().is_empty(), "{:?}", arp_senders());
         },
     );
 }

@@ -332,6 +332,7 @@ impl Host {
             ipv6,
             ipv4: network::ipv4_link(pool, len, index),
             owner: self.config.tap_owner,
+            guest_mac: network::guest_mac(id.as_str()),
         };
         let detail = serde_json::json!({
             "ipv6": ipv6.to_string(),

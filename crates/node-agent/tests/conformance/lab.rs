@@ -112,6 +112,14 @@ pub enum Behaviour {
     UserCheck,
 }
 
+/// A stable overlay address per instance id (fd00::/8).
+pub fn overlay_ipv6(id: &str) -> String {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("fd00::c:{:x}", h as u16)
+}
+
 /// A health check of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -150,6 +158,8 @@ pub struct Inst {
     /// `termination_grace_seconds` and `drain_grace_seconds`.
     pub grace: u64,
     pub desired_state: &'static str,
+    /// A `/bin/sh -c` script that replaces the behaviour's command (qemu only).
+    pub shell: Option<String>,
 }
 
 impl Inst {
@@ -162,7 +172,12 @@ impl Inst {
             user_image: false,
             grace: 10,
             desired_state: "running",
+            shell: None,
         }
+    }
+    pub fn shell(mut self, script: &str) -> Inst {
+        self.shell = Some(script.to_string());
+        self
     }
     pub fn health(mut self, h: Health) -> Inst {
         self.health = Some(h);
@@ -608,6 +623,10 @@ reconcile_interval_ms = 200
     fn command(&self, inst: &Inst) -> Vec<String> {
         let sh = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
         let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if let Some(script) = &inst.shell {
+            assert_eq!(self.kind, Kind::Qemu, "only qemu guests run shell scripts");
+            return sh(script);
+        }
         match (self.kind, inst.behaviour) {
             (Kind::Mock, _) => v(&["/app"]),
             (Kind::Qemu, Behaviour::Serve(port)) => sh(&format!(
@@ -671,11 +690,7 @@ reconcile_interval_ms = 200
             &self.image
         };
         let digest = image.rsplit('@').next().unwrap();
-        // A stable overlay address per instance id (fd00::/8).
-        let h = inst.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        let ipv6 = format!("fd00::c:{:x}", h as u16);
+        let ipv6 = overlay_ipv6(&inst.id);
         let memory: i64 = if inst.behaviour == Behaviour::Oom {
             192 << 20
         } else {
@@ -807,6 +822,15 @@ reconcile_interval_ms = 200
             .find(|v| v.instance_id == id)?
             .addresses?
             .ipv4
+    }
+
+    /// Turns on IPv4 and IPv6 forwarding in the lab's network namespace (this thread
+    /// is in it), as on a node that routes its guests' overlay traffic.
+    pub fn enable_forwarding(&self) {
+        for key in ["ipv4/ip_forward", "ipv6/conf/all/forwarding"] {
+            let path = format!("/proc/sys/net/{key}");
+            std::fs::write(&path, "1").unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
     }
 
     /// `ip` / `nft` output (this thread's namespace).

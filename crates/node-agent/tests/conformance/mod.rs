@@ -77,6 +77,10 @@ macro_rules! runtime_suite {
             s::image_user_is_the_workload_user(KIND)
         }
         #[test]
+        fn a_guest_cannot_open_a_connection_to_another_guest() {
+            s::a_guest_cannot_open_a_connection_to_another_guest(KIND)
+        }
+        #[test]
         fn data_dir_is_unreachable_for_a_local_user_while_a_vm_runs() {
             s::data_dir_is_unreachable_for_a_local_user_while_a_vm_runs(KIND)
         }

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::lab::{alive, start_time, unsupported, Behaviour, Health, Inst, Kind, Lab};
+use super::lab::{
+    alive, overlay_ipv6, start_time, unsupported, Behaviour, Health, Inst, Kind, Lab,
+};
 use crate::common::wait::Poll;
 use plfm_node_agent::instance::{ReasonCode, Status};
 use plfm_node_agent::status::view::InstanceView;
@@ -631,4 +633,55 @@ exit 0"#;
         reached.trim().is_empty(),
         "uid 65534 reached the data dir:\n{reached}"
     );
+}
+
+// ------------------------------------------------------------------ 17
+
+/// One guest cannot open a TCP connection to another through the host, over IPv4 or
+/// IPv6, even on a host that forwards (as a node with the overlay does); the prober's
+/// own network works (it reaches the host over IPv6 link-local and IPv4), so the
+/// refusal is the firewall's. The prober's exit code says what it reached: 20 is
+/// "host yes, victim no"; +1 host over IPv6 failed, +8 host over IPv4 failed, +2
+/// victim reached over IPv4, +4 over IPv6 (`nc`: this busybox's `wget` crashes).
+pub fn a_guest_cannot_open_a_connection_to_another_guest(kind: Kind) {
+    if kind != Kind::Qemu {
+        return unsupported(kind, "its guests have no network stack of their own");
+    }
+    let Some(lab) = lab(kind, false) else { return };
+    lab.enable_forwarding();
+    let victim = Inst::new("c-victim", Behaviour::Serve(8087)).health(Health::Http(8087));
+    let _cv = run(&lab, &[&victim]);
+    ready(&lab, &victim.id);
+    let v4 = lab
+        .guest_ipv4(&victim.id)
+        .expect("the victim's IPv4 address");
+    let v6 = overlay_ipv6(&victim.id);
+    let script = format!(
+        r#"bb=busybox
+gw4=$($bb ip -4 route show default | $bb awk '{{print $3}}')
+try() {{ for i in 1 2 3 4 5; do "$@" >/dev/null 2>&1 && return 0; $bb sleep 1; done; return 1; }}
+r=20
+try $bb ping6 -c 1 -W 2 -I eth0 fe80::1 || r=$((r+1))
+try $bb ping -c 1 -W 2 "$gw4" || r=$((r+8))
+echo | $bb nc -w 5 {v4} 8087 >/dev/null 2>&1 && r=$((r+2))
+echo | $bb nc -w 5 {v6} 8087 >/dev/null 2>&1 && r=$((r+4))
+echo "probe: gateway $gw4, result $r"
+exit $r"#
+    );
+    let prober = Inst::new("c-prober", Behaviour::Idle).shell(&script);
+    let _cp = run(&lab, &[&prober]);
+    let v = ended(&lab, &prober.id);
+    assert_eq!(
+        v.exit_code,
+        Some(20),
+        "prober result (see the doc for the code): {v:#?}\n{}",
+        lab.log()
+    );
+    // The victim is unharmed and still serves the host.
+    let status = lab
+        .agent()
+        .instances()
+        .and_then(|all| all.into_iter().find(|v| v.instance_id == victim.id))
+        .map(|v| v.status);
+    assert_eq!(status, Some(Status::Ready));
 }

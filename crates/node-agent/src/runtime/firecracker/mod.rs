@@ -273,13 +273,9 @@ pub fn tap_name(id: &InstanceId) -> String {
     crate::network::tap_name(id.as_str())
 }
 
-/// A locally administered guest MAC derived from the instance id.
+/// The guest MAC of an instance ([`crate::network::guest_mac`], as text).
 pub fn guest_mac(id: &InstanceId) -> String {
-    let h = id.as_str().bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    let b = h.to_be_bytes();
-    format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+    crate::network::mac_string(crate::network::guest_mac(id.as_str()))
 }
 
 /// What `vmm.json` records about a running VMM (no secrets).

@@ -325,7 +325,11 @@ fn qemu_args(
             p.host.tap.tap
         ),
         "-device".into(),
-        "virtio-net-device,netdev=net0".into(),
+        // The MAC fixes the guest's link-local address, the only one its tap admits.
+        format!(
+            "virtio-net-device,netdev=net0,mac={}",
+            crate::network::mac_string(p.host.tap.guest_mac)
+        ),
     ]);
     Ok(args)
 }
