@@ -36,10 +36,25 @@ else
   echo "install-deps: not a Debian-like Linux; system tests will say what they miss" >&2
 fi
 
-# vhost-device-vsock: the vsock backend QEMU's vhost-user-vsock-device talks to.
-if [ "$(uname -s)" = "Linux" ] && ! command -v vhost-device-vsock >/dev/null 2>&1; then
-  echo "install-deps: cargo install vhost-device-vsock" >&2
-  cargo install --locked --quiet vhost-device-vsock --version 0.3.0
+# vhost-device-vsock: the vsock backend QEMU's vhost-user-vsock-device talks to. It
+# runs as an unprivileged per-instance uid, so as root it goes to /usr/local/bin (a
+# copy in ~/.cargo/bin under /root, mode 0700, cannot be executed by that uid).
+if [ "$(uname -s)" = "Linux" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    if [ ! -x /usr/local/bin/vhost-device-vsock ]; then
+      existing="$(command -v vhost-device-vsock || true)"
+      if [ -n "$existing" ]; then
+        echo "install-deps: copying $existing to /usr/local/bin" >&2
+        install -m 0755 "$existing" /usr/local/bin/vhost-device-vsock
+      else
+        echo "install-deps: cargo install vhost-device-vsock into /usr/local" >&2
+        cargo install --locked --quiet --root /usr/local vhost-device-vsock --version 0.3.0
+      fi
+    fi
+  elif ! command -v vhost-device-vsock >/dev/null 2>&1; then
+    echo "install-deps: cargo install vhost-device-vsock" >&2
+    cargo install --locked --quiet vhost-device-vsock --version 0.3.0
+  fi
 fi
 
 if command -v rustup >/dev/null 2>&1; then

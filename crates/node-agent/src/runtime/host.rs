@@ -33,6 +33,9 @@ pub const KIND_TAP: &str = "tap";
 pub const KIND_IPV4: &str = "ipv4";
 /// Ledger kind of a volume attachment (name = volume id).
 pub const KIND_VOLUME: &str = "volume";
+/// Ledger kind: the unprivileged uid (and gid, the same number) of an instance's VMM
+/// processes (name: the number).
+pub const KIND_UID: &str = "uid";
 
 /// Scratch disks smaller than this are made this size (ext4 needs room for a journal).
 pub const MIN_SCRATCH_BYTES: u64 = 16 << 20;
@@ -280,6 +283,46 @@ impl Host {
         Ok(out)
     }
 
+    /// The unprivileged uid of `id`'s VMM processes, from `first..first + count`: the one
+    /// it holds, else the first free one from a hash of its id. Recorded in the ledger
+    /// before use, so no two instances share one (their processes could then signal
+    /// or ptrace each other).
+    pub async fn allocate_uid(
+        &self,
+        id: &InstanceId,
+        first: u32,
+        count: u32,
+    ) -> Result<u32, RuntimeError> {
+        let _allocating = self.allocation.lock().await;
+        let rows = self.rows().await?;
+        if let Some(uid) = rows
+            .iter()
+            .find(|r| r.kind == KIND_UID && r.instance_id == id.as_str())
+            .and_then(|r| r.name.parse::<u32>().ok())
+        {
+            return Ok(uid);
+        }
+        let taken: HashSet<u32> = rows
+            .iter()
+            .filter(|r| r.kind == KIND_UID)
+            .filter_map(|r| r.name.parse().ok())
+            .collect();
+        let tap = network::tap_name(id.as_str());
+        let hex = &tap[network::TAP_PREFIX.len()..network::TAP_PREFIX.len() + 7];
+        let start = u32::from_str_radix(hex, 16).unwrap_or(0) % count.max(1);
+        let uid = (0..count)
+            .map(|k| first + (start + k) % count)
+            .find(|u| !taken.contains(u))
+            .ok_or_else(|| {
+                RuntimeError::VmmStart(
+                    format!("all {count} VMM uids from {first} are in use (vmm_uid_count)").into(),
+                )
+            })?;
+        self.ledger_add(KIND_UID, &uid.to_string(), id, None)
+            .await?;
+        Ok(uid)
+    }
+
     /// The tap, its addresses and rules ([`network::setup`]), and the IPv4 link: the
     /// block this instance already holds, else the first free one from a hash of its
     /// id. Recorded in the ledger before anything is created.
@@ -379,7 +422,7 @@ impl Host {
                         continue;
                     }
                 },
-                KIND_IPV4 | KIND_VOLUME => {}
+                KIND_IPV4 | KIND_VOLUME | KIND_UID => {}
                 _ => continue, // the runtime's own rows
             }
             self.ledger_remove(&r.kind, &r.name).await;

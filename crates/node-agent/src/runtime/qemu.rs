@@ -84,6 +84,24 @@ pub struct QemuConfig {
     /// vhost-device-vsock use beyond guest RAM.
     #[serde(default = "default_overhead")]
     pub memory_overhead_mib: u64,
+    /// Run QEMU and vhost-device-vsock as an unprivileged uid of the instance's own, QEMU
+    /// chrooted and under its seccomp sandbox (default on). A VM whose sandbox cannot be
+    /// set up is not started; `false` runs both as root, unconfined (unsafe with
+    /// untrusted tenants).
+    #[serde(default = "default_true")]
+    pub sandbox: bool,
+    /// Where the per-instance jails live (sockets the unprivileged VMM processes use,
+    /// QEMU's chroot); must be reachable by other users (each jail is not). Outside the
+    /// data dir, which no other user may enter.
+    #[serde(default = "default_jail_dir")]
+    pub jail_dir: PathBuf,
+    /// First uid (and gid, the same number) of the range VMM processes run as; one per
+    /// instance. No account on the host may use the range.
+    #[serde(default = "default_uid_base")]
+    pub vmm_uid_base: u32,
+    /// Size of that range (at least the number of VMs the node runs).
+    #[serde(default = "default_uid_count")]
+    pub vmm_uid_count: u32,
 }
 
 fn default_qemu() -> String {
@@ -107,6 +125,18 @@ fn default_volume_bytes() -> u64 {
 fn default_overhead() -> u64 {
     192
 }
+fn default_true() -> bool {
+    true
+}
+fn default_jail_dir() -> PathBuf {
+    PathBuf::from("/run/plfm-node-agent/qemu")
+}
+fn default_uid_base() -> u32 {
+    400_000
+}
+fn default_uid_count() -> u32 {
+    65_536
+}
 /// 64 GiB: more is a unit mistake (bytes given as MiB).
 const MAX_OVERHEAD_MIB: u64 = 64 << 10;
 
@@ -125,6 +155,10 @@ impl Default for QemuConfig {
             cgroup: CgroupMode::Auto,
             cgroup_parent: None,
             memory_overhead_mib: default_overhead(),
+            sandbox: true,
+            jail_dir: default_jail_dir(),
+            vmm_uid_base: default_uid_base(),
+            vmm_uid_count: default_uid_count(),
         }
     }
 }
@@ -153,6 +187,26 @@ impl QemuConfig {
         self.pool().map(|_| ())?;
         if let Some(p) = &self.cgroup_parent {
             crate::cgroup::validate_parent(p).map_err(|e| format!("cgroup_parent: {e}"))?;
+        }
+        if self.vmm_uid_base < 1000 {
+            return Err(format!(
+                "vmm_uid_base: {} is below 1000 (system and user accounts live there)",
+                self.vmm_uid_base
+            ));
+        }
+        if self.vmm_uid_count == 0
+            || u64::from(self.vmm_uid_base) + u64::from(self.vmm_uid_count) > 1 << 31
+        {
+            return Err(format!(
+                "vmm_uid_count: {} uids from {} do not fit below 2^31 (or the count is 0)",
+                self.vmm_uid_count, self.vmm_uid_base
+            ));
+        }
+        if !self.jail_dir.is_absolute() {
+            return Err(format!(
+                "jail_dir: {} must be an absolute path",
+                self.jail_dir.display()
+            ));
         }
         if !(1..=MAX_OVERHEAD_MIB).contains(&self.memory_overhead_mib) {
             return Err(format!(

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Accel, QemuConfig};
 use crate::cgroup::{Entry, Group};
-use crate::guest::bind_guest_listener;
+use crate::guest::{bind_guest_listener, guest_socket_path};
 use crate::image::ImageService;
 use crate::runtime::host::{Host, HostConfig, HostPrep};
 use crate::runtime::vmm::cgroup::VmmCgroups;
@@ -44,7 +44,26 @@ struct VmRecord {
     vhost: Option<ProcessId>,
     /// Where the health check connects.
     address: Option<IpAddr>,
+    /// The jail and uid the VMM processes run in (absent: unsandboxed).
+    #[serde(default)]
+    sandbox: Option<Sandbox>,
 }
+
+/// The confinement of one VM's processes: its jail directory (their sockets; QEMU's
+/// chroot below it) and the uid/gid they run as.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Sandbox {
+    dir: PathBuf,
+    uid: u32,
+}
+
+/// QEMU's seccomp sandbox. `elevateprivileges=allow` is a deliberate deviation from
+/// `deny`: QEMU 7.2 installs the filter before `-runas` calls setuid, so `deny` kills
+/// it with SIGSYS at the drop. After the drop real, effective and saved ids are all the
+/// instance's, so set*id calls cannot regain root; `spawn=deny` forbids exec (no
+/// setuid binary), and the kernel sets no_new_privs.
+const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 /// What `prepare` produced for an instance, used by `start`.
 #[derive(Debug, Clone)]
@@ -71,6 +90,9 @@ pub struct QemuRuntime {
     vms: VmTable<Vm>,
     /// Host memory cgroups for the VMM processes, when usable.
     cgroups: VmmCgroups,
+    /// This agent's directory under `jail_dir` (named by a hash of the data dir, so two
+    /// agents on one host never share jails).
+    jails: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -92,10 +114,13 @@ struct Paths {
 }
 
 impl Paths {
-    fn of(dir: PathBuf) -> Paths {
+    /// The files under the instance dir `dir`; the sockets the VMM processes use go
+    /// into `jail` when they run sandboxed (they cannot enter the data dir).
+    fn of(dir: PathBuf, jail: Option<&Path>) -> Paths {
+        let sockets = jail.unwrap_or(&dir).to_path_buf();
         Paths {
-            uds: dir.join("vsock.sock"),
-            vhost_sock: dir.join("vhost.sock"),
+            uds: sockets.join("vsock.sock"),
+            vhost_sock: sockets.join("vhost.sock"),
             qmp: dir.join("qmp.sock"),
             console: dir.join("console.log"),
             dir,
@@ -132,7 +157,15 @@ impl QemuRuntime {
         )
         .map_err(|e| format!("runtime.qemu.{e}"))?;
         let cgroups = VmmCgroups::detect(config.cgroup, config.cgroup_parent.as_deref());
+        let tag = {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(
+                data_dir.as_os_str().as_encoded_bytes(),
+            ))
+        };
+        let jails = config.jail_dir.join(&tag[..12]);
         Ok(QemuRuntime {
+            jails,
             cgroups,
             config,
             data_dir,
@@ -157,18 +190,81 @@ impl QemuRuntime {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
             Accel::Auto => {
-                if std::fs::OpenOptions::new()
+                match std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open("/dev/kvm")
-                    .is_ok()
                 {
-                    "kvm"
-                } else {
-                    "tcg"
+                    Ok(_) => "kvm",
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accel = \"auto\": /dev/kvm cannot be opened, falling back to TCG (software emulation, many times slower)");
+                        "tcg"
+                    }
                 }
             }
         }
+    }
+
+    /// The jail of an instance: `<jail_dir>/<agent tag>/<id>`.
+    fn jail_of(&self, id: &InstanceId) -> PathBuf {
+        self.jails.join(id.as_str())
+    }
+
+    /// Makes a fresh jail for `id` owned by `uid` (0700; only its VMM processes and
+    /// root enter it), with an empty root-owned `chroot` directory for QEMU. The jail
+    /// dir and this agent's directory in it are 0711 (traversable, not listable), and
+    /// every ancestor must let other users traverse it, or the VMM user could not
+    /// reach its jail: then nothing is started (fail closed) and the error names the
+    /// key. Needs root (chown).
+    fn make_jail(&self, id: &InstanceId, uid: u32) -> Result<PathBuf, RuntimeError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let err =
+            |what: String| RuntimeError::VmmStart(format!("runtime.qemu.jail_dir: {what}").into());
+        // Missing directories on the way are made traversable (the umask is 077).
+        let missing: Vec<&Path> = self.jails.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            std::fs::create_dir(d)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)))
+                .map_err(|e| err(format!("cannot create {}: {e}", d.display())))?;
+        }
+        for d in [self.config.jail_dir.as_path(), self.jails.as_path()] {
+            let meta = std::fs::metadata(d).map_err(|e| err(format!("{}: {e}", d.display())))?;
+            if meta.uid() != 0 {
+                return Err(err(format!(
+                    "{} is owned by uid {}, not root",
+                    d.display(),
+                    meta.uid()
+                )));
+            }
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| err(format!("chmod {}: {e}", d.display())))?;
+        }
+        for a in self.config.jail_dir.ancestors().skip(1) {
+            let mode = std::fs::metadata(a).map(|m| m.mode()).unwrap_or(0);
+            if mode & 0o001 == 0 {
+                return Err(err(format!(
+                    "{} is not traversable by other users (mode {:o}): the VMM user could not reach its jail",
+                    a.display(),
+                    mode & 0o7777
+                )));
+            }
+        }
+        let jail = self.jail_of(id);
+        match std::fs::remove_dir_all(&jail) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(format!("cannot remove old {}: {e}", jail.display()))),
+        }
+        let made = std::fs::create_dir(&jail)
+            .and_then(|()| std::os::unix::fs::chown(&jail, Some(uid), Some(uid)))
+            .and_then(|()| std::fs::set_permissions(&jail, std::fs::Permissions::from_mode(0o700)))
+            .and_then(|()| std::fs::create_dir(jail.join("chroot")));
+        made.map_err(|e| err(format!("cannot make {}: {e}", jail.display())))?;
+        Ok(jail)
     }
 
     async fn save(&self, id: &InstanceId, record: &VmRecord) -> Result<(), RuntimeError> {
@@ -204,6 +300,7 @@ impl QemuRuntime {
         &self,
         paths: &Paths,
         entry: Option<&Entry>,
+        identity: Option<(u32, u32)>,
     ) -> Result<ProcessId, RuntimeError> {
         let args = vec![
             "--vm".to_string(),
@@ -214,13 +311,14 @@ impl QemuRuntime {
             ),
         ];
         let log = paths.dir.join("vhost.log");
-        let spawned = vproc::spawn_detached(
-            Path::new(&self.config.vhost_device_vsock),
-            &args,
-            &log,
-            entry,
-        )
-        .map_err(RuntimeError::VmmStart)?;
+        let program = match identity {
+            Some(_) => vproc::resolve_for_others(&self.config.vhost_device_vsock).map_err(|e| {
+                RuntimeError::VmmStart(format!("runtime.qemu.vhost_device_vsock: {e}").into())
+            })?,
+            None => PathBuf::from(&self.config.vhost_device_vsock),
+        };
+        let spawned = vproc::spawn_detached_as(&program, &args, &log, entry, identity)
+            .map_err(RuntimeError::VmmStart)?;
         let id = spawned.id;
         // Not reaped while we live: stop and cleanup SIGKILL it and poll /proc.
         let mut watch = Watch::Child(spawned.child);
@@ -261,6 +359,7 @@ fn qemu_args(
     accel: &str,
     kernel: &Path,
     initramfs: &Path,
+    sandbox: Option<&Sandbox>,
 ) -> Result<Vec<String>, RuntimeError> {
     let mem_mib = guest::guest_mem_mib(w);
     let mut args: Vec<String> = vec![
@@ -331,6 +430,18 @@ fn qemu_args(
             crate::network::mac_string(p.host.tap.guest_mac)
         ),
     ]);
+    if let Some(sb) = sandbox {
+        // Everything above is opened as root during start-up; then QEMU chroots into
+        // an empty directory and drops to the instance's uid before the guest runs.
+        args.extend([
+            "-runas".into(),
+            format!("{}:{}", sb.uid, sb.uid),
+            "-chroot".into(),
+            sb.dir.join("chroot").display().to_string(),
+            "-sandbox".into(),
+            QEMU_SANDBOX.into(),
+        ]);
+    }
     Ok(args)
 }
 
@@ -397,13 +508,34 @@ impl Runtime for QemuRuntime {
         let config = guest::guest_config(w, Some(&p.root.process), network, boot.secrets.as_ref())?;
         // Any VM still recorded for this instance goes first (idempotent start).
         self.kill_recorded(id).await;
-        let paths = Paths::of(self.instance_dir(id));
+        let sandbox = if self.config.sandbox {
+            let uid = self
+                .host
+                .allocate_uid(id, self.config.vmm_uid_base, self.config.vmm_uid_count)
+                .await?;
+            let dir = self.make_jail(id, uid)?;
+            Some(Sandbox { dir, uid })
+        } else {
+            None
+        };
+        let identity = sandbox.as_ref().map(|s| (s.uid, s.uid));
+        let paths = Paths::of(
+            self.instance_dir(id),
+            sandbox.as_ref().map(|s| s.dir.as_path()),
+        );
         for s in [&paths.vhost_sock, &paths.qmp] {
             let _ = std::fs::remove_file(s);
         }
         let listener = bind_guest_listener(&paths.uds).map_err(|e| {
             RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()).into())
         })?;
+        if let Some((uid, gid)) = identity {
+            // vhost-device-vsock connects to it for the guest; it is this VM's alone.
+            let sock = guest_socket_path(&paths.uds);
+            std::os::unix::fs::chown(&sock, Some(uid), Some(gid)).map_err(|e| {
+                RuntimeError::VmmStart(format!("chown {}: {e}", sock.display()).into())
+            })?;
+        }
         let handle = VmHandle {
             instance_id: id.clone(),
             generation: w.spec.generation,
@@ -418,6 +550,7 @@ impl Runtime for QemuRuntime {
             qemu: None,
             vhost: None,
             address: Some(p.host.probe_address()),
+            sandbox: sandbox.clone(),
         };
         // Recorded before anything is spawned.
         self.save(id, &record).await?;
@@ -427,12 +560,21 @@ impl Runtime for QemuRuntime {
             .create(&self.host.ledger(), id, limit)
             .await?
             .unzip();
-        let vhost = self.spawn_vhost(&paths, entry.as_ref()).await?;
+        let vhost = self.spawn_vhost(&paths, entry.as_ref(), identity).await?;
         record.vhost = Some(vhost);
         self.save(id, &record).await?;
         let accel = self.accel();
         let _ = std::fs::remove_file(&paths.console);
-        let args = qemu_args(id, w, &p, &paths, accel, &kernel, &initramfs)?;
+        let args = qemu_args(
+            id,
+            w,
+            &p,
+            &paths,
+            accel,
+            &kernel,
+            &initramfs,
+            sandbox.as_ref(),
+        )?;
         let qemu = match vproc::spawn_detached(
             Path::new(&self.config.binary),
             &args,
@@ -448,7 +590,7 @@ impl Runtime for QemuRuntime {
         record.qemu = Some(qemu.id);
         self.save(id, &record).await?;
         let cgroup = oom.as_ref().map(|o| o.group().clone());
-        tracing::info!(instance = %id, accel, qemu_pid = qemu.id.pid, cgroup = ?cgroup.as_ref().map(|g| g.path().to_path_buf()), "qemu started");
+        tracing::info!(instance = %id, accel, qemu_pid = qemu.id.pid, vmm_uid = ?identity.map(|i| i.0), cgroup = ?cgroup.as_ref().map(|g| g.path().to_path_buf()), "qemu started");
         let monitor = Monitor::spawn(MonitorArgs {
             instance: id.to_string(),
             listener,
@@ -590,6 +732,13 @@ impl Runtime for QemuRuntime {
         for f in ["vsock.sock", "vsock.sock_5161", "vhost.sock", "qmp.sock"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        // The jail (its owner, the VMM uid, may have planted anything: remove_dir_all
+        // removes links, never follows them).
+        match std::fs::remove_dir_all(self.jail_of(id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(instance = %id, error = %e, "jail not removed"),
+        }
         released?;
         cgroups
     }
@@ -604,10 +753,19 @@ impl QemuRuntime {
         rec: VmRecord,
         q: ProcessId,
     ) -> Result<VmHandle, RuntimeError> {
-        let paths = Paths::of(self.instance_dir(id));
+        let paths = Paths::of(
+            self.instance_dir(id),
+            rec.sandbox.as_ref().map(|s| s.dir.as_path()),
+        );
         let listener = bind_guest_listener(&paths.uds).map_err(|e| {
             RuntimeError::VmmStart(format!("guest socket {}: {e}", paths.uds.display()).into())
         })?;
+        if let Some(sb) = &rec.sandbox {
+            let sock = guest_socket_path(&paths.uds);
+            std::os::unix::fs::chown(&sock, Some(sb.uid), Some(sb.uid)).map_err(|e| {
+                RuntimeError::VmmStart(format!("chown {}: {e}", sock.display()).into())
+            })?;
+        }
         let handle = VmHandle {
             instance_id: id.clone(),
             generation: rec.generation,

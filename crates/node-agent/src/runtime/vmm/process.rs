@@ -8,7 +8,7 @@
 //! when to stop a VMM and knows no VMM's dialect (the runtimes pass their own exit-code
 //! meanings to [`ExitStatus::describe`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -187,6 +187,20 @@ pub fn spawn_detached(
     log: &Path,
     cgroup: Option<&crate::cgroup::Entry>,
 ) -> Result<Spawned, Cause> {
+    spawn_detached_as(program, args, log, cgroup, None)
+}
+
+/// [`spawn_detached`], running as `identity` (uid, gid; no supplementary groups) when
+/// given: the child joins the cgroup as root, then drops to the identity before exec.
+/// Needs root to change identity.
+#[cfg(target_os = "linux")]
+pub fn spawn_detached_as(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    cgroup: Option<&crate::cgroup::Entry>,
+    identity: Option<(u32, u32)>,
+) -> Result<Spawned, Cause> {
     let cgroup = cgroup
         .map(crate::cgroup::Entry::try_clone)
         .transpose()
@@ -210,15 +224,24 @@ pub fn spawn_detached(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
-    // and write(2) of a static buffer to a descriptor opened before the fork
-    // (`Entry::join`); both are async-signal-safe, allocate nothing and touch no memory
-    // of the parent.
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+    // write(2) of a static buffer to a descriptor opened before the fork
+    // (`Entry::join`), and setgroups(2)/setgid(2)/setuid(2) with plain integers; all are
+    // async-signal-safe system calls (std's own `uid()` makes the same calls in the
+    // child), allocate nothing and touch no memory of the parent.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::setsid().map_err(std::io::Error::from)?;
             if let Some(c) = &cgroup {
                 c.join()?;
+            }
+            if let Some((uid, gid)) = identity {
+                if nix::libc::setgroups(0, std::ptr::null()) != 0
+                    || nix::libc::setgid(gid) != 0
+                    || nix::libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -245,6 +268,40 @@ pub fn spawn_detached(
     }
     let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 });
     Ok(Spawned { id, child })
+}
+
+/// Where `program` (a name looked up in `PATH`, or a path) is for a process that runs
+/// as an unprivileged user: the first candidate that others may execute, the file and
+/// every directory above it (a copy under `/root`, mode 0700, is skipped). The error
+/// names what was found and why it cannot be used.
+pub fn resolve_for_others(program: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let open_to_others = |p: &Path| {
+        let exec =
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o001 != 0);
+        exec && p
+            .ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+    };
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        vec![PathBuf::from(program)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).collect())
+            .unwrap_or_default()
+    };
+    let found: Vec<&PathBuf> = candidates.iter().filter(|c| c.is_file()).collect();
+    if let Some(p) = found.iter().find(|c| open_to_others(c)) {
+        return Ok((*p).clone());
+    }
+    match found.first() {
+        Some(p) => Err(format!(
+            "{} cannot be executed by the unprivileged VMM user (the file or a directory above it is closed to other users); install it where others may run it, e.g. /usr/local/bin",
+            p.display()
+        )),
+        None => Err(format!("{program}: not found (is it installed?)")),
+    }
 }
 
 /// VMMs run only on Linux; elsewhere every spawn fails with a clear message.
