@@ -10,7 +10,8 @@
 //! `image_cache` and `image_refs` in `<data_dir>/state.db`. It must not touch other
 //! tables, mount anything, use loop devices, or write outside `<data_dir>/images/`.
 //!
-//! Flow of one request: pin the digest for the instance → cache hit? return → else
+//! Flow of one request: pin the digest for the instance → cache hit? return → a
+//! content failure of this image still in its backoff ([`failures`])? return it → else
 //! join or start the single flight for that digest (one per digest per process, and a
 //! `flock` per digest across processes) → pull (verify while streaming) → unpack
 //! into `tmp/` → `mkfs.ext4 -d` → rename → record → evict above the high-water mark.

@@ -175,7 +175,7 @@ pub fn build_ext4(
         .arg(tree)
         .arg(out)
         .arg(format!("{}k", size / 1024));
-    run_tool("mkfs.ext4", &what, mkfs, deadline)?;
+    run_tool("mkfs.ext4", &what, mkfs, Output::Discard, deadline)?;
     normalize_times(out, work, &what, deadline)?;
     let f = File::options()
         .write(true)
@@ -193,6 +193,15 @@ fn tool_env(cmd: &mut Command) {
         .stdin(Stdio::null());
 }
 
+/// What [`run_tool`] does with a tool's standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Returned to the caller (`dumpe2fs`).
+    Keep,
+    /// Not read (`debugfs` echoes every command: two lines per inode).
+    Discard,
+}
+
 /// Runs `cmd` to completion, killing it when `deadline` passes (the image's
 /// `image_timeout_secs`): a tool stuck on a pathological tree must not hold the
 /// digest lock and a build thread forever.
@@ -200,6 +209,7 @@ fn run_tool(
     tool: &'static str,
     what: &str,
     mut cmd: Command,
+    stdout: Output,
     deadline: Instant,
 ) -> Result<Vec<u8>, ImageError> {
     tool_env(&mut cmd);
@@ -210,7 +220,10 @@ fn run_tool(
     };
     let started = Instant::now();
     let mut child = cmd
-        .stdout(Stdio::piped())
+        .stdout(match stdout {
+            Output::Keep => Stdio::piped(),
+            Output::Discard => Stdio::null(),
+        })
         .stderr(Stdio::piped())
         .spawn()
         .map_err(cannot_run)?;
@@ -292,7 +305,8 @@ fn run_tool(
 fn used_inodes(disk: &Path, what: &str, deadline: Instant) -> Result<Vec<u64>, ImageError> {
     let mut cmd = Command::new("dumpe2fs");
     cmd.arg(disk);
-    let text = String::from_utf8_lossy(&run_tool("dumpe2fs", what, cmd, deadline)?).into_owned();
+    let text = String::from_utf8_lossy(&run_tool("dumpe2fs", what, cmd, Output::Keep, deadline)?)
+        .into_owned();
     parse_used_inodes(&text).ok_or_else(|| ImageError::Tool {
         tool: "dumpe2fs",
         what: what.to_string(),
@@ -367,7 +381,7 @@ fn normalize_times(
         .map_err(|e| ImageError::build_io("write", &script, e))?;
     let mut cmd = Command::new("debugfs");
     cmd.arg("-w").arg("-f").arg(&script).arg(disk);
-    run_tool("debugfs", what, cmd, deadline)?;
+    run_tool("debugfs", what, cmd, Output::Discard, deadline)?;
     Ok(())
 }
 
@@ -439,6 +453,7 @@ mod tests {
             "sleep",
             "root disk of test",
             cmd,
+            Output::Discard,
             Instant::now() + Duration::from_millis(200),
         )
         .unwrap_err();
@@ -461,6 +476,7 @@ mod tests {
             "echo",
             "test",
             cmd,
+            Output::Keep,
             Instant::now() + Duration::from_secs(60),
         )
         .unwrap();

@@ -24,6 +24,12 @@
 //! inside the tree, resolved with the same rules. Whiteouts (`.wh.<name>`) and opaque
 //! markers (`.wh..wh..opq`) hide entries of lower layers only, never entries of the
 //! layer that carries them (OCI image spec, "Whiteouts").
+//!
+//! Bounds ([`UnpackLimits`], each named by its `[images]` key when exceeded): regular
+//! file bytes (`max_unpacked_bytes`), tar headers over all layers (`max_entries`), the
+//! size of each PAX or GNU extension body held in memory (`max_tar_extension_bytes`;
+//! see [`Unpacker::apply_layer`] for why the tar crate's own handling is bypassed),
+//! and the image deadline (`image_timeout_secs`), checked before every entry.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
