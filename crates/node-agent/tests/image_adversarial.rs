@@ -6,7 +6,7 @@ mod common;
 mod image_support;
 
 use image_support::*;
-use plfm_node_agent::image::testtar::{Layer, TarEntry};
+use plfm_node_agent::image::testtar::{extension_bomb_gz, Layer, TarEntry};
 use plfm_node_agent::image::{ImageConfig, ImageError, ImageRef, ImageService, RootDisk};
 use plfm_node_agent::instance::ReasonCode;
 
@@ -418,4 +418,193 @@ fn a_full_disk_while_unpacking_is_rootfs_build_failed_with_no_space() {
         "{stdout}"
     );
     assert!(stdout.contains("TMP_EMPTY=true"), "{stdout}");
+}
+
+// ----- bounded memory and time (issue 13, "one small layer kills the node") -----
+
+/// Pushes one gzip layer.
+fn push_gz(c: &Case, repo: &str, layer: Vec<u8>) -> ImageRef {
+    c.rt.block_on(
+        c.reg
+            .push(repo, &[(layer, GZIP)], &config_json(&[], &["sh"], &[])),
+    )
+}
+
+#[test]
+fn pax_header_bomb_is_refused_without_reading_it_into_memory() {
+    need!("pax_header_bomb_is_refused_without_reading_it_into_memory");
+    let c = Case::new();
+    // Four PAX headers declaring 8 MiB bodies each (32 KiB of gzip): the tar crate's
+    // own preprocessing would read each body whole.
+    let layer = extension_bomb_gz(tar::EntryType::XHeader, 8 << 20, 4, b'0');
+    let image = push_gz(&c, "paxbomb", layer);
+    let err = c.fail(
+        &image,
+        ImageConfig::default(),
+        ReasonCode::ImagePullFailed,
+        "limit max_tar_extension_bytes exceeded",
+    );
+    assert!(
+        err.to_string().contains("PAX header of 8388608 bytes"),
+        "{err}"
+    );
+    // Global headers too.
+    let layer = extension_bomb_gz(tar::EntryType::XGlobalHeader, 8 << 20, 1, b'0');
+    let image = push_gz(&c, "paxgbomb", layer);
+    c.fail(
+        &image,
+        ImageConfig::default(),
+        ReasonCode::ImagePullFailed,
+        "max_tar_extension_bytes",
+    );
+}
+
+#[test]
+fn gnu_long_name_bomb_is_refused() {
+    need!("gnu_long_name_bomb_is_refused");
+    let c = Case::new();
+    for (kind, what) in [
+        (tar::EntryType::GNULongName, "GNU long name"),
+        (tar::EntryType::GNULongLink, "GNU long link"),
+    ] {
+        let layer = extension_bomb_gz(kind, 8 << 20, 2, b'a');
+        let image = push_gz(&c, "gnubomb", layer);
+        let err = c.fail(
+            &image,
+            ImageConfig::default(),
+            ReasonCode::ImagePullFailed,
+            "limit max_tar_extension_bytes exceeded",
+        );
+        assert!(err.to_string().contains(what), "{err}");
+    }
+}
+
+#[test]
+fn too_many_entries_is_refused() {
+    need!("too_many_entries_is_refused");
+    let c = Case::new();
+    let mut l1 = Layer::new();
+    let mut l2 = Layer::new();
+    for i in 0..4 {
+        l1 = l1.file(&format!("a{i}"), b"x");
+        l2 = l2.file(&format!("b{i}"), b"x");
+    }
+    let image = c.push(vec![l1.tar(), l2.tar()]);
+    // Counted over the image: 8 entries in two layers of 4.
+    let cfg = ImageConfig {
+        max_entries: 7,
+        ..Default::default()
+    };
+    c.fail(
+        &image,
+        cfg,
+        ReasonCode::ImagePullFailed,
+        "limit max_entries exceeded (more than 7 tar entries in the image)",
+    );
+    let cfg = ImageConfig {
+        max_entries: 8,
+        ..Default::default()
+    };
+    c.ensure(&image, cfg).unwrap();
+}
+
+#[test]
+fn hostile_digest_is_not_retried_in_a_tight_loop() {
+    need!("hostile_digest_is_not_retried_in_a_tight_loop");
+    let c = Case::new();
+    let image = c.push(vec![Layer::new()
+        .entry(TarEntry::file_raw_path(b"../../escape", b"x"))
+        .tar()]);
+    let svc = ImageService::open(c.data.path(), ImageConfig::default()).unwrap();
+    let manifest = format!("/manifests/{}", image.digest);
+    let first =
+        c.rt.block_on(svc.ensure_root_disk(&image, "inst"))
+            .unwrap_err();
+    assert_eq!(first.reason(), ReasonCode::RootfsBuildFailed, "{first}");
+    wait_for(
+        "the registry logs the first manifest GET",
+        std::time::Duration::from_secs(10),
+        || c.reg.gets(&manifest) >= 1,
+    );
+    let served = c.reg.gets(&manifest);
+    for _ in 0..50 {
+        let again =
+            c.rt.block_on(svc.ensure_root_disk(&image, "inst"))
+                .unwrap_err();
+        assert!(
+            matches!(again, ImageError::CachedFailure { .. }),
+            "retried: {again}"
+        );
+        assert_eq!(again.reason(), ReasonCode::RootfsBuildFailed);
+        let msg = again.to_string();
+        assert!(msg.contains("`..` component"), "{msg}");
+        assert!(
+            msg.contains("cached failure #1: not retried for another"),
+            "{msg}"
+        );
+    }
+    assert_eq!(
+        c.reg.gets(&manifest),
+        served,
+        "the registry was asked again"
+    );
+    c.nothing_leaked();
+}
+
+#[test]
+fn a_missing_manifest_is_not_retried_in_a_tight_loop() {
+    need!("a_missing_manifest_is_not_retried_in_a_tight_loop");
+    let c = Case::new();
+    let pushed = c.push(vec![Layer::new().file("a", b"x").tar()]);
+    let missing = ImageRef::parse_pinned(&format!(
+        "{}/{}@{}",
+        pushed.registry,
+        pushed.repository,
+        plfm_node_agent::image::Digest::of(b"never pushed")
+    ))
+    .unwrap();
+    let svc = ImageService::open(c.data.path(), ImageConfig::default()).unwrap();
+    let first =
+        c.rt.block_on(svc.ensure_root_disk(&missing, "inst"))
+            .unwrap_err();
+    assert_eq!(first.reason(), ReasonCode::ImagePullFailed);
+    assert!(first.to_string().contains("not found"), "{first}");
+    let again =
+        c.rt.block_on(svc.ensure_root_disk(&missing, "inst"))
+            .unwrap_err();
+    assert!(
+        matches!(again, ImageError::CachedFailure { .. }),
+        "retried: {again}"
+    );
+    // The image that exists is not affected.
+    c.rt.block_on(svc.ensure_root_disk(&pushed, "other"))
+        .unwrap();
+}
+
+#[test]
+fn an_unreachable_registry_is_retried_every_time() {
+    // Transient failures are never cached: each request tries the registry again.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let image = ImageRef::parse_pinned(&format!(
+        "127.0.0.1:{port}/app@{}",
+        plfm_node_agent::image::Digest::of(b"x")
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), ImageConfig::default()).unwrap();
+    for _ in 0..3 {
+        let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
+        assert!(
+            !matches!(err, ImageError::CachedFailure { .. }),
+            "a transient failure was cached: {err}"
+        );
+        assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+    }
 }

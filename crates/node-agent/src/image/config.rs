@@ -16,6 +16,9 @@ use super::error::ImageError;
 
 const GIB: u64 = 1 << 30;
 
+/// Largest accepted `max_tar_extension_bytes`: one extension body is held in memory.
+pub const MAX_TAR_EXTENSION_BYTES: u64 = 16 << 20;
+
 /// Configuration of the image pipeline (`[images]` in the agent config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +35,12 @@ pub struct ImageConfig {
     pub max_unpacked_bytes: u64,
     /// Number of layers of one image.
     pub max_layers: usize,
+    /// Number of tar entries (headers, including PAX and GNU extension headers) of
+    /// all layers of one image together.
+    pub max_entries: u64,
+    /// Size of one PAX extended header (`x`/`g`) or GNU long name/link (`L`/`K`)
+    /// body; such bodies are held in memory, so this bounds what one header costs.
+    pub max_tar_extension_bytes: u64,
     /// Size of a manifest or image config document.
     pub max_manifest_bytes: u64,
     /// Time allowed for downloading one layer.
@@ -71,6 +80,8 @@ impl Default for ImageConfig {
             max_compressed_bytes: 10 * GIB,
             max_unpacked_bytes: 50 * GIB,
             max_layers: 128,
+            max_entries: 1_000_000,
+            max_tar_extension_bytes: 64 << 10,
             max_manifest_bytes: 4 << 20,
             layer_timeout_secs: 5 * 60,
             image_timeout_secs: 30 * 60,
@@ -93,6 +104,15 @@ impl ImageConfig {
         }
         if self.max_layers == 0 || self.parallel_downloads == 0 {
             return bad("max_layers and parallel_downloads must be at least 1".into());
+        }
+        if self.max_entries == 0 {
+            return bad("max_entries must be at least 1".into());
+        }
+        if !(512..=MAX_TAR_EXTENSION_BYTES).contains(&self.max_tar_extension_bytes) {
+            return bad(format!(
+                "max_tar_extension_bytes ({}) must be between 512 and {MAX_TAR_EXTENSION_BYTES}",
+                self.max_tar_extension_bytes
+            ));
         }
         if self.layer_timeout_secs == 0 || self.image_timeout_secs == 0 {
             return bad("timeouts must be at least 1 second".into());
@@ -210,6 +230,36 @@ mod tests {
             },
         );
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn bad_entry_limits_name_the_key() {
+        for (cfg, key) in [
+            (
+                ImageConfig {
+                    max_entries: 0,
+                    ..Default::default()
+                },
+                "max_entries",
+            ),
+            (
+                ImageConfig {
+                    max_tar_extension_bytes: 1 << 30,
+                    ..Default::default()
+                },
+                "max_tar_extension_bytes",
+            ),
+            (
+                ImageConfig {
+                    max_tar_extension_bytes: 10,
+                    ..Default::default()
+                },
+                "max_tar_extension_bytes",
+            ),
+        ] {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key} not in {err}");
+        }
     }
 
     #[test]

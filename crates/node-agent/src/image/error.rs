@@ -64,6 +64,16 @@ pub enum ImageError {
         /// Digest actually received (shortened).
         got: String,
     },
+    /// The registry says the manifest does not exist (404, `MANIFEST_UNKNOWN`).
+    #[error("{what} from {repository}: not found ({cause})")]
+    NotFound {
+        /// `manifest sha256:…`.
+        what: String,
+        /// `host:port/repository`.
+        repository: String,
+        /// The registry's answer.
+        cause: String,
+    },
     /// The digest names an image index; the control plane must resolve it first.
     #[error(
         "manifest {digest} from {repository} is an image index ({media_type}); \
@@ -164,6 +174,18 @@ pub enum ImageError {
     /// A build that this request was waiting on failed in another task.
     #[error("{0}")]
     Shared(std::sync::Arc<ImageError>),
+    /// An earlier attempt at this image failed for a reason in its content
+    /// ([`ImageError::is_content_failure`]); it is not retried until its backoff
+    /// passes, and this repeats that failure.
+    #[error("{error} [cached failure #{failures}: not retried for another {retry_in_secs} s]")]
+    CachedFailure {
+        /// The failure of the last attempt.
+        error: std::sync::Arc<ImageError>,
+        /// Attempts that failed so far.
+        failures: u32,
+        /// Seconds until the next attempt is allowed (rounded up).
+        retry_in_secs: u64,
+    },
 }
 
 impl ImageError {
@@ -190,6 +212,7 @@ impl ImageError {
             | ImageError::Credentials { .. }
             | ImageError::Registry { .. }
             | ImageError::DigestMismatch { .. }
+            | ImageError::NotFound { .. }
             | ImageError::IndexNotAllowed { .. }
             | ImageError::BadManifest { .. }
             | ImageError::LimitExceeded { .. }
@@ -201,6 +224,36 @@ impl ImageError {
             | ImageError::BuildIo { .. }
             | ImageError::State { .. } => ReasonCode::RootfsBuildFailed,
             ImageError::Shared(inner) => inner.reason(),
+            ImageError::CachedFailure { error, .. } => error.reason(),
+        }
+    }
+
+    /// True when the failure lies in the image itself (its bytes, its manifest, its
+    /// size), so that retrying at once would fail the same way: such failures are
+    /// remembered with a backoff. Network trouble, registry errors, timeouts, local
+    /// disk and tool failures are not: they may pass on their own.
+    pub fn is_content_failure(&self) -> bool {
+        match self {
+            ImageError::InvalidReference { .. }
+            | ImageError::NotFound { .. }
+            | ImageError::DigestMismatch { .. }
+            | ImageError::IndexNotAllowed { .. }
+            | ImageError::BadManifest { .. }
+            | ImageError::UnsafeEntry { .. }
+            | ImageError::LayerFormat { .. } => true,
+            ImageError::LimitExceeded { limit, .. } => {
+                !matches!(*limit, "image_timeout_secs" | "layer_timeout_secs")
+            }
+            ImageError::InvalidConfig(_)
+            | ImageError::Credentials { .. }
+            | ImageError::Registry { .. }
+            | ImageError::NoSpace { .. }
+            | ImageError::Tool { .. }
+            | ImageError::BuildIo { .. }
+            | ImageError::PullIo { .. }
+            | ImageError::State { .. }
+            | ImageError::CachedFailure { .. } => false,
+            ImageError::Shared(inner) => inner.is_content_failure(),
         }
     }
 
@@ -210,6 +263,7 @@ impl ImageError {
         match self {
             ImageError::NoSpace { .. } => true,
             ImageError::Shared(inner) => inner.is_no_space(),
+            ImageError::CachedFailure { error, .. } => error.is_no_space(),
             _ => false,
         }
     }
@@ -298,6 +352,41 @@ mod tests {
             why: "`..` component".into(),
         };
         assert_eq!(e.reason(), ReasonCode::RootfsBuildFailed);
+    }
+
+    #[test]
+    fn content_failures_are_told_from_transient_ones() {
+        let limit = |limit| ImageError::LimitExceeded {
+            what: "image x".into(),
+            limit,
+            detail: String::new(),
+        };
+        assert!(limit("max_entries").is_content_failure());
+        assert!(limit("max_tar_extension_bytes").is_content_failure());
+        assert!(!limit("image_timeout_secs").is_content_failure());
+        assert!(!limit("layer_timeout_secs").is_content_failure());
+        let registry = ImageError::Registry {
+            what: "blob".into(),
+            repository: "r".into(),
+            cause: "connection refused".into(),
+        };
+        assert!(!registry.is_content_failure());
+        let not_found = ImageError::NotFound {
+            what: "manifest".into(),
+            repository: "r".into(),
+            cause: "404".into(),
+        };
+        assert!(not_found.is_content_failure());
+        assert_eq!(not_found.reason(), ReasonCode::ImagePullFailed);
+        let shared = ImageError::Shared(std::sync::Arc::new(not_found));
+        assert!(shared.is_content_failure());
+        let cached = ImageError::CachedFailure {
+            error: std::sync::Arc::new(shared),
+            failures: 1,
+            retry_in_secs: 10,
+        };
+        assert!(!cached.is_content_failure(), "never re-cached");
+        assert_eq!(cached.reason(), ReasonCode::ImagePullFailed);
     }
 
     #[test]

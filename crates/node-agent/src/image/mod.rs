@@ -10,7 +10,8 @@
 //! `image_cache` and `image_refs` in `<data_dir>/state.db`. It must not touch other
 //! tables, mount anything, use loop devices, or write outside `<data_dir>/images/`.
 //!
-//! Flow of one request: pin the digest for the instance → cache hit? return → else
+//! Flow of one request: pin the digest for the instance → cache hit? return → a
+//! content failure of this image still in its backoff ([`failures`])? return it → else
 //! join or start the single flight for that digest (one per digest per process, and a
 //! `flock` per digest across processes) → pull (verify while streaming) → unpack
 //! into `tmp/` → `mkfs.ext4 -d` → rename → record → evict above the high-water mark.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod defaults;
 pub mod error;
+pub mod failures;
 pub mod metrics;
 pub mod pull;
 pub mod reference;
@@ -93,6 +95,8 @@ struct Inner {
     config: ImageConfig,
     db: Mutex<CacheDb>,
     inflight: Mutex<HashMap<Digest, Flight>>,
+    /// Images whose last attempt failed for a content reason, with their backoff.
+    failures: Mutex<failures::FailureCache>,
     metrics: ImageMetrics,
 }
 
@@ -126,6 +130,7 @@ impl ImageService {
                 config,
                 db: Mutex::new(db),
                 inflight: Mutex::new(HashMap::new()),
+                failures: Mutex::new(failures::FailureCache::default()),
                 metrics: ImageMetrics::default(),
             }),
         };
@@ -180,6 +185,16 @@ impl ImageService {
                 },
             ));
         }
+        // A hostile or broken image is not pulled again in a tight loop.
+        if let Some(cached) = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(&image.pinned(), Instant::now())
+        {
+            return Err(cached);
+        }
         let flight = {
             let mut map = self
                 .inner
@@ -202,7 +217,9 @@ impl ImageService {
                             svc: svc.clone(),
                             digest: img.digest.clone(),
                         };
-                        svc.build_flight(&img).await.map_err(Arc::new)
+                        let r = svc.build_flight(&img).await.map_err(Arc::new);
+                        svc.remember_outcome(&img, r.as_ref().map(|_| ()));
+                        r
                     });
                     let f: Flight = async move {
                         match handle.await {
@@ -227,6 +244,24 @@ impl ImageService {
                 Ok((disk, t))
             }
             Err(e) => Err(ImageError::Shared(e)),
+        }
+    }
+
+    /// Feeds the negative cache (see [`failures`]).
+    fn remember_outcome(&self, image: &ImageRef, outcome: Result<(), &Arc<ImageError>>) {
+        let backoff = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&image.pinned(), outcome, Instant::now());
+        if let (Some(backoff), Err(e)) = (backoff, outcome) {
+            tracing::warn!(
+                image = %image.pinned(),
+                error = %e,
+                retry_in_secs = backoff.as_secs(),
+                "image failed for a reason in its content; not retried before the backoff passes"
+            );
         }
     }
 
@@ -362,15 +397,12 @@ impl ImageService {
         let tree = work.path().join("tree");
         std::fs::create_dir_all(&tree).map_err(|e| ImageError::build_io("create", &tree, e))?;
         let t0 = Instant::now();
-        let mut unpacker = unpack::Unpacker::new(&tree, self.inner.config.max_unpacked_bytes)?;
+        // The deadline is checked before every tar entry, and bounds the tools too.
+        let mut unpacker = unpack::Unpacker::with_limits(
+            &tree,
+            unpack::UnpackLimits::from_config(&self.inner.config, deadline),
+        )?;
         for layer in &pulled.layers {
-            if Instant::now() > deadline {
-                return Err(ImageError::LimitExceeded {
-                    what: format!("image {}", digest.short()),
-                    limit: "image_timeout_secs",
-                    detail: "unpacking did not finish in time".into(),
-                });
-            }
             let f = std::fs::File::open(&layer.path)
                 .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
             unpacker.apply_layer(
@@ -384,7 +416,7 @@ impl ImageService {
         tracing::debug!(digest = %digest, ?stats, "layers unpacked");
         let t1 = Instant::now();
         let tmp_disk = work.path().join("disk.ext4");
-        let size = rootfs::build_ext4(&tree, &tmp_disk, digest, work.path())?;
+        let size = rootfs::build_ext4(&tree, &tmp_disk, digest, work.path(), deadline)?;
         // The tree is no longer needed; free its space before the rename.
         let _ = std::fs::remove_dir_all(&tree);
         let allocated = {

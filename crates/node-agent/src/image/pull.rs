@@ -142,6 +142,11 @@ pub async fn pull_image(
                     got: "a different manifest".into(),
                 }
             }
+            e if manifest_not_found(&e) => ImageError::NotFound {
+                what: mwhat.clone(),
+                repository: repo.clone(),
+                cause: e.to_string(),
+            },
             e => reg_err(mwhat.clone(), e),
         })?;
     if body.len() as u64 > config.max_manifest_bytes {
@@ -336,6 +341,21 @@ pub fn check_limits(
         });
     }
     Ok(())
+}
+
+/// The registry's way of saying that a manifest does not exist (as opposed to
+/// failing to answer).
+fn manifest_not_found(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+    match e {
+        E::ImageManifestNotFoundError(_) => true,
+        E::ServerError { code, .. } => *code == 404,
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|x| matches!(x.code, C::ManifestUnknown | C::NotFound | C::NameUnknown)),
+        _ => false,
+    }
 }
 
 async fn fetch_small(

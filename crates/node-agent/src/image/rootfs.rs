@@ -13,10 +13,11 @@
 //! to the fixed time on every used inode (found from `dumpe2fs`'s inode bitmaps).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::error::ImageError;
 use super::reference::Digest;
@@ -33,6 +34,8 @@ const MIB: u64 = 1 << 20;
 pub const MIN_DISK_BYTES: u64 = 512 * MIB;
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
+/// How often a running tool is checked against the deadline.
+const TOOL_POLL: Duration = Duration::from_millis(20);
 
 const MKE2FS_CONF: &str = "\
 [defaults]
@@ -122,12 +125,14 @@ pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
     )
 }
 
-/// Builds `out` (created or truncated) from `tree`. Returns the disk size.
+/// Builds `out` (created or truncated) from `tree`. Returns the disk size. Every
+/// program run is killed if it is still running at `deadline`.
 pub fn build_ext4(
     tree: &Path,
     out: &Path,
     digest: &Digest,
     work: &Path,
+    deadline: Instant,
 ) -> Result<u64, ImageError> {
     let usage = tree_usage(tree)?;
     let size = disk_size(usage);
@@ -170,8 +175,8 @@ pub fn build_ext4(
         .arg(tree)
         .arg(out)
         .arg(format!("{}k", size / 1024));
-    run_tool("mkfs.ext4", &what, mkfs)?;
-    normalize_times(out, work, &what)?;
+    run_tool("mkfs.ext4", &what, mkfs, Output::Discard, deadline)?;
+    normalize_times(out, work, &what, deadline)?;
     let f = File::options()
         .write(true)
         .open(out)
@@ -188,20 +193,95 @@ fn tool_env(cmd: &mut Command) {
         .stdin(Stdio::null());
 }
 
-fn run_tool(tool: &'static str, what: &str, mut cmd: Command) -> Result<Vec<u8>, ImageError> {
+/// What [`run_tool`] does with a tool's standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Returned to the caller (`dumpe2fs`).
+    Keep,
+    /// Not read (`debugfs` echoes every command: two lines per inode).
+    Discard,
+}
+
+/// Runs `cmd` to completion, killing it when `deadline` passes (the image's
+/// `image_timeout_secs`): a tool stuck on a pathological tree must not hold the
+/// digest lock and a build thread forever.
+fn run_tool(
+    tool: &'static str,
+    what: &str,
+    mut cmd: Command,
+    stdout: Output,
+    deadline: Instant,
+) -> Result<Vec<u8>, ImageError> {
     tool_env(&mut cmd);
-    let out = cmd.output().map_err(|e| ImageError::Tool {
+    let cannot_run = |e: std::io::Error| ImageError::Tool {
         tool,
         what: what.to_string(),
         cause: format!("cannot run: {e}"),
-    })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    };
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(match stdout {
+            Output::Keep => Stdio::piped(),
+            Output::Discard => Stdio::null(),
+        })
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(cannot_run)?;
+    // Both pipes are drained on threads so a chatty tool cannot block on a full pipe
+    // while this thread waits for it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_reader = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_reader = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        match child.try_wait().map_err(cannot_run)? {
+            Some(status) => break status,
+            None => {
+                let now = Instant::now();
+                if now >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    // The reader threads end when the pipes close; not joined, in
+                    // case something the tool started still holds them.
+                    return Err(ImageError::LimitExceeded {
+                        what: format!("{tool} building {what}"),
+                        limit: "image_timeout_secs",
+                        detail: format!(
+                            "{tool} killed after {:.1} s: the image deadline passed",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    });
+                }
+                std::thread::sleep((deadline - now).min(TOOL_POLL));
+            }
+        }
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr_bytes = err_reader.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr_bytes);
     // debugfs reports per-command failures on stderr with exit status 0.
     let failed_cmd = tool == "debugfs"
         && stderr
             .lines()
             .any(|l| l.contains("sif:") || l.starts_with("set_inode_field:"));
-    if !out.status.success() || failed_cmd {
+    if !status.success() || failed_cmd {
         if stderr.contains("No space left on device") {
             return Err(ImageError::NoSpace {
                 what: format!("{tool} building {what}"),
@@ -215,17 +295,18 @@ fn run_tool(tool: &'static str, what: &str, mut cmd: Command) -> Result<Vec<u8>,
         return Err(ImageError::Tool {
             tool,
             what: what.to_string(),
-            cause: format!("{}: {}", out.status, last.trim()),
+            cause: format!("{}: {}", status, last.trim()),
         });
     }
-    Ok(out.stdout)
+    Ok(stdout)
 }
 
 /// Used inode numbers of an ext4 image, from `dumpe2fs`'s free-inode ranges.
-fn used_inodes(disk: &Path, what: &str) -> Result<Vec<u64>, ImageError> {
+fn used_inodes(disk: &Path, what: &str, deadline: Instant) -> Result<Vec<u64>, ImageError> {
     let mut cmd = Command::new("dumpe2fs");
-    cmd.arg(disk).stderr(Stdio::piped());
-    let text = String::from_utf8_lossy(&run_tool("dumpe2fs", what, cmd)?).into_owned();
+    cmd.arg(disk);
+    let text = String::from_utf8_lossy(&run_tool("dumpe2fs", what, cmd, Output::Keep, deadline)?)
+        .into_owned();
     parse_used_inodes(&text).ok_or_else(|| ImageError::Tool {
         tool: "dumpe2fs",
         what: what.to_string(),
@@ -281,8 +362,13 @@ pub fn parse_used_inodes(text: &str) -> Option<Vec<u64>> {
     Some(used)
 }
 
-fn normalize_times(disk: &Path, work: &Path, what: &str) -> Result<(), ImageError> {
-    let inodes = used_inodes(disk, what)?;
+fn normalize_times(
+    disk: &Path,
+    work: &Path,
+    what: &str,
+    deadline: Instant,
+) -> Result<(), ImageError> {
+    let inodes = used_inodes(disk, what, deadline)?;
     let script = work.join("debugfs.cmds");
     let mut s = String::with_capacity(inodes.len() * 48);
     for i in inodes {
@@ -294,12 +380,8 @@ fn normalize_times(disk: &Path, work: &Path, what: &str) -> Result<(), ImageErro
     f.write_all(s.as_bytes())
         .map_err(|e| ImageError::build_io("write", &script, e))?;
     let mut cmd = Command::new("debugfs");
-    cmd.arg("-w")
-        .arg("-f")
-        .arg(&script)
-        .arg(disk)
-        .stdout(Stdio::null());
-    run_tool("debugfs", what, cmd)?;
+    cmd.arg("-w").arg("-f").arg(&script).arg(disk);
+    run_tool("debugfs", what, cmd, Output::Discard, deadline)?;
     Ok(())
 }
 
@@ -360,6 +442,45 @@ mod tests {
         assert_ne!(derived_uuid(&a, "uuid"), derived_uuid(&a, "hash_seed"));
         assert_eq!(derived_uuid(&a, "uuid").len(), 36);
         assert_eq!(&derived_uuid(&a, "uuid")[14..15], "4");
+    }
+
+    #[test]
+    fn a_tool_still_running_at_the_deadline_is_killed_and_named() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        let started = Instant::now();
+        let err = run_tool(
+            "sleep",
+            "root disk of test",
+            cmd,
+            Output::Discard,
+            Instant::now() + Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not killed: {:?}",
+            started.elapsed()
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("sleep killed after"), "{msg}");
+        assert!(msg.contains("image_timeout_secs"), "{msg}");
+        assert_eq!(err.reason(), crate::instance::ReasonCode::ImagePullFailed);
+    }
+
+    #[test]
+    fn a_tool_that_finishes_in_time_returns_its_output() {
+        let mut cmd = Command::new("echo");
+        cmd.arg("hello");
+        let out = run_tool(
+            "echo",
+            "test",
+            cmd,
+            Output::Keep,
+            Instant::now() + Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(out, b"hello\n");
     }
 
     #[test]

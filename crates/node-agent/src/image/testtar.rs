@@ -73,6 +73,14 @@ impl TarEntry {
         e.data = data.to_vec();
         e
     }
+    /// A PAX (`x`/`g`) or GNU long name/link (`L`/`K`) extension header whose body
+    /// is `body` verbatim (build PAX bodies with [`pax_record`]); it describes the
+    /// entry that follows it in the layer.
+    pub fn extension(kind: tar::EntryType, body: &[u8]) -> Self {
+        let mut e = Self::base(b"", kind, 0o644);
+        e.data = body.to_vec();
+        e
+    }
     /// Sets owner.
     pub fn owner(mut self, uid: u64, gid: u64) -> Self {
         self.uid = uid;
@@ -177,7 +185,73 @@ fn special(
     b.append(&h, data)
 }
 
+fn is_extension(kind: tar::EntryType) -> bool {
+    use tar::EntryType as T;
+    matches!(
+        kind,
+        T::XHeader | T::XGlobalHeader | T::GNULongName | T::GNULongLink
+    )
+}
+
+/// One PAX record: `"<len> <key>=<value>\n"`, where `len` counts the whole record.
+pub fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body_len = 1 + key.len() + 1 + value.len() + 1;
+    let mut len = body_len + 1;
+    while len.to_string().len() + body_len != len {
+        len = len.to_string().len() + body_len;
+    }
+    let mut out = format!("{len} {key}=").into_bytes();
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
+}
+
+/// The 512-byte header of an extension entry of `kind` declaring `size` body bytes.
+pub fn extension_header(kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(0o644);
+    let name: &[u8] = match kind {
+        tar::EntryType::GNULongName | tar::EntryType::GNULongLink => b"././@LongLink",
+        _ => b"PaxHeaders/x",
+    };
+    h.as_gnu_mut().expect("gnu header").name[..name.len()].copy_from_slice(name);
+    h.set_cksum();
+    h
+}
+
+/// A gzip-compressed layer made of `count` extension headers of `kind`, each with a
+/// body of `body_len` bytes of `fill`, then one small file: the "tar bomb" that
+/// decompresses to `count × body_len` bytes of headers from a blob about a
+/// thousandth of that. Streams through the encoder: memory stays small whatever the
+/// sizes.
+pub fn extension_bomb_gz(kind: tar::EntryType, body_len: u64, count: usize, fill: u8) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let chunk = vec![fill; 1 << 20];
+    for _ in 0..count {
+        gz.write_all(extension_header(kind, body_len).as_bytes())
+            .expect("gzip into memory");
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            gz.write_all(&chunk[..n]).expect("gzip into memory");
+            left -= n as u64;
+        }
+        let pad = (512 - body_len % 512) % 512;
+        gz.write_all(&vec![0u8; pad as usize])
+            .expect("gzip into memory");
+    }
+    let tail = Layer::new().file("after-the-bomb", b"x").tar();
+    gz.write_all(&tail).expect("gzip into memory");
+    gz.finish().expect("gzip into memory")
+}
+
 fn append(b: &mut tar::Builder<Vec<u8>>, e: &TarEntry) -> std::io::Result<()> {
+    if is_extension(e.kind) {
+        let h = extension_header(e.kind, e.data.len() as u64);
+        return b.append(&h, &e.data[..]);
+    }
     if !e.xattrs.is_empty() {
         let mut pax = Vec::new();
         for (k, v) in &e.xattrs {

@@ -24,6 +24,12 @@
 //! inside the tree, resolved with the same rules. Whiteouts (`.wh.<name>`) and opaque
 //! markers (`.wh..wh..opq`) hide entries of lower layers only, never entries of the
 //! layer that carries them (OCI image spec, "Whiteouts").
+//!
+//! Bounds ([`UnpackLimits`], each named by its `[images]` key when exceeded): regular
+//! file bytes (`max_unpacked_bytes`), tar headers over all layers (`max_entries`), the
+//! size of each PAX or GNU extension body held in memory (`max_tar_extension_bytes`;
+//! see [`Unpacker::apply_layer`] for why the tar crate's own handling is bypassed),
+//! and the image deadline (`image_timeout_secs`), checked before every entry.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -31,6 +37,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -182,11 +189,51 @@ pub struct UnpackStats {
     pub whiteouts: u64,
 }
 
+/// What one unpack (all layers of one image) may cost; each bound names the
+/// `[images]` key it comes from when exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// `max_unpacked_bytes`: regular file bytes written.
+    pub max_unpacked_bytes: u64,
+    /// `max_entries`: tar headers read, extension headers included.
+    pub max_entries: u64,
+    /// `max_tar_extension_bytes`: one PAX or GNU long name/link body.
+    pub max_tar_extension_bytes: u64,
+    /// `image_timeout_secs`: checked before every entry.
+    pub deadline: Option<Instant>,
+}
+
+impl UnpackLimits {
+    /// `max_unpacked_bytes` as given; entries and extension bodies as the
+    /// configuration's defaults; no deadline.
+    pub fn new(max_unpacked_bytes: u64) -> Self {
+        let d = super::config::ImageConfig::default();
+        UnpackLimits {
+            max_unpacked_bytes,
+            max_entries: d.max_entries,
+            max_tar_extension_bytes: d.max_tar_extension_bytes,
+            deadline: None,
+        }
+    }
+
+    /// The bounds of `config`, with the image's `deadline`.
+    pub fn from_config(config: &super::config::ImageConfig, deadline: Instant) -> Self {
+        UnpackLimits {
+            max_unpacked_bytes: config.max_unpacked_bytes,
+            max_entries: config.max_entries,
+            max_tar_extension_bytes: config.max_tar_extension_bytes,
+            deadline: Some(deadline),
+        }
+    }
+}
+
 /// Applies layers onto one build tree. See the module docs for the rules.
 pub struct Unpacker {
     root: OwnedFd,
     root_path: PathBuf,
-    max_unpacked_bytes: u64,
+    limits: UnpackLimits,
+    /// Raw tar headers read so far, over all layers (for `max_entries`).
+    raw_entries: u64,
     stats: UnpackStats,
     /// Directory mtimes to set once all layers are applied (children change them).
     dir_times: HashMap<PathBuf, i64>,
@@ -206,8 +253,14 @@ fn join(comps: &[OsString]) -> PathBuf {
 }
 
 impl Unpacker {
-    /// Opens `root` (must be an existing directory, created by the caller).
+    /// Opens `root` (must be an existing directory, created by the caller), with only
+    /// the unpacked size bounded beyond the defaults of [`UnpackLimits::new`].
     pub fn new(root: &Path, max_unpacked_bytes: u64) -> Result<Self, ImageError> {
+        Self::with_limits(root, UnpackLimits::new(max_unpacked_bytes))
+    }
+
+    /// Opens `root` (must be an existing directory, created by the caller).
+    pub fn with_limits(root: &Path, limits: UnpackLimits) -> Result<Self, ImageError> {
         let fd = rfs::open(
             root,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -217,7 +270,8 @@ impl Unpacker {
         Ok(Unpacker {
             root: fd,
             root_path: root.to_path_buf(),
-            max_unpacked_bytes,
+            limits,
+            raw_entries: 0,
             stats: UnpackStats::default(),
             dir_times: HashMap::new(),
             touched: HashSet::new(),
@@ -228,6 +282,15 @@ impl Unpacker {
 
     /// Applies one layer read from `blob` (compressed as `compression`). `layer` names
     /// it in errors (short digest).
+    ///
+    /// Why the tar stream is walked raw (`Entries::raw(true)`) and PAX and GNU
+    /// extension headers are handled here: the tar crate (0.4.46), when it
+    /// preprocesses them itself, reads each PAX (`x`/`g`) and GNU long name/link
+    /// (`L`/`K`) body into memory whole, with no cap. A few MB of gzip holding
+    /// extension headers that declare gigabyte bodies of zeros took the agent to
+    /// 1 GiB of memory. Here a body's declared size is checked against
+    /// `max_tar_extension_bytes` before a byte of it is read, and it is read through
+    /// `Read::take(cap + 1)` as well, so no header costs more than the cap.
     pub fn apply_layer<R: Read>(
         &mut self,
         blob: R,
@@ -243,12 +306,107 @@ impl Unpacker {
         };
         let decoder = compression.decoder(blob).map_err(|e| fmt_err(e, layer))?;
         let mut archive = tar::Archive::new(decoder);
-        let entries = archive.entries().map_err(|e| fmt_err(e, layer))?;
+        let entries = archive.entries().map_err(|e| fmt_err(e, layer))?.raw(true);
+        let mut pending = Extensions::default();
         for entry in entries {
+            self.check_deadline()?;
+            self.raw_entries += 1;
+            if self.raw_entries > self.limits.max_entries {
+                return Err(ImageError::LimitExceeded {
+                    what: format!("layer {}", self.layer),
+                    limit: "max_entries",
+                    detail: format!(
+                        "more than {} tar entries in the image",
+                        self.limits.max_entries
+                    ),
+                });
+            }
             let mut entry = entry.map_err(|e| fmt_err(e, layer))?;
-            self.apply_entry(&mut entry)?;
+            use tar::EntryType as T;
+            let kind = entry.header().entry_type();
+            let slot = match kind {
+                T::GNULongName => &mut pending.long_name,
+                T::GNULongLink => &mut pending.long_link,
+                T::XHeader => &mut pending.pax,
+                T::XGlobalHeader => {
+                    // Global defaults: read (bounded) and ignored, as before.
+                    self.read_extension(&mut entry, "PAX global header")?;
+                    continue;
+                }
+                _ => {
+                    let ext = std::mem::take(&mut pending);
+                    self.apply_entry(&mut entry, ext)?;
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(ImageError::LayerFormat {
+                    layer: self.layer.clone(),
+                    cause: format!("two {kind:?} headers describe the same entry"),
+                });
+            }
+            let what = match kind {
+                T::GNULongName => "GNU long name",
+                T::GNULongLink => "GNU long link",
+                _ => "PAX header",
+            };
+            let body = self.read_extension(&mut entry, what)?;
+            *slot = Some(body);
+        }
+        if !pending.is_empty() {
+            return Err(ImageError::LayerFormat {
+                layer: self.layer.clone(),
+                cause: "extension header at the end of the layer describes no entry".into(),
+            });
         }
         Ok(())
+    }
+
+    /// Refuses to go on once the image's deadline has passed (checked per entry, so
+    /// a layer of millions of tiny entries cannot outlive `image_timeout_secs`).
+    fn check_deadline(&self) -> Result<(), ImageError> {
+        match self.limits.deadline {
+            Some(d) if Instant::now() > d => Err(ImageError::LimitExceeded {
+                what: format!("layer {}", self.layer),
+                limit: "image_timeout_secs",
+                detail: format!(
+                    "unpacking did not finish in time (stopped after {} tar entries)",
+                    self.raw_entries
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads a PAX or GNU extension body, refusing it (before reading anything when
+    /// the header declares it) when it exceeds `max_tar_extension_bytes`.
+    fn read_extension<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        what: &str,
+    ) -> Result<Vec<u8>, ImageError> {
+        let cap = self.limits.max_tar_extension_bytes;
+        let too_big = |size: String| ImageError::LimitExceeded {
+            what: format!("layer {}", self.layer),
+            limit: "max_tar_extension_bytes",
+            detail: format!("{what} of {size} bytes > {cap}"),
+        };
+        let declared = entry.size();
+        if declared > cap {
+            return Err(too_big(declared.to_string()));
+        }
+        let mut body = Vec::new();
+        entry
+            .take(cap.saturating_add(1))
+            .read_to_end(&mut body)
+            .map_err(|e| ImageError::LayerFormat {
+                layer: self.layer.clone(),
+                cause: format!("{what}: {e}"),
+            })?;
+        if body.len() as u64 > cap {
+            return Err(too_big(format!("more than {cap}")));
+        }
+        Ok(body)
     }
 
     /// Sets the recorded directory times and returns the counters.
@@ -282,16 +440,43 @@ impl Unpacker {
         ImageError::build_io(what, self.root_path.join(rel), e)
     }
 
-    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
-        let raw_path = entry.path_bytes().into_owned();
-        let kind = entry.header().entry_type();
+    fn apply_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        ext: Extensions,
+    ) -> Result<(), ImageError> {
         use tar::EntryType as T;
-        if matches!(
-            kind,
-            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
-        ) {
-            return Ok(());
+        let kind = entry.header().entry_type();
+        let header_path = entry.header().path_bytes().into_owned();
+        let pax = match &ext.pax {
+            Some(body) => parse_pax(body).map_err(|why| self.refuse(&header_path, why))?,
+            None => Pax::default(),
+        };
+        // Same precedence as the tar crate: GNU long name, then PAX, then the header.
+        let raw_path = match (ext.long_name, pax.path.clone()) {
+            (Some(n), _) => strip_nul(n),
+            (None, Some(p)) => p,
+            (None, None) => header_path,
+        };
+        if let Some(size) = pax.size {
+            // The crate walks the stream by the header's size in raw mode; a PAX size
+            // that disagrees would desynchronise it (and parsers that disagree on
+            // sizes are how smuggled entries are built).
+            if size != entry.size() {
+                return Err(self.refuse(
+                    &raw_path,
+                    format!(
+                        "PAX size {size} differs from the header's {} (not supported)",
+                        entry.size()
+                    ),
+                ));
+            }
         }
+        let link = match (ext.long_link, pax.linkpath.clone()) {
+            (Some(l), _) => Some(strip_nul(l)),
+            (None, Some(l)) => Some(l),
+            (None, None) => entry.link_name_bytes().map(|t| t.into_owned()),
+        };
         let classified = classify_path(&raw_path).map_err(|why| self.refuse(&raw_path, why))?;
         match classified {
             EntryPath::Root | EntryPath::Ignored => Ok(()),
@@ -314,29 +499,34 @@ impl Unpacker {
                         .mode()
                         .map_err(|e| self.refuse(&raw_path, format!("bad mode: {e}")))?
                         & 0o7777,
-                    uid: id32(header.uid()).ok_or_else(|| self.refuse(&raw_path, "bad uid"))?,
-                    gid: id32(header.gid()).ok_or_else(|| self.refuse(&raw_path, "bad gid"))?,
+                    uid: id32(pax.uid.map_or_else(|| header.uid(), Ok))
+                        .ok_or_else(|| self.refuse(&raw_path, "bad uid"))?,
+                    gid: id32(pax.gid.map_or_else(|| header.gid(), Ok))
+                        .ok_or_else(|| self.refuse(&raw_path, "bad gid"))?,
                     mtime: header
                         .mtime()
                         .map(|m| m.min(i64::MAX as u64) as i64)
                         .unwrap_or(0),
                 };
-                let xattrs = read_xattrs(entry);
+                let xattrs = pax.xattrs;
                 let parent_fd = self.parent(&raw_path, &parent)?;
                 let mut rel = join(&parent);
                 rel.push(&name);
                 self.mark_touched(&rel);
                 self.stats.entries += 1;
                 match kind {
-                    T::Regular | T::Continuous | T::GNUSparse => {
+                    T::GNUSparse => {
+                        Err(self.refuse(&raw_path, "GNU sparse entries are not supported"))
+                    }
+                    T::Regular | T::Continuous => {
                         let size = entry.size();
-                        if self.stats.bytes.saturating_add(size) > self.max_unpacked_bytes {
+                        if self.stats.bytes.saturating_add(size) > self.limits.max_unpacked_bytes {
                             return Err(ImageError::LimitExceeded {
                                 what: format!("layer {}", self.layer),
                                 limit: "max_unpacked_bytes",
                                 detail: format!(
                                     "more than {} bytes unpacked",
-                                    self.max_unpacked_bytes
+                                    self.limits.max_unpacked_bytes
                                 ),
                             });
                         }
@@ -344,17 +534,13 @@ impl Unpacker {
                     }
                     T::Directory => self.make_dir(&parent_fd, &name, &rel, &meta, &xattrs),
                     T::Symlink => {
-                        let target = entry
-                            .link_name_bytes()
-                            .map(|t| t.into_owned())
+                        let target = link
                             .filter(|t| !t.is_empty() && !t.contains(&0))
                             .ok_or_else(|| self.refuse(&raw_path, "symlink without a target"))?;
                         self.make_symlink(&parent_fd, &name, &rel, &target, &meta)
                     }
                     T::Link => {
-                        let target = entry
-                            .link_name_bytes()
-                            .map(|t| t.into_owned())
+                        let target = link
                             .ok_or_else(|| self.refuse(&raw_path, "hard link without a target"))?;
                         self.make_hardlink(&raw_path, &parent_fd, &name, &rel, &target)
                     }
@@ -740,22 +926,68 @@ fn times(mtime: i64) -> Timestamps {
     }
 }
 
-/// `SCHILY.xattr.*` PAX records of an entry.
-fn read_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(OsString, Vec<u8>)> {
-    let mut out = Vec::new();
-    if let Ok(Some(exts)) = entry.pax_extensions() {
-        for ext in exts.flatten() {
-            if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                if !name.is_empty() && !name.contains(&0) {
-                    out.push((
-                        OsString::from_vec(name.to_vec()),
-                        ext.value_bytes().to_vec(),
-                    ));
+/// Extension headers seen since the last real entry; they describe the next one.
+#[derive(Debug, Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+}
+
+/// The PAX records this unpacker honours (the ones the tar crate applied before).
+#[derive(Debug, Default)]
+struct Pax {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
+    size: Option<u64>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    xattrs: Vec<(OsString, Vec<u8>)>,
+}
+
+/// Parses a (size-capped) PAX body. Malformed records refuse the entry.
+fn parse_pax(body: &[u8]) -> Result<Pax, String> {
+    let mut pax = Pax::default();
+    let num = |key: &str, v: &[u8]| -> Result<u64, String> {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad PAX {key} record"))
+    };
+    for rec in tar::PaxExtensions::new(body) {
+        let rec = rec.map_err(|e| format!("bad PAX record: {e}"))?;
+        let v = rec.value_bytes();
+        match rec.key_bytes() {
+            b"path" => pax.path = Some(v.to_vec()),
+            b"linkpath" => pax.linkpath = Some(v.to_vec()),
+            b"size" => pax.size = Some(num("size", v)?),
+            b"uid" => pax.uid = Some(num("uid", v)?),
+            b"gid" => pax.gid = Some(num("gid", v)?),
+            k => {
+                if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                    if !name.is_empty() && !name.contains(&0) {
+                        pax.xattrs
+                            .push((OsString::from_vec(name.to_vec()), v.to_vec()));
+                    }
                 }
             }
         }
     }
-    out
+    Ok(pax)
+}
+
+/// A GNU long name/link body ends with a NUL (GNU tar writes one).
+fn strip_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if v.last() == Some(&0) {
+        v.pop();
+    }
+    v
 }
 
 /// Removes `name` in `dir` and, if it is a directory, everything below it, never
@@ -1195,6 +1427,306 @@ mod tests {
             u.apply_layer(&blob[..], c, "#0").unwrap();
             assert!(dir.path().join("a").exists());
         }
+    }
+
+    // ----- bounded memory and time (issue 13) -----
+
+    use super::super::testtar::{extension_header, pax_record};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// Counts the bytes the unpacker pulls from the layer stream.
+    struct Counting<R> {
+        inner: R,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// A plain tar stream: one extension header of `kind` whose body is `size` bytes
+    /// of `fill`, generated lazily (never held in memory here), then a small file.
+    fn bomb(kind: tar::EntryType, size: u64, fill: u8) -> (impl Read, Rc<Cell<u64>>) {
+        let header = extension_header(kind, size).as_bytes().to_vec();
+        let pad = ((512 - size % 512) % 512) as usize;
+        let tail = Layer::new().file("after", b"x").tar();
+        let stream = io::Cursor::new(header)
+            .chain(io::repeat(fill).take(size))
+            .chain(io::Cursor::new(vec![0u8; pad]))
+            .chain(io::Cursor::new(tail));
+        let read = Rc::new(Cell::new(0));
+        (
+            Counting {
+                inner: stream,
+                read: read.clone(),
+            },
+            read,
+        )
+    }
+
+    fn limits() -> UnpackLimits {
+        UnpackLimits::new(u64::MAX)
+    }
+
+    fn unpack_with(
+        limits: UnpackLimits,
+        layers: Vec<Box<dyn Read>>,
+    ) -> (tempfile::TempDir, Result<UnpackStats, ImageError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let res = (|| {
+            let mut u = Unpacker::with_limits(&tree, limits)?;
+            for (i, l) in layers.into_iter().enumerate() {
+                u.apply_layer(l, Compression::None, &format!("#{i}"))?;
+            }
+            u.finish()
+        })();
+        (dir, res)
+    }
+
+    fn assert_limit(res: &Result<UnpackStats, ImageError>, key: &str) {
+        match res {
+            Err(e @ ImageError::LimitExceeded { limit, .. }) if *limit == key => {
+                assert!(e.to_string().contains(key), "{e}");
+                assert_eq!(e.reason(), crate::instance::ReasonCode::ImagePullFailed);
+            }
+            other => panic!("expected limit {key}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pax_header_bomb_is_refused_without_reading_it_into_memory() {
+        // 256 MiB of PAX body: the tar crate's own preprocessing reads it whole.
+        for kind in [tar::EntryType::XHeader, tar::EntryType::XGlobalHeader] {
+            let (stream, read) = bomb(kind, 256 << 20, b'0');
+            let (dir, res) = unpack_with(limits(), vec![Box::new(stream)]);
+            assert_limit(&res, "max_tar_extension_bytes");
+            assert!(
+                read.get() < 1 << 20,
+                "{kind:?}: {} bytes read from the layer",
+                read.get()
+            );
+            assert!(!dir.path().join("tree/after").exists());
+        }
+    }
+
+    #[test]
+    fn gnu_long_name_bomb_is_refused() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink] {
+            let (stream, read) = bomb(kind, 256 << 20, b'a');
+            let (_dir, res) = unpack_with(limits(), vec![Box::new(stream)]);
+            assert_limit(&res, "max_tar_extension_bytes");
+            assert!(read.get() < 1 << 20, "{kind:?}: {} bytes read", read.get());
+        }
+    }
+
+    #[test]
+    fn extension_bodies_are_capped_even_when_declared_small() {
+        // Declared within the cap is read; a body one byte over the cap is refused.
+        let cap = limits().max_tar_extension_bytes;
+        let (stream, _) = bomb(tar::EntryType::XGlobalHeader, cap, b'0');
+        let (_d, res) = unpack_with(limits(), vec![Box::new(stream)]);
+        res.unwrap();
+        let (stream, _) = bomb(tar::EntryType::XGlobalHeader, cap + 1, b'0');
+        let (_d, res) = unpack_with(limits(), vec![Box::new(stream)]);
+        assert_limit(&res, "max_tar_extension_bytes");
+    }
+
+    #[test]
+    fn pax_and_gnu_names_links_and_owners_apply_to_the_next_entry() {
+        let long_dir = "d".repeat(150);
+        let mut pax = pax_record("path", format!("{long_dir}/from-pax").as_bytes());
+        pax.extend(pax_record("uid", b"4242"));
+        pax.extend(pax_record("gid", b"4343"));
+        let mut link_pax = pax_record("linkpath", format!("{long_dir}/from-pax").as_bytes());
+        link_pax.extend(pax_record("SCHILY.xattr.user.plfm", b"yes"));
+        let l = Layer::new()
+            .dir(&long_dir, 0o755)
+            .entry(TarEntry::extension(tar::EntryType::XHeader, &pax))
+            .file("short-name-ignored", b"pax")
+            .entry(TarEntry::extension(tar::EntryType::XHeader, &link_pax))
+            .symlink("link", "ignored")
+            // testtar writes GNU `L`/`K` entries for names over 100 bytes.
+            .hardlink(&format!("{long_dir}/hard"), &format!("{long_dir}/from-pax"))
+            .tar();
+        let (dir, res) = unpack(&[l]);
+        res.unwrap();
+        let t = dir.path().join("tree");
+        let f = t.join(&long_dir).join("from-pax");
+        assert_eq!(std::fs::read(&f).unwrap(), b"pax");
+        let m = std::fs::metadata(&f).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4343));
+        assert!(!t.join("short-name-ignored").exists());
+        assert_eq!(
+            std::fs::read_link(t.join("link")).unwrap(),
+            PathBuf::from(format!("{long_dir}/from-pax"))
+        );
+        let h = std::fs::metadata(t.join(&long_dir).join("hard")).unwrap();
+        assert_eq!(h.ino(), m.ino());
+    }
+
+    #[test]
+    fn long_names_from_pax_and_gnu_obey_the_path_rules() {
+        let too_long = "a/".repeat(MAX_PATH_BYTES / 2 + 1);
+        for path in [too_long.as_bytes(), b"../escape", b"/abs"] {
+            let pax = Layer::new()
+                .entry(TarEntry::extension(
+                    tar::EntryType::XHeader,
+                    &pax_record("path", path),
+                ))
+                .file("innocent", b"x")
+                .tar();
+            let mut gnu_name = path.to_vec();
+            gnu_name.push(0);
+            let gnu = Layer::new()
+                .entry(TarEntry::extension(tar::EntryType::GNULongName, &gnu_name))
+                .file("innocent", b"x")
+                .tar();
+            for l in [pax, gnu] {
+                let (dir, res) = unpack(&[l]);
+                assert!(
+                    matches!(res, Err(ImageError::UnsafeEntry { .. })),
+                    "{}: {res:?}",
+                    String::from_utf8_lossy(&path[..path.len().min(20)])
+                );
+                assert!(!dir.path().join("tree/innocent").exists());
+                outside_is_untouched(&dir);
+            }
+        }
+    }
+
+    #[test]
+    fn pax_size_that_disagrees_with_the_header_is_refused() {
+        let l = Layer::new()
+            .entry(TarEntry::extension(
+                tar::EntryType::XHeader,
+                &pax_record("size", b"1000"),
+            ))
+            .file("f", b"abc")
+            .tar();
+        let (_dir, res) = unpack(&[l]);
+        let err = res.unwrap_err();
+        assert!(err.to_string().contains("PAX size 1000"), "{err}");
+    }
+
+    #[test]
+    fn dangling_or_doubled_extension_headers_are_format_errors() {
+        let dangling = Layer::new()
+            .file("f", b"x")
+            .entry(TarEntry::extension(
+                tar::EntryType::XHeader,
+                &pax_record("path", b"g"),
+            ))
+            .tar();
+        let doubled = Layer::new()
+            .entry(TarEntry::extension(tar::EntryType::GNULongName, b"a\0"))
+            .entry(TarEntry::extension(tar::EntryType::GNULongName, b"b\0"))
+            .file("f", b"x")
+            .tar();
+        for l in [dangling, doubled] {
+            let (_dir, res) = unpack(&[l]);
+            assert!(
+                matches!(res, Err(ImageError::LayerFormat { .. })),
+                "{res:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_entries_is_refused() {
+        let mut many = Layer::new();
+        for i in 0..20 {
+            many = many.file(&format!("f{i}"), b"x");
+        }
+        let lim = UnpackLimits {
+            max_entries: 10,
+            ..limits()
+        };
+        let (dir, res) = unpack_with(lim, vec![Box::new(io::Cursor::new(many.tar()))]);
+        assert_limit(&res, "max_entries");
+        assert!(!dir.path().join("tree/f10").exists());
+        // The count is per image: two layers of 6 exceed 10 together.
+        let six = || {
+            let mut l = Layer::new();
+            for i in 0..6 {
+                l = l.file(&format!("g{i}"), b"x");
+            }
+            Box::new(io::Cursor::new(l.tar())) as Box<dyn Read>
+        };
+        let (_dir, res) = unpack_with(lim, vec![six(), six()]);
+        assert_limit(&res, "max_entries");
+        // Extension headers count too: they cost a read each.
+        let mut l = Layer::new();
+        for _ in 0..11 {
+            l = l.entry(TarEntry::extension(tar::EntryType::XGlobalHeader, b""));
+        }
+        let (_dir, res) = unpack_with(
+            lim,
+            vec![Box::new(io::Cursor::new(l.file("f", b"x").tar()))],
+        );
+        assert_limit(&res, "max_entries");
+    }
+
+    /// An endless-looking stream of `count` PAX global headers (cheap to parse,
+    /// nothing written to disk), generated lazily.
+    struct GlobalHeaders {
+        block: Vec<u8>,
+        left: u64,
+        pos: usize,
+    }
+
+    impl Read for GlobalHeaders {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            let n = (self.block.len() - self.pos).min(buf.len());
+            buf[..n].copy_from_slice(&self.block[self.pos..self.pos + n]);
+            self.pos += n;
+            if self.pos == self.block.len() {
+                self.pos = 0;
+                self.left -= 1;
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn unpack_deadline_is_checked_per_entry() {
+        // Ten million headers in one layer: far more than can be read before the
+        // deadline, so only a per-entry check stops it in time.
+        let body = pax_record("comment", &[b'x'; 400]);
+        let mut block = extension_header(tar::EntryType::XGlobalHeader, body.len() as u64)
+            .as_bytes()
+            .to_vec();
+        block.extend_from_slice(&body);
+        block.resize(1024, 0);
+        let stream = GlobalHeaders {
+            block,
+            left: 10_000_000,
+            pos: 0,
+        };
+        let lim = UnpackLimits {
+            max_entries: u64::MAX,
+            deadline: Some(Instant::now() + std::time::Duration::from_millis(300)),
+            ..limits()
+        };
+        let started = Instant::now();
+        let (_dir, res) = unpack_with(lim, vec![Box::new(stream)]);
+        assert_limit(&res, "image_timeout_secs");
+        let msg = res.unwrap_err().to_string();
+        assert!(msg.contains("unpacking did not finish in time"), "{msg}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "stopped only after {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
