@@ -369,8 +369,10 @@ mod tests {
             what: "blob".into(),
             repository: "r".into(),
             cause: "connection refused".into(),
+            transient: true,
         };
         assert!(!registry.is_content_failure());
+        assert!(registry.is_transient());
         let not_found = ImageError::NotFound {
             what: "manifest".into(),
             repository: "r".into(),

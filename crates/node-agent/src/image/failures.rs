@@ -132,6 +132,7 @@ mod tests {
             what: "blob".into(),
             repository: "r".into(),
             cause: "connection reset".into(),
+            transient: true,
         })
     }
 

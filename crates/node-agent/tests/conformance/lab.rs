@@ -312,6 +312,8 @@ pub struct Lab {
     /// `[runtime.mock]` lines and faults (written at the agent's start).
     mock_faults: Mutex<BTreeMap<String, String>>,
     mock_stop_ms: Mutex<u64>,
+    /// Extra `[runtime.qemu]` lines ([`Lab::qemu_config`]).
+    qemu_extra: Mutex<String>,
     agent: Mutex<Option<Arc<AgentProcess>>>,
     pub shared: bool,
 }
@@ -429,6 +431,7 @@ impl Lab {
             cgroup,
             mock_faults: Mutex::new(BTreeMap::new()),
             mock_stop_ms: Mutex::new(50),
+            qemu_extra: Mutex::new(String::new()),
             agent: Mutex::new(None),
             shared,
         })
@@ -463,9 +466,10 @@ impl Lab {
                     .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
                     .unwrap_or_default();
                 format!(
-                    "[runtime]\nkind = \"qemu\"\n[runtime.qemu]\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout_seconds = 150\naccel = \"tcg\"\n{cgroup}",
+                    "[runtime]\nkind = \"qemu\"\n[runtime.qemu]\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout_seconds = 150\naccel = \"tcg\"\n{cgroup}{}",
                     kernel.display().to_string(),
-                    initramfs.display().to_string()
+                    initramfs.display().to_string(),
+                    lock(&self.qemu_extra)
                 )
             }
             Kind::Firecracker => {
@@ -796,8 +800,23 @@ reconcile_interval_ms = 200
     }
 
     /// Every live process naming the instance's directory (VMM, vhost-device-vsock…).
+    /// Processes of an instance: those naming its instance dir, and a sandboxed
+    /// vhost-device-vsock, which names only the socket in its jail.
     pub fn processes_of(&self, id: &str) -> Vec<u32> {
-        vm_host::processes_mentioning(&format!("{}/", self.instance_dir(id).display()))
+        let mut pids =
+            vm_host::processes_mentioning(&format!("{}/", self.instance_dir(id).display()));
+        for p in vm_host::processes_mentioning(&format!("/{id}/vhost.sock")) {
+            if !pids.contains(&p) {
+                pids.push(p);
+            }
+        }
+        pids
+    }
+
+    /// Adds lines to the `[runtime.qemu]` table of the agent's config (before start).
+    pub fn qemu_config(&self, lines: &str) {
+        assert_eq!(self.kind, Kind::Qemu);
+        lock(&self.qemu_extra).push_str(lines);
     }
 
     /// What identifies the running VM of `id`: `pid:start time` of its VMM process, or

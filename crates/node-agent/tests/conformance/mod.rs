@@ -81,6 +81,14 @@ macro_rules! runtime_suite {
             s::a_guest_cannot_open_a_connection_to_another_guest(KIND)
         }
         #[test]
+        fn vmm_processes_run_unprivileged_and_confined() {
+            s::vmm_processes_run_unprivileged_and_confined(KIND)
+        }
+        #[test]
+        fn a_vm_whose_sandbox_cannot_be_set_up_is_not_started() {
+            s::a_vm_whose_sandbox_cannot_be_set_up_is_not_started(KIND)
+        }
+        #[test]
         fn data_dir_is_unreachable_for_a_local_user_while_a_vm_runs() {
             s::data_dir_is_unreachable_for_a_local_user_while_a_vm_runs(KIND)
         }

@@ -685,3 +685,135 @@ exit $r"#
         .map(|v| v.status);
     assert_eq!(status, Some(Status::Ready));
 }
+
+// ------------------------------------------------------------------ 18
+
+/// `/proc/<pid>/status` fields `Uid:` and `Gid:` (real, effective, saved, fs).
+fn ids_of(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let seccomp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    (field("Uid:"), field("Gid:"), seccomp)
+}
+
+/// QEMU and vhost-device-vsock of a running VM run as an unprivileged uid of that
+/// instance alone (another instance gets another), in the instance's own cgroup; QEMU
+/// is chrooted into an empty directory under its seccomp sandbox.
+pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
+    if kind != Kind::Qemu {
+        return unsupported(kind, "its VMM processes are not sandboxed by the agent");
+    }
+    let Some(lab) = lab(kind, true) else { return };
+    let a = Inst::new("c-uid-a", Behaviour::Idle);
+    let b = Inst::new("c-uid-b", Behaviour::Idle);
+    let _c = run(&lab, &[&a, &b]);
+    ready(&lab, &a.id);
+    ready(&lab, &b.id);
+    let mut uids = Vec::new();
+    for inst in [&a, &b] {
+        let pids = lab.processes_of(&inst.id);
+        let cmd = |p: u32| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ")
+        };
+        let qemu: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| cmd(*p).contains("qemu-system"))
+            .collect();
+        let vhost: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| cmd(*p).contains("vhost-device-vsock"))
+            .collect();
+        assert_eq!(
+            (qemu.len(), vhost.len()),
+            (1, 1),
+            "one QEMU and one vhost-device-vsock for {}: {pids:?}",
+            inst.id
+        );
+        let (q, v) = (qemu[0], vhost[0]);
+        let (qu, qg, qseccomp) = ids_of(q);
+        let (vu, vg, _) = ids_of(v);
+        assert_eq!(qu.len(), 4, "{qu:?}");
+        let uid = qu[0];
+        assert!(uid != 0, "QEMU of {} runs as root", inst.id);
+        for ids in [&qu, &qg, &vu, &vg] {
+            assert!(
+                ids.iter().all(|i| *i == uid),
+                "every id of both processes is {uid}: {ids:?}"
+            );
+        }
+        assert_eq!(qseccomp, "2", "QEMU runs under a seccomp filter");
+        let root = std::fs::read_link(format!("/proc/{q}/root")).unwrap();
+        assert!(
+            root.ends_with(format!("{}/chroot", inst.id)),
+            "QEMU's root is its jail's empty chroot: {}",
+            root.display()
+        );
+        // Both in the instance's own memory cgroup.
+        for p in [q, v] {
+            let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+            assert!(
+                cg.lines()
+                    .any(|l| l.contains("memory") && l.ends_with(&format!("/{}", inst.id)))
+                    || cg
+                        .lines()
+                        .any(|l| l.starts_with("0::") && l.ends_with(&format!("/{}", inst.id))),
+                "process {p} of {} is not in its own memory cgroup:\n{cg}",
+                inst.id
+            );
+        }
+        uids.push(uid);
+    }
+    assert_ne!(uids[0], uids[1], "two instances share VMM uid {}", uids[0]);
+}
+
+/// A VM whose sandbox cannot be set up is not started (fail closed): a jail dir under a
+/// directory other users cannot traverse fails the boot with a message naming
+/// `runtime.qemu.jail_dir`, and no VMM process runs.
+pub fn a_vm_whose_sandbox_cannot_be_set_up_is_not_started(kind: Kind) {
+    if kind != Kind::Qemu {
+        return unsupported(kind, "its VMM processes are not sandboxed by the agent");
+    }
+    let Some(lab) = lab(kind, true) else { return };
+    let closed = lab.root.join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    lab.qemu_config(&format!(
+        "jail_dir = {:?}\n",
+        closed.join("jails").display().to_string()
+    ));
+    let inst = Inst::new("c-nojail", Behaviour::Idle);
+    let _c = run(&lab, &[&inst]);
+    let v = ended(&lab, &inst.id);
+    assert_eq!(v.status, Status::Failed, "{v:#?}");
+    assert_eq!(v.reason_code, Some(ReasonCode::FirecrackerStartFailed));
+    let msg = v.error_message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("runtime.qemu.jail_dir") && msg.contains("not traversable"),
+        "{msg}"
+    );
+    assert!(
+        lab.processes_of(&inst.id).is_empty(),
+        "{:?}",
+        lab.processes_of(&inst.id)
+    );
+}

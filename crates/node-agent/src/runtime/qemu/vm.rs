@@ -357,8 +357,7 @@ fn qemu_args(
     p: &Prepared,
     paths: &Paths,
     accel: &str,
-    kernel: &Path,
-    initramfs: &Path,
+    (kernel, initramfs): (&Path, &Path),
     sandbox: Option<&Sandbox>,
 ) -> Result<Vec<String>, RuntimeError> {
     let mem_mib = guest::guest_mem_mib(w);
@@ -571,8 +570,7 @@ impl Runtime for QemuRuntime {
             &p,
             &paths,
             accel,
-            &kernel,
-            &initramfs,
+            (&kernel, &initramfs),
             sandbox.as_ref(),
         )?;
         let qemu = match vproc::spawn_detached(
