@@ -117,8 +117,9 @@ pub struct ControlPlaneConfig {
     /// Standalone: periodic rescan in addition to file notifications.
     #[serde(default = "default_rescan_ms")]
     pub rescan_interval_ms: u64,
-    /// HTTP: base URL of the control plane (`https://…`; `http://` only for tests and
-    /// loopback).
+    /// HTTP: base URL of the control plane (`https://…`). `http://` is refused unless
+    /// the host is loopback (127.0.0.0/8, `::1`, `localhost`): credentials, plans and
+    /// secrets must not cross the network in clear text.
     #[serde(default)]
     pub url: Option<String>,
     /// HTTP: PEM file of the CA that signs the control plane's certificate (required for
@@ -437,7 +438,13 @@ impl Config {
                     return Err("control_plane.ca_file: required for an https url (the CA that signs the control plane's certificate)".into());
                 }
             }
-            "http" => {}
+            "http" => {
+                if !is_loopback_host(&url) {
+                    return Err(format!(
+                        "control_plane.url: {raw:?} is plain http to a host that is not loopback; node credentials, plans and secrets would cross the network in clear text (use https with ca_file; http is accepted only for 127.0.0.0/8, ::1 and localhost)"
+                    ));
+                }
+            }
             other => {
                 return Err(format!(
                     "control_plane.url: scheme {other:?} is not http or https"
@@ -474,6 +481,17 @@ impl Config {
     /// `<data_dir>/state.db`.
     pub fn state_db(&self) -> PathBuf {
         self.data_dir.join("state.db")
+    }
+}
+
+/// Whether `url`'s host is this machine: an address in 127.0.0.0/8, `::1`, or the name
+/// `localhost`. Other names are not resolved (a name can point anywhere).
+pub fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -653,6 +671,50 @@ kind = "mock"
                 .contains("both or neither")
         );
         http("url = \"http://127.0.0.1:9\"").unwrap();
+    }
+
+    fn http_url(url: &str) -> Result<(), String> {
+        let text = MIN.replace(
+            "mode = \"standalone\"\ndesired_dir = \"instances\"",
+            &format!("mode = \"http\"\nurl = \"{url}\""),
+        );
+        load(&text, &[]).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn plain_http_to_a_network_control_plane_is_refused() {
+        for url in [
+            "http://10.1.2.3:8080",
+            "http://cp.example.com",
+            "http://[2001:db8::1]:8080/",
+            "http://0.0.0.0:8080",
+            "http://[::]:8080",
+            "http://[::ffff:127.0.0.1]:8080",
+            "http://localhost.example:8080",
+            "http://127.0.0.1.nip.io",
+            "HTTP://192.168.1.1",
+            "http://127.0.0.1@10.1.2.3:8080",
+        ] {
+            let e = http_url(url).unwrap_err();
+            assert!(
+                e.contains("control_plane.url") && e.contains("clear text"),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_http_to_loopback_is_accepted() {
+        for url in [
+            "http://127.0.0.1:9",
+            "http://127.0.0.1",
+            "http://127.9.8.7:8080/base/",
+            "http://[::1]:8080",
+            "http://localhost:8080",
+            "http://LocalHost",
+        ] {
+            http_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 
     #[test]

@@ -213,6 +213,31 @@ fn config_errors_name_the_key_and_exit_non_zero() {
     }
 }
 
+#[test]
+fn plain_http_control_plane_off_loopback_is_refused_at_start() {
+    let env = Env::new("");
+    let text = std::fs::read_to_string(env.config()).unwrap().replace(
+        "mode = \"standalone\"\ndesired_dir = \"desired\"",
+        "mode = \"http\"\nurl = \"http://10.1.2.3:8080\"",
+    );
+    assert!(text.contains("10.1.2.3"), "config rewritten: {text}");
+    std::fs::write(env.config(), text).unwrap();
+    // Spawned with a deadline: an agent that accepts the url runs (and is killed when
+    // `agent` drops) instead of hanging the test.
+    let agent = env.spawn();
+    let status = agent.exit_within(Duration::from_secs(20));
+    let err = env.log();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("control_plane.url") && err.contains("clear text"),
+        "{err}"
+    );
+    assert!(
+        !env.path("data").exists(),
+        "nothing is created before the config is valid"
+    );
+}
+
 #[tokio::test]
 async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_dir() {
     let env = Env::new("prepare_ms = 0\nboot_ms = 20\nstop_ms = 0");

@@ -728,3 +728,98 @@ async fn workload_logs_reach_the_control_plane() {
     assert!(e["ts"].is_string() && e["stream"] == "console" && e["truncated"] == false);
     agent.kill9();
 }
+
+// ---- answer size ----
+
+/// A raw HTTP/1.1 server on loopback that answers one request with 200 and a chunked
+/// body of `total` bytes of JSON whitespace (no Content-Length), counting the bytes it
+/// managed to write. Its task ends `true` if it wrote the whole body, `false` if the
+/// client closed the connection first.
+struct ChunkedServer {
+    url: String,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<bool>,
+}
+
+async fn serve_chunked_once(total: u64) -> ChunkedServer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = written.clone();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let start = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(start).await.is_err() {
+            return false;
+        }
+        const CHUNK: usize = 16 * 1024;
+        let mut framed = format!("{CHUNK:x}\r\n").into_bytes();
+        framed.extend(std::iter::repeat_n(b' ', CHUNK));
+        framed.extend_from_slice(b"\r\n");
+        while count.load(Ordering::SeqCst) < total {
+            if s.write_all(&framed).await.is_err() {
+                return false;
+            }
+            count.fetch_add(CHUNK as u64, Ordering::SeqCst);
+        }
+        s.write_all(b"0\r\n\r\n").await.is_ok()
+    });
+    ChunkedServer { url, written, task }
+}
+
+#[tokio::test]
+async fn an_endless_chunked_answer_is_cut_off_at_the_body_limit() {
+    const LIMIT: usize = 64 * 1024;
+    // Far more than the limit, and more than loopback socket buffers hold (a few MiB),
+    // so a client that reads on would make the server finish.
+    const SERVED: u64 = 64 * 1024 * 1024;
+    for endpoint in ["plan", "secrets"] {
+        let server = serve_chunked_once(SERVED).await;
+        let metrics = Arc::new(Metrics::new());
+        let client = ControlPlaneClient::new(&cp_config(&server.url, ""), NODE, metrics.clone())
+            .unwrap()
+            .with_max_body_bytes(LIMIT);
+        let err = match endpoint {
+            "plan" => client.get_plan().await.map(|_| ()).unwrap_err().to_string(),
+            _ => client
+                .get_secret("v1")
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+        };
+        assert!(
+            err.contains(&format!("answer larger than the limit of {LIMIT} bytes")),
+            "{endpoint}: error must name the limit: {err}"
+        );
+        // The agent stopped reading and closed the connection: the server's writes fail
+        // long before the whole body is out. What it wrote beyond what the agent read
+        // sits in the kernel's socket buffers, not in the agent.
+        let finished = tokio::time::timeout(Duration::from_secs(20), server.task)
+            .await
+            .expect("the server notices the closed connection")
+            .expect("server task");
+        let written = server.written.load(Ordering::SeqCst);
+        assert!(
+            !finished && written < SERVED / 2,
+            "{endpoint}: the agent read on: server finished={finished}, wrote {written} bytes"
+        );
+        let errors = metrics
+            .cp_requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                outcome: "error",
+            })
+            .get();
+        assert_eq!(errors, 1, "{endpoint}: counted as an error");
+    }
+}

@@ -7,6 +7,11 @@
 //! the agent runs the last applied plan and never guesses. Reports leave the outbox only
 //! after a 2xx (or a 4xx that will never be accepted, which is logged and counted).
 //! Secret material is never logged; errors name the version, never a value.
+//! Plain `http` is used only to a loopback host (config validation and
+//! [`ControlPlaneClient::new`] refuse anything else). An answer's body is read as a
+//! stream and the request fails as soon as it exceeds the client's limit
+//! ([`MAX_BODY_BYTES`] unless [`ControlPlaneClient::with_max_body_bytes`]), so at most
+//! the limit plus one chunk is ever held, whatever Content-Length said.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +35,9 @@ use crate::state::{OutboxRow, Store};
 use crate::status::outbox::{Delivery, ReportSink};
 use crate::supervisor::Supervisor;
 
-/// Largest response body read (plans of thousands of instances fit easily).
+/// Largest response body read (plans of thousands of instances fit easily). The body is
+/// read as a stream and the request fails as soon as more arrived, whatever
+/// Content-Length said (or without one), so at most this plus one chunk is held.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// Reports of different instances sent at the same time.
 pub const DELIVERY_CONCURRENCY: usize = 32;
@@ -59,6 +66,14 @@ pub enum CpError {
         code: u16,
         /// Start of the body.
         body: String,
+    },
+    /// An answer whose body is larger than the client's limit (read no further).
+    #[error("{endpoint}: answer larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// Endpoint.
+        endpoint: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
     },
     /// A 2xx answer that does not decode.
     #[error("{endpoint}: {message}")]
@@ -229,6 +244,7 @@ pub struct ControlPlaneClient {
     token: Option<Zeroizing<String>>,
     metrics: Arc<Metrics>,
     refusals: Arc<Refusals>,
+    max_body_bytes: usize,
 }
 
 /// The control plane's latest refusal (a 4xx answer) of one endpoint.
@@ -298,6 +314,15 @@ impl ControlPlaneClient {
             .url
             .as_deref()
             .ok_or_else(|| CpError::Setup("control_plane.url is required".into()))?;
+        // Config validation refuses this too; checked again here because a
+        // `ControlPlaneConfig` can be built without it.
+        let parsed = url::Url::parse(url)
+            .map_err(|e| CpError::Setup(format!("control_plane.url {url:?}: {e}")))?;
+        if parsed.scheme() == "http" && !crate::config::is_loopback_host(&parsed) {
+            return Err(CpError::Setup(format!(
+                "control_plane.url {url:?}: plain http is allowed only to a loopback host"
+            )));
+        }
         let tls = TlsFiles::from_config(cp).load()?;
         let token = cp.token_file.as_deref().map(read_token).transpose()?;
         let mut b = reqwest::Client::builder()
@@ -318,7 +343,15 @@ impl ControlPlaneClient {
             token,
             metrics,
             refusals: Arc::default(),
+            max_body_bytes: MAX_BODY_BYTES,
         })
+    }
+
+    /// The same client with another answer-size limit than [`MAX_BODY_BYTES`] (tests
+    /// use a small one so that they need not send 64 MiB).
+    pub fn with_max_body_bytes(mut self, limit: usize) -> Self {
+        self.max_body_bytes = limit;
+        self
     }
 
     /// The endpoints the control plane refuses right now.
@@ -340,25 +373,29 @@ impl ControlPlaneClient {
         }
         let started = Instant::now();
         let result = async {
-            let resp = req.send().await.map_err(|e| CpError::Transport {
+            let transport = |e: reqwest::Error| CpError::Transport {
                 endpoint,
                 message: error_chain(&e),
-            })?;
+            };
+            let mut resp = req.send().await.map_err(transport)?;
             let code = resp.status();
-            if resp
-                .content_length()
-                .is_some_and(|l| l as usize > MAX_BODY_BYTES)
-            {
-                return Err(CpError::Decode {
-                    endpoint,
-                    message: format!("answer larger than {MAX_BODY_BYTES} bytes"),
-                });
+            let limit = self.max_body_bytes;
+            let too_large = CpError::TooLarge { endpoint, limit };
+            // Content-Length is only a hint: refused early when it is too big, and then
+            // the body is counted as it arrives (chunked, or a lying length).
+            let announced = resp.content_length().unwrap_or(0);
+            if announced > limit as u64 {
+                return Err(too_large);
             }
-            let body = resp.bytes().await.map_err(|e| CpError::Transport {
-                endpoint,
-                message: error_chain(&e),
-            })?;
-            Ok((code, body.to_vec()))
+            let mut body = Vec::with_capacity(announced as usize);
+            while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+                if chunk.len() > limit - body.len() {
+                    // Dropping the response closes the connection: nothing more is read.
+                    return Err(too_large);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok((code, body))
         }
         .await;
         self.metrics
@@ -791,6 +828,37 @@ mod tests {
         assert_eq!(available_cores(2.0, 0.5), 1);
         assert_eq!(available_cores(2.0, 2.5), 0);
         assert_eq!(available_cores(64.0, f64::NAN), 0);
+    }
+
+    fn http_config(url: &str) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            mode: crate::config::ControlPlaneMode::Http,
+            desired_dir: None,
+            rescan_interval_ms: 2000,
+            url: Some(url.into()),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            token_file: None,
+            request_timeout_ms: 1000,
+            poll_interval_ms: 1000,
+            heartbeat_interval_secs: 10,
+        }
+    }
+
+    #[test]
+    fn a_client_built_without_config_validation_refuses_plain_http_off_loopback() {
+        let metrics = Arc::new(Metrics::new());
+        for url in ["http://10.1.2.3:8080", "http://cp.example", "not a url"] {
+            let e = ControlPlaneClient::new(&http_config(url), "n", metrics.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{url} accepted"));
+            assert!(e.to_string().contains("control_plane.url"), "{url}: {e}");
+        }
+        for url in ["http://127.0.0.1:9", "http://[::1]:9", "http://localhost:9"] {
+            ControlPlaneClient::new(&http_config(url), "n", metrics.clone())
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
     }
 
     #[test]

@@ -227,6 +227,17 @@ impl AgentProcess {
         let _ = c.wait();
     }
 
+    /// Waits up to `within` for the agent to exit on its own (say, refusing its
+    /// config); panics with its log if it is still running then.
+    pub fn exit_within(&self, within: Duration) -> ExitStatus {
+        poll_until("the agent to exit on its own", within, || {
+            match self.child().try_wait().expect("try_wait on the agent") {
+                Some(status) => Ok(status),
+                None => Err(self.diagnostics()),
+            }
+        })
+    }
+
     /// SIGTERM (a graceful stop: the agent detaches or drains as configured), then
     /// waits up to `within` for the exit.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
