@@ -50,6 +50,7 @@ die() { printf 'demo: FAILED: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root: the VM's tap, its addresses and the nftables rules need CAP_NET_ADMIN (run: sudo $0 $*)"
 
 demo="$repo/.plfm-demo"         # everything of a run; removed at the start of the next
+jails="/run/plfm-node-agent/demo-jails"  # config/demo.toml's runtime.qemu.jail_dir
 cfg="$repo/config/demo.toml"
 bin="$repo/target/release/plfm-node-agent"
 ns_name="plfm-demo"
@@ -72,7 +73,7 @@ demo_pids() {
     [ "$p" = "$BASHPID" ] && continue
     cmd="$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline")" || continue
     case "$cmd" in
-      *"$repo/.plfm-demo"*|*"$repo/config/../.plfm-demo"*|*"$cfg"*) ;;
+      *"$repo/.plfm-demo"*|*"$repo/config/../.plfm-demo"*|*"$cfg"*|*"$jails/"*) ;;
       *) continue ;;
     esac
     case "$cmd" in *"scripts/demo.sh"*) continue ;; esac

@@ -84,13 +84,44 @@ fn malformed(e: serde_json::Error) -> ProtocolError {
 
 /// Serializes `msg` as one line including the trailing newline; refuses messages over
 /// `limit` bytes.
-pub fn encode_line<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, ProtocolError> {
-    let mut line = serde_json::to_vec(msg).map_err(malformed)?;
-    if line.len() > limit {
+///
+/// The line may carry secrets (the config): it is zeroed when dropped, and so is every
+/// smaller buffer it outgrew while being written ([`ZeroingBuf`]).
+pub fn encode_line<T: Serialize>(
+    msg: &T,
+    limit: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ProtocolError> {
+    let mut buf = ZeroingBuf::default();
+    serde_json::to_writer(&mut buf, msg).map_err(malformed)?;
+    if buf.0.len() > limit {
         return Err(ProtocolError::LineTooLong { limit });
     }
-    line.push(b'\n');
-    Ok(line)
+    buf.write_all(b"\n")?;
+    Ok(std::mem::take(&mut buf.0))
+}
+
+/// A byte buffer that zeroes its old allocation whenever it grows (a plain `Vec` frees
+/// outgrown buffers with their contents) and its last one when dropped. Hand-written:
+/// `zeroize` zeroes a buffer it is given, not the ones a `Vec` leaves behind.
+#[derive(Default)]
+struct ZeroingBuf(zeroize::Zeroizing<Vec<u8>>);
+
+impl Write for ZeroingBuf {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let need = self.0.len() + data.len();
+        if need > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(need.max(self.0.capacity() * 2).max(256));
+            bigger.extend_from_slice(&self.0);
+            // The old allocation is zeroed when it drops here.
+            self.0 = zeroize::Zeroizing::new(bigger);
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Parses one line (without its newline). Unknown fields are ignored.

@@ -241,6 +241,25 @@ fn over_long_line_is_rejected() {
     ));
 }
 
+/// A line large enough to outgrow its buffer several times still encodes whole (the
+/// zeroing buffer copies everything across growths).
+#[test]
+fn a_large_line_survives_the_buffer_growths() {
+    let msg = HostMessage::Stop {
+        deadline_ms: u64::MAX,
+    };
+    let small = encode_line(&msg, MAX_LINE_BYTES).unwrap();
+    let back: HostMessage = decode_line(&small[..small.len() - 1]).unwrap();
+    assert_eq!(back, msg);
+    let big = GuestMessage::Status(StatusEvent::Failed {
+        reason: crate::FailureReason::SecretsInjectionFailed,
+        detail: "y".repeat(100_000),
+    });
+    let line = encode_line(&big, MAX_LINE_BYTES).unwrap();
+    let back: GuestMessage = decode_line(&line[..line.len() - 1]).unwrap();
+    assert_eq!(back, big);
+}
+
 #[test]
 fn reader_handles_several_lines_blank_lines_and_eof() {
     let data = b"{\"type\":\"ack\"}\n\n{\"type\":\"status\",\"event\":\"config_applied\"}\r\n";

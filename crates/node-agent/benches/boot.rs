@@ -129,8 +129,12 @@ mod linux {
     impl Drop for Cleanup {
         fn drop(&mut self) {
             drop(self.agent.take()); // SIGKILL
-            for pid in processes_mentioning(&self.dir.display().to_string()) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                                     // QEMU names the data dir; the sandboxed vhost-device-vsock its jail.
+            let jails = self.dir.with_file_name("jails");
+            for d in [&self.dir, &jails] {
+                for pid in processes_mentioning(&d.display().to_string()) {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
             }
         }
     }
@@ -251,6 +255,9 @@ mod linux {
         let (kernel, modules, init) = prerequisites().expect("prerequisites checked outside");
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
+        // Sandboxed VMM uids reach their jails under `jails/` (traversable, not listable).
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .unwrap();
         std::fs::create_dir_all(root.join("desired")).unwrap();
         let initramfs = root.join("initramfs.img");
         write_initramfs(&BuildInitramfsArgs {
@@ -291,12 +298,14 @@ kernel = {:?}
 initramfs = {:?}
 boot_timeout_seconds = 300
 accel = "tcg"
+jail_dir = {:?}
 [agent]
 boot_timeout_seconds = 400
 reconcile_interval_ms = 200
 "#,
             kernel.display().to_string(),
-            initramfs.display().to_string()
+            initramfs.display().to_string(),
+            root.join("jails").display().to_string()
         );
         std::fs::write(root.join("agent.toml"), cfg).unwrap();
         let agent = AgentProcess::spawn(&root.join("agent.toml"), &root.join("agent.log"));

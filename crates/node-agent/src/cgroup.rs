@@ -262,7 +262,18 @@ mod linux {
             let g = self.group(name);
             match std::fs::create_dir(&g.path) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                // An instance id like `memory.max` names a control file of the parent,
+                // not a group: reusing it would leave the VMM without a limit.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if !std::fs::symlink_metadata(&g.path).is_ok_and(|m| m.is_dir()) {
+                        return Err(CgroupError::Format {
+                            path: g.path.display().to_string(),
+                            what: format!(
+                                "the name {name:?} is a control file of the parent, not a group"
+                            ),
+                        });
+                    }
+                }
                 Err(e) => return Err(io(&g.path, "mkdir")(e)),
             }
             let limit_s = limit.to_string();

@@ -204,10 +204,35 @@ impl GuestEvent {
             },
             StatusEvent::Failed { reason, detail } => GuestEvent::Failed {
                 reason: failure_reason_code(reason),
-                detail,
+                detail: guest_text(&detail),
             },
         }
     }
+}
+
+/// Longest guest-supplied text the host keeps (in logs, errors, status messages).
+pub const GUEST_TEXT_MAX: usize = 256;
+
+/// A guest-supplied string as the host may log or store it: at most
+/// [`GUEST_TEXT_MAX`] characters, control characters escaped, and the original
+/// length said when it was cut. A guest controls these strings (up to a frame's size).
+pub fn guest_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(GUEST_TEXT_MAX)
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect();
+    if s.chars().count() > GUEST_TEXT_MAX {
+        out.push_str(&format!("… ({} bytes)", s.len()));
+    }
+    out
 }
 
 fn kind(msg: &GuestMessage) -> &'static str {
@@ -274,14 +299,15 @@ pub async fn accept_guest(
         return Err(e.into());
     }
     if hello.instance_id != expected_instance_id {
+        let got = guest_text(&hello.instance_id);
         tracing::warn!(
             instance_id = expected_instance_id,
-            announced = %hello.instance_id,
+            announced = %got,
             "refusing guest hello for another instance"
         );
         return Err(GuestError::WrongInstance {
             expected: expected_instance_id.to_string(),
-            got: hello.instance_id,
+            got,
         });
     }
 
@@ -295,7 +321,10 @@ pub async fn accept_guest(
     {
         Some(GuestMessage::Ack) => {}
         Some(GuestMessage::Status(StatusEvent::Failed { reason, detail })) => {
-            return Err(GuestError::GuestFailed { reason, detail })
+            return Err(GuestError::GuestFailed {
+                reason,
+                detail: guest_text(&detail),
+            })
         }
         Some(other) => {
             return Err(GuestError::Unexpected {
@@ -307,8 +336,8 @@ pub async fn accept_guest(
     }
     tracing::info!(
         instance_id = expected_instance_id,
-        boot_id = %hello.boot_id,
-        guest_init_version = %hello.guest_init_version,
+        boot_id = %guest_text(&hello.boot_id),
+        guest_init_version = %guest_text(&hello.guest_init_version),
         "guest handshake complete"
     );
     Ok(GuestSession {
@@ -356,6 +385,16 @@ impl GuestSession {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn guest_text_is_cut_and_escaped() {
+        let long = "x".repeat(1 << 20);
+        let t = super::guest_text(&long);
+        assert!(t.len() < super::GUEST_TEXT_MAX + 32, "{}", t.len());
+        assert!(t.ends_with("(1048576 bytes)"), "{t}");
+        assert_eq!(super::guest_text("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
+        assert_eq!(super::guest_text("ok"), "ok");
+    }
+
     use super::*;
 
     #[test]

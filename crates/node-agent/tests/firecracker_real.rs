@@ -634,7 +634,12 @@ fn agent_killed_while_the_real_vmm_boots_adopts_it_and_stops_it_cleanly() {
             let mut agent = spawn_agent(&rig, "fc-adopt", "fd00::9:4", 120);
             let data = rig.path("data");
             let before = wait_status(&agent, "fc-adopt", Status::Booting, Duration::from_secs(60));
-            let pid = recorded_pid(&data, "fc-adopt").expect("vmm.json pid");
+            // `booting` is reported just before the VMM is spawned and recorded.
+            let pid = poll_until(
+                "vmm.json with the VMM's pid",
+                Duration::from_secs(30),
+                || recorded_pid(&data, "fc-adopt").ok_or("not recorded yet"),
+            );
             let api = ApiClient::new(
                 &data.join("instances/fc-adopt/api.sock"),
                 Duration::from_secs(5),

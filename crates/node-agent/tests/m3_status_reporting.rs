@@ -115,8 +115,13 @@ async fn every_reason_code_reaches_the_sink_with_its_message() {
             after_ms: 0,
         },
     );
-    t.mock
-        .inject(&id("health"), MockFault::HealthFails { after_ms: 5000 });
+    t.mock.inject(
+        &id("health"),
+        MockFault::HealthFails {
+            after_ms: 5000,
+            repeat_start_ms: 0,
+        },
+    );
     t.mock.inject(&id("oom"), MockFault::Oom { after_ms: 1000 });
     t.mock.inject(
         &id("loop"),
@@ -551,4 +556,39 @@ async fn the_crash_loop_budget_and_restart_count_survive_an_agent_restart() {
     assert_eq!(v.restarts, 3);
     let msg = v.error_message.unwrap_or_default();
     assert!(msg.contains("4 failures in a row"), "{msg}");
+}
+
+/// A guest that keeps repeating `workload_started` (every 200 ms) while its health
+/// check fails cannot reset the failure count: the instance still fails with
+/// `healthcheck_failed` after `failure_threshold` failures in a row.
+#[tokio::test]
+async fn a_guest_repeating_workload_started_cannot_hold_off_a_failing_health_check() {
+    let t = TestNode::start(MockConfig::instant()).await;
+    t.mock.inject(
+        &id("hostile"),
+        MockFault::HealthFails {
+            after_ms: 5000,
+            repeat_start_ms: 200,
+        },
+    );
+    t.apply(plan(
+        1,
+        vec![decode(&with_health(policy(
+            assignment_json("hostile", 1),
+            "never",
+            0,
+        )))],
+    ))
+    .await;
+    t.wait_for("ready", STEP, |t| {
+        t.status("hostile") == Some(Status::Ready)
+    })
+    .await;
+    t.wait_for("healthcheck_failed", STEP, |t| {
+        t.node()
+            .status
+            .get(&id("hostile"))
+            .is_some_and(|v| v.reason_code == Some(ReasonCode::HealthcheckFailed))
+    })
+    .await;
 }

@@ -171,10 +171,24 @@ fn processes_mentioning(dir: &Path) -> Vec<u32> {
     vm_host::processes_mentioning(&dir.display().to_string())
 }
 
+/// The VM processes of a test dir whose data dir is `data`: those naming the data dir
+/// (QEMU) or the jails next to it (the sandboxed vhost-device-vsock).
+fn vm_processes(data: &Path) -> Vec<u32> {
+    let mut pids = processes_mentioning(data);
+    if let Some(root) = data.parent() {
+        for p in processes_mentioning(&root.join("jails")) {
+            if !pids.contains(&p) {
+                pids.push(p);
+            }
+        }
+    }
+    pids
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         drop(self.agent.take()); // SIGKILL
-        for pid in processes_mentioning(&self.dir) {
+        for pid in vm_processes(&self.dir) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         if let Some(parent) = &self.cgroup_parent {
@@ -241,6 +255,11 @@ impl Env {
             .map(|n| n.to_string_lossy().replace('.', ""))
             .unwrap_or_default();
         let cgroup = test_cgroup_parent(&tag);
+        // The sandboxed VMM processes' jails inside the test's dir (traversable, not
+        // listable), so cleanup finds them by the dir's path.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .unwrap();
+        let jails = root.join("jails").display().to_string();
         let cgroup_line = cgroup
             .as_ref()
             .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
@@ -263,6 +282,7 @@ kernel = {kernel:?}
 initramfs = {:?}
 boot_timeout_seconds = 60
 accel = "tcg"
+jail_dir = {jails:?}
 {cgroup_line}{qemu_extra}
 [agent]
 boot_timeout_seconds = 90
@@ -433,7 +453,7 @@ fn wait_no_vm_processes(env: &Env, within: Duration) {
     Poll::within(within)
         .every(Duration::from_millis(50))
         .until("no VM process left", || {
-            let left = processes_mentioning(&data);
+            let left = vm_processes(&data);
             if left.is_empty() {
                 Ok(())
             } else {
@@ -512,7 +532,7 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
         "{}",
         nft_table()
     );
-    let qemu_pids = processes_mentioning(&env.root.join("data"));
+    let qemu_pids = vm_processes(&env.root.join("data"));
     assert!(qemu_pids.len() >= 2, "qemu and vhost-device-vsock expected");
     // Both run in the instance's host cgroup (where the host has one).
     let cgroup = cgroup_of(&env, "web-q1");

@@ -329,6 +329,9 @@ impl ControlPlaneClient {
             .timeout(Duration::from_millis(cp.request_timeout_ms))
             .connect_timeout(Duration::from_millis(cp.request_timeout_ms.min(5000)))
             .pool_max_idle_per_host(DELIVERY_CONCURRENCY)
+            // A redirect is an error: followed, it could lead to a clear-text or other
+            // host that `control_plane.url`'s checks never saw.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
         if let Some(tls) = tls {
             b = b.tls_backend_preconfigured(tls);
@@ -859,6 +862,34 @@ mod tests {
             ControlPlaneClient::new(&http_config(url), "n", metrics.clone())
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
         }
+    }
+
+    /// An https control plane's redirect to elsewhere (here: a second loopback server
+    /// standing in for a clear-text host) is not followed: the request fails on the
+    /// 3xx and the second server is never contacted.
+    #[tokio::test]
+    async fn a_redirect_from_the_control_plane_is_not_followed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = format!("http://{}/v1/plan", elsewhere.local_addr().unwrap());
+        let cp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", cp.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = cp.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let client =
+            ControlPlaneClient::new(&http_config(&url), "n", Arc::new(Metrics::new())).unwrap();
+        let e = client.get_plan().await.expect_err("a 302 is not a plan");
+        assert!(e.to_string().contains("302"), "{e}");
+        let contacted = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(contacted.is_err(), "the redirect target was contacted");
     }
 
     #[test]

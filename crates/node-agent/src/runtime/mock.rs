@@ -138,6 +138,10 @@ pub enum MockFault {
         /// Delay after start.
         #[serde(default)]
         after_ms: u64,
+        /// A hostile guest: after its start it repeats `workload_started` every this
+        /// many ms (0: never).
+        #[serde(default)]
+        repeat_start_ms: u64,
     },
 }
 
@@ -344,6 +348,22 @@ impl MockRuntime {
             let changed = self.fault_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if let Some(MockFault::HealthFails {
+                repeat_start_ms, ..
+            }) = self.fault_of(&handle.instance_id)
+            {
+                if repeat_start_ms > 0 {
+                    tokio::select! {
+                        _ = self.clock.sleep(Duration::from_millis(repeat_start_ms)) => {
+                            return VmEvent::WorkloadStarted;
+                        }
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {
+                            return VmEvent::VmmExited { code: Some(0), detail: "stopped".into() };
+                        }
+                    }
+                }
+            }
             let event = match self.fault_of(&handle.instance_id) {
                 Some(MockFault::Exit { code, after_ms }) => Some((
                     after(after_ms),
@@ -539,7 +559,7 @@ impl Runtime for MockRuntime {
         let Some(vm) = vm else {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
-        if let Some(MockFault::HealthFails { after_ms }) = self.fault_of(&handle.instance_id) {
+        if let Some(MockFault::HealthFails { after_ms, .. }) = self.fault_of(&handle.instance_id) {
             let from = vm.started_at.plus(Duration::from_millis(
                 self.boot_ms(&handle.instance_id) + after_ms,
             ));

@@ -457,14 +457,22 @@ impl Actor {
                         }
                     }
                 }
-                let pause = self
+                let mut pause = self
                     .env
                     .clock
                     .sleep(Duration::from_secs(h.interval_seconds));
-                tokio::select! {
-                    _ = pause => {}
-                    ev = runtime.next_event(&vm) => return self.on_vm_event(ev).await,
-                    _ = self.rx.changed() => return,
+                loop {
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        ev = runtime.next_event(&vm) => {
+                            // A repeated start changes nothing: the count goes on.
+                            if matches!(ev, VmEvent::WorkloadStarted) {
+                                continue;
+                            }
+                            return self.on_vm_event(ev).await;
+                        }
+                        _ = self.rx.changed() => return,
+                    }
                 }
             }
         }
@@ -485,15 +493,24 @@ impl Actor {
         let runtime = self.env.runtime.clone();
         let health = self.health();
         let mut failures = 0u32;
+        let arm = |clock: &crate::clock::SharedClock| {
+            health
+                .as_ref()
+                .map(|h| clock.sleep(Duration::from_secs(h.interval_seconds)))
+        };
+        let mut next_probe = arm(&self.env.clock);
         loop {
-            let next_probe = health.as_ref().map(|h| {
-                self.env
-                    .clock
-                    .sleep(Duration::from_secs(h.interval_seconds))
-            });
             tokio::select! {
-                ev = runtime.next_event(&vm) => return self.on_vm_event(ev).await,
-                _ = async { match next_probe { Some(s) => s.await, None => std::future::pending().await } } => {
+                ev = runtime.next_event(&vm) => {
+                    // A repeated start neither resets the failure count nor delays the
+                    // next probe.
+                    if matches!(ev, VmEvent::WorkloadStarted) {
+                        continue;
+                    }
+                    return self.on_vm_event(ev).await;
+                }
+                _ = async { match next_probe.as_mut() { Some(s) => s.await, None => std::future::pending().await } } => {
+                    next_probe = arm(&self.env.clock);
                     let Some(h) = &health else { continue };
                     match self.probe(&vm, h).await {
                         Ok(()) => failures = 0,

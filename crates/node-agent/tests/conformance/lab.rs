@@ -382,6 +382,10 @@ impl Lab {
             .tempdir()
             .map_err(|e| e.to_string())?;
         let root = tmp.path().to_path_buf();
+        // Traversable (not listable) by others: the sandboxed VMM uids reach their jails
+        // under `jails/`.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(|e| e.to_string())?;
         std::fs::create_dir_all(root.join("desired/secrets")).map_err(|e| e.to_string())?;
         let netns = kind.has_network().then(new_thread_netns);
         let (registry, image, user_image) = if kind.has_network() {
@@ -465,11 +469,17 @@ impl Lab {
                     .as_ref()
                     .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
                     .unwrap_or_default();
+                // A `jail_dir` from the extra lines replaces the lab's own.
+                let extra = lock(&self.qemu_extra).clone();
+                let jails = if extra.contains("jail_dir") {
+                    String::new()
+                } else {
+                    format!("jail_dir = {:?}\n", self.jail_dir().display().to_string())
+                };
                 format!(
-                    "[runtime]\nkind = \"qemu\"\n[runtime.qemu]\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout_seconds = 150\naccel = \"tcg\"\n{cgroup}{}",
+                    "[runtime]\nkind = \"qemu\"\n[runtime.qemu]\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout_seconds = 150\naccel = \"tcg\"\n{cgroup}{jails}{extra}",
                     kernel.display().to_string(),
                     initramfs.display().to_string(),
-                    lock(&self.qemu_extra)
                 )
             }
             Kind::Firecracker => {
@@ -801,16 +811,25 @@ reconcile_interval_ms = 200
 
     /// Every live process naming the instance's directory (VMM, vhost-device-vsock…).
     /// Processes of an instance: those naming its instance dir, and a sandboxed
-    /// vhost-device-vsock, which names only the socket in its jail.
+    /// vhost-device-vsock, which names only the sockets in its jail (under this lab's
+    /// `jails/`).
     pub fn processes_of(&self, id: &str) -> Vec<u32> {
         let mut pids =
             vm_host::processes_mentioning(&format!("{}/", self.instance_dir(id).display()));
+        let jails = format!("{}/", self.jail_dir().display());
         for p in vm_host::processes_mentioning(&format!("/{id}/vhost.sock")) {
-            if !pids.contains(&p) {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&jails) && !pids.contains(&p) {
                 pids.push(p);
             }
         }
         pids
+    }
+
+    /// The qemu runtime's `jail_dir` of this lab (inside the lab, so teardown finds
+    /// the sandboxed processes by the lab's path).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.root.join("jails")
     }
 
     /// Adds lines to the `[runtime.qemu]` table of the agent's config (before start).

@@ -875,6 +875,42 @@ mod tests {
         let _ = std::fs::remove_dir(probe.parent());
     }
 
+    /// An instance id that names a control file of the parent (`cgroup.procs`,
+    /// `memory.max`, …) gets no group and an error naming the collision: before, the
+    /// existing file passed for a group and the VMM ran without its limit.
+    #[test]
+    fn an_instance_id_naming_a_control_file_gets_no_group() {
+        let skip = |what: String| crate::testing::gate::skip_or_fail(&what);
+        if !rustix::process::geteuid().is_root() {
+            return skip("root (cgroups)".into());
+        }
+        let probe = match Hierarchy::detect(None) {
+            Ok(h) => h,
+            Err(e) => return skip(e.to_string()),
+        };
+        let base = Path::new(if probe.version() == crate::cgroup::Version::V2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        });
+        let own_plfm = probe.parent().strip_prefix(base).unwrap().to_path_buf();
+        let parent = format!("/{}/collide-{}", own_plfm.display(), std::process::id());
+        let h = Hierarchy::detect(Some(&parent)).unwrap();
+        let control = h.parent().join("cgroup.procs");
+        assert!(
+            control.is_file(),
+            "{} exists in every group",
+            control.display()
+        );
+        let e = h
+            .create("cgroup.procs", 64 << 20)
+            .expect_err("a control file is not a group");
+        assert!(e.to_string().contains("control file"), "{e}");
+        assert!(control.is_file());
+        std::fs::remove_dir(h.parent()).unwrap();
+        let _ = std::fs::remove_dir(probe.parent());
+    }
+
     #[test]
     fn config_validation_names_the_key() {
         let c = QemuConfig::default();

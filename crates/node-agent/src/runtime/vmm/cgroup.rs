@@ -95,8 +95,10 @@ impl VmmCgroups {
     }
 
     /// Creates instance `id`'s group with `limit` bytes, recorded in the ledger first;
-    /// kills what a crashed agent left in it. `None` when groups are off or this one
-    /// cannot be made (warned: the VMM then runs unconfined rather than not at all).
+    /// kills what a crashed agent left in it. `None` when groups are off or unusable on
+    /// this host (warned once at start). A group that cannot be made for this instance
+    /// fails the start (fail closed: the VMM never runs without the limit it was
+    /// meant to have).
     pub async fn create(
         &self,
         ledger: &Ledger,
@@ -125,10 +127,10 @@ impl VmmCgroups {
                     entry,
                 )))
             }
-            Err(e) => {
-                tracing::warn!(instance = %id, error = %e, "VMM runs without its host cgroup");
-                Ok(None)
-            }
+            Err(e) => Err(RuntimeError::VmmStart(crate::runtime::Cause::because(
+                format!("host cgroup of instance {id}"),
+                e,
+            ))),
         }
     }
 

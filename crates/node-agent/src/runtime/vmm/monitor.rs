@@ -84,21 +84,76 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sends VM events, at most one terminal one.
+/// Sends VM events: at most one `WorkloadStarted` and one terminal event per VM, so
+/// the (unbounded) channel never holds more than two, whatever the guest sends; a
+/// guest repeating `workload_started` cannot restart the instance's readiness or
+/// health bookkeeping.
 struct Events {
     tx: mpsc::UnboundedSender<VmEvent>,
     terminal_sent: bool,
+    started_sent: bool,
+    /// Repeated `workload_started` events dropped (warned about once).
+    repeats: u64,
     /// The guest completed its handshake.
     handshake_done: bool,
 }
 
 impl Events {
+    fn new(tx: mpsc::UnboundedSender<VmEvent>) -> Events {
+        Events {
+            tx,
+            terminal_sent: false,
+            started_sent: false,
+            repeats: 0,
+            handshake_done: false,
+        }
+    }
+
     fn send(&mut self, ev: VmEvent) {
-        let terminal = !matches!(ev, VmEvent::WorkloadStarted);
-        if terminal && std::mem::replace(&mut self.terminal_sent, true) {
+        if matches!(ev, VmEvent::WorkloadStarted) {
+            if std::mem::replace(&mut self.started_sent, true) {
+                self.repeats += 1;
+                if self.repeats == 1 {
+                    tracing::warn!("guest repeated workload_started; repeats are ignored");
+                }
+                return;
+            }
+        } else if std::mem::replace(&mut self.terminal_sent, true) {
             return;
         }
         let _ = self.tx.send(ev);
+    }
+}
+
+/// Most guest events read per second; beyond it the monitor stops reading for the rest
+/// of the second (the guest's writes then block: backpressure), so a guest flooding its
+/// channel costs the host a bounded amount of work.
+pub const GUEST_EVENTS_PER_SECOND: u32 = 100;
+
+/// The per-second budget of guest events.
+#[derive(Debug)]
+struct EventBudget {
+    window: tokio::time::Instant,
+    used: u32,
+}
+
+impl EventBudget {
+    fn new(now: tokio::time::Instant) -> EventBudget {
+        EventBudget {
+            window: now,
+            used: 0,
+        }
+    }
+
+    /// Counts one event at `now`; how long to pause before reading the next.
+    fn spend(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.used = 0;
+        }
+        self.used += 1;
+        (self.used >= GUEST_EVENTS_PER_SECOND)
+            .then(|| (self.window + Duration::from_secs(1)).duration_since(now))
     }
 }
 
@@ -111,11 +166,7 @@ impl Monitor {
         let workload_exit = Arc::new(Mutex::new(None));
         let task = tokio::spawn(run(
             args,
-            Events {
-                tx: ev_tx,
-                terminal_sent: false,
-                handshake_done: false,
-            },
+            Events::new(ev_tx),
             stop_rx,
             exit_tx,
             workload_exit.clone(),
@@ -317,9 +368,15 @@ async fn guest(
         }
     };
     events.handshake_done = true;
+    let mut budget = EventBudget::new(tokio::time::Instant::now());
     loop {
         tokio::select! {
-            ev = session.next_event() => match ev {
+            ev = session.next_event() => {
+                if let Some(pause) = budget.spend(tokio::time::Instant::now()) {
+                    tracing::warn!(instance = %a.instance, pause_ms = pause.as_millis() as u64, "guest event flood: reading paused");
+                    tokio::time::sleep(pause).await;
+                }
+                match ev {
                 Ok(GuestEvent::ConfigApplied) => {}
                 Ok(GuestEvent::WorkloadStarted { .. }) => events.send(VmEvent::WorkloadStarted),
                 Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
@@ -337,6 +394,7 @@ async fn guest(
                         events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed").into())));
                     }
                     return std::future::pending().await;
+                }
                 }
             },
             Some(grace) = stop_rx.recv() => {
@@ -421,5 +479,95 @@ impl<R> VmTable<R> {
             Some(vm) => vm.monitor.next_event().await,
             None => unknown_vm(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_budget_pauses_a_flood_until_the_second_ends() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = EventBudget::new(t0);
+        for _ in 1..GUEST_EVENTS_PER_SECOND {
+            assert_eq!(b.spend(t0), None);
+        }
+        let at = t0 + Duration::from_millis(250);
+        assert_eq!(b.spend(at), Some(Duration::from_millis(750)));
+        // A new second, a new budget.
+        assert_eq!(b.spend(t0 + Duration::from_secs(1)), None);
+    }
+
+    /// A guest that repeats `workload_started` thousands of times: the VM reports it
+    /// once, and its exit still arrives right after (nothing queued in between).
+    #[tokio::test]
+    async fn a_guest_repeating_workload_started_is_reported_once() {
+        use plfm_guest_protocol::{
+            GuestMessage, Hello, HostMessage, MessageReader, MessageWriter, StatusEvent,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = crate::guest::bind_guest_listener(&uds).unwrap();
+        let sock = crate::guest::guest_socket_path(&uds);
+        let guest = std::thread::spawn(move || {
+            let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            let mut r = MessageReader::new(s.try_clone().unwrap());
+            let mut w = MessageWriter::new(s);
+            w.write_message(&GuestMessage::Hello(Hello {
+                guest_init_version: "test".into(),
+                protocol: 1,
+                instance_id: "flood".into(),
+                boot_id: "b".into(),
+                resumed: false,
+            }))
+            .unwrap();
+            let Ok(Some(HostMessage::Config(_))) = r.read_message::<HostMessage>() else {
+                panic!("no config")
+            };
+            w.write_message(&GuestMessage::Ack).unwrap();
+            let started = GuestMessage::Status(StatusEvent::WorkloadStarted {
+                pid: 7,
+                init_us: None,
+                handshake_wait_us: None,
+            });
+            for _ in 0..50 {
+                w.write_message(&started).unwrap();
+            }
+            w.write_message(&GuestMessage::Status(StatusEvent::Exited {
+                code: Some(3),
+                signal: None,
+                oom_killed: false,
+            }))
+            .unwrap();
+        });
+        let child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let config = crate::runtime::vmm::guest::resumed_config("flood", 1);
+        let m = Monitor::spawn(MonitorArgs {
+            instance: "flood".into(),
+            listener,
+            config,
+            handshake: Duration::from_secs(10),
+            watch: Watch::Child(child),
+            adopted: false,
+            evidence: Evidence::new(vec![]),
+            console_cap: None,
+            oom: None,
+            exit_meaning: |_| None,
+        });
+        let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+        assert!(matches!(
+            within(m.next_event()).await.unwrap(),
+            VmEvent::WorkloadStarted
+        ));
+        match within(m.next_event()).await.unwrap() {
+            VmEvent::Exited { code: 3, .. } => {}
+            other => panic!("the exit must follow the one start: {other:?}"),
+        }
+        guest.join().unwrap();
     }
 }
