@@ -33,6 +33,48 @@ pub const KIND_TAP: &str = "tap";
 pub const KIND_IPV4: &str = "ipv4";
 /// Ledger kind of a volume attachment (name = volume id).
 pub const KIND_VOLUME: &str = "volume";
+/// Space kept free on the data dir's file system when a disk is created: 5 % of it,
+/// at least 1 GiB (the agent's state, logs and image cache need room too).
+pub fn disk_reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 20).max(1 << 30)
+}
+
+/// Refuses resources this node cannot give at all (before anything is made): more vCPUs
+/// than it has (or than a VM may have), more memory than it has. The error names the
+/// field; the VMM would otherwise fail obscurely or silently get less.
+pub fn check_capacity(w: &Workload) -> Result<(), RuntimeError> {
+    use crate::runtime::vmm::guest::{guest_mem_mib, MAX_VCPUS};
+    let r = &w.spec.resources;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    if let Some(v) = r.vcpu_count {
+        let max = cpus.min(MAX_VCPUS);
+        if v > max {
+            return Err(RuntimeError::VmmStart(
+                format!("workload.resources.vcpu_count {v} is more than this node can give (at most {max}: {cpus} CPUs, {MAX_VCPUS} per VM)").into(),
+            ));
+        }
+    }
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024);
+    if let Some(total) = total {
+        let want = guest_mem_mib(w) << 20;
+        if want > total {
+            return Err(RuntimeError::VmmStart(
+                format!("workload.resources.memory_limit_bytes {} is more than this node's memory ({} MiB)", r.memory_limit_bytes, total >> 20).into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Ledger kind: the unprivileged uid (and gid, the same number) of an instance's VMM
 /// processes (name: the number).
 pub const KIND_UID: &str = "uid";
@@ -162,6 +204,11 @@ impl Host {
             .ephemeral_disk_bytes
             .map(|b| (b.max(0) as u64).max(MIN_SCRATCH_BYTES))
             .unwrap_or(DEFAULT_SCRATCH_BYTES);
+        check_capacity(w)?;
+        if !self.instance_dir(id).join("scratch.ext4").exists() {
+            self.check_disk_space("workload.resources.ephemeral_disk_bytes", bytes)
+                .map_err(|e| RuntimeError::RootfsBuild(e.into()))?;
+        }
         let scratch = self.prepare_scratch(id, bytes).await?;
         let volumes = self.prepare_volumes(id, w).await?;
         let tap = self.prepare_network(id, w).await?;
@@ -270,6 +317,8 @@ impl Host {
             self.ledger_add(KIND_VOLUME, vid, id, None).await?;
             let path = dir.join(format!("{vid}.ext4"));
             if !path.exists() {
+                self.check_disk_space("volume_default_bytes", self.config.volume_default_bytes)
+                    .map_err(|e| RuntimeError::Volume(format!("volume {vid}: {e}").into()))?;
                 let tmp = dir.join(format!("{vid}.ext4.tmp"));
                 make_ext4(&tmp, self.config.volume_default_bytes)
                     .await
@@ -281,6 +330,23 @@ impl Host {
             out.push((vid.clone(), path, m.read_only));
         }
         Ok(out)
+    }
+
+    /// Whether a new disk of `bytes` (sparse, but the guest may fill it) fits on the data
+    /// dir's file system with [`disk_reserve`] left over; the error names `what`.
+    fn check_disk_space(&self, what: &str, bytes: u64) -> Result<(), String> {
+        let Ok(st) = rustix::fs::statvfs(&self.data_dir) else {
+            return Ok(()); // Unknown: the write itself reports a full disk.
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let reserve = disk_reserve(st.f_blocks.saturating_mul(st.f_frsize));
+        if bytes.saturating_add(reserve) > free {
+            return Err(format!(
+                "{what} {bytes} does not fit: {} has {free} bytes free, {reserve} of which stay in reserve",
+                self.data_dir.display()
+            ));
+        }
+        Ok(())
     }
 
     /// The unprivileged uid of `id`'s VMM processes, from `first..first + count`: the one

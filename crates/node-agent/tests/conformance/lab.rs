@@ -160,6 +160,8 @@ pub struct Inst {
     pub desired_state: &'static str,
     /// A `/bin/sh -c` script that replaces the behaviour's command (qemu only).
     pub shell: Option<String>,
+    /// Fields merged into `workload.resources`.
+    pub resources: Option<Value>,
 }
 
 impl Inst {
@@ -173,7 +175,12 @@ impl Inst {
             grace: 10,
             desired_state: "running",
             shell: None,
+            resources: None,
         }
+    }
+    pub fn resources(mut self, fields: Value) -> Inst {
+        self.resources = Some(fields);
+        self
     }
     pub fn shell(mut self, script: &str) -> Inst {
         self.shell = Some(script.to_string());
@@ -722,6 +729,11 @@ reconcile_interval_ms = 200
         });
         if let Some(h) = inst.health {
             w["health"] = h.json();
+        }
+        if let Some(Value::Object(fields)) = &inst.resources {
+            for (k, v) in fields {
+                w["resources"][k] = v.clone();
+            }
         }
         if let Some(v) = &inst.secrets {
             w["secrets"] = json!({"required": true, "secret_version_id": v, "mount_path": "/run/secrets/platform.env"});

@@ -89,6 +89,10 @@ macro_rules! runtime_suite {
             s::a_vm_whose_sandbox_cannot_be_set_up_is_not_started(KIND)
         }
         #[test]
+        fn resources_beyond_the_node_are_refused_naming_the_field() {
+            s::resources_beyond_the_node_are_refused_naming_the_field(KIND)
+        }
+        #[test]
         fn data_dir_is_unreachable_for_a_local_user_while_a_vm_runs() {
             s::data_dir_is_unreachable_for_a_local_user_while_a_vm_runs(KIND)
         }

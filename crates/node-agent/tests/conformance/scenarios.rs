@@ -817,3 +817,49 @@ pub fn a_vm_whose_sandbox_cannot_be_set_up_is_not_started(kind: Kind) {
         lab.processes_of(&inst.id)
     );
 }
+
+// ------------------------------------------------------------------ 19
+
+/// Resources no node could give are refused before anything is made, naming the
+/// field: more memory than the node has, more vCPUs than it has, a scratch disk larger
+/// than the data dir's free space minus its reserve. No VMM process is started.
+pub fn resources_beyond_the_node_are_refused_naming_the_field(kind: Kind) {
+    if kind == Kind::Mock {
+        return unsupported(kind, "it has no host resources");
+    }
+    let Some(lab) = lab(kind, false) else { return };
+    let cases = [
+        (
+            Inst::new("c-bigmem", Behaviour::Idle)
+                .resources(serde_json::json!({"memory_limit_bytes": 1i64 << 50})),
+            ReasonCode::FirecrackerStartFailed,
+            "memory_limit_bytes",
+        ),
+        (
+            Inst::new("c-bigcpu", Behaviour::Idle)
+                .resources(serde_json::json!({"vcpu_count": 4096})),
+            ReasonCode::FirecrackerStartFailed,
+            "vcpu_count",
+        ),
+        (
+            Inst::new("c-bigdisk", Behaviour::Idle)
+                .resources(serde_json::json!({"ephemeral_disk_bytes": 1i64 << 52})),
+            ReasonCode::RootfsBuildFailed,
+            "ephemeral_disk_bytes",
+        ),
+    ];
+    let insts: Vec<&Inst> = cases.iter().map(|c| &c.0).collect();
+    let _c = run(&lab, &insts);
+    for (inst, reason, field) in &cases {
+        let v = ended(&lab, &inst.id);
+        assert_eq!(v.status, Status::Failed, "{v:#?}");
+        assert_eq!(v.reason_code, Some(*reason), "{v:#?}");
+        let msg = v.error_message.clone().unwrap_or_default();
+        assert!(msg.contains(field), "{}: {msg}", inst.id);
+        assert!(
+            lab.vmm_pids(&inst.id).is_empty(),
+            "{}: a VMM was started",
+            inst.id
+        );
+    }
+}
