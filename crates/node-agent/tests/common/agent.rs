@@ -50,7 +50,10 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    // One write: `write!` sends each fragment separately, and a server that answered
+    // after the first would break the next (EPIPE).
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));

@@ -614,7 +614,9 @@ fn serve_workload(port: u16, ipv4: Option<String>) {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+                // Long enough for a client on a loaded machine to send its request:
+                // answering before it did breaks its write (EPIPE).
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut buf = [0u8; 1024];
                 let _ = conn.read(&mut buf);
                 let _ = conn.write_all(
