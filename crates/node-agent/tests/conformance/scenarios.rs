@@ -237,11 +237,19 @@ pub fn drain_of_a_workload_ignoring_sigterm_is_forced_at_the_grace_deadline(kind
     assert_eq!(v.status, Status::Stopped, "{v:#?}\n{}", lab.log());
     let msg = v.error_message.as_deref().unwrap_or_default();
     assert!(msg.contains("forced"), "{msg} ({took:?})");
-    // The guest enforces the deadline on its own clock, which under TCG (`-icount
-    // shift=auto`) may run a little ahead of the host's: half a second of slack.
+    // The guest enforces the deadline on its own clock. Under TCG (`-icount
+    // shift=auto`) guest time runs ahead of the host's when the host is loaded (0.6 s
+    // over 3 s was seen in CI): 40 % slack there; the stand-in and the mock keep
+    // host time (half a second of slack). A stop that does not wait at all (the bug
+    // this guards) is still caught.
+    let slack = if kind == Kind::Qemu {
+        Duration::from_secs(grace) * 2 / 5
+    } else {
+        Duration::from_millis(500)
+    };
     assert!(
-        took + Duration::from_millis(500) >= Duration::from_secs(grace),
-        "stopped after {took:?}, before the {grace} s grace ended"
+        took + slack >= Duration::from_secs(grace),
+        "stopped after {took:?}, before the {grace} s grace ended (slack {slack:?})"
     );
     assert!(
         took < Duration::from_secs(grace + 20),
