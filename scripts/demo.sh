@@ -159,6 +159,11 @@ clean_leftovers() {
     say "removing the nftables table inet plfm an earlier demo run created"
     nft delete table inet plfm || true
   fi
+  # Its ARP companion (sender addresses per tap), under the same rule.
+  if [ -f "$demo/nft-table-by-demo" ] && nft list table arp plfm >/dev/null 2>&1 &&
+     ! nft list set arp plfm senders 2>/dev/null | grep -q 'elements'; then
+    nft delete table arp plfm || true
+  fi
   if grep -q " $demo" /proc/self/mountinfo; then
     grep " $demo" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount -l "$m" || true; done
   fi
@@ -212,6 +217,9 @@ verify_nothing_left() {
   elif nft list table inet plfm 2>/dev/null | grep -q "$tap"; then
     say "  LEFT: nftables table inet plfm still mentions $tap"
     bad=1
+  elif nft list set arp plfm senders 2>/dev/null | grep -q "$tap"; then
+    say "  LEFT: ARP sender entry of $tap in table arp plfm"
+    bad=1
   else
     say "  ok: no nftables chain or rule for $tap"
     if [ "$nft_table_before" -eq 0 ] && nft list table inet plfm >/dev/null 2>&1; then
@@ -219,6 +227,13 @@ verify_nothing_left() {
         say "  (table inet plfm still maps other taps; left in place)"
       else
         nft delete table inet plfm && say "  ok: removed the (now empty) nftables table inet plfm the demo's agent created"
+      fi
+    fi
+    if [ "$nft_arp_before" -eq 0 ] && nft list table arp plfm >/dev/null 2>&1; then
+      if nft list set arp plfm senders 2>/dev/null | grep -q 'elements'; then
+        say "  (table arp plfm still lists other taps; left in place)"
+      else
+        nft delete table arp plfm && say "  ok: removed the (now empty) nftables table arp plfm the demo's agent created"
       fi
     fi
   fi
@@ -323,6 +338,8 @@ clean_leftovers
 # VM; when the demo made it, the demo removes it again at the end.
 nft_table_before=0
 nft list table inet plfm >/dev/null 2>&1 && nft_table_before=1
+nft_arp_before=0
+nft list table arp plfm >/dev/null 2>&1 && nft_arp_before=1
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 mkdir -p "$demo"/{guest,registry,desired/secrets,image}
