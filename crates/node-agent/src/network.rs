@@ -514,24 +514,25 @@ fn tap_chains(objects: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Taps that have an element in the ARP `senders` set.
-fn arp_taps(objects: &[Value]) -> Vec<String> {
+/// The elements of the ARP `senders` set, as listed (`{"concat": [tap, addr]}`).
+fn arp_elements(objects: &[Value]) -> impl Iterator<Item = &Value> {
     objects
         .iter()
         .filter(|o| o["set"]["name"] == ARP_SET)
         .filter_map(|o| o["set"]["elem"].as_array())
         .flatten()
+}
+
+/// Taps that have an element in the ARP `senders` set.
+fn arp_taps(objects: &[Value]) -> Vec<String> {
+    arp_elements(objects)
         .filter_map(|e| e["concat"][0].as_str().map(String::from))
         .collect()
 }
 
-/// The ARP `senders` element of `tap`, as listed (`{"concat": [tap, addr]}`).
+/// The ARP `senders` element of `tap`.
 fn arp_element(objects: &[Value], tap: &str) -> Option<Value> {
-    objects
-        .iter()
-        .filter(|o| o["set"]["name"] == ARP_SET)
-        .filter_map(|o| o["set"]["elem"].as_array())
-        .flatten()
+    arp_elements(objects)
         .find(|e| e["concat"][0] == tap)
         .cloned()
 }
@@ -574,6 +575,12 @@ fn nft_payload(protocol: &str, field: &str) -> Value {
 fn base_commands() -> Vec<Value> {
     // A string ending in `*` is nft's interface-name wildcard, as in the text syntax.
     let from_taps = || nft_eq(nft_meta("iifname"), json!(format!("{TAP_PREFIX}*")));
+    let established = || {
+        json!({ "match": {
+            "op": "in", "left": { "ct": { "key": "state" } },
+            "right": ["established", "related"]
+        } })
+    };
     let table = json!({ "family": NFT_FAMILY, "name": NFT_TABLE });
     let base_chain = |name: &str, prio: i32| {
         json!({ "add": { "chain": {
@@ -599,14 +606,7 @@ fn base_commands() -> Vec<Value> {
         ),
         nft_rule(
             "input",
-            vec![
-                from_taps(),
-                json!({ "match": {
-                    "op": "in", "left": { "ct": { "key": "state" } },
-                    "right": ["established", "related"]
-                } }),
-                json!({ "accept": null }),
-            ],
+            vec![from_taps(), established(), json!({ "accept": null })],
         ),
         // Neighbour discovery, echo and packet-too-big (errors about the host's own
         // flows are `related` above); no redirects, router adverts or anything else.
@@ -640,14 +640,7 @@ fn base_commands() -> Vec<Value> {
         // the overlay work, not by default.
         nft_rule(
             "forward",
-            vec![
-                from_taps(),
-                json!({ "match": {
-                    "op": "in", "left": { "ct": { "key": "state" } },
-                    "right": ["established", "related"]
-                } }),
-                json!({ "accept": null }),
-            ],
+            vec![from_taps(), established(), json!({ "accept": null })],
         ),
         nft_rule("forward", vec![from_taps(), json!({ "drop": null })]),
     ]
