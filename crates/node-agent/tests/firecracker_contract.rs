@@ -266,7 +266,7 @@ async fn realistic_configuration_validates_against_the_api_file_plain_and_jailed
         let dir = env.data_dir().join("instances/i-contract");
         std::fs::create_dir_all(&dir).unwrap();
         TestHost::new(env.root.path(), Some("plfmtest0"))
-            .prepare(&i, &w, &dir)
+            .prepare(&i, &w, &dir, None)
             .await
             .unwrap()
     };

@@ -302,10 +302,12 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
     ) {
         return;
     }
+    std::fs::create_dir_all(env.data_dir()).unwrap();
+    let store = plfm_node_agent::state::Store::open(&env.data_dir().join("state.db")).unwrap();
     let rt = plfm_node_agent::runtime::firecracker::FirecrackerRuntime::new(
         env.jailed_config(5),
         &env.data_dir(),
-        None,
+        Some(store.clone()),
         std::sync::Arc::new(fc_standin::TestHost::new(
             env.root.path(),
             Some("plfmtest0"),
@@ -325,17 +327,50 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
     let jail = env.path("jail/firecracker/i-jail");
     let root = jail.join("root");
     use std::os::unix::fs::MetadataExt;
+    // The instance's uid from the range, held in the ledger.
+    let uid: u32 = store
+        .resources()
+        .unwrap()
+        .iter()
+        .find(|r| r.kind == "uid" && r.instance_id == "i-jail")
+        .expect("uid row")
+        .name
+        .parse()
+        .unwrap();
+    assert!((10001..10101).contains(&uid), "{uid}");
+    // Its own files are its uid's alone; the shared ones stay root's, readable by the
+    // VMMs' group (10000) and writable by no VMM.
     for f in [
-        "vmlinux",
-        "initramfs.cpio.gz",
-        "root.ext4",
         "scratch.ext4",
         "vol-a.ext4",
         "vol-b.ext4",
         "firecracker.log",
+        "v.sock_5161",
     ] {
         let m = std::fs::metadata(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert_eq!((m.uid(), m.gid()), (10001, 10001), "{f}");
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o777),
+            (uid, 10000, 0o600),
+            "{f}"
+        );
+    }
+    for f in ["vmlinux", "initramfs.cpio.gz", "root.ext4"] {
+        let m = std::fs::metadata(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(m.uid(), 0, "{f} was given to the VMM's uid");
+        assert_eq!(
+            m.mode() & 0o022,
+            0,
+            "{f} is writable by others: {:o}",
+            m.mode()
+        );
+        assert!(
+            m.mode() & 0o004 != 0 || (m.gid() == 10000 && m.mode() & 0o040 != 0),
+            "{f} is not readable by the VMMs' group: {:o}",
+            m.mode()
+        );
+        // A hard link: the shared file itself, not a copy.
+        let src = std::fs::metadata(env.path(f)).unwrap();
+        assert_eq!(src.ino(), m.ino(), "{f}");
     }
     // API paths are the jail's view.
     let reqs = env.requests();

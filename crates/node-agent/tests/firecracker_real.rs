@@ -46,7 +46,9 @@ use plfm_node_agent::status::view::InstanceView;
 use serde_json::{json, Value};
 
 const NETNS_ENV: &str = "PLFM_FC_REAL_TEST_NETNS";
+/// First uid of the jailed VMMs' range, and their shared gid.
 const JAIL_UID: u32 = 10_123;
+const JAIL_GID: u32 = 10_122;
 
 fn shared_bin(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -189,12 +191,14 @@ impl Rig {
     fn config(&self, jailed: bool, boot_timeout: u64) -> FirecrackerConfig {
         FirecrackerConfig {
             binary: shared_bin("firecracker"),
-            jailer: jailed.then(|| shared_bin("jailer")),
+            sandbox: jailed,
+            jailer: shared_bin("jailer"),
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
             chroot_base_dir: self.path("jail"),
-            uid: JAIL_UID,
-            gid: JAIL_UID,
+            vmm_uid_base: JAIL_UID,
+            vmm_uid_count: 16,
+            gid: JAIL_GID,
             boot_timeout,
             api_timeout_ms: 5000,
             cgroup_parent: self.cgroup.as_ref().map(|(rel, _)| rel.clone()),
@@ -468,9 +472,93 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
             let api = ApiClient::new(&root.join("run/firecracker.socket"), Duration::from_secs(5));
             assert_eq!(api.instance_info().await.expect("GET /").state, "Running");
             let pid = recorded_pid(&rig.path("data"), "fc-jailed").expect("vmm.json pid");
+            // The VMM runs as the uid the ledger holds for this instance (from the
+            // range), the VMMs' gid, as init of a pid namespace of its own.
+            let uid: u32 = store
+                .resources()
+                .unwrap()
+                .iter()
+                .find(|r| r.kind == "uid" && r.instance_id == "fc-jailed")
+                .expect("a uid row for the instance")
+                .name
+                .parse()
+                .unwrap();
+            assert!((JAIL_UID..JAIL_UID + 16).contains(&uid), "{uid}");
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-            assert!(uid_line.contains(&JAIL_UID.to_string()), "{uid_line}");
+            let field = |name: &str| -> Vec<String> {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            };
+            assert_eq!(field("Uid:"), vec![uid.to_string(); 4], "{status}");
+            assert_eq!(field("Gid:"), vec![JAIL_GID.to_string(); 4], "{status}");
+            assert_eq!(field("Groups:"), Vec::<String>::new(), "{status}");
+            assert_eq!(
+                field("NSpid:"),
+                vec![pid.to_string(), "1".to_string()],
+                "Firecracker is not init of its own pid namespace: {status}"
+            );
+            assert_ne!(
+                std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap(),
+                std::fs::read_link("/proc/self/ns/pid").unwrap()
+            );
+            // The shared kernel, initramfs and root disk are linked in root's, readable
+            // by the VMMs' group, writable by no one but root; the VMM cannot open
+            // them for writing (it could rewrite every tenant's kernel and disks).
+            use std::os::unix::fs::MetadataExt;
+            let kernel_name = rig
+                .kernel
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let initramfs_name = rig
+                .initramfs
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let root_disk = std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.ends_with(".ext4") && n != "scratch.ext4")
+                .expect("a root disk in the jail");
+            for name in [&kernel_name, &initramfs_name, &root_disk] {
+                let m = std::fs::metadata(root.join(name)).unwrap();
+                assert_eq!(m.uid(), 0, "{name} was given to the VMM's uid");
+                assert_eq!(
+                    m.mode() & 0o022,
+                    0,
+                    "{name} is writable by others: {:o}",
+                    m.mode()
+                );
+                assert!(
+                    m.mode() & 0o004 != 0 || (m.gid() == JAIL_GID && m.mode() & 0o040 != 0),
+                    "{name} is not readable by the VMMs' group: {:o}",
+                    m.mode()
+                );
+                assert_eq!(
+                    as_jailed_vmm(&root, uid, JAIL_GID, Probe::OpenForWrite(name)),
+                    Err(libc::EACCES),
+                    "the VMM's uid could open /{name} for writing"
+                );
+            }
+            for name in [&kernel_name, &root_disk] {
+                assert_eq!(
+                    as_jailed_vmm(&root, uid, JAIL_GID, Probe::OpenForRead(name)),
+                    Ok(()),
+                    "the VMM's uid cannot read /{name}"
+                );
+            }
+            let scratch = std::fs::metadata(root.join("scratch.ext4")).unwrap();
+            assert_eq!((scratch.uid(), scratch.mode() & 0o777), (uid, 0o600));
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
             let dirs = cgroups.dirs("fc-jailed");
             assert!(
@@ -522,8 +610,20 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
             let tap = plfm_node_agent::network::tap_name("fc-jailed");
             let link = run("ip", &["-d", "link", "show", "dev", &tap]);
             assert!(
-                link.contains(&format!("user {JAIL_UID} group {JAIL_UID}")),
+                link.contains(&format!("user {uid} group {JAIL_GID}")),
                 "{link}"
+            );
+            // The guest listener the agent bound (as root) is reachable by the jailed
+            // VMM's uid, also after the adoption bound it again.
+            assert_eq!(
+                as_jailed_vmm(&root, uid, JAIL_GID, Probe::Connect("v.sock_5161")),
+                Ok(()),
+                "the jailed VMM cannot reach its guest listener"
+            );
+            // A uid that is not this VMM's (another instance's) cannot.
+            assert_eq!(
+                as_jailed_vmm(&root, uid + 1, JAIL_GID, Probe::Connect("v.sock_5161")),
+                Err(libc::EACCES)
             );
             let out = rt.stop(&vm, Duration::from_secs(2)).await;
             assert!(!out.graceful);
@@ -537,6 +637,96 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
             assert_nothing_left(&rig, &store, "fc-jailed", &dirs);
         },
     );
+}
+
+/// What [`as_jailed_vmm`] tries inside the jail.
+#[derive(Clone, Copy)]
+enum Probe<'a> {
+    OpenForWrite(&'a str),
+    OpenForRead(&'a str),
+    Connect(&'a str),
+}
+
+/// Tries `probe` (a file name under the jail's root) as a process chrooted into `root`
+/// with `uid` and `gid` and no supplementary groups, as a jailed VMM would: `Ok` or
+/// the errno. The probe runs in the forked child before `exec` (only system calls, no
+/// allocation); on success the child execs the jail's own copy of Firecracker with
+/// `--version`.
+fn as_jailed_vmm(root: &Path, uid: u32, gid: u32, probe: Probe<'_>) -> Result<(), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let c = |b: &[u8]| std::ffi::CString::new(b).unwrap();
+    let root_c = c(root.as_os_str().as_bytes());
+    let (kind, name) = match probe {
+        Probe::OpenForWrite(n) => (0, n),
+        Probe::OpenForRead(n) => (1, n),
+        Probe::Connect(n) => (2, n),
+    };
+    let path = c(format!("/{name}").as_bytes());
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    let mut cmd = std::process::Command::new("/firecracker");
+    cmd.arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child and makes only async-signal-safe
+    // system calls on data prepared before the fork; errors are returned as raw
+    // errnos (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            let err = || std::io::Error::last_os_error();
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(err());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(err());
+            }
+            match kind {
+                0 | 1 => {
+                    let flags = if kind == 0 {
+                        libc::O_WRONLY
+                    } else {
+                        libc::O_RDONLY
+                    };
+                    let fd = libc::open(path.as_ptr(), flags | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(err());
+                    }
+                    libc::close(fd);
+                }
+                _ => {
+                    let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                    if fd < 0 {
+                        return Err(err());
+                    }
+                    let r = libc::connect(
+                        fd,
+                        (&addr as *const libc::sockaddr_un).cast(),
+                        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                    );
+                    if r != 0 {
+                        return Err(err());
+                    }
+                    libc::close(fd);
+                }
+            }
+            Ok(())
+        });
+    }
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let st = child.wait().unwrap();
+            assert!(st.success(), "/firecracker --version in the jail: {st}");
+            Ok(())
+        }
+        Err(e) => Err(e.raw_os_error().expect("an errno from the probe")),
+    }
 }
 
 /// A kernel Firecracker cannot load: `InstanceStart` is refused and the failure says
@@ -597,6 +787,7 @@ rescan_interval_ms = 200
 [runtime]
 kind = "firecracker"
 [runtime.firecracker]
+sandbox = false
 binary = {:?}
 kernel = {:?}
 initramfs = {:?}

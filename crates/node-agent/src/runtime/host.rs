@@ -75,9 +75,8 @@ pub fn check_capacity(w: &Workload) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Ledger kind: the unprivileged uid (and gid, the same number) of an instance's VMM
-/// processes (name: the number).
-pub const KIND_UID: &str = "uid";
+/// Ledger kind: the unprivileged uid of an instance's VMM processes (name: the number).
+pub use crate::runtime::vmm::ledger::KIND_UID;
 
 /// Scratch disks smaller than this are made this size (ext4 needs room for a journal).
 pub const MIN_SCRATCH_BYTES: u64 = 16 << 20;
@@ -91,8 +90,6 @@ pub struct HostConfig {
     pub ipv4_pool: String,
     /// Size of a volume created on first use.
     pub volume_default_bytes: u64,
-    /// Uid and gid that may attach to the instances' taps (an unprivileged VMM).
-    pub tap_owner: Option<(u32, u32)>,
 }
 
 /// What [`Host::prepare`] made for an instance.
@@ -196,8 +193,15 @@ impl Host {
         crate::runtime::vmm::ledger::Ledger(self.ledger.clone())
     }
 
-    /// Scratch disk, volumes and tap of an instance (idempotent).
-    pub async fn prepare(&self, id: &InstanceId, w: &Workload) -> Result<HostPrep, RuntimeError> {
+    /// Scratch disk, volumes and tap of an instance (idempotent). `tap_owner`: the
+    /// uid and gid of the instance's own unprivileged VMM when that VMM opens the tap
+    /// itself (a jailed Firecracker); else root owns it.
+    pub async fn prepare(
+        &self,
+        id: &InstanceId,
+        w: &Workload,
+        tap_owner: Option<(u32, u32)>,
+    ) -> Result<HostPrep, RuntimeError> {
         let bytes = w
             .spec
             .resources
@@ -211,7 +215,7 @@ impl Host {
         }
         let scratch = self.prepare_scratch(id, bytes).await?;
         let volumes = self.prepare_volumes(id, w).await?;
-        let tap = self.prepare_network(id, w).await?;
+        let tap = self.prepare_network(id, w, tap_owner).await?;
         Ok(HostPrep {
             scratch,
             volumes,
@@ -349,46 +353,6 @@ impl Host {
         Ok(())
     }
 
-    /// The unprivileged uid of `id`'s VMM processes, from `first..first + count`: the one
-    /// it holds, else the first free one from a hash of its id. Recorded in the ledger
-    /// before use, so no two instances share one (their processes could then signal
-    /// or ptrace each other).
-    pub async fn allocate_uid(
-        &self,
-        id: &InstanceId,
-        first: u32,
-        count: u32,
-    ) -> Result<u32, RuntimeError> {
-        let _allocating = self.allocation.lock().await;
-        let rows = self.rows().await?;
-        if let Some(uid) = rows
-            .iter()
-            .find(|r| r.kind == KIND_UID && r.instance_id == id.as_str())
-            .and_then(|r| r.name.parse::<u32>().ok())
-        {
-            return Ok(uid);
-        }
-        let taken: HashSet<u32> = rows
-            .iter()
-            .filter(|r| r.kind == KIND_UID)
-            .filter_map(|r| r.name.parse().ok())
-            .collect();
-        let tap = network::tap_name(id.as_str());
-        let hex = &tap[network::TAP_PREFIX.len()..network::TAP_PREFIX.len() + 7];
-        let start = u32::from_str_radix(hex, 16).unwrap_or(0) % count.max(1);
-        let uid = (0..count)
-            .map(|k| first + (start + k) % count)
-            .find(|u| !taken.contains(u))
-            .ok_or_else(|| {
-                RuntimeError::VmmStart(
-                    format!("all {count} VMM uids from {first} are in use (vmm_uid_count)").into(),
-                )
-            })?;
-        self.ledger_add(KIND_UID, &uid.to_string(), id, None)
-            .await?;
-        Ok(uid)
-    }
-
     /// The tap, its addresses and rules ([`network::setup`]), and the IPv4 link: the
     /// block this instance already holds, else the first free one from a hash of its
     /// id. Recorded in the ledger before anything is created.
@@ -396,6 +360,7 @@ impl Host {
         &self,
         id: &InstanceId,
         w: &Workload,
+        owner: Option<(u32, u32)>,
     ) -> Result<TapPlan, RuntimeError> {
         let ipv6 = network::parse_ipv6(&w.spec.network.overlay_ipv6)
             .map_err(|e| RuntimeError::Network(crate::runtime::Cause::of(e)))?;
@@ -440,7 +405,7 @@ impl Host {
             mtu: w.spec.network.mtu.unwrap_or(1420),
             ipv6,
             ipv4: network::ipv4_link(pool, len, index),
-            owner: self.config.tap_owner,
+            owner,
             guest_mac: network::guest_mac(id.as_str()),
         };
         let detail = serde_json::json!({

@@ -188,20 +188,7 @@ impl QemuConfig {
         if let Some(p) = &self.cgroup_parent {
             crate::cgroup::validate_parent(p).map_err(|e| format!("cgroup_parent: {e}"))?;
         }
-        if self.vmm_uid_base < 1000 {
-            return Err(format!(
-                "vmm_uid_base: {} is below 1000 (system and user accounts live there)",
-                self.vmm_uid_base
-            ));
-        }
-        if self.vmm_uid_count == 0
-            || u64::from(self.vmm_uid_base) + u64::from(self.vmm_uid_count) > 1 << 31
-        {
-            return Err(format!(
-                "vmm_uid_count: {} uids from {} do not fit below 2^31 (or the count is 0)",
-                self.vmm_uid_count, self.vmm_uid_base
-            ));
-        }
+        crate::runtime::vmm::validate_uid_range(self.vmm_uid_base, self.vmm_uid_count)?;
         if !self.jail_dir.is_absolute() {
             return Err(format!(
                 "jail_dir: {} must be an absolute path",

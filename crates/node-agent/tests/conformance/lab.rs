@@ -320,7 +320,7 @@ pub struct Lab {
     mock_faults: Mutex<BTreeMap<String, String>>,
     mock_stop_ms: Mutex<u64>,
     /// Extra `[runtime.qemu]` lines ([`Lab::qemu_config`]).
-    qemu_extra: Mutex<String>,
+    runtime_extra: Mutex<String>,
     agent: Mutex<Option<Arc<AgentProcess>>>,
     pub shared: bool,
 }
@@ -442,7 +442,7 @@ impl Lab {
             cgroup,
             mock_faults: Mutex::new(BTreeMap::new()),
             mock_stop_ms: Mutex::new(50),
-            qemu_extra: Mutex::new(String::new()),
+            runtime_extra: Mutex::new(String::new()),
             agent: Mutex::new(None),
             shared,
         })
@@ -477,7 +477,7 @@ impl Lab {
                     .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
                     .unwrap_or_default();
                 // A `jail_dir` from the extra lines replaces the lab's own.
-                let extra = lock(&self.qemu_extra).clone();
+                let extra = lock(&self.runtime_extra).clone();
                 let jails = if extra.contains("jail_dir") {
                     String::new()
                 } else {
@@ -496,8 +496,14 @@ impl Lab {
                     .as_ref()
                     .map(|(rel, _)| format!("cgroup_parent = {rel:?}\n"))
                     .unwrap_or_default();
+                let extra = lock(&self.runtime_extra).clone();
+                let sandbox = if extra.contains("sandbox") {
+                    ""
+                } else {
+                    "sandbox = false\n"
+                };
                 format!(
-                    "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\nbinary = {:?}\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout = 30\n{cgroup}",
+                    "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\n{sandbox}binary = {:?}\nkernel = {:?}\ninitramfs = {:?}\nboot_timeout = 30\n{cgroup}{extra}",
                     fc.binary.display().to_string(),
                     fc.path("vmlinux").display().to_string(),
                     fc.path("initramfs.cpio.gz").display().to_string()
@@ -847,7 +853,14 @@ reconcile_interval_ms = 200
     /// Adds lines to the `[runtime.qemu]` table of the agent's config (before start).
     pub fn qemu_config(&self, lines: &str) {
         assert_eq!(self.kind, Kind::Qemu);
-        lock(&self.qemu_extra).push_str(lines);
+        lock(&self.runtime_extra).push_str(lines);
+    }
+
+    /// Adds lines to the agent's `[runtime.firecracker]` table (before [`Lab::start`]);
+    /// a `sandbox` line replaces the lab's `sandbox = false` (the stand-in runs unjailed).
+    pub fn firecracker_config(&self, lines: &str) {
+        assert_eq!(self.kind, Kind::Firecracker);
+        lock(&self.runtime_extra).push_str(lines);
     }
 
     /// What identifies the running VM of `id`: `pid:start time` of its VMM process, or
@@ -989,7 +1002,7 @@ pub fn runtime_in_process(
         _ => {
             let env = crate::fc_standin::FcEnv::new("run")?;
             let t = format!(
-                "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\nbinary = {:?}\nkernel = {:?}\ninitramfs = {:?}\n",
+                "[runtime]\nkind = \"firecracker\"\n[runtime.firecracker]\nsandbox = false\nbinary = {:?}\nkernel = {:?}\ninitramfs = {:?}\n",
                 env.binary.display().to_string(),
                 env.path("vmlinux").display().to_string(),
                 env.path("initramfs.cpio.gz").display().to_string()

@@ -724,7 +724,10 @@ fn ids_of(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
 /// is chrooted into an empty directory under its seccomp sandbox.
 pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
     if kind != Kind::Qemu {
-        return unsupported(kind, "its VMM processes are not sandboxed by the agent");
+        return unsupported(
+            kind,
+            "its VMM is not jailed here (the Firecracker stand-in cannot run under the real jailer; the real jailer and Firecracker are checked in tests/firecracker_real.rs)",
+        );
     }
     let Some(lab) = lab(kind, true) else { return };
     let a = Inst::new("c-uid-a", Behaviour::Idle);
@@ -794,31 +797,40 @@ pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
     assert_ne!(uids[0], uids[1], "two instances share VMM uid {}", uids[0]);
 }
 
-/// A VM whose sandbox cannot be set up is not started (fail closed): a jail dir under a
-/// directory other users cannot traverse fails the boot with a message naming
-/// `runtime.qemu.jail_dir`, and no VMM process runs.
+/// A VM whose sandbox cannot be set up is not started (fail closed), and no VMM
+/// process runs: qemu with a jail dir under a directory other users cannot traverse
+/// (the message names `runtime.qemu.jail_dir`); Firecracker with the jailer missing
+/// (the message names it and `runtime.firecracker.jailer`).
 pub fn a_vm_whose_sandbox_cannot_be_set_up_is_not_started(kind: Kind) {
-    if kind != Kind::Qemu {
+    if kind == Kind::Mock {
         return unsupported(kind, "its VMM processes are not sandboxed by the agent");
     }
     let Some(lab) = lab(kind, true) else { return };
-    let closed = lab.root.join("closed");
-    std::fs::create_dir(&closed).unwrap();
-    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    lab.qemu_config(&format!(
-        "jail_dir = {:?}\n",
-        closed.join("jails").display().to_string()
-    ));
-    let inst = Inst::new("c-nojail", Behaviour::Idle);
+    let (name, needles) = if kind == Kind::Firecracker {
+        // The jailer is on by default; without it no VMM is started unjailed.
+        lab.firecracker_config("sandbox = true\njailer = \"/nonexistent/jailer\"\n");
+        (
+            "c-nojailer",
+            ["/nonexistent/jailer", "runtime.firecracker.jailer"],
+        )
+    } else {
+        let closed = lab.root.join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        lab.qemu_config(&format!(
+            "jail_dir = {:?}\n",
+            closed.join("jails").display().to_string()
+        ));
+        ("c-nojail", ["runtime.qemu.jail_dir", "not traversable"])
+    };
+    let inst = Inst::new(name, Behaviour::Idle);
     let _c = run(&lab, &[&inst]);
     let v = ended(&lab, &inst.id);
     assert_eq!(v.status, Status::Failed, "{v:#?}");
     assert_eq!(v.reason_code, Some(ReasonCode::FirecrackerStartFailed));
     let msg = v.error_message.clone().unwrap_or_default();
-    assert!(
-        msg.contains("runtime.qemu.jail_dir") && msg.contains("not traversable"),
-        "{msg}"
-    );
+    assert!(needles.iter().all(|n| msg.contains(n)), "{msg}");
     assert!(
         lab.processes_of(&inst.id).is_empty(),
         "{:?}",

@@ -180,7 +180,8 @@ const FC_FLAGS: &[&str] = &[
 /// Acts as the jailer v1.16.1 (without the chroot, uid switch or cgroups): checks its
 /// arguments as strictly as the real one, creates `<base>/<exec file name>/<id>/root`
 /// and execs the exec file with what the real jailer passes (`--id`, `--start-time-us`,
-/// `--start-time-cpu-us`, `--parent-cpu-time-us`, then everything after `--`).
+/// `--start-time-cpu-us`, `--parent-cpu-time-us`, then everything after `--`); with
+/// `--new-pid-ns` it spawns it instead, writes its pid file and exits.
 fn jailer(argv: &[String]) -> ! {
     let fail = |msg: String| -> ! {
         eprintln!("{msg}");
@@ -245,13 +246,24 @@ fn jailer(argv: &[String]) -> ! {
         fail(format!("Failed to create {root}: {e}"));
     }
     record(&format!("EVENT jailed {} {root}", now_ms()));
-    use std::os::unix::process::CommandExt;
-    let err = std::process::Command::new(&exec)
-        .args(["--id", &id, "--start-time-us", "1", "--start-time-cpu-us", "1", "--parent-cpu-time-us", "1"])
+    let mut cmd = std::process::Command::new(&exec);
+    cmd.args(["--id", &id, "--start-time-us", "1", "--start-time-cpu-us", "1", "--parent-cpu-time-us", "1"])
         .args(&a.rest)
         .env_remove("FAKE_FC_ROLE")
-        .env("FAKE_FC_JAIL", &root)
-        .exec();
+        .env("FAKE_FC_JAIL", &root);
+    if a.values.contains_key("new-pid-ns") {
+        // As the real jailer: start the exec file as a child (here without a new pid
+        // namespace), write its pid to `<root>/<exec file name>.pid` and exit.
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| fail(format!("Failed to exec into Firecracker: {e}")));
+        if let Err(e) = std::fs::write(format!("{root}/{name}.pid"), child.id().to_string()) {
+            fail(format!("Failed to write the pid file: {e}"));
+        }
+        std::process::exit(0)
+    }
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
     fail(format!("Failed to exec into Firecracker: {err}"))
 }
 

@@ -118,17 +118,21 @@ impl FcEnv {
             initramfs: self.path("initramfs.cpio.gz"),
             boot_timeout,
             api_timeout_ms: 2000,
+            sandbox: false,
             ..Default::default()
         }
     }
 
-    /// The same stand-in started through `jailer` (uid/gid 10001, chroot under `jail/`).
+    /// The same stand-in started through `jailer` (uids from 10001, gid 10000, chroot
+    /// under `jail/`).
     pub fn jailed_config(&self, boot_timeout: u64) -> FirecrackerConfig {
         FirecrackerConfig {
-            jailer: Some(self.path("jailer")),
+            sandbox: true,
+            jailer: self.path("jailer"),
             chroot_base_dir: self.path("jail"),
-            uid: 10001,
-            gid: 10001,
+            vmm_uid_base: 10001,
+            vmm_uid_count: 100,
+            gid: 10000,
             ..self.config(boot_timeout)
         }
     }
@@ -242,6 +246,7 @@ impl HostResources for TestHost {
         _id: &InstanceId,
         workload: &Workload,
         instance_dir: &Path,
+        _vmm_owner: Option<(u32, u32)>,
     ) -> Result<PreparedHost, RuntimeError> {
         let scratch = instance_dir.join("scratch.ext4");
         let f = std::fs::File::create(&scratch)

@@ -49,11 +49,14 @@ pub struct PreparedHost {
 #[async_trait]
 pub trait HostResources: Send + Sync + 'static {
     /// Creates (idempotently) root disk, scratch disk, volumes and tap of an instance.
+    /// `vmm_owner`: the uid and gid of the instance's jailed VMM, which opens the tap
+    /// itself (None: not jailed, root owns the tap).
     async fn prepare(
         &self,
         id: &InstanceId,
         workload: &Workload,
         instance_dir: &Path,
+        vmm_owner: Option<(u32, u32)>,
     ) -> Result<PreparedHost, RuntimeError>;
     /// Releases what `prepare` created (idempotent).
     async fn release(&self, id: &InstanceId, instance_dir: &Path) -> Result<(), RuntimeError>;
@@ -95,8 +98,6 @@ impl LocalHost {
             crate::runtime::host::HostConfig {
                 ipv4_pool: config.ipv4_pool.clone(),
                 volume_default_bytes: config.volume_default_bytes,
-                // A jailed Firecracker runs as `uid:gid` and must open its tap itself.
-                tap_owner: config.jailer.is_some().then_some((config.uid, config.gid)),
             },
         )
         .map_err(|e| format!("runtime.firecracker.{e}"))?;
@@ -112,6 +113,7 @@ impl HostResources for LocalHost {
         id: &InstanceId,
         workload: &Workload,
         _instance_dir: &Path,
+        vmm_owner: Option<(u32, u32)>,
     ) -> Result<PreparedHost, RuntimeError> {
         let Some(images) = &self.images else {
             return Err(RuntimeError::RootfsBuild(
@@ -119,7 +121,7 @@ impl HostResources for LocalHost {
             ));
         };
         let root = rootdisk::prepare(images, id, workload).await?;
-        let prep = self.host.prepare(id, workload).await?;
+        let prep = self.host.prepare(id, workload, vmm_owner).await?;
         Ok(PreparedHost {
             root_disk: root.path,
             scratch_disk: prep.scratch.clone(),

@@ -48,9 +48,15 @@ pub struct FirecrackerConfig {
     /// The `firecracker` binary (a bare name is looked up in `PATH`).
     #[serde(default = "default_binary")]
     pub binary: PathBuf,
-    /// The `jailer` binary; when set, every VMM runs under it.
-    #[serde(default)]
-    pub jailer: Option<PathBuf>,
+    /// Run every VMM under the jailer (default on): chrooted, in its own mount and pid
+    /// namespaces and cgroups, as an unprivileged uid of the instance's own. A VM whose
+    /// jail cannot be set up is not started; `false` runs Firecracker as root with no
+    /// jail (unsafe with untrusted tenants).
+    #[serde(default = "default_true")]
+    pub sandbox: bool,
+    /// The `jailer` binary (a bare name is looked up in `PATH`).
+    #[serde(default = "default_jailer")]
+    pub jailer: PathBuf,
     /// Uncompressed ELF `vmlinux` (x86_64) of the platform kernel.
     #[serde(default = "default_kernel")]
     pub kernel: PathBuf,
@@ -60,11 +66,17 @@ pub struct FirecrackerConfig {
     /// Jailer `--chroot-base-dir`.
     #[serde(default = "default_chroot_base")]
     pub chroot_base_dir: PathBuf,
-    /// Uid the jailed VMM runs as.
-    #[serde(default = "default_id")]
-    pub uid: u32,
-    /// Gid the jailed VMM runs as.
-    #[serde(default = "default_id")]
+    /// First uid of the range jailed VMMs run as, one per instance. No account on the
+    /// host may use the range.
+    #[serde(default = "default_uid_base")]
+    pub vmm_uid_base: u32,
+    /// Size of that range (at least the number of VMs the node runs).
+    #[serde(default = "default_uid_count")]
+    pub vmm_uid_count: u32,
+    /// Gid every jailed VMM runs as: the group that may read (never write) the shared
+    /// kernel, initramfs and cached root disks linked into the jails. No account on
+    /// the host should be in it.
+    #[serde(default = "default_gid")]
     pub gid: u32,
     /// Seconds for the API socket to appear and, separately, for the guest handshake.
     #[serde(default = "default_boot_timeout")]
@@ -107,8 +119,20 @@ fn default_initramfs() -> PathBuf {
 fn default_chroot_base() -> PathBuf {
     PathBuf::from("/srv/jailer")
 }
-fn default_id() -> u32 {
-    10_000
+fn default_true() -> bool {
+    true
+}
+fn default_jailer() -> PathBuf {
+    PathBuf::from("jailer")
+}
+fn default_uid_base() -> u32 {
+    300_000
+}
+fn default_uid_count() -> u32 {
+    65_536
+}
+fn default_gid() -> u32 {
+    299_999
 }
 fn default_boot_timeout() -> u64 {
     10
@@ -133,12 +157,14 @@ impl Default for FirecrackerConfig {
     fn default() -> Self {
         FirecrackerConfig {
             binary: default_binary(),
-            jailer: None,
+            sandbox: true,
+            jailer: default_jailer(),
             kernel: default_kernel(),
             initramfs: default_initramfs(),
             chroot_base_dir: default_chroot_base(),
-            uid: default_id(),
-            gid: default_id(),
+            vmm_uid_base: default_uid_base(),
+            vmm_uid_count: default_uid_count(),
+            gid: default_gid(),
             boot_timeout: default_boot_timeout(),
             api_timeout_ms: default_api_timeout_ms(),
             ipv4_pool: default_pool(),
@@ -164,8 +190,10 @@ impl FirecrackerConfig {
         if self.api_timeout_ms == 0 {
             return Err("runtime.firecracker.api_timeout_ms must be > 0".into());
         }
-        if self.jailer.is_some() && (self.uid == 0 || self.gid == 0) {
-            return Err("runtime.firecracker.uid/gid must not be 0 under the jailer".into());
+        super::vmm::validate_uid_range(self.vmm_uid_base, self.vmm_uid_count)
+            .map_err(|e| format!("runtime.firecracker.{e}"))?;
+        if self.gid == 0 {
+            return Err("runtime.firecracker.gid must not be 0 (root's group)".into());
         }
         super::parse_ipv4_pool(&self.ipv4_pool).map_err(|e| format!("runtime.firecracker.{e}"))?;
         if self.volume_default_bytes < 16 << 20 {
@@ -202,14 +230,14 @@ impl FirecrackerConfig {
     pub fn check_host(&self) -> Result<ResolvedHost, String> {
         let binary = resolve_program(&self.binary)
             .ok_or_else(|| format!("firecracker binary {} not found (runtime.firecracker.binary; is Firecracker installed?)", self.binary.display()))?;
-        let jailer = match &self.jailer {
-            Some(j) => Some(resolve_program(j).ok_or_else(|| {
+        let jailer = match self.sandbox {
+            true => Some(resolve_program(&self.jailer).ok_or_else(|| {
                 format!(
-                    "jailer binary {} not found (runtime.firecracker.jailer)",
-                    j.display()
+                    "jailer binary {} not found (runtime.firecracker.jailer; runtime.firecracker.sandbox = true runs every VMM under it)",
+                    self.jailer.display()
                 )
             })?),
-            None => None,
+            false => None,
         };
         for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
             if !p.is_file() {
@@ -302,6 +330,8 @@ struct Layout {
     vsock_uds: PathBuf,
     /// The jail's root (host path), when jailed.
     chroot: Option<PathBuf>,
+    /// Where the jailer writes the pid of the Firecracker it started, when jailed.
+    pid_file: Option<PathBuf>,
     fc_log: PathBuf,
     metrics: PathBuf,
     console_log: PathBuf,
@@ -375,7 +405,12 @@ impl FirecrackerRuntime {
             tracing::error!(error = %e, "firecracker runtime: host is not ready; every instance will fail with firecracker_start_failed");
         }
         let jailer_cgroups = process::JailerCgroups::detect(&config.jailer_cgroup_parent);
-        if config.jailer.is_some() {
+        if !config.sandbox {
+            tracing::warn!(
+                "firecracker runtime: runtime.firecracker.sandbox = false: VMMs run as root, without the jailer (unsafe with untrusted tenants)"
+            );
+        }
+        if config.sandbox {
             match &jailer_cgroups {
                 process::JailerCgroups::Unavailable(why) => tracing::error!(
                     why,
@@ -387,7 +422,7 @@ impl FirecrackerRuntime {
         // Under the jailer its own `--cgroup` arguments confine the VMM; without it the
         // VMM layer's per-instance group does, when the ledger can record it.
         #[cfg(target_os = "linux")]
-        let cgroups = if config.jailer.is_some() || host.ledger().is_none() {
+        let cgroups = if config.sandbox || host.ledger().is_none() {
             crate::runtime::vmm::cgroup::VmmCgroups::none()
         } else {
             crate::runtime::vmm::cgroup::VmmCgroups::detect(
@@ -424,6 +459,13 @@ impl FirecrackerRuntime {
                     fc_log: root.join("firecracker.log"),
                     metrics: root.join("firecracker.metrics"),
                     console_log: dir.join("console.log"),
+                    pid_file: Some(root.join(format!(
+                        "{}.pid",
+                        host.binary
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    ))),
                     chroot: Some(root),
                     dir,
                 }
@@ -435,6 +477,7 @@ impl FirecrackerRuntime {
                 metrics: dir.join("firecracker.metrics"),
                 console_log: dir.join("console.log"),
                 chroot: None,
+                pid_file: None,
                 dir,
             },
         }
@@ -509,6 +552,37 @@ impl FirecrackerRuntime {
         )
     }
 
+    /// The uid and gid of `id`'s jailed VMM: a uid of its own from the configured
+    /// range (held in the resource ledger until cleanup), the VMMs' shared gid.
+    async fn identity(&self, id: &InstanceId) -> Result<jail::Identity, RuntimeError> {
+        #[cfg(target_os = "linux")]
+        {
+            let ledger = self
+                .host
+                .ledger()
+                .or_else(|| self.ledger.clone().map(super::vmm::ledger::Ledger));
+            let Some(ledger) = ledger else {
+                return Err(RuntimeError::VmmStart(
+                    "a jailed VMM needs the resource ledger to get a uid of its own".into(),
+                ));
+            };
+            let uid = ledger
+                .allocate_uid(id, self.config.vmm_uid_base, self.config.vmm_uid_count)
+                .await?;
+            Ok(jail::Identity {
+                uid,
+                gid: self.config.gid,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = id;
+            Err(RuntimeError::VmmStart(
+                "the jailer runs on Linux only".into(),
+            ))
+        }
+    }
+
     /// The command line of a VMM: plain, or the jailer's (refused where the jailer
     /// cannot confine it).
     fn launch(
@@ -517,6 +591,7 @@ impl FirecrackerRuntime {
         workload: &Workload,
         resolved: &ResolvedHost,
         layout: &Layout,
+        who: Option<jail::Identity>,
     ) -> Result<process::Launch, RuntimeError> {
         let Some(jailer) = &resolved.jailer else {
             return Ok(process::Launch {
@@ -524,6 +599,12 @@ impl FirecrackerRuntime {
                 args: process::firecracker_args(&layout.api_sock, &vmm_id(id)),
                 console_log: layout.console_log.clone(),
             });
+        };
+        let Some(who) = who else {
+            return Err(RuntimeError::VmmStart(
+                format!("instance {id}: a jailed VMM without a uid of its own is not started")
+                    .into(),
+            ));
         };
         if let process::JailerCgroups::Unavailable(why) = &self.jailer_cgroups {
             return Err(RuntimeError::VmmStart(
@@ -535,8 +616,8 @@ impl FirecrackerRuntime {
             args: process::jailer_args(&process::JailerArgs {
                 exec_file: &resolved.binary,
                 id: &vmm_id(id),
-                uid: self.config.uid,
-                gid: self.config.gid,
+                uid: who.uid,
+                gid: who.gid,
                 chroot_base_dir: &self.config.chroot_base_dir,
                 cgroups: &self.jailer_cgroups,
                 memory_max: guest::vmm_memory_limit(workload, self.config.memory_overhead_mib),
@@ -557,6 +638,7 @@ impl FirecrackerRuntime {
         layout: &Layout,
     ) -> Result<(Watch, Option<OomCheck>), RuntimeError> {
         let record_path = layout.dir.join("vmm.json");
+        let evidence = layout.evidence();
         self.ledger_add(id, "process", record_path.display().to_string(), None)
             .await;
         #[cfg(target_os = "linux")]
@@ -579,11 +661,25 @@ impl FirecrackerRuntime {
             entry.as_ref(),
         )
         .map_err(RuntimeError::VmmStart)?;
-        record.process = Some(spawned.id);
-        let detail = serde_json::to_string(&spawned.id).ok();
+        let (vmm, mut watch) = match &layout.pid_file {
+            // Jailed with `--new-pid-ns`: the jailer forks Firecracker into a new pid
+            // namespace, writes its (host) pid to the file and exits; Firecracker is
+            // then nobody's child here and is watched by pid and start time. A crash
+            // before it is recorded leaves it in its jailer cgroup, whose unrecorded
+            // processes the next start kills.
+            Some(pid_file) => {
+                let wait = Duration::from_secs(self.config.boot_timeout);
+                let vmm = handed_over(spawned.child, pid_file, wait)
+                    .await
+                    .map_err(|e| RuntimeError::VmmStart(evidence.attach(e).into()))?;
+                (vmm, Watch::Adopted(vmm))
+            }
+            None => (spawned.id, Watch::Child(spawned.child)),
+        };
+        record.process = Some(vmm);
+        let detail = serde_json::to_string(&vmm).ok();
         self.ledger_add(id, "process", record_path.display().to_string(), detail)
             .await;
-        let mut watch = Watch::Child(spawned.child);
         if let Err(e) = write_record(&record_path, record) {
             watch.kill().await;
             return Err(RuntimeError::VmmStart(e.into()));
@@ -656,6 +752,47 @@ impl FirecrackerRuntime {
         }
         Ok(())
     }
+}
+
+/// Waits for the jailer (our child) to start Firecracker in its new pid namespace and
+/// exit, then reads Firecracker's pid from `pid_file`. The error says what went wrong.
+async fn handed_over(
+    mut jailer: tokio::process::Child,
+    pid_file: &Path,
+    within: Duration,
+) -> Result<ProcessId, String> {
+    match tokio::time::timeout(within, jailer.wait()).await {
+        Err(_) => {
+            let _ = jailer.start_kill();
+            let _ = jailer.wait().await;
+            return Err(format!(
+                "the jailer did not start Firecracker within {within:?} (killed)"
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("cannot wait for the jailer: {e}")),
+        Ok(Ok(st)) if !st.success() => {
+            return Err(format!(
+                "the jailer failed before starting Firecracker: {}",
+                vproc::ExitStatus::of(st).describe(process::exit_code_meaning)
+            ))
+        }
+        Ok(Ok(_)) => {}
+    }
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        format!(
+            "the jailer exited without writing {}: {e}",
+            pid_file.display()
+        )
+    })?;
+    let pid: u32 = text.trim().parse().map_err(|_| {
+        format!(
+            "{} does not hold a pid: {:?}",
+            pid_file.display(),
+            crate::guest::guest_text(&text)
+        )
+    })?;
+    ProcessId::of(pid)
+        .ok_or_else(|| format!("Firecracker (pid {pid}) exited as soon as the jailer started it"))
 }
 
 /// Builds the API configuration of a VM.
@@ -751,7 +888,12 @@ impl Runtime for FirecrackerRuntime {
         std::fs::create_dir_all(&dir).map_err(|e| {
             RuntimeError::VmmStart(format!("cannot create {}: {e}", dir.display()).into())
         })?;
-        let prepared = self.host.prepare(id, workload, &dir).await?;
+        // A jailed VMM opens its tap itself, as its own uid.
+        let owner = match self.config.sandbox {
+            true => Some(self.identity(id).await?).map(|w| (w.uid, w.gid)),
+            false => None,
+        };
+        let prepared = self.host.prepare(id, workload, &dir, owner).await?;
         lock(&self.prepared).insert(id.clone(), prepared);
         Ok(())
     }
@@ -781,14 +923,24 @@ impl Runtime for FirecrackerRuntime {
         std::fs::create_dir_all(&layout.dir).map_err(|e| {
             RuntimeError::VmmStart(format!("cannot create {}: {e}", layout.dir.display()).into())
         })?;
-        if let Some(root) = &layout.chroot {
-            self.ledger_add(id, "chroot", root.display().to_string(), None)
-                .await;
-            jail::populate(root, &self.config, &prepared)
+        let who = match &layout.chroot {
+            Some(root) => {
+                let who = self.identity(id).await?;
+                self.ledger_add(id, "chroot", root.display().to_string(), None)
+                    .await;
+                jail::populate(
+                    root,
+                    &self.config.kernel,
+                    &self.config.initramfs,
+                    &prepared,
+                    who,
+                )
                 .map_err(|e| RuntimeError::VmmStart(e.into()))?;
-        }
-        jail::fresh_files(&layout, self.config.uid, self.config.gid)
-            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
+                Some(who)
+            }
+            None => None,
+        };
+        jail::fresh_files(&layout, who).map_err(|e| RuntimeError::VmmStart(e.into()))?;
         // The guest connects once, early: listen before the VMM exists.
         let listener = bind_guest_listener(&layout.vsock_uds).map_err(|e| {
             RuntimeError::VmmStart(
@@ -799,7 +951,11 @@ impl Runtime for FirecrackerRuntime {
                 .into(),
             )
         })?;
-        let launch = self.launch(id, workload, &resolved, &layout)?;
+        if let Some(who) = who {
+            jail::give_listener(&crate::guest::guest_socket_path(&layout.vsock_uds), who)
+                .map_err(|e| RuntimeError::VmmStart(e.into()))?;
+        }
+        let launch = self.launch(id, workload, &resolved, &layout, who)?;
         let mut record = VmmRecord {
             instance_id: id.to_string(),
             generation: workload.spec.generation,
@@ -889,7 +1045,7 @@ impl Runtime for FirecrackerRuntime {
             }
         }
         found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        if self.config.jailer.is_some() {
+        if self.config.sandbox {
             self.remove_orphan_jailer_cgroups(&found).await;
         }
         #[cfg(target_os = "linux")]
@@ -933,7 +1089,7 @@ impl Runtime for FirecrackerRuntime {
         if let Some(ledger) = self.host.ledger() {
             self.cgroups.release(&ledger, id).await?;
         }
-        if self.config.jailer.is_some() {
+        if self.config.sandbox {
             for d in self.jailer_cgroups.dirs(&vmm_id(id)) {
                 jail::remove_cgroup_dir(&d).await?;
             }
@@ -1018,6 +1174,18 @@ impl FirecrackerRuntime {
                 return None;
             }
         };
+        if rec.chroot.is_some() {
+            // The jailed VMM connects as its own uid (the one the ledger holds for it).
+            let given = match self.identity(&id).await {
+                Ok(who) => {
+                    jail::give_listener(&crate::guest::guest_socket_path(&rec.vsock_uds), who)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = given {
+                tracing::warn!(instance = %id, error = %e, "the adopted jailed VMM cannot reach its guest listener");
+            }
+        }
         let layout = Layout {
             dir: dir.to_path_buf(),
             api_sock: rec.api_sock.clone(),
@@ -1030,6 +1198,7 @@ impl FirecrackerRuntime {
             metrics: PathBuf::new(),
             console_log: dir.join("console.log"),
             chroot: rec.chroot.clone(),
+            pid_file: None,
         };
         #[cfg(target_os = "linux")]
         let oom = match &self.ledger {
@@ -1143,15 +1312,54 @@ mod tests {
     }
 
     #[test]
-    fn config_rejects_zero_boot_timeout_and_root_under_jailer() {
+    fn config_rejects_zero_boot_timeout_root_ids_and_a_bad_uid_range() {
         let mut c = FirecrackerConfig {
             boot_timeout: 0,
             ..Default::default()
         };
-        assert!(c.validate().is_err());
+        assert!(c.validate().unwrap_err().contains("boot_timeout"));
         c.boot_timeout = 5;
-        c.jailer = Some("jailer".into());
-        c.uid = 0;
-        assert!(c.validate().is_err());
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.sandbox, "the jailer is on by default");
+        c.gid = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("runtime.firecracker.gid"));
+        c.gid = 299_999;
+        c.vmm_uid_base = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("runtime.firecracker.vmm_uid_base"));
+        c.vmm_uid_base = u32::MAX - 5;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("runtime.firecracker.vmm_uid_count"));
+    }
+
+    #[test]
+    fn a_missing_jailer_is_named_unless_the_sandbox_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let fc = dir.path().join("firecracker");
+        std::fs::write(&fc, b"").unwrap();
+        for f in ["vmlinux", "initramfs"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let mut c = FirecrackerConfig {
+            binary: fc,
+            jailer: dir.path().join("no-jailer"),
+            kernel: dir.path().join("vmlinux"),
+            initramfs: dir.path().join("initramfs"),
+            ..Default::default()
+        };
+        let e = c.check_host().unwrap_err();
+        assert!(
+            e.contains("no-jailer") && e.contains("runtime.firecracker.jailer"),
+            "{e}"
+        );
+        c.sandbox = false;
+        assert!(c.check_host().unwrap().jailer.is_none());
     }
 }

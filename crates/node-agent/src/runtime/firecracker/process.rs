@@ -66,8 +66,8 @@ pub struct JailerArgs<'a> {
     pub cpu_weight: u32,
 }
 
-/// Arguments of `jailer … -- <firecracker args>`; the API socket path is relative to
-/// the chroot (`/run/firecracker.socket`).
+/// Arguments of `jailer … --new-pid-ns -- <firecracker args>`; the API socket path is
+/// relative to the chroot (`/run/firecracker.socket`).
 ///
 /// Only `--api-sock` follows `--`: the jailer itself passes `--id`, `--start-time-us`
 /// and `--start-time-cpu-us` to Firecracker, which refuses an argument given twice
@@ -84,6 +84,10 @@ pub fn jailer_args(j: &JailerArgs<'_>) -> Vec<String> {
         j.gid.to_string(),
         "--chroot-base-dir".into(),
         j.chroot_base_dir.display().to_string(),
+        // Firecracker becomes init of a pid namespace of its own: it sees no other
+        // process, and everything it forks dies with it. The jailer then exits after
+        // writing Firecracker's pid to `<chroot>/firecracker.pid`.
+        "--new-pid-ns".into(),
     ];
     args.extend(j.cgroups.args(j.memory_max, j.cpu_weight));
     args.extend(["--".into(), "--api-sock".into(), JAILED_API_SOCK.into()]);
@@ -412,7 +416,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let s = jailer_line(&detect(V2_MOUNTS, "cpuset cpu io memory pids", false));
         let (jailer, fc) = s.split_once(" -- ").expect("a -- separator");
         assert_eq!(fc, "--api-sock /run/firecracker.socket");
-        assert!(jailer.starts_with("--id i-1 --exec-file /usr/bin/firecracker --uid 123 --gid 100 --chroot-base-dir /srv/jailer"), "{jailer}");
+        assert!(jailer.starts_with("--id i-1 --exec-file /usr/bin/firecracker --uid 123 --gid 100 --chroot-base-dir /srv/jailer --new-pid-ns "), "{jailer}");
         assert_eq!(
             chroot_dir(
                 Path::new("/srv/jailer"),

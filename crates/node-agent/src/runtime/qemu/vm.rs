@@ -152,7 +152,6 @@ impl QemuRuntime {
             HostConfig {
                 ipv4_pool: config.ipv4_pool.clone(),
                 volume_default_bytes: config.volume_default_bytes,
-                tap_owner: None,
             },
         )
         .map_err(|e| format!("runtime.qemu.{e}"))?;
@@ -480,7 +479,7 @@ impl Runtime for QemuRuntime {
             RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()).into())
         })?;
         let root = rootdisk::prepare(&self.images, id, w).await?;
-        let host = self.host.prepare(id, w).await?;
+        let host = self.host.prepare(id, w, None).await?;
         lock(&self.prepared).insert(id.clone(), Prepared { root, host });
         Ok(())
     }
@@ -510,6 +509,7 @@ impl Runtime for QemuRuntime {
         let sandbox = if self.config.sandbox {
             let uid = self
                 .host
+                .ledger()
                 .allocate_uid(id, self.config.vmm_uid_base, self.config.vmm_uid_count)
                 .await?;
             let dir = self.make_jail(id, uid)?;

@@ -28,3 +28,19 @@ pub mod logs;
 pub mod monitor;
 pub mod process;
 pub mod rootdisk;
+
+/// Checks a VMM uid range (`vmm_uid_base`, `vmm_uid_count`); the error starts with the
+/// bad key.
+pub fn validate_uid_range(base: u32, count: u32) -> Result<(), String> {
+    if base < 1000 {
+        return Err(format!(
+            "vmm_uid_base: {base} is below 1000 (system and user accounts live there)"
+        ));
+    }
+    if count == 0 || u64::from(base) + u64::from(count) > 1 << 31 {
+        return Err(format!(
+            "vmm_uid_count: {count} uids from {base} do not fit below 2^31 (or the count is 0)"
+        ));
+    }
+    Ok(())
+}
