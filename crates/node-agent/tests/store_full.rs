@@ -1,6 +1,8 @@
 //! The state store's filesystem fills up: status commits fail, the node is `degraded`
 //! (what `/healthz` and heartbeats report) and no new status becomes visible; once
-//! space is back the held statuses commit in order and nothing is lost.
+//! space is back the held statuses commit in order and nothing is lost. An operator
+//! stop meanwhile stops the VM at once; its statuses and the stop itself are recorded
+//! once space is back.
 //!
 //! The data dir is a small tmpfs, mounted inside a private mount namespace the test
 //! re-runs itself in (`unshare -m`), so nothing is mounted on the host. Needs root and
@@ -53,6 +55,21 @@ fn a_full_store_degrades_the_node_holds_statuses_and_loses_nothing_once_space_is
     ) {
         return;
     }
+    on_small_tmpfs(body);
+}
+
+#[test]
+fn an_operator_stop_on_a_full_store_stops_the_vm_at_once_and_is_recorded_once_space_is_back() {
+    if !inside_mount_ns(
+        "an_operator_stop_on_a_full_store_stops_the_vm_at_once_and_is_recorded_once_space_is_back",
+    ) {
+        return;
+    }
+    on_small_tmpfs(operator_stop_body);
+}
+
+/// Runs `body` with `<dir>/data` on an 8 MiB tmpfs (inside the test's mount namespace).
+fn on_small_tmpfs<F: std::future::Future<Output = ()>>(body: impl FnOnce(std::path::PathBuf) -> F) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -71,14 +88,9 @@ fn a_full_store_degrades_the_node_holds_statuses_and_loses_nothing_once_space_is
     let _ = Command::new("umount").arg(&data).status();
 }
 
-async fn body(dir: std::path::PathBuf) {
-    let t = TestNode::start_at(MockConfig::instant(), dir.clone()).await;
-    t.apply(plan(1, vec![assignment("a", 1)])).await;
-    t.wait_for("a ready", STEP, |t| t.status("a") == Some(Status::Ready))
-        .await;
-    assert_eq!(t.node().status.degraded(), None);
-
-    // Fill the filesystem.
+/// Fills the file system of `<dir>/data` with one file; dropping it and removing the
+/// file gives the space back.
+fn fill(dir: &std::path::Path) -> (std::fs::File, std::path::PathBuf) {
     let filler = dir.join("data/filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 64 << 10];
@@ -90,6 +102,88 @@ async fn body(dir: std::path::PathBuf) {
         }
     }
     let _ = f.sync_all();
+    (f, filler)
+}
+
+async fn operator_stop_body(dir: std::path::PathBuf) {
+    let t = TestNode::start_at(MockConfig::instant(), dir.clone()).await;
+    t.apply(plan(1, vec![assignment("a", 1)])).await;
+    t.wait_for("a ready", STEP, |t| t.status("a") == Some(Status::Ready))
+        .await;
+    let (f, filler) = fill(&dir);
+
+    // The stop is accepted at once and the VM stops although nothing can be recorded.
+    let started = std::time::Instant::now();
+    let accepted = tokio::time::timeout(
+        Duration::from_secs(5),
+        t.node().supervisor.stop_instance(id("a")),
+    )
+    .await;
+    assert_eq!(accepted, Ok(Ok(())), "the stop was not accepted in time");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    t.wait_for("a's VM stopped", STEP, |t| {
+        t.mock.running().iter().all(|i| i.as_str() != "a")
+    })
+    .await;
+    t.wait_for("degraded", STEP, |t| t.node().status.degraded().is_some())
+        .await;
+    assert_eq!(
+        t.status("a"),
+        Some(Status::Ready),
+        "a status visible before it is durable"
+    );
+
+    // Space is back: draining and stopped are recorded in order, with the reason, and
+    // the operator stop itself (it outlives an agent restart).
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    t.wait_for("a stopped", STEP, |t| {
+        t.status("a") == Some(Status::Stopped)
+    })
+    .await;
+    t.wait_delivered().await;
+    assert_eq!(
+        t.statuses_of("a"),
+        vec![
+            Status::Booting,
+            Status::Ready,
+            Status::Draining,
+            Status::Stopped
+        ]
+    );
+    let last = t.reports("a").pop().unwrap();
+    assert_eq!(
+        last.reason_code,
+        Some(plfm_node_agent::instance::ReasonCode::TerminatedByOperator)
+    );
+    t.wait_for("the operator stop recorded", STEP, |t| {
+        t.node()
+            .store
+            .load_instances()
+            .unwrap()
+            .iter()
+            .any(|r| r.instance_id == "a" && r.operator_stopped_generation == Some(1))
+    })
+    .await;
+    assert_eq!(
+        t.mock.starts(&id("a")),
+        1,
+        "the stopped instance was started again"
+    );
+}
+
+async fn body(dir: std::path::PathBuf) {
+    let t = TestNode::start_at(MockConfig::instant(), dir.clone()).await;
+    t.apply(plan(1, vec![assignment("a", 1)])).await;
+    t.wait_for("a ready", STEP, |t| t.status("a") == Some(Status::Ready))
+        .await;
+    assert_eq!(t.node().status.degraded(), None);
+
+    let (f, filler) = fill(&dir);
 
     // A new instance: its `booting` cannot be persisted, so the node is degraded and
     // the status is not visible.

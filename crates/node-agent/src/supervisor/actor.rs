@@ -700,12 +700,15 @@ impl Actor {
     async fn drain(&mut self, reason: Option<ReasonCode>, grace: Duration, desired: &Desired) {
         let message = stop_message(reason, desired);
         let Some(vm) = self.vm.clone() else { return };
-        self.report(Status::Draining, |u| {
+        // The VM stops while `draining` is being recorded, not after: a stuck state
+        // store (a full disk, a lock another process holds) must not keep running a VM
+        // an operator or the plan stopped. `draining` is queued first, so the reports
+        // keep their order; `stopped` below waits for the store.
+        let draining = self.report(Status::Draining, |u| {
             u.reason = reason;
             u.message = Some(message.clone());
-        })
-        .await;
-        let outcome = self.env.runtime.stop(&vm, grace).await;
+        });
+        let (_, outcome) = tokio::join!(draining, self.env.runtime.stop(&vm, grace));
         self.vm = None;
         self.ready = false;
         self.workload_started = false;

@@ -9,6 +9,7 @@
 //! never changes a status itself; actors report through the status manager.
 
 pub mod actor;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -102,9 +103,10 @@ impl Supervisor {
         let node_draining = store.meta_get("node_state")?.as_deref() == Some("draining");
         let (tx, rx) = mpsc::channel(64);
         let (respawn_tx, respawn_rx) = mpsc::unbounded_channel();
+        let writer = writer::Writer::start(store, env.clock.clone());
         let task = SupervisorTask {
             env,
-            store,
+            writer,
             metrics,
             config,
             slots: HashMap::new(),
@@ -178,7 +180,8 @@ struct Slot {
 
 struct SupervisorTask {
     env: Arc<ActorEnv>,
-    store: Store,
+    /// The supervisor's own writes, which never hold it up for long.
+    writer: writer::Writer,
     metrics: Arc<Metrics>,
     config: SupervisorConfig,
     slots: HashMap<InstanceId, Slot>,
@@ -236,16 +239,17 @@ impl SupervisorTask {
                     .map(|slot| slot.tx.borrow().assignment.as_ref().map(|a| a.generation));
                 let r = match generation {
                     Some(Some(generation)) => {
+                        // The actor stops the VM first; recording the stop (so it
+                        // outlives an agent restart) must not hold it up.
                         self.operator_stops.insert(id.clone(), generation);
-                        let (store, iid) = (self.store.clone(), id.to_string());
-                        if let Err(e) = store
-                            .call(move |s| s.set_operator_stop(&iid, Some(generation)))
-                            .await
-                        {
-                            tracing::error!(error = %e, "cannot persist operator stop");
-                        }
                         self.push(&id);
                         tracing::info!(instance = %id, generation, "operator stop");
+                        let iid = id.to_string();
+                        self.writer
+                            .write("operator stop", move |s| {
+                                s.set_operator_stop(&iid, Some(generation))
+                            })
+                            .await;
                         Ok(())
                     }
                     _ => Err(OperatorError::UnknownInstance(id.to_string())),
@@ -254,18 +258,14 @@ impl SupervisorTask {
             }
             Command::DrainNode(reply) => {
                 self.node_draining = true;
-                if let Err(e) = self
-                    .store
-                    .call(|s| s.meta_set("node_state", "draining"))
-                    .await
-                {
-                    tracing::error!(error = %e, "cannot persist node drain");
-                }
                 tracing::info!("node drain requested");
                 let ids: Vec<_> = self.slots.keys().cloned().collect();
                 for id in ids {
                     self.push(&id);
                 }
+                self.writer
+                    .write("node drain", |s| s.meta_set("node_state", "draining"))
+                    .await;
                 let _ = reply.send(());
             }
             Command::Shutdown(mode, reply) => self.begin_shutdown(mode, Some(reply)).await,
@@ -484,13 +484,9 @@ impl SupervisorTask {
         }
         if !desired_rows.is_empty() {
             let now = self.env.clock.wall().to_rfc3339();
-            if let Err(e) = self
-                .store
-                .call(move |s| s.set_desired(&desired_rows, &now))
-                .await
-            {
-                tracing::error!(error = %e, "cannot persist desired state");
-            }
+            self.writer
+                .write("desired state", move |s| s.set_desired(&desired_rows, &now))
+                .await;
         }
     }
 
