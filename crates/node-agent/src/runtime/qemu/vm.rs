@@ -88,7 +88,7 @@ pub struct QemuRuntime {
     host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
     vms: VmTable<Vm>,
-    /// Host memory cgroups for the VMM processes, when usable.
+    /// Host cgroups (memory, pids, cpu) for the VMM processes, when usable.
     cgroups: VmmCgroups,
     /// This agent's directory under `jail_dir` (named by a hash of the data dir, so two
     /// agents on one host never share jails).
