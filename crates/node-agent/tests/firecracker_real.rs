@@ -244,13 +244,17 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        if let Some((_, dir)) = &self.cgroup {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for dir in self
+            .cgroup
+            .iter()
+            .flat_map(|(_, d)| vm_host::test_cgroup_dirs(d))
+        {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     let _ = std::fs::remove_dir(e.path());
                 }
             }
-            let _ = std::fs::remove_dir(dir);
+            let _ = std::fs::remove_dir(&dir);
         }
     }
 }
@@ -445,7 +449,7 @@ fn real_firecracker_accepts_the_configuration_then_stop_escalates_and_cleanup_le
 
 /// The jailed launch (fails on the old command line: Firecracker exits 153 on a second
 /// `--id`): the jailer confines the VMM in cgroups of the host's version (v1 here:
-/// `memory.limit_in_bytes`, `cpu.shares`), runs it as the configured uid in its
+/// `memory.limit_in_bytes`, `cpu.shares`, `pids.max`), runs it as the configured uid in its
 /// chroot, the whole configuration is accepted (the tap is the VMM uid's to open), and
 /// cleanup removes the jail and the cgroups.
 #[test]
@@ -453,6 +457,7 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
     in_netns(
         "real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_cgroups",
         |rig| async move {
+            use plfm_node_agent::cgroup::VMM_PIDS_MAX;
             let cgroups = plfm_node_agent::runtime::firecracker::process::JailerCgroups::detect(
                 plfm_node_agent::runtime::firecracker::process::JAILER_CGROUP_PARENT,
             );
@@ -578,10 +583,14 @@ fn real_jailer_starts_firecracker_in_host_cgroups_and_cleanup_removes_jail_and_c
                     assert_eq!(mem.trim().parse::<u64>().unwrap(), limit);
                     let shares = std::fs::read_to_string(dirs[1].join("cpu.shares")).unwrap();
                     assert_eq!(shares.trim(), "1024");
+                    let pids = std::fs::read_to_string(dirs[2].join("pids.max")).unwrap();
+                    assert_eq!(pids.trim(), VMM_PIDS_MAX.to_string());
                 }
                 plfm_node_agent::runtime::firecracker::process::JailerCgroups::V2 { .. } => {
                     let mem = std::fs::read_to_string(dirs[0].join("memory.max")).unwrap();
                     assert_eq!(mem.trim().parse::<u64>().unwrap(), limit);
+                    let pids = std::fs::read_to_string(dirs[0].join("pids.max")).unwrap();
+                    assert_eq!(pids.trim(), VMM_PIDS_MAX.to_string());
                 }
                 other => panic!("{other:?}"),
             }

@@ -105,9 +105,10 @@ fn test_cgroup_parent(tag: &str) -> Option<(String, PathBuf)> {
 
 /// `ip netns exec` mounts a fresh sysfs on /sys in its private mount namespace, which
 /// hides the host's cgroup mounts under /sys/fs/cgroup. Mounts the same hierarchies
-/// again there (the unified one when it has the memory controller, else the v1 memory
-/// hierarchy on a tmpfs), so the agent sees the host's cgroups as it would outside.
-/// Only this test process's mount namespace changes.
+/// again there (the unified one when it has the memory, pids and cpu controllers, else
+/// the v1 memory, pids and cpu hierarchies on a tmpfs, with the controllers each is
+/// mounted with on the host, per `/proc/self/cgroup`), so the agent sees the host's
+/// cgroups as it would outside. Only this test process's mount namespace changes.
 fn mount_cgroups_in_netns() {
     let cg = Path::new("/sys/fs/cgroup");
     let listed = |p: &Path| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0) > 0;
@@ -120,37 +121,60 @@ fn mount_cgroups_in_netns() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let memory_in_v2 = || {
+    let all_in_v2 = || {
         std::fs::read_to_string(cg.join("cgroup.controllers"))
-            .is_ok_and(|c| plfm_node_agent::cgroup::lists_memory(&c))
+            .is_ok_and(|c| plfm_node_agent::cgroup::missing_controllers(&c).is_empty())
     };
     if mount(&["-t", "cgroup2", "none", "/sys/fs/cgroup"]) {
-        if memory_in_v2() {
+        if all_in_v2() {
             return;
         }
         let _ = Command::new("umount").arg("/sys/fs/cgroup").status();
     }
-    if mount(&["-t", "tmpfs", "cgroup", "/sys/fs/cgroup"]) {
-        let _ = std::fs::create_dir(cg.join("memory"));
-        let _ = mount(&[
-            "-t",
-            "cgroup",
-            "-o",
-            "memory",
-            "cgroup",
-            "/sys/fs/cgroup/memory",
-        ]);
+    if !mount(&["-t", "tmpfs", "cgroup", "/sys/fs/cgroup"]) {
+        return;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for controller in plfm_node_agent::cgroup::CONTROLLERS {
+        // The hierarchy's controller list, e.g. `cpu,cpuacct` (`2:cpu,cpuacct:/`).
+        let Some(list) = own.lines().find_map(|l| {
+            let list = l.split(':').nth(1)?;
+            list.split(',').any(|c| c == controller).then_some(list)
+        }) else {
+            continue;
+        };
+        let dir = cg.join(list);
+        if !dir.exists() {
+            let _ = std::fs::create_dir(&dir);
+            let _ = mount(&[
+                "-t",
+                "cgroup",
+                "-o",
+                list,
+                "cgroup",
+                &dir.display().to_string(),
+            ]);
+        }
+        if list != controller {
+            let _ = std::os::unix::fs::symlink(list, cg.join(controller));
+        }
     }
 }
 
-/// The directory of instance `id`'s VMM cgroup, from the resource ledger.
+/// The directory of instance `id`'s VMM cgroup, from the resource ledger (on v1,
+/// where the group has a row per hierarchy, the memory one).
 fn cgroup_of(env: &Env, id: &str) -> Option<PathBuf> {
-    env.store()
+    let dirs: Vec<PathBuf> = env
+        .store()
         .resources()
         .ok()?
         .into_iter()
-        .find(|r| r.kind == "cgroup" && r.instance_id == id)
+        .filter(|r| r.kind == "cgroup" && r.instance_id == id)
         .map(|r| PathBuf::from(r.name))
+        .collect();
+    let memory =
+        |d: &&PathBuf| d.join("memory.events").exists() || d.join("memory.oom_control").exists();
+    dirs.iter().find(memory).or(dirs.first()).cloned()
 }
 
 /// A v1 or v2 memory cgroup file as a number.
@@ -191,8 +215,12 @@ impl Drop for Cleanup {
         for pid in vm_processes(&self.dir) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
-        if let Some(parent) = &self.cgroup_parent {
-            for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        for parent in self
+            .cgroup_parent
+            .iter()
+            .flat_map(|d| vm_host::test_cgroup_dirs(d))
+        {
+            for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     // Best effort (no panic in drop): a group empties once its
                     // processes are reaped.

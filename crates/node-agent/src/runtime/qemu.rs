@@ -72,12 +72,14 @@ pub struct QemuConfig {
     /// Size of a volume created on first use.
     #[serde(default = "default_volume_bytes")]
     pub volume_default_bytes: u64,
-    /// Host memory cgroup per instance for QEMU and vhost-device-vsock (`auto`: when
-    /// the host has a usable memory controller; `off`: never).
+    /// Host cgroup per instance for QEMU and vhost-device-vsock, limiting memory, tasks
+    /// and CPU weight (`auto`: when the host has usable memory, pids and cpu
+    /// controllers, else unconfined with one warning; `off`: never).
     #[serde(default)]
     pub cgroup: CgroupMode,
-    /// Parent of the per-instance groups, a path inside the memory hierarchy (default:
-    /// `plfm` under the agent's own memory cgroup).
+    /// Parent of the per-instance groups, a path inside the cgroup hierarchy (on v1 the
+    /// same path in the memory, pids and cpu hierarchies; default: `plfm` under the
+    /// agent's own cgroup, per hierarchy on v1).
     #[serde(default)]
     pub cgroup_parent: Option<String>,
     /// Memory added to the guest memory for the instance's cgroup limit: what QEMU and

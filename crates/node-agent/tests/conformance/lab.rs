@@ -594,15 +594,19 @@ reconcile_interval_ms = 200
                 }
             }
         }
-        if let Some((_, dir)) = &self.cgroup {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for dir in self
+            .cgroup
+            .iter()
+            .flat_map(|(_, d)| vm_host::test_cgroup_dirs(d))
+        {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     let _ = Poll::within(Duration::from_secs(5))
                         .every(Duration::from_millis(50))
                         .try_until(|| std::fs::remove_dir(e.path()));
                 }
             }
-            let _ = std::fs::remove_dir(dir);
+            let _ = std::fs::remove_dir(&dir);
         }
         if self.shared {
             let _ = std::fs::remove_dir_all(&self.root);

@@ -720,9 +720,12 @@ fn ids_of(pid: u32) -> (Vec<u32>, Vec<u32>, String) {
 }
 
 /// QEMU and vhost-device-vsock of a running VM run as an unprivileged uid of that
-/// instance alone (another instance gets another), in the instance's own cgroup; QEMU
-/// is chrooted into an empty directory under its seccomp sandbox.
+/// instance alone (another instance gets another), in the instance's own cgroup (its
+/// memory, pids and cpu controllers: `pids.max` is `VMM_PIDS_MAX`, the CPU weight the
+/// spec's `cpu_weight`, on v1 as `cpu.shares`); QEMU is chrooted into an empty
+/// directory under its seccomp sandbox.
 pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
+    use plfm_node_agent::cgroup::{own_cgroup_of, shares_of_weight, Version, VMM_PIDS_MAX};
     if kind != Kind::Qemu {
         return unsupported(
             kind,
@@ -730,13 +733,15 @@ pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
         );
     }
     let Some(lab) = lab(kind, true) else { return };
-    let a = Inst::new("c-uid-a", Behaviour::Idle);
-    let b = Inst::new("c-uid-b", Behaviour::Idle);
+    // Weights other than the kernel's default (100, 1024 shares), so a group left at
+    // its default cannot pass.
+    let a = Inst::new("c-uid-a", Behaviour::Idle).resources(serde_json::json!({"cpu_weight": 300}));
+    let b = Inst::new("c-uid-b", Behaviour::Idle).resources(serde_json::json!({"cpu_weight": 40}));
     let _c = run(&lab, &[&a, &b]);
     ready(&lab, &a.id);
     ready(&lab, &b.id);
     let mut uids = Vec::new();
-    for inst in [&a, &b] {
+    for (inst, weight) in [(&a, 300u32), (&b, 40)] {
         let pids = lab.processes_of(&inst.id);
         let cmd = |p: u32| {
             String::from_utf8_lossy(
@@ -789,6 +794,60 @@ pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
                         .lines()
                         .any(|l| l.starts_with("0::") && l.ends_with(&format!("/{}", inst.id))),
                 "process {p} of {} is not in its own memory cgroup:\n{cg}",
+                inst.id
+            );
+        }
+        // QEMU is in the instance's pids and cpu groups, with their limits.
+        let cg = std::fs::read_to_string(format!("/proc/{q}/cgroup")).unwrap();
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let group_of = |controller: &str| -> std::path::PathBuf {
+            let (version, mount) = if v2 {
+                (
+                    Version::V2,
+                    std::path::Path::new("/sys/fs/cgroup").to_path_buf(),
+                )
+            } else {
+                let m = format!("/sys/fs/cgroup/{controller}");
+                (
+                    Version::V1,
+                    std::fs::canonicalize(&m).unwrap_or_else(|e| panic!("{m}: {e}")),
+                )
+            };
+            let rel = own_cgroup_of(&cg, version, controller)
+                .unwrap_or_else(|| panic!("QEMU of {} has no {controller} cgroup:\n{cg}", inst.id));
+            assert!(
+                rel.ends_with(&format!("/{}", inst.id)),
+                "QEMU of {} is not in its own {controller} cgroup:\n{cg}",
+                inst.id
+            );
+            mount.join(rel.trim_start_matches('/'))
+        };
+        let number = |dir: std::path::PathBuf, file: &str| {
+            let f = dir.join(file);
+            std::fs::read_to_string(&f)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+                .trim()
+                .parse::<u64>()
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        };
+        assert_eq!(
+            number(group_of("pids"), "pids.max"),
+            VMM_PIDS_MAX,
+            "{}",
+            inst.id
+        );
+        if v2 {
+            assert_eq!(
+                number(group_of("cpu"), "cpu.weight"),
+                u64::from(weight),
+                "{}",
+                inst.id
+            );
+        } else {
+            assert_eq!(
+                number(group_of("cpu"), "cpu.shares"),
+                shares_of_weight(weight),
+                "{}",
                 inst.id
             );
         }

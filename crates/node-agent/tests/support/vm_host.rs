@@ -141,23 +141,44 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     out
 }
 
-/// A memory cgroup parent of a test's own, `<this process's memory cgroup>/<name>` (v2
-/// with the memory controller, else v1): the path for a runtime's `cgroup_parent` and
-/// its directory, so one agent's start-up sweep of leftover groups never meets another
-/// test's VMMs. `None` without a usable memory cgroup.
+/// A cgroup parent of a test's own, `<this process's memory cgroup>/<name>` (v2 with
+/// the memory, pids and cpu controllers, else v1, where the agent uses the same path in
+/// the pids and cpu hierarchies): the path for a runtime's `cgroup_parent` and its
+/// directory in the memory hierarchy, so one agent's start-up sweep of leftover groups
+/// never meets another test's VMMs. `None` without usable cgroups (the agent then runs
+/// its VMMs unconfined).
 pub fn test_cgroup_parent(name: &str) -> Option<(String, PathBuf)> {
-    use plfm_node_agent::cgroup::{lists_memory, own_cgroup, Version};
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-        .is_ok_and(|c| lists_memory(&c));
-    let (version, mount) = if v2 {
-        (Version::V2, "/sys/fs/cgroup")
-    } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file() {
-        (Version::V1, "/sys/fs/cgroup/memory")
-    } else {
-        return None;
+    use plfm_node_agent::cgroup::{lists_memory, missing_controllers, own_cgroup, Version};
+    let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .ok()
+        .filter(|c| lists_memory(c));
+    let v1 = |f: &str| Path::new("/sys/fs/cgroup").join(f).is_file();
+    let (version, mount) = match controllers {
+        Some(c) if missing_controllers(&c).is_empty() => (Version::V2, "/sys/fs/cgroup"),
+        Some(_) => return None,
+        None if v1("memory/memory.limit_in_bytes")
+            && v1("pids/cgroup.procs")
+            && v1("cpu/cpu.shares") =>
+        {
+            (Version::V1, "/sys/fs/cgroup/memory")
+        }
+        None => return None,
     };
     let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?, version)?;
     let rel = format!("{}/{name}", own.trim_end_matches('/'));
     let dir = Path::new(mount).join(rel.trim_start_matches('/'));
     Some((rel, dir))
+}
+
+/// The directories of a test's cgroup parent `dir` (from [`test_cgroup_parent`]) to
+/// remove after the test: `dir`, and on cgroup v1 the same path in the pids and cpu
+/// hierarchies, where the agent makes its parent too.
+pub fn test_cgroup_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Ok(rel) = dir.strip_prefix("/sys/fs/cgroup/memory") {
+        for c in ["pids", "cpu"] {
+            dirs.push(Path::new("/sys/fs/cgroup").join(c).join(rel));
+        }
+    }
+    dirs
 }

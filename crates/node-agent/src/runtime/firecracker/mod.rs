@@ -645,7 +645,11 @@ impl FirecrackerRuntime {
         let (oom, entry) = match self.host.ledger() {
             Some(ledger) if self.cgroups.enabled() => {
                 let limit = guest::vmm_memory_limit(workload, self.config.memory_overhead_mib);
-                self.cgroups.create(&ledger, id, limit).await?.unzip()
+                let weight = guest::cpu_weight(workload);
+                self.cgroups
+                    .create(&ledger, id, limit, weight)
+                    .await?
+                    .unzip()
             }
             _ => (None, None),
         };

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cgroup::{shares_of_weight, VMM_PIDS_MAX};
+
 /// The meaning of a Firecracker exit code (v1.x `FcExitCode`).
 pub fn exit_code_meaning(code: i32) -> Option<&'static str> {
     Some(match code {
@@ -110,12 +112,14 @@ pub enum JailerCgroups {
         parent: String,
     },
     /// Legacy hierarchies: `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`
-    /// when swap is accounted), `cpu.shares`.
+    /// when swap is accounted), `pids.max`, `cpu.shares`.
     V1 {
         /// Mount point of the `memory` hierarchy.
         memory: PathBuf,
         /// Mount point of the `cpu` hierarchy.
         cpu: PathBuf,
+        /// Mount point of the `pids` hierarchy.
+        pids: PathBuf,
         /// The host accounts swap (`memory.memsw.limit_in_bytes` exists).
         memsw: bool,
         /// `--parent-cgroup` (relative to each mount).
@@ -131,8 +135,8 @@ pub const JAILER_CGROUP_PARENT: &str = "plfm-firecracker";
 impl JailerCgroups {
     /// Finds the hierarchy from the text of `/proc/self/mounts`. `controllers_v2` reads
     /// `cgroup.controllers` of a cgroup2 mount; `has_file` tells whether a file exists.
-    /// v2 wins when its mount offers both `memory` and `cpu` (a hybrid host's empty
-    /// `unified` mount does not); else v1 when both controllers have a hierarchy.
+    /// v2 wins when its mount offers `memory`, `cpu` and `pids` (a hybrid host's empty
+    /// `unified` mount does not); else v1 when the three controllers have a hierarchy.
     pub fn from_mounts(
         mounts: &str,
         controllers_v2: &dyn Fn(&Path) -> Option<String>,
@@ -141,6 +145,7 @@ impl JailerCgroups {
     ) -> JailerCgroups {
         let mut v1_memory = None;
         let mut v1_cpu = None;
+        let mut v1_pids = None;
         let mut v2_seen = Vec::new();
         for line in mounts.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -152,7 +157,7 @@ impl JailerCgroups {
                 "cgroup2" => {
                     let c = controllers_v2(&dir).unwrap_or_default();
                     let has = |n: &str| c.split_whitespace().any(|x| x == n);
-                    if has("memory") && has("cpu") {
+                    if has("memory") && has("cpu") && has("pids") {
                         return JailerCgroups::V2 {
                             mount: dir,
                             parent: parent.to_string(),
@@ -166,6 +171,9 @@ impl JailerCgroups {
                     if has("memory") && v1_memory.is_none() {
                         v1_memory = Some(dir.clone());
                     }
+                    if has("pids") && v1_pids.is_none() {
+                        v1_pids = Some(dir.clone());
+                    }
                     if has("cpu") && v1_cpu.is_none() {
                         v1_cpu = Some(dir);
                     }
@@ -173,16 +181,17 @@ impl JailerCgroups {
                 _ => {}
             }
         }
-        match (v1_memory, v1_cpu) {
-            (Some(memory), Some(cpu)) => JailerCgroups::V1 {
+        match (v1_memory, v1_cpu, v1_pids) {
+            (Some(memory), Some(cpu), Some(pids)) => JailerCgroups::V1 {
                 memsw: has_file(&memory.join("memory.memsw.limit_in_bytes")),
                 memory,
                 cpu,
+                pids,
                 parent: parent.to_string(),
             },
-            (m, c) => JailerCgroups::Unavailable(format!(
-                "no cgroup hierarchy with the memory and cpu controllers in /proc/self/mounts \
-                 (cgroup2: {}; cgroup v1 memory: {}, cpu: {}); the jailer cannot confine a VMM \
+            (m, c, p) => JailerCgroups::Unavailable(format!(
+                "no cgroup hierarchy with the memory, cpu and pids controllers in /proc/self/mounts \
+                 (cgroup2: {}; cgroup v1 memory: {}, cpu: {}, pids: {}); the jailer cannot confine a VMM \
                  here (under `ip netns exec`, which remounts /sys, mount the cgroup hierarchies \
                  again or use `unshare -n`)",
                 if v2_seen.is_empty() {
@@ -192,6 +201,7 @@ impl JailerCgroups {
                 },
                 m.map_or("none".to_string(), |p| p.display().to_string()),
                 c.map_or("none".to_string(), |p| p.display().to_string()),
+                p.map_or("none".to_string(), |p| p.display().to_string()),
             )),
         }
     }
@@ -209,7 +219,8 @@ impl JailerCgroups {
         }
     }
 
-    /// The jailer arguments for a VMM limited to `memory_max` bytes and `cpu_weight`.
+    /// The jailer arguments for a VMM limited to `memory_max` bytes, `cpu_weight` and
+    /// [`VMM_PIDS_MAX`] tasks.
     /// Empty when unavailable (the runtime refuses to start such a VMM first).
     pub fn args(&self, memory_max: u64, cpu_weight: u32) -> Vec<String> {
         let weight = cpu_weight.clamp(1, 10_000);
@@ -222,6 +233,7 @@ impl JailerCgroups {
             JailerCgroups::V2 { parent, .. } => {
                 cgroup(format!("memory.max={memory_max}"));
                 cgroup(format!("cpu.weight={weight}"));
+                cgroup(format!("pids.max={VMM_PIDS_MAX}"));
                 parent
             }
             JailerCgroups::V1 { memsw, parent, .. } => {
@@ -233,6 +245,7 @@ impl JailerCgroups {
                     cgroup(format!("memory.memsw.limit_in_bytes={memory_max}"));
                 }
                 cgroup(format!("cpu.shares={}", shares_of_weight(weight)));
+                cgroup(format!("pids.max={VMM_PIDS_MAX}"));
                 parent
             }
             JailerCgroups::Unavailable(_) => return a,
@@ -259,12 +272,16 @@ impl JailerCgroups {
             JailerCgroups::V1 {
                 memory,
                 cpu,
+                pids,
                 parent,
                 ..
             } => {
                 let mut v = vec![memory.join(parent).join(id)];
-                if cpu != memory {
-                    v.push(cpu.join(parent).join(id));
+                for m in [cpu, pids] {
+                    let d = m.join(parent).join(id);
+                    if !v.contains(&d) {
+                        v.push(d);
+                    }
                 }
                 v
             }
@@ -308,13 +325,6 @@ impl JailerCgroups {
         pids.dedup();
         pids
     }
-}
-
-/// cgroup v2 `cpu.weight` (1..=10000, default 100) on the v1 `cpu.shares` scale
-/// (2..=262144, default 1024): linear, 1024 shares = weight 100 (as systemd maps
-/// `CPUShares=` to `CPUWeight=`).
-pub fn shares_of_weight(weight: u32) -> u64 {
-    (u64::from(weight.clamp(1, 10_000)) * 1024 / 100).clamp(2, 262_144)
 }
 
 /// `/proc/mounts` escapes space, tab, newline and backslash as octal (`\040`).
@@ -382,6 +392,7 @@ mod tests {
 cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
 cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 ";
     const V2_MOUNTS: &str = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec 0 0\n";
@@ -428,7 +439,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     }
 
     #[test]
-    fn cgroup_v2_host_gets_memory_max_and_cpu_weight() {
+    fn cgroup_v2_host_gets_memory_max_cpu_weight_and_pids_max() {
         let c = detect(V2_MOUNTS, "cpuset cpu io memory pids", false);
         assert_eq!(
             c,
@@ -438,7 +449,12 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             }
         );
         let s = jailer_line(&c);
-        assert!(s.contains("--cgroup-version 2 --parent-cgroup plfm-firecracker --cgroup memory.max=1073741824 --cgroup cpu.weight=200 --"), "{s}");
+        assert!(s.contains("--cgroup-version 2 --parent-cgroup plfm-firecracker --cgroup memory.max=1073741824 --cgroup cpu.weight=200 --cgroup pids.max=1024 --"), "{s}");
+        // Without the pids controller the unified mount is not enough.
+        assert!(
+            matches!(detect(V2_MOUNTS, "cpuset cpu io memory", false), JailerCgroups::Unavailable(ref w) if w.contains("pids: none")),
+            "a v2 mount without pids"
+        );
         assert_eq!(
             c.dirs("i-1"),
             vec![PathBuf::from("/sys/fs/cgroup/plfm-firecracker/i-1")]
@@ -446,11 +462,11 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     }
 
     #[test]
-    fn cgroup_v1_host_gets_limit_in_bytes_and_cpu_shares() {
+    fn cgroup_v1_host_gets_limit_in_bytes_cpu_shares_and_pids_max() {
         // A hybrid host (this project's CI): the unified mount has no controllers.
         let c = detect(HYBRID_MOUNTS, "", true);
         let s = jailer_line(&c);
-        assert!(s.contains("--cgroup-version 1 --parent-cgroup plfm-firecracker --cgroup memory.limit_in_bytes=1073741824 --cgroup memory.memsw.limit_in_bytes=1073741824 --cgroup cpu.shares=2048 --"), "{s}");
+        assert!(s.contains("--cgroup-version 1 --parent-cgroup plfm-firecracker --cgroup memory.limit_in_bytes=1073741824 --cgroup memory.memsw.limit_in_bytes=1073741824 --cgroup cpu.shares=2048 --cgroup pids.max=1024 --"), "{s}");
         assert!(
             !s.contains("memory.max") && !s.contains("cpu.weight"),
             "{s}"
@@ -459,7 +475,8 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             c.dirs("i-1"),
             vec![
                 PathBuf::from("/sys/fs/cgroup/memory/plfm-firecracker/i-1"),
-                PathBuf::from("/sys/fs/cgroup/cpu/plfm-firecracker/i-1")
+                PathBuf::from("/sys/fs/cgroup/cpu/plfm-firecracker/i-1"),
+                PathBuf::from("/sys/fs/cgroup/pids/plfm-firecracker/i-1")
             ]
         );
         // Without swap accounting there is no memsw file to write.
@@ -467,7 +484,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert!(!s.contains("memsw"), "{s}");
         // Shared mounts (cpu,cpuacct) are found by their options.
         let c = detect(
-            "cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n",
+            "cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\ncgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n",
             "",
             false,
         );
@@ -484,7 +501,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let JailerCgroups::Unavailable(why) = &c else {
             panic!("{c:?}")
         };
-        assert!(why.contains("memory and cpu controllers"), "{why}");
+        assert!(why.contains("memory, cpu and pids controllers"), "{why}");
         assert!(c.args(1 << 30, 100).is_empty());
         assert!(c.dirs("i-1").is_empty());
         // v1 with memory only is not enough either.
@@ -497,14 +514,16 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             matches!(c, JailerCgroups::Unavailable(ref w) if w.contains("cpu: none")),
             "{c:?}"
         );
-    }
-
-    #[test]
-    fn weights_map_to_shares_linearly_within_bounds() {
-        assert_eq!(shares_of_weight(100), 1024);
-        assert_eq!(shares_of_weight(1), 10);
-        assert_eq!(shares_of_weight(10_000), 102_400);
-        assert_eq!(shares_of_weight(0), 10);
+        // v1 without a pids hierarchy: the jailer could not set pids.max.
+        let c = detect(
+            "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n",
+            "",
+            false,
+        );
+        assert!(
+            matches!(c, JailerCgroups::Unavailable(ref w) if w.contains("pids: none")),
+            "{c:?}"
+        );
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub struct QemuRuntime {
     host: Host,
     prepared: Mutex<HashMap<InstanceId, Prepared>>,
     vms: VmTable<Vm>,
-    /// Host memory cgroups for the VMM processes, when usable.
+    /// Host cgroups (memory, pids, cpu) for the VMM processes, when usable.
     cgroups: VmmCgroups,
     /// This agent's directory under `jail_dir` (named by a hash of the data dir, so two
     /// agents on one host never share jails).
@@ -556,7 +556,7 @@ impl Runtime for QemuRuntime {
         let limit = guest::vmm_memory_limit(w, self.config.memory_overhead_mib);
         let (oom, entry) = self
             .cgroups
-            .create(&self.host.ledger(), id, limit)
+            .create(&self.host.ledger(), id, limit, guest::cpu_weight(w))
             .await?
             .unzip();
         let vhost = self.spawn_vhost(&paths, entry.as_ref(), identity).await?;
@@ -800,32 +800,30 @@ impl QemuRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::Hierarchy;
+    use crate::cgroup::testing::TestParent;
+    use crate::cgroup::{Limits, VMM_PIDS_MAX};
+
+    fn limits(memory: u64) -> Limits {
+        Limits {
+            memory,
+            pids: VMM_PIDS_MAX,
+            cpu_weight: 100,
+        }
+    }
 
     /// A process spawned through `spawn_detached` into a small memory cgroup is in the
     /// group from the start, gets OOM-killed there, the counter shows it, and the group
-    /// is removed leaving nothing. Needs root and a usable memory cgroup (v1 or v2):
-    /// skips with a message without them, fails when `PLFM_REQUIRE_SYSTEM_TESTS=1`.
+    /// is removed leaving nothing. Needs root and usable memory, pids and cpu cgroups
+    /// (v1 or v2): skips with a message without them, fails when
+    /// `PLFM_REQUIRE_SYSTEM_TESTS=1`.
     #[tokio::test]
     async fn process_spawned_into_a_small_cgroup_is_oom_killed_and_the_group_removed() {
-        let skip = |what: String| crate::testing::gate::skip_or_fail(&what);
-        if !rustix::process::geteuid().is_root() {
-            return skip("root (cgroups)".into());
-        }
         // A parent of its own, so no agent's start-up sweep meets it.
-        let probe = match Hierarchy::detect(None) {
-            Ok(h) => h,
-            Err(e) => return skip(e.to_string()),
+        let Some(t) = TestParent::new("unit") else {
+            return;
         };
-        let base = Path::new(if probe.version() == crate::cgroup::Version::V2 {
-            "/sys/fs/cgroup"
-        } else {
-            "/sys/fs/cgroup/memory"
-        });
-        let own_plfm = probe.parent().strip_prefix(base).unwrap().to_path_buf();
-        let parent = format!("/{}/unit-{}", own_plfm.display(), std::process::id());
-        let h = Hierarchy::detect(Some(&parent)).unwrap();
-        let g = h.create("oom-unit", 32 << 20).unwrap();
+        let h = &t.h;
+        let g = h.create("oom-unit", &limits(32 << 20)).unwrap();
         assert_eq!(g.limit(), Some(32 << 20));
         assert_eq!(g.oom_kills().unwrap(), 0);
         let entry = g.entry().unwrap();
@@ -868,11 +866,11 @@ mod tests {
         drop(entry);
         g.remove(Duration::from_secs(5)).await.unwrap();
         assert!(!g.path().exists());
+        assert!(g.dirs().iter().all(|d| !d.exists()), "{:?}", g.dirs());
         assert!(h.children().is_empty());
-        std::fs::remove_dir(h.parent()).unwrap();
-        assert!(!h.parent().exists());
-        // `detect(None)` made `<own>/plfm`; it goes too unless something else uses it.
-        let _ = std::fs::remove_dir(probe.parent());
+        for p in h.parents() {
+            std::fs::remove_dir(p).unwrap();
+        }
     }
 
     /// An instance id that names a control file of the parent (`cgroup.procs`,
@@ -880,22 +878,10 @@ mod tests {
     /// existing file passed for a group and the VMM ran without its limit.
     #[test]
     fn an_instance_id_naming_a_control_file_gets_no_group() {
-        let skip = |what: String| crate::testing::gate::skip_or_fail(&what);
-        if !rustix::process::geteuid().is_root() {
-            return skip("root (cgroups)".into());
-        }
-        let probe = match Hierarchy::detect(None) {
-            Ok(h) => h,
-            Err(e) => return skip(e.to_string()),
+        let Some(t) = TestParent::new("collide") else {
+            return;
         };
-        let base = Path::new(if probe.version() == crate::cgroup::Version::V2 {
-            "/sys/fs/cgroup"
-        } else {
-            "/sys/fs/cgroup/memory"
-        });
-        let own_plfm = probe.parent().strip_prefix(base).unwrap().to_path_buf();
-        let parent = format!("/{}/collide-{}", own_plfm.display(), std::process::id());
-        let h = Hierarchy::detect(Some(&parent)).unwrap();
+        let h = &t.h;
         let control = h.parent().join("cgroup.procs");
         assert!(
             control.is_file(),
@@ -903,12 +889,27 @@ mod tests {
             control.display()
         );
         let e = h
-            .create("cgroup.procs", 64 << 20)
+            .create("cgroup.procs", &limits(64 << 20))
             .expect_err("a control file is not a group");
         assert!(e.to_string().contains("control file"), "{e}");
         assert!(control.is_file());
-        std::fs::remove_dir(h.parent()).unwrap();
-        let _ = std::fs::remove_dir(probe.parent());
+        // `pids.max` names a file of the parent only in the pids hierarchy on v1.
+        let e = h
+            .create("pids.max", &limits(64 << 20))
+            .expect_err("a control file is not a group");
+        assert!(e.to_string().contains("control file"), "{e}");
+        let made: Vec<_> = h
+            .parents()
+            .iter()
+            .map(|p| p.join("pids.max"))
+            .filter(|d| d.is_dir())
+            .collect();
+        for d in &made {
+            std::fs::remove_dir(d).unwrap();
+        }
+        for p in h.parents() {
+            std::fs::remove_dir(p).unwrap();
+        }
     }
 
     #[test]

@@ -1,25 +1,30 @@
-//! The host memory cgroup of each VM's VMM processes, for every runtime that places
-//! them itself (qemu; Firecracker without the jailer, whose own `--cgroup` arguments
-//! do the same job): the group is a ledger row before it exists, the VMM joins it
-//! before its first instruction ([`crate::cgroup::Entry::join`] in the spawn), a host
-//! OOM kill in it is `oom_killed`, and it is removed with the instance. Groups under
-//! the parent that no adopted VM runs in are removed at start-up, after killing any
-//! process left in them (a VMM spawned but never recorded).
+//! The host cgroup of each VM's VMM processes, for every runtime that places them
+//! itself (qemu; Firecracker without the jailer, whose own `--cgroup` arguments do the
+//! same job): memory (guest memory + overhead, no swap), tasks ([`VMM_PIDS_MAX`]) and
+//! CPU weight ([`super::guest::cpu_weight`]). Each directory of the group (one on
+//! cgroup v2, one per hierarchy on v1: memory, pids, cpu) is a ledger row before it
+//! exists, the VMM joins all of them before its first instruction
+//! ([`crate::cgroup::Entry::join`] in the spawn), a host OOM kill in it is
+//! `oom_killed`, and it is removed with the instance. Groups under the parent that no
+//! adopted VM runs in are removed at start-up, after killing any process left in them
+//! (a VMM spawned but never recorded).
 //!
 //! What it must not do: kill a recorded VMM (the runtime stops VMMs through their own
 //! controls), or touch groups outside its parent ([`crate::cgroup`] owns the hierarchy
-//! rules). Needs root; without usable cgroups it warns once and VMMs run unconfined.
+//! rules). Needs root; without usable cgroups (or without one of the memory, pids and
+//! cpu controllers) it warns once and VMMs run unconfined.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ledger::Ledger;
-use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy};
+use crate::cgroup::{CgroupMode, Entry, Group, Hierarchy, Limits, VMM_PIDS_MAX};
 use crate::runtime::RuntimeError;
 use crate::spec::InstanceId;
 use crate::state::ResourceRow;
 
-/// Ledger kind of an instance's host memory cgroup (name: its directory).
+/// Ledger kind of an instance's host cgroup: one row per directory (name: the
+/// directory; on v1 one each in the memory, pids and cpu hierarchies).
 pub const KIND_CGROUP: &str = "cgroup";
 
 /// A VM's host cgroup and its OOM-kill count when the VMM was spawned (or adopted).
@@ -54,24 +59,25 @@ impl OomWatch {
     }
 }
 
-/// The per-instance memory cgroups of one runtime's VMMs.
+/// The per-instance cgroups (memory, pids, cpu) of one runtime's VMMs.
 pub struct VmmCgroups {
     hierarchy: Option<Hierarchy>,
 }
 
 impl VmmCgroups {
-    /// Finds a usable memory hierarchy (`mode = auto`), with the groups under `parent`
-    /// (default `<agent's own group>/plfm`); warns and returns none without.
+    /// Finds usable memory, pids and cpu controllers (`mode = auto`), with the groups
+    /// under `parent` (default `<agent's own group>/plfm`, per hierarchy on v1); warns
+    /// and returns none without (a host lacking any of the three included).
     pub fn detect(mode: CgroupMode, parent: Option<&str>) -> VmmCgroups {
         let hierarchy = match mode {
             CgroupMode::Off => None,
             CgroupMode::Auto => match Hierarchy::detect(parent) {
                 Ok(h) => {
-                    tracing::info!(version = ?h.version(), parent = %h.parent().display(), "VMM processes run in per-instance memory cgroups");
+                    tracing::info!(version = ?h.version(), parents = ?h.parents(), pids_max = VMM_PIDS_MAX, "VMM processes run in per-instance cgroups (memory, pids, cpu)");
                     Some(h)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "VMM processes run without host memory cgroups");
+                    tracing::warn!(error = %e, "VMM processes run without host cgroups (no memory, pids or cpu limits)");
                     None
                 }
             },
@@ -94,23 +100,33 @@ impl VmmCgroups {
         self.hierarchy.as_ref().map(|h| h.parent().to_path_buf())
     }
 
-    /// Creates instance `id`'s group with `limit` bytes, recorded in the ledger first;
+    /// Creates instance `id`'s group with `limit` bytes of memory, [`VMM_PIDS_MAX`]
+    /// tasks and `cpu_weight` (1..=10000), each directory recorded in the ledger first;
     /// kills what a crashed agent left in it. `None` when groups are off or unusable on
-    /// this host (warned once at start). A group that cannot be made for this instance
-    /// fails the start (fail closed: the VMM never runs without the limit it was
-    /// meant to have).
+    /// this host (warned once at start). A group that cannot be made for this instance,
+    /// or any of its limits that cannot be set, fails the start naming the file (fail
+    /// closed: the VMM never runs without the limits it was meant to have).
     pub async fn create(
         &self,
         ledger: &Ledger,
         id: &InstanceId,
         limit: u64,
+        cpu_weight: u32,
     ) -> Result<Option<(OomWatch, Entry)>, RuntimeError> {
         let Some(h) = &self.hierarchy else {
             return Ok(None);
         };
-        let path = h.group(id.as_str()).path().display().to_string();
-        ledger.add(KIND_CGROUP, &path, id, None).await?;
-        let made = h.create(id.as_str(), limit).and_then(|g| {
+        for dir in h.group(id.as_str()).dirs() {
+            ledger
+                .add(KIND_CGROUP, &dir.display().to_string(), id, None)
+                .await?;
+        }
+        let limits = Limits {
+            memory: limit,
+            pids: VMM_PIDS_MAX,
+            cpu_weight,
+        };
+        let made = h.create(id.as_str(), &limits).and_then(|g| {
             let entry = g.entry()?;
             Ok((g, entry))
         });
@@ -134,14 +150,20 @@ impl VmmCgroups {
         }
     }
 
-    /// The group an adopted VM of `id` runs in (from the ledger), OOM kills counted
-    /// from now.
+    /// The group an adopted VM of `id` runs in (every directory the ledger has for
+    /// it; one for a group made before pids and cpu limits), OOM kills counted from
+    /// now.
     pub fn adopt(rows: &[ResourceRow], id: &InstanceId) -> Option<OomWatch> {
-        let group = rows
+        let dirs: Vec<PathBuf> = rows
             .iter()
-            .find(|r| r.kind == KIND_CGROUP && r.instance_id == id.as_str())
-            .map(|r| Group::at(&r.name))
-            .filter(|g| g.path().is_dir())?;
+            .filter(|r| r.kind == KIND_CGROUP && r.instance_id == id.as_str())
+            .map(|r| PathBuf::from(&r.name))
+            .filter(|d| d.is_dir())
+            .collect();
+        if dirs.is_empty() {
+            return None;
+        }
+        let group = Group::of(dirs);
         Some(OomWatch {
             baseline: group.oom_kills().unwrap_or(0),
             limit: group.limit().unwrap_or(0),
@@ -149,8 +171,8 @@ impl VmmCgroups {
         })
     }
 
-    /// Removes instance `id`'s group (after killing what is left in it: its recorded
-    /// processes are gone by now) and its ledger row.
+    /// Removes instance `id`'s group, directory by directory (after killing what is
+    /// left in it: its recorded processes are gone by now), and its ledger rows.
     pub async fn release(&self, ledger: &Ledger, id: &InstanceId) -> Result<(), RuntimeError> {
         let rows = ledger.rows().await?;
         for r in rows
@@ -167,14 +189,14 @@ impl VmmCgroups {
         Ok(())
     }
 
-    /// At start-up: removes the groups under the parent that none of `live` (the
-    /// adopted VMs' groups) is.
+    /// At start-up: removes the groups under the parent (in every hierarchy) that none
+    /// of `live` (a directory of each adopted VM's group) belongs to.
     pub async fn remove_orphans(&self, live: &[PathBuf]) {
         let Some(h) = &self.hierarchy else { return };
         let mut removed = Vec::new();
         for name in h.children() {
             let g = h.group(&name);
-            if live.iter().any(|p| p == g.path()) {
+            if live.iter().any(|p| g.dirs().contains(p)) {
                 continue;
             }
             kill_unrecorded(&g);

@@ -9,7 +9,7 @@
 //!   CPU weight), from a workload whose defaults are resolved here, once;
 //! - [`monitor`]: the per-VM task that turns the guest session and the VMM's exit into
 //!   `VmEvent`s (one terminal event, one exit-code meaning, adoption);
-//! - [`cgroup`]: the host memory cgroup of the VMM processes;
+//! - [`cgroup`]: the host cgroup of the VMM processes (memory, pids, cpu);
 //! - [`ledger`]: the resource ledger rows written before a resource exists;
 //! - [`rootdisk`]: the root disk's pin (prepare) and unpin (cleanup, restart).
 //!

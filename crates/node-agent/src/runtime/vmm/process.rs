@@ -179,7 +179,8 @@ pub const FAULT_ABORT_AFTER_SPAWN: &str = "PLFM_FAULT_ABORT_AFTER_VMM_SPAWN";
 
 /// Spawns `program` detached: its own session (`setsid`), stdin from /dev/null,
 /// stdout and stderr appended to `log`, not killed when the agent exits, and placed in
-/// the host cgroup `cgroup` (if any) before its first instruction.
+/// the host cgroup `cgroup` (if any: every directory of it, so memory, pids and cpu
+/// limits apply) before its first instruction.
 #[cfg(target_os = "linux")]
 pub fn spawn_detached(
     program: &Path,
@@ -225,8 +226,8 @@ pub fn spawn_detached_as(
         .stderr(err)
         .kill_on_drop(false);
     // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-    // write(2) of a static buffer to a descriptor opened before the fork
-    // (`Entry::join`), and setgroups(2)/setgid(2)/setuid(2) with plain integers; all are
+    // write(2) of a static buffer to each descriptor opened before the fork
+    // (`Entry::join`: one per cgroup hierarchy, iterated without allocating), and setgroups(2)/setgid(2)/setuid(2) with plain integers; all are
     // async-signal-safe system calls (std's own `uid()` makes the same calls in the
     // child), allocate nothing and touch no memory of the parent.
     unsafe {
