@@ -25,19 +25,24 @@
 //! what an OOM kill means (the runtime reports it; the instance actor decides). Writing
 //! under `/sys/fs/cgroup` needs root: without it (or on a read-only mount, or when the
 //! host lacks any of the three controllers) [`Hierarchy::detect`] returns
-//! [`CgroupError::Unavailable`] and the runtime runs its VMMs unconfined (a host
-//! without `pids` or `cpu` is treated exactly like one without `memory`).
+//! [`CgroupError::Unavailable`]; the runtime then refuses to start VMs
+//! ([`CgroupMode::Required`], the default) or, only when configured so
+//! ([`CgroupMode::Auto`]), runs its VMMs unconfined (a host without `pids` or `cpu` is
+//! treated exactly like one without `memory`).
 
 use serde::{Deserialize, Serialize};
 
-/// `runtime.qemu.cgroup`.
+/// `runtime.qemu.cgroup` / `runtime.firecracker.cgroup`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum CgroupMode {
-    /// Use a cgroup per instance (memory, pids, cpu) when the host has usable ones;
-    /// warn once and run without otherwise (also when one of the three controllers is
-    /// missing).
+    /// A cgroup per instance (memory, pids, cpu) or no VM: on a host without usable
+    /// ones (not root, read-only, a controller missing) every instance fails to start,
+    /// naming the cause (fail closed; the default).
     #[default]
+    Required,
+    /// A cgroup per instance when the host has usable ones; otherwise warn once and run
+    /// VMMs without host limits (an explicit opt-out for hosts that cannot have them).
     Auto,
     /// Never create cgroups.
     Off,
@@ -1010,7 +1015,11 @@ mod tests {
         let base = "kernel = \"/k\"\ninitramfs = \"/i\"\n";
         let parse = |extra: &str| toml::from_str::<QemuConfig>(&format!("{base}{extra}"));
         let c = parse("").unwrap();
-        assert_eq!(c.cgroup, CgroupMode::Auto);
+        assert_eq!(c.cgroup, CgroupMode::Required);
+        assert_eq!(
+            parse("cgroup = \"auto\"\n").unwrap().cgroup,
+            CgroupMode::Auto
+        );
         assert_eq!(c.cgroup_parent, None);
         assert!(c.memory_overhead_mib >= 128, "{}", c.memory_overhead_mib);
         assert!(c.validate().is_ok());

@@ -154,7 +154,7 @@ impl Default for QemuConfig {
             console_max_bytes: default_console_max(),
             ipv4_pool: default_pool(),
             volume_default_bytes: default_volume_bytes(),
-            cgroup: CgroupMode::Auto,
+            cgroup: CgroupMode::Required,
             cgroup_parent: None,
             memory_overhead_mib: default_overhead(),
             sandbox: true,

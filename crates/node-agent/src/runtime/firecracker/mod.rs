@@ -170,7 +170,7 @@ impl Default for FirecrackerConfig {
             ipv4_pool: default_pool(),
             volume_default_bytes: default_volume_bytes(),
             jailer_cgroup_parent: default_jailer_cgroup_parent(),
-            cgroup: crate::cgroup::CgroupMode::Auto,
+            cgroup: crate::cgroup::CgroupMode::Required,
             cgroup_parent: None,
             memory_overhead_mib: default_overhead(),
         }
@@ -428,6 +428,7 @@ impl FirecrackerRuntime {
             crate::runtime::vmm::cgroup::VmmCgroups::detect(
                 config.cgroup,
                 config.cgroup_parent.as_deref(),
+                "runtime.firecracker.cgroup",
             )
         };
         FirecrackerRuntime {

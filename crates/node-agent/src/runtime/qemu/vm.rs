@@ -155,7 +155,11 @@ impl QemuRuntime {
             },
         )
         .map_err(|e| format!("runtime.qemu.{e}"))?;
-        let cgroups = VmmCgroups::detect(config.cgroup, config.cgroup_parent.as_deref());
+        let cgroups = VmmCgroups::detect(
+            config.cgroup,
+            config.cgroup_parent.as_deref(),
+            "runtime.qemu.cgroup",
+        );
         let tag = {
             use sha2::Digest as _;
             hex::encode(sha2::Sha256::digest(

@@ -62,37 +62,59 @@ impl OomWatch {
 /// The per-instance cgroups (memory, pids, cpu) of one runtime's VMMs.
 pub struct VmmCgroups {
     hierarchy: Option<Hierarchy>,
+    /// Groups are required and this host cannot have them: why, naming the key.
+    missing: Option<String>,
 }
 
 impl VmmCgroups {
-    /// Finds usable memory, pids and cpu controllers (`mode = auto`), with the groups
-    /// under `parent` (default `<agent's own group>/plfm`, per hierarchy on v1); warns
-    /// and returns none without (a host lacking any of the three included).
-    pub fn detect(mode: CgroupMode, parent: Option<&str>) -> VmmCgroups {
-        let hierarchy = match mode {
-            CgroupMode::Off => None,
-            CgroupMode::Auto => match Hierarchy::detect(parent) {
-                Ok(h) => {
-                    tracing::info!(version = ?h.version(), parents = ?h.parents(), pids_max = VMM_PIDS_MAX, "VMM processes run in per-instance cgroups (memory, pids, cpu)");
-                    Some(h)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "VMM processes run without host cgroups (no memory, pids or cpu limits)");
-                    None
-                }
-            },
+    /// Finds usable memory, pids and cpu controllers, with the groups under `parent`
+    /// (default `<agent's own group>/plfm`, per hierarchy on v1). On a host lacking any
+    /// of the three: with `required` (the default) every [`VmmCgroups::create`] fails,
+    /// naming `key`; with `auto` it warns once and VMMs run without host limits.
+    pub fn detect(mode: CgroupMode, parent: Option<&str>, key: &'static str) -> VmmCgroups {
+        let found = match mode {
+            CgroupMode::Off => {
+                return VmmCgroups::none();
+            }
+            CgroupMode::Required | CgroupMode::Auto => Hierarchy::detect(parent),
         };
-        VmmCgroups { hierarchy }
+        match found {
+            Ok(h) => {
+                tracing::info!(version = ?h.version(), parents = ?h.parents(), pids_max = VMM_PIDS_MAX, "VMM processes run in per-instance cgroups (memory, pids, cpu)");
+                VmmCgroups {
+                    hierarchy: Some(h),
+                    missing: None,
+                }
+            }
+            Err(e) if mode == CgroupMode::Required => {
+                let why = format!(
+                    "{e}: VMs are not started without host cgroups ({key} = \"required\"; \"auto\" runs VMMs without memory, pids and cpu limits)"
+                );
+                tracing::error!(error = %why, "every instance will fail with firecracker_start_failed");
+                VmmCgroups {
+                    hierarchy: None,
+                    missing: Some(why),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "VMM processes run without host cgroups (no memory, pids or cpu limits; {key} = \"auto\")");
+                VmmCgroups::none()
+            }
+        }
     }
 
     /// No cgroups (Firecracker under the jailer, which makes its own).
     pub fn none() -> VmmCgroups {
-        VmmCgroups { hierarchy: None }
+        VmmCgroups {
+            hierarchy: None,
+            missing: None,
+        }
     }
 
-    /// Whether groups are made.
+    /// Whether VMMs go through [`VmmCgroups::create`] (groups are made, or required
+    /// and impossible, so every start fails there).
     pub fn enabled(&self) -> bool {
-        self.hierarchy.is_some()
+        self.hierarchy.is_some() || self.missing.is_some()
     }
 
     /// The parent directory of the groups, when enabled.
@@ -113,6 +135,9 @@ impl VmmCgroups {
         limit: u64,
         cpu_weight: u32,
     ) -> Result<Option<(OomWatch, Entry)>, RuntimeError> {
+        if let Some(why) = &self.missing {
+            return Err(RuntimeError::VmmStart(why.clone().into()));
+        }
         let Some(h) = &self.hierarchy else {
             return Ok(None);
         };
@@ -219,5 +244,44 @@ fn kill_unrecorded(g: &Group) {
             tracing::warn!(pid = pid.as_raw_nonzero().get(), cgroup = %g.path().display(), "killing an unrecorded process left in a VMM cgroup");
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that cannot give VMMs their cgroups starts no VM when they are required
+    /// (the default): the start fails naming the key, and nothing is recorded.
+    #[tokio::test]
+    async fn required_cgroups_that_the_host_cannot_give_fail_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::Store::open(&dir.path().join("state.db")).unwrap();
+        let ledger = Ledger(store.clone());
+        let cgroups = VmmCgroups::detect(
+            CgroupMode::Required,
+            Some("/plfm-test-\u{0}-no-such-hierarchy"),
+            "runtime.qemu.cgroup",
+        );
+        assert!(cgroups.enabled(), "a start must go through create and fail");
+        let id = InstanceId::parse("i-1").unwrap();
+        let err = match cgroups.create(&ledger, &id, 256 << 20, 100).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a VMM would run without its cgroup"),
+        };
+        assert!(err.contains("runtime.qemu.cgroup = \"required\""), "{err}");
+        assert!(store.resources().unwrap().is_empty());
+        // `auto` is the explicit opt-out: no group, and the start goes on.
+        let auto = VmmCgroups::detect(
+            CgroupMode::Auto,
+            Some("/plfm-test-\u{0}-no-such-hierarchy"),
+            "runtime.qemu.cgroup",
+        );
+        assert!(!auto.enabled());
+        assert!(auto
+            .create(&ledger, &id, 256 << 20, 100)
+            .await
+            .unwrap()
+            .is_none());
     }
 }
