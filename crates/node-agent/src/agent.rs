@@ -411,6 +411,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         metrics: node.metrics.clone(),
         store: node.store.clone(),
         cp_refusals: client.as_ref().map(|c| c.refusals()),
+        notices: node.runtime.notices(),
     });
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(async move {

@@ -32,6 +32,8 @@ pub struct ApiState {
     pub store: Store,
     /// Connected mode: the endpoints the control plane refuses right now.
     pub cp_refusals: Option<Arc<crate::control_plane::http::Refusals>>,
+    /// What the runtime says about how it runs VMs here ([`crate::runtime::Runtime::notices`]).
+    pub notices: Vec<String>,
 }
 
 /// The router.
@@ -83,7 +85,8 @@ async fn healthz(State(s): State<ApiState>) -> Response {
     });
     let instances = s.status.list().len();
     match reason {
-        None => Json(json!({ "status": "ok", "instances": instances })).into_response(),
+        None => Json(json!({ "status": "ok", "instances": instances, "notices": s.notices }))
+            .into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
@@ -91,6 +94,7 @@ async fn healthz(State(s): State<ApiState>) -> Response {
                 "reason": reason,
                 "instances": instances,
                 "control_plane_refusals": refused,
+                "notices": s.notices,
             })),
         )
             .into_response(),

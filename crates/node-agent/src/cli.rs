@@ -62,6 +62,9 @@ pub async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
     // the table: the statuses above may not be what the platform sees.
     if let Ok(resp) = client()?.get(format!("http://{addr}/healthz")).send().await {
         if let Ok(h) = resp.json::<serde_json::Value>().await {
+            for n in h["notices"].as_array().into_iter().flatten() {
+                println!("\nNOTICE: {}", n.as_str().unwrap_or(""));
+            }
             if h["status"] == "degraded" {
                 println!(
                     "\nNODE DEGRADED: {}",

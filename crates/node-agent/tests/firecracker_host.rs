@@ -103,7 +103,13 @@ async fn rig(env: &FcEnv) -> Rig {
     std::fs::create_dir_all(&data).unwrap();
     let store = Store::open(&data.join("state.db")).unwrap();
     let images = ImageService::open(&data, registry.image_config()).unwrap();
-    let config = env.config(5);
+    // This test runs under `ip netns exec`, which mounts a fresh /sys without the cgroup
+    // hierarchies; it is about host networking and disks, so the VMM may run without
+    // host cgroups (the explicit opt-out).
+    let config = plfm_node_agent::runtime::firecracker::FirecrackerConfig {
+        cgroup: plfm_node_agent::cgroup::CgroupMode::Auto,
+        ..env.config(5)
+    };
     let host = LocalHost::new(&data, Some(images), store.clone(), &config).unwrap();
     let runtime = Arc::new(FirecrackerRuntime::new(
         config,

@@ -105,3 +105,31 @@ async fn a_missing_secrets_version_still_spends_the_restart_budget() {
     let msg = v.error_message.unwrap_or_default();
     assert!(msg.contains("secrets_missing"), "{msg}");
 }
+
+/// An agent restart while a `never` instance retries a transient failure does not turn
+/// that failure into its last word: the restarted agent retries too, and the instance
+/// becomes ready once the control plane is back.
+#[tokio::test]
+async fn a_never_instance_retrying_an_outage_keeps_retrying_after_an_agent_restart() {
+    let mut t = TestNode::start(MockConfig::instant()).await;
+    std::fs::write(
+        t.secrets_dir().join("v1.env"),
+        "# TRC_SECRETS_V1\nDB_PASSWORD=hunter2\n",
+    )
+    .unwrap();
+    t.secrets.down.store(true, Ordering::SeqCst);
+    let p = || plan(1, vec![decode(&with_secrets("s", "v1", "never", 1))]);
+    t.apply(p()).await;
+    t.wait_for("failed, retrying", Duration::from_secs(1), |t| {
+        t.status("s") == Some(Status::Failed)
+    })
+    .await;
+    t.restart().await;
+    t.apply(p()).await;
+    t.secrets.down.store(false, Ordering::SeqCst);
+    t.wait_for("ready after the restart", Duration::from_secs(1), |t| {
+        t.status("s") == Some(Status::Ready)
+    })
+    .await;
+    assert_eq!(t.mock.starts(&id("s")), 1);
+}

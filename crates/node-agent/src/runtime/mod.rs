@@ -256,6 +256,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// `mock`, `qemu` or `firecracker`.
     fn kind(&self) -> &'static str;
 
+    /// What an operator should know about how this runtime runs VMs on this host, said
+    /// by `/healthz` and `status`: software emulation, or a defence the config turned
+    /// off. Found at start; not failures (those fail instances).
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Host-side preparation: image and root disk, scratch disk, network, volumes.
     /// Idempotent.
     async fn prepare(&self, id: &InstanceId, workload: &Workload) -> Result<(), RuntimeError>;

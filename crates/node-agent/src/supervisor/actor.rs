@@ -23,6 +23,11 @@ use crate::secrets::{SecretsError, SecretsSource};
 use crate::spec::{Assignment, DesiredState, HealthSpec, InstanceId};
 use crate::status::{Applied, StatusManager, StatusUpdate};
 
+/// How the message of a `failed` that is retried because of an outage begins; an agent
+/// restarted during the retry reads it back to retry on instead of parking the
+/// instance (a `never` policy would otherwise park it).
+pub const TRANSIENT_MARK: &str = "transient, retrying in";
+
 /// What every actor shares.
 pub struct ActorEnv {
     /// The VMM.
@@ -119,13 +124,20 @@ impl Actor {
         } else if let (Some((status, generation, reason, _)), Some(a)) =
             (brief, desired.assignment.as_ref())
         {
-            // No VM: an instance that ended for good before the restart stays parked.
+            // No VM: an instance that ended for good before the restart stays parked;
+            // one that was retrying a transient failure (an outage) retries on.
             let policy = a.workload.as_ref().map(|w| w.lifecycle.restart_policy);
+            let retrying = actor
+                .env
+                .status
+                .get(&actor.id)
+                .and_then(|v| v.error_message)
+                .is_some_and(|m| m.starts_with(TRANSIENT_MARK));
             let parked = generation == a.generation
                 && match status {
                     Status::Failed => {
                         reason == Some(ReasonCode::CrashLoopBackoff)
-                            || policy == Some(crate::spec::RestartPolicy::Never)
+                            || (policy == Some(crate::spec::RestartPolicy::Never) && !retrying)
                     }
                     Status::Stopped => {
                         reason.is_none() && policy != Some(crate::spec::RestartPolicy::Always)
@@ -659,9 +671,11 @@ impl Actor {
                     Status::Failed
                 };
                 let message = match d {
+                    // The mark leads the message, so no truncation cuts it: an agent
+                    // restarted during the retry reads it back (see `Actor::new`).
                     RestartDecision::RestartAfter(delay) if ending == Ending::Transient => {
                         format!(
-                            "{message}; transient: retrying in {} s (not counted against max_retries)",
+                            "{TRANSIENT_MARK} {} s (not counted against max_retries): {message}",
                             delay.as_secs()
                         )
                     }

@@ -882,6 +882,19 @@ impl Runtime for FirecrackerRuntime {
         "firecracker"
     }
 
+    fn notices(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.config.sandbox {
+            out.push(
+                "runtime.firecracker.sandbox = false: Firecracker runs as root, without the jailer"
+                    .into(),
+            );
+        }
+        #[cfg(target_os = "linux")]
+        out.extend(self.cgroups.notice());
+        out
+    }
+
     async fn prepare(&self, id: &InstanceId, workload: &Workload) -> Result<(), RuntimeError> {
         // A host that cannot run VMMs fails the instance before pulling anything.
         self.config

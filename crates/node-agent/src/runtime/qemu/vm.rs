@@ -93,6 +93,42 @@ pub struct QemuRuntime {
     /// This agent's directory under `jail_dir` (named by a hash of the data dir, so two
     /// agents on one host never share jails).
     jails: PathBuf,
+    /// What `status` says about this runtime on this host ([`Runtime::notices`]).
+    notices: Vec<String>,
+}
+
+/// The KVM device QEMU opens.
+const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Opens the KVM device read-write, as QEMU must to use KVM.
+fn open_kvm(device: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+        .map(drop)
+}
+
+/// What `status` says about a qemu runtime with `config` on a host whose KVM device is
+/// `kvm`: software emulation chosen by `accel = "auto"`, and defences turned off.
+fn qemu_notices(config: &QemuConfig, kvm: &Path, cgroups: &VmmCgroups) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.accel == Accel::Auto {
+        if let Err(e) = open_kvm(kvm) {
+            out.push(format!(
+                "runtime.qemu.accel = \"auto\": {} cannot be opened ({e}); VMs run under TCG, software emulation many times slower than KVM",
+                kvm.display()
+            ));
+        }
+    }
+    if !config.sandbox {
+        out.push(
+            "runtime.qemu.sandbox = false: QEMU and vhost-device-vsock run as root, unconfined"
+                .into(),
+        );
+    }
+    out.extend(cgroups.notice());
+    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,8 +203,10 @@ impl QemuRuntime {
             ))
         };
         let jails = config.jail_dir.join(&tag[..12]);
+        let notices = qemu_notices(&config, Path::new(KVM_DEVICE), &cgroups);
         Ok(QemuRuntime {
             jails,
+            notices,
             cgroups,
             config,
             data_dir,
@@ -192,19 +230,13 @@ impl QemuRuntime {
         match self.config.accel {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
-            Accel::Auto => {
-                match std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/kvm")
-                {
-                    Ok(_) => "kvm",
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accel = \"auto\": /dev/kvm cannot be opened, falling back to TCG (software emulation, many times slower)");
-                        "tcg"
-                    }
+            Accel::Auto => match open_kvm(Path::new(KVM_DEVICE)) {
+                Ok(()) => "kvm",
+                Err(e) => {
+                    tracing::warn!(error = %e, "accel = \"auto\": /dev/kvm cannot be opened, falling back to TCG (software emulation, many times slower)");
+                    "tcg"
                 }
-            }
+            },
         }
     }
 
@@ -475,6 +507,10 @@ async fn qmp_quit(sock: &Path) -> Result<(), String> {
 impl Runtime for QemuRuntime {
     fn kind(&self) -> &'static str {
         "qemu"
+    }
+
+    fn notices(&self) -> Vec<String> {
+        self.notices.clone()
     }
 
     async fn prepare(&self, id: &InstanceId, w: &Workload) -> Result<(), RuntimeError> {
@@ -804,6 +840,34 @@ impl QemuRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `accel = "auto"` on a host whose KVM device cannot be opened falls back to TCG,
+    /// and `status` says so; a sandbox turned off is said too. An explicit `tcg` or a
+    /// usable device says nothing.
+    #[test]
+    fn status_says_when_auto_fell_back_to_tcg_or_the_sandbox_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-kvm");
+        let none = VmmCgroups::none();
+        let mut c = QemuConfig {
+            accel: Accel::Auto,
+            ..Default::default()
+        };
+        let n = qemu_notices(&c, &missing, &none);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(
+            n[0].contains("accel = \"auto\"") && n[0].contains("TCG"),
+            "{n:?}"
+        );
+        let usable = dir.path().join("kvm");
+        std::fs::write(&usable, b"").unwrap();
+        assert_eq!(qemu_notices(&c, &usable, &none), Vec::<String>::new());
+        c.accel = Accel::Tcg;
+        assert_eq!(qemu_notices(&c, &missing, &none), Vec::<String>::new());
+        c.sandbox = false;
+        let n = qemu_notices(&c, &missing, &none);
+        assert!(n.len() == 1 && n[0].contains("sandbox = false"), "{n:?}");
+    }
     use crate::cgroup::testing::TestParent;
     use crate::cgroup::{Limits, VMM_PIDS_MAX};
 

@@ -64,6 +64,8 @@ pub struct VmmCgroups {
     hierarchy: Option<Hierarchy>,
     /// Groups are required and this host cannot have them: why, naming the key.
     missing: Option<String>,
+    /// Groups are not made although asked for (`auto` on a host without them): why.
+    unconfined: Option<String>,
 }
 
 impl VmmCgroups {
@@ -83,7 +85,7 @@ impl VmmCgroups {
                 tracing::info!(version = ?h.version(), parents = ?h.parents(), pids_max = VMM_PIDS_MAX, "VMM processes run in per-instance cgroups (memory, pids, cpu)");
                 VmmCgroups {
                     hierarchy: Some(h),
-                    missing: None,
+                    ..VmmCgroups::none()
                 }
             }
             Err(e) if mode == CgroupMode::Required => {
@@ -92,13 +94,19 @@ impl VmmCgroups {
                 );
                 tracing::error!(error = %why, "every instance will fail with firecracker_start_failed");
                 VmmCgroups {
-                    hierarchy: None,
                     missing: Some(why),
+                    ..VmmCgroups::none()
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "VMM processes run without host cgroups (no memory, pids or cpu limits; {key} = \"auto\")");
-                VmmCgroups::none()
+                let why = format!(
+                    "{key} = \"auto\": VMM processes run without host cgroups (no memory, pids or cpu limits): {e}"
+                );
+                tracing::warn!("{why}");
+                VmmCgroups {
+                    unconfined: Some(why),
+                    ..VmmCgroups::none()
+                }
             }
         }
     }
@@ -108,7 +116,13 @@ impl VmmCgroups {
         VmmCgroups {
             hierarchy: None,
             missing: None,
+            unconfined: None,
         }
+    }
+
+    /// Why VMMs run without the host cgroups they were meant to have, if they do.
+    pub fn notice(&self) -> Option<String> {
+        self.unconfined.clone()
     }
 
     /// Whether VMMs go through [`VmmCgroups::create`] (groups are made, or required
@@ -278,6 +292,11 @@ mod tests {
             "runtime.qemu.cgroup",
         );
         assert!(!auto.enabled());
+        let notice = auto.notice().expect("status says the VMMs run unconfined");
+        assert!(
+            notice.contains("runtime.qemu.cgroup = \"auto\""),
+            "{notice}"
+        );
         assert!(auto
             .create(&ledger, &id, 256 << 20, 100)
             .await
