@@ -778,6 +778,18 @@ pub fn vmm_processes_run_unprivileged_and_confined(kind: Kind) {
             );
         }
         assert_eq!(qseccomp, "2", "QEMU runs under a seccomp filter");
+        // Its tap is that uid's: only root and this VM's own uid may attach to it.
+        let tap = plfm_node_agent::network::tap_name(&inst.id);
+        let link = std::process::Command::new("ip")
+            .args(["-d", "link", "show", "dev", &tap])
+            .output()
+            .expect("ip");
+        let link = String::from_utf8_lossy(&link.stdout);
+        assert!(
+            link.contains(&format!("user {uid} group {uid}")),
+            "tap {tap} of {} is not its uid's:\n{link}",
+            inst.id
+        );
         let root = std::fs::read_link(format!("/proc/{q}/root")).unwrap();
         assert!(
             root.ends_with(format!("{}/chroot", inst.id)),

@@ -519,7 +519,20 @@ impl Runtime for QemuRuntime {
             RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()).into())
         })?;
         let root = rootdisk::prepare(&self.images, id, w).await?;
-        let host = self.host.prepare(id, w, None).await?;
+        // QEMU opens the tap as root before it drops to the instance's uid; the tap is
+        // still that uid's (with root, the only ones that may attach to it).
+        let owner = match self.config.sandbox {
+            true => {
+                let uid = self
+                    .host
+                    .ledger()
+                    .allocate_uid(id, self.config.vmm_uid_base, self.config.vmm_uid_count)
+                    .await?;
+                Some((uid, uid))
+            }
+            false => None,
+        };
+        let host = self.host.prepare(id, w, owner).await?;
         lock(&self.prepared).insert(id.clone(), Prepared { root, host });
         Ok(())
     }
