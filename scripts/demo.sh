@@ -55,7 +55,6 @@ cfg="$repo/config/demo.toml"
 bin="$repo/target/release/plfm-node-agent"
 ns_name="plfm-demo"
 registry_addr="127.0.0.1:5055"  # must match nothing else; tests use free ports
-api_addr="127.0.0.1:7071"       # [api] listen of config/demo.toml
 instance="demo-web-1"
 overlay_ipv6="fd00:0:0:de::10"  # fd00::/8, outside the host's usual fd00::/64
 ready_deadline_s="${PLFM_DEMO_READY_DEADLINE_S:-180}"
@@ -369,9 +368,6 @@ http:
 EOF
 if (exec 3<>"/dev/tcp/${registry_addr%:*}/${registry_addr#*:}") 2>/dev/null; then
   die "something already listens on $registry_addr (the demo's registry port)"
-fi
-if (exec 3<>"/dev/tcp/${api_addr%:*}/${api_addr#*:}") 2>/dev/null; then
-  die "something already listens on $api_addr (config/demo.toml [api] listen)"
 fi
 # Own session: a Ctrl-C from the terminal reaches only this script, which stops the
 # agent first (one SIGINT) and the registry after it.

@@ -52,14 +52,9 @@ pub enum AgentError {
         /// Cause.
         message: String,
     },
-    /// The local API cannot listen.
-    #[error("api.listen {addr}: {message}")]
-    Listen {
-        /// Address.
-        addr: String,
-        /// Cause.
-        message: String,
-    },
+    /// The local API cannot listen (the message names the key).
+    #[error("{0}")]
+    Api(String),
 }
 
 /// Parts of a node.
@@ -399,36 +394,25 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     })
     .await?;
 
-    let listener = tokio::net::TcpListener::bind(config.api.listen)
-        .await
-        .map_err(|e| AgentError::Listen {
-            addr: config.api.listen.to_string(),
-            message: e.to_string(),
-        })?;
-    let app = crate::api::router(crate::api::ApiState {
-        status: node.status.clone(),
-        supervisor: node.supervisor.clone(),
-        metrics: node.metrics.clone(),
-        store: node.store.clone(),
-        cp_refusals: client.as_ref().map(|c| c.refusals()),
-        notices: node.runtime.notices(),
-    });
-    let mut api_stop = stop_rx.clone();
-    let api = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.changed().await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "local API failed");
-        }
-    });
+    let (api, api_path) = serve_api(
+        &config.api,
+        crate::api::ApiState {
+            status: node.status.clone(),
+            supervisor: node.supervisor.clone(),
+            metrics: node.metrics.clone(),
+            store: node.store.clone(),
+            cp_refusals: client.as_ref().map(|c| c.refusals()),
+            notices: node.runtime.notices(),
+        },
+        &stop_rx,
+    )
+    .await?;
+    let api_at = api_path.display().to_string();
 
     let mut tasks = Vec::new();
     match (&client, cp.mode) {
         (Some(client), ControlPlaneMode::Http) => {
-            tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %config.api.listen, runtime = node.runtime.kind(), "agent started (connected)");
+            tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %api_at, runtime = node.runtime.kind(), "agent started (connected)");
             // Run the last applied plan until the control plane answers; never guess.
             match load_persisted_plan(&node.store) {
                 Some(plan) => {
@@ -460,7 +444,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         }
         _ => {
             let desired_dir = cp.desired_dir.clone().unwrap_or_default();
-            tracing::info!(node_id = %config.node_id, data_dir = %config.data_dir.display(), api = %config.api.listen, runtime = node.runtime.kind(), desired_dir = %desired_dir.display(), "agent started (standalone)");
+            tracing::info!(node_id = %config.node_id, data_dir = %config.data_dir.display(), api = %api_at, runtime = node.runtime.kind(), desired_dir = %desired_dir.display(), "agent started (standalone)");
             let supervisor = node.supervisor.clone();
             tasks.push(tokio::spawn(standalone::run(
                 standalone::DirSource::new(desired_dir),
@@ -484,7 +468,10 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         _ = node.shutdown(config.agent.on_shutdown) => {}
         _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting"),
     }
-    let _ = api.await;
+    for t in api {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&api_path);
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -510,6 +497,61 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Serves the local API on its Unix socket and, when `api.listen` is set, on TCP with
+/// the bearer token; both stop when `stop` changes. Returns the serving tasks and the
+/// socket's path (removed by the caller at exit).
+async fn serve_api(
+    config: &crate::config::ApiConfig,
+    state: crate::api::ApiState,
+    stop: &watch::Receiver<bool>,
+) -> Result<(Vec<JoinHandle<()>>, PathBuf), AgentError> {
+    use crate::api::access::{self, Access, Caller};
+    let group = config
+        .socket_group
+        .as_deref()
+        .map(access::resolve_group)
+        .transpose()
+        .map_err(AgentError::Api)?;
+    let token = match (&config.listen, &config.token_file) {
+        (Some(_), Some(f)) => Some(Arc::new(access::read_token(f).map_err(AgentError::Api)?)),
+        _ => None,
+    };
+    let rules = Access { group, token };
+    let app = crate::api::router(state, rules);
+    let unix = access::bind_socket(&config.socket, group).map_err(AgentError::Api)?;
+    let mut tasks = Vec::new();
+    let mut stopped = stop.clone();
+    let service = app.clone().into_make_service_with_connect_info::<Caller>();
+    tasks.push(tokio::spawn(async move {
+        let r = axum::serve(unix, service)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "local API (Unix socket) failed");
+        }
+    }));
+    if let Some(addr) = config.listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Api(format!("api.listen {addr}: {e}")))?;
+        let mut stopped = stop.clone();
+        let service = app.into_make_service_with_connect_info::<Caller>();
+        tasks.push(tokio::spawn(async move {
+            let r = axum::serve(tcp, service)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "local API (TCP) failed");
+            }
+        }));
+    }
+    Ok((tasks, config.socket.clone()))
 }
 
 #[cfg(test)]

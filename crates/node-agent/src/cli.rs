@@ -4,53 +4,73 @@
 //! This module formats and calls; it holds no logic of its own. Every request has a
 //! timeout, and a daemon that does not answer is named in the error.
 
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::status::view::InstanceView;
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    crate::control_plane::http::ensure_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .context("cannot build the HTTP client")
+/// The agent's local API as the CLI reaches it: its Unix socket (`api.socket`).
+pub struct Api {
+    socket: PathBuf,
+    client: reqwest::Client,
 }
 
-async fn send(
-    req: reqwest::RequestBuilder,
-    what: &str,
-    addr: SocketAddr,
-) -> anyhow::Result<serde_json::Value> {
-    let resp = req.send().await.with_context(|| {
-        format!("cannot reach the agent's API at {addr} (is the agent running with this config?)")
-    })?;
-    let code = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
-        .with_context(|| format!("{what}: the agent's answer is not JSON"))?;
-    if !code.is_success() {
-        let msg = body
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("no detail");
-        bail!("{what}: {code}: {msg}");
+impl Api {
+    /// A client of the API served on `socket`.
+    pub fn new(socket: &Path) -> anyhow::Result<Api> {
+        crate::control_plane::http::ensure_crypto_provider();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .no_proxy()
+            .unix_socket(socket)
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Api {
+            socket: socket.to_path_buf(),
+            client,
+        })
     }
-    Ok(body)
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("http://localhost{path}"))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("http://localhost{path}"))
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the agent's API at {} (is the agent running with this config, and may this user use it: root or api.socket_group?)",
+                self.socket.display()
+            )
+        })?;
+        let code = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .with_context(|| format!("{what}: the agent's answer is not JSON"))?;
+        if !code.is_success() {
+            let msg = body
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no detail");
+            bail!("{what}: {code}: {msg}");
+        }
+        Ok(body)
+    }
 }
 
 /// `status [--json]`.
-pub async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let body = send(
-        client()?.get(format!("http://{addr}/v1/instances")),
-        "status",
-        addr,
-    )
-    .await?;
+pub async fn status(api: &Api, json: bool) -> anyhow::Result<()> {
+    let body = api.send(api.get("/v1/instances"), "status").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
@@ -60,7 +80,7 @@ pub async fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
     print!("{}", table(&list));
     // A degraded node (disk full, control plane refusing its requests) is said below
     // the table: the statuses above may not be what the platform sees.
-    if let Ok(resp) = client()?.get(format!("http://{addr}/healthz")).send().await {
+    if let Ok(resp) = api.get("/healthz").send().await {
         if let Ok(h) = resp.json::<serde_json::Value>().await {
             for n in h["notices"].as_array().into_iter().flatten() {
                 println!("\nNOTICE: {}", n.as_str().unwrap_or(""));
@@ -110,14 +130,14 @@ pub fn table(list: &[InstanceView]) -> String {
 }
 
 /// `stop <id>`.
-pub async fn stop(addr: SocketAddr, id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn stop(api: &Api, id: &str, json: bool) -> anyhow::Result<()> {
     crate::spec::InstanceId::parse(id)?;
-    let body = send(
-        client()?.post(format!("http://{addr}/v1/instances/{id}/stop")),
-        &format!("stop {id}"),
-        addr,
-    )
-    .await?;
+    let body = api
+        .send(
+            api.post(&format!("/v1/instances/{id}/stop")),
+            &format!("stop {id}"),
+        )
+        .await?;
     if json {
         println!("{body}");
     } else {
@@ -127,13 +147,8 @@ pub async fn stop(addr: SocketAddr, id: &str, json: bool) -> anyhow::Result<()> 
 }
 
 /// `drain`.
-pub async fn drain(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
-    let body = send(
-        client()?.post(format!("http://{addr}/v1/node/drain")),
-        "drain",
-        addr,
-    )
-    .await?;
+pub async fn drain(api: &Api, json: bool) -> anyhow::Result<()> {
+    let body = api.send(api.post("/v1/node/drain"), "drain").await?;
     if json {
         println!("{body}");
     } else {

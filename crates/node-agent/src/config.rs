@@ -83,10 +83,23 @@ fn default_log_level() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// TCP address to listen on; loopback unless `allow_non_loopback`.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Allow a non-loopback listen address (the API has no authentication).
+    /// The local API's Unix socket (always served): root, and members of
+    /// `socket_group`, may use it; its directory must be the agent's and not writable by
+    /// others.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Group (name or number) whose members may use the API besides root: the socket is
+    /// then `0660 root:<group>`; without it, `0600` (root only).
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// A TCP address to serve the API on as well (off by default); every request there
+    /// needs `Authorization: Bearer <token>` from `token_file`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The bearer token of the TCP listener: a file only its owner may read.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Allow a non-loopback `listen` address.
     #[serde(default)]
     pub allow_non_loopback: bool,
 }
@@ -94,14 +107,17 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            listen: default_listen(),
+            socket: default_socket(),
+            socket_group: None,
+            listen: None,
+            token_file: None,
             allow_non_loopback: false,
         }
     }
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7070))
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/plfm/agent.sock")
 }
 
 /// Control plane connection.
@@ -360,6 +376,10 @@ impl Config {
             }
         };
         self.data_dir = abs(&self.data_dir);
+        self.api.socket = abs(&self.api.socket);
+        if let Some(t) = self.api.token_file.as_ref() {
+            self.api.token_file = Some(abs(t));
+        }
         let cp = &mut self.control_plane;
         for p in [
             &mut cp.desired_dir,
@@ -385,10 +405,22 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir: must not be empty".into());
         }
-        if !self.api.allow_non_loopback && !self.api.listen.ip().is_loopback() {
+        if let Some(listen) = self.api.listen {
+            if self.api.token_file.is_none() {
+                return Err(format!(
+                    "api.token_file: required with api.listen ({listen}): the TCP API accepts only requests with that bearer token"
+                ));
+            }
+            if !self.api.allow_non_loopback && !listen.ip().is_loopback() {
+                return Err(format!(
+                    "api.listen: {listen} is not a loopback address (set api.allow_non_loopback = true to override)"
+                ));
+            }
+        }
+        if self.api.socket.file_name().is_none() {
             return Err(format!(
-                "api.listen: {} is not a loopback address; the local API has no authentication (set api.allow_non_loopback = true to override)",
-                self.api.listen
+                "api.socket: {} names no file",
+                self.api.socket.display()
             ));
         }
         match self.control_plane.mode {
@@ -562,7 +594,8 @@ kind = "mock"
             c.control_plane.desired_dir.unwrap(),
             PathBuf::from("/etc/plfm/instances")
         );
-        assert_eq!(c.api.listen.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.api.listen, None);
+        assert_eq!(c.api.socket, PathBuf::from("/run/plfm/agent.sock"));
     }
 
     #[test]
@@ -617,11 +650,12 @@ kind = "mock"
             MIN,
             &[
                 ("PLFM_API__LISTEN", "127.0.0.1:9999"),
+                ("PLFM_API__TOKEN_FILE", "/etc/plfm/api.token"),
                 ("PLFM_RUNTIME__MOCK__BOOT_MS", "0"),
             ],
         )
         .unwrap();
-        assert_eq!(c.api.listen.port(), 9999);
+        assert_eq!(c.api.listen.map(|l| l.port()), Some(9999));
         assert_eq!(c.runtime.mock.boot_ms, 0);
     }
 
@@ -643,10 +677,18 @@ kind = "mock"
 
     #[test]
     fn public_listen_address_is_refused() {
-        let err = load(&format!("{MIN}\n[api]\nlisten = \"0.0.0.0:7070\"\n"), &[])
+        let err = load(
+            &format!("{MIN}\n[api]\nlisten = \"0.0.0.0:7070\"\ntoken_file = \"t\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("api.listen"), "{err}");
+        // TCP without a token is refused, naming the key.
+        let err = load(&format!("{MIN}\n[api]\nlisten = \"127.0.0.1:7070\"\n"), &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("api.listen"), "{err}");
+        assert!(err.contains("api.token_file"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use plfm_node_agent::{agent, cli};
 /// microVMs and reports every status change.
 ///
 /// Without a subcommand it runs the daemon. The other subcommands talk to a running
-/// daemon through its local API (the `[api] listen` address of the same config).
+/// daemon through its local API: the Unix socket `[api] socket` of the same config
+/// (default /run/plfm/agent.sock), usable by root and members of `[api] socket_group`.
 #[derive(Parser)]
 #[command(name = "plfm-node-agent", version, about, long_about)]
 struct Cli {
@@ -142,7 +143,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addr = config.api.listen;
+    let socket = config.api.socket.clone();
+    let api = || cli::Api::new(&socket);
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             init_logging(&config);
@@ -152,11 +154,11 @@ fn main() -> ExitCode {
             println!("{}", toml::to_string_pretty(&config).unwrap_or_default());
             Ok(())
         }
-        Command::Status { json } => runtime.block_on(cli::status(addr, json)),
+        Command::Status { json } => api().and_then(|a| runtime.block_on(cli::status(&a, json))),
         Command::Stop { instance_id, json } => {
-            runtime.block_on(cli::stop(addr, &instance_id, json))
+            api().and_then(|a| runtime.block_on(cli::stop(&a, &instance_id, json)))
         }
-        Command::Drain { json } => runtime.block_on(cli::drain(addr, json)),
+        Command::Drain { json } => api().and_then(|a| runtime.block_on(cli::drain(&a, json))),
         Command::Image { cmd } => {
             let data_dir = config.data_dir.clone();
             runtime.block_on(plfm_node_agent::image::run_cli(

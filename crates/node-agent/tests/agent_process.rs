@@ -23,7 +23,6 @@ fn repo_root() -> PathBuf {
 /// A temp workspace: config, desired dir, data dir, captured log.
 struct Env {
     root: tempfile::TempDir,
-    port: u16,
 }
 
 impl Env {
@@ -49,7 +48,7 @@ kind = "mock"
 "#
         );
         std::fs::write(root.path().join("agent.toml"), cfg).unwrap();
-        Env { root, port }
+        Env { root }
     }
     fn path(&self, p: &str) -> PathBuf {
         self.root.path().join(p)
@@ -107,7 +106,10 @@ async fn dev_config_instances_reach_ready_within_ten_seconds() {
     let dev = std::fs::read_to_string(repo_root().join("config/dev.toml")).unwrap();
     let instances = repo_root().join("config/instances").canonicalize().unwrap();
     let cfg = dev
-        .replace("127.0.0.1:7070", &format!("127.0.0.1:{}", env.port))
+        .replace(
+            "\"/run/plfm/agent.sock\"",
+            &format!("{:?}", env.path("agent.sock").display().to_string()),
+        )
         .replace("\"../.plfm-dev\"", "\"data\"")
         .replace(
             "desired_dir = \"instances\"",
@@ -257,6 +259,8 @@ async fn bad_input_fails_identifiable_instances_and_writes_nothing_outside_data_
     trav["instance_id"] = json!("../../etc");
     trav["workload"]["instance_id"] = json!("../../etc");
     env.write_assignment("traversal.json", &trav);
+    // The test rig's own files (API socket path, token) are made before the snapshot.
+    common::agent::prepare_api(&env.config());
     let before: Vec<_> = tree(env.root.path())
         .into_iter()
         .filter(|p| !p.starts_with("data") && p != "agent.log")
@@ -424,4 +428,129 @@ async fn kill_dash_nine_mid_reconcile_converges_without_duplicates_or_losses() {
         .collect();
     assert_eq!(vms.len(), n, "{vms:?}");
     assert_eq!(store.outbox_depth().unwrap(), 0);
+}
+
+/// Sends one raw HTTP/1.0 request over the Unix socket `sock`: (status code, body).
+fn raw_unix(sock: &Path, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// The local API is not for every local user: on its Unix socket, a user outside
+/// `api.socket_group` cannot read statuses, stop an instance or drain the node (the
+/// instance keeps running); a member of the group can; root can. A request with an
+/// `Origin` header (a web page in a browser on the host) is refused even from root,
+/// and the TCP listener refuses a request without the bearer token.
+#[tokio::test]
+async fn a_local_user_outside_the_api_group_is_refused_every_call() {
+    if !common::gate::present(
+        rustix::process::geteuid().is_root()
+            && Command::new("setpriv").arg("--version").output().is_ok(),
+        "root and setpriv (util-linux) to run the CLI as another user",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("prepare_ms = 0\nboot_ms = 50\nstop_ms = 10");
+    // Other users must reach the config and a copy of the CLI (not the data dir).
+    std::fs::set_permissions(env.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = std::fs::read_to_string(env.config())
+        .unwrap()
+        .replace("[api]\n", "[api]\nsocket_group = \"4242\"\n");
+    std::fs::write(env.config(), cfg).unwrap();
+    let bin = env.path("plfm-node-agent");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_assignment("a.json", &assignment_json("a", 1));
+    let agent = env.spawn();
+    std::fs::set_permissions(env.config(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    wait_statuses(&agent, "a ready", Duration::from_secs(20), |l| {
+        all_ready(l, 1)
+    })
+    .await;
+    let sock = env.path("agent.sock");
+    let meta = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 4242));
+
+    let as_user = |groups: &str, args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534"]);
+        match groups {
+            "" => c.arg("--clear-groups"),
+            g => c.args(["--groups", g]),
+        };
+        c.arg(&bin).arg("--config").arg(env.config()).args(args);
+        c.output().unwrap()
+    };
+    for args in [&["status"][..], &["stop", "a"], &["drain"]] {
+        let out = as_user("", args);
+        assert!(!out.status.success(), "uid 65534 ran {args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("agent.sock"), "{args:?}: {err}");
+    }
+    // With the socket opened to everyone (an operator's mistake), the agent still
+    // refuses them: it checks the caller's credentials (SO_PEERCRED), not only the mode.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for args in [&["status"][..], &["stop", "a"], &["drain"]] {
+        let out = as_user("", args);
+        assert!(!out.status.success(), "uid 65534 ran {args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("403") && err.contains("uid 65534 may not use"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660)).unwrap();
+    // Nothing happened: the instance still runs, the node is not draining.
+    let list = agent.instances_where(|_| true).ok().unwrap();
+    assert!(all_ready(&list, 1), "{list:?}");
+    // A member of the group may.
+    let out = as_user("4242", &["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    // A web page cannot, even when the browser runs as root.
+    let (code, body) = raw_unix(
+        &sock,
+        "POST /v1/node/drain HTTP/1.0\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("Origin"), "{body}");
+    // TCP needs the bearer token.
+    let addr = agent.api_addr().to_string();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{Read, Write};
+    tcp.write_all(b"POST /v1/instances/a/stop HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 401") || answer.starts_with("HTTP/1.1 401"),
+        "{answer}"
+    );
+    assert!(!answer.contains(common::agent::TEST_TOKEN));
+    assert_eq!(agent.api_get("/healthz").unwrap().0, 200);
+    let list = agent.instances_where(|_| true).ok().unwrap();
+    assert!(all_ready(&list, 1), "{list:?}");
+    // Root may.
+    let out = env.cli(&["stop", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_statuses(&agent, "a stopped", Duration::from_secs(20), |l| {
+        l.iter()
+            .any(|v| v.instance_id == "a" && v.status == Status::Stopped)
+    })
+    .await;
 }

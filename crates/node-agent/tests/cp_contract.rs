@@ -230,7 +230,12 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
     plfm_node_agent::control_plane::http::ensure_crypto_provider();
     let http = reqwest::Client::new();
     let healthz = || async {
-        let r = http.get(format!("{api}/healthz")).send().await.ok()?;
+        let r = http
+            .get(format!("{api}/healthz"))
+            .bearer_auth(common::agent::TEST_TOKEN)
+            .send()
+            .await
+            .ok()?;
         let code = r.status().as_u16();
         Some((code, r.json::<Value>().await.ok()?))
     };
@@ -260,6 +265,7 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
     );
     let metrics = http
         .get(format!("{api}/metrics"))
+        .bearer_auth(common::agent::TEST_TOKEN)
         .send()
         .await
         .unwrap()

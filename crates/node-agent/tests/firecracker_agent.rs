@@ -249,7 +249,10 @@ binary = "/nonexistent/bin/firecracker"
     let msg = view["error_message"].as_str().unwrap_or_default();
     assert!(msg.contains("/nonexistent/bin/firecracker"), "{msg}");
     // Still healthy after the failure.
-    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+    let health = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .bearer_auth(common::agent::TEST_TOKEN)
+        .send()
         .await
         .expect("healthz answers");
     assert!(health.status().is_success(), "{}", health.status());

@@ -23,6 +23,53 @@ use super::wait::poll_until;
 /// The agent binary cargo built for this test or bench.
 pub const BIN: &str = env!("CARGO_BIN_EXE_plfm-node-agent");
 
+/// The bearer token of test agents that serve their API on TCP too.
+pub const TEST_TOKEN: &str = "plfm-test-token-0123456789";
+
+/// Makes a test config safe to run beside others: its API socket goes next to the
+/// config (not to the shared default `/run/plfm/agent.sock`), and a TCP `listen` gets
+/// a token file with [`TEST_TOKEN`]. A config that is not TOML is left alone (tests of
+/// config errors).
+pub fn prepare_api(config: &Path) {
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return;
+    };
+    let Ok(mut doc) = toml::from_str::<toml::Table>(&text) else {
+        return;
+    };
+    let dir = config
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()))
+        .unwrap_or_else(|| std::env::current_dir().unwrap());
+    let Some(api) = doc
+        .entry("api")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+    else {
+        return;
+    };
+    let mut changed = false;
+    if !api.contains_key("socket") {
+        api.insert(
+            "socket".into(),
+            dir.join("agent.sock").display().to_string().into(),
+        );
+        changed = true;
+    }
+    if api.contains_key("listen") && !api.contains_key("token_file") {
+        let token = dir.join("api.token");
+        std::fs::write(&token, format!("{TEST_TOKEN}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        api.insert("token_file".into(), token.display().to_string().into());
+        changed = true;
+    }
+    if changed {
+        std::fs::write(config, toml::to_string(&doc).unwrap()).unwrap();
+    }
+}
+
 /// Runs `plfm-node-agent --config <config> <args>` to completion.
 pub fn cli(config: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -52,8 +99,13 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     // One write: `write!` sends each fragment separately, and a server that answered
     // after the first would break the next (EPIPE).
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -106,6 +158,7 @@ impl AgentProcess {
             .append(true)
             .open(log)
             .expect("open the agent log");
+        prepare_api(config);
         let mut cmd = Command::new(BIN);
         cmd.arg("--config")
             .arg(config)
@@ -266,11 +319,8 @@ impl Drop for AgentProcess {
 fn api_listen(config: &Path) -> Option<String> {
     let text = std::fs::read_to_string(config).ok()?;
     let v: toml::Value = toml::from_str(&text).ok()?;
-    Some(
-        v.get("api")
-            .and_then(|a| a.get("listen"))
-            .and_then(|l| l.as_str())
-            .unwrap_or("127.0.0.1:7070")
-            .to_string(),
-    )
+    v.get("api")
+        .and_then(|a| a.get("listen"))
+        .and_then(|l| l.as_str())
+        .map(str::to_string)
 }

@@ -1,8 +1,11 @@
 //! The local HTTP API (DESIGN §4): health, metrics, instance statuses, operator stop and
-//! node drain, on a loopback address.
+//! node drain, on the agent's Unix socket (and, when configured, a TCP address with a
+//! bearer token). Who may call it is [`access`]'s to decide, in front of every route.
 //!
 //! This module maps each request to one call on the status manager or the supervisor
 //! and shapes the answer; it holds no state and makes no lifecycle decisions.
+
+pub mod access;
 
 use std::sync::Arc;
 
@@ -36,8 +39,9 @@ pub struct ApiState {
     pub notices: Vec<String>,
 }
 
-/// The router.
-pub fn router(state: ApiState) -> Router {
+/// The router, every route behind [`access::authorize`]. Serve it with
+/// `into_make_service_with_connect_info::<access::Caller>()`.
+pub fn router(state: ApiState, rules: access::Access) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -47,6 +51,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/node/drain", post(drain))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            rules,
+            access::authorize,
+        ))
 }
 
 fn error(code: StatusCode, message: String) -> Response {
