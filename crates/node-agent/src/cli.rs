@@ -1,5 +1,5 @@
 //! Operator subcommands that talk to a running agent's local API (`status`, `stop`,
-//! `drain`) and print a table, or JSON with `--json`.
+//! `start`, `drain`, `undrain`) and print a table, or JSON with `--json`.
 //!
 //! This module formats and calls; it holds no logic of its own. Every request has a
 //! timeout, and a daemon that does not answer is named in the error.
@@ -153,6 +153,34 @@ pub async fn drain(api: &Api, json: bool) -> anyhow::Result<()> {
         println!("{body}");
     } else {
         println!("node draining: every instance stops with node_draining");
+    }
+    Ok(())
+}
+
+/// `start <id>`: undoes an operator stop.
+pub async fn start(api: &Api, id: &str, json: bool) -> anyhow::Result<()> {
+    crate::spec::InstanceId::parse(id)?;
+    let body = api
+        .send(
+            api.post(&format!("/v1/instances/{id}/start")),
+            &format!("start {id}"),
+        )
+        .await?;
+    if json {
+        println!("{body}");
+    } else {
+        println!("starting {id} (the operator stop is lifted)");
+    }
+    Ok(())
+}
+
+/// `undrain`: ends a node drain.
+pub async fn undrain(api: &Api, json: bool) -> anyhow::Result<()> {
+    let body = api.send(api.post("/v1/node/undrain"), "undrain").await?;
+    if json {
+        println!("{body}");
+    } else {
+        println!("node active again: instances run and new ones boot");
     }
     Ok(())
 }

@@ -43,8 +43,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop one instance (reported as terminated_by_operator); it stays stopped until
-    /// its spec changes.
+    /// Stop one instance (reported as terminated_by_operator); it stays stopped, also
+    /// across agent restarts, until `start` or a new spec.
     Stop {
         /// Instance id.
         instance_id: String,
@@ -54,6 +54,20 @@ enum Command {
     },
     /// Drain the node: every instance stops (node_draining) and nothing new boots.
     Drain {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo an operator stop: the instance runs again (its spec unchanged).
+    Start {
+        /// Instance id.
+        instance_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a node drain: instances run again and new ones boot.
+    Undrain {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -159,6 +173,10 @@ fn main() -> ExitCode {
             api().and_then(|a| runtime.block_on(cli::stop(&a, &instance_id, json)))
         }
         Command::Drain { json } => api().and_then(|a| runtime.block_on(cli::drain(&a, json))),
+        Command::Start { instance_id, json } => {
+            api().and_then(|a| runtime.block_on(cli::start(&a, &instance_id, json)))
+        }
+        Command::Undrain { json } => api().and_then(|a| runtime.block_on(cli::undrain(&a, json))),
         Command::Image { cmd } => {
             let data_dir = config.data_dir.clone();
             runtime.block_on(plfm_node_agent::image::run_cli(

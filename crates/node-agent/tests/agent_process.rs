@@ -107,7 +107,7 @@ async fn dev_config_instances_reach_ready_within_ten_seconds() {
     let instances = repo_root().join("config/instances").canonicalize().unwrap();
     let cfg = dev
         .replace(
-            "\"/run/plfm/agent.sock\"",
+            "\"../.plfm-dev/agent.sock\"",
             &format!("{:?}", env.path("agent.sock").display().to_string()),
         )
         .replace("\"../.plfm-dev\"", "\"data\"")
@@ -184,6 +184,85 @@ async fn cli_stop_and_drain_carry_their_reason_codes() {
             "plfm_agent_status_transitions_total{status=\"stopped\",reason=\"node_draining\"} 1"
         ),
         "{metrics}"
+    );
+}
+
+/// `start` lifts an operator stop and `undrain` ends a node drain: the instances run
+/// again, and an agent restart keeps both decisions (nothing is stopped again).
+#[tokio::test]
+async fn start_lifts_an_operator_stop_and_undrain_ends_a_drain_across_a_restart() {
+    let env = Env::new("prepare_ms = 0\nboot_ms = 50\nstop_ms = 10");
+    for i in ["a", "b"] {
+        env.write_assignment(&format!("{i}.json"), &assignment_json(i, 1));
+    }
+    let mut agent = env.spawn();
+    wait_statuses(&agent, "ready", Duration::from_secs(10), |l| {
+        all_ready(l, 2)
+    })
+    .await;
+    let stopped = |id: &'static str| {
+        move |l: &[InstanceView]| {
+            l.iter()
+                .any(|v| v.instance_id == id && v.status == Status::Stopped)
+        }
+    };
+    // Nothing to start while a runs.
+    let out = env.cli(&["start", "a"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not stopped by an operator"),
+        "{out:?}"
+    );
+    assert!(env.cli(&["stop", "a"]).status.success());
+    wait_statuses(&agent, "a stopped", Duration::from_secs(10), stopped("a")).await;
+    let out = env.cli(&["start", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_statuses(&agent, "a ready again", Duration::from_secs(10), |l| {
+        all_ready(l, 2)
+    })
+    .await;
+    assert!(env.cli(&["drain"]).status.success());
+    wait_statuses(&agent, "drained", Duration::from_secs(10), |l| {
+        l.len() == 2 && l.iter().all(|v| v.status == Status::Stopped)
+    })
+    .await;
+    assert!(env.cli(&["undrain"]).status.success());
+    wait_statuses(
+        &agent,
+        "ready after undrain",
+        Duration::from_secs(10),
+        |l| all_ready(l, 2),
+    )
+    .await;
+    // A stop lifted and a drain ended stay so after a restart.
+    assert!(env.cli(&["stop", "b"]).status.success());
+    wait_statuses(&agent, "b stopped", Duration::from_secs(10), stopped("b")).await;
+    assert!(env.cli(&["start", "b"]).status.success());
+    wait_statuses(&agent, "b ready", Duration::from_secs(10), |l| {
+        all_ready(l, 2)
+    })
+    .await;
+    assert!(agent.terminate(Duration::from_secs(20)).success());
+    let agent = env.spawn();
+    wait_statuses(
+        &agent,
+        "ready after the restart",
+        Duration::from_secs(10),
+        |l| all_ready(l, 2),
+    )
+    .await;
+    let row = |id: &str| {
+        env.store()
+            .load_instances()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.instance_id == id)
+            .unwrap()
+    };
+    assert_eq!(row("b").operator_stopped_generation, None);
+    assert_eq!(
+        env.store().meta_get("node_state").unwrap().as_deref(),
+        Some("active")
     );
 }
 

@@ -145,7 +145,7 @@ async fn operator_stop_body(dir: std::path::PathBuf) {
         t.status("a") == Some(Status::Stopped)
     })
     .await;
-    t.wait_delivered().await;
+    delivered(&t).await;
     assert_eq!(
         t.statuses_of("a"),
         vec![
@@ -215,7 +215,17 @@ async fn body(dir: std::path::PathBuf) {
         t.node().status.degraded().is_none()
     })
     .await;
-    t.wait_delivered().await;
+    delivered(&t).await;
     assert_eq!(t.statuses_of("b"), vec![Status::Booting, Status::Ready]);
     assert_eq!(t.statuses_of("a"), vec![Status::Booting, Status::Ready]);
+}
+
+/// Waits until every report is delivered, moving the clock: reports that failed while
+/// the disk was full wait in the outbox's retry backoff (up to 30 s on the node's
+/// clock), which only a moving clock ends.
+async fn delivered(t: &TestNode) {
+    t.wait_for("outbox to drain", STEP, |t| {
+        t.node().store.outbox_depth().unwrap() == 0
+    })
+    .await;
 }

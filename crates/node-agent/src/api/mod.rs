@@ -49,7 +49,9 @@ pub fn router(state: ApiState, rules: access::Access) -> Router {
         .route("/v1/instances/{id}", get(one))
         .route("/v1/instances/{id}/reports", get(reports))
         .route("/v1/instances/{id}/stop", post(stop))
+        .route("/v1/instances/{id}/start", post(start))
         .route("/v1/node/drain", post(drain))
+        .route("/v1/node/undrain", post(undrain))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             rules,
@@ -200,6 +202,34 @@ async fn stop(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     match s.supervisor.stop_instance(id.clone()).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "instance_id": id, "stopping": true, "reason_code": "terminated_by_operator" }))).into_response(),
         Err(e @ OperatorError::UnknownInstance(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn start(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    match s.supervisor.start_instance(id.clone()).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "instance_id": id, "starting": true })),
+        )
+            .into_response(),
+        Err(e @ OperatorError::UnknownInstance(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ OperatorError::NotStopped(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn undrain(State(s): State<ApiState>) -> Response {
+    match s.supervisor.undrain_node().await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "node_state": "active" })),
+        )
+            .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -44,6 +44,9 @@ pub enum OperatorError {
     /// The supervisor is gone.
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// `start` of an instance no operator stopped.
+    #[error("instance {0} was not stopped by an operator (nothing to start)")]
+    NotStopped(String),
 }
 
 /// What the node's instances reserve (for heartbeats).
@@ -65,7 +68,9 @@ enum Command {
     Apply(Plan, oneshot::Sender<()>),
     Usage(oneshot::Sender<Usage>),
     Stop(InstanceId, oneshot::Sender<Result<(), OperatorError>>),
+    Start(InstanceId, oneshot::Sender<Result<(), OperatorError>>),
     DrainNode(oneshot::Sender<()>),
+    UndrainNode(oneshot::Sender<()>),
     Shutdown(ShutdownMode, oneshot::Sender<()>),
 }
 
@@ -150,6 +155,26 @@ impl Supervisor {
             .await
             .map_err(|_| OperatorError::ShuttingDown)?;
         rx.await.map_err(|_| OperatorError::ShuttingDown)?
+    }
+
+    /// Undoes an operator stop: the instance runs its current spec again.
+    pub async fn start_instance(&self, id: InstanceId) -> Result<(), OperatorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Start(id, tx))
+            .await
+            .map_err(|_| OperatorError::ShuttingDown)?;
+        rx.await.map_err(|_| OperatorError::ShuttingDown)?
+    }
+
+    /// Ends a node drain: instances run again and new ones boot.
+    pub async fn undrain_node(&self) -> Result<(), OperatorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::UndrainNode(tx))
+            .await
+            .map_err(|_| OperatorError::ShuttingDown)?;
+        rx.await.map_err(|_| OperatorError::ShuttingDown)
     }
 
     /// Drains the node: every instance stops with `node_draining`, nothing new boots.
@@ -255,6 +280,34 @@ impl SupervisorTask {
                     _ => Err(OperatorError::UnknownInstance(id.to_string())),
                 };
                 let _ = reply.send(r);
+            }
+            Command::Start(id, reply) => {
+                let r = if !self.slots.contains_key(&id) {
+                    Err(OperatorError::UnknownInstance(id.to_string()))
+                } else if self.operator_stops.remove(&id).is_none() {
+                    Err(OperatorError::NotStopped(id.to_string()))
+                } else {
+                    self.push(&id);
+                    tracing::info!(instance = %id, "operator start (stop lifted)");
+                    let iid = id.to_string();
+                    self.writer
+                        .write("operator start", move |s| s.set_operator_stop(&iid, None))
+                        .await;
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
+            Command::UndrainNode(reply) => {
+                self.node_draining = false;
+                tracing::info!("node drain ended");
+                let ids: Vec<_> = self.slots.keys().cloned().collect();
+                for id in ids {
+                    self.push(&id);
+                }
+                self.writer
+                    .write("node undrain", |s| s.meta_set("node_state", "active"))
+                    .await;
+                let _ = reply.send(());
             }
             Command::DrainNode(reply) => {
                 self.node_draining = true;

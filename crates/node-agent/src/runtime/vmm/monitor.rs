@@ -29,6 +29,10 @@ use crate::instance::ReasonCode;
 use crate::runtime::{RuntimeError, VmEvent, VmHandle};
 use crate::spec::InstanceId;
 
+/// How long the monitor keeps reading the guest channel after the VMM exited, for
+/// messages still in flight (it stops as soon as the channel closes).
+const GUEST_DRAIN: Duration = Duration::from_secs(2);
+
 /// What a monitor needs.
 pub struct MonitorArgs {
     /// Instance id (the guest's `hello` must name it).
@@ -321,10 +325,20 @@ async fn run(
             super::logs::cap_log(path, *max);
         }
     };
-    let status = tokio::select! {
-        s = watch.exited() => s,
-        _ = guest(&g, &mut events, &mut stop_rx, &workload_exit) => watch.exited().await,
-        _ = capper => watch.exited().await,
+    let status = {
+        let guest = guest(&g, &mut events, &mut stop_rx, &workload_exit);
+        tokio::pin!(guest);
+        tokio::select! {
+            s = watch.exited() => {
+                // What the guest said last (the workload's exit, and whether it had to
+                // be SIGKILLed) can still be in flight when the VMM is already gone:
+                // hear it out until the channel closes, for a moment at most.
+                let _ = tokio::time::timeout(GUEST_DRAIN, &mut guest).await;
+                s
+            }
+            _ = &mut guest => watch.exited().await,
+            _ = capper => watch.exited().await,
+        }
     };
     let _ = exit_tx.send(Some(status));
     let detail = g.evidence.attach(status.describe(exit_meaning));
@@ -342,7 +356,8 @@ async fn run(
     events.send(ev);
 }
 
-/// Serves the guest channel; returns only when there is nothing more to hear from it.
+/// Serves the guest channel; returns only when there is nothing more to hear from it
+/// (the channel closed).
 async fn guest(
     a: &GuestSide,
     events: &mut Events,
@@ -393,7 +408,7 @@ async fn guest(
                     if let Some(oom) = a.oom.as_ref().and_then(|f| f()) {
                         events.send(VmEvent::Failed(RuntimeError::HostOom(format!("{oom}; guest channel closed").into())));
                     }
-                    return std::future::pending().await;
+                    return;
                 }
                 }
             },
