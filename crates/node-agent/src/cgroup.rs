@@ -153,6 +153,23 @@ pub fn own_cgroup_of(proc_self_cgroup: &str, version: Version, controller: &str)
     })
 }
 
+/// The processes listed in the `cgroup.procs` of any of `dirs` (sorted, once each);
+/// a directory that cannot be read lists none.
+pub fn procs_of(dirs: &[std::path::PathBuf]) -> Vec<u32> {
+    let mut pids: Vec<u32> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 /// The `oom_kill N` counter from the text of v2 `memory.events` or v1
 /// `memory.oom_control`.
 pub fn parse_oom_kills(text: &str) -> Option<u64> {
@@ -661,20 +678,7 @@ mod linux {
 
         /// Processes in the group (in any of its directories).
         pub fn pids(&self) -> Vec<u32> {
-            let mut pids: Vec<u32> = self
-                .dirs
-                .iter()
-                .flat_map(|d| {
-                    std::fs::read_to_string(d.join("cgroup.procs"))
-                        .unwrap_or_default()
-                        .lines()
-                        .filter_map(|l| l.trim().parse().ok())
-                        .collect::<Vec<u32>>()
-                })
-                .collect();
-            pids.sort_unstable();
-            pids.dedup();
-            pids
+            super::procs_of(&self.dirs)
         }
 
         /// Removes every directory of the group, retrying while its processes drain

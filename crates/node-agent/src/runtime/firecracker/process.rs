@@ -311,19 +311,7 @@ impl JailerCgroups {
 
     /// Pids in the VMM group `id` (any controller).
     pub fn pids(&self, id: &str) -> Vec<u32> {
-        let mut pids: Vec<u32> = self
-            .dirs(id)
-            .iter()
-            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-            .flat_map(|t| {
-                t.lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect::<Vec<u32>>()
-            })
-            .collect();
-        pids.sort_unstable();
-        pids.dedup();
-        pids
+        crate::cgroup::procs_of(&self.dirs(id))
     }
 }
 
