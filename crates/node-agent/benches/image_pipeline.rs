@@ -107,14 +107,7 @@ fn main() {
         return;
     }
     for tool in ["docker-registry", "mkfs.ext4", "debugfs", "skopeo", "umoci"] {
-        if Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-        {
+        if image_support::which(tool).is_none() {
             eprintln!("SKIP image_pipeline bench: {tool} not installed");
             return;
         }

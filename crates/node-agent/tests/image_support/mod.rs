@@ -24,7 +24,7 @@ pub const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
