@@ -1,5 +1,7 @@
 //! Operator subcommands that talk to a running agent's local API (`status`, `stop`,
-//! `start`, `drain`, `undrain`) and print a table, or JSON with `--json`.
+//! `start`, `drain`, `undrain`, and in their own modules `describe` and `events`) and
+//! print a table, or JSON with `--json`; and the generated shell completions and man
+//! pages ([`generate`]).
 //!
 //! This module formats and calls; it holds no logic of its own. Every request has a
 //! timeout, and a daemon that does not answer is named in the error.
@@ -10,6 +12,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::status::view::InstanceView;
+
+pub mod describe;
+pub mod events;
+pub mod generate;
+pub mod human;
+pub mod pull_progress;
 
 /// The agent's local API as the CLI reaches it: its Unix socket (`api.socket`).
 pub struct Api {
@@ -33,7 +41,7 @@ impl Api {
         })
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.get(format!("http://localhost{path}"))
     }
 
@@ -41,7 +49,7 @@ impl Api {
         self.client.post(format!("http://localhost{path}"))
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         req: reqwest::RequestBuilder,
         what: &str,
@@ -77,7 +85,7 @@ pub async fn status(api: &Api, json: bool) -> anyhow::Result<()> {
     }
     let list: Vec<InstanceView> =
         serde_json::from_value(body).context("unexpected instance list")?;
-    print!("{}", table(&list));
+    print!("{}", table(&list, chrono::Utc::now()));
     // A degraded node (disk full, control plane refusing its requests) is said below
     // the table: the statuses above may not be what the platform sees.
     if let Ok(resp) = api.get("/healthz").send().await {
@@ -106,18 +114,20 @@ pub async fn status(api: &Api, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renders instances as a fixed-width table.
-pub fn table(list: &[InstanceView]) -> String {
+/// Renders instances as a fixed-width table; `SINCE` is how long each has had its
+/// status (from `updated_at`, relative to `now`).
+pub fn table(list: &[InstanceView], now: chrono::DateTime<chrono::Utc>) -> String {
     let mut out = format!(
-        "{:<24} {:>4} {:<9} {:<24} {:>5} {:>8}  {}\n",
-        "INSTANCE", "GEN", "STATUS", "REASON", "EXIT", "RESTARTS", "MESSAGE"
+        "{:<24} {:>4} {:<9} {:>7} {:<24} {:>5} {:>8}  {}\n",
+        "INSTANCE", "GEN", "STATUS", "SINCE", "REASON", "EXIT", "RESTARTS", "MESSAGE"
     );
     for v in list {
         out.push_str(&format!(
-            "{:<24} {:>4} {:<9} {:<24} {:>5} {:>8}  {}\n",
+            "{:<24} {:>4} {:<9} {:>7} {:<24} {:>5} {:>8}  {}\n",
             v.instance_id,
             v.generation,
             v.status.as_str(),
+            human::age(&v.updated_at, now),
             v.reason_code.map(|r| r.as_str()).unwrap_or("-"),
             v.exit_code
                 .map(|c| c.to_string())

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use plfm_node_agent::config::{Config, LogFormat};
 use plfm_node_agent::{agent, cli};
 
@@ -58,6 +58,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show one instance in detail: spec summary, addresses, tap, disks, VMM pids,
+    /// restarts, current status and its last reports.
+    Describe {
+        /// Instance id.
+        instance_id: String,
+        /// Print the full object as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the status reports of the node, or of one instance, newest last.
+    Events {
+        /// Instance id (all instances when left out).
+        instance_id: Option<String>,
+        /// Show at most this many reports (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Undo an operator stop: the instance runs again (its spec unchanged).
     Start {
         /// Instance id.
@@ -77,6 +97,19 @@ enum Command {
     Image {
         #[command(subcommand)]
         cmd: plfm_node_agent::image::ImageCommand,
+    },
+    /// Print a shell completion script (e.g. `plfm-node-agent completions bash >
+    /// /etc/bash_completion.d/plfm-node-agent`). Needs no agent config.
+    Completions {
+        /// Shell.
+        shell: cli::generate::Shell,
+    },
+    /// Print the man page (roff), or write one page per subcommand into a directory.
+    /// Needs no agent config.
+    Man {
+        /// Write `plfm-node-agent.1`, `plfm-node-agent-status.1`, … here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// Build the platform initramfs (guest init + the kernel modules it needs). Needs no
     /// agent config.
@@ -113,6 +146,30 @@ fn main() -> ExitCode {
         plfm_node_agent::agent::DAEMON_UMASK,
     ));
     let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            cli::generate::completions(Cli::command(), *shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man { out_dir }) => {
+            let done = match out_dir {
+                Some(dir) => cli::generate::man_pages(Cli::command(), dir).map(|files| {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                }),
+                None => cli::generate::man(Cli::command(), &mut std::io::stdout()),
+            };
+            return match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("plfm-node-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     if let Some(Command::BuildInitramfs(args)) = &cli.command {
         return match plfm_node_agent::initramfs::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -176,6 +233,16 @@ fn main() -> ExitCode {
         Command::Start { instance_id, json } => {
             api().and_then(|a| runtime.block_on(cli::start(&a, &instance_id, json)))
         }
+        Command::Describe { instance_id, json } => {
+            api().and_then(|a| runtime.block_on(cli::describe::describe(&a, &instance_id, json)))
+        }
+        Command::Events {
+            instance_id,
+            limit,
+            json,
+        } => api().and_then(|a| {
+            runtime.block_on(cli::events::events(&a, instance_id.as_deref(), limit, json))
+        }),
         Command::Undrain { json } => api().and_then(|a| runtime.block_on(cli::undrain(&a, json))),
         Command::Image { cmd } => {
             let data_dir = config.data_dir.clone();
@@ -185,7 +252,10 @@ fn main() -> ExitCode {
                 config.images,
             ))
         }
-        Command::BuildInitramfs(_) | Command::ExtractVmlinux { .. } => Ok(()),
+        Command::BuildInitramfs(_)
+        | Command::ExtractVmlinux { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

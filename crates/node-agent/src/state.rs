@@ -426,6 +426,39 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
+    /// The last `limit` reports of one instance or of all, oldest first, each with
+    /// whether it still waits in the outbox (`true`) or was delivered (`false`).
+    /// Delivered reports come before queued ones: the outbox delivers in order.
+    pub fn report_history(
+        &self,
+        instance_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, bool)>, StoreError> {
+        let conn = self.lock();
+        let tail = |table: &str| -> Result<Vec<String>, StoreError> {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT report_json FROM (SELECT id, report_json FROM {table} WHERE ?1 IS NULL OR instance_id = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id"
+                ))
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![instance_id, limit as i64], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<Vec<String>, _>>()
+                .map_err(|e| self.err(e))
+        };
+        let delivered = tail("reports")?;
+        let pending = tail("outbox")?;
+        let mut all: Vec<(String, bool)> = delivered
+            .into_iter()
+            .map(|j| (j, false))
+            .chain(pending.into_iter().map(|j| (j, true)))
+            .collect();
+        let skip = all.len().saturating_sub(limit);
+        all.drain(..skip);
+        Ok(all)
+    }
+
     /// Number of reports the local sink has taken.
     pub fn delivered_count(&self) -> Result<i64, StoreError> {
         self.lock()
@@ -559,6 +592,33 @@ mod tests {
         s.deliver_to_local_sink(&ob).unwrap();
         assert_eq!(s.delivered_reports(Some("a")).unwrap().len(), 1);
         assert_eq!(s.outbox_depth().unwrap(), 0);
+    }
+
+    #[test]
+    fn report_history_is_delivered_then_pending_newest_last_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.db")).unwrap();
+        let commit = |id: &str, seq: i64, json: &str| {
+            s.commit_statuses(&[StatusRecord {
+                row: row(id, seq, "booting"),
+                report_json: Some(json.into()),
+            }])
+            .unwrap()
+        };
+        commit("a", 1, "a1");
+        commit("b", 1, "b1");
+        commit("a", 2, "a2");
+        s.deliver_to_local_sink(&s.outbox_peek(10).unwrap())
+            .unwrap();
+        commit("a", 3, "a3");
+        let all = s.report_history(None, 10).unwrap();
+        let seen: Vec<(&str, bool)> = all.iter().map(|(j, p)| (j.as_str(), *p)).collect();
+        assert_eq!(
+            seen,
+            [("a1", false), ("b1", false), ("a2", false), ("a3", true)]
+        );
+        let a = s.report_history(Some("a"), 2).unwrap();
+        assert_eq!(a, [("a2".to_string(), false), ("a3".to_string(), true)]);
     }
 
     #[test]

@@ -282,6 +282,7 @@ fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
         ImageCommand::Pull {
             reference: loose.pinned(),
             json: true,
+            quiet: true,
         },
         data.path(),
         ImageConfig::default(),
@@ -293,6 +294,7 @@ fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
             ImageCommand::Pull {
                 reference: format!("{}/loose:latest", reg.addr),
                 json: false,
+                quiet: true,
             },
             data.path(),
             ImageConfig::default(),
@@ -313,7 +315,7 @@ fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
     .unwrap();
     assert_eq!(daemon.list().unwrap().len(), 2);
     rt.block_on(run_cli(
-        ImageCommand::Gc,
+        ImageCommand::Gc { json: false },
         data.path(),
         ImageConfig::default(),
     ))
@@ -321,4 +323,85 @@ fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
     let left = daemon.list().unwrap();
     assert_eq!(left.len(), 1, "gc must remove only the unreferenced disk");
     assert_eq!(left[0].digest, pinned.digest.as_str());
+}
+
+#[test]
+fn cli_pull_off_a_terminal_prints_one_line_per_layer_and_stage() {
+    if !prerequisites("cli_pull_off_a_terminal_prints_one_line_per_layer_and_stage") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let layers = small_image("progress");
+    let digests: Vec<Digest> = layers.iter().map(|(l, _)| Digest::of(l)).collect();
+    let image = rt.block_on(reg.push("progress", &layers, &config_json(&[], &["x"], &[])));
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"n1\"\ndata_dir = {:?}\n[control_plane]\nmode = \"standalone\"\ndesired_dir = \"desired\"\n[runtime]\nkind = \"mock\"\n",
+            data.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let pull = || {
+        Command::new(common::agent::BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["image", "pull", &image.pinned()])
+            .output()
+            .unwrap()
+    };
+    // stdout and stderr are pipes here, not terminals: plain lines on stderr, and
+    // stdout keeps only the result.
+    let out = pull();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let at = |want: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(want))
+            .unwrap_or_else(|| panic!("no line with {want:?} in:\n{stderr}"))
+    };
+    let announce = at("pulling 2 layer(s)");
+    let mut downloaded = Vec::new();
+    for (i, d) in digests.iter().enumerate() {
+        let line = at(&format!("layer {}/2 {}: downloaded", i + 1, d.short()));
+        assert!(line > announce, "{stderr}");
+        downloaded.push(line);
+        at(&format!("unpacked layer {}/2 {}", i + 1, d.short()));
+    }
+    let unpacking = at("unpacking 2 layer(s)");
+    let mkfs = at("building the ext4 root disk (mkfs)");
+    let built = at("root disk built");
+    assert!(downloaded.iter().all(|&l| l < unpacking), "{stderr}");
+    assert!(unpacking < mkfs && mkfs < built, "{stderr}");
+    for stage in [
+        "pulling ",
+        "layer ",
+        "unpacking ",
+        "unpacked layer",
+        "building the ext4",
+        "root disk built",
+    ] {
+        assert!(
+            !stdout.lines().any(|l| l.starts_with(stage)),
+            "progress leaked into stdout:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.lines().next().is_some_and(|l| l.ends_with(".ext4")),
+        "{stdout}"
+    );
+    // A second pull is a cache hit, and says so.
+    let out = pull();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("root disk found in the cache"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

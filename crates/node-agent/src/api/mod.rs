@@ -1,15 +1,16 @@
 //! The local HTTP API (DESIGN §4): health, metrics, instance statuses, operator stop and
-//! node drain, on the agent's Unix socket (and, when configured, a TCP address with a
+//! node drain, the report history, on the agent's Unix socket (and, when configured, a TCP address with a
 //! bearer token). Who may call it is [`access`]'s to decide, in front of every route.
 //!
 //! This module maps each request to one call on the status manager or the supervisor
 //! and shapes the answer; it holds no state and makes no lifecycle decisions.
 
 pub mod access;
+pub mod detail;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -48,6 +49,7 @@ pub fn router(state: ApiState, rules: access::Access) -> Router {
         .route("/v1/instances", get(list))
         .route("/v1/instances/{id}", get(one))
         .route("/v1/instances/{id}/reports", get(reports))
+        .route("/v1/reports", get(history))
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/instances/{id}/start", post(start))
         .route("/v1/node/drain", post(drain))
@@ -162,7 +164,11 @@ async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
         Some(v) => {
             let mut one = [v];
             with_network(&s.store, &mut one).await;
-            let [v] = one;
+            let [mut v] = one;
+            match detail::instance_detail(&s.store, &id).await {
+                Ok(d) => v.detail = Some(d),
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
             Json(v).into_response()
         }
         None => error(
@@ -190,6 +196,30 @@ async fn reports(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
                 .collect();
             Json(reports).into_response()
         }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Query of `GET /v1/reports`.
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    /// One instance only.
+    instance_id: Option<String>,
+    /// At most this many (the newest), default 100, at most 10 000.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/reports[?instance_id=&limit=]`: the report history of the node (or one
+/// instance), oldest first, with the reports still queued for delivery marked
+/// `pending`.
+async fn history(State(s): State<ApiState>, Query(q): Query<HistoryQuery>) -> Response {
+    let instance = match q.instance_id.as_deref().map(parse_id).transpose() {
+        Ok(id) => id.map(|i| i.to_string()),
+        Err(r) => return r.into_response(),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    match detail::history(&s.store, instance, limit).await {
+        Ok(events) => Json(events).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

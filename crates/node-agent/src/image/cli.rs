@@ -5,6 +5,9 @@
 //! and calls [`run_cli`]; output goes to stdout.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::cli::human;
 
 use super::{ImageConfig, ImageRef, ImageService};
 
@@ -13,12 +16,18 @@ use super::{ImageConfig, ImageRef, ImageService};
 pub enum ImageCommand {
     /// Pull an image by digest and build its root disk; prints the disk path and
     /// timings.
+    ///
+    /// Progress goes to stderr: bars on a terminal, else one line per layer and
+    /// stage as each completes.
     Pull {
         /// `host[:port]/repository@sha256:…` (a tag alone is refused).
         reference: String,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// No progress display.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// List cached root disks with size, last use and references.
     Ls {
@@ -27,7 +36,11 @@ pub enum ImageCommand {
         json: bool,
     },
     /// Evict every root disk that no instance references.
-    Gc,
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs one image command against the cache under `data_dir`.
@@ -38,9 +51,25 @@ pub async fn run_cli(
 ) -> anyhow::Result<()> {
     let svc = ImageService::open(data_dir, config)?;
     match cmd {
-        ImageCommand::Pull { reference, json } => {
+        ImageCommand::Pull {
+            reference,
+            json,
+            quiet,
+        } => {
+            use std::io::IsTerminal;
+
+            use crate::cli::pull_progress::{Mode, Viewer};
             let image = ImageRef::parse_pinned(&reference)?;
-            let (disk, t) = svc.ensure(&image).await?;
+            let mode = match (quiet, std::io::stderr().is_terminal()) {
+                (true, _) => Mode::Quiet,
+                (false, true) => Mode::Bars,
+                (false, false) => Mode::Lines,
+            };
+            let progress = Arc::new(super::progress::PullProgress::new());
+            let viewer = Viewer::start(progress.clone(), mode);
+            let result = svc.ensure_with_progress(&image, Some(progress)).await;
+            viewer.finish().await;
+            let (disk, t) = result?;
             if json {
                 println!(
                     "{}",
@@ -60,15 +89,15 @@ pub async fn run_cli(
             } else {
                 println!("{}", disk.path.display());
                 if t.cache_hit {
-                    println!("cached: {:.1} ms", t.total.as_secs_f64() * 1000.0);
+                    println!("cached: {}", human::duration(t.total));
                 } else {
                     println!(
-                        "pull {:.2} s ({} bytes), unpack {:.2} s, mkfs {:.2} s, total {:.2} s",
-                        t.pull.as_secs_f64(),
-                        t.downloaded_bytes,
-                        t.unpack.as_secs_f64(),
-                        t.mkfs.as_secs_f64(),
-                        t.total.as_secs_f64()
+                        "pull {} ({} downloaded), unpack {}, mkfs {}, total {}",
+                        human::duration(t.pull),
+                        human::bytes(t.downloaded_bytes),
+                        human::duration(t.unpack),
+                        human::duration(t.mkfs),
+                        human::duration(t.total)
                     );
                 }
             }
@@ -89,8 +118,8 @@ pub async fn run_cli(
                     println!(
                         "{:<22} {:>10} {:>10} {:>5}  {:<20}  {}",
                         super::error::short(&r.digest),
-                        human(r.size_bytes),
-                        human(r.allocated_bytes),
+                        human::bytes(r.size_bytes),
+                        human::bytes(r.allocated_bytes),
                         r.refs,
                         last,
                         r.source
@@ -98,12 +127,19 @@ pub async fn run_cli(
                 }
             }
         }
-        ImageCommand::Gc => {
+        ImageCommand::Gc { json } => {
             let report = svc.gc_unreferenced()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "evicted": report.evicted, "freed_bytes": report.freed_bytes })
+                );
+                return Ok(());
+            }
             println!(
                 "evicted {} disk(s), freed {}",
                 report.evicted.len(),
-                human(report.freed_bytes)
+                human::bytes(report.freed_bytes)
             );
             for d in report.evicted {
                 println!("  {d}");
@@ -111,21 +147,6 @@ pub async fn run_cli(
         }
     }
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]
@@ -145,12 +166,9 @@ mod tests {
         assert_eq!(c.cmd, ImageCommand::Ls { json: true });
         let c = Cli::parse_from(["x", "pull", "127.0.0.1:5000/app@sha256:00"]);
         assert!(matches!(c.cmd, ImageCommand::Pull { .. }));
-        assert_eq!(Cli::parse_from(["x", "gc"]).cmd, ImageCommand::Gc);
-    }
-
-    #[test]
-    fn sizes_are_human() {
-        assert_eq!(human(10), "10 B");
-        assert_eq!(human(512 << 20), "512.0 MiB");
+        assert_eq!(
+            Cli::parse_from(["x", "gc"]).cmd,
+            ImageCommand::Gc { json: false }
+        );
     }
 }

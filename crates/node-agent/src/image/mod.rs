@@ -23,6 +23,7 @@ pub mod defaults;
 pub mod error;
 pub mod failures;
 pub mod metrics;
+pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod rootfs;
@@ -173,8 +174,22 @@ impl ImageService {
 
     /// Like [`Self::ensure_root_disk`] without pinning, with timings (the CLI's pull).
     pub async fn ensure(&self, image: &ImageRef) -> Result<(RootDisk, Timings), ImageError> {
+        self.ensure_with_progress(image, None).await
+    }
+
+    /// [`Self::ensure`], reporting bytes per layer, unpack and mkfs into `progress`
+    /// (the CLI's `image pull` display). A pull already in flight for the same digest
+    /// is joined without progress: only its end is seen.
+    pub async fn ensure_with_progress(
+        &self,
+        image: &ImageRef,
+        progress: Option<Arc<progress::PullProgress>>,
+    ) -> Result<(RootDisk, Timings), ImageError> {
         let started = Instant::now();
         if let Some(disk) = self.lookup(&image.digest)? {
+            if let Some(p) = &progress {
+                p.found_in_cache();
+            }
             self.inner.metrics.cache_hits.inc();
             return Ok((
                 disk,
@@ -217,7 +232,7 @@ impl ImageService {
                             svc: svc.clone(),
                             digest: img.digest.clone(),
                         };
-                        let r = svc.build_flight(&img).await.map_err(Arc::new);
+                        let r = svc.build_flight(&img, progress).await.map_err(Arc::new);
                         svc.remember_outcome(&img, r.as_ref().map(|_| ()));
                         r
                     });
@@ -284,7 +299,11 @@ impl ImageService {
         }
     }
 
-    async fn build_flight(&self, image: &ImageRef) -> Result<(RootDisk, Timings), ImageError> {
+    async fn build_flight(
+        &self,
+        image: &ImageRef,
+        progress: Option<Arc<progress::PullProgress>>,
+    ) -> Result<(RootDisk, Timings), ImageError> {
         let deadline = Instant::now() + self.inner.config.image_timeout();
         let timeout_err = || ImageError::LimitExceeded {
             what: format!("image {}", image.digest.short()),
@@ -309,6 +328,9 @@ impl ImageService {
         })??;
         // Another process may have built it while we waited.
         if let Some(disk) = self.lookup(&image.digest)? {
+            if let Some(p) = &progress {
+                p.found_in_cache();
+            }
             return Ok((
                 disk,
                 Timings {
@@ -328,6 +350,7 @@ impl ImageService {
                     tmp: &self.inner.paths.tmp,
                 },
                 &self.inner.metrics,
+                progress.as_deref(),
             ),
         )
         .await
@@ -337,7 +360,7 @@ impl ImageService {
         let svc = self.clone();
         let img = image.clone();
         let (disk, unpack_time, mkfs_time) = tokio::task::spawn_blocking(move || {
-            let r = svc.build_disk(&img, &pulled, deadline);
+            let r = svc.build_disk(&img, &pulled, deadline, progress.as_deref());
             if !svc.inner.config.keep_blobs {
                 for l in &pulled.layers {
                     let _ = std::fs::remove_file(&l.path);
@@ -379,7 +402,14 @@ impl ImageService {
         image: &ImageRef,
         pulled: &pull::PulledImage,
         deadline: Instant,
+        progress: Option<&progress::PullProgress>,
     ) -> Result<(RootDisk, Duration, Duration), ImageError> {
+        let stage = |s| {
+            if let Some(p) = progress {
+                p.advance(s)
+            }
+        };
+        stage(progress::Stage::Unpacking);
         let paths = &self.inner.paths;
         let digest = &image.digest;
         let defaults = ImageDefaults::from_config_json(&pulled.config_json).map_err(|why| {
@@ -410,11 +440,15 @@ impl ImageService {
                 layer.compression,
                 &layer.digest.short(),
             )?;
+            if let Some(p) = progress {
+                p.layer_unpacked();
+            }
         }
         let stats = unpacker.finish()?;
         let unpack_time = t0.elapsed();
         tracing::debug!(digest = %digest, ?stats, "layers unpacked");
         let t1 = Instant::now();
+        stage(progress::Stage::Mkfs);
         let tmp_disk = work.path().join("disk.ext4");
         let size = rootfs::build_ext4(&tree, &tmp_disk, digest, work.path(), deadline)?;
         // The tree is no longer needed; free its space before the rename.
@@ -447,6 +481,7 @@ impl ImageService {
             .map_err(|e| ImageError::build_io("fsync", &paths.disks, e))?;
         self.db().insert(&final_disk, &meta)?;
         let mkfs_time = t1.elapsed();
+        stage(progress::Stage::Done);
         drop(work);
         Ok((
             RootDisk {

@@ -92,6 +92,7 @@ pub async fn pull_image(
     image: &ImageRef,
     dirs: PullDirs<'_>,
     metrics: &ImageMetrics,
+    progress: Option<&super::progress::PullProgress>,
 ) -> Result<PulledImage, ImageError> {
     let started = Instant::now();
     let repo = image.repository_url();
@@ -205,25 +206,48 @@ pub async fn pull_image(
         let path = dirs.blobs.join(digest.hex());
         jobs.push((desc.clone(), digest, compression, path));
     }
+    if let Some(p) = progress {
+        p.set_layers(
+            jobs.iter()
+                .map(|(desc, digest, _, _)| (digest.short(), desc.size.max(0) as u64)),
+        );
+    }
     let client = Arc::new(client);
     // Each download owns its inputs: the futures run inside a spawned task.
     let downloads: Vec<_> = jobs
         .iter()
-        .map(|(desc, digest, _, path)| {
+        .enumerate()
+        .map(|(index, (desc, digest, _, path))| {
             let (client, reference, repo) = (client.clone(), reference.clone(), repo.clone());
             let (desc, digest, path) = (desc.clone(), digest.clone(), path.clone());
             let tmp = dirs.tmp.to_path_buf();
             let metrics = metrics.clone();
             let timeout = config.layer_timeout();
             async move {
+                let done = |cached| {
+                    if let Some(p) = progress {
+                        p.layer_done(index, cached);
+                    }
+                };
                 if path.is_file() {
+                    done(true);
                     return Ok(0u64);
                 }
+                let counted = |n: u64| {
+                    if let Some(p) = progress {
+                        p.received(index, n);
+                    }
+                };
                 let job = download_blob(
-                    &client, &reference, &desc, &digest, &path, &tmp, &repo, &metrics,
+                    &client, &reference, &desc, &digest, &path, &tmp, &repo, &metrics, &counted,
                 );
                 match tokio::time::timeout(timeout, job).await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        if r.is_ok() {
+                            done(false);
+                        }
+                        r
+                    }
                     Err(_) => Err(ImageError::LimitExceeded {
                         what: format!("blob {} from {repo}", digest.short()),
                         limit: "layer_timeout_secs",
@@ -439,6 +463,7 @@ async fn download_blob(
     tmp_dir: &Path,
     repo: &str,
     metrics: &ImageMetrics,
+    received: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, ImageError> {
     let what = format!("blob {}", digest.short());
     let expected = desc.size.max(0) as u64;
@@ -484,6 +509,7 @@ async fn download_blob(
                 }
                 hasher.update(&c);
                 metrics.pull_bytes.inc_by(c.len() as u64);
+                received(c.len() as u64);
                 out.write_all(&c)
                     .await
                     .map_err(|e| ImageError::pull_io("write", tmp.path(), e))?;

@@ -477,6 +477,7 @@ fn view(id: &InstanceId, e: &Entry) -> InstanceView {
         updated_at: e.updated_at.to_string(),
         addresses: None,
         tap: None,
+        detail: None,
     }
 }
 
