@@ -245,15 +245,23 @@ pub fn build_runtime(
         }
     };
     Ok(match config.runtime.kind {
-        RuntimeKind::Mock => Arc::new(
-            MockRuntime::new(
-                config.runtime.mock.clone(),
-                clock,
-                Some(config.data_dir.clone()),
-                store,
+        RuntimeKind::Mock => {
+            // The image counters exist on every node, so dashboards and the metrics
+            // reference (docs/metrics.md) need no case for this runtime; it pulls
+            // nothing, so they stay at 0.
+            if let Some(m) = metrics {
+                m.with_registry(|r| crate::image::ImageMetrics::default().register(r));
+            }
+            Arc::new(
+                MockRuntime::new(
+                    config.runtime.mock.clone(),
+                    clock,
+                    Some(config.data_dir.clone()),
+                    store,
+                )
+                .with_logs(logs),
             )
-            .with_logs(logs),
-        ),
+        }
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Firecracker => {
             let _ = (clock, logs, store, register);

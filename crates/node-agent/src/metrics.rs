@@ -2,7 +2,9 @@
 //! `GET /metrics`.
 //!
 //! This module owns metric definitions and encoding. It must not compute anything the
-//! metrics describe: owners update them where the event happens.
+//! metrics describe: owners update them where the event happens. Every metric here
+//! (and in [`crate::image::ImageMetrics`]) is listed in `docs/metrics.md`; a test
+//! (`tests/cli_operator.rs`) scrapes a running agent and fails on any difference.
 
 use std::sync::Mutex;
 
@@ -51,6 +53,13 @@ pub struct EndpointLabel {
     /// Endpoint.
     pub endpoint: &'static str,
 }
+
+/// Control-plane endpoints the agent calls (the `endpoint` label).
+pub const CP_ENDPOINTS: [&str; 5] = ["plan", "status", "heartbeat", "secrets", "logs"];
+/// Outcomes of a control-plane request (the `outcome` label).
+pub const CP_OUTCOMES: [&str; 4] = ["ok", "http_4xx", "http_5xx", "error"];
+/// What a desired-state rejection is about (the `kind` label of `desired_rejected`).
+pub const REJECTED_KINDS: [&str; 1] = ["assignment"];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -197,6 +206,26 @@ impl Metrics {
             "Workload log lines dropped (queue full or delivery gave up)",
             m.log_lines_dropped.clone(),
         );
+        // Every label set that can occur starts at 0: a family without samples is left
+        // out of the exposition, so a node that never talked to a control plane, or
+        // never rejected an assignment, would otherwise not show these metrics at all
+        // (and `rate()` over a series that appears at its first event misses it).
+        for status in crate::instance::Status::ALL {
+            let _ = m.instances.get_or_create(&StatusLabel {
+                status: status.as_str(),
+            });
+        }
+        for endpoint in CP_ENDPOINTS {
+            let _ = m.cp_latency.get_or_create(&EndpointLabel { endpoint });
+            for outcome in CP_OUTCOMES {
+                let _ = m
+                    .cp_requests
+                    .get_or_create(&RequestLabels { endpoint, outcome });
+            }
+        }
+        for kind in REJECTED_KINDS {
+            let _ = m.rejected.get_or_create(&KindLabel { kind });
+        }
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = root;
         m
     }

@@ -277,7 +277,13 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
             .lines()
             .any(|l| l.starts_with("plfm_agent_cp_requests_total{")
                 && l.contains("endpoint=\"heartbeat\"")
-                && l.contains("outcome=\"http_4xx\"")),
+                && l.contains("outcome=\"http_4xx\"")
+                // every series starts at 0: the refusal must have counted
+                && l
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v >= 1.0)),
         "{metrics}"
     );
     assert!(
