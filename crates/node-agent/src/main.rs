@@ -35,8 +35,12 @@ struct Cli {
 enum Command {
     /// Run the agent daemon (the default).
     Run,
-    /// Validate the configuration and print it as the agent sees it.
-    CheckConfig,
+    /// Validate the configuration and print it as the agent sees it (TOML).
+    CheckConfig {
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
     /// List instances with status, reason code, exit code and restarts.
     Status {
         /// Print JSON instead of a table.
@@ -221,10 +225,13 @@ fn main() -> ExitCode {
             init_logging(&config);
             runtime.block_on(agent::run_daemon(config))
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { json: false } => {
             println!("{}", toml::to_string_pretty(&config).unwrap_or_default());
             Ok(())
         }
+        Command::CheckConfig { json: true } => serde_json::to_string_pretty(&config)
+            .map(|j| println!("{j}"))
+            .map_err(Into::into),
         Command::Status { json } => api().and_then(|a| runtime.block_on(cli::status(&a, json))),
         Command::Stop { instance_id, json } => {
             api().and_then(|a| runtime.block_on(cli::stop(&a, &instance_id, json)))

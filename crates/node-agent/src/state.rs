@@ -130,6 +130,12 @@ CREATE TABLE IF NOT EXISTS reports (
     report_json TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_by_instance ON reports (instance_id, seq);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    report_json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -142,6 +148,10 @@ CREATE TABLE IF NOT EXISTS resources (
     PRIMARY KEY (kind, name)
 );
 "#;
+
+/// Reports delivered to a control plane that the store keeps for `events` (the last
+/// ones; the standalone sink's `reports` are the delivery itself and are all kept).
+pub const HISTORY_KEEP: i64 = 10_000;
 
 /// Columns added after the first schema, added to older databases in place. The check
 /// and the change run in one `BEGIN IMMEDIATE` transaction, so stores opened at the same
@@ -371,16 +381,29 @@ impl Store {
     }
 
     /// Removes delivered reports from the outbox.
+    /// The acknowledged reports move to `history` (for `events`), which keeps the last
+    /// [`HISTORY_KEEP`].
     pub fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         {
+            let mut keep = tx
+                .prepare_cached(
+                    "INSERT INTO history (instance_id, seq, report_json) SELECT instance_id, seq, report_json FROM outbox WHERE id = ?1",
+                )
+                .map_err(|e| self.err(e))?;
             let mut del = tx
                 .prepare_cached("DELETE FROM outbox WHERE id = ?1")
                 .map_err(|e| self.err(e))?;
             for id in ids {
+                keep.execute([id]).map_err(|e| self.err(e))?;
                 del.execute([id]).map_err(|e| self.err(e))?;
             }
+            tx.execute(
+                "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?1",
+                [HISTORY_KEEP],
+            )
+            .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -447,10 +470,11 @@ impl Store {
             rows.collect::<Result<Vec<String>, _>>()
                 .map_err(|e| self.err(e))
         };
-        let delivered = tail("reports")?;
+        // Standalone: the local sink's `reports`; connected: the acknowledged
+        // `history`. A node that changed mode has both, the older first.
+        let delivered = tail("reports")?.into_iter().chain(tail("history")?);
         let pending = tail("outbox")?;
         let mut all: Vec<(String, bool)> = delivered
-            .into_iter()
             .map(|j| (j, false))
             .chain(pending.into_iter().map(|j| (j, true)))
             .collect();
@@ -595,7 +619,7 @@ mod tests {
     }
 
     #[test]
-    fn report_history_is_delivered_then_pending_newest_last_and_limited() {
+    fn report_history_is_delivered_then_pending_newest_last_limited_and_kept_after_an_ack() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("state.db")).unwrap();
         let commit = |id: &str, seq: i64, json: &str| {
@@ -619,6 +643,12 @@ mod tests {
         );
         let a = s.report_history(Some("a"), 2).unwrap();
         assert_eq!(a, [("a2".to_string(), false), ("a3".to_string(), true)]);
+        // Connected mode: an acknowledged report stays in the history.
+        let ob = s.outbox_peek(10).unwrap();
+        s.outbox_ack(&[ob[0].id]).unwrap();
+        assert_eq!(s.outbox_depth().unwrap(), 0);
+        let a = s.report_history(Some("a"), 2).unwrap();
+        assert_eq!(a, [("a2".to_string(), false), ("a3".to_string(), false)]);
     }
 
     #[test]

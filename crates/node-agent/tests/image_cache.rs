@@ -326,8 +326,10 @@ fn cli_pull_ls_and_gc_share_the_cache_with_a_running_service() {
 }
 
 #[test]
-fn cli_pull_off_a_terminal_prints_one_line_per_layer_and_stage() {
-    if !prerequisites("cli_pull_off_a_terminal_prints_one_line_per_layer_and_stage") {
+fn cli_pull_shows_each_layer_and_stage_as_lines_off_a_terminal_and_as_bars_on_one() {
+    if !prerequisites(
+        "cli_pull_shows_each_layer_and_stage_as_lines_off_a_terminal_and_as_bars_on_one",
+    ) {
         return;
     }
     let rt = rt();
@@ -403,5 +405,45 @@ fn cli_pull_off_a_terminal_prints_one_line_per_layer_and_stage() {
         String::from_utf8_lossy(&out.stderr).contains("root disk found in the cache"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // On a terminal (a pseudo-terminal from script(1), when the host has it): bars
+    // per layer, finished, and the stage line ends with the build.
+    if image_support::which("script").is_none() {
+        eprintln!("script(1) missing: the terminal display is not checked");
+        return;
+    }
+    let fresh = tempfile::tempdir().unwrap();
+    let tty_config = fresh.path().join("agent.toml");
+    std::fs::write(
+        &tty_config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            &format!("{:?}", data.path().display().to_string()),
+            &format!("{:?}", fresh.path().display().to_string()),
+        ),
+    )
+    .unwrap();
+    let cmdline = format!(
+        "{} --config {} image pull {}",
+        common::agent::BIN,
+        tty_config.display(),
+        image.pinned()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    for d in &digests {
+        let prefix: String = d.short().chars().take(14).collect();
+        assert!(screen.contains(&prefix), "no bar for {prefix}:\n{screen}");
+    }
+    assert!(screen.contains("done"), "{screen}");
+    assert!(screen.contains("root disk built"), "{screen}");
+    assert!(
+        !screen.contains("pulling 2 layer(s)"),
+        "plain lines on a terminal:\n{screen}"
     );
 }
