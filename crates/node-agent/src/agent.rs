@@ -411,6 +411,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             store: node.store.clone(),
             cp_refusals: client.as_ref().map(|c| c.refusals()),
             notices: node.runtime.notices(),
+            data_dir: config.data_dir.clone(),
         },
         &stop_rx,
     )

@@ -142,8 +142,15 @@ fn describe_and_events_tell_an_instances_life_newest_last() {
     line_with(&text, 0, &["Restart policy:", "always (at most 3 retries"]);
     line_with(&text, 0, &["Overlay IPv6:", &common::overlay_of("web-1")]);
     // A running instance shows the host resources its runtime recorded (the mock
-    // runtime: its directory and VM record).
+    // runtime: its directory and VM record), and the image cache's disk of its digest
+    // once there is one (the mock builds none: the test puts it where the cache would).
+    let root = plfm_node_agent::image::store::CachePaths::new(&env.path("data"))
+        .disk(&plfm_node_agent::image::Digest::parse(common::DIGEST).unwrap());
+    assert!(!env.cli_ok(&["describe", "worker-1"]).contains("Root (ro):"));
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    std::fs::write(&root, b"").unwrap();
     let worker = env.cli_ok(&["describe", "worker-1"]);
+    line_with(&worker, 0, &["Root (ro):", &root.display().to_string()]);
     let resources = line_with(&worker, 0, &["Resources:"]);
     line_with(&worker, resources, &["instance_dir", "worker-1"]);
     line_with(&worker, resources, &["process", "mock-vm.json"]);

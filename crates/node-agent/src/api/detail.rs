@@ -5,6 +5,8 @@
 //! Read-only: this module never writes the store, and it never shows environment
 //! values (only their names), which may hold credentials.
 
+use std::path::Path;
+
 use crate::spec::{AssignmentWire, HealthKind, InstanceId, RestartPolicy};
 use crate::state::{ResourceRow, Store, StoreError};
 use crate::status::view::{EventView, InstanceDetail, ProcessView, ResourceView, SpecSummary};
@@ -13,8 +15,13 @@ use crate::status::view::{EventView, InstanceDetail, ProcessView, ResourceView, 
 pub const RECENT_REPORTS: usize = 10;
 
 /// Reads everything the store knows of `id` beyond its status.
-pub async fn instance_detail(store: &Store, id: &InstanceId) -> Result<InstanceDetail, StoreError> {
+pub async fn instance_detail(
+    store: &Store,
+    id: &InstanceId,
+    data_dir: &Path,
+) -> Result<InstanceDetail, StoreError> {
     let iid = id.to_string();
+    let cache = crate::image::store::CachePaths::new(data_dir);
     store
         .call(move |s| {
             let row = s
@@ -31,6 +38,16 @@ pub async fn instance_detail(store: &Store, id: &InstanceId) -> Result<InstanceD
                 .filter(|r| r.instance_id == iid)
                 .collect();
             let recent_reports = events(s.report_history(Some(&iid), RECENT_REPORTS)?);
+            let spec = wire.as_ref().and_then(summarize);
+            // The image cache's disk of the spec's digest, when it exists: the VM boots
+            // from it read-only (the mock runtime builds none).
+            let root_disk = spec
+                .as_ref()
+                .and_then(|s| s.image_digest.as_deref())
+                .and_then(|d| crate::image::Digest::parse(d).ok())
+                .map(|d| cache.disk(&d))
+                .filter(|p| p.is_file())
+                .map(|p| p.display().to_string());
             Ok(InstanceDetail {
                 desired_state: wire.as_ref().and_then(|w| {
                     serde_json::to_value(w.desired_state)
@@ -38,7 +55,8 @@ pub async fn instance_detail(store: &Store, id: &InstanceId) -> Result<InstanceD
                         .and_then(|v| v.as_str().map(str::to_string))
                 }),
                 operator_stopped_generation: row.and_then(|r| r.operator_stopped_generation),
-                spec: wire.as_ref().and_then(summarize),
+                spec,
+                root_disk,
                 processes: processes(&rows),
                 resources: rows
                     .into_iter()

@@ -38,6 +38,8 @@ pub struct ApiState {
     pub cp_refusals: Option<Arc<crate::control_plane::http::Refusals>>,
     /// What the runtime says about how it runs VMs here ([`crate::runtime::Runtime::notices`]).
     pub notices: Vec<String>,
+    /// The agent's data dir (where the image cache keeps root disks).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// The router, every route behind [`access::authorize`]. Serve it with
@@ -165,7 +167,7 @@ async fn one(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
             let mut one = [v];
             with_network(&s.store, &mut one).await;
             let [mut v] = one;
-            match detail::instance_detail(&s.store, &id).await {
+            match detail::instance_detail(&s.store, &id, &s.data_dir).await {
                 Ok(d) => v.detail = Some(d),
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }

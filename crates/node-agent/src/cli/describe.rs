@@ -178,7 +178,10 @@ pub fn render(v: &InstanceView, now: DateTime<Utc>) -> String {
         .filter(|r| r.kind == "disk" || r.kind == "volume")
         .collect();
     o.push_str("Disks:\n");
-    if disks.is_empty() {
+    if let Some(root) = &d.root_disk {
+        line(&mut o, 2, "Root (ro)", root);
+    }
+    if disks.is_empty() && d.root_disk.is_none() {
         o.push_str("  (none recorded)\n");
     }
     for r in disks {
@@ -223,6 +226,7 @@ mod tests {
             "addresses": {"ipv6": "fd00::5", "ipv4": "169.254.0.2"}, "tap": "plfm-ab12",
             "detail": {
                 "desired_state": "running",
+                "root_disk": "/var/lib/plfm/images/disks/sha256/aa.v1.ext4",
                 "spec": {"generation": 2, "image": "r/app:1", "image_digest": "sha256:aa",
                          "command": [], "env_names": ["A"], "vcpu_count": 2, "cpu_request": 1.0,
                          "memory_limit_bytes": 536870912, "ephemeral_disk_bytes": 4294967296u64,
@@ -253,6 +257,8 @@ mod tests {
             "plfm-ab12",
             "qemu:",
             "pid 4242",
+            "Root (ro):",
+            "/var/lib/plfm/images/disks/sha256/aa.v1.ext4",
             "Scratch:",
             "/var/lib/plfm/disks/web-1.ext4",
             "Recent reports:",

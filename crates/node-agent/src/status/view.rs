@@ -59,6 +59,10 @@ pub struct InstanceDetail {
     /// The desired workload in brief (absent once the instance left the plan).
     #[serde(default)]
     pub spec: Option<SpecSummary>,
+    /// The root disk the instance boots from (the image cache's disk of its digest),
+    /// when it exists.
+    #[serde(default)]
+    pub root_disk: Option<String>,
     /// Host resources recorded for the instance in the resource ledger (`tap`, `disk`,
     /// `volume`, `ipv4`, `uid`, `cgroup`, `process`, `instance_dir`, …).
     #[serde(default)]
