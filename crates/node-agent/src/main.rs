@@ -150,6 +150,19 @@ fn main() -> ExitCode {
         plfm_node_agent::agent::DAEMON_UMASK,
     ));
     let cli = Cli::parse();
+    if !matches!(cli.command, None | Some(Command::Run)) {
+        // The operator commands die quietly of SIGPIPE when their reader goes away
+        // (`events | head`), as other Unix tools do, instead of panicking on the
+        // write; the daemon keeps SIGPIPE ignored (a broken socket is an error there).
+        // SAFETY: single-threaded at this point (no runtime started yet), and
+        // SIG_DFL installs no handler code.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match &cli.command {
         Some(Command::Completions { shell }) => {
             cli::generate::completions(Cli::command(), *shell, &mut std::io::stdout());
