@@ -228,7 +228,7 @@ fn session(conn: OwnedFd, ctx: &Context) {
         return out.finish(&ExecExit::refused("the command is empty"));
     }
     let Some(_slot) = Slot::take() else {
-        return out.finish(&ExecExit::refused(format!(
+        return out.finish(&ExecExit::limit(format!(
             "too many exec sessions: at most {MAX_SESSIONS} at once per instance"
         )));
     };

@@ -115,7 +115,9 @@ pub enum EndReason {
     ClientDisconnect,
     /// An operator (or the instance stopping) ended it.
     OperatorRevoked,
-    /// Refused before it started: too many sessions, instance not ready, bad init.
+    /// Refused: the instance has its maximum of sessions already.
+    Limit,
+    /// Refused before it started: instance unknown or not ready, bad init, no guest.
     Refused,
 }
 
@@ -129,6 +131,7 @@ impl EndReason {
             EndReason::ConnectTimeout => "connect_timeout",
             EndReason::ClientDisconnect => "client_disconnect",
             EndReason::OperatorRevoked => "operator_revoked",
+            EndReason::Limit => "limit",
             EndReason::Refused => "refused",
         }
     }
@@ -152,6 +155,15 @@ impl ExecExit {
         ExecExit {
             exit_code: None,
             reason: EndReason::Refused,
+            message: Some(message.into()),
+        }
+    }
+
+    /// A refusal for the session limit.
+    pub fn limit(message: impl Into<String>) -> ExecExit {
+        ExecExit {
+            exit_code: None,
+            reason: EndReason::Limit,
             message: Some(message.into()),
         }
     }
@@ -349,6 +361,7 @@ mod tests {
             EndReason::ConnectTimeout,
             EndReason::ClientDisconnect,
             EndReason::OperatorRevoked,
+            EndReason::Limit,
             EndReason::Refused,
         ] {
             assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());

@@ -235,13 +235,16 @@ impl ExecService {
         let uds = match self.check(&id) {
             Ok(p) => p,
             Err(r) => {
-                return self
-                    .end_early(&mut cw, who, Some(&parsed), refuse(r.message))
-                    .await
+                let exit = if r.http == 429 {
+                    ExecExit::limit(r.message)
+                } else {
+                    refuse(r.message)
+                };
+                return self.end_early(&mut cw, who, Some(&parsed), exit).await;
             }
         };
         let Some(_slot) = self.take_slot(&id) else {
-            let exit = refuse(format!(
+            let exit = ExecExit::limit(format!(
                 "instance {id} already has {MAX_SESSIONS} exec sessions: at most {MAX_SESSIONS} at once"
             ));
             return self.end_early(&mut cw, who, Some(&parsed), exit).await;
