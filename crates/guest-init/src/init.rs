@@ -191,6 +191,16 @@ impl Init {
 
         phases.mark("modules");
 
+        // Exec sessions: bound now (a test-mode socket path is gone after the root
+        // switch), served once the workload runs. Without it the VM still runs.
+        let exec_listener = match crate::exec::bind(&self.settings.exec) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                console::line(&format!("{e}; exec sessions are off"));
+                None
+            }
+        };
+
         // 3. Handshake: hello → config → ack.
         let instance_id = self.settings.instance_id.clone().ok_or_else(|| {
             start_failed(format!(
@@ -362,6 +372,16 @@ impl Init {
             }
         };
         phases.mark("exec");
+        if let Some(l) = exec_listener {
+            crate::exec::serve(
+                l,
+                crate::exec::Context {
+                    instance_id: instance_id.clone(),
+                    workload: config.workload.clone(),
+                    env: plan.env.clone(),
+                },
+            );
+        }
         let init_elapsed = self.started.elapsed();
         console::line(&format!(
             "workload started: pid {pid}, {:.1} ms after guest init start ({:.1} ms waiting for the host, {:.1} ms own work)",

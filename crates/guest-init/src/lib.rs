@@ -17,6 +17,7 @@
 pub mod channel;
 pub mod console;
 pub mod env;
+pub mod exec;
 pub mod init;
 pub mod modules;
 pub mod mounts;

@@ -14,7 +14,8 @@
 //! - `PLFM_GUEST_INSTANCE_ID=<id>`: the instance id (else the kernel command line);
 //! - `PLFM_GUEST_NET_IFACE=<name>`: the interface to configure (default `eth0`);
 //! - `PLFM_GUEST_MODULES_DIR=<dir>`: module directory (default `/lib/modules/plfm`);
-//! - `PLFM_GUEST_HANDSHAKE_TIMEOUT_MS=<ms>`: handshake deadline (default 5000).
+//! - `PLFM_GUEST_HANDSHAKE_TIMEOUT_MS=<ms>`: handshake deadline (default 5000);
+//! - `PLFM_GUEST_EXEC_SOCKET=<path>`: serve exec sessions on this Unix socket (else vsock 5162).
 //!
 //! In test mode guest init exits (0 after reporting the workload's exit, 1 after a failure)
 //! instead of rebooting. Outside test mode the overrides are ignored.
@@ -25,6 +26,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use plfm_guest_protocol::exec::EXEC_PORT;
 use plfm_guest_protocol::{GUEST_PORT, HOST_CID};
 
 /// Kernel command-line key carrying the instance id.
@@ -71,6 +73,9 @@ pub struct Settings {
     pub modules_dir: PathBuf,
     /// Handshake deadline.
     pub handshake_timeout: Duration,
+    /// Where guest init serves exec sessions: vsock port 5162 of any CID, or (test
+    /// mode, `PLFM_GUEST_EXEC_SOCKET=<path>`) a Unix socket.
+    pub exec: HostChannel,
 }
 
 /// Value of `key=value` on a kernel command line (last one wins, like the kernel).
@@ -106,12 +111,19 @@ impl Settings {
             net_iface: "eth0".into(),
             modules_dir: DEFAULT_MODULES_DIR.into(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            exec: HostChannel::Vsock {
+                cid: libc::VMADDR_CID_ANY,
+                port: EXEC_PORT,
+            },
         };
         if !test_mode {
             return Ok(s);
         }
         if let Some(p) = get("PLFM_GUEST_HOST_SOCKET") {
             s.host = HostChannel::Unix(p.into());
+        }
+        if let Some(p) = get("PLFM_GUEST_EXEC_SOCKET") {
+            s.exec = HostChannel::Unix(p.into());
         }
         if let Some(p) = get("PLFM_GUEST_ROOT_DEVICE") {
             s.root_device = p.into();

@@ -123,6 +123,11 @@ fn reap(workload: Pid) -> Option<Ended> {
                 ended = Some(Ended::Signaled(sig as i32))
             }
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return ended,
+            // Not the workload: an exec session's command waits for it, or an orphan.
+            Ok(WaitStatus::Exited(pid, code)) => crate::exec::reaped(pid, Ended::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                crate::exec::reaped(pid, Ended::Signaled(sig as i32))
+            }
             Ok(_) => continue,
             Err(Errno::EINTR) => continue,
             Err(e) => {

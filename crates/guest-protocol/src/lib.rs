@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod exec;
 mod frame;
 mod message;
 mod reason;

@@ -402,7 +402,9 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     })
     .await?;
 
-    let (api, api_path) = serve_api(
+    let exec =
+        crate::exec::ExecService::new(node.runtime.clone(), node.status.clone(), &node.metrics);
+    let (mut api, api_path) = serve_api(
         &config.api,
         crate::api::ApiState {
             status: node.status.clone(),
@@ -412,10 +414,19 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             cp_refusals: client.as_ref().map(|c| c.refusals()),
             notices: node.runtime.notices(),
             data_dir: config.data_dir.clone(),
+            exec: Some(exec.clone()),
         },
         &stop_rx,
     )
     .await?;
+    if let Some(addr) = config.exec.listen {
+        let auth = crate::exec::gateway::GatewayAuth::from_config(&config.exec)
+            .map_err(AgentError::Api)?;
+        let task = crate::exec::gateway::serve(addr, auth, exec.clone(), stop_rx.clone())
+            .await
+            .map_err(AgentError::Api)?;
+        api.push(task);
+    }
     let api_at = api_path.display().to_string();
 
     let mut tasks = Vec::new();

@@ -39,6 +39,63 @@ pub struct Config {
     /// Image pipeline (pull, unpack, root disks, cache).
     #[serde(default)]
     pub images: crate::image::ImageConfig,
+    /// Exec sessions from the platform's exec gateway.
+    #[serde(default)]
+    pub exec: ExecConfig,
+}
+
+/// The exec gateway listener (DESIGN §4a). Local `exec` through the API needs none of
+/// this; without `listen` there is no gateway listener.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Where the gateway connects (the plfm gateway dials port 5090); off when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// CA bundle that signs the gateway's client certificate (mTLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// This node's certificate for the gateway listener (mTLS).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (mTLS).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Subjects (common name or DNS name) of gateway certificates allowed to open
+    /// sessions; empty: any certificate the CA signed.
+    #[serde(default)]
+    pub allowed_subjects: Vec<String>,
+    /// Addresses allowed to connect without TLS (plaintext).
+    #[serde(default)]
+    pub allow_plaintext_from: Vec<std::net::IpAddr>,
+}
+
+impl ExecConfig {
+    /// Whether mTLS is configured (all three files).
+    pub fn tls(&self) -> bool {
+        self.ca_file.is_some() && self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let set = [&self.ca_file, &self.cert_file, &self.key_file]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if set != 0 && set != 3 {
+            return Err(
+                "exec.ca_file, exec.cert_file, exec.key_file: set all three for mTLS, or none"
+                    .into(),
+            );
+        }
+        if let Some(listen) = self.listen {
+            if !self.tls() && self.allow_plaintext_from.is_empty() {
+                return Err(format!(
+                    "exec.listen: {listen} needs mTLS (exec.ca_file, exec.cert_file, exec.key_file) or exec.allow_plaintext_from; otherwise nobody could open a session"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Logging.
@@ -417,6 +474,7 @@ impl Config {
                 ));
             }
         }
+        self.exec.validate()?;
         if self.api.socket.file_name().is_none() {
             return Err(format!(
                 "api.socket: {} names no file",

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control_plane;
+pub mod exec;
 pub mod guest;
 pub mod health;
 pub mod image;

@@ -96,6 +96,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in a ready instance, like `docker exec`: `exec -it <id> -- /bin/sh`.
+    /// The command runs in the workload's root with its environment and user; the exit
+    /// code is the command's (125 when it could not run). At most 2 sessions per
+    /// instance, 1 hour each.
+    Exec {
+        /// Keep standard input open and send it to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a pseudo-terminal (raw mode and resizes when this is a terminal).
+        #[arg(short, long)]
+        tty: bool,
+        /// Instance id.
+        instance_id: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Operator image commands (like `crictl pull`): pull and build a root disk, list
     /// the cache, evict unreferenced disks. They work with or without a running agent.
     Image {
@@ -150,10 +167,14 @@ fn main() -> ExitCode {
         plfm_node_agent::agent::DAEMON_UMASK,
     ));
     let cli = Cli::parse();
-    if !matches!(cli.command, None | Some(Command::Run)) {
+    if !matches!(
+        cli.command,
+        None | Some(Command::Run) | Some(Command::Exec { .. })
+    ) {
         // The operator commands die quietly of SIGPIPE when their reader goes away
         // (`events | head`), as other Unix tools do, instead of panicking on the
-        // write; the daemon keeps SIGPIPE ignored (a broken socket is an error there).
+        // write; the daemon and `exec` (a live session on a socket, whose end is an
+        // error to report) keep SIGPIPE ignored.
         // SAFETY: single-threaded at this point (no runtime started yet), and
         // SIG_DFL installs no handler code.
         let _ = unsafe {
@@ -264,6 +285,28 @@ fn main() -> ExitCode {
             runtime.block_on(cli::events::events(&a, instance_id.as_deref(), limit, json))
         }),
         Command::Undrain { json } => api().and_then(|a| runtime.block_on(cli::undrain(&a, json))),
+        Command::Exec {
+            interactive,
+            tty,
+            instance_id,
+            command,
+        } => {
+            let args = plfm_node_agent::exec::client::ExecArgs {
+                instance_id,
+                command,
+                interactive,
+                tty,
+            };
+            match runtime.block_on(plfm_node_agent::exec::client::run(&socket, args)) {
+                // Exit at once: a blocked read of the terminal must not hold the
+                // runtime's shutdown.
+                Ok(code) => std::process::exit(code),
+                Err(e) => {
+                    eprintln!("plfm-node-agent: {e:#}");
+                    std::process::exit(plfm_node_agent::exec::client::EXIT_NOT_RUN)
+                }
+            }
+        }
         Command::Image { cmd } => {
             let data_dir = config.data_dir.clone();
             runtime.block_on(plfm_node_agent::image::run_cli(

@@ -40,6 +40,8 @@ pub struct ApiState {
     pub notices: Vec<String>,
     /// The agent's data dir (where the image cache keeps root disks).
     pub data_dir: std::path::PathBuf,
+    /// Exec sessions (absent: the API answers 501).
+    pub exec: Option<Arc<crate::exec::ExecService>>,
 }
 
 /// The router, every route behind [`access::authorize`]. Serve it with
@@ -54,6 +56,7 @@ pub fn router(state: ApiState, rules: access::Access) -> Router {
         .route("/v1/reports", get(history))
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/instances/{id}/start", post(start))
+        .route("/v1/instances/{id}/exec", get(exec))
         .route("/v1/node/drain", post(drain))
         .route("/v1/node/undrain", post(undrain))
         .with_state(state)
@@ -253,6 +256,66 @@ async fn start(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
         Err(e @ OperatorError::NotStopped(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// `GET /v1/instances/{id}/exec` with `Upgrade: plfm-exec`: after `101 Switching
+/// Protocols` the connection carries exec frames ([`crate::exec`]). Refusals that need
+/// no frame (unknown instance, not ready, too many sessions) are plain HTTP errors.
+async fn exec(
+    State(s): State<ApiState>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<access::Caller>,
+    Path(id): Path<String>,
+    req: axum::extract::Request,
+) -> Response {
+    let Some(svc) = s.exec.clone() else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "exec is not available on this agent".into(),
+        );
+    };
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("plfm-exec"));
+    if !wants {
+        return error(
+            StatusCode::UPGRADE_REQUIRED,
+            "exec needs `Connection: Upgrade` and `Upgrade: plfm-exec`, then exec frames".into(),
+        );
+    }
+    if let Err(r) = svc.check(&id) {
+        let code = StatusCode::from_u16(r.http).unwrap_or(StatusCode::CONFLICT);
+        return error(code, r.message);
+    }
+    let who = match caller {
+        access::Caller::Local { uid, pid, .. } => match pid {
+            Some(pid) => format!("local uid {uid} (pid {pid})"),
+            None => format!("local uid {uid}"),
+        },
+        access::Caller::Tcp(addr) => format!("api token holder at {addr}"),
+        access::Caller::Unknown => "unknown".into(),
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                svc.serve(hyper_util::rt::TokioIo::new(upgraded), &who, Some(&id))
+                    .await
+            }
+            Err(e) => tracing::warn!(instance = %id, error = %e, "exec: the upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "plfm-exec")
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn undrain(State(s): State<ApiState>) -> Response {

@@ -292,6 +292,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// The VM this runtime tracks for an instance right now, if any.
     fn current_vm(&self, id: &InstanceId) -> Option<VmHandle>;
 
+    /// The host end of the instance's running VM's vsock device (the hybrid-vsock Unix
+    /// socket through which the host connects to guest ports, e.g. exec on 5162);
+    /// `None` when the runtime has no such device or no VM runs.
+    fn guest_vsock(&self, _id: &InstanceId) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Removes every host resource of an instance (idempotent; the VM must be stopped).
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError>;
 }

@@ -321,6 +321,10 @@ pub struct Lab {
     mock_stop_ms: Mutex<u64>,
     /// Extra `[runtime.qemu]` lines ([`Lab::qemu_config`]).
     runtime_extra: Mutex<String>,
+    /// An `[exec]` table replacing the lab's own ([`Lab::exec_config`]).
+    exec_table: Mutex<Option<String>>,
+    /// The exec gateway port (plaintext from 127.0.0.1 unless [`Lab::exec_config`]).
+    pub exec_port: u16,
     agent: Mutex<Option<Arc<AgentProcess>>>,
     pub shared: bool,
 }
@@ -443,6 +447,8 @@ impl Lab {
             mock_faults: Mutex::new(BTreeMap::new()),
             mock_stop_ms: Mutex::new(50),
             runtime_extra: Mutex::new(String::new()),
+            exec_table: Mutex::new(None),
+            exec_port: crate::common::free_port(),
             agent: Mutex::new(None),
             shared,
         })
@@ -524,8 +530,13 @@ rescan_interval_ms = 200
 [agent]
 boot_timeout_seconds = 170
 reconcile_interval_ms = 200
+{exec}
 {runtime}"#,
-            kind = self.kind.name()
+            kind = self.kind.name(),
+            exec = lock(&self.exec_table).clone().unwrap_or_else(|| format!(
+                "[exec]\nlisten = \"127.0.0.1:{}\"\nallow_plaintext_from = [\"127.0.0.1\"]",
+                self.exec_port
+            )),
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }
@@ -852,6 +863,11 @@ reconcile_interval_ms = 200
     /// the sandboxed processes by the lab's path).
     pub fn jail_dir(&self) -> PathBuf {
         self.root.join("jails")
+    }
+
+    /// Replaces the lab's `[exec]` table (before start); `{port}` is [`Lab::exec_port`].
+    pub fn exec_config(&self, table: &str) {
+        *lock(&self.exec_table) = Some(table.replace("{port}", &self.exec_port.to_string()));
     }
 
     /// Adds lines to the `[runtime.qemu]` table of the agent's config (before start).

@@ -1087,6 +1087,10 @@ impl Runtime for FirecrackerRuntime {
         self.vms.current(id)
     }
 
+    fn guest_vsock(&self, id: &InstanceId) -> Option<PathBuf> {
+        self.vms.get(id).map(|vm| vm.record.vsock_uds.clone())
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(id);
         if let Some(state) = self.vms.remove(id) {

@@ -765,6 +765,12 @@ impl Runtime for QemuRuntime {
         self.vms.current(id)
     }
 
+    fn guest_vsock(&self, id: &InstanceId) -> Option<PathBuf> {
+        let vm = self.vms.get(id)?;
+        let jail = vm.record.record.sandbox.as_ref().map(|s| s.dir.clone());
+        Some(Paths::of(self.instance_dir(id), jail.as_deref()).uds)
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         self.vms.remove(id);
         lock(&self.prepared).remove(id);
