@@ -8,7 +8,8 @@
 #   3. writes the instance spec (with the pushed digest) into .plfm-demo/desired and runs
 #      the agent with config/demo.toml (config/dev.toml switched to the qemu runtime, TCG);
 #   4. waits until the instance is `ready` (HTTP health check passed), shows `status`
-#      with its addresses and fetches the page from the VM with curl;
+#      with its addresses, fetches the page from the VM with curl and reads the same
+#      file inside the VM with `exec`;
 #   5. Ctrl-C (SIGINT) or SIGTERM: the agent drains and stops the VM (`on_shutdown = "drain"`), the
 #      registry stops, and the script checks that no VM process, tap, nftables chain or
 #      mount is left; it exits 0 only then.
@@ -507,6 +508,14 @@ if [ -n "$ipv6" ]; then
     say "(IPv6 fetch failed; the IPv4 link is what the health check uses)"
   fi
 fi
+echo
+echo "\$ plfm-node-agent --config config/demo.toml exec $instance -- cat /www/index.html"
+exec_out="$("$bin" --config "$cfg" exec "$instance" -- cat /www/index.html)" || die "exec into $instance failed"
+printf '%s\n' "$exec_out"
+case "$exec_out" in
+  *"instance $instance"*) ;;
+  *) die "exec into $instance did not show the page the VM serves" ;;
+esac
 echo
 
 ns_prefix=""

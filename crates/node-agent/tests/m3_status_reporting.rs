@@ -592,3 +592,48 @@ async fn a_guest_repeating_workload_started_cannot_hold_off_a_failing_health_che
     })
     .await;
 }
+
+/// `ready` follows the workload's first passing probe closely: until then probes retry
+/// 20 ms after a failure, doubling up to `interval_seconds` (here 10 s), instead of a
+/// whole interval later; and those fast failures count at most once per interval, so
+/// three of them do not make `healthcheck_failed` with a grace period of 0.
+#[tokio::test]
+async fn ready_comes_with_the_first_passing_probe_not_an_interval_later() {
+    let t = TestNode::start(MockConfig::instant()).await;
+    t.mock
+        .inject(&id("fast"), MockFault::HealthFailsUntil { ms: 300 });
+    let mut v = assignment_json("fast", 1);
+    v["workload"]["health"] = json!({"type": "http", "port": 8080, "path": "/", "interval_seconds": 10, "timeout_seconds": 1, "grace_period_seconds": 0, "success_threshold": 1, "failure_threshold": 3});
+    t.apply(plan(1, vec![decode(&v)])).await;
+    t.settle().await;
+    let mut elapsed = Duration::ZERO;
+    while t.status("fast") != Some(Status::Ready) {
+        assert_ne!(
+            t.status("fast"),
+            Some(Status::Failed),
+            "{:?}",
+            last(&t, "fast")
+        );
+        assert!(
+            elapsed < Duration::from_secs(30),
+            "never ready: {:?}",
+            last(&t, "fast")
+        );
+        t.clock.advance(Duration::from_millis(10));
+        t.settle().await;
+        elapsed += Duration::from_millis(10);
+    }
+    // Probes at 0, 20, 60, 140, 300 ms: the one at 300 ms passes.
+    assert!(
+        elapsed <= Duration::from_millis(320),
+        "ready {elapsed:?} after the start, with the workload answering from 300 ms"
+    );
+    t.wait_delivered().await;
+    let ready = last(&t, "fast").unwrap();
+    assert_eq!(ready.status, Status::Ready);
+    assert!(
+        ready.boot_duration_ms.unwrap() < 1000,
+        "boot_duration_ms {:?}",
+        ready.boot_duration_ms
+    );
+}

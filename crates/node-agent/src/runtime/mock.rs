@@ -143,6 +143,12 @@ pub enum MockFault {
         #[serde(default)]
         repeat_start_ms: u64,
     },
+    /// Health probes fail until this many ms after the workload started (a workload
+    /// that takes a while to listen), then pass.
+    HealthFailsUntil {
+        /// Delay after start.
+        ms: u64,
+    },
 }
 
 struct MockVm {
@@ -559,6 +565,14 @@ impl Runtime for MockRuntime {
         let Some(vm) = vm else {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
+        if let Some(MockFault::HealthFailsUntil { ms }) = self.fault_of(&handle.instance_id) {
+            let until = vm.started_at.plus(Duration::from_millis(
+                self.boot_ms(&handle.instance_id) + ms,
+            ));
+            if self.clock.now() < until {
+                return Err(format!("port {}: connection refused (mock)", check.port));
+            }
+        }
         if let Some(MockFault::HealthFails { after_ms, .. }) = self.fault_of(&handle.instance_id) {
             let from = vm.started_at.plus(Duration::from_millis(
                 self.boot_ms(&handle.instance_id) + after_ms,

@@ -23,6 +23,10 @@ use crate::secrets::{SecretsError, SecretsSource};
 use crate::spec::{Assignment, DesiredState, HealthSpec, InstanceId};
 use crate::status::{Applied, StatusManager, StatusUpdate};
 
+/// The pause after the first failed health probe of a boot; it doubles after each
+/// failure up to `interval_seconds` until the first probe passes.
+pub const FIRST_RETRY: Duration = Duration::from_millis(20);
+
 /// How the message of a `failed` that is retried because of an outage begins; an agent
 /// restarted during the retry reads it back to retry on instead of parking the
 /// instance (a `never` policy would otherwise park it).
@@ -441,20 +445,33 @@ impl Actor {
         if let Some(h) = self.health() {
             let started = self.env.clock.now();
             let grace_end = started.plus(Duration::from_secs(h.grace_period_seconds));
+            let interval = Duration::from_secs(h.interval_seconds);
             let (mut passes, mut failures) = (0u32, 0u32);
+            // Until the first pass, probes follow each other fast (FIRST_RETRY doubling
+            // up to the interval), so `ready` comes as soon as the workload answers;
+            // after it, and once ready, they are `interval_seconds` apart.
+            let mut retry = FIRST_RETRY;
+            let mut passed_once = false;
+            // A failure counts at most once per interval, however fast the probes run,
+            // so `failure_threshold` keeps its meaning.
+            let mut last_counted: Option<Instant> = None;
             loop {
                 match self.probe(&vm, &h).await {
                     Ok(()) => {
                         passes += 1;
                         failures = 0;
+                        passed_once = true;
                         if passes >= h.success_threshold {
                             break;
                         }
                     }
                     Err(e) => {
                         passes = 0;
-                        if self.env.clock.now() >= grace_end {
+                        let now = self.env.clock.now();
+                        let due = last_counted.is_none_or(|t| now.since(t) >= interval);
+                        if now >= grace_end && due {
                             failures += 1;
+                            last_counted = Some(now);
                             if failures >= h.failure_threshold {
                                 let msg = format!("health check never passed ({failures} failures after the grace period): {e}");
                                 return self
@@ -469,10 +486,14 @@ impl Actor {
                         }
                     }
                 }
-                let mut pause = self
-                    .env
-                    .clock
-                    .sleep(Duration::from_secs(h.interval_seconds));
+                let wait = if passed_once {
+                    interval
+                } else {
+                    let w = retry.min(interval);
+                    retry = (retry * 2).min(interval);
+                    w
+                };
+                let mut pause = self.env.clock.sleep(wait);
                 loop {
                     tokio::select! {
                         _ = &mut pause => break,
