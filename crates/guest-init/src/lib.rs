@@ -18,6 +18,7 @@ pub mod channel;
 pub mod console;
 pub mod env;
 pub mod init;
+pub mod logs;
 pub mod modules;
 pub mod mounts;
 pub mod netlink;

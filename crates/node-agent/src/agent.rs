@@ -244,6 +244,12 @@ pub fn build_runtime(
             m.with_registry(|r| images.metrics().register(r));
         }
     };
+    // The VMMs' guests send their lines to `workload.log` and to the shipper.
+    #[cfg(target_os = "linux")]
+    let log_sink = crate::runtime::vmm::workload_logs::LogSink {
+        handle: logs.clone(),
+        file_max_bytes: config.logs.file_max_bytes,
+    };
     Ok(match config.runtime.kind {
         RuntimeKind::Mock => Arc::new(
             MockRuntime::new(
@@ -261,7 +267,7 @@ pub fn build_runtime(
         }
         #[cfg(target_os = "linux")]
         RuntimeKind::Firecracker => {
-            let _ = (clock, logs);
+            let _ = clock;
             let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
                 .map_err(|e| tracing::error!(error = %e, "image service unavailable; root disks cannot be built"))
                 .ok();
@@ -280,12 +286,15 @@ pub fn build_runtime(
                 )
                 .map_err(|e| anyhow::anyhow!(e))?,
             );
-            Arc::new(crate::runtime::firecracker::FirecrackerRuntime::new(
-                config.runtime.firecracker.clone(),
-                &config.data_dir,
-                Some(store),
-                host,
-            ))
+            Arc::new(
+                crate::runtime::firecracker::FirecrackerRuntime::new(
+                    config.runtime.firecracker.clone(),
+                    &config.data_dir,
+                    Some(store),
+                    host,
+                )
+                .with_workload_logs(log_sink),
+            )
         }
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Qemu => {
@@ -309,7 +318,8 @@ pub fn build_runtime(
                     images,
                     store,
                 )
-                .map_err(|e| anyhow::anyhow!(e))?,
+                .map_err(|e| anyhow::anyhow!(e))?
+                .with_workload_logs(log_sink),
             )
         }
     })
@@ -403,13 +413,21 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             store: node.store.clone(),
             cp_refusals: client.as_ref().map(|c| c.refusals()),
             notices: node.runtime.notices(),
+            instances_dir: Some(config.data_dir.join("instances")),
         },
         &stop_rx,
     )
     .await?;
     let api_at = api_path.display().to_string();
 
-    let mut tasks = Vec::new();
+    // Removed instances' logs go after `logs.retention` (or past `logs.retained_bytes`).
+    let mut tasks = vec![tokio::spawn(crate::logstore::run_sweeper(
+        config.data_dir.join("instances"),
+        clock.clone(),
+        config.logs.retention(),
+        config.logs.retained_bytes,
+        stop_rx.clone(),
+    ))];
     match (&client, cp.mode) {
         (Some(client), ControlPlaneMode::Http) => {
             tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %api_at, runtime = node.runtime.kind(), "agent started (connected)");

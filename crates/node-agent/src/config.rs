@@ -39,6 +39,65 @@ pub struct Config {
     /// Image pipeline (pull, unpack, root disks, cache).
     #[serde(default)]
     pub images: crate::image::ImageConfig,
+    /// Workload logs on disk: size cap, retention after removal.
+    #[serde(default)]
+    pub logs: WorkloadLogsConfig,
+}
+
+/// Workload logs on disk (`<data_dir>/instances/<id>/workload.log`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadLogsConfig {
+    /// How long a removed instance's logs stay (`30m`, `24h`, `7d`, or seconds).
+    #[serde(default = "default_logs_retention")]
+    pub retention: String,
+    /// Total size of the logs of all removed instances; past it the oldest removals go
+    /// first.
+    #[serde(default = "default_logs_retained_bytes")]
+    pub retained_bytes: u64,
+    /// Size at which an instance's `workload.log` rotates to `workload.log.1`.
+    #[serde(default = "default_logs_file_max_bytes")]
+    pub file_max_bytes: u64,
+}
+
+impl Default for WorkloadLogsConfig {
+    fn default() -> Self {
+        WorkloadLogsConfig {
+            retention: default_logs_retention(),
+            retained_bytes: default_logs_retained_bytes(),
+            file_max_bytes: default_logs_file_max_bytes(),
+        }
+    }
+}
+
+impl WorkloadLogsConfig {
+    /// The retention as a duration (validated at load).
+    pub fn retention(&self) -> std::time::Duration {
+        crate::logstore::parse_duration(&self.retention)
+            .unwrap_or(std::time::Duration::from_secs(86_400))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::logstore::parse_duration(&self.retention)
+            .map_err(|e| format!("logs.retention: {e}"))?;
+        if self.file_max_bytes < 64 * 1024 {
+            return Err(format!(
+                "logs.file_max_bytes: {} is below 65536",
+                self.file_max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_logs_retention() -> String {
+    "24h".into()
+}
+fn default_logs_retained_bytes() -> u64 {
+    1 << 30
+}
+fn default_logs_file_max_bytes() -> u64 {
+    crate::runtime::vmm::workload_logs::DEFAULT_FILE_MAX_BYTES
 }
 
 /// Logging.
@@ -295,8 +354,9 @@ pub enum ConfigError {
     },
 }
 
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "images",
+    "logs",
     "node_id",
     "data_dir",
     "log",
@@ -451,6 +511,7 @@ impl Config {
                 .validate()
                 .map_err(|e| format!("runtime.qemu.{e}"))?;
         }
+        self.logs.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())

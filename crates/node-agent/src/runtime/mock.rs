@@ -657,20 +657,22 @@ impl Runtime for MockRuntime {
         self.vm(id)
     }
 
+    fn instance_dir_of(&self, id: &InstanceId) -> Option<PathBuf> {
+        self.instance_dir(id)
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         if let Some(vm) = lock(&self.vms).remove(id) {
             vm.stopped.notify_waiters();
         }
         if let Some(dir) = self.instance_dir(id) {
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(RuntimeError::VmmStart(
-                        format!("cannot remove {}: {e}", dir.display()).into(),
-                    ))
-                }
+            // Like the real runtimes: the logs stay (removal retires them).
+            if let Err(e) = crate::logstore::remove_all_but_logs(&dir) {
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot clean {}: {e}", dir.display()).into(),
+                ));
             }
+            let _ = std::fs::remove_dir(&dir);
             let iid = id.to_string();
             self.ledger(move |s| {
                 for r in s.resources()?.into_iter().filter(|r| r.instance_id == iid) {
