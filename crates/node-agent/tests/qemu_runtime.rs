@@ -1123,3 +1123,154 @@ fn volume_survives_a_replacement_and_is_refused_to_a_second_instance() {
     );
     assert!(env.root.join("data/volumes/vol-a.ext4").is_file());
 }
+
+/// Lines of `plfm-node-agent logs --json <args>` as (stream, line).
+fn logs_json(env: &Env, args: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut all = vec!["logs", "--json"];
+    all.extend_from_slice(args);
+    let out = env.agent().cli(&all);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            (
+                v["stream"].as_str().unwrap_or("").to_string(),
+                v["line"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Issue 16 (logs): a workload printing on stdout and stderr in a real VM is read back
+/// by `plfm-node-agent logs` with the right streams (guest init captured them, the
+/// agent stored them); `logs -f` prints a line the workload printed after the follow
+/// started and ends when the instance is removed; a removed instance keeps only its
+/// logs, which `logs` still reads; an unknown instance is named in the error.
+#[test]
+fn workload_output_is_read_back_followed_and_kept_after_removal() {
+    if !inside_netns("workload_output_is_read_back_followed_and_kept_after_removal") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    let script = "echo out-first; echo err-first >&2; i=0; while :; do i=$((i+1)); echo tick-$i; sleep 1; done";
+    env.write(
+        "logs-q1.json",
+        &assignment("logs-q1", &image, script, json!({})),
+    );
+    env.spawn();
+    env.wait("logs-q1 ready", Duration::from_secs(100), |v| {
+        v.instance_id == "logs-q1" && v.status == Status::Ready
+    });
+    let lines = Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(300))
+        .until("stdout and stderr lines in `logs`", || {
+            let l = logs_json(&env, &["logs-q1"])?;
+            if l.contains(&("stdout".into(), "out-first".into()))
+                && l.contains(&("stderr".into(), "err-first".into()))
+            {
+                Ok(l)
+            } else {
+                Err(format!("{l:?}"))
+            }
+        });
+    assert!(
+        !lines.iter().any(|(s, l)| s == "stdout" && l == "err-first"),
+        "{lines:?}"
+    );
+    // Guest init's own lines come as `console`.
+    assert!(
+        lines
+            .iter()
+            .any(|(s, l)| s == "console" && l.contains("workload started")),
+        "{lines:?}"
+    );
+    let only_err = logs_json(&env, &["--stream", "stderr", "logs-q1"]).unwrap();
+    assert_eq!(only_err, [("stderr".to_string(), "err-first".to_string())]);
+    let tail = logs_json(&env, &["--tail", "1", "--stream", "stdout", "logs-q1"]).unwrap();
+    assert_eq!(tail.len(), 1, "{tail:?}");
+    // The plain form: `<ts> <stream> <line>`.
+    let plain = env.agent().cli(&["logs", "--stream", "stderr", "logs-q1"]);
+    let plain = String::from_utf8_lossy(&plain.stdout).to_string();
+    assert!(plain.trim_end().ends_with("stderr  err-first"), "{plain:?}");
+
+    // `logs -f`: once it printed the existing lines, a tick numbered above the last one
+    // stored at that moment can only reach it by following.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_plfm-node-agent"))
+        .arg("--config")
+        .arg(env.root.join("agent.toml"))
+        .args(["logs", "-f", "--stream", "stdout", "logs-q1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let out = follow.stdout.take().unwrap();
+        let followed = followed.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let mut f = followed.lock().unwrap();
+                f.push_str(&l);
+                f.push('\n');
+            }
+        })
+    };
+    let seen = |needle: &str| followed.lock().unwrap().contains(needle);
+    Poll::within(Duration::from_secs(20))
+        .every(Duration::from_millis(100))
+        .until("logs -f prints the stored lines", || {
+            seen("out-first").then_some(()).ok_or("not yet")
+        });
+    let last = logs_json(&env, &["--tail", "1", "--stream", "stdout", "logs-q1"]).unwrap();
+    let n: u64 = last[0].1.trim_start_matches("tick-").parse().unwrap_or(0);
+    let next = format!("tick-{}\n", n + 1);
+    Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(100))
+        .until("logs -f prints a line printed after it started", || {
+            seen(&next).then_some(()).ok_or("not yet")
+        });
+
+    // Removal: the follow ends, only the logs stay, and `logs` still reads them.
+    std::fs::remove_file(env.root.join("desired/logs-q1.json")).unwrap();
+    let dir = env.root.join("data/instances/logs-q1");
+    Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(200))
+        .until("the instance is removed", || {
+            dir.join("removed").exists().then_some(()).ok_or("not yet")
+        });
+    let status = Poll::within(Duration::from_secs(20))
+        .every(Duration::from_millis(100))
+        .until("logs -f ends after the removal", || {
+            follow.try_wait().ok().flatten().ok_or("running")
+        });
+    assert!(status.success(), "{status}");
+    reader.join().unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert!(
+        left.iter()
+            .all(|n| n == "removed" || n.ends_with(".log") || n.ends_with(".log.1")),
+        "{left:?}"
+    );
+    assert!(left.contains(&"workload.log".to_string()), "{left:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("workload.log"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let kept = logs_json(&env, &["logs-q1"]).unwrap();
+    assert!(
+        kept.contains(&("stderr".into(), "err-first".into())),
+        "{kept:?}"
+    );
+    let err = logs_json(&env, &["nosuch"]).unwrap_err();
+    assert!(err.contains("no instance nosuch"), "{err}");
+}

@@ -330,4 +330,62 @@ mod tests {
         read(d.path(), &Query::default(), |l| all.push(l.line));
         assert!(!all.iter().any(|l| l == "intruder"));
     }
+
+    struct Collect(std::sync::Mutex<Vec<crate::logs::LogEntry>>);
+
+    #[async_trait::async_trait]
+    impl crate::logs::LogDestination for Collect {
+        async fn send(&self, e: &[crate::logs::LogEntry]) -> Result<(), String> {
+            self.0.lock().unwrap().extend_from_slice(e);
+            Ok(())
+        }
+    }
+
+    /// The lines also go to the agent's shipper (connected mode: the control plane),
+    /// with the guest's time, their stream and the instance.
+    #[tokio::test]
+    async fn lines_are_pushed_to_the_shipper_with_the_guest_time() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = d.path().join("v.sock");
+        let dest = std::sync::Arc::new(Collect(Default::default()));
+        let clock: crate::clock::SharedClock =
+            std::sync::Arc::new(crate::clock::SystemClock::new());
+        let (_stop, stop_rx) = watch::channel(false);
+        let handle = crate::logs::start(
+            dest.clone(),
+            clock,
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
+            stop_rx,
+        );
+        let logs = listen(
+            "a",
+            &uds,
+            d.path(),
+            &LogSink {
+                handle,
+                file_max_bytes: 1 << 20,
+            },
+            |_| Ok(()),
+        )
+        .unwrap();
+        let (_tx, rx) = watch::channel(None);
+        tokio::spawn(serve(logs, rx));
+        let mut s = std::os::unix::net::UnixStream::connect(log_socket_path(&uds)).unwrap();
+        s.write_all(b"{\"type\":\"hello\",\"instance_id\":\"a\"}\n{\"type\":\"line\",\"ts_ms\":1700000000123,\"stream\":\"stderr\",\"line\":\"shipped\"}\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dest.0.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing shipped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = dest.0.lock().unwrap()[0].clone();
+        assert_eq!(
+            (
+                got.instance_id.as_str(),
+                got.stream.as_str(),
+                got.line.as_str(),
+                got.ts.as_str()
+            ),
+            ("a", "stderr", "shipped", "2023-11-14T22:13:20.123Z")
+        );
+    }
 }
