@@ -686,6 +686,29 @@ kind = "mock"
     }
 
     #[test]
+    fn workload_log_keys_default_and_are_validated_with_the_key_named() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(86_400));
+        assert_eq!(c.logs.retained_bytes, 1 << 30);
+        let c = load(&format!("{MIN}\n[logs]\nretention = \"30m\"\n"), &[]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(1800));
+        let err = load(&format!("{MIN}\n[logs]\nretention = \"a day\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logs.retention"), "{err}");
+        let err = load(&format!("{MIN}\n[logs]\nfile_max_bytes = 10\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logs.file_max_bytes"), "{err}");
+        let err = load(&format!("{MIN}\n[logs]\nkeep = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep"), "{err}");
+        let c = load(MIN, &[("PLFM_LOGS__RETENTION", "2h")]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(7200));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = load(&format!("{MIN}\n[api]\nlisten_port = 3\n"), &[])
             .unwrap_err()
