@@ -7,8 +7,9 @@
 //! pipes as fast as the workload writes and only ever take a short lock on the ring;
 //! when the ring is full (the host is slow or absent), the oldest lines are dropped and
 //! counted, and the host is told how many ([`LogMessage::Dropped`], shown as a marker
-//! line). The sender reconnects every [`RECONNECT_INTERVAL`] when the connection is
-//! lost (agent restart). The workload's output is not copied to the serial console
+//! line). The sender runs at nice 19 (a flood of output costs the workload the pipe
+//! readers' work, not the shipping's) and reconnects every [`RECONNECT_INTERVAL`] when
+//! the connection is lost (agent restart). The workload's output is not copied to the serial console
 //! (slow under emulation). This module must not talk on the host channel (port 5161)
 //! and must not block PID 1: everything here runs in its own threads, except
 //! [`flush`], which waits with a deadline.
@@ -374,9 +375,25 @@ fn encode(msgs: &[LogMessage], out: &mut Vec<u8>) {
     }
 }
 
+/// Lowers the calling thread's CPU priority to nice 19: shipping lines must not take
+/// the CPU from the workload (on a one-vCPU VM it would); when the sender falls behind,
+/// the ring drops the oldest lines instead.
+fn lower_priority() {
+    // SAFETY: setpriority(2) with `who` 0 changes the nice value of the calling thread
+    // only (Linux threads have their own); it touches no memory.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, 19) };
+    if rc != 0 {
+        crate::console::line(&format!(
+            "log sender: cannot lower its priority: {}",
+            io::Error::last_os_error()
+        ));
+    }
+}
+
 /// The sender: connect, say hello, ship batches; on any error count what was lost,
-/// wait and reconnect. Runs for the life of the VM.
+/// wait and reconnect. Runs for the life of the VM, at the lowest CPU priority.
 fn sender(shared: &Shared, target: &HostChannel, hello: &LogMessage) {
+    lower_priority();
     loop {
         let mut conn = match connect(target) {
             Ok(c) => c,

@@ -17,6 +17,8 @@
 #![cfg(target_os = "linux")]
 
 mod common;
+#[path = "support/control_plane.rs"]
+mod control_plane;
 mod image_support;
 #[path = "support/vm_host.rs"]
 mod vm_host;
@@ -1381,4 +1383,74 @@ fn log_flood_bench() {
         peak.load(std::sync::atomic::Ordering::SeqCst) / 1024
     );
     env.kill9();
+}
+
+/// Issue 16 (logs, connected mode): the lines a workload prints in a real VM reach the
+/// control plane (`POST /v1/nodes/{id}/logs`, the in-test control plane, which parses
+/// each body as plfm's node API does) with their instance and stream.
+#[test]
+fn connected_control_plane_receives_the_workload_lines() {
+    if !inside_netns("connected_control_plane_receives_the_workload_lines") {
+        return;
+    }
+    let (mut env, image) = Env::new(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cp = rt.block_on(control_plane::FakeCp::start(control_plane::new_state(
+        "qemu-test-node",
+        1,
+        None,
+    )));
+    let script = "echo to-the-cp; echo err-to-the-cp >&2; sleep 3600";
+    cp.set_plan(1, vec![assignment("logs-cp1", &image, script, json!({}))]);
+    let cfg_path = env.root.join("agent.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let standalone = "mode = \"standalone\"\ndesired_dir = \"desired\"\nrescan_interval_ms = 200";
+    assert!(cfg.contains(standalone), "{cfg}");
+    let cfg = cfg.replace(
+        standalone,
+        &format!(
+            "mode = \"http\"\nurl = \"{}\"\npoll_interval_ms = 200\nheartbeat_interval_secs = 1",
+            cp.url("http")
+        ),
+    );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    env.spawn();
+    let got = Poll::within(Duration::from_secs(120))
+        .every(Duration::from_millis(300))
+        .until("the workload's lines at the control plane", || {
+            let entries: Vec<(String, String, String)> = cp
+                .state
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|b| b["entries"].as_array().cloned().unwrap_or_default())
+                .map(|e| {
+                    (
+                        e["instance_id"].as_str().unwrap_or("").to_string(),
+                        e["stream"].as_str().unwrap_or("").to_string(),
+                        e["line"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            let want = |stream: &str, line: &str| {
+                entries.contains(&("logs-cp1".into(), stream.into(), line.into()))
+            };
+            if want("stdout", "to-the-cp") && want("stderr", "err-to-the-cp") {
+                Ok(entries)
+            } else {
+                Err(format!("{} entries so far", entries.len()))
+            }
+        });
+    assert!(
+        !got.iter()
+            .any(|(_, s, l)| s == "stdout" && l == "err-to-the-cp"),
+        "{got:?}"
+    );
+    env.kill9();
+    drop(rt);
 }
