@@ -1148,7 +1148,8 @@ fn logs_json(env: &Env, args: &[&str]) -> Result<Vec<(String, String)>, String> 
 
 /// Issue 16 (logs): a workload printing on stdout and stderr in a real VM is read back
 /// by `plfm-node-agent logs` with the right streams (guest init captured them, the
-/// agent stored them); `logs -f` prints a line the workload printed after the follow
+/// agent stored them); after an agent restart (adoption) new lines are still stored;
+/// `logs -f` prints a line the workload printed after the follow
 /// started and ends when the instance is removed; a removed instance keeps only its
 /// logs, which `logs` still reads; an unknown instance is named in the error.
 #[test]
@@ -1197,6 +1198,31 @@ fn workload_output_is_read_back_followed_and_kept_after_removal() {
     let plain = env.agent().cli(&["logs", "--stream", "stderr", "logs-q1"]);
     let plain = String::from_utf8_lossy(&plain.stdout).to_string();
     assert!(plain.trim_end().ends_with("stderr  err-first"), "{plain:?}");
+
+    // The agent restarts (SIGKILL): it adopts the VM, binds the log socket again, and
+    // the guest reconnects: lines printed after the restart are stored.
+    let tick = |env: &Env| -> u64 {
+        logs_json(env, &["--tail", "1", "--stream", "stdout", "logs-q1"])
+            .ok()
+            .and_then(|l| l.first()?.1.strip_prefix("tick-")?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = tick(&env);
+    env.kill9();
+    env.spawn();
+    env.wait("logs-q1 adopted", Duration::from_secs(60), |v| {
+        v.instance_id == "logs-q1" && v.status == Status::Ready
+    });
+    Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(300))
+        .until("lines printed after the agent restart", || {
+            let now = tick(&env);
+            if now > before + 1 {
+                Ok(now)
+            } else {
+                Err(now)
+            }
+        });
 
     // `logs -f`: once it printed the existing lines, a tick numbered above the last one
     // stored at that moment can only reach it by following.
