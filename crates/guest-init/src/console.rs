@@ -1,6 +1,7 @@
 //! Console output of guest init: one prefixed line per event on stderr (the VM's serial
 //! console). The contract: callers pass text that contains no secret value; this module
-//! adds nothing but the prefix.
+//! adds nothing but the prefix. Once the log stream runs, each line also goes to the
+//! host as stream `console` ([`crate::logs::console`]).
 
 use std::io::Write;
 
@@ -11,4 +12,6 @@ pub const PREFIX: &str = "plfm-guest-init: ";
 pub fn line(msg: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "{PREFIX}{msg}");
+    drop(err);
+    crate::logs::console(msg);
 }

@@ -231,6 +231,11 @@ impl Init {
             target: self.reconnect_target(&target),
             hello,
         };
+        crate::logs::start(
+            crate::logs::log_target(&reconnect.target),
+            instance_id.clone(),
+            reconnect.hello.boot_id.clone(),
+        );
         self.channel = Some(channel);
         let config = match self.channel.as_mut().map(|c| c.recv_until(deadline)) {
             Some(Ok(Some(HostMessage::Config(c)))) => c,
@@ -421,6 +426,8 @@ impl Init {
                     workload::Ended::Exited(c) => (Some(c), None),
                     workload::Ended::Signaled(s) => (None, Some(s)),
                 };
+                // What the workload wrote reaches the host before its exit is told.
+                crate::logs::flush(Instant::now() + Duration::from_secs(2));
                 console::line(&format!(
                     "workload ended: {} {}{}",
                     if code.is_some() {

@@ -19,6 +19,7 @@ pub mod console;
 pub mod env;
 pub mod exec;
 pub mod init;
+pub mod logs;
 pub mod modules;
 pub mod mounts;
 pub mod netlink;

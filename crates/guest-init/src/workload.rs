@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -20,7 +20,7 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use plfm_guest_protocol::{Hello, HostMessage, WorkloadConfig};
+use plfm_guest_protocol::{Hello, HostMessage, LogStream, WorkloadConfig};
 
 use crate::channel::{spawn_reconnect, Channel};
 use crate::console;
@@ -55,7 +55,9 @@ pub enum Ended {
 }
 
 /// Starts the workload. On failure returns the exit code a shell would give (127 for a
-/// missing program or cwd, 126 otherwise) and the reason.
+/// missing program or cwd, 126 otherwise) and the reason. Its stdout and stderr are
+/// pipes drained into the log stream ([`crate::logs::capture`]) once that runs; before,
+/// it inherits the console.
 pub fn spawn(cfg: &WorkloadConfig, env: &BTreeMap<String, String>) -> Result<Pid, (i32, String)> {
     let Some((program, args)) = cfg.argv.split_first() else {
         return Err((127, "workload argv is empty".to_string()));
@@ -67,6 +69,13 @@ pub fn spawn(cfg: &WorkloadConfig, env: &BTreeMap<String, String>) -> Result<Pid
         .current_dir(cfg.cwd.as_deref().unwrap_or("/"))
         .uid(cfg.uid)
         .gid(cfg.gid);
+    if let (Some(out), Some(err)) = (
+        crate::logs::capture(LogStream::Stdout),
+        crate::logs::capture(LogStream::Stderr),
+    ) {
+        // stdin stays the console's (reads of it block, as before).
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+    }
     // SAFETY: the closure runs in the forked child before exec and only calls
     // sigprocmask(2) and setsid(2), which are async-signal-safe and touch no memory of
     // the parent. The mask is cleared explicitly because guest init blocks the signals

@@ -317,11 +317,40 @@ fn start_guest(o: &GuestOpts) -> Guest {
             }
         });
     }
+    collect_workload_logs(&o.socket, console.clone());
     Guest {
         child,
         console,
         started,
     }
+}
+
+/// Serves the log port next to the host channel (`<uds>_5163`): the workload's lines
+/// (and guest init's) arrive there, not on the console; they are added to `console` so
+/// that the tests can wait for them in one place.
+fn collect_workload_logs(host_socket: &Path, console: Arc<Mutex<String>>) {
+    let s = host_socket.to_string_lossy();
+    let path = PathBuf::from(format!("{}_5163", s.strip_suffix("_5161").unwrap_or(&s)));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the log socket");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let console = console.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(conn).lines().map_while(Result::ok) {
+                    if let Ok(plfm_guest_protocol::LogMessage::Line(l)) =
+                        plfm_guest_protocol::decode_line(line.as_bytes())
+                    {
+                        if l.stream == plfm_guest_protocol::LogStream::Console {
+                            continue;
+                        }
+                        let mut c = console.lock().unwrap();
+                        c.push_str(&format!("[{}] {}\n", l.stream.as_str(), l.line));
+                    }
+                }
+            });
+        }
+    });
 }
 
 impl Guest {

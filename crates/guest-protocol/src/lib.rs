@@ -13,6 +13,9 @@
 //! host → guest  stop {deadline_ms}        (any time after ack)
 //! ```
 //!
+//! The workload's output travels on a second connection, to port [`LOG_PORT`]
+//! (see [`LogMessage`]).
+//!
 //! Every message is a JSON object with a `type` field. Unknown fields are ignored so
 //! that either side may add optional fields; a `hello` with another `protocol` number or
 //! a `config` with another `config_version` is refused ([`ProtocolError::UnsupportedProtocol`],
@@ -27,6 +30,7 @@
 
 pub mod exec;
 mod frame;
+mod logs;
 mod message;
 mod reason;
 
@@ -34,6 +38,9 @@ mod reason;
 mod async_frame;
 
 pub use frame::{decode_line, encode_line, MessageReader, MessageWriter, ProtocolError};
+pub use logs::{
+    cut_line, dropped_marker, LogLine, LogMessage, LogStream, LOG_PORT, MAX_LOG_LINE_BYTES,
+};
 pub use message::{
     Config, GuestMessage, Hello, HostMessage, Ipv4Config, MountConfig, NetworkConfig,
     SecretsConfig, SecretsData, StatusEvent, WorkloadConfig, DEFAULT_SECRETS_PATH,

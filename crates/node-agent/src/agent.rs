@@ -244,6 +244,12 @@ pub fn build_runtime(
             m.with_registry(|r| images.metrics().register(r));
         }
     };
+    // The VMMs' guests send their lines to `workload.log` and to the shipper.
+    #[cfg(target_os = "linux")]
+    let log_sink = crate::runtime::vmm::workload_logs::LogSink {
+        handle: logs.clone(),
+        file_max_bytes: config.logs.file_max_bytes,
+    };
     Ok(match config.runtime.kind {
         RuntimeKind::Mock => {
             // The image counters exist on every node, so dashboards and the metrics
@@ -269,7 +275,7 @@ pub fn build_runtime(
         }
         #[cfg(target_os = "linux")]
         RuntimeKind::Firecracker => {
-            let _ = (clock, logs);
+            let _ = clock;
             let images = crate::image::ImageService::open(&config.data_dir, config.images.clone())
                 .map_err(|e| tracing::error!(error = %e, "image service unavailable; root disks cannot be built"))
                 .ok();
@@ -288,12 +294,15 @@ pub fn build_runtime(
                 )
                 .map_err(|e| anyhow::anyhow!(e))?,
             );
-            Arc::new(crate::runtime::firecracker::FirecrackerRuntime::new(
-                config.runtime.firecracker.clone(),
-                &config.data_dir,
-                Some(store),
-                host,
-            ))
+            Arc::new(
+                crate::runtime::firecracker::FirecrackerRuntime::new(
+                    config.runtime.firecracker.clone(),
+                    &config.data_dir,
+                    Some(store),
+                    host,
+                )
+                .with_workload_logs(log_sink),
+            )
         }
         #[cfg(not(target_os = "linux"))]
         RuntimeKind::Qemu => {
@@ -317,7 +326,8 @@ pub fn build_runtime(
                     images,
                     store,
                 )
-                .map_err(|e| anyhow::anyhow!(e))?,
+                .map_err(|e| anyhow::anyhow!(e))?
+                .with_workload_logs(log_sink),
             )
         }
     })
@@ -415,6 +425,7 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
             notices: node.runtime.notices(),
             data_dir: config.data_dir.clone(),
             exec: Some(exec.clone()),
+            instances_dir: Some(config.data_dir.join("instances")),
         },
         &stop_rx,
     )
@@ -429,7 +440,14 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
     }
     let api_at = api_path.display().to_string();
 
-    let mut tasks = Vec::new();
+    // Removed instances' logs go after `logs.retention` (or past `logs.retained_bytes`).
+    let mut tasks = vec![tokio::spawn(crate::logstore::run_sweeper(
+        config.data_dir.join("instances"),
+        clock.clone(),
+        config.logs.retention(),
+        config.logs.retained_bytes,
+        stop_rx.clone(),
+    ))];
     match (&client, cp.mode) {
         (Some(client), ControlPlaneMode::Http) => {
             tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %api_at, runtime = node.runtime.kind(), "agent started (connected)");

@@ -1,7 +1,7 @@
-//! Operator subcommands that talk to a running agent's local API (`status`, `stop`,
-//! `start`, `drain`, `undrain`, and in their own modules `describe` and `events`) and
-//! print a table, or JSON with `--json`; and the generated shell completions and man
-//! pages ([`generate`]).
+//! Operator subcommands that talk to a running agent's local API (`status`, `logs`,
+//! `stop`, `start`, `drain`, `undrain`, and in their own modules `describe` and
+//! `events`) and print a table, or JSON with `--json`; and the generated shell
+//! completions and man pages ([`generate`]).
 //!
 //! This module formats and calls; it holds no logic of its own. Every request has a
 //! timeout, and a daemon that does not answer is named in the error.
@@ -23,6 +23,8 @@ pub mod pull_progress;
 pub struct Api {
     socket: PathBuf,
     client: reqwest::Client,
+    /// For streamed answers (`logs -f`): a connect timeout, no total one.
+    streaming: reqwest::Client,
 }
 
 impl Api {
@@ -35,9 +37,17 @@ impl Api {
             .unix_socket(socket)
             .build()
             .context("cannot build the HTTP client")?;
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(3600))
+            .no_proxy()
+            .unix_socket(socket)
+            .build()
+            .context("cannot build the HTTP client")?;
         Ok(Api {
             socket: socket.to_path_buf(),
             client,
+            streaming,
         })
     }
 
@@ -191,6 +201,105 @@ pub async fn undrain(api: &Api, json: bool) -> anyhow::Result<()> {
         println!("{body}");
     } else {
         println!("node active again: instances run and new ones boot");
+    }
+    Ok(())
+}
+
+/// What `logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogsArgs {
+    /// Keep printing new lines until the instance stops.
+    pub follow: bool,
+    /// RFC 3339 time or a duration back from now (`10m`).
+    pub since: Option<String>,
+    /// Only the last N lines.
+    pub tail: Option<usize>,
+    /// Only `stdout`, `stderr` or `console`.
+    pub stream: Option<String>,
+    /// Print the JSON lines as the API sends them.
+    pub json: bool,
+}
+
+/// How a stored line is printed without `--json`: `<ts> <stream> <line>`, with
+/// ` [truncated]` when the line was cut.
+pub fn render_line(l: &crate::logstore::StoredLine) -> String {
+    format!(
+        "{} {:<7} {}{}",
+        l.ts,
+        l.stream,
+        l.line,
+        if l.truncated { " [truncated]" } else { "" }
+    )
+}
+
+/// `logs [-f] [--since] [--tail N] [--stream S] [--json] <id>`.
+pub async fn logs(api: &Api, id: &str, a: &LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    crate::spec::InstanceId::parse(id)?;
+    if let Some(s) = a.stream.as_deref() {
+        if plfm_guest_protocol::LogStream::parse(s).is_none() {
+            bail!("--stream: {s:?} is not stdout, stderr or console");
+        }
+    }
+    let mut query: Vec<(&str, String)> = vec![("follow", a.follow.to_string())];
+    if let Some(s) = &a.since {
+        // Checked here for a clear message; the agent parses it again.
+        crate::api::parse_since(s, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        query.push(("since", s.clone()));
+    }
+    if let Some(t) = a.tail {
+        query.push(("tail", t.to_string()));
+    }
+    if let Some(s) = &a.stream {
+        query.push(("stream", s.clone()));
+    }
+    let client = if a.follow {
+        &api.streaming
+    } else {
+        &api.client
+    };
+    let mut resp = client
+        .get(format!("http://localhost/v1/instances/{id}/logs"))
+        .query(&query)
+        .send()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the agent's API at {} (is the agent running with this config, and may this user use it: root or api.socket_group?)",
+                api.socket.display()
+            )
+        })?;
+    let code = resp.status();
+    if !code.is_success() {
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let msg = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no detail");
+        bail!("logs {id}: {code}: {msg}");
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let stdout = std::io::stdout();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("logs {id}: the stream broke"))?
+    {
+        pending.extend_from_slice(&chunk);
+        let mut out = stdout.lock();
+        let mut start = 0;
+        while let Some(i) = pending[start..].iter().position(|b| *b == b'\n') {
+            let line = &pending[start..start + i];
+            start += i + 1;
+            if a.json {
+                out.write_all(line)?;
+                out.write_all(b"\n")?;
+            } else if let Ok(l) = serde_json::from_slice::<crate::logstore::StoredLine>(line) {
+                writeln!(out, "{}", render_line(&l))?;
+            }
+        }
+        pending.drain(..start);
+        out.flush()?;
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub struct Config {
     /// Exec sessions from the platform's exec gateway.
     #[serde(default)]
     pub exec: ExecConfig,
+    /// Workload logs on disk: size cap, retention after removal.
+    #[serde(default)]
+    pub logs: WorkloadLogsConfig,
 }
 
 /// The exec gateway listener (DESIGN §4a). Local `exec` through the API needs none of
@@ -96,6 +99,62 @@ impl ExecConfig {
         }
         Ok(())
     }
+}
+
+/// Workload logs on disk (`<data_dir>/instances/<id>/workload.log`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadLogsConfig {
+    /// How long a removed instance's logs stay (`30m`, `24h`, `7d`, or seconds).
+    #[serde(default = "default_logs_retention")]
+    pub retention: String,
+    /// Total size of the logs of all removed instances; past it the oldest removals go
+    /// first.
+    #[serde(default = "default_logs_retained_bytes")]
+    pub retained_bytes: u64,
+    /// Size at which an instance's `workload.log` rotates to `workload.log.1`.
+    #[serde(default = "default_logs_file_max_bytes")]
+    pub file_max_bytes: u64,
+}
+
+impl Default for WorkloadLogsConfig {
+    fn default() -> Self {
+        WorkloadLogsConfig {
+            retention: default_logs_retention(),
+            retained_bytes: default_logs_retained_bytes(),
+            file_max_bytes: default_logs_file_max_bytes(),
+        }
+    }
+}
+
+impl WorkloadLogsConfig {
+    /// The retention as a duration (validated at load).
+    pub fn retention(&self) -> std::time::Duration {
+        crate::logstore::parse_duration(&self.retention)
+            .unwrap_or(std::time::Duration::from_secs(86_400))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::logstore::parse_duration(&self.retention)
+            .map_err(|e| format!("logs.retention: {e}"))?;
+        if self.file_max_bytes < 64 * 1024 {
+            return Err(format!(
+                "logs.file_max_bytes: {} is below 65536",
+                self.file_max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_logs_retention() -> String {
+    "24h".into()
+}
+fn default_logs_retained_bytes() -> u64 {
+    1 << 30
+}
+fn default_logs_file_max_bytes() -> u64 {
+    crate::runtime::vmm::workload_logs::DEFAULT_FILE_MAX_BYTES
 }
 
 /// Logging.
@@ -352,8 +411,9 @@ pub enum ConfigError {
     },
 }
 
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "images",
+    "logs",
     "node_id",
     "data_dir",
     "log",
@@ -509,6 +569,7 @@ impl Config {
                 .validate()
                 .map_err(|e| format!("runtime.qemu.{e}"))?;
         }
+        self.logs.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())
@@ -680,6 +741,29 @@ kind = "mock"
             .unwrap_err()
             .to_string();
         assert!(err.contains("hvf"), "{err}");
+    }
+
+    #[test]
+    fn workload_log_keys_default_and_are_validated_with_the_key_named() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(86_400));
+        assert_eq!(c.logs.retained_bytes, 1 << 30);
+        let c = load(&format!("{MIN}\n[logs]\nretention = \"30m\"\n"), &[]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(1800));
+        let err = load(&format!("{MIN}\n[logs]\nretention = \"a day\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logs.retention"), "{err}");
+        let err = load(&format!("{MIN}\n[logs]\nfile_max_bytes = 10\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("logs.file_max_bytes"), "{err}");
+        let err = load(&format!("{MIN}\n[logs]\nkeep = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep"), "{err}");
+        let c = load(MIN, &[("PLFM_LOGS__RETENTION", "2h")]).unwrap();
+        assert_eq!(c.logs.retention(), std::time::Duration::from_secs(7200));
     }
 
     #[test]

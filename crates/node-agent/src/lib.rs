@@ -25,6 +25,7 @@ pub mod image;
 pub mod initramfs;
 pub mod instance;
 pub mod logs;
+pub mod logstore;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod network;

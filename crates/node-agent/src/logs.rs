@@ -84,6 +84,34 @@ impl LogHandle {
     }
 }
 
+impl LogHandle {
+    /// Queues a line that carries its own time (RFC 3339, e.g. the guest's) and cut
+    /// mark; never blocks.
+    pub fn push_entry(
+        &self,
+        instance_id: &str,
+        stream: &str,
+        line: &str,
+        truncated: bool,
+        ts: String,
+    ) {
+        let Some(tx) = &self.tx else { return };
+        let (line, cut) = cut(line);
+        let entry = LogEntry {
+            ts,
+            instance_id: instance_id.to_string(),
+            stream: stream.to_string(),
+            line,
+            truncated: truncated || cut,
+        };
+        if tx.try_send(entry).is_err() {
+            if let Some(m) = &self.metrics {
+                m.log_lines_dropped.inc();
+            }
+        }
+    }
+}
+
 fn cut(line: &str) -> (String, bool) {
     if line.len() <= MAX_LINE_BYTES {
         return (line.to_string(), false);

@@ -47,6 +47,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print an instance's workload logs (stdout, stderr and guest init's console
+    /// lines), also a removed instance's while they are retained.
+    Logs {
+        /// Instance id.
+        instance_id: String,
+        /// Follow: print new lines as they come, until the instance stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only lines since an RFC 3339 time or a duration ago (10m, 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Only this stream: stdout, stderr or console.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Print JSON lines ({ts, stream, line, truncated}).
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop one instance (reported as terminated_by_operator); it stays stopped, also
     /// across agent restarts, until `start` or a new spec.
     Stop {
@@ -269,6 +290,23 @@ fn main() -> ExitCode {
         Command::Status { json } => api().and_then(|a| runtime.block_on(cli::status(&a, json))),
         Command::Stop { instance_id, json } => {
             api().and_then(|a| runtime.block_on(cli::stop(&a, &instance_id, json)))
+        }
+        Command::Logs {
+            instance_id,
+            follow,
+            since,
+            tail,
+            stream,
+            json,
+        } => {
+            let args = cli::LogsArgs {
+                follow,
+                since,
+                tail,
+                stream,
+                json,
+            };
+            api().and_then(|a| runtime.block_on(cli::logs(&a, &instance_id, &args)))
         }
         Command::Drain { json } => api().and_then(|a| runtime.block_on(cli::drain(&a, json))),
         Command::Start { instance_id, json } => {

@@ -320,10 +320,16 @@ fn assert_nothing_left(rig: &Rig, store: &Store, id: &str, cgroups: &[PathBuf]) 
     );
     let rules = run("nft", &["list", "table", "inet", "plfm"]);
     assert!(!rules.contains(&format!("chain {tap}")), "{rules}");
-    assert!(
-        !rig.path(&format!("data/instances/{id}")).exists(),
-        "instance dir left"
-    );
+    // Only logs may stay (a removed instance's until the retention sweep).
+    let dir = rig.path(&format!("data/instances/{id}"));
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !plfm_node_agent::logstore::is_log(n) && n != "removed")
+        .collect();
+    assert!(left.is_empty(), "instance files left: {left:?}");
     assert!(
         !rig.path(&format!("jail/firecracker/{id}")).exists(),
         "jail left"

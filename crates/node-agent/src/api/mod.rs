@@ -1,5 +1,6 @@
-//! The local HTTP API (DESIGN §4): health, metrics, instance statuses, operator stop and
-//! node drain, the report history, on the agent's Unix socket (and, when configured, a TCP address with a
+//! The local HTTP API (DESIGN §4): health, metrics, instance statuses, workload logs,
+//! the report history, exec sessions, operator stop and node drain, on the agent's Unix
+//! socket (and, when configured, a TCP address with a
 //! bearer token). Who may call it is [`access`]'s to decide, in front of every route.
 //!
 //! This module maps each request to one call on the status manager or the supervisor
@@ -42,6 +43,8 @@ pub struct ApiState {
     pub data_dir: std::path::PathBuf,
     /// Exec sessions (absent: the API answers 501).
     pub exec: Option<Arc<crate::exec::ExecService>>,
+    /// `<data_dir>/instances`, where the instances' logs are (`None`: no logs served).
+    pub instances_dir: Option<std::path::PathBuf>,
 }
 
 /// The router, every route behind [`access::authorize`]. Serve it with
@@ -54,6 +57,7 @@ pub fn router(state: ApiState, rules: access::Access) -> Router {
         .route("/v1/instances/{id}", get(one))
         .route("/v1/instances/{id}/reports", get(reports))
         .route("/v1/reports", get(history))
+        .route("/v1/instances/{id}/logs", get(logs))
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/instances/{id}/start", post(start))
         .route("/v1/instances/{id}/exec", get(exec))
@@ -338,4 +342,154 @@ async fn drain(State(s): State<ApiState>) -> Response {
             .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// Query of `GET /v1/instances/{id}/logs`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct LogsQuery {
+    /// Keep the response open and send new lines until the instance stops.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only lines at or after this time: RFC 3339, or a duration back from now (`10m`).
+    pub since: Option<String>,
+    /// Only the last N lines.
+    pub tail: Option<usize>,
+    /// Only `stdout`, `stderr` or `console`.
+    pub stream: Option<String>,
+}
+
+/// Most lines `tail` may ask for (the tail is held in memory).
+pub const MAX_TAIL: usize = 100_000;
+/// How often a followed log is looked at.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Parses `since`: RFC 3339, or a duration back from `now`.
+pub fn parse_since(
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let d = crate::logstore::parse_duration(s).map_err(|_| {
+        format!("since: {s:?} is neither an RFC 3339 time nor a duration (10m, 2h)")
+    })?;
+    Ok(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero()))
+}
+
+/// The instance's workload log as JSON lines (`{ts, stream, line, truncated}`), oldest
+/// first; with `follow`, new lines as they come until the instance is stopped, failed
+/// or removed, or the client goes. Memory stays bounded: lines are streamed through a
+/// small channel, and `tail` keeps at most [`MAX_TAIL`] lines.
+async fn logs(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Response {
+    use crate::instance::Status;
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
+    };
+    let Some(dir) = s.instances_dir.as_ref().map(|d| d.join(id.as_str())) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no logs are kept for instance {id} on this node"),
+        );
+    };
+    let known = s.status.get(&id).is_some();
+    if !known && !dir.join(crate::logstore::LOG_FILE).exists() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no instance {id} on this node (and no logs kept for it)"),
+        );
+    }
+    if let Some(st) = q.stream.as_deref() {
+        if plfm_guest_protocol::LogStream::parse(st).is_none() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("stream: {st:?} is not stdout, stderr or console"),
+            );
+        }
+    }
+    let since = match q
+        .since
+        .as_deref()
+        .map(|v| parse_since(v, chrono::Utc::now()))
+    {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if q.tail.is_some_and(|t| t > MAX_TAIL) {
+        return error(StatusCode::BAD_REQUEST, format!("tail: at most {MAX_TAIL}"));
+    }
+    let query = crate::logstore::Query {
+        since,
+        tail: q.tail,
+        stream: q.stream.clone(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
+    let encode = |l: &crate::logstore::StoredLine| {
+        let mut v = serde_json::to_vec(l).unwrap_or_default();
+        v.push(b'\n');
+        bytes::Bytes::from(v)
+    };
+    let mut follower = crate::logstore::Follower::at_end(&dir);
+    let end = follower.position();
+    let (first_dir, first_q, first_tx) = (dir.clone(), query.clone(), tx.clone());
+    let status = s.status.clone();
+    tokio::spawn(async move {
+        let done = tokio::task::spawn_blocking(move || {
+            crate::logstore::read_upto(&first_dir, &first_q, end, |l| {
+                let _ = first_tx.blocking_send(Ok(encode(&l)));
+            });
+        })
+        .await;
+        if done.is_err() || !q.follow {
+            return;
+        }
+        let only = crate::logstore::Query {
+            since: query.since,
+            tail: None,
+            stream: query.stream,
+        };
+        let mut last_round = false;
+        loop {
+            let mut out = Vec::new();
+            follower.poll(|l| {
+                if only.matches(&l) {
+                    out.push(encode(&l));
+                }
+            });
+            for b in out {
+                if tx.send(Ok(b)).await.is_err() {
+                    return;
+                }
+            }
+            if last_round {
+                return;
+            }
+            let ended = status
+                .get(&id)
+                .is_none_or(|v| matches!(v.status, Status::Stopped | Status::Failed));
+            if ended {
+                // One more look for the last lines in flight.
+                last_round = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream_from(rx));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// A stream of the channel's items.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }

@@ -216,6 +216,39 @@ impl MockRuntime {
         self
     }
 
+    /// A simulated line: to the shipper, and with a state dir to the instance's
+    /// `workload.log` as the real runtimes write it (so `logs <id>` works here too).
+    fn log_line(&self, id: &str, stream: &str, line: &str) {
+        self.logs.push(id, stream, line);
+        let Some(dir) = self
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("instances").join(id))
+        else {
+            return;
+        };
+        let stored = crate::logstore::StoredLine {
+            ts: self
+                .clock
+                .wall()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            stream: stream.to_string(),
+            line: line.to_string(),
+            truncated: false,
+        };
+        let written = std::fs::create_dir_all(&dir).and_then(|()| {
+            let mut f = crate::logstore::LogFile::open(
+                &dir.join(crate::logstore::LOG_FILE),
+                crate::runtime::vmm::workload_logs::DEFAULT_FILE_MAX_BYTES,
+            )?;
+            f.append(&stored)?;
+            f.flush()
+        });
+        if let Err(e) = written {
+            tracing::debug!(instance = id, error = %e, "mock: cannot write the workload log");
+        }
+    }
+
     /// Injects a fault for an instance (applies to every later attempt until cleared).
     pub fn inject(&self, id: &InstanceId, fault: MockFault) {
         lock(&self.faults).insert(id.clone(), fault);
@@ -332,7 +365,7 @@ impl MockRuntime {
         }
         self.clock.sleep_until(boot_done).await;
         vm.started_reported.store(true, Ordering::Release);
-        self.logs.push(
+        self.log_line(
             handle.instance_id.as_str(),
             "console",
             "[mock] guest-init: workload started",
@@ -528,7 +561,7 @@ impl Runtime for MockRuntime {
             stopped: Notify::new(),
         });
         lock(&self.vms).insert(id.clone(), vm);
-        self.logs.push(
+        self.log_line(
             id.as_str(),
             "console",
             &format!("[mock] VMM started, boot_id {}", handle.boot_id),
@@ -671,20 +704,22 @@ impl Runtime for MockRuntime {
         self.vm(id)
     }
 
+    fn instance_dir_of(&self, id: &InstanceId) -> Option<PathBuf> {
+        self.instance_dir(id)
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         if let Some(vm) = lock(&self.vms).remove(id) {
             vm.stopped.notify_waiters();
         }
         if let Some(dir) = self.instance_dir(id) {
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(RuntimeError::VmmStart(
-                        format!("cannot remove {}: {e}", dir.display()).into(),
-                    ))
-                }
+            // Like the real runtimes: the logs stay (removal retires them).
+            if let Err(e) = crate::logstore::remove_all_but_logs(&dir) {
+                return Err(RuntimeError::VmmStart(
+                    format!("cannot clean {}: {e}", dir.display()).into(),
+                ));
             }
+            let _ = std::fs::remove_dir(&dir);
             let iid = id.to_string();
             self.ledger(move |s| {
                 for r in s.resources()?.into_iter().filter(|r| r.instance_id == iid) {

@@ -301,6 +301,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes every host resource of an instance (idempotent; the VM must be stopped).
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError>;
+
+    /// The instance's directory, where its logs are (`workload.log`, the console),
+    /// when this runtime keeps one.
+    fn instance_dir_of(&self, _id: &InstanceId) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 #[cfg(test)]

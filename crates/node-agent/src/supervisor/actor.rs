@@ -263,6 +263,12 @@ impl Actor {
                     if let Err(e) = self.env.runtime.cleanup(&self.id).await {
                         tracing::warn!(instance = %self.id, error = %e, "clean-up failed");
                     }
+                    // Only the logs stay, until the retention sweep.
+                    if let Some(dir) = self.env.runtime.instance_dir_of(&self.id) {
+                        if let Err(e) = crate::logstore::retire(&dir, self.env.clock.wall()) {
+                            tracing::warn!(instance = %self.id, error = %e, "cannot retire the instance directory");
+                        }
+                    }
                     let status = self.observed().status;
                     if !matches!(status, Status::Stopped | Status::Pending) {
                         self.report(Status::Stopped, |u| {

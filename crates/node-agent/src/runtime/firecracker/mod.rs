@@ -387,6 +387,8 @@ pub struct FirecrackerRuntime {
     /// Host memory cgroups of plain (not jailed) VMMs.
     #[cfg(target_os = "linux")]
     cgroups: crate::runtime::vmm::cgroup::VmmCgroups,
+    /// Where the guests' log lines go.
+    log_sink: crate::runtime::vmm::workload_logs::LogSink,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -441,7 +443,34 @@ impl FirecrackerRuntime {
             jailer_cgroups,
             #[cfg(target_os = "linux")]
             cgroups,
+            log_sink: Default::default(),
         }
+    }
+
+    /// Sends the guests' log lines to `sink` (its shipper and file cap).
+    pub fn with_workload_logs(mut self, sink: crate::runtime::vmm::workload_logs::LogSink) -> Self {
+        self.log_sink = sink;
+        self
+    }
+
+    /// The log stream of a VM whose vsock socket is `uds`, given to the jailed VMM's
+    /// user when there is one.
+    fn workload_logs(
+        &self,
+        id: &InstanceId,
+        uds: &Path,
+        who: Option<jail::Identity>,
+    ) -> Result<crate::runtime::vmm::workload_logs::WorkloadLogs, String> {
+        crate::runtime::vmm::workload_logs::listen(
+            id.as_str(),
+            uds,
+            &self.instance_dir(id),
+            &self.log_sink,
+            |sock| match who {
+                Some(who) => jail::give_listener(sock, who),
+                None => Ok(()),
+            },
+        )
     }
 
     fn instance_dir(&self, id: &InstanceId) -> PathBuf {
@@ -906,6 +935,7 @@ impl Runtime for FirecrackerRuntime {
         std::fs::create_dir_all(&dir).map_err(|e| {
             RuntimeError::VmmStart(format!("cannot create {}: {e}", dir.display()).into())
         })?;
+        crate::logstore::revive(&dir);
         // A jailed VMM opens its tap itself, as its own uid.
         let owner = match self.config.sandbox {
             true => Some(self.identity(id).await?).map(|w| (w.uid, w.gid)),
@@ -973,6 +1003,9 @@ impl Runtime for FirecrackerRuntime {
             jail::give_listener(&crate::guest::guest_socket_path(&layout.vsock_uds), who)
                 .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         }
+        let logs = self
+            .workload_logs(id, &layout.vsock_uds, who)
+            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         let launch = self.launch(id, workload, &resolved, &layout, who)?;
         let mut record = VmmRecord {
             instance_id: id.to_string(),
@@ -1009,6 +1042,7 @@ impl Runtime for FirecrackerRuntime {
             console_cap: Some((layout.console_log.clone(), CONSOLE_MAX_BYTES)),
             oom,
             exit_meaning: process::exit_code_meaning,
+            workload_logs: Some(logs),
         });
         Ok(self.vms.insert(Tracked {
             handle,
@@ -1091,6 +1125,10 @@ impl Runtime for FirecrackerRuntime {
         self.vms.get(id).map(|vm| vm.record.vsock_uds.clone())
     }
 
+    fn instance_dir_of(&self, id: &InstanceId) -> Option<PathBuf> {
+        Some(self.instance_dir(id))
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(id);
         if let Some(state) = self.vms.remove(id) {
@@ -1129,14 +1167,11 @@ impl Runtime for FirecrackerRuntime {
         for root in chroots {
             jail::remove(&root)?;
         }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(RuntimeError::VmmStart(
-                    format!("cannot remove {}: {e}", dir.display()).into(),
-                ))
-            }
+        // The logs stay (the console, the workload's): removal retires them.
+        if let Err(e) = crate::logstore::remove_all_but_logs(&dir) {
+            return Err(RuntimeError::VmmStart(
+                format!("cannot clean {}: {e}", dir.display()).into(),
+            ));
         }
         if let Some(store) = &self.ledger {
             #[cfg(target_os = "linux")]
@@ -1196,6 +1231,14 @@ impl FirecrackerRuntime {
                 return None;
             }
         };
+        let who = match rec.chroot.is_some() {
+            true => self.identity(&id).await.ok(),
+            false => None,
+        };
+        let logs = self
+            .workload_logs(&id, &rec.vsock_uds, who)
+            .map_err(|e| tracing::warn!(instance = %id, error = %e, "the adopted VM's log stream is not served"))
+            .ok();
         if rec.chroot.is_some() {
             // The jailed VMM connects as its own uid (the one the ledger holds for it).
             let given = match self.identity(&id).await {
@@ -1245,6 +1288,7 @@ impl FirecrackerRuntime {
             console_cap: Some((layout.console_log.clone(), CONSOLE_MAX_BYTES)),
             oom,
             exit_meaning: process::exit_code_meaning,
+            workload_logs: logs,
         });
         tracing::info!(instance = %id, pid = pid.pid, "adopted running firecracker");
         Some(self.vms.insert(Tracked {

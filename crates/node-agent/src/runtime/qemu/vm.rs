@@ -23,6 +23,7 @@ use crate::runtime::vmm::cgroup::VmmCgroups;
 use crate::runtime::vmm::logs::Evidence;
 use crate::runtime::vmm::monitor::{Monitor, MonitorArgs, Tracked, VmTable};
 use crate::runtime::vmm::process::{self as vproc, ProcessId, SocketWait, Watch};
+use crate::runtime::vmm::workload_logs::{self, LogSink, WorkloadLogs};
 use crate::runtime::vmm::{guest, rootdisk};
 use crate::runtime::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
 use crate::spec::{HealthSpec, InstanceId, Workload};
@@ -95,6 +96,8 @@ pub struct QemuRuntime {
     jails: PathBuf,
     /// What `status` says about this runtime on this host ([`Runtime::notices`]).
     notices: Vec<String>,
+    /// Where the guests' log lines go.
+    log_sink: LogSink,
 }
 
 /// The KVM device QEMU opens.
@@ -214,7 +217,34 @@ impl QemuRuntime {
             host,
             prepared: Mutex::new(HashMap::new()),
             vms: VmTable::default(),
+            log_sink: LogSink::default(),
         })
+    }
+
+    /// Sends the guests' log lines to `sink` (its shipper and file cap).
+    pub fn with_workload_logs(mut self, sink: LogSink) -> Self {
+        self.log_sink = sink;
+        self
+    }
+
+    /// The log stream of a VM whose vsock socket is `uds` (given to `owner`).
+    fn workload_logs(
+        &self,
+        id: &InstanceId,
+        uds: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> Result<WorkloadLogs, String> {
+        workload_logs::listen(
+            id.as_str(),
+            uds,
+            &self.instance_dir(id),
+            &self.log_sink,
+            |sock| match owner {
+                Some((uid, gid)) => std::os::unix::fs::chown(sock, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown: {e}")),
+                None => Ok(()),
+            },
+        )
     }
 
     fn instance_dir(&self, id: &InstanceId) -> PathBuf {
@@ -518,6 +548,7 @@ impl Runtime for QemuRuntime {
         std::fs::create_dir_all(&dir).map_err(|e| {
             RuntimeError::VmmStart(format!("instance directory {}: {e}", dir.display()).into())
         })?;
+        crate::logstore::revive(&dir);
         let root = rootdisk::prepare(&self.images, id, w).await?;
         // QEMU opens the tap as root before it drops to the instance's uid; the tap is
         // still that uid's (with root, the only ones that may attach to it).
@@ -588,6 +619,9 @@ impl Runtime for QemuRuntime {
                 RuntimeError::VmmStart(format!("chown {}: {e}", sock.display()).into())
             })?;
         }
+        let logs = self
+            .workload_logs(id, &paths.uds, identity)
+            .map_err(|e| RuntimeError::VmmStart(e.into()))?;
         let handle = VmHandle {
             instance_id: id.clone(),
             generation: w.spec.generation,
@@ -653,6 +687,7 @@ impl Runtime for QemuRuntime {
             console_cap: Some((paths.console.clone(), self.config.console_max_bytes)),
             oom: oom.map(|o| o.into_check()),
             exit_meaning: qemu_exit_meaning,
+            workload_logs: Some(logs),
         });
         Ok(self.vms.insert(Tracked {
             handle,
@@ -771,6 +806,10 @@ impl Runtime for QemuRuntime {
         Some(Paths::of(self.instance_dir(id), jail.as_deref()).uds)
     }
 
+    fn instance_dir_of(&self, id: &InstanceId) -> Option<PathBuf> {
+        Some(self.instance_dir(id))
+    }
+
     async fn cleanup(&self, id: &InstanceId) -> Result<(), RuntimeError> {
         self.vms.remove(id);
         lock(&self.prepared).remove(id);
@@ -786,7 +825,13 @@ impl Runtime for QemuRuntime {
         }
         rootdisk::release(&self.images, id);
         let dir = self.instance_dir(id);
-        for f in ["vsock.sock", "vsock.sock_5161", "vhost.sock", "qmp.sock"] {
+        for f in [
+            "vsock.sock",
+            "vsock.sock_5161",
+            "vsock.sock_5163",
+            "vhost.sock",
+            "qmp.sock",
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         // The jail (its owner, the VMM uid, may have planted anything: remove_dir_all
@@ -829,6 +874,10 @@ impl QemuRuntime {
             boot_id: rec.boot_id.clone(),
             spec_hash: rec.spec_hash.clone(),
         };
+        let logs = self
+            .workload_logs(id, &paths.uds, rec.sandbox.as_ref().map(|s| (s.uid, s.uid)))
+            .map_err(|e| tracing::warn!(instance = %id, error = %e, "the adopted VM's log stream is not served"))
+            .ok();
         // It keeps its cgroup; OOM kills count from now.
         let oom = VmmCgroups::adopt(rows, id);
         let cgroup = oom.as_ref().map(|o| o.group().clone());
@@ -843,6 +892,7 @@ impl QemuRuntime {
             console_cap: Some((paths.console.clone(), self.config.console_max_bytes)),
             oom: oom.map(|o| o.into_check()),
             exit_meaning: qemu_exit_meaning,
+            workload_logs: logs,
         });
         tracing::info!(instance = %id, qemu_pid = q.pid, "found running qemu");
         Ok(self.vms.insert(Tracked {

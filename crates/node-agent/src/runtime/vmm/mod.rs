@@ -11,7 +11,9 @@
 //!   `VmEvent`s (one terminal event, one exit-code meaning, adoption);
 //! - [`cgroup`]: the host cgroup of the VMM processes (memory, pids, cpu);
 //! - [`ledger`]: the resource ledger rows written before a resource exists;
-//! - [`rootdisk`]: the root disk's pin (prepare) and unpin (cleanup, restart).
+//! - [`rootdisk`]: the root disk's pin (prepare) and unpin (cleanup, restart);
+//! - [`workload_logs`]: the guest's log stream (port 5163) into `workload.log` and the
+//!   agent's log shipper.
 //!
 //! What stays in `runtime/qemu/`: QEMU's argv, vhost-device-vsock, QMP. In
 //! `runtime/firecracker/`: its API calls, the jailer's arguments and chroot, its exit
@@ -28,6 +30,7 @@ pub mod logs;
 pub mod monitor;
 pub mod process;
 pub mod rootdisk;
+pub mod workload_logs;
 
 /// Checks a VMM uid range (`vmm_uid_base`, `vmm_uid_count`); the error starts with the
 /// bad key.

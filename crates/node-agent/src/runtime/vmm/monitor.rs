@@ -56,6 +56,8 @@ pub struct MonitorArgs {
     pub oom: Option<OomCheck>,
     /// The VMM's meaning of its exit codes.
     pub exit_meaning: fn(i32) -> Option<&'static str>,
+    /// The guest's log stream (served next to the monitor until the VMM has exited).
+    pub workload_logs: Option<super::workload_logs::WorkloadLogs>,
 }
 
 /// How long after a stop's deadline the guest has to end the VMM (sync, reboot).
@@ -168,6 +170,11 @@ impl Monitor {
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = watch::channel(None);
         let workload_exit = Arc::new(Mutex::new(None));
+        let mut args = args;
+        if let Some(logs) = args.workload_logs.take() {
+            // Ends on its own once the VMM exited (or this monitor is gone).
+            tokio::spawn(super::workload_logs::serve(logs, exit_rx.clone()));
+        }
         let task = tokio::spawn(run(
             args,
             Events::new(ev_tx),
@@ -305,6 +312,7 @@ async fn run(
         console_cap,
         oom,
         exit_meaning,
+        workload_logs: _,
     } = a;
     let g = GuestSide {
         instance,
@@ -573,6 +581,7 @@ mod tests {
             console_cap: None,
             oom: None,
             exit_meaning: |_| None,
+            workload_logs: None,
         });
         let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
         assert!(matches!(
