@@ -8,8 +8,8 @@
 #   3. writes the instance spec (with the pushed digest) into .plfm-demo/desired and runs
 #      the agent with config/demo.toml (config/dev.toml switched to the qemu runtime, TCG);
 #   4. waits until the instance is `ready` (HTTP health check passed), shows `status`
-#      with its addresses, fetches the page from the VM with curl and reads the same
-#      file inside the VM with `exec`;
+#      with its addresses, fetches the page from the VM with curl, reads the same
+#      file inside the VM with `exec` and shows the last lines of its log;
 #   5. Ctrl-C (SIGINT) or SIGTERM: the agent drains and stops the VM (`on_shutdown = "drain"`), the
 #      registry stops, and the script checks that no VM process, tap, nftables chain or
 #      mount is left; it exits 0 only then.
@@ -516,6 +516,11 @@ case "$exec_out" in
   *"instance $instance"*) ;;
   *) die "exec into $instance did not show the page the VM serves" ;;
 esac
+echo
+echo "\$ plfm-node-agent --config config/demo.toml logs --tail 5 $instance"
+log_out="$("$bin" --config "$cfg" logs --tail 5 "$instance")" || die "logs of $instance failed"
+printf '%s\n' "$log_out"
+[ -n "$log_out" ] || die "logs of $instance are empty (guest init's console lines should be there)"
 echo
 
 ns_prefix=""
