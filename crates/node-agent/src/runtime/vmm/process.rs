@@ -328,9 +328,28 @@ pub enum SocketWait {
     Exited(ExitStatus),
 }
 
-/// Waits until `socket` exists (and, with `connect`, accepts a connection), the
-/// process exits, or `within` passes. Polls every 2 ms: the socket usually appears a
-/// few ms after the spawn, and this wait is on every boot's critical path.
+/// Whether a Unix socket is bound at `path` and listening, from `/proc/net/unix` of
+/// this network namespace (a server binds, then listens: in between, a client's
+/// connect is refused). `None` when that table cannot be read.
+pub fn unix_listening(path: &Path) -> Option<bool> {
+    /// `__SO_ACCEPTCON` in the table's Flags column: the socket listens.
+    const ACCEPTCON: u32 = 1 << 16;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let want = path.to_str()?;
+    Some(table.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == want
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|f| f & ACCEPTCON != 0)
+    }))
+}
+
+/// Waits until `socket` exists and listens (or, with `connect`, accepts a
+/// connection), the process exits, or `within` passes. Polls every 2 ms: the socket
+/// usually appears a few ms after the spawn, and this wait is on every boot's critical
+/// path. Without `connect`, a socket that exists but does not listen yet is waited for
+/// (QEMU's connect to vhost-device-vsock's socket was refused in that window, under
+/// load); where `/proc/net/unix` cannot be read, existing is enough.
 pub async fn wait_for_socket(
     socket: &Path,
     process: &mut Watch,
@@ -339,7 +358,13 @@ pub async fn wait_for_socket(
 ) -> Result<(), SocketWait> {
     let until = tokio::time::Instant::now() + within;
     loop {
-        if socket.exists() && (!connect || tokio::net::UnixStream::connect(socket).await.is_ok()) {
+        let ready = socket.exists()
+            && if connect {
+                tokio::net::UnixStream::connect(socket).await.is_ok()
+            } else {
+                unix_listening(socket).unwrap_or(true)
+            };
+        if ready {
             return Ok(());
         }
         if let Some(status) = process.try_exited() {
@@ -355,6 +380,29 @@ pub async fn wait_for_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_bound_socket_counts_as_ready_only_once_it_listens() {
+        use std::os::fd::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.sock");
+        assert_eq!(unix_listening(&path), Some(false));
+        // Bound, not listening: what a server looks like between bind(2) and listen(2).
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+        nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+        assert!(path.exists());
+        assert_eq!(unix_listening(&path), Some(false));
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1).unwrap()).unwrap();
+        assert_eq!(unix_listening(&path), Some(true));
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
