@@ -61,7 +61,8 @@ pub struct Channel {
     writer: MessageWriter<File>,
 }
 
-fn connect_once(target: &HostChannel) -> io::Result<OwnedFd> {
+/// One connection attempt to `target` (vsock, or a Unix socket in test mode).
+pub fn connect_once(target: &HostChannel) -> io::Result<OwnedFd> {
     match target {
         HostChannel::Unix(path) => Ok(OwnedFd::from(UnixStream::connect(path)?)),
         HostChannel::Vsock { cid, port } => {

@@ -16,14 +16,13 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, VsockAddr};
+use nix::sys::socket::{self, sockopt};
 use nix::sys::time::TimeVal;
 use plfm_guest_protocol::{
     cut_line, LogLine, LogMessage, LogStream, GUEST_PORT, LOG_PORT, MAX_LINE_BYTES,
@@ -341,19 +340,7 @@ fn drain(mut r: impl Read, stream: LogStream, shared: &Shared) {
 }
 
 fn connect(target: &HostChannel) -> io::Result<Box<dyn Write + Send>> {
-    let fd: OwnedFd = match target {
-        HostChannel::Unix(p) => OwnedFd::from(UnixStream::connect(p)?),
-        HostChannel::Vsock { cid, port } => {
-            let fd = socket::socket(
-                AddressFamily::Vsock,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            socket::connect(fd.as_raw_fd(), &VsockAddr::new(*cid, *port))?;
-            fd
-        }
-    };
+    let fd: OwnedFd = crate::channel::connect_once(target)?;
     let tv = TimeVal::new(SEND_TIMEOUT.as_secs() as libc::time_t, 0);
     socket::setsockopt(&fd, sockopt::SendTimeout, &tv)?;
     Ok(Box::new(std::fs::File::from(fd)))

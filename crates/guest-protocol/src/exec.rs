@@ -122,6 +122,18 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every end reason.
+    pub const ALL: [EndReason; 8] = [
+        EndReason::Exited,
+        EndReason::Killed,
+        EndReason::Timeout,
+        EndReason::ConnectTimeout,
+        EndReason::ClientDisconnect,
+        EndReason::OperatorRevoked,
+        EndReason::Limit,
+        EndReason::Refused,
+    ];
+
     /// The snake_case name on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -354,16 +366,7 @@ mod tests {
             exit,
             serde_json::json!({"exit_code": 7, "reason": "exited"})
         );
-        for r in [
-            EndReason::Exited,
-            EndReason::Killed,
-            EndReason::Timeout,
-            EndReason::ConnectTimeout,
-            EndReason::ClientDisconnect,
-            EndReason::OperatorRevoked,
-            EndReason::Limit,
-            EndReason::Refused,
-        ] {
+        for r in EndReason::ALL {
             assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         }
     }

@@ -103,16 +103,7 @@ impl ExecService {
         };
         // Every outcome starts at 0 (docs/metrics.md): a family without samples is
         // left out of /metrics.
-        for reason in [
-            EndReason::Exited,
-            EndReason::Killed,
-            EndReason::Timeout,
-            EndReason::ConnectTimeout,
-            EndReason::ClientDisconnect,
-            EndReason::OperatorRevoked,
-            EndReason::Limit,
-            EndReason::Refused,
-        ] {
+        for reason in EndReason::ALL {
             let _ = svc.sessions.get_or_create(&OutcomeLabel {
                 outcome: reason.as_str(),
             });
