@@ -26,6 +26,21 @@ pub enum StoreError {
     /// The blocking task died.
     #[error("state store task failed: {0}")]
     Task(String),
+    /// The database was written by a newer agent (a downgrade): refused, its tables
+    /// untouched, because this agent cannot know what the newer schema means.
+    #[error(
+        "state store {path} has schema version {found}, newer than this agent's {supported}: \
+         it was written by a newer plfm-node-agent; run that version (or a later one) on \
+         this data dir, downgrades are not supported"
+    )]
+    NewerSchema {
+        /// Database path.
+        path: String,
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// [`SCHEMA_VERSION`].
+        supported: i64,
+    },
 }
 
 /// Handle to the store; cheap to clone.
@@ -153,10 +168,44 @@ CREATE TABLE IF NOT EXISTS resources (
 /// ones; the standalone sink's `reports` are the delivery itself and are all kept).
 pub const HISTORY_KEEP: i64 = 10_000;
 
-/// Columns added after the first schema, added to older databases in place. The check
-/// and the change run in one `BEGIN IMMEDIATE` transaction, so stores opened at the same
-/// time (the agent's two handles, a test reading the database) cannot both add a column.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+/// The state store's schema version, kept in SQLite's `PRAGMA user_version`. Every
+/// released schema and what it added:
+///
+/// | version | added | first in |
+/// |---|---|---|
+/// | 1 | instances, outbox, reports, meta, resources (and the image cache's tables) | 17c5b03 |
+/// | 2 | `instances.consecutive_failures` | 82d1ee3 |
+/// | 3 | `history` (reports a control plane acknowledged, for `events`) | e539f7e |
+///
+/// Versions 1–3 were released before the version was recorded (their files say 0);
+/// [`migrate`] reads theirs off their tables. A database of a higher version than this
+/// one is refused ([`StoreError::NewerSchema`]). Fixtures of every released version are
+/// in `tests/data/state/` and `tests/state_migration.rs` opens each.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Why [`migrate`] failed.
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    Newer(i64),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+/// The `PRAGMA user_version` of `conn`'s database.
+pub(crate) fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+/// Brings the database to [`SCHEMA_VERSION`]: refuses a newer one untouched, creates
+/// missing tables, adds columns added after the first schema, records the version.
+/// The check and the changes run in one `BEGIN IMMEDIATE` transaction, so stores
+/// opened at the same time (the agent's two handles, a test reading the database)
+/// cannot both migrate, and a crash leaves the old version intact.
+fn migrate(conn: &Connection) -> Result<(), MigrateError> {
     let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
         let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
         let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
@@ -169,15 +218,26 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     };
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let changed = (|| {
+        let found = schema_version(conn)?;
+        if found > SCHEMA_VERSION {
+            return Err(MigrateError::Newer(found));
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        // Version 1 → 3 (or a new file): the tables of every version, then the columns
+        // added to existing tables since version 1.
+        conn.execute_batch(SCHEMA)?;
         if !has("instances", "consecutive_failures")? {
             conn.execute_batch(
                 "ALTER TABLE instances ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0",
             )?;
         }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
     })();
     match changed {
-        Ok(()) => conn.execute_batch("COMMIT"),
+        Ok(()) => conn.execute_batch("COMMIT").map_err(MigrateError::from),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
@@ -206,11 +266,18 @@ impl Store {
                 .pragma_update(None, "journal_mode", "WAL")
                 .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
                 .and_then(|()| conn.pragma_update(None, "foreign_keys", "ON"))
-                .and_then(|()| conn.execute_batch(SCHEMA))
+                .map_err(MigrateError::from)
                 .and_then(|()| migrate(&conn));
             match setup {
                 Ok(()) => break,
-                Err(rusqlite::Error::SqliteFailure(e, _))
+                Err(MigrateError::Newer(found)) => {
+                    return Err(StoreError::NewerSchema {
+                        path: p,
+                        found,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
+                Err(MigrateError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
                     if matches!(
                         e.code,
                         rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
@@ -218,7 +285,7 @@ impl Store {
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) => return Err(err(e)),
+                Err(MigrateError::Sqlite(e)) => return Err(err(e)),
             }
         }
         Ok(Store {

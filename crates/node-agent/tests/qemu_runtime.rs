@@ -921,8 +921,8 @@ fn vmm_past_its_host_cgroup_limit_is_oom_killed_and_leaves_nothing() {
 /// `kill -9` of the agent while a VM is ready: the next agent adopts the same QEMU
 /// process (pid and start time), keeps it ready and sends no extra report.
 #[test]
-fn agent_killed_while_ready_adopts_the_same_qemu_process() {
-    if !inside_netns("agent_killed_while_ready_adopts_the_same_qemu_process") {
+fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
+    if !inside_netns("agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process") {
         return;
     }
     let (mut env, image) = Env::new(None);
@@ -990,7 +990,7 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
             "qemu replaced"
         );
     }
-    assert_eq!(vm_row(&env), Some(before));
+    assert_eq!(vm_row(&env), Some(before.clone()));
     // The adopted VM keeps its cgroup (the start-up sweep removes only unused ones).
     if let Some(dir) = &cgroup {
         assert!(in_group(dir), "qemu {pid} left {}", dir.display());
@@ -1003,6 +1003,82 @@ fn agent_killed_while_ready_adopts_the_same_qemu_process() {
         env.reports("adopt")
     );
     assert!(env.log().contains("adopted running VM"), "{}", env.log());
+
+    // A package upgrade: systemd stops the unit (`KillMode=process`: SIGTERM to the
+    // agent alone; `on_shutdown = "detach"`), then starts the new executable on the
+    // same data dir. Here the new build is a copy of the binary with bytes appended
+    // (another file, another digest, the same code): what is tested is that a new
+    // process on the old data dir adopts the VM, reboots nothing and reports nothing.
+    let status_before = env
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.instance_id == "adopt")
+        .unwrap();
+    let next = env.root.join("plfm-node-agent.next");
+    let mut bytes = std::fs::read(common::agent::BIN).unwrap();
+    bytes.extend_from_slice(b"\0plfm-upgrade-test-build\0");
+    std::fs::write(&next, &bytes).unwrap();
+    std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let old_pid = env.agent().pid();
+    let mut old = env.cleanup.agent.take().expect("the agent runs");
+    let exit = old.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "the agent's stop on SIGTERM: {exit}");
+    assert_eq!(
+        start_time(pid),
+        before["start_time"].as_u64(),
+        "qemu died with the stop"
+    );
+    let root = env.root.clone();
+    env.cleanup.agent = Some(
+        AgentProcess::spawn_bin(
+            &next,
+            &env.root.join("agent.toml"),
+            &env.root.join("agent.log"),
+            &[],
+        )
+        .diagnose(move || consoles(&root)),
+    );
+    let new_pid = env.agent().pid();
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap(),
+        next,
+        "the new build runs"
+    );
+    env.wait(
+        "adopt ready under the new build",
+        Duration::from_secs(30),
+        |v| v.instance_id == "adopt" && v.status == Status::Ready,
+    );
+    assert_eq!(http_get(&ipv4, 8080, "/").unwrap().trim(), "up");
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            start_time(pid),
+            before["start_time"].as_u64(),
+            "qemu replaced"
+        );
+    }
+    assert_eq!(vm_row(&env), Some(before.clone()));
+    let status_after = env
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.instance_id == "adopt")
+        .unwrap();
+    assert_eq!(
+        status_after, status_before,
+        "status changed across the upgrade"
+    );
+    assert_eq!(
+        env.reports("adopt").len(),
+        reports_before,
+        "{:?}",
+        env.reports("adopt")
+    );
+
     // And it still drains cleanly under the new agent.
     a["desired_state"] = json!("draining");
     env.write("adopt.json", &a);

@@ -244,6 +244,20 @@ impl CacheDb {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        // The same file as the state store: a newer agent's database is refused here
+        // too, before any table is created in it.
+        let found = crate::state::schema_version(&conn).map_err(err)?;
+        if found > crate::state::SCHEMA_VERSION {
+            return Err(ImageError::State {
+                path: path.to_path_buf(),
+                cause: crate::state::StoreError::NewerSchema {
+                    path: path.display().to_string(),
+                    found,
+                    supported: crate::state::SCHEMA_VERSION,
+                }
+                .to_string(),
+            });
+        }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS image_cache (
                 cache_key TEXT PRIMARY KEY,

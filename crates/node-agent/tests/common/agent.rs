@@ -153,13 +153,18 @@ impl AgentProcess {
 
     /// As [`AgentProcess::spawn`], with these environment variables set.
     pub fn spawn_with(config: &Path, log: &Path, env: &[(&str, &str)]) -> AgentProcess {
+        AgentProcess::spawn_bin(Path::new(BIN), config, log, env)
+    }
+
+    /// As [`AgentProcess::spawn_with`], running the executable `bin` (another build).
+    pub fn spawn_bin(bin: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> AgentProcess {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("open the agent log");
         prepare_api(config);
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(config)
             .env_remove("RUST_LOG")
