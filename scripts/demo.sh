@@ -2,7 +2,8 @@
 # shellcheck disable=SC2317  # trap handlers look unreachable to shellcheck 0.9
 # The agent's main job with a real microVM, end to end:
 #   1. installs what is missing (scripts/install-deps.sh), builds the agent and the
-#      static guest init, builds the initramfs from the installed cloud kernel's modules;
+#      static guest init (the agent builds the initramfs from it and the installed cloud
+#      kernel's modules when it starts);
 #   2. starts a docker-registry on 127.0.0.1:5055 and pushes a demo image built here
 #      with umoci + skopeo (busybox-static httpd serving /www on port 8080);
 #   3. writes the instance spec (with the pushed digest) into .plfm-demo/desired and runs
@@ -352,8 +353,9 @@ kernel="$(printf '%s\n' /boot/vmlinuz-*-cloud-amd64 | grep -v '\*' | sort -V | t
 modules="/lib/modules/${kernel#/boot/vmlinuz-}"
 [ -f "$modules/modules.dep" ] || die "$modules/modules.dep is missing (modules of $kernel)"
 ln -s "$kernel" "$demo/guest/vmlinuz"
-say "building the initramfs from $modules + $guest_init"
-"$bin" build-initramfs --kernel-modules "$modules" --guest-init "$guest_init" --out "$demo/guest/initramfs.img" >&2
+# Where the package installs it (/usr/lib/plfm/plfm-guest-init). The agent builds the
+# initramfs itself at start from it and the kernel's modules, into data/guest/.
+install -m 0755 "$guest_init" "$demo/guest/plfm-guest-init"
 "$bin" check-config --config "$cfg" >/dev/null || die "config/demo.toml is not valid (see above)"
 
 # ---- registry on loopback ------------------------------------------------------------

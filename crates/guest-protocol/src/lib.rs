@@ -53,6 +53,24 @@ pub use async_frame::{AsyncMessageReader, AsyncMessageWriter};
 /// Version of the handshake carried in `hello.protocol`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Bytes guest init carries in its binary naming the handshake versions it speaks
+/// (`plfm-guest-protocols:` then comma-separated numbers, then `;`), so the host can
+/// tell what a guest init binary speaks without running it (it is an `/init`: running
+/// it on the host is not an option). Read with [`protocols_in`].
+pub const PROTOCOL_MARKER: [u8; 24] = *b"plfm-guest-protocols:1;\0";
+
+/// The handshake versions named by the first [`PROTOCOL_MARKER`]-shaped marker in
+/// `binary`, `None` when it has none (a guest init from before the marker, or not a
+/// guest init at all).
+pub fn protocols_in(binary: &[u8]) -> Option<Vec<u32>> {
+    const PREFIX: &[u8] = b"plfm-guest-protocols:";
+    let at = binary.windows(PREFIX.len()).position(|w| w == PREFIX)?;
+    let rest = &binary[at + PREFIX.len()..];
+    let end = rest.iter().take(64).position(|&b| b == b';')?;
+    let list = std::str::from_utf8(&rest[..end]).ok()?;
+    list.split(',').map(|n| n.parse().ok()).collect()
+}
+
 /// Version of the configuration carried in `config.config_version`.
 pub const CONFIG_VERSION: &str = "v1";
 
@@ -66,6 +84,22 @@ pub const HOST_CID: u32 = 2;
 /// config carrying a 256 KiB secrets file after JSON escaping, small enough that a
 /// misbehaving peer cannot make the other side buffer without bound.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_names_this_protocol_version() {
+        assert_eq!(protocols_in(&PROTOCOL_MARKER), Some(vec![PROTOCOL_VERSION]));
+        let mut bin = vec![0x7f, b'E', b'L', b'F', 0, 1];
+        bin.extend_from_slice(b"plfm-guest-protocols:1,2;");
+        assert_eq!(protocols_in(&bin), Some(vec![1, 2]));
+        assert_eq!(protocols_in(b"no marker here"), None);
+        assert_eq!(protocols_in(b"plfm-guest-protocols:x;"), None);
+        assert_eq!(protocols_in(b"plfm-guest-protocols:1"), None);
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -75,7 +75,7 @@ fn main() {
             metrics.clone(),
             rx.clone(),
         ));
-        let hb = tokio::spawn(run_heartbeat(client.clone(), node.supervisor.clone(), node.store.clone(), shared.clone(), NODE.into(), Duration::from_secs(10), 0, rx));
+        let hb = tokio::spawn(run_heartbeat(client.clone(), node.supervisor.clone(), node.store.clone(), shared.clone(), NODE.into(), Duration::from_secs(10), 0, Default::default(), rx));
         Poll::within(Duration::from_secs(120))
             .every(Duration::from_millis(1))
             .until_async("every boot report accepted", || {

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ControlPlaneMode, RuntimeKind, ShutdownMode};
 use crate::control_plane::http::{
-    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
+    load_persisted_plan, run_heartbeat, run_plan_poller, ControlPlaneClient, GuestAdvert, HttpSink,
 };
 use crate::control_plane::secrets::http_secrets;
 use crate::control_plane::standalone;
@@ -342,13 +342,64 @@ type ModeParts = (
     LogHandle,
 );
 
+/// The qemu runtime without a configured initramfs: builds (or reuses, verified) the
+/// guest artifact set under `<data_dir>/guest/` and points the runtime at it. Sets a
+/// running VM booted from (named in its ledger row) are kept.
+fn prepare_guest_artifacts(
+    config: &mut Config,
+    ledger: &Store,
+) -> anyhow::Result<Option<crate::guest_artifacts::GuestArtifacts>> {
+    let q = &config.runtime.qemu;
+    if config.runtime.kind != RuntimeKind::Qemu || q.initramfs.is_some() {
+        return Ok(None);
+    }
+    let Some(kernel) = q.kernel.clone() else {
+        return Ok(None);
+    };
+    let in_use: Vec<PathBuf> = ledger
+        .resources()?
+        .into_iter()
+        .filter_map(|r| r.detail)
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
+        .flat_map(|v| {
+            ["kernel", "initramfs"]
+                .into_iter()
+                .filter_map(|k| v.get(k).and_then(|p| p.as_str()).map(PathBuf::from))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let inputs = crate::guest_artifacts::Inputs {
+        kernel,
+        guest_init: config.guest.init.clone(),
+        modules_dir: config.guest.modules_dir.clone(),
+    };
+    let set = crate::guest_artifacts::ensure(
+        &inputs,
+        &config.data_dir.join("guest"),
+        config.guest.keep,
+        &in_use,
+    )?;
+    tracing::info!(
+        set = %set.current.name,
+        built = set.built,
+        kernel_versions = ?set.kernel_versions(),
+        "guest artifacts ready"
+    );
+    config.runtime.qemu.kernel = Some(set.kernel());
+    config.runtime.qemu.initramfs = Some(set.initramfs());
+    Ok(Some(set))
+}
+
 /// Runs the agent until SIGINT/SIGTERM.
-pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
+pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock::new());
     std::fs::create_dir_all(&config.data_dir).map_err(|e| AgentError::DataDir {
         path: config.data_dir.clone(),
         message: format!("cannot create: {e}"),
     })?;
+    // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
+    let ledger = Store::open(&config.state_db())?;
+    let guest = prepare_guest_artifacts(&mut config, &ledger)?;
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let cp = &config.control_plane;
@@ -391,8 +442,6 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
-    let ledger = Store::open(&config.state_db())?;
     let runtime = build_runtime(
         &config,
         clock.clone(),
@@ -477,6 +526,16 @@ pub async fn run_daemon(config: Config) -> anyhow::Result<()> {
                 config.node_id.clone(),
                 Duration::from_secs(cp.heartbeat_interval_secs),
                 0,
+                GuestAdvert {
+                    kernel_versions: guest
+                        .as_ref()
+                        .map(|g| g.kernel_versions())
+                        .unwrap_or_default(),
+                    guest_init_protocols: guest
+                        .as_ref()
+                        .map(|g| g.guest_init_protocols())
+                        .unwrap_or_else(|| vec![plfm_guest_protocol::PROTOCOL_VERSION]),
+                },
                 stop_rx.clone(),
             )));
         }

@@ -45,6 +45,47 @@ pub struct Config {
     /// Workload logs on disk: size cap, retention after removal.
     #[serde(default)]
     pub logs: WorkloadLogsConfig,
+    /// Guest artifacts the agent builds itself (when `runtime.qemu.initramfs` is not
+    /// set).
+    #[serde(default)]
+    pub guest: GuestConfig,
+}
+
+/// `[guest]`: what the agent builds the guest initramfs from when
+/// `runtime.qemu.initramfs` is not set (`crate::guest_artifacts`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// The static guest init binary (the package installs it here).
+    #[serde(default = "default_guest_init")]
+    pub init: PathBuf,
+    /// Root of the kernels' module trees; the kernel's own are `<modules_dir>/<release>`.
+    #[serde(default = "default_modules_dir")]
+    pub modules_dir: PathBuf,
+    /// How many built sets (kernel + initramfs) to keep, the current one included; a
+    /// set a running VM booted from is kept besides.
+    #[serde(default = "default_guest_keep")]
+    pub keep: usize,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            init: default_guest_init(),
+            modules_dir: default_modules_dir(),
+            keep: default_guest_keep(),
+        }
+    }
+}
+
+fn default_guest_init() -> PathBuf {
+    PathBuf::from("/usr/lib/plfm/plfm-guest-init")
+}
+fn default_modules_dir() -> PathBuf {
+    PathBuf::from("/lib/modules")
+}
+fn default_guest_keep() -> usize {
+    3
 }
 
 /// The exec gateway listener (DESIGN §4a). Local `exec` through the API needs none of
@@ -494,6 +535,8 @@ impl Config {
         };
         self.data_dir = abs(&self.data_dir);
         self.api.socket = abs(&self.api.socket);
+        self.guest.init = abs(&self.guest.init);
+        self.guest.modules_dir = abs(&self.guest.modules_dir);
         if let Some(t) = self.api.token_file.as_ref() {
             self.api.token_file = Some(abs(t));
         }
@@ -570,6 +613,9 @@ impl Config {
                 .map_err(|e| format!("runtime.qemu.{e}"))?;
         }
         self.logs.validate()?;
+        if !(1..=20).contains(&self.guest.keep) {
+            return Err(format!("guest.keep: {} is not in 1..=20", self.guest.keep));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level: {:?} is not a valid filter: {e}", self.log.level))?;
         Ok(())

@@ -20,6 +20,7 @@ pub mod config;
 pub mod control_plane;
 pub mod exec;
 pub mod guest;
+pub mod guest_artifacts;
 pub mod health;
 pub mod image;
 pub mod initramfs;

@@ -18,7 +18,7 @@ use plfm_node_agent::agent::{Node, NodeOptions};
 use plfm_node_agent::clock::{SharedClock, SystemClock};
 use plfm_node_agent::config::{Config, ControlPlaneConfig, ShutdownMode};
 use plfm_node_agent::control_plane::http::{
-    run_heartbeat, run_plan_poller, ControlPlaneClient, HttpSink,
+    run_heartbeat, run_plan_poller, ControlPlaneClient, GuestAdvert, HttpSink,
 };
 use plfm_node_agent::control_plane::secrets::http_secrets;
 use plfm_node_agent::instance::{ReasonCode, Status};
@@ -91,6 +91,10 @@ impl Connected {
                 NODE.into(),
                 Duration::from_secs(1),
                 0,
+                GuestAdvert {
+                    kernel_versions: vec!["6.1.0-99-test-amd64".into()],
+                    guest_init_protocols: vec![1],
+                },
                 rx,
             )),
         ];
@@ -186,6 +190,11 @@ async fn plan_instances_reach_ready_and_every_transition_arrives_once_in_order()
     .await;
     let hb = cp.state.heartbeats.lock().unwrap().last().cloned().unwrap();
     assert!(hb["available_cpu_cores"].is_i64() && hb["available_memory_bytes"].as_i64().is_some());
+    assert_eq!(
+        hb["kernel_versions"],
+        serde_json::json!(["6.1.0-99-test-amd64"])
+    );
+    assert_eq!(hb["guest_init_protocols"], serde_json::json!([1]));
 
     // An older or equal cursor is ignored; a newer one scales down.
     cp.set_plan(1, vec![]);

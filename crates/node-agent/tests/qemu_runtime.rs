@@ -255,13 +255,32 @@ impl Env {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         std::fs::create_dir_all(root.join("desired/secrets")).unwrap();
-        let initramfs = root.join("initramfs.img");
-        write_initramfs(&BuildInitramfsArgs {
-            kernel_modules: Some(modules),
-            guest_init: init,
-            out: initramfs.clone(),
-        })
-        .unwrap();
+        // With the host's kernel the agent builds its own initramfs ([guest]); a test
+        // that names another kernel gets one built here (runtime.qemu.initramfs), so
+        // the agent starts and the instance meets the bad kernel.
+        let (initramfs_line, guest_section) = match kernel_override {
+            None => (
+                String::new(),
+                format!(
+                    "[guest]\ninit = {:?}\nmodules_dir = {:?}\n",
+                    init.display().to_string(),
+                    modules.parent().unwrap().display().to_string()
+                ),
+            ),
+            Some(_) => {
+                let initramfs = root.join("initramfs.img");
+                write_initramfs(&BuildInitramfsArgs {
+                    kernel_modules: Some(modules),
+                    guest_init: init,
+                    out: initramfs.clone(),
+                })
+                .unwrap();
+                (
+                    format!("initramfs = {:?}\n", initramfs.display().to_string()),
+                    String::new(),
+                )
+            }
+        };
         let registry = Registry::start();
         let (layers, config) = busybox_image();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -309,16 +328,14 @@ rescan_interval_ms = 200
 kind = "qemu"
 [runtime.qemu]
 kernel = {kernel:?}
-initramfs = {:?}
-boot_timeout_seconds = 60
+{initramfs_line}boot_timeout_seconds = 60
 accel = "tcg"
 jail_dir = {jails:?}
 {cgroup_line}{qemu_extra}
 [agent]
 boot_timeout_seconds = 90
 reconcile_interval_ms = 200
-"#,
-            initramfs.display().to_string()
+{guest_section}"#
         );
         std::fs::write(root.join("agent.toml"), cfg).unwrap();
         let cleanup = Cleanup {
@@ -1020,6 +1037,39 @@ fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
     bytes.extend_from_slice(b"\0plfm-upgrade-test-build\0");
     std::fs::write(&next, &bytes).unwrap();
     std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The upgrade brings a new guest init too (the same binary with bytes appended),
+    // and the node keeps one artifact set (`guest.keep = 1`): the new agent builds a new
+    // set for new boots, and keeps the one the running VM booted from.
+    let guest_sets = |env: &Env| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(env.root.join("data/guest"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let booted_set = guest_sets(&env);
+    assert_eq!(booted_set.len(), 1, "{booted_set:?}");
+    let cfg_path = env.root.join("agent.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let old_init = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("init = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("the test config names the guest init");
+    let new_init = env.root.join("plfm-guest-init.next");
+    let mut init_bytes = std::fs::read(&old_init).unwrap();
+    init_bytes.extend_from_slice(b"\0next-guest-init\0");
+    std::fs::write(&new_init, init_bytes).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(
+            &format!("init = {old_init:?}"),
+            &format!("init = {:?}\nkeep = 1", new_init.display().to_string()),
+        ),
+    )
+    .unwrap();
     let old_pid = env.agent().pid();
     let mut old = env.cleanup.agent.take().expect("the agent runs");
     let exit = old.terminate(Duration::from_secs(30));
@@ -1079,6 +1129,14 @@ fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
         env.reports("adopt")
     );
 
+    let sets_now = guest_sets(&env);
+    assert_eq!(
+        sets_now.len(),
+        2,
+        "the booted set and the new one: {sets_now:?}"
+    );
+    assert!(sets_now.contains(&booted_set[0]), "{sets_now:?}");
+
     // And it still drains cleanly under the new agent.
     a["desired_state"] = json!("draining");
     env.write("adopt.json", &a);
@@ -1089,6 +1147,14 @@ fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
     if let Some(dir) = &cgroup {
         assert!(!dir.exists(), "cgroup {} left", dir.display());
     }
+    // With the VM gone, the next start keeps only the new set.
+    let mut agent = env.cleanup.agent.take().expect("the agent runs");
+    assert!(agent.terminate(Duration::from_secs(30)).success());
+    env.spawn();
+    env.agent().wait_api(Duration::from_secs(30));
+    let sets_last = guest_sets(&env);
+    assert_eq!(sets_last.len(), 1, "{sets_last:?}");
+    assert!(!sets_last.contains(&booted_set[0]), "{sets_last:?}");
 }
 
 /// After `ready`, the health endpoint starts failing → `healthcheck_failed`; a workload

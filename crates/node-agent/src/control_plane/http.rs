@@ -213,6 +213,22 @@ pub struct Heartbeat {
     pub outbox_depth: i64,
     /// Agent version.
     pub agent_version: String,
+    /// Releases of the guest kernels this node keeps (agent-built artifacts; empty when
+    /// the operator configures the initramfs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_versions: Vec<String>,
+    /// Guest handshake versions the node's guest init speaks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_init_protocols: Vec<u32>,
+}
+
+/// What the heartbeat says of the node's guest artifacts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GuestAdvert {
+    /// See [`Heartbeat::kernel_versions`].
+    pub kernel_versions: Vec<String>,
+    /// See [`Heartbeat::guest_init_protocols`].
+    pub guest_init_protocols: Vec<u32>,
 }
 
 /// `POST …/heartbeat` answer.
@@ -771,6 +787,7 @@ pub async fn run_heartbeat(
     node_id: String,
     initial: Duration,
     reserved_memory_bytes: i64,
+    guest: GuestAdvert,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cores = std::thread::available_parallelism()
@@ -799,6 +816,8 @@ pub async fn run_heartbeat(
             instance_count: i32::try_from(usage.instances).unwrap_or(i32::MAX),
             outbox_depth,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_versions: guest.kernel_versions.clone(),
+            guest_init_protocols: guest.guest_init_protocols.clone(),
         };
         match client.heartbeat(&hb).await {
             Ok(a) => {

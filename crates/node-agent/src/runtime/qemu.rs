@@ -54,7 +54,8 @@ pub struct QemuConfig {
     /// Guest kernel (required for `kind = "qemu"`).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
-    /// Platform initramfs (`plfm-node-agent build-initramfs`; required).
+    /// Platform initramfs (`plfm-node-agent build-initramfs`). Not set: the agent builds
+    /// and keeps its own from `runtime.qemu.kernel` and `[guest]` (docs/guest.md).
     #[serde(default)]
     pub initramfs: Option<PathBuf>,
     /// `vhost-device-vsock` binary (path or name on PATH).
@@ -170,9 +171,6 @@ impl QemuConfig {
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.kernel.is_none() {
             return Err("kernel: required when runtime.kind = \"qemu\"".into());
-        }
-        if self.initramfs.is_none() {
-            return Err("initramfs: required when runtime.kind = \"qemu\" (plfm-node-agent build-initramfs)".into());
         }
         if self.binary.is_empty() {
             return Err("binary: must not be empty".into());

@@ -48,6 +48,12 @@ struct VmRecord {
     /// The jail and uid the VMM processes run in (absent: unsandboxed).
     #[serde(default)]
     sandbox: Option<Sandbox>,
+    /// The kernel and initramfs it booted from: the agent keeps their artifact set
+    /// while the VM runs (`crate::guest_artifacts`).
+    #[serde(default)]
+    kernel: Option<PathBuf>,
+    #[serde(default)]
+    initramfs: Option<PathBuf>,
 }
 
 /// The confinement of one VM's processes: its jail directory (their sockets; QEMU's
@@ -637,6 +643,8 @@ impl Runtime for QemuRuntime {
             vhost: None,
             address: Some(p.host.probe_address()),
             sandbox: sandbox.clone(),
+            kernel: Some(kernel.clone()),
+            initramfs: Some(initramfs.clone()),
         };
         // Recorded before anything is spawned.
         self.save(id, &record).await?;
