@@ -400,8 +400,13 @@ impl Init {
             init_us: Some(init_elapsed.as_micros() as u64),
             handshake_wait_us: Some(handshake_wait.as_micros() as u64),
         }));
-        let ended =
-            workload::supervise(pid, &mut self.channel, Some(&reconnect)).map_err(&start_failed)?;
+        let ended = workload::supervise(
+            pid,
+            &mut self.channel,
+            Some(&reconnect),
+            config.workload.listen_port,
+        )
+        .map_err(&start_failed)?;
         let oom_killed = match (oom_before, workload::oom_kills()) {
             (Some(a), Some(b)) => b > a,
             _ => false,

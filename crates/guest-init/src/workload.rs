@@ -20,7 +20,10 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use plfm_guest_protocol::{Hello, HostMessage, LogStream, WorkloadConfig};
+use plfm_guest_protocol::{
+    GuestMessage, Hello, HostMessage, LogStream, StatusEvent, WorkloadConfig,
+    LISTEN_WATCH_LIMIT_SECS,
+};
 
 use crate::channel::{spawn_reconnect, Channel};
 use crate::console;
@@ -165,7 +168,9 @@ pub fn supervise(
     workload: Pid,
     channel: &mut Option<Channel>,
     reconnect: Option<&Reconnect>,
+    listen_port: Option<u16>,
 ) -> Result<Ended, String> {
+    let mut listen = listen_port.map(ListenWatch::new);
     let sfd = SignalFd::with_flags(
         &handled_signals(),
         SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
@@ -206,9 +211,26 @@ pub fn supervise(
             }
         }
         // Wake up for the kill deadline, and every 250 ms while reconnecting.
+        if let Some(w) = listen.as_mut() {
+            match w.check() {
+                Watch::Waiting => {}
+                Watch::Listening => {
+                    let port = w.port;
+                    if let Some(ch) = channel.as_mut() {
+                        let _ = ch.send(&GuestMessage::Status(StatusEvent::Listening { port }));
+                    }
+                    console::line(&format!("the workload listens on port {port}"));
+                    listen = None;
+                }
+                Watch::GaveUp => listen = None,
+            }
+        }
         let wake = [
             kill_at.map(|t| t.saturating_duration_since(Instant::now())),
             pending.as_ref().map(|_| Duration::from_millis(250)),
+            listen
+                .as_ref()
+                .map(|w| w.next.saturating_duration_since(Instant::now())),
         ]
         .into_iter()
         .flatten()
@@ -288,6 +310,73 @@ pub fn supervise(
     }
 }
 
+/// Watches the socket tables for a TCP socket listening on the health check's port,
+/// so the host can probe the moment the workload can answer instead of at its next
+/// retry. Polling `/proc/net/tcp{,6}` (every 10 ms for 5 s, then every 100 ms, for
+/// [`LISTEN_WATCH_LIMIT_SECS`] at most) is hand-written: it is two small reads, and a
+/// netlink `sock_diag` client or a procfs crate would add more to the static init than
+/// the few lines here.
+struct ListenWatch {
+    port: u16,
+    started: Instant,
+    next: Instant,
+}
+
+enum Watch {
+    Waiting,
+    Listening,
+    GaveUp,
+}
+
+impl ListenWatch {
+    fn new(port: u16) -> Self {
+        let now = Instant::now();
+        ListenWatch {
+            port,
+            started: now,
+            next: now,
+        }
+    }
+
+    fn check(&mut self) -> Watch {
+        let now = Instant::now();
+        if now < self.next {
+            return Watch::Waiting;
+        }
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .any(|t| std::fs::read_to_string(t).is_ok_and(|table| listening_in(&table, self.port)));
+        if listening {
+            return Watch::Listening;
+        }
+        let age = now.duration_since(self.started);
+        if age > Duration::from_secs(LISTEN_WATCH_LIMIT_SECS) {
+            return Watch::GaveUp;
+        }
+        let pace = if age < Duration::from_secs(5) {
+            10
+        } else {
+            100
+        };
+        self.next = now + Duration::from_millis(pace);
+        Watch::Waiting
+    }
+}
+
+/// Whether a `/proc/net/tcp`-format table has a socket in state LISTEN (`0A`) on
+/// `port` (any local address).
+pub(crate) fn listening_in(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut cols = line.split_whitespace();
+        let local = cols.nth(1);
+        let state = cols.nth(1);
+        let local_port = local
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| u16::from_str_radix(p, 16).ok());
+        state == Some("0A") && local_port == Some(port)
+    })
+}
+
 /// Kills every remaining process and reaps them, for at most `grace`.
 pub fn kill_and_reap_all(grace: Duration) {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
@@ -312,6 +401,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_listening_socket_is_found_by_port_in_either_table() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:0050 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 1235 1 0000000000000000 20 4 30 10 -1
+";
+        assert!(listening_in(tcp, 8080), "0x1F90 = 8080 in LISTEN");
+        assert!(
+            !listening_in(tcp, 80),
+            "port 80 only has an established socket"
+        );
+        assert!(!listening_in(tcp, 9000));
+        let tcp6 = "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000
+";
+        assert!(listening_in(tcp6, 8080));
+        assert!(!listening_in("", 8080));
+        assert!(!listening_in("header\ngarbage line\n", 8080));
+    }
+
+    #[test]
     fn oom_kill_counter_is_read_from_vmstat() {
         assert_eq!(
             parse_oom_kill("nr_free_pages 5\noom_kill 3\npgfault 9\n"),
@@ -328,6 +437,7 @@ mod tests {
             env: BTreeMap::new(),
             uid: 0,
             gid: 0,
+            listen_port: None,
         };
         assert_eq!(spawn(&cfg, &BTreeMap::new()).unwrap_err().0, 127);
     }

@@ -420,6 +420,7 @@ fn config(argv: &[&str], uid: u32) -> Config {
             env: BTreeMap::new(),
             uid,
             gid: uid,
+            listen_port: None,
         },
         network: None,
         mounts: vec![],

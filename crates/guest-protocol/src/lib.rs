@@ -44,6 +44,7 @@ pub use logs::{
 pub use message::{
     Config, GuestMessage, Hello, HostMessage, Ipv4Config, MountConfig, NetworkConfig,
     SecretsConfig, SecretsData, StatusEvent, WorkloadConfig, DEFAULT_SECRETS_PATH,
+    LISTEN_WATCH_LIMIT_SECS,
 };
 pub use reason::FailureReason;
 

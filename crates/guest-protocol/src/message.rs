@@ -109,6 +109,17 @@ pub enum StatusEvent {
         /// One line naming the thing and the cause; never a secret value.
         detail: String,
     },
+    /// A TCP socket listens on the port the host asked to watch
+    /// ([`WorkloadConfig::listen_port`]); sent once. The host probes at once instead of
+    /// waiting for its next retry.
+    Listening {
+        /// The port.
+        port: u16,
+    },
+    /// An event of a newer guest init that this side does not know: ignored, so a
+    /// newer guest never breaks an older host's channel.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The instance's configuration, sent by the host after `hello`.
@@ -164,7 +175,16 @@ pub struct WorkloadConfig {
     /// Group id to run as.
     #[serde(default)]
     pub gid: u32,
+    /// Tell the host ([`StatusEvent::Listening`]) when a TCP socket starts listening
+    /// on this port (the health check's), watched from the workload's start for at
+    /// most [`LISTEN_WATCH_LIMIT_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
 }
+
+/// How long guest init watches for [`WorkloadConfig::listen_port`] after the workload
+/// started.
+pub const LISTEN_WATCH_LIMIT_SECS: u64 = 120;
 
 fn default_mtu() -> u32 {
     1420

@@ -14,6 +14,7 @@ fn config() -> Config {
             env: BTreeMap::from([("A".into(), "1".into())]),
             uid: 1000,
             gid: 1000,
+            listen_port: None,
         },
         network: Some(NetworkConfig {
             address: "fd00::2".parse().unwrap(),

@@ -215,11 +215,11 @@ mod linux {
                     "qemu started" => {
                         b.qemu_started.get_or_insert(ts);
                     }
-                    "guest handshake done after QEMU start" => {
+                    "guest handshake done after VMM start" => {
                         b.handshake_ms = b.handshake_ms.or(f["handshake_ms"].as_u64());
                     }
                     "workload started" => {
-                        b.workload_ms = b.workload_ms.or(f["since_qemu_start_ms"].as_u64());
+                        b.workload_ms = b.workload_ms.or(f["since_vmm_start_ms"].as_u64());
                         b.guest_init_ms = b.guest_init_ms.or(f["guest_init_ms"].as_u64());
                     }
                     "ready" => {
@@ -299,6 +299,8 @@ initramfs = {:?}
 boot_timeout_seconds = 300
 accel = "tcg"
 jail_dir = {:?}
+# `ip netns exec` mounts a sysfs without the cgroup hierarchies: no host cgroups here.
+cgroup = "auto"
 [agent]
 boot_timeout_seconds = 400
 reconcile_interval_ms = 200

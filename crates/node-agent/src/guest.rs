@@ -165,6 +165,13 @@ pub enum GuestEvent {
         /// One-line detail from the guest.
         detail: String,
     },
+    /// A TCP socket listens on the health check's port (the workload can answer).
+    Listening {
+        /// The port.
+        port: u16,
+    },
+    /// An event this agent does not know (a newer guest init): ignored.
+    Unknown,
 }
 
 impl GuestEvent {
@@ -206,6 +213,8 @@ impl GuestEvent {
                 reason: failure_reason_code(reason),
                 detail: guest_text(&detail),
             },
+            StatusEvent::Listening { port } => GuestEvent::Listening { port },
+            StatusEvent::Unknown => GuestEvent::Unknown,
         }
     }
 }
@@ -243,6 +252,8 @@ fn kind(msg: &GuestMessage) -> &'static str {
         GuestMessage::Status(StatusEvent::WorkloadStarted { .. }) => "status/workload_started",
         GuestMessage::Status(StatusEvent::Exited { .. }) => "status/exited",
         GuestMessage::Status(StatusEvent::Failed { .. }) => "status/failed",
+        GuestMessage::Status(StatusEvent::Listening { .. }) => "status/listening",
+        GuestMessage::Status(StatusEvent::Unknown) => "status/unknown",
     }
 }
 

@@ -27,6 +27,7 @@ fn config(instance: &str) -> Config {
             env: BTreeMap::new(),
             uid: 0,
             gid: 0,
+            listen_port: None,
         },
         network: None,
         mounts: vec![],

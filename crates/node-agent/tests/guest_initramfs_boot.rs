@@ -494,6 +494,7 @@ fn vm_config(script: &str, secrets: Option<&str>) -> Config {
             env: BTreeMap::new(),
             uid: 0,
             gid: 0,
+            listen_port: None,
         },
         network: None,
         mounts: vec![MountConfig {

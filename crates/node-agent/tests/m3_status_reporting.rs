@@ -598,6 +598,40 @@ async fn a_guest_repeating_workload_started_cannot_hold_off_a_failing_health_che
 /// whole interval later; and those fast failures count at most once per interval, so
 /// three of them do not make `healthcheck_failed` with a grace period of 0.
 #[tokio::test]
+async fn ready_comes_when_the_guest_says_the_port_listens_not_at_the_next_retry() {
+    // Probes at 0, 20, 60, 140, 300, 620 ms: without the guest's signal the workload
+    // answering from 450 ms would be seen at 620 ms.
+    let t = TestNode::start(MockConfig::instant()).await;
+    t.mock
+        .inject(&id("sig"), MockFault::ListensAfter { ms: 450 });
+    let mut v = assignment_json("sig", 1);
+    v["workload"]["health"] = json!({"type": "tcp", "port": 8080, "interval_seconds": 10, "timeout_seconds": 1, "grace_period_seconds": 0, "success_threshold": 1, "failure_threshold": 3});
+    t.apply(plan(1, vec![decode(&v)])).await;
+    t.settle().await;
+    let mut elapsed = Duration::ZERO;
+    while t.status("sig") != Some(Status::Ready) {
+        assert_ne!(
+            t.status("sig"),
+            Some(Status::Failed),
+            "{:?}",
+            last(&t, "sig")
+        );
+        assert!(
+            elapsed < Duration::from_secs(30),
+            "never ready: {:?}",
+            last(&t, "sig")
+        );
+        t.clock.advance(Duration::from_millis(10));
+        t.settle().await;
+        elapsed += Duration::from_millis(10);
+    }
+    assert!(
+        (450..=470).contains(&(elapsed.as_millis() as u64)),
+        "ready {elapsed:?} after the start, with the port listening from 450 ms"
+    );
+}
+
+#[tokio::test]
 async fn ready_comes_with_the_first_passing_probe_not_an_interval_later() {
     let t = TestNode::start(MockConfig::instant()).await;
     t.mock

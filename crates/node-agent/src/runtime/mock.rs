@@ -149,6 +149,12 @@ pub enum MockFault {
         /// Delay after start.
         ms: u64,
     },
+    /// As `HealthFailsUntil`, and the guest says when the port listens (as guest init
+    /// does with the health check's port): one [`VmEvent::PortListening`] at `ms`.
+    ListensAfter {
+        /// Delay after start.
+        ms: u64,
+    },
 }
 
 struct MockVm {
@@ -157,6 +163,7 @@ struct MockVm {
     fault: Option<MockFault>,
     started_reported: AtomicBool,
     terminal_reported: AtomicBool,
+    listening_reported: AtomicBool,
     stopped: Notify,
 }
 
@@ -403,6 +410,20 @@ impl MockRuntime {
                     }
                 }
             }
+            if let Some(MockFault::ListensAfter { ms }) = self.fault_of(&handle.instance_id) {
+                if !vm.listening_reported.load(Ordering::Acquire) {
+                    tokio::select! {
+                        _ = self.clock.sleep_until(after(ms)) => {
+                            vm.listening_reported.store(true, Ordering::Release);
+                            return VmEvent::PortListening;
+                        }
+                        _ = &mut changed => continue,
+                        _ = vm.stopped.notified() => {
+                            return VmEvent::VmmExited { code: Some(0), detail: "stopped".into() };
+                        }
+                    }
+                }
+            }
             let event = match self.fault_of(&handle.instance_id) {
                 Some(MockFault::Exit { code, after_ms }) => Some((
                     after(after_ms),
@@ -558,6 +579,7 @@ impl Runtime for MockRuntime {
             fault,
             started_reported: AtomicBool::new(false),
             terminal_reported: AtomicBool::new(false),
+            listening_reported: AtomicBool::new(false),
             stopped: Notify::new(),
         });
         lock(&self.vms).insert(id.clone(), vm);
@@ -598,7 +620,9 @@ impl Runtime for MockRuntime {
         let Some(vm) = vm else {
             return Err(format!("port {}: connection refused (no VM)", check.port));
         };
-        if let Some(MockFault::HealthFailsUntil { ms }) = self.fault_of(&handle.instance_id) {
+        if let Some(MockFault::HealthFailsUntil { ms } | MockFault::ListensAfter { ms }) =
+            self.fault_of(&handle.instance_id)
+        {
             let until = vm.started_at.plus(Duration::from_millis(
                 self.boot_ms(&handle.instance_id) + ms,
             ));
@@ -691,6 +715,7 @@ impl Runtime for MockRuntime {
                     fault: lock(&self.faults).get(&id).cloned(),
                     started_reported: AtomicBool::new(false),
                     terminal_reported: AtomicBool::new(false),
+                    listening_reported: AtomicBool::new(false),
                     stopped: Notify::new(),
                 })
             });

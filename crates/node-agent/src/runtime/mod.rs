@@ -223,6 +223,8 @@ pub struct VmHandle {
 pub enum VmEvent {
     /// The guest applied its config and exec'd the workload.
     WorkloadStarted,
+    /// The guest saw the workload listen on the health check's port: probe now.
+    PortListening,
     /// The workload exited.
     Exited {
         /// Exit code (128+signal when killed by a signal).

@@ -432,20 +432,27 @@ impl Actor {
         let runtime = self.env.runtime.clone();
         if !self.workload_started {
             let deadline = self.booted_at.plus(self.env.boot_timeout);
-            let timeout = self.env.clock.sleep_until(deadline);
-            tokio::select! {
-                ev = runtime.next_event(&vm) => match ev {
-                    VmEvent::WorkloadStarted => self.workload_started = true,
-                    other => return self.on_vm_event(other).await,
-                },
-                _ = timeout => {
-                    let msg = format!(
-                        "guest handshake did not complete within {} s of VMM start",
-                        self.env.boot_timeout.as_secs()
-                    );
-                    return self.end(Ending::Failure, Some(ReasonCode::FirecrackerStartFailed), msg, None).await;
+            let mut timeout = self.env.clock.sleep_until(deadline);
+            loop {
+                tokio::select! {
+                    ev = runtime.next_event(&vm) => match ev {
+                        VmEvent::WorkloadStarted => {
+                            self.workload_started = true;
+                            break;
+                        }
+                        // Only after the start; the probes below begin at once anyway.
+                        VmEvent::PortListening => continue,
+                        other => return self.on_vm_event(other).await,
+                    },
+                    _ = &mut timeout => {
+                        let msg = format!(
+                            "guest handshake did not complete within {} s of VMM start",
+                            self.env.boot_timeout.as_secs()
+                        );
+                        return self.end(Ending::Failure, Some(ReasonCode::FirecrackerStartFailed), msg, None).await;
+                    }
+                    _ = self.rx.changed() => return,
                 }
-                _ = self.rx.changed() => return,
             }
         }
         if let Some(h) = self.health() {
@@ -504,11 +511,15 @@ impl Actor {
                     tokio::select! {
                         _ = &mut pause => break,
                         ev = runtime.next_event(&vm) => {
-                            // A repeated start changes nothing: the count goes on.
-                            if matches!(ev, VmEvent::WorkloadStarted) {
-                                continue;
+                            match ev {
+                                // A repeated start changes nothing: the count goes on.
+                                VmEvent::WorkloadStarted => continue,
+                                // The guest saw the port listen: probe now rather than
+                                // at the next retry (before the first pass only).
+                                VmEvent::PortListening if !passed_once => break,
+                                VmEvent::PortListening => continue,
+                                ev => return self.on_vm_event(ev).await,
                             }
-                            return self.on_vm_event(ev).await;
                         }
                         _ = self.rx.changed() => return,
                     }
@@ -541,9 +552,9 @@ impl Actor {
         loop {
             tokio::select! {
                 ev = runtime.next_event(&vm) => {
-                    // A repeated start neither resets the failure count nor delays the
-                    // next probe.
-                    if matches!(ev, VmEvent::WorkloadStarted) {
+                    // A repeated start (or a late listening signal) neither resets the
+                    // failure count nor delays the next probe.
+                    if matches!(ev, VmEvent::WorkloadStarted | VmEvent::PortListening) {
                         continue;
                     }
                     return self.on_vm_event(ev).await;
@@ -571,6 +582,7 @@ impl Actor {
     async fn on_vm_event(&mut self, ev: VmEvent) {
         match ev {
             VmEvent::WorkloadStarted => self.workload_started = true,
+            VmEvent::PortListening => {}
             VmEvent::Exited {
                 code,
                 oom_killed: true,

@@ -162,6 +162,8 @@ pub fn guest_config(
             env,
             uid,
             gid,
+            // Both kinds of health check need a listening TCP socket first.
+            listen_port: s.health.as_ref().map(|h| h.port),
         },
         network,
         mounts,
@@ -196,6 +198,7 @@ pub fn resumed_config(instance_id: &str, generation: i32) -> gp::Config {
             env: Default::default(),
             uid: 0,
             gid: 0,
+            listen_port: None,
         },
         network: None,
         mounts: vec![],

@@ -372,10 +372,18 @@ async fn guest(
     stop_rx: &mut mpsc::UnboundedReceiver<Duration>,
     workload_exit: &Mutex<Option<WorkloadExit>>,
 ) {
+    // The monitor starts right after the VMM is spawned: the boot split below is
+    // measured from here (`benches/boot.rs` reads these lines).
+    let spawned = tokio::time::Instant::now();
     let mut session = loop {
         let accept = accept_guest(&a.listener, &a.instance, a.config.clone(), a.handshake);
         match accept.await {
-            Ok(s) => break s,
+            Ok(s) => {
+                if !a.adopted {
+                    tracing::debug!(instance = %a.instance, handshake_ms = spawned.elapsed().as_millis() as u64, "guest handshake done after VMM start");
+                }
+                break s;
+            }
             // A running guest reconnects (every second, `resumed`) when it likes.
             Err(e) if a.adopted => {
                 tracing::debug!(instance = %a.instance, error = %e, "adopted guest has not reconnected yet");
@@ -401,7 +409,26 @@ async fn guest(
                 }
                 match ev {
                 Ok(GuestEvent::ConfigApplied) => {}
-                Ok(GuestEvent::WorkloadStarted { .. }) => events.send(VmEvent::WorkloadStarted),
+                Ok(GuestEvent::WorkloadStarted { init_time, handshake_wait, .. }) => {
+                    if !a.adopted {
+                        // Boot split: VMM start → workload exec, and the guest's share.
+                        tracing::info!(
+                            instance = %a.instance,
+                            since_vmm_start_ms = spawned.elapsed().as_millis() as u64,
+                            guest_init_ms = init_time.map(|d| d.as_millis() as u64),
+                            guest_handshake_wait_ms = handshake_wait.map(|d| d.as_millis() as u64),
+                            "workload started"
+                        );
+                    }
+                    events.send(VmEvent::WorkloadStarted)
+                }
+                Ok(GuestEvent::Listening { port }) => {
+                    tracing::debug!(instance = %a.instance, port, since_vmm_start_ms = spawned.elapsed().as_millis() as u64, "workload listens");
+                    events.send(VmEvent::PortListening)
+                }
+                Ok(GuestEvent::Unknown) => {
+                    tracing::debug!(instance = %a.instance, "unknown guest event ignored");
+                }
                 Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
                     let code = code.or(signal.map(|s| 128 + s)).unwrap_or(128);
                     *lock(workload_exit) = Some(WorkloadExit { code, killed: signal == Some(9) });
