@@ -182,8 +182,20 @@ mod linux {
 
     impl Bench {
         fn write(&self, id: &str, n: u32) {
+            self.write_value(id, assignment(id, &self.image, n));
+        }
+
+        /// A workload that listens at once: `httpd` exec'd directly (no shell), with a
+        /// TCP health check on its port.
+        fn write_direct(&self, id: &str, n: u32) {
+            let mut v = assignment(id, &self.image, n);
+            v["workload"]["command"] = json!(["/bin/httpd", "-f", "-p", "8080", "-h", "/"]);
+            v["workload"]["health"] = json!({"type": "tcp", "port": 8080, "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3});
+            self.write_value(id, v);
+        }
+
+        fn write_value(&self, id: &str, v: Value) {
             let tmp = self.root.join("desired").join(format!(".{id}.tmp"));
-            let v = assignment(id, &self.image, n);
             std::fs::write(&tmp, serde_json::to_vec(&v).unwrap()).unwrap();
             std::fs::rename(&tmp, self.root.join("desired").join(format!("{id}.json"))).unwrap();
         }
@@ -419,6 +431,25 @@ reconcile_interval_ms = 200
         let dir = bench
             .root
             .join("data/instances/one-1")
+            .display()
+            .to_string();
+        let _ = Poll::within(Duration::from_secs(60))
+            .every(Duration::from_millis(200))
+            .try_until(|| holds(processes_mentioning(&dir).is_empty()));
+
+        // One instance whose workload listens at once (issue 17: workload started →
+        // ready within 100 ms).
+        bench.write_direct("direct-1", 2);
+        let boots = bench.wait_ready(&["direct-1".into()], Duration::from_secs(300));
+        println!("\n== one instance, a workload that listens at once (httpd exec'd directly, tcp health) ==");
+        let direct = boots.get("direct-1").cloned().unwrap_or_default();
+        if print_one("direct-1", &direct).is_none() {
+            println!("direct-1 did not reach ready: {direct:?}");
+        }
+        std::fs::remove_file(bench.root.join("desired/direct-1.json")).unwrap();
+        let dir = bench
+            .root
+            .join("data/instances/direct-1")
             .display()
             .to_string();
         let _ = Poll::within(Duration::from_secs(60))
