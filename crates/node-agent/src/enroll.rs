@@ -349,13 +349,16 @@ fn detect_public_ipv4() -> Option<Ipv4Addr> {
 }
 
 fn is_global_v6(a: Ipv6Addr) -> bool {
-    let s = a.segments()[0];
-    !a.is_loopback()
-        && !a.is_unspecified()
-        && !a.is_multicast()
-        && (s & 0xfe00) != 0xfc00 // unique local fc00::/7
-        && (s & 0xffc0) != 0xfe80 // link local fe80::/10
-        && !(s == 0x2001 && a.segments()[1] == 0x0db8) // documentation
+    let s = a.segments();
+    let unique_local = (s[0] & 0xfe00) == 0xfc00; // fc00::/7
+    let link_local = (s[0] & 0xffc0) == 0xfe80; // fe80::/10
+    let documentation = s[0] == 0x2001 && s[1] == 0x0db8; // 2001:db8::/32
+    !(a.is_loopback()
+        || a.is_unspecified()
+        || a.is_multicast()
+        || unique_local
+        || link_local
+        || documentation)
 }
 
 fn is_public_v4(a: Ipv4Addr) -> bool {
