@@ -25,11 +25,17 @@ struct Pki {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
-/// A client certificate (PEM) with this serial and its key (PEM).
-fn client_cert(pki: &Pki, serial: u8) -> (String, String) {
+/// A client certificate (PEM) with this serial and its key (PEM); with `days`, it
+/// expires that many days from now (rcgen's default otherwise: 4096).
+fn client_cert(pki: &Pki, serial: u8, days: Option<i64>) -> (String, String) {
+    use chrono::Datelike;
     use rcgen::{CertificateParams, DnType, KeyPair, SerialNumber};
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    if let Some(days) = days {
+        let end = chrono::Utc::now() + chrono::Duration::days(days);
+        p.not_after = rcgen::date_time_ymd(end.year(), end.month() as u8, end.day() as u8);
+    }
     p.distinguished_name
         .push(DnType::CommonName, format!("{NODE}-{serial:02x}"));
     p.serial_number = Some(SerialNumber::from(vec![serial]));
@@ -118,8 +124,8 @@ async fn a_swapped_client_certificate_is_used_without_a_restart_and_a_bad_one_is
         std::fs::write(&p, text).unwrap();
         p
     };
-    let (cert_a, key_a) = client_cert(&pki, 0x1a);
-    let (cert_b, key_b) = client_cert(&pki, 0x2b);
+    let (cert_a, key_a) = client_cert(&pki, 0x1a, Some(3));
+    let (cert_b, key_b) = client_cert(&pki, 0x2b, None);
     let ca = w("ca.pem", &pki.ca_pem);
     let cert = w("client.pem", &cert_a);
     let key = w("client.key", &key_a);

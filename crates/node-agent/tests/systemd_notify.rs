@@ -273,3 +273,67 @@ fn ready_follows_adoption_and_the_watchdog_stops_while_the_main_loop_is_stalled(
         "STOPPING=1 on SIGTERM: {rest:?}"
     );
 }
+
+/// When `$JOURNAL_STREAM` names the agent's stderr (as systemd sets it for a unit
+/// logging to the journal) the agent logs with structured fields: to the journal's
+/// socket when there is one, else JSON lines on stderr with the same fields. Here
+/// there is no journal (checked), so the fallback is what can be seen.
+#[test]
+fn logs_are_structured_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    if Path::new("/run/systemd/journal/socket").exists() {
+        // The lines would go to this host's real journal: nothing to read back here,
+        // and no missing prerequisite either (so no gate failure).
+        eprintln!("skipped: a journal runs on this host; the JSON fallback is not reachable");
+        return;
+    }
+    let env = Env::new();
+    env.assign("j-1");
+    let log = env.path("agent.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let agent = AgentProcess::spawn_with(
+        &env.path("agent.toml"),
+        &log,
+        &[("JOURNAL_STREAM", &stream)],
+    );
+    poll_until("j-1 ready", Duration::from_secs(20), || {
+        agent.instance_where(|v| v.instance_id == "j-1" && v.status == Status::Ready)
+    });
+    let text = agent.log();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("journal"))),
+        "says why it falls back:\n{text}"
+    );
+    assert!(
+        lines.iter().any(|v| v["fields"]["instance"] == "j-1"),
+        "structured instance field:\n{text}"
+    );
+
+    // A JOURNAL_STREAM that is not stderr (another file) changes nothing: text lines.
+    drop(agent);
+    let other = env.path("other");
+    std::fs::write(&other, "").unwrap();
+    let m = std::fs::metadata(&other).unwrap();
+    let log2 = env.path("agent-2.log");
+    let agent = AgentProcess::spawn_with(
+        &env.path("agent.toml"),
+        &log2,
+        &[("JOURNAL_STREAM", &format!("{}:{}", m.dev(), m.ino()))],
+    );
+    agent.wait_api(Duration::from_secs(20));
+    let text = agent.log();
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|l| serde_json::from_str::<serde_json::Value>(l).is_err()),
+        "text lines:\n{text}"
+    );
+}
