@@ -24,6 +24,9 @@ use crate::instance::Status;
 use crate::status::StatusManager;
 use crate::supervisor::Supervisor;
 
+/// Least time between two `STATUS=` lines.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+
 /// Environment variable of the test-only stall hook (see [`crate::supervisor`]).
 pub const TESTING_STALL_ENV: &str = "PLFM_TESTING_STALL_RECONCILE_FILE";
 
@@ -189,6 +192,9 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = changes.notified() => {
+                // At most a few lines a second, however many instances change: a
+                // burst of transitions ends in one line with the counts after it.
+                tokio::time::sleep(STATUS_EVERY).await;
                 let now = line();
                 if now != last {
                     notifier.notify(&format!("STATUS={now}\n"));

@@ -129,13 +129,15 @@ async fn a_swapped_client_certificate_is_used_without_a_restart_and_a_bad_one_is
     let ca = w("ca.pem", &pki.ca_pem);
     let cert = w("client.pem", &cert_a);
     let key = w("client.key", &key_a);
+    let token = w("token", "reload-token-1-3c9a\n");
     let cfg = format!(
-        "node_id = \"{NODE}\"\ndata_dir = \"data\"\n[api]\nlisten = \"127.0.0.1:{}\"\n[control_plane]\nmode = \"http\"\nurl = \"https://localhost:{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\npoll_interval_ms = 200\nheartbeat_interval_secs = 1\nreload_interval_ms = 100\n[runtime]\nkind = \"mock\"\n",
+        "node_id = \"{NODE}\"\ndata_dir = \"data\"\n[api]\nlisten = \"127.0.0.1:{}\"\n[control_plane]\nmode = \"http\"\nurl = \"https://localhost:{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\ntoken_file = \"{}\"\npoll_interval_ms = 200\nheartbeat_interval_secs = 1\nreload_interval_ms = 100\n[runtime]\nkind = \"mock\"\n",
         common::free_port(),
         cp.addr.port(),
         ca.display(),
         cert.display(),
-        key.display()
+        key.display(),
+        token.display()
     );
     let config = w("agent.toml", &cfg);
     let agent = AgentProcess::spawn(&config, &dir.join("agent.log"));
@@ -168,9 +170,19 @@ async fn a_swapped_client_certificate_is_used_without_a_restart_and_a_bad_one_is
         "rcgen's certificates run for years: {expiry}"
     );
 
-    // The key, then the certificate, each by atomic rename (as a renewal writes them).
+    assert!(cp
+        .state
+        .authorizations
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|a| a.as_deref() == Some("Bearer reload-token-1-3c9a")));
+
+    // The key, then the certificate, each by atomic rename (as a renewal writes them),
+    // and a new token.
     replace_atomically(&key, &key_b);
     replace_atomically(&cert, &cert_b);
+    replace_atomically(&token, "reload-token-2-77d1\n");
     let mark = cp.client_serials().len();
     poll_until_async(
         "a request with certificate 2b",
@@ -287,4 +299,9 @@ async fn a_swapped_client_certificate_is_used_without_a_restart_and_a_bad_one_is
         "{st}"
     );
     assert_eq!(agent.pid(), pid, "no restart");
+    let log = agent.log();
+    assert!(
+        !log.contains("reload-token-1") && !log.contains("reload-token-2"),
+        "a token is in the agent's log:\n{log}"
+    );
 }

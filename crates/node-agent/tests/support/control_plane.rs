@@ -148,6 +148,8 @@ pub struct CpState {
     /// `start_tls_recording`: (request path, serial of the client certificate of its
     /// connection, lower-case hex) for every request.
     pub client_certs: Mutex<Vec<(String, Option<String>)>>,
+    /// `start_tls_recording`: the Authorization header of every request.
+    pub authorizations: Mutex<Vec<Option<String>>>,
 }
 
 pub struct FakeCp {
@@ -555,6 +557,12 @@ mod recording {
             .lock()
             .unwrap()
             .push((req.uri().path().to_string(), peer.0));
+        s.authorizations.lock().unwrap().push(
+            req.headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        );
         next.run(req).await
     }
 }
