@@ -217,8 +217,24 @@ pub fn ensure_wireguard_key(data_dir: &Path) -> Result<WireguardKey, IdentityErr
     rand::fill(&mut bytes[..]);
     let key = WireguardKey::from_bytes(*bytes);
     let text = Zeroizing::new(format!("{}\n", key.private_base64().as_str()));
-    write_atomic(&path, text.as_bytes(), 0o600)?;
-    Ok(key)
+    // Written beside, then linked into place: a link never replaces an existing file,
+    // so of two processes creating the key at once (enroll and a starting daemon),
+    // one wins and the other uses the winner's key.
+    let tmp = dir.join(format!(".private.key.{}", std::process::id()));
+    write_atomic(&tmp, text.as_bytes(), 0o600)?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| file_err(dir, format!("cannot sync: {e}")))?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_wireguard_key(data_dir)?
+            .ok_or_else(|| file_err(&path, "vanished while it was being created")),
+        Err(e) => Err(file_err(&path, format!("cannot create: {e}"))),
+    }
 }
 
 #[cfg(test)]
