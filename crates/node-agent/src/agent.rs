@@ -20,6 +20,7 @@ use crate::control_plane::http::{
 };
 use crate::control_plane::secrets::http_secrets;
 use crate::control_plane::standalone;
+use crate::identity;
 use crate::logs::LogHandle;
 use crate::metrics::Metrics;
 use crate::runtime::mock::MockRuntime;
@@ -29,6 +30,7 @@ use crate::state::{Store, StoreError};
 use crate::status::outbox::{LocalSink, OutboxDrainer, ReportSink};
 use crate::status::StatusManager;
 use crate::supervisor::{ActorEnv, Supervisor, SupervisorConfig};
+use crate::systemd::Notifier;
 
 /// A start-up failure, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum AgentError {
     /// The local API cannot listen (the message names the key).
     #[error("{0}")]
     Api(String),
+    /// The node's identity is unusable or contradicts the config.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// Parts of a node.
@@ -96,7 +101,7 @@ pub struct Node {
 }
 
 /// Takes the data directory's lock so two agents never share one state.
-fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, AgentError> {
     let err = |message: String| AgentError::DataDir {
         path: dir.to_path_buf(),
         message,
@@ -390,8 +395,9 @@ fn prepare_guest_artifacts(
     Ok(Some(set))
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
-pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGINT/SIGTERM, telling systemd (`notifier`) when it is ready,
+/// what it runs, that it is alive and when it stops.
+pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock::new());
     std::fs::create_dir_all(&config.data_dir).map_err(|e| AgentError::DataDir {
         path: config.data_dir.clone(),
@@ -400,6 +406,17 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
     // The ledger store is opened by the node too; SQLite (WAL) arbitrates both handles.
     let ledger = Store::open(&config.state_db())?;
     let guest = prepare_guest_artifacts(&mut config, &ledger)?;
+    // The id never changes: the enrolled identity's, or the config's when not enrolled;
+    // both and different stops the start naming both.
+    let node_id = identity::resolve_node_id(config.node_id.as_deref(), &config.data_dir)?;
+    let enrolled = identity::load(&config.data_dir)?;
+    let wireguard_public_key = match identity::ensure_wireguard_key(&config.data_dir) {
+        Ok(k) => Some(k.public_base64()),
+        Err(e) => {
+            tracing::error!(error = %e, "no WireGuard key; heartbeats go without one");
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let cp = &config.control_plane;
@@ -422,11 +439,10 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
             )
         }
         ControlPlaneMode::Http => {
-            let client = Arc::new(ControlPlaneClient::new(
-                cp,
-                &config.node_id,
-                metrics.clone(),
-            )?);
+            let client = Arc::new(
+                ControlPlaneClient::new(cp, &node_id, metrics.clone())?
+                    .with_wireguard_public_key(wireguard_public_key.clone()),
+            );
             let logs = crate::logs::start(
                 client.clone(),
                 clock.clone(),
@@ -475,6 +491,12 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
             data_dir: config.data_dir.clone(),
             exec: Some(exec.clone()),
             instances_dir: Some(config.data_dir.join("instances")),
+            node: Some(Arc::new(crate::api::NodeFacts {
+                node_id: node_id.clone(),
+                overlay_ipv6: enrolled.as_ref().and_then(|i| i.overlay_ipv6.clone()),
+                wireguard_public_key: wireguard_public_key.clone(),
+                control_plane_tls: client.as_ref().map(|c| c.reload_status()),
+            })),
         },
         &stop_rx,
     )
@@ -497,17 +519,30 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
         config.logs.retained_bytes,
         stop_rx.clone(),
     ))];
+    // READY=1 once the VMs found at start are adopted: their actors adopt them when the
+    // first plan is applied (the persisted one in connected mode, the first scan of the
+    // directory in standalone mode). A connected node without a persisted plan has
+    // nothing to adopt into until the control plane answers: it is ready at once.
+    let mut ready_now = false;
     match (&client, cp.mode) {
         (Some(client), ControlPlaneMode::Http) => {
-            tracing::info!(node_id = %config.node_id, url = cp.url.as_deref().unwrap_or(""), api = %api_at, runtime = node.runtime.kind(), "agent started (connected)");
+            tracing::info!(node_id = %node_id, url = cp.url.as_deref().unwrap_or(""), api = %api_at, runtime = node.runtime.kind(), "agent started (connected)");
             // Run the last applied plan until the control plane answers; never guess.
             match load_persisted_plan(&node.store) {
                 Some(plan) => {
                     tracing::info!(cursor = plan.cursor, "resuming the last applied plan");
                     node.supervisor.apply(plan).await;
                 }
-                None => tracing::info!("no plan applied yet; waiting for the control plane"),
+                None => {
+                    tracing::info!("no plan applied yet; waiting for the control plane");
+                    ready_now = true;
+                }
             }
+            tasks.push(tokio::spawn(crate::control_plane::reload::run_reloader(
+                client.clone(),
+                Duration::from_millis(cp.reload_interval_ms),
+                stop_rx.clone(),
+            )));
             tasks.push(tokio::spawn(run_plan_poller(
                 client.clone(),
                 node.supervisor.clone(),
@@ -523,7 +558,7 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
                 node.supervisor.clone(),
                 node.store.clone(),
                 clock.clone(),
-                config.node_id.clone(),
+                node_id.clone(),
                 Duration::from_secs(cp.heartbeat_interval_secs),
                 0,
                 GuestAdvert {
@@ -541,7 +576,7 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
         }
         _ => {
             let desired_dir = cp.desired_dir.clone().unwrap_or_default();
-            tracing::info!(node_id = %config.node_id, data_dir = %config.data_dir.display(), api = %api_at, runtime = node.runtime.kind(), desired_dir = %desired_dir.display(), "agent started (standalone)");
+            tracing::info!(node_id = %node_id, data_dir = %config.data_dir.display(), api = %api_at, runtime = node.runtime.kind(), desired_dir = %desired_dir.display(), "agent started (standalone)");
             let supervisor = node.supervisor.clone();
             tasks.push(tokio::spawn(standalone::run(
                 standalone::DirSource::new(desired_dir),
@@ -555,7 +590,21 @@ pub async fn run_daemon(mut config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let supervisor = node.supervisor.clone();
+    tasks.push(tokio::spawn(crate::systemd::run(
+        notifier.clone(),
+        node.supervisor.clone(),
+        node.status.clone(),
+        async move {
+            if !ready_now {
+                supervisor.first_plan_applied().await;
+            }
+        },
+        stop_rx.clone(),
+    )));
+
     wait_for_signal().await;
+    notifier.notify("STOPPING=1\nSTATUS=stopping\n");
     tracing::info!(mode = ?config.agent.on_shutdown, "shutting down (a second signal exits at once)");
     let _ = stop_tx.send(true);
     for t in tasks {

@@ -87,15 +87,31 @@ impl Api {
 }
 
 /// `status [--json]`.
-pub async fn status(api: &Api, json: bool) -> anyhow::Result<()> {
+pub async fn status(api: &Api, json: bool, with_node: bool) -> anyhow::Result<()> {
     let body = api.send(api.get("/v1/instances"), "status").await?;
+    // The node's facts (identity, WireGuard key, control-plane TLS state); an older
+    // agent without `/v1/node` shows none.
+    let node = match api.get("/v1/node").send().await {
+        Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+        _ => None,
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        // `status --json` stays the instance list scripts parse; `--node` wraps it
+        // with the node's facts.
+        let out = if with_node {
+            serde_json::json!({ "node": node, "instances": body })
+        } else {
+            body
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     let list: Vec<InstanceView> =
         serde_json::from_value(body).context("unexpected instance list")?;
     print!("{}", table(&list, chrono::Utc::now()));
+    if let Some(n) = &node {
+        print!("{}", node_lines(n));
+    }
     // A degraded node (disk full, control plane refusing its requests) is said below
     // the table: the statuses above may not be what the platform sees.
     if let Ok(resp) = api.get("/healthz").send().await {
@@ -122,6 +138,36 @@ pub async fn status(api: &Api, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The node's facts below the status table: id, WireGuard key, client certificate and
+/// the last reload error of the control-plane TLS material.
+pub fn node_lines(n: &serde_json::Value) -> String {
+    let mut out = format!("\nNODE {}", n["node_id"].as_str().unwrap_or("?"));
+    if let Some(o) = n["overlay_ipv6"].as_str() {
+        out.push_str(&format!("  overlay {o}"));
+    }
+    if let Some(k) = n["wireguard_public_key"].as_str() {
+        out.push_str(&format!("  wireguard {k}"));
+    }
+    out.push('\n');
+    let tls = &n["control_plane_tls"];
+    if let Some(c) = tls["client_cert"].as_object() {
+        out.push_str(&format!(
+            "  client certificate {} serial {} expires {}\n",
+            c.get("subject").and_then(|v| v.as_str()).unwrap_or("?"),
+            c.get("serial").and_then(|v| v.as_str()).unwrap_or("?"),
+            c.get("not_after").and_then(|v| v.as_str()).unwrap_or("?"),
+        ));
+    }
+    if let Some(e) = tls["last_error"].as_object() {
+        out.push_str(&format!(
+            "  CERTIFICATE RELOAD FAILED at {} (the previous material stays in use): {}\n",
+            e.get("at").and_then(|v| v.as_str()).unwrap_or("?"),
+            e.get("message").and_then(|v| v.as_str()).unwrap_or("?"),
+        ));
+    }
+    out
 }
 
 /// Renders instances as a fixed-width table; `SINCE` is how long each has had its

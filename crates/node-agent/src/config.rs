@@ -19,8 +19,11 @@ use crate::runtime::mock::MockConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This node's id, as the control plane knows it.
-    pub node_id: String,
+    /// This node's id, as the control plane knows it. Optional once the node is
+    /// enrolled (`<data_dir>/identity.json` holds the id the control plane gave it);
+    /// when both exist they must agree (see [`crate::identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// Where the agent keeps its state (state.db, images, instances, volumes).
     pub data_dir: PathBuf,
     /// Logging.
@@ -49,6 +52,31 @@ pub struct Config {
     /// set).
     #[serde(default)]
     pub guest: GuestConfig,
+    /// What `enroll` tells the control plane about this host (region, labels, public
+    /// addresses).
+    #[serde(default)]
+    pub node: NodeConfig,
+}
+
+/// This host as `plfm-node-agent enroll` describes it to the control plane (DESIGN §3,
+/// `POST /v1/nodes/enroll`). Command-line flags of `enroll` override these keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Region (e.g. `eu-west-1`); required to enroll (here or `--region`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Free-form labels sent with the enrollment.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The host's public IPv6 address; when unset, `enroll` uses the source address of
+    /// the host's route to the IPv6 internet if it is a global unicast address.
+    #[serde(default)]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+    /// The host's public IPv4 address; when unset, the source address of the host's
+    /// route to the IPv4 internet if it is not private, loopback or link-local.
+    #[serde(default)]
+    pub public_ipv4: Option<std::net::Ipv4Addr>,
 }
 
 /// `[guest]`: what the agent builds the guest initramfs from when
@@ -317,6 +345,15 @@ pub struct ControlPlaneConfig {
     /// HTTP: heartbeat interval until the control plane answers `next_heartbeat_secs`.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_interval_secs: u64,
+    /// HTTP: how often the CA bundle, client certificate and key and the token file are
+    /// checked for a change (a new inode, size or mtime at the path); a changed set is
+    /// reloaded without a restart (`docs/operations.md`).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_interval_ms() -> u64 {
+    5_000
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -452,7 +489,8 @@ pub enum ConfigError {
     },
 }
 
-const TOP_LEVEL_KEYS: [&str; 9] = [
+const TOP_LEVEL_KEYS: [&str; 10] = [
+    "node",
     "images",
     "logs",
     "node_id",
@@ -478,12 +516,38 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string(), base, env)
     }
 
+    /// As [`Config::load`], without reading the control plane's TLS and token files:
+    /// for the operator commands that only talk to the local API, which must keep
+    /// working while a bad certificate waits to be replaced (the running agent keeps
+    /// its previous one and reports the bad file, `docs/operations.md`).
+    pub fn load_for_operator(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), base, env, false)
+    }
+
     /// Parses TOML text; relative paths are resolved against `base_dir`.
     pub fn from_toml(
         text: &str,
         origin: &str,
         base_dir: &Path,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Config::parse(text, origin, base_dir, env, true)
+    }
+
+    fn parse(
+        text: &str,
+        origin: &str,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        read_files: bool,
     ) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
@@ -520,7 +584,7 @@ impl Config {
                     message: e.message().to_string(),
                 })?;
         cfg.resolve_paths(base_dir);
-        cfg.validate()
+        cfg.validate(read_files)
             .map_err(|message| ConfigError::Invalid { origin, message })?;
         Ok(cfg)
     }
@@ -560,8 +624,15 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
-        crate::spec::InstanceId::parse(&self.node_id).map_err(|e| format!("node_id: {e}"))?;
+    fn validate(&self, read_files: bool) -> Result<(), String> {
+        if let Some(id) = &self.node_id {
+            crate::spec::InstanceId::parse(id).map_err(|e| format!("node_id: {e}"))?;
+        }
+        if let Some(r) = &self.node.region {
+            if r.trim().is_empty() {
+                return Err("node.region: must not be empty".into());
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir: must not be empty".into());
         }
@@ -590,7 +661,7 @@ impl Config {
                     return Err("control_plane.desired_dir: required in standalone mode".into());
                 }
             }
-            ControlPlaneMode::Http => self.validate_http()?,
+            ControlPlaneMode::Http => self.validate_http(read_files)?,
         }
         if self.control_plane.rescan_interval_ms < 50 {
             return Err("control_plane.rescan_interval_ms: must be at least 50".into());
@@ -621,7 +692,7 @@ impl Config {
         Ok(())
     }
 
-    fn validate_http(&self) -> Result<(), String> {
+    fn validate_http(&self, read_files: bool) -> Result<(), String> {
         let cp = &self.control_plane;
         let raw = cp
             .url
@@ -662,8 +733,14 @@ impl Config {
         if cp.poll_interval_ms < 100 {
             return Err("control_plane.poll_interval_ms: must be at least 100".into());
         }
+        if !(100..=3_600_000).contains(&cp.reload_interval_ms) {
+            return Err("control_plane.reload_interval_ms: must be 100..=3600000".into());
+        }
         if !(1..=3600).contains(&cp.heartbeat_interval_secs) {
             return Err("control_plane.heartbeat_interval_secs: must be 1..=3600".into());
+        }
+        if !read_files {
+            return Ok(());
         }
         // Files are read (and certificates parsed) now, so a bad one stops the start.
         crate::control_plane::http::TlsFiles::from_config(cp)

@@ -41,12 +41,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List instances with status, reason code, exit code and restarts.
+    /// List instances with status, reason code, exit code and restarts, and below them
+    /// the node: its id, WireGuard public key, control-plane client certificate and the
+    /// last certificate reload error.
     Status {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (the instance list).
         #[arg(long)]
         json: bool,
+        /// With --json: print `{"node": {...}, "instances": [...]}` (node id, overlay
+        /// address, WireGuard public key, client certificate, last reload error).
+        #[arg(long)]
+        node: bool,
     },
+    /// Register this host with the control plane (`POST /v1/nodes/enroll`) and keep
+    /// the node id and overlay address it answers in `<data_dir>/identity.json`.
+    ///
+    /// Run once per host, before the first start of the daemon (or with the daemon
+    /// stopped). It sends the hostname, region and labels (`[node]` in the config, or
+    /// the flags), the CPU cores and memory, the public addresses, this node's
+    /// WireGuard public key (the key pair is created in `<data_dir>/wireguard/` on first
+    /// use) and the subject of `[control_plane] client_cert_file`. A node that has
+    /// enrolled already says so and sends nothing: its id never changes. The token file
+    /// must be readable by its owner only; the token is never printed or logged.
+    Enroll(plfm_node_agent::enroll::EnrollArgs),
     /// Print an instance's workload logs (stdout, stderr and guest init's console
     /// lines), also a removed instance's while they are retained.
     Logs {
@@ -169,10 +186,38 @@ enum Command {
     },
 }
 
+/// Logs go to stderr as text or JSON (`[log] format`); when stderr is the journal
+/// (`$JOURNAL_STREAM` names it: the agent runs as a systemd unit), to the journal's
+/// native socket with structured fields instead (`PLFM_INSTANCE=…`,
+/// `docs/operations.md`), or, if that socket is missing, as JSON with the same fields.
 fn init_logging(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if plfm_node_agent::systemd::stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                let journal = journal
+                    .with_field_prefix(Some("PLFM".into()))
+                    .with_syslog_identifier("plfm-node-agent".into());
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(journal)
+                    .init();
+            }
+            Err(e) => {
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_writer(std::io::stderr)
+                    .json()
+                    .init();
+                tracing::warn!(error = %e, "stderr is the journal but its socket /run/systemd/journal/socket cannot be used; logging JSON lines to stderr");
+            }
+        }
+        return;
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -187,6 +232,9 @@ fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(
         plfm_node_agent::agent::DAEMON_UMASK,
     ));
+    // Before any thread exists: the notification socket and watchdog settings are taken
+    // out of the environment (the VMMs the agent spawns must not inherit them).
+    let notifier = std::sync::Arc::new(plfm_node_agent::systemd::Notifier::from_env());
     let cli = Cli::parse();
     if !matches!(
         cli.command,
@@ -256,7 +304,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(&cli.config, std::env::vars()) {
+    // The commands that only talk to the local API do not read the control plane's TLS
+    // files: they must work while a bad certificate waits to be replaced.
+    let daemon_or_files = matches!(
+        cli.command,
+        None | Some(Command::Run) | Some(Command::CheckConfig { .. }) | Some(Command::Enroll(_))
+    );
+    let loaded = if daemon_or_files {
+        Config::load(&cli.config, std::env::vars())
+    } else {
+        Config::load_for_operator(&cli.config, std::env::vars())
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("plfm-node-agent: {e}");
@@ -278,7 +337,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             init_logging(&config);
-            runtime.block_on(agent::run_daemon(config))
+            runtime.block_on(agent::run_daemon(config, notifier))
         }
         Command::CheckConfig { json: false } => {
             println!("{}", toml::to_string_pretty(&config).unwrap_or_default());
@@ -287,7 +346,20 @@ fn main() -> ExitCode {
         Command::CheckConfig { json: true } => serde_json::to_string_pretty(&config)
             .map(|j| println!("{j}"))
             .map_err(Into::into),
-        Command::Status { json } => api().and_then(|a| runtime.block_on(cli::status(&a, json))),
+        Command::Status { json, node } => {
+            api().and_then(|a| runtime.block_on(cli::status(&a, json, node)))
+        }
+        Command::Enroll(args) => {
+            init_logging(&config);
+            runtime
+                .block_on(plfm_node_agent::enroll::run(&config, &args))
+                .map(|r| {
+                    println!(
+                        "{}",
+                        plfm_node_agent::enroll::describe(&r, &config.data_dir)
+                    )
+                })
+        }
         Command::Stop { instance_id, json } => {
             api().and_then(|a| runtime.block_on(cli::stop(&a, &instance_id, json)))
         }

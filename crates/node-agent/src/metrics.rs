@@ -54,6 +54,16 @@ pub struct EndpointLabel {
     pub endpoint: &'static str,
 }
 
+/// Label: outcome of a certificate reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Outcomes of a reload of the control-plane TLS material (the `outcome` label).
+pub const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
+
 /// Control-plane endpoints the agent calls (the `endpoint` label).
 pub const CP_ENDPOINTS: [&str; 5] = ["plan", "status", "heartbeat", "secrets", "logs"];
 /// Outcomes of a control-plane request (the `outcome` label).
@@ -102,6 +112,10 @@ pub struct Metrics {
     pub log_lines_shipped: Counter,
     /// Workload log lines dropped (queue full, control plane down too long).
     pub log_lines_dropped: Counter,
+    /// Reloads of the control-plane TLS material and token by outcome.
+    pub cert_reloads: Family<OutcomeLabel, Counter>,
+    /// Seconds until the client certificate in use expires (+Inf without one).
+    pub cert_expiry_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -129,7 +143,10 @@ impl Metrics {
             reports_dropped: Counter::default(),
             log_lines_shipped: Counter::default(),
             log_lines_dropped: Counter::default(),
+            cert_reloads: Family::default(),
+            cert_expiry_seconds: Gauge::default(),
         };
+        m.cert_expiry_seconds.set(f64::INFINITY);
         registry.register("instances", "Instances by status", m.instances.clone());
         registry.register(
             "status_transitions",
@@ -206,6 +223,16 @@ impl Metrics {
             "Workload log lines dropped (queue full or delivery gave up)",
             m.log_lines_dropped.clone(),
         );
+        registry.register(
+            "cert_reload",
+            "Reloads of the control-plane CA, client certificate, key and token after their files changed, by outcome (ok, error)",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until the control-plane client certificate in use expires (+Inf without one)",
+            m.cert_expiry_seconds.clone(),
+        );
         // Every label set that can occur starts at 0: a family without samples is left
         // out of the exposition, so a node that never talked to a control plane, or
         // never rejected an assignment, would otherwise not show these metrics at all
@@ -222,6 +249,9 @@ impl Metrics {
                     .cp_requests
                     .get_or_create(&RequestLabels { endpoint, outcome });
             }
+        }
+        for outcome in RELOAD_OUTCOMES {
+            let _ = m.cert_reloads.get_or_create(&OutcomeLabel { outcome });
         }
         for kind in REJECTED_KINDS {
             let _ = m.rejected.get_or_create(&KindLabel { kind });

@@ -45,6 +45,22 @@ pub struct ApiState {
     pub exec: Option<Arc<crate::exec::ExecService>>,
     /// `<data_dir>/instances`, where the instances' logs are (`None`: no logs served).
     pub instances_dir: Option<std::path::PathBuf>,
+    /// This node's identity and control-plane credentials' state (`GET /v1/node`).
+    pub node: Option<Arc<NodeFacts>>,
+}
+
+/// What `GET /v1/node` shows: the node's identity and the state of its control-plane
+/// TLS material. Never a secret (no private key, no token).
+#[derive(Debug, Clone, Default)]
+pub struct NodeFacts {
+    /// The id the agent runs as.
+    pub node_id: String,
+    /// The overlay address from enrollment, if enrolled.
+    pub overlay_ipv6: Option<String>,
+    /// The node's WireGuard public key (base64), if it has a key.
+    pub wireguard_public_key: Option<String>,
+    /// Connected mode: the certificate in use and the last reload and its error.
+    pub control_plane_tls: Option<Arc<crate::control_plane::reload::ReloadStatus>>,
 }
 
 /// The router, every route behind [`access::authorize`]. Serve it with
@@ -52,6 +68,7 @@ pub struct ApiState {
 pub fn router(state: ApiState, rules: access::Access) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/node", get(node))
         .route("/metrics", get(metrics))
         .route("/v1/instances", get(list))
         .route("/v1/instances/{id}", get(one))
@@ -120,6 +137,21 @@ async fn healthz(State(s): State<ApiState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The node's identity, WireGuard public key and control-plane TLS state.
+async fn node(State(s): State<ApiState>) -> Response {
+    let Some(n) = s.node.as_ref() else {
+        return error(StatusCode::NOT_FOUND, "no node facts in this API".into());
+    };
+    Json(json!({
+        "node_id": n.node_id,
+        "overlay_ipv6": n.overlay_ipv6,
+        "wireguard_public_key": n.wireguard_public_key,
+        "agent_version": env!("CARGO_PKG_VERSION"),
+        "control_plane_tls": n.control_plane_tls.as_ref().map(|r| r.view()),
+    }))
+    .into_response()
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -159,6 +159,17 @@ impl TlsFiles {
                 if chain.is_empty() {
                     return Err(setup("client_cert_file", cert, &"contains no certificate"));
                 }
+                // A PEM block that is not a certificate is the certificate file's fault;
+                // rustls would only notice it when matching the key.
+                for c in &chain {
+                    x509_parser::parse_x509_certificate(c).map_err(|e| {
+                        setup(
+                            "client_cert_file",
+                            cert,
+                            &format!("not an X.509 certificate: {e}"),
+                        )
+                    })?;
+                }
                 let key_der = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| setup("client_key_file", key, &e))?;
                 builder
@@ -169,6 +180,26 @@ impl TlsFiles {
         };
         Ok(Some(config))
     }
+}
+
+/// The agent's HTTP client with `tls` (none: plain http to loopback).
+fn build_http(
+    tls: Option<rustls::ClientConfig>,
+    request_timeout_ms: u64,
+) -> Result<reqwest::Client, CpError> {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_millis(request_timeout_ms))
+        .connect_timeout(Duration::from_millis(request_timeout_ms.min(5000)))
+        .pool_max_idle_per_host(DELIVERY_CONCURRENCY)
+        // A redirect is an error: followed, it could lead to a clear-text or other
+        // host that `control_plane.url`'s checks never saw.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if let Some(tls) = tls {
+        b = b.tls_backend_preconfigured(tls);
+    }
+    b.build()
+        .map_err(|e| CpError::Setup(format!("HTTP client: {}", error_chain(&e))))
 }
 
 /// Reads a bearer token file (trimmed, must not be empty).
@@ -213,6 +244,9 @@ pub struct Heartbeat {
     pub outbox_depth: i64,
     /// Agent version.
     pub agent_version: String,
+    /// The node's WireGuard public key (base64), a heartbeat extra of DESIGN §3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
     /// Releases of the guest kernels this node keeps (agent-built artifacts; empty when
     /// the operator configures the initramfs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -253,14 +287,23 @@ struct SecretBundle {
 }
 
 /// The node API v1 client.
+///
+/// Its TLS material and token can change while it runs ([`super::reload`]): the HTTP
+/// client is swapped atomically, so a request uses the client current when it was
+/// built and finishes on it, and the next one connects with the new material.
 pub struct ControlPlaneClient {
-    http: reqwest::Client,
+    http: arc_swap::ArcSwap<reqwest::Client>,
     base: String,
     node_id: String,
-    token: Option<Zeroizing<String>>,
+    token: arc_swap::ArcSwapOption<Zeroizing<String>>,
+    request_timeout_ms: u64,
+    files: TlsFiles,
+    token_file: Option<PathBuf>,
+    pub(crate) reload: Arc<super::reload::ReloadStatus>,
     metrics: Arc<Metrics>,
     refusals: Arc<Refusals>,
     max_body_bytes: usize,
+    wireguard_public_key: Option<String>,
 }
 
 /// The control plane's latest refusal (a 4xx answer) of one endpoint.
@@ -339,31 +382,73 @@ impl ControlPlaneClient {
                 "control_plane.url {url:?}: plain http is allowed only to a loopback host"
             )));
         }
-        let tls = TlsFiles::from_config(cp).load()?;
+        let files = TlsFiles::from_config(cp);
+        let tls = files.load()?;
         let token = cp.token_file.as_deref().map(read_token).transpose()?;
-        let mut b = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cp.request_timeout_ms))
-            .connect_timeout(Duration::from_millis(cp.request_timeout_ms.min(5000)))
-            .pool_max_idle_per_host(DELIVERY_CONCURRENCY)
-            // A redirect is an error: followed, it could lead to a clear-text or other
-            // host that `control_plane.url`'s checks never saw.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy();
-        if let Some(tls) = tls {
-            b = b.tls_backend_preconfigured(tls);
+        let http = build_http(tls, cp.request_timeout_ms)?;
+        let reload = Arc::new(super::reload::ReloadStatus::default());
+        if let Some(cert) = &files.cert {
+            // Parsed already by `load`; the expiry is what is new here.
+            match super::reload::cert_not_after(cert) {
+                Ok(info) => reload.set_cert(info, &metrics),
+                Err(e) => {
+                    tracing::warn!(file = %cert.display(), error = %e, "cannot read the client certificate's expiry")
+                }
+            }
         }
-        let http = b
-            .build()
-            .map_err(|e| CpError::Setup(format!("HTTP client: {}", error_chain(&e))))?;
         Ok(ControlPlaneClient {
-            http,
+            http: arc_swap::ArcSwap::from_pointee(http),
             base: url.trim_end_matches('/').to_string(),
             node_id: node_id.to_string(),
-            token,
+            token: arc_swap::ArcSwapOption::from(token.map(Arc::new)),
+            request_timeout_ms: cp.request_timeout_ms,
+            files,
+            token_file: cp.token_file.clone(),
+            reload,
             metrics,
             refusals: Arc::default(),
             max_body_bytes: MAX_BODY_BYTES,
+            wireguard_public_key: None,
         })
+    }
+
+    /// The same client, advertising the node's WireGuard public key in heartbeats.
+    pub fn with_wireguard_public_key(mut self, key: Option<String>) -> Self {
+        self.wireguard_public_key = key;
+        self
+    }
+
+    /// The HTTP client in use now (new requests are built on it).
+    fn http(&self) -> Arc<reqwest::Client> {
+        self.http.load_full()
+    }
+
+    /// The files the client's material comes from: the TLS files and the token file.
+    pub(crate) fn material_files(&self) -> (&TlsFiles, Option<&Path>) {
+        (&self.files, self.token_file.as_deref())
+    }
+
+    /// Swaps in a new TLS configuration and token: requests built from now on use them;
+    /// requests in flight finish on the previous client.
+    pub(crate) fn install(
+        &self,
+        tls: Option<rustls::ClientConfig>,
+        token: Option<Zeroizing<String>>,
+    ) -> Result<(), CpError> {
+        let http = build_http(tls, self.request_timeout_ms)?;
+        self.http.store(Arc::new(http));
+        self.token.store(token.map(Arc::new));
+        Ok(())
+    }
+
+    /// What the reloader last did (shown by `status` and `/healthz`).
+    pub fn reload_status(&self) -> Arc<super::reload::ReloadStatus> {
+        self.reload.clone()
+    }
+
+    /// The metrics registry's handle (for the reloader).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The same client with another answer-size limit than [`MAX_BODY_BYTES`] (tests
@@ -387,7 +472,7 @@ impl ControlPlaneClient {
         endpoint: &'static str,
         mut req: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Vec<u8>), CpError> {
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token.load_full() {
             req = req.bearer_auth(t.as_str());
         }
         let started = Instant::now();
@@ -448,7 +533,7 @@ impl ControlPlaneClient {
 
     /// `GET /v1/nodes/{node_id}/plan`: the decoded plan and its raw JSON.
     pub async fn get_plan(&self) -> Result<(Plan, Vec<u8>), CpError> {
-        let (code, body) = self.send("plan", self.http.get(self.url("plan"))).await?;
+        let (code, body) = self.send("plan", self.http().get(self.url("plan"))).await?;
         if !code.is_success() {
             return Err(Self::status_error("plan", code, &body));
         }
@@ -483,7 +568,7 @@ impl ControlPlaneClient {
         report_json: &str,
     ) -> Result<Posted, CpError> {
         let req = self
-            .http
+            .http()
             .post(self.url(&format!("instances/{instance_id}/status")))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(report_json.to_string());
@@ -504,7 +589,10 @@ impl ControlPlaneClient {
     /// `POST …/heartbeat`.
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAnswer, CpError> {
         let (code, body) = self
-            .send("heartbeat", self.http.post(self.url("heartbeat")).json(hb))
+            .send(
+                "heartbeat",
+                self.http().post(self.url("heartbeat")).json(hb),
+            )
             .await?;
         if !code.is_success() {
             return Err(Self::status_error("heartbeat", code, &body));
@@ -524,7 +612,7 @@ impl ControlPlaneClient {
         let (code, body) = self
             .send(
                 "logs",
-                self.http.post(self.url("logs")).json(&Body { entries }),
+                self.http().post(self.url("logs")).json(&Body { entries }),
             )
             .await?;
         if !code.is_success() {
@@ -542,7 +630,7 @@ impl ControlPlaneClient {
         let (code, body) = self
             .send(
                 "secrets",
-                self.http.get(self.url(&format!("secrets/{version_id}"))),
+                self.http().get(self.url(&format!("secrets/{version_id}"))),
             )
             .await
             .map_err(|e| fetch(e.to_string()))?;
@@ -759,7 +847,7 @@ pub fn available_cores(cores: f64, reserved: f64) -> i32 {
 }
 
 /// Reads MemTotal from /proc/meminfo (0 elsewhere).
-fn total_memory_bytes() -> i64 {
+pub fn total_memory_bytes() -> i64 {
     #[cfg(target_os = "linux")]
     {
         if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
@@ -818,6 +906,7 @@ pub async fn run_heartbeat(
             agent_version: env!("CARGO_PKG_VERSION").into(),
             kernel_versions: guest.kernel_versions.clone(),
             guest_init_protocols: guest.guest_init_protocols.clone(),
+            wireguard_public_key: client.wireguard_public_key.clone(),
         };
         match client.heartbeat(&hb).await {
             Ok(a) => {
@@ -865,6 +954,7 @@ mod tests {
             request_timeout_ms: 1000,
             poll_interval_ms: 1000,
             heartbeat_interval_secs: 10,
+            reload_interval_ms: 5000,
         }
     }
 

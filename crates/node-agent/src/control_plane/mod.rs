@@ -5,5 +5,6 @@
 //! them to the supervisor; it never decides what to do with an instance.
 
 pub mod http;
+pub mod reload;
 pub mod secrets;
 pub mod standalone;

@@ -7,6 +7,13 @@
 //! the runtime's running VMs, the state store or the resource ledger has an actor, and
 //! an actor leaves only when its instance is removed and cleaned up. The supervisor
 //! never changes a status itself; actors report through the status manager.
+//!
+//! Liveness: [`Supervisor::ping`] is answered by the main loop itself, between
+//! commands, so it is answered only while that loop is not stuck (the systemd watchdog
+//! relies on it). For the tests of that, and only for them, the environment variable
+//! `PLFM_TESTING_STALL_RECONCILE_FILE=<path>` makes every reconcile pass (plan apply)
+//! wait while `<path>` exists: an honest stall of the main loop, inactive unless that
+//! variable is set. Never set it on a real node.
 
 pub mod actor;
 mod writer;
@@ -72,12 +79,14 @@ enum Command {
     DrainNode(oneshot::Sender<()>),
     UndrainNode(oneshot::Sender<()>),
     Shutdown(ShutdownMode, oneshot::Sender<()>),
+    Ping(oneshot::Sender<()>),
 }
 
 /// Handle to the supervisor task.
 #[derive(Clone)]
 pub struct Supervisor {
     tx: mpsc::Sender<Command>,
+    first_plan: watch::Receiver<bool>,
 }
 
 impl Supervisor {
@@ -109,7 +118,11 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(64);
         let (respawn_tx, respawn_rx) = mpsc::unbounded_channel();
         let writer = writer::Writer::start(store, env.clock.clone());
+        let (first_plan_tx, first_plan) = watch::channel(false);
         let task = SupervisorTask {
+            first_plan_tx,
+            testing_stall: std::env::var_os(crate::systemd::TESTING_STALL_ENV)
+                .map(std::path::PathBuf::from),
             env,
             writer,
             metrics,
@@ -129,7 +142,24 @@ impl Supervisor {
             shutdown: None,
         };
         tokio::spawn(task.run(rx, respawn_rx));
-        Ok(Supervisor { tx })
+        Ok(Supervisor { tx, first_plan })
+    }
+
+    /// Returns once the first plan was applied: every VM found running at start whose
+    /// instance is known has been adopted by its actor by then.
+    pub async fn first_plan_applied(&self) {
+        let mut rx = self.first_plan.clone();
+        let _ = rx.wait_for(|applied| *applied).await;
+    }
+
+    /// Whether the main loop answers (it does so between commands, so a loop stuck in
+    /// one does not). `false` when the supervisor is gone.
+    pub async fn ping(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Ping(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.is_ok()
     }
 
     /// Applies a full plan; returns once every actor has been told.
@@ -219,6 +249,9 @@ struct SupervisorTask {
     first_plan_applied: bool,
     respawn_tx: mpsc::UnboundedSender<InstanceId>,
     shutdown: Option<(ShutdownMode, Vec<oneshot::Sender<()>>)>,
+    first_plan_tx: watch::Sender<bool>,
+    /// Test-only stall hook (module docs); `None` on every real node.
+    testing_stall: Option<std::path::PathBuf>,
 }
 
 impl SupervisorTask {
@@ -251,7 +284,13 @@ impl SupervisorTask {
         match cmd {
             Command::Apply(plan, done) => {
                 let started = std::time::Instant::now();
+                if let Some(path) = &self.testing_stall {
+                    while path.exists() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
                 self.apply(plan).await;
+                self.first_plan_tx.send_replace(true);
                 self.metrics
                     .reconcile_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -322,6 +361,9 @@ impl SupervisorTask {
                 let _ = reply.send(());
             }
             Command::Shutdown(mode, reply) => self.begin_shutdown(mode, Some(reply)).await,
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
             Command::Usage(reply) => {
                 let mut u = Usage {
                     node_draining: self.node_draining,

@@ -140,6 +140,16 @@ pub struct CpState {
     pub rejected: Mutex<Vec<Rejected>>,
     /// Answer 422 to every heartbeat (as a control plane with other types would).
     pub refuse_heartbeats: AtomicBool,
+    /// Every `POST /v1/nodes/enroll` body as received.
+    pub enrolls: Mutex<Vec<Value>>,
+    /// The answer to an enrollment: (HTTP code, body); `None`: 201 with a node record
+    /// of `node_id` and `overlay_ipv6` `fd00:1::1`.
+    pub enroll_answer: Mutex<Option<(u16, Value)>>,
+    /// `start_tls_recording`: (request path, serial of the client certificate of its
+    /// connection, lower-case hex) for every request.
+    pub client_certs: Mutex<Vec<(String, Option<String>)>>,
+    /// `start_tls_recording`: the Authorization header of every request.
+    pub authorizations: Mutex<Vec<Option<String>>>,
 }
 
 pub struct FakeCp {
@@ -307,8 +317,31 @@ async fn logs(
     (StatusCode::OK, Json(json!({"accepted": true})))
 }
 
+async fn enroll(
+    State(s): State<Arc<CpState>>,
+    raw: axum::body::Bytes,
+) -> (StatusCode, Json<Value>) {
+    s.enrolls
+        .lock()
+        .unwrap()
+        .push(serde_json::from_slice(&raw).unwrap_or(Value::Null));
+    if let Err(e) = plfm::parse::<plfm::EnrollNodeRequest>(&raw) {
+        return unprocessable(&s, "enroll", &raw, e);
+    }
+    match s.enroll_answer.lock().unwrap().clone() {
+        Some((code, body)) => (StatusCode::from_u16(code).unwrap(), Json(body)),
+        None => (
+            StatusCode::CREATED,
+            Json(
+                json!({"id": s.node_id, "state": "active", "overlay_ipv6": "fd00:1::1", "region": "test"}),
+            ),
+        ),
+    }
+}
+
 fn router(state: Arc<CpState>) -> Router {
     Router::new()
+        .route("/v1/nodes/enroll", post(enroll))
         .route("/v1/nodes/{node}/plan", get(plan))
         .route("/v1/nodes/{node}/instances/{id}/status", post(status))
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
@@ -357,6 +390,42 @@ impl FakeCp {
                 .await;
         });
         FakeCp { addr, state, task }
+    }
+
+    /// TLS (rustls) with the given server config, recording for every request the
+    /// serial of the client certificate its connection presented
+    /// ([`CpState::client_certs`]).
+    pub async fn start_tls_recording(state: CpState, config: rustls::ServerConfig) -> FakeCp {
+        let state = Arc::new(state);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = recording::TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        };
+        let app = router(state.clone()).layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            recording::record,
+        ));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<recording::PeerCert>(),
+            )
+            .await;
+        });
+        FakeCp { addr, state, task }
+    }
+
+    /// Serials of the client certificates seen, in request order.
+    pub fn client_serials(&self) -> Vec<Option<String>> {
+        self.state
+            .client_certs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     pub fn url(&self, scheme: &str) -> String {
@@ -413,5 +482,87 @@ impl FakeCp {
             }
         }
         by
+    }
+}
+
+/// A TLS listener for axum that hands each connection's client-certificate serial to
+/// the handlers (`ConnectInfo<PeerCert>`).
+mod recording {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::extract::{ConnectInfo, Request, State};
+    use axum::middleware::Next;
+    use axum::response::Response;
+
+    use super::CpState;
+
+    pub struct TlsListener {
+        pub tcp: tokio::net::TcpListener,
+        pub acceptor: tokio_rustls::TlsAcceptor,
+    }
+
+    /// The serial (lower-case hex) of the client certificate of a connection.
+    #[derive(Clone, Debug)]
+    pub struct PeerCert(pub Option<String>);
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        type Addr = PeerCert;
+
+        async fn accept(&mut self) -> (Self::Io, PeerCert) {
+            loop {
+                let Ok((tcp, _)) = self.tcp.accept().await else {
+                    continue;
+                };
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(tcp)).await;
+                let Ok(Ok(tls)) = handshake else {
+                    continue;
+                };
+                let serial = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| {
+                        x509_parser::parse_x509_certificate(der)
+                            .ok()
+                            .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))
+                    });
+                return (tls, PeerCert(serial));
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<PeerCert> {
+            Ok(PeerCert(None))
+        }
+    }
+
+    impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+        for PeerCert
+    {
+        fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+            stream.remote_addr().clone()
+        }
+    }
+
+    pub async fn record(
+        State(s): State<Arc<CpState>>,
+        ConnectInfo(peer): ConnectInfo<PeerCert>,
+        req: Request,
+        next: Next,
+    ) -> Response {
+        s.client_certs
+            .lock()
+            .unwrap()
+            .push((req.uri().path().to_string(), peer.0));
+        s.authorizations.lock().unwrap().push(
+            req.headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        );
+        next.run(req).await
     }
 }
