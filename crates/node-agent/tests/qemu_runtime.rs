@@ -996,18 +996,22 @@ fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
         |v| v.instance_id == "adopt" && v.status == Status::Ready,
     );
     let (_, ipv4) = env.tap_of("adopt").unwrap();
-    assert_eq!(http_get(&ipv4, 8080, "/").unwrap().trim(), "up");
-    // A few health intervals later: same process, no new report.
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(
-            start_time(pid),
-            before["start_time"].as_u64(),
-            "qemu replaced"
-        );
-    }
-    assert_eq!(vm_row(&env), Some(before.clone()));
+    // The VM serves, and a few health intervals later it is the same process, with
+    // the same ledger row.
+    let same_vm_for = |env: &Env, window: Duration| {
+        assert_eq!(http_get(&ipv4, 8080, "/").unwrap().trim(), "up");
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(250));
+            assert_eq!(
+                start_time(pid),
+                before["start_time"].as_u64(),
+                "qemu replaced"
+            );
+        }
+        assert_eq!(vm_row(env), Some(before.clone()));
+    };
+    same_vm_for(&env, Duration::from_secs(5));
     // The adopted VM keeps its cgroup (the start-up sweep removes only unused ones).
     if let Some(dir) = &cgroup {
         assert!(in_group(dir), "qemu {pid} left {}", dir.display());
@@ -1101,17 +1105,7 @@ fn agent_killed_or_upgraded_while_ready_adopts_the_same_qemu_process() {
         Duration::from_secs(30),
         |v| v.instance_id == "adopt" && v.status == Status::Ready,
     );
-    assert_eq!(http_get(&ipv4, 8080, "/").unwrap().trim(), "up");
-    let end = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(
-            start_time(pid),
-            before["start_time"].as_u64(),
-            "qemu replaced"
-        );
-    }
-    assert_eq!(vm_row(&env), Some(before.clone()));
+    same_vm_for(&env, Duration::from_secs(3));
     let status_after = env
         .instances()
         .unwrap()

@@ -31,6 +31,18 @@ fn fixture(version: u32, dir: &Path) -> PathBuf {
     path
 }
 
+/// The first column of every row of `sql` (text).
+fn strings(path: &Path, sql: &str) -> Vec<String> {
+    let c = Connection::open(path).unwrap();
+    let mut st = c.prepare(sql).unwrap();
+    let v = st
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap();
+    v
+}
+
 fn user_version(path: &Path) -> i64 {
     Connection::open(path)
         .unwrap()
@@ -160,17 +172,11 @@ fn a_current_database_is_opened_without_change() {
     let path = dir.path().join("state.db");
     drop(Store::open(&path).unwrap());
     assert_eq!(user_version(&path), SCHEMA_VERSION);
-    let schema = |p: &Path| -> Vec<String> {
-        let c = Connection::open(p).unwrap();
-        let mut st = c
-            .prepare("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
-            .unwrap();
-        let v = st
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<Vec<String>, _>>()
-            .unwrap();
-        v
+    let schema = |p: &Path| {
+        strings(
+            p,
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name",
+        )
     };
     let before = schema(&path);
     drop(Store::open(&path).unwrap());
@@ -192,17 +198,11 @@ fn a_database_from_a_newer_agent_is_refused_untouched() {
         .unwrap();
         c.pragma_update(None, "user_version", newer).unwrap();
     }
-    let tables = |p: &Path| -> Vec<String> {
-        let c = Connection::open(p).unwrap();
-        let mut st = c
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            .unwrap();
-        let v = st
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<Vec<String>, _>>()
-            .unwrap();
-        v
+    let tables = |p: &Path| {
+        strings(
+            p,
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+        )
     };
     let err = match Store::open(&path) {
         Err(e) => e,
