@@ -1,6 +1,6 @@
 //! The node's identity on disk: the id and overlay address the control plane gave it at
 //! enrollment (`<data_dir>/identity.json`) and its WireGuard key pair
-//! (`<data_dir>/wireguard/private.key`).
+//! (`<data_dir>/overlay/private.key`).
 //!
 //! The contract: the identity file is written once, atomically (a temporary file,
 //! fsync, rename, fsync of the directory; mode 0600), and never rewritten, so the node
@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 /// File name of the identity under the data dir.
 pub const IDENTITY_FILE: &str = "identity.json";
 /// The WireGuard private key under the data dir (base64, as `wg genkey` writes it).
-pub const WIREGUARD_KEY_FILE: &str = "wireguard/private.key";
+pub const WIREGUARD_KEY_FILE: &str = "overlay/private.key";
 
 /// An identity problem, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +176,7 @@ impl WireguardKey {
     }
 }
 
-/// `<data_dir>/wireguard/private.key`.
+/// `<data_dir>/overlay/private.key`.
 pub fn wireguard_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join(WIREGUARD_KEY_FILE)
 }

@@ -32,6 +32,7 @@ pub mod logstore;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod network;
+pub mod overlay;
 pub mod reconciler;
 pub mod restart;
 pub mod runtime;

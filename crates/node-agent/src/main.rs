@@ -59,7 +59,7 @@ enum Command {
     /// Run once per host, before the first start of the daemon (or with the daemon
     /// stopped). It sends the hostname, region and labels (`[node]` in the config, or
     /// the flags), the CPU cores and memory, the public addresses, this node's
-    /// WireGuard public key (the key pair is created in `<data_dir>/wireguard/` on first
+    /// WireGuard public key (the key pair is created in `<data_dir>/overlay/` on first
     /// use) and the subject of `[control_plane] client_cert_file`. A node that has
     /// enrolled already says so and sends nothing: its id never changes. The token file
     /// must be readable by its owner only; the token is never printed or logged.

@@ -171,7 +171,7 @@ async fn enroll_persists_the_id_the_daemon_keeps_it_and_a_second_enroll_is_a_no_
     assert!(body["cpu_cores"].as_i64().unwrap() >= 1);
     assert!(body["memory_bytes"].as_i64().unwrap() > 0);
     assert!(!body["hostname"].as_str().unwrap().is_empty());
-    let key_mode = std::fs::metadata(env.path("data/wireguard/private.key"))
+    let key_mode = std::fs::metadata(env.path("data/overlay/private.key"))
         .unwrap()
         .permissions()
         .mode()
