@@ -36,6 +36,9 @@ if [[ "$(id -u)" -ne 0 ]]; then
     say "SKIP: not root (mmdebstrap, chroot and mounting /proc need root)"
     exit 0
   fi
+  if [[ "${PLFM_REQUIRE_SYSTEM_TESTS:-}" == 1 ]]; then
+    fail "must run as root (mmdebstrap, chroot and mounting /proc need it); PLFM_REQUIRE_SYSTEM_TESTS=1 forbids skipping"
+  fi
   fail "must run as root (mmdebstrap, chroot and mounting /proc need it); PLFM_PACKAGE_TEST_SKIP_UNPRIVILEGED=1 skips instead"
 fi
 command -v apt-get >/dev/null || fail "apt-get not found: this test needs a Debian host"
@@ -313,6 +316,11 @@ for p in "${owned[@]}" /var/lib/plfm /etc/plfm /usr/lib/plfm /usr/share/doc/plfm
     fail "$p is still there after apt-get purge"
   fi
 done
+# Nothing named after the package anywhere in the root (systemd masks and enablement
+# state, dpkg's info files, directories the maintainer scripts made), but the test's own
+# files in /tmp.
+leftover="$(find "$root" -mindepth 1 -path "$root/proc" -prune -o -path "$root/tmp" -prune -o -name '*plfm*' -print)"
+[[ -z "$leftover" ]] || fail "after apt-get purge these remain:"$'\n'"${leftover//$root/}"
 if in_root dpkg-query -W -f='${Status}' plfm-node-agent 2>/dev/null | grep -q installed; then
   fail "dpkg still lists plfm-node-agent after purge: $(in_root dpkg-query -W -f='${Status}' plfm-node-agent)"
 fi
