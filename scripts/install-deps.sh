@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   cpio             # initramfs inspection
   iproute2         # ip netns, taps
   nftables         # host firewall rules
+  wireguard-go     # the overlay's userspace WireGuard (tests/overlay_device.rs)
   qemu-system-x86  # real VMs under TCG
   linux-image-cloud-amd64  # the guest kernel and its modules
   skopeo umoci     # reference tools the image benchmark compares against

@@ -755,6 +755,93 @@ fn removal_json(tap: &str, element: bool, chain: bool, arp: Option<Value>) -> Va
     json!({ "nftables": cmds })
 }
 
+/// The overlay interface `iface` (created by its WireGuard implementation): MTU and
+/// up, the node's overlay address as a /128 (no duplicate address detection), and its
+/// routes made exactly `routes`, each prefix via the interface: missing ones added,
+/// ones this function added earlier for prefixes no longer wanted (a removed peer)
+/// deleted. Routes the kernel made (link-local, multicast) are left alone. Needs root.
+/// The error names the step.
+pub async fn configure_overlay_link(
+    iface: &str,
+    mtu: u32,
+    addr: Ipv6Addr,
+    routes: &[(Ipv6Addr, u8)],
+) -> Result<(), String> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
+    let index =
+        nix::net::if_::if_nametoindex(iface).map_err(|e| format!("find the interface: {e}"))?;
+    let nl = Netlink::open()?;
+    let link = rtnetlink::LinkUnspec::new_with_index(index)
+        .mtu(mtu)
+        .up()
+        .build();
+    bounded(nl.handle.link().set(link).execute())
+        .await
+        .map_err(|e| format!("set mtu {mtu} and up: {e}"))?;
+    let mut a = nl
+        .handle
+        .address()
+        .add(index, IpAddr::V6(addr), 128)
+        .replace();
+    let msg = a.message_mut();
+    msg.header.flags |= AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    bounded(a.execute())
+        .await
+        .map_err(|e| format!("add address {addr}/128: {e}"))?;
+    for (prefix, len) in routes {
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(*prefix, *len)
+            .output_interface(index)
+            .build();
+        bounded(nl.handle.route().add(route).replace().execute())
+            .await
+            .map_err(|e| format!("add route {prefix}/{len}: {e}"))?;
+    }
+    // Stale routes: ours (protocol static, as `add` makes them) on this interface, for
+    // prefixes no longer wanted.
+    let dump = nl
+        .handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute();
+    let all: Vec<_> =
+        match tokio::time::timeout(COMMAND_TIMEOUT, dump.try_collect::<Vec<_>>()).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(format!("list routes: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "list routes: no netlink answer within {COMMAND_TIMEOUT:?}"
+                ))
+            }
+        };
+    for r in all {
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
+            _ => None,
+        });
+        let len = r.header.destination_prefix_length;
+        let (Some(oif), Some(dst)) = (oif, dst) else {
+            continue;
+        };
+        if oif != index || r.header.protocol != RouteProtocol::Static || len == 0 {
+            continue;
+        }
+        if routes.contains(&(dst, len)) {
+            continue;
+        }
+        bounded(nl.handle.route().del(r).execute())
+            .await
+            .map_err(|e| format!("delete stale route {dst}/{len}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Removes the instance's rules and its tap (with addresses and routes). Idempotent.
 pub async fn teardown(tap: &str) -> Result<(), NetworkError> {
     // The rules name the tap only by its name, so both go at once.

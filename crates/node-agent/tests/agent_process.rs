@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::{AgentProcess, BIN};
 use common::wait::{poll_until_async, wait_until_async, Poll};
-use common::{assignment_json, free_port, tree};
+use common::{assignment_json, tree};
 use plfm_node_agent::instance::Status;
 use plfm_node_agent::state::Store;
 use plfm_node_agent::status::view::InstanceView;
@@ -27,27 +27,7 @@ struct Env {
 
 impl Env {
     fn new(mock: &str) -> Env {
-        let root = tempfile::tempdir().unwrap();
-        let port = free_port();
-        std::fs::create_dir_all(root.path().join("desired/secrets")).unwrap();
-        let cfg = format!(
-            r#"node_id = "test-node"
-data_dir = "data"
-[log]
-level = "info"
-[api]
-listen = "127.0.0.1:{port}"
-[control_plane]
-mode = "standalone"
-desired_dir = "desired"
-rescan_interval_ms = 200
-[runtime]
-kind = "mock"
-[runtime.mock]
-{mock}
-"#
-        );
-        std::fs::write(root.path().join("agent.toml"), cfg).unwrap();
+        let root = common::agent::mock_agent_dir("test-node", 200, mock);
         Env { root }
     }
     fn path(&self, p: &str) -> PathBuf {

@@ -28,27 +28,11 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let root = tempfile::tempdir().unwrap();
-        let port = common::free_port();
-        std::fs::create_dir_all(root.path().join("desired")).unwrap();
-        let cfg = format!(
-            r#"node_id = "test-node"
-data_dir = "data"
-[api]
-listen = "127.0.0.1:{port}"
-[control_plane]
-mode = "standalone"
-desired_dir = "desired"
-rescan_interval_ms = 100
-[runtime]
-kind = "mock"
-[runtime.mock]
-prepare_ms = 0
-boot_ms = 50
-stop_ms = 10
-"#
+        let root = common::agent::mock_agent_dir(
+            "test-node",
+            100,
+            "prepare_ms = 0\nboot_ms = 50\nstop_ms = 10",
         );
-        std::fs::write(root.path().join("agent.toml"), cfg).unwrap();
         Env { root }
     }
     fn path(&self, p: &str) -> PathBuf {

@@ -23,27 +23,11 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join("desired")).unwrap();
-        let cfg = format!(
-            r#"node_id = "sd-node"
-data_dir = "data"
-[api]
-listen = "127.0.0.1:{}"
-[control_plane]
-mode = "standalone"
-desired_dir = "desired"
-rescan_interval_ms = 100
-[runtime]
-kind = "mock"
-[runtime.mock]
-prepare_ms = 10
-boot_ms = 50
-stop_ms = 10
-"#,
-            common::free_port()
+        let root = common::agent::mock_agent_dir(
+            "sd-node",
+            100,
+            "prepare_ms = 10\nboot_ms = 50\nstop_ms = 10",
         );
-        std::fs::write(root.path().join("agent.toml"), cfg).unwrap();
         Env { root }
     }
 

@@ -74,8 +74,11 @@ pub struct PeerState {
 /// The device as a `get=1` answer describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DeviceState {
-    /// Whether a private key is set (the key itself is not kept).
+    /// Whether a private key is set.
     pub has_private_key: bool,
+    /// sha256 of the private key set, to compare with the wanted one (the key itself
+    /// is not kept).
+    pub private_key_sha256: Option<[u8; 32]>,
     /// Listen port.
     pub listen_port: Option<u16>,
     /// Peers in the order reported.
@@ -128,7 +131,15 @@ pub fn parse_get(text: &str) -> Result<DeviceState, String> {
                 .ok_or_else(|| format!("UAPI answer: {k} before any public_key"))
         };
         match k {
-            "private_key" => dev.has_private_key = v.bytes().any(|b| b != b'0'),
+            "private_key" => {
+                dev.has_private_key = v.bytes().any(|b| b != b'0');
+                dev.private_key_sha256 = match (dev.has_private_key, hex::decode(v)) {
+                    (true, Ok(k)) if k.len() == 32 => Some(sha256(&k)),
+                    // Never echoed: the value is a secret.
+                    (true, _) => return Err("UAPI answer: private_key is not 32 hex bytes".into()),
+                    (false, _) => None,
+                };
+            }
             "listen_port" => dev.listen_port = Some(v.parse().map_err(|_| bad())?),
             "public_key" => {
                 let bytes: [u8; 32] = hex::decode(v)
@@ -187,6 +198,12 @@ pub fn parse_set_answer(text: &str) -> Result<(), String> {
         "0" => Ok(()),
         n => Err(format!("UAPI set answered errno={n}")),
     }
+}
+
+/// sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn truncate(s: &str) -> &str {
@@ -268,6 +285,7 @@ errno=0
     fn a_get_answer_parses_and_matches_the_applied_config() {
         let dev = parse_get(GET).unwrap();
         assert!(dev.has_private_key);
+        assert_eq!(dev.private_key_sha256, Some(sha256(&[0xab; 32])));
         assert_eq!(dev.listen_port, Some(51820));
         assert_eq!(dev.peers.len(), 2);
         let b = &dev.peers[0];
@@ -316,6 +334,8 @@ errno=0
         assert!(e.contains("public_key"), "{e}");
         let e = parse_get("garbage\n").unwrap_err();
         assert!(e.contains("without '='"), "{e}");
+        let e = parse_get("private_key=5ec2e75ec2e7\nerrno=0\n").unwrap_err();
+        assert!(e.contains("private_key") && !e.contains("5ec2e7"), "{e}");
         let no_key = parse_get("private_key=0000000000000000000000000000000000000000000000000000000000000000\nerrno=0\n").unwrap();
         assert!(!no_key.has_private_key);
         assert!(parse_set_answer("errno=0\n\n").is_ok());

@@ -135,6 +135,33 @@ impl std::fmt::Debug for Seen<'_> {
     }
 }
 
+/// A new temp dir with `agent.toml` for a standalone agent on the mock runtime: node
+/// `node_id`, data in `data/`, the API on a free loopback port, desired state in
+/// `desired/` (with `secrets/`) rescanned every `rescan_ms`, and `mock` as the body of
+/// `[runtime.mock]` (its timings and faults).
+pub fn mock_agent_dir(node_id: &str, rescan_ms: u64, mock: &str) -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("a temp dir");
+    std::fs::create_dir_all(root.path().join("desired/secrets")).expect("the desired dir");
+    let cfg = format!(
+        r#"node_id = "{node_id}"
+data_dir = "data"
+[api]
+listen = "127.0.0.1:{}"
+[control_plane]
+mode = "standalone"
+desired_dir = "desired"
+rescan_interval_ms = {rescan_ms}
+[runtime]
+kind = "mock"
+[runtime.mock]
+{mock}
+"#,
+        super::free_port()
+    );
+    std::fs::write(root.path().join("agent.toml"), cfg).expect("write agent.toml");
+    root
+}
+
 /// A running agent process.
 pub struct AgentProcess {
     child: Mutex<Child>,
