@@ -298,18 +298,9 @@ async fn setup_links(plan: &TapPlan, exists: bool) -> Result<(), NetworkError> {
         .await
         .map_err(fail(&format!("set mtu {} and up", plan.mtu)))?;
 
-    let mut ll = nl
-        .handle
-        .address()
-        .add(index, IpAddr::V6(HOST_LINK_LOCAL), 64)
-        .replace();
     // No duplicate address detection: the address is usable at once (the guest's
     // gateway), and nothing else on a point-to-point tap can hold it.
-    let msg = ll.message_mut();
-    msg.header.flags |= AddressHeaderFlags::Nodad;
-    msg.attributes
-        .push(AddressAttribute::Flags(AddressFlags::Nodad));
-    bounded(ll.execute())
+    add_ipv6_nodad(&nl, index, HOST_LINK_LOCAL, 64)
         .await
         .map_err(fail(&format!("add address {HOST_LINK_LOCAL}/64 nodad")))?;
 
@@ -429,6 +420,20 @@ fn create_persistent_tap(name: &str, owner: Option<(u32, u32)>) -> Result<(), ni
     unsafe { tun_set_persist(dev.as_raw_fd(), 1) }?;
     drop(dev);
     Ok(())
+}
+
+/// Adds (or replaces) an IPv6 address without duplicate address detection.
+async fn add_ipv6_nodad(nl: &Netlink, index: u32, addr: Ipv6Addr, len: u8) -> Result<(), String> {
+    let mut a = nl
+        .handle
+        .address()
+        .add(index, IpAddr::V6(addr), len)
+        .replace();
+    let msg = a.message_mut();
+    msg.header.flags |= AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    bounded(a.execute()).await
 }
 
 /// One rtnetlink connection, its driver task on the current tokio runtime (aborted
@@ -778,16 +783,7 @@ pub async fn configure_overlay_link(
     bounded(nl.handle.link().set(link).execute())
         .await
         .map_err(|e| format!("set mtu {mtu} and up: {e}"))?;
-    let mut a = nl
-        .handle
-        .address()
-        .add(index, IpAddr::V6(addr), 128)
-        .replace();
-    let msg = a.message_mut();
-    msg.header.flags |= AddressHeaderFlags::Nodad;
-    msg.attributes
-        .push(AddressAttribute::Flags(AddressFlags::Nodad));
-    bounded(a.execute())
+    add_ipv6_nodad(&nl, index, addr, 128)
         .await
         .map_err(|e| format!("add address {addr}/128: {e}"))?;
     for (prefix, len) in routes {
