@@ -798,8 +798,21 @@ reconcile_interval_ms = 200
     }
 
     /// Every report of `id` so far.
+    /// The reports of `id` the local sink took, once none of its reports still waits
+    /// in the outbox (the API shows a status as soon as it is committed; its delivery
+    /// follows a moment later), for 10 s at most.
     pub fn reports(&self, id: &str) -> Vec<StatusReport> {
         let s = self.store();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s
+            .outbox_peek(100_000)
+            .unwrap()
+            .iter()
+            .any(|r| r.instance_id == id)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let mut out: Vec<StatusReport> = s
             .delivered_reports(Some(id))
             .unwrap()
