@@ -401,8 +401,22 @@ reconcile_interval_ms = 200
         Store::open(&self.root.join("data/state.db")).unwrap()
     }
 
+    /// The reports of `id` the local sink took, once none of its reports still waits
+    /// in the outbox (a status shows in the API when committed; its delivery follows a
+    /// moment later), for 10 s at most.
     fn reports(&self, id: &str) -> Vec<StatusReport> {
-        self.store()
+        let store = self.store();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store
+            .outbox_peek(100_000)
+            .unwrap()
+            .iter()
+            .any(|r| r.instance_id == id)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        store
             .delivered_reports(Some(id))
             .unwrap()
             .into_iter()
