@@ -1,18 +1,24 @@
 //! The workload's output on its way to the host: pipes for the workload's stdout and
-//! stderr, guest init's console lines, a bounded ring of stamped lines, and a sender
-//! thread that ships them on the log port (vsock [`LOG_PORT`], see
-//! `plfm_guest_protocol::LogMessage`).
+//! stderr, guest init's console lines, a bounded ring, and a sender thread that turns
+//! what the ring holds into stamped lines and ships them on the log port (vsock
+//! [`LOG_PORT`], see `plfm_guest_protocol::LogMessage`).
 //!
-//! The contract: the workload is never blocked on its output. Reader threads drain the
-//! pipes as fast as the workload writes and only ever take a short lock on the ring;
-//! when the ring is full (the host is slow or absent), the oldest lines are dropped and
-//! counted, and the host is told how many ([`LogMessage::Dropped`], shown as a marker
-//! line). The sender runs at nice 19 (a flood of output costs the workload the pipe
-//! readers' work, not the shipping's) and reconnects every [`RECONNECT_INTERVAL`] when
-//! the connection is lost (agent restart). The workload's output is not copied to the serial console
-//! (slow under emulation). This module must not talk on the host channel (port 5161)
-//! and must not block PID 1: everything here runs in its own threads, except
-//! [`flush`], which waits with a deadline.
+//! The contract: the workload is never blocked on its output, and pays for it as
+//! little as possible. Reader threads drain the pipes (enlarged to 1 MiB) and only move
+//! what each `read` returned into the ring, stamped with the time of the read, under a
+//! short lock; splitting into lines, cutting long ones and encoding are the sender's
+//! work, and the sender runs at nice 19 (on a one-vCPU VM, every cycle spent on the
+//! output is taken from the workload). When the ring is full (the host is slow or
+//! absent), the oldest reads are dropped and the lines they held counted, and the host
+//! is told how many ([`LogMessage::Dropped`], shown as a marker line); a line cut by a
+//! drop comes out marked `truncated`. The sender reconnects every
+//! [`RECONNECT_INTERVAL`] when the connection is lost (agent restart). The workload's
+//! output is not copied to the serial console (slow under emulation). This module must
+//! not talk on the host channel (port 5161) and must not block PID 1: everything here
+//! runs in its own threads, except [`flush`], which waits with a deadline.
+//!
+//! Hand-written: the ring of raw reads and the line splitting are this protocol's own
+//! (no crate splits a pipe into bounded, stamped lines that drop the oldest).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -31,54 +37,157 @@ use plfm_guest_protocol::{
 
 use crate::settings::HostChannel;
 
-/// Bytes of line text the ring holds at most.
+/// Bytes the ring holds at most (capacity of the buffers it keeps).
 pub const RING_BYTES: usize = 1024 * 1024;
-/// Lines the ring holds at most.
-pub const RING_LINES: usize = 4096;
+/// Entries (reads or console lines) the ring holds at most.
+pub const RING_ENTRIES: usize = 4096;
 /// Pause between connection attempts.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest one write to the host may block before the connection is given up.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most lines per write.
-const BATCH: usize = 1024;
+/// Most bytes of workload output the sender takes from the ring at once.
+const BATCH_BYTES: usize = 256 * 1024;
+/// Size of a reader's buffer: one `read` takes at most this much from a pipe.
+const READ_BYTES: usize = 256 * 1024;
+/// A reader's pause after a read that did not fill its buffer (see [`drain`]).
+const READ_PAUSE: Duration = Duration::from_millis(20);
+/// A read that filled less than this is copied into a buffer of its own size (so the
+/// ring's bound counts what it really holds); a fuller one is moved as it is.
+const MOVE_AT: usize = READ_BYTES / 2;
+/// Capacity asked for the workload's pipes (`F_SETPIPE_SZ`): the workload writes on
+/// while its reader waits for the CPU, and the reader wakes up less often.
+const PIPE_BYTES: libc::c_int = 1024 * 1024;
 
-/// Bounded buffer of lines: pushing never waits; past either bound the oldest lines go
-/// and are counted, and the count goes out as a [`LogMessage::Dropped`] before the
-/// lines that follow.
+/// Index of a workload stream in per-stream tables.
+fn stream_index(s: LogStream) -> usize {
+    match s {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+        LogStream::Console => 2,
+    }
+}
+
+/// One entry of the ring.
+#[derive(Debug)]
+enum Entry {
+    /// What one `read` returned from a workload pipe, stamped when it was read.
+    /// `seq` counts the stream's reads (a gap means reads were dropped), and
+    /// `starts_mid_line` says the stream's previous read did not end a line.
+    Bytes {
+        stream: LogStream,
+        seq: u64,
+        ts_ms: u64,
+        starts_mid_line: bool,
+        data: Vec<u8>,
+    },
+    /// A line already made (guest init's console).
+    Line(LogLine),
+}
+
+impl Entry {
+    /// Memory the entry holds, for the byte bound.
+    fn weight(&self) -> usize {
+        match self {
+            Entry::Bytes { data, .. } => data.capacity(),
+            Entry::Line(l) => l.line.len(),
+        }
+    }
+
+    /// Lines lost when the entry is dropped: for raw bytes, the lines they end. (A
+    /// line they begin without ending is counted by the sender, which skips its rest.)
+    fn lines(&self) -> u64 {
+        match self {
+            Entry::Bytes { data, .. } => memchr::memchr_iter(b'\n', data).count() as u64,
+            Entry::Line(_) => 1,
+        }
+    }
+}
+
+/// What the sender takes from the ring at once.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Lines dropped since the previous take.
+    pub dropped: u64,
+    entries: Vec<Entry>,
+}
+
+/// Bounded buffer between the pipe readers and the sender. The readers only move the
+/// bytes a `read` returned into it, whole: splitting them into lines, stamping and
+/// encoding are the sender's work, which runs at the lowest priority. So a workload
+/// that floods its output pays for the pipe and little else. Pushing never waits;
+/// past either bound the oldest entries go and the lines they held are counted, and the
+/// count goes out as a [`LogMessage::Dropped`] before the lines that follow. Dropping
+/// the oldest (not the newest) keeps what a workload printed last, which is what an
+/// operator reads when it died.
 #[derive(Debug)]
 pub struct Ring {
-    lines: VecDeque<LogLine>,
+    entries: VecDeque<Entry>,
     bytes: usize,
     max_bytes: usize,
-    max_lines: usize,
+    max_entries: usize,
+    /// Per workload stream: the next read's number, and whether the last read left a
+    /// line open.
+    next_seq: [u64; 3],
+    mid_line: [bool; 3],
     dropped: u64,
     dropped_total: u64,
 }
 
 impl Ring {
-    /// An empty ring of at most `max_bytes` of text and `max_lines` lines.
-    pub fn new(max_bytes: usize, max_lines: usize) -> Ring {
+    /// An empty ring of at most `max_bytes` held and `max_entries` entries.
+    pub fn new(max_bytes: usize, max_entries: usize) -> Ring {
         Ring {
-            lines: VecDeque::new(),
+            entries: VecDeque::new(),
             bytes: 0,
             max_bytes,
-            max_lines: max_lines.max(1),
+            max_entries: max_entries.max(1),
+            next_seq: [0; 3],
+            mid_line: [false; 3],
             dropped: 0,
             dropped_total: 0,
         }
     }
 
-    /// Adds a line, dropping the oldest ones while over a bound.
-    pub fn push(&mut self, l: LogLine) {
-        self.bytes += l.line.len();
-        self.lines.push_back(l);
-        while self.lines.len() > self.max_lines
-            || (self.bytes > self.max_bytes && self.lines.len() > 1)
+    /// Adds what one read of `stream` returned (not empty), stamped `ts_ms`.
+    pub fn push_bytes(&mut self, stream: LogStream, ts_ms: u64, data: Vec<u8>) {
+        let Some(last) = data.last() else { return };
+        let i = stream_index(stream);
+        let seq = self.next_seq[i];
+        self.next_seq[i] += 1;
+        let starts_mid_line = std::mem::replace(&mut self.mid_line[i], *last != b'\n');
+        self.push(Entry::Bytes {
+            stream,
+            seq,
+            ts_ms,
+            starts_mid_line,
+            data,
+        });
+    }
+
+    /// Ends `stream`'s open line, if it has one (its pipe closed): the rest becomes a
+    /// line of its own.
+    pub fn end_stream(&mut self, stream: LogStream, ts_ms: u64) {
+        if self.mid_line[stream_index(stream)] {
+            self.push_bytes(stream, ts_ms, b"\n".to_vec());
+        }
+    }
+
+    /// Adds a finished line.
+    pub fn push_line(&mut self, l: LogLine) {
+        self.push(Entry::Line(l));
+    }
+
+    fn push(&mut self, e: Entry) {
+        self.bytes += e.weight();
+        self.entries.push_back(e);
+        while self.entries.len() > self.max_entries
+            || (self.bytes > self.max_bytes && self.entries.len() > 1)
         {
-            if let Some(old) = self.lines.pop_front() {
-                self.bytes -= old.line.len();
-                self.dropped += 1;
-                self.dropped_total += 1;
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.weight();
+                let n = old.lines();
+                self.dropped += n;
+                self.dropped_total += n;
             }
         }
     }
@@ -89,37 +198,110 @@ impl Ring {
         self.dropped_total += n;
     }
 
-    /// Takes up to `max` lines to send, preceded by the drop count when lines were
-    /// dropped since the last take. Returns the messages and how many lines they hold.
-    pub fn take(&mut self, max: usize, now_ms: u64) -> (Vec<LogMessage>, usize) {
-        let mut out = Vec::new();
-        if self.dropped > 0 {
-            out.push(LogMessage::Dropped {
-                ts_ms: now_ms,
-                count: std::mem::take(&mut self.dropped),
-            });
+    /// Takes entries holding up to about `max_bytes` (at least one), with the count
+    /// of lines dropped since the last take.
+    pub fn take(&mut self, max_bytes: usize) -> Taken {
+        let mut out = Taken {
+            dropped: std::mem::take(&mut self.dropped),
+            entries: Vec::new(),
+        };
+        let mut size = 0;
+        while let Some(e) = self.entries.front() {
+            if size > 0 && size + e.weight() > max_bytes {
+                break;
+            }
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
+            size += e.weight();
+            self.bytes -= e.weight();
+            out.entries.push(e);
         }
-        let n = self.lines.len().min(max);
-        for l in self.lines.drain(..n) {
-            self.bytes -= l.line.len();
-            out.push(LogMessage::Line(l));
-        }
-        (out, n)
+        out
     }
 
-    /// Lines waiting.
+    /// Entries waiting.
     pub fn len(&self) -> usize {
-        self.lines.len()
+        self.entries.len()
     }
 
-    /// Nothing waiting (neither lines nor a drop count).
+    /// Nothing waiting (neither entries nor a drop count).
     pub fn is_empty(&self) -> bool {
-        self.lines.is_empty() && self.dropped == 0
+        self.entries.is_empty() && self.dropped == 0
     }
 
     /// Lines dropped since the start.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total
+    }
+}
+
+/// The sender's side of the ring: turns taken entries into messages, with one line
+/// splitter per workload stream that carries an open line from one read to the next
+/// and notices reads dropped in between.
+#[derive(Debug)]
+pub struct Lines {
+    splitters: [LineSplitter; 2],
+    next_seq: [u64; 2],
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines {
+            splitters: [
+                LineSplitter::new(LogStream::Stdout),
+                LineSplitter::new(LogStream::Stderr),
+            ],
+            next_seq: [0; 2],
+        }
+    }
+}
+
+impl Lines {
+    /// The messages of `taken`, in order: the drop count first (when lines were
+    /// dropped), then the lines. Returns them and how many lines they hold.
+    pub fn messages(&mut self, taken: Taken, now_ms: u64) -> (Vec<LogMessage>, usize) {
+        let mut lines = Vec::new();
+        let mut dropped = taken.dropped;
+        for e in taken.entries {
+            match e {
+                Entry::Line(l) => lines.push(l),
+                Entry::Bytes {
+                    stream,
+                    seq,
+                    ts_ms,
+                    starts_mid_line,
+                    data,
+                } => {
+                    let i = stream_index(stream).min(1);
+                    let split = &mut self.splitters[i];
+                    if seq != self.next_seq[i] {
+                        // Reads were dropped: the open line lost its end, and this
+                        // read begins with the end of a line whose start is lost.
+                        lines.extend(split.finish(ts_ms).map(|mut l| {
+                            l.truncated = true;
+                            l
+                        }));
+                        if starts_mid_line {
+                            split.skip_to_next_line();
+                            dropped += 1;
+                        }
+                    }
+                    self.next_seq[i] = seq + 1;
+                    split.feed(&data, ts_ms, |l| lines.push(l));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(lines.len() + 1);
+        if dropped > 0 {
+            out.push(LogMessage::Dropped {
+                ts_ms: now_ms,
+                count: dropped,
+            });
+        }
+        let n = lines.len();
+        out.extend(lines.into_iter().map(LogMessage::Line));
+        (out, n)
     }
 }
 
@@ -142,17 +324,31 @@ impl LineSplitter {
         }
     }
 
+    /// Skips what comes up to the next newline (the end of a line whose start is lost).
+    pub fn skip_to_next_line(&mut self) {
+        self.pending.clear();
+        self.skipping = true;
+    }
+
     /// Feeds bytes; calls `emit` for each complete (or cut) line.
     pub fn feed(&mut self, mut data: &[u8], ts_ms: u64, mut emit: impl FnMut(LogLine)) {
         while !data.is_empty() {
-            let nl = data.iter().position(|b| *b == b'\n');
-            let (chunk, rest, ends) = match nl {
+            let (chunk, rest, ends) = match memchr::memchr(b'\n', data) {
                 Some(i) => (&data[..i], &data[i + 1..], true),
                 None => (data, &data[data.len()..], false),
             };
             data = rest;
             if self.skipping {
                 self.skipping = !ends;
+                continue;
+            }
+            if self.pending.is_empty() && ends && chunk.len() <= MAX_LOG_LINE_BYTES {
+                // The whole line is in this read (the usual case): no staging copy.
+                let (line, truncated) = match std::str::from_utf8(chunk) {
+                    Ok(text) => (text.to_owned(), false),
+                    Err(_) => cut_line(chunk),
+                };
+                emit(self.line(line, truncated, ts_ms));
                 continue;
             }
             let room = (MAX_LOG_LINE_BYTES + 1).saturating_sub(self.pending.len());
@@ -220,8 +416,8 @@ impl Shared {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, l: LogLine) {
-        self.ring().push(l);
+    fn push_line(&self, l: LogLine) {
+        self.ring().push_line(l);
         self.ready.notify_one();
     }
 }
@@ -249,7 +445,7 @@ pub fn log_target(target: &HostChannel) -> HostChannel {
 /// console lines and the workload's pipes go to the ring.
 pub fn start(target: HostChannel, instance_id: String, boot_id: String) {
     let shared = Arc::new(Shared {
-        ring: Mutex::new(Ring::new(RING_BYTES, RING_LINES)),
+        ring: Mutex::new(Ring::new(RING_BYTES, RING_ENTRIES)),
         ready: Condvar::new(),
         readers: AtomicUsize::new(0),
         in_flight: AtomicBool::new(false),
@@ -274,7 +470,7 @@ pub fn start(target: HostChannel, instance_id: String, boot_id: String) {
 pub fn console(msg: &str) {
     if let Some(s) = LOGS.get() {
         let (line, truncated) = cut_line(msg.as_bytes());
-        s.push(LogLine {
+        s.push_line(LogLine {
             ts_ms: now_ms(),
             stream: LogStream::Console,
             line,
@@ -294,12 +490,13 @@ pub fn capture(stream: LogStream) -> Option<OwnedFd> {
             return None;
         }
     };
+    enlarge_pipe(&w);
     shared.readers.fetch_add(1, Ordering::SeqCst);
     let reader_shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("log-{}", stream.as_str()))
         .spawn(move || {
-            drain(std::fs::File::from(r), stream, &reader_shared);
+            drain(std::fs::File::from(r), stream, &reader_shared, READ_PAUSE);
             reader_shared.readers.fetch_sub(1, Ordering::SeqCst);
             reader_shared.ready.notify_all();
         });
@@ -311,32 +508,54 @@ pub fn capture(stream: LogStream) -> Option<OwnedFd> {
     Some(w)
 }
 
-fn drain(mut r: impl Read, stream: LogStream, shared: &Shared) {
-    let mut split = LineSplitter::new(stream);
-    let mut buf = vec![0u8; 64 * 1024];
+/// A reader: moves what each `read` returns into the ring, whole, and nothing more
+/// (see [`Ring`]); at the end of the pipe, closes the stream's open line. After a
+/// read that did not fill its buffer it pauses for `pause` (the pipe holds what the
+/// workload writes meanwhile): a flood is read in a few large reads instead of one
+/// wake-up per write, and every wake-up is a context switch taken from the workload.
+/// A quiet workload's line is read at once; only the next read waits.
+fn drain(mut r: impl Read, stream: LogStream, shared: &Shared, pause: Duration) {
+    let mut buf = vec![0u8; READ_BYTES];
     loop {
         match r.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                let ts = now_ms();
-                let mut got = Vec::new();
-                split.feed(&buf[..n], ts, |l| got.push(l));
-                if !got.is_empty() {
+                let full = n == buf.len();
+                let data = if n >= MOVE_AT {
+                    buf.truncate(n);
+                    std::mem::replace(&mut buf, vec![0u8; READ_BYTES])
+                } else {
+                    buf[..n].to_vec()
+                };
+                let was_empty = {
                     let mut ring = shared.ring();
-                    for l in got {
-                        ring.push(l);
-                    }
-                    drop(ring);
-                    shared.ready.notify_one();
+                    let was_empty = ring.is_empty();
+                    ring.push_bytes(stream, now_ms(), data);
+                    was_empty
+                };
+                // The sender waits only on an empty ring: wake it only then (a
+                // futex call per read is a cost to the workload too).
+                if was_empty {
+                    shared.ready.notify_all();
+                }
+                if !full && !pause.is_zero() {
+                    std::thread::sleep(pause);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    if let Some(l) = split.finish(now_ms()) {
-        shared.push(l);
-    }
+    shared.ring().end_stream(stream, now_ms());
+    shared.ready.notify_one();
+}
+
+/// Asks for a larger pipe (best effort: the default 64 KiB works, only slower).
+fn enlarge_pipe(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe descriptor this function borrows changes
+    // the pipe's capacity only; it touches no memory of this process.
+    let _ = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
 }
 
 fn connect(target: &HostChannel) -> io::Result<Box<dyn Write + Send>> {
@@ -381,6 +600,7 @@ fn lower_priority() {
 /// wait and reconnect. Runs for the life of the VM, at the lowest CPU priority.
 fn sender(shared: &Shared, target: &HostChannel, hello: &LogMessage) {
     lower_priority();
+    let mut lines = Lines::default();
     loop {
         let mut conn = match connect(target) {
             Ok(c) => c,
@@ -397,7 +617,7 @@ fn sender(shared: &Shared, target: &HostChannel, hello: &LogMessage) {
         }
         shared.connected.store(true, Ordering::SeqCst);
         loop {
-            let (batch, n) = {
+            let taken = {
                 let mut ring = shared.ring();
                 while ring.is_empty() {
                     ring = shared
@@ -407,8 +627,9 @@ fn sender(shared: &Shared, target: &HostChannel, hello: &LogMessage) {
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
                 shared.in_flight.store(true, Ordering::SeqCst);
-                ring.take(BATCH, now_ms())
+                ring.take(BATCH_BYTES)
             };
+            let (batch, n) = lines.messages(taken, now_ms());
             encode(&batch, &mut buf);
             let sent = conn.write_all(&buf);
             shared.in_flight.store(false, Ordering::SeqCst);
@@ -468,35 +689,92 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_full_ring_drops_the_oldest_lines_counts_them_and_says_so_first() {
-        let mut r = Ring::new(1 << 20, 3);
-        for i in 0..5 {
-            r.push(line(i, 1));
-        }
-        assert_eq!(r.len(), 3);
-        assert_eq!(r.dropped_total(), 2);
-        let (msgs, n) = r.take(10, 99);
-        assert_eq!(n, 3);
-        assert_eq!(texts(&msgs), ["dropped 2", "2", "3", "4"]);
-        // The count goes out once.
-        assert!(r.is_empty());
-        r.push(line(5, 1));
-        assert_eq!(texts(&r.take(10, 99).0), ["5"]);
+    fn take_all(r: &mut Ring, lines: &mut Lines) -> Vec<String> {
+        texts(&lines.messages(r.take(usize::MAX), 99).0)
     }
 
     #[test]
-    fn the_byte_bound_holds_too() {
+    fn a_full_ring_drops_the_oldest_lines_counts_them_and_says_so_first() {
+        let mut r = Ring::new(1 << 20, 3);
+        let mut lines = Lines::default();
+        for i in 0..5 {
+            r.push_line(line(i, 1));
+        }
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.dropped_total(), 2);
+        assert_eq!(take_all(&mut r, &mut lines), ["dropped 2", "2", "3", "4"]);
+        // The count goes out once.
+        assert!(r.is_empty());
+        r.push_line(line(5, 1));
+        assert_eq!(take_all(&mut r, &mut lines), ["5"]);
+    }
+
+    #[test]
+    fn the_byte_bound_holds_too_and_counts_the_lines_of_dropped_reads() {
         let mut r = Ring::new(1000, 1_000_000);
         for i in 0..100 {
-            r.push(line(i, 100));
+            // Each read: two lines of 49 bytes and their newlines.
+            let data = format!("{i:049}\n{i:049}\n").as_bytes().to_vec();
+            r.push_bytes(LogStream::Stdout, i, data);
         }
         assert!(r.bytes <= 1000, "{} bytes kept", r.bytes);
         assert_eq!(r.len(), 10);
-        assert_eq!(r.dropped_total(), 90);
-        let (msgs, _) = r.take(3, 0);
-        assert_eq!(texts(&msgs)[0], "dropped 90");
-        assert_eq!(r.len(), 7);
+        assert_eq!(r.dropped_total(), 180);
+        let mut lines = Lines::default();
+        let taken = take_all(&mut r, &mut lines);
+        assert_eq!(taken.len(), 21);
+        assert_eq!(taken[0], "dropped 180");
+        assert_eq!(taken[1], format!("{:049}", 90));
+        assert_eq!(taken[20], format!("{:049}", 99));
+    }
+
+    #[test]
+    fn lines_continue_across_reads_and_the_stream_end_closes_the_open_one() {
+        let mut r = Ring::new(1 << 20, 100);
+        let mut lines = Lines::default();
+        r.push_bytes(LogStream::Stdout, 1, b"one\ntw".to_vec());
+        r.push_bytes(LogStream::Stderr, 2, b"err\n".to_vec());
+        r.push_bytes(LogStream::Stdout, 3, b"o\nthr".to_vec());
+        r.end_stream(LogStream::Stderr, 4);
+        r.end_stream(LogStream::Stdout, 5);
+        let (msgs, n) = lines.messages(r.take(usize::MAX), 9);
+        assert_eq!(n, 4);
+        let got: Vec<(String, LogStream, u64)> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                LogMessage::Line(l) => Some((l.line.clone(), l.stream, l.ts_ms)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("one".into(), LogStream::Stdout, 1),
+                ("err".into(), LogStream::Stderr, 2),
+                ("two".into(), LogStream::Stdout, 3),
+                ("thr".into(), LogStream::Stdout, 5),
+            ]
+        );
+    }
+
+    /// Reads dropped in the middle of a line: the line they cut is shown as
+    /// truncated, the line whose start they took is skipped, and the count says how
+    /// many lines were lost or cut.
+    #[test]
+    fn dropped_reads_cut_the_open_line_and_skip_the_headless_one() {
+        let mut r = Ring::new(1 << 20, 2);
+        let mut lines = Lines::default();
+        r.push_bytes(LogStream::Stdout, 1, b"AAAA\nBB".to_vec());
+        assert_eq!(take_all(&mut r, &mut lines), ["AAAA"]);
+        // "BB|BB\nCC|CC\nDD\n": the middle read is pushed out by the next two.
+        r.push_bytes(LogStream::Stdout, 2, b"BB\nCC".to_vec());
+        r.push_bytes(LogStream::Stdout, 3, b"CC\nDD\n".to_vec());
+        r.push_line(line(7, 1));
+        assert_eq!(r.dropped_total(), 1);
+        let (msgs, _) = lines.messages(r.take(usize::MAX), 99);
+        assert_eq!(texts(&msgs), ["dropped 2", "BB", "DD", "7"]);
+        assert!(matches!(&msgs[1], LogMessage::Line(l) if l.truncated));
+        assert!(matches!(&msgs[2], LogMessage::Line(l) if !l.truncated));
     }
 
     #[test]
@@ -504,15 +782,16 @@ mod tests {
         let mut r = Ring::new(1000, 10);
         r.lost(4);
         assert!(!r.is_empty());
-        assert_eq!(texts(&r.take(10, 0).0), ["dropped 4"]);
+        assert_eq!(take_all(&mut r, &mut Lines::default()), ["dropped 4"]);
     }
 
     /// A producer pushing a million lines with nobody reading finishes quickly: the
-    /// writer side never waits for the reader.
+    /// writer side never waits for the reader, and every line is either held or
+    /// counted as dropped.
     #[test]
     fn pushing_never_blocks_without_a_reader() {
         let shared = Shared {
-            ring: Mutex::new(Ring::new(RING_BYTES, RING_LINES)),
+            ring: Mutex::new(Ring::new(RING_BYTES, RING_ENTRIES)),
             ready: Condvar::new(),
             readers: AtomicUsize::new(0),
             in_flight: AtomicBool::new(false),
@@ -521,12 +800,14 @@ mod tests {
         let data = "some output line of a chatty workload\n".repeat(1000);
         let start = Instant::now();
         for _ in 0..1000 {
-            drain(data.as_bytes(), LogStream::Stdout, &shared);
+            drain(data.as_bytes(), LogStream::Stdout, &shared, Duration::ZERO);
         }
         assert!(start.elapsed() < Duration::from_secs(30));
         let ring = shared.ring();
-        assert_eq!(ring.len(), RING_LINES);
-        assert_eq!(ring.dropped_total(), 1_000_000 - RING_LINES as u64);
+        assert!(ring.bytes <= RING_BYTES);
+        let held: u64 = ring.entries.iter().map(Entry::lines).sum();
+        assert!(held > 0);
+        assert_eq!(ring.dropped_total() + held, 1_000_000);
     }
 
     #[test]

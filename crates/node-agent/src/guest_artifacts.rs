@@ -169,6 +169,28 @@ fn read(path: &Path) -> Result<Vec<u8>, GuestArtifactError> {
     std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))
 }
 
+/// sha256 of a file, streamed (a kernel or an initramfs is megabytes: the agent does
+/// not hold them in memory to hash them).
+fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hasher.finalize().into())
+}
+
+/// The first `n` bytes of a file (fewer if it is shorter).
+fn read_head(path: &Path, n: u64) -> Result<Vec<u8>, GuestArtifactError> {
+    use std::io::Read as _;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(n).read_to_end(&mut head))
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    Ok(head)
+}
+
+/// Bytes of a bzImage read for its setup header and version string (the setup code,
+/// where both live, is at most 32 KiB).
+const KERNEL_HEAD_BYTES: u64 = 64 * 1024;
+
 /// Builds (or reuses after verification) the set for `inputs` under `guest_dir`, then
 /// prunes to the newest `keep` sets plus those named in `in_use` (files running VMs
 /// booted from). Blocking; the agent runs it once at start.
@@ -178,8 +200,10 @@ pub fn ensure(
     keep: usize,
     in_use: &[PathBuf],
 ) -> Result<GuestArtifacts, GuestArtifactError> {
-    let kernel = read(&inputs.kernel)?;
-    let release = kernel_release(&inputs.kernel, &kernel).ok_or_else(|| {
+    let kernel_head = read_head(&inputs.kernel, KERNEL_HEAD_BYTES)?;
+    let kernel_digest = sha256_file(&inputs.kernel)
+        .map_err(|e| file_err(&inputs.kernel, format!("cannot read: {e}")))?;
+    let release = kernel_release(&inputs.kernel, &kernel_head).ok_or_else(|| {
         file_err(
             &inputs.kernel,
             "not a bzImage kernel with a version in its header, and its name is not vmlinuz-<release>",
@@ -198,7 +222,7 @@ pub fn ensure(
     let modules = modules_dep.is_file();
     let mut id = Sha256::new();
     id.update(BUILDER_VERSION.to_le_bytes());
-    id.update(Sha256::digest(&kernel));
+    id.update(kernel_digest);
     id.update(Sha256::digest(&init));
     if modules {
         // The modules' identity: their dependency list and builtin list (a kernel
@@ -223,17 +247,14 @@ pub fn ensure(
                 name: name.clone(),
                 kernel_release: release.clone(),
                 guest_init_protocols: protocols,
-                kernel_sha256: sha256_hex(&kernel),
+                kernel_sha256: hex::encode(kernel_digest),
                 initramfs_sha256: String::new(),
                 guest_init_sha256: sha256_hex(&init),
                 kernel_source: inputs.kernel.clone(),
                 guest_init_source: inputs.guest_init.clone(),
                 modules,
             };
-            (
-                build(guest_dir, &dir, set, &kernel, inputs, &modules_root)?,
-                true,
-            )
+            (build(guest_dir, &dir, set, inputs, &modules_root)?, true)
         }
     };
     // The set in use is the newest: its mtime orders the pruning.
@@ -270,14 +291,22 @@ pub fn verify(dir: &Path) -> Result<ArtifactSet, String> {
             ));
         }
         let p = dir.join(file);
-        let got = std::fs::read(&p)
-            .map(|b| sha256_hex(&b))
+        let got = sha256_file(&p)
+            .map(hex::encode)
             .map_err(|e| format!("{}: {e}", p.display()))?;
         if &got != want {
             return Err(format!("{} has sha256 {got}, recorded {want}", p.display()));
         }
     }
     Ok(set)
+}
+
+/// Copies `from` to `to` and syncs it (the copy is the kernel's page cache's work, not
+/// a buffer of the agent's).
+fn copy_synced(from: &Path, to: &Path) -> Result<(), GuestArtifactError> {
+    std::fs::copy(from, to)
+        .and_then(|_| std::fs::File::open(to)?.sync_all())
+        .map_err(|e| file_err(to, format!("cannot copy {} here: {e}", from.display())))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GuestArtifactError> {
@@ -294,7 +323,6 @@ fn build(
     guest_dir: &Path,
     dir: &Path,
     mut set: ArtifactSet,
-    kernel: &[u8],
     inputs: &Inputs,
     modules_root: &Path,
 ) -> Result<ArtifactSet, GuestArtifactError> {
@@ -302,14 +330,16 @@ fn build(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| file_err(&tmp, format!("cannot create: {e}")))?;
     let result = (|| {
-        write_synced(&tmp.join("vmlinuz"), kernel)?;
+        copy_synced(&inputs.kernel, &tmp.join("vmlinuz"))?;
         let out = tmp.join("initramfs.img");
         write_initramfs(&BuildInitramfsArgs {
             kernel_modules: set.modules.then(|| modules_root.to_path_buf()),
             guest_init: inputs.guest_init.clone(),
             out: out.clone(),
         })?;
-        set.initramfs_sha256 = sha256_hex(&read(&out)?);
+        set.initramfs_sha256 = hex::encode(
+            sha256_file(&out).map_err(|e| file_err(&out, format!("cannot read: {e}")))?,
+        );
         write_synced(
             &tmp.join("SHA256SUMS"),
             format!(
