@@ -25,9 +25,14 @@
 //! packets whose source is not the instance's own addresses (its overlay address, its
 //! IPv4 link address and the one link-local address its MAC gives it); an `input` base
 //! chain that lets a tap reach the host only for established flows, neighbour
-//! discovery and echo, nothing else; a `forward` base chain that drops everything a
-//! guest starts through the host (guest to guest, guest to anywhere) and lets only
-//! answers to flows started elsewhere through. Table `arp plfm` drops ARP from a tap
+//! discovery and echo, nothing else; a `forward` base chain that drops (and counts)
+//! everything a guest starts through the host (guest to guest, guest to anywhere) and
+//! lets only answers to flows started elsewhere through, and that lets traffic
+//! forwarded *to* a tap (from the overlay, the uplink or another guest) open flows
+//! only to the ports the instance declares (`oifname vmap @ingress` to one regular
+//! chain per tap, `<tap>-in`, holding `tcp dport { … } accept` and the same for udp),
+//! plus echo and packet-too-big; the rest is dropped and counted. The per-tap source
+//! check drops spoofed packets with a counter too. Table `arp plfm` drops ARP from a tap
 //! whose sender address is not that tap's guest (the `inet` family never sees ARP).
 //! Each tap is persistent, owned by root (or the configured unprivileged VMM user), so
 //! no other local user can attach to it, and has `accept_ra`/`accept_redirects` off.
@@ -42,6 +47,8 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::RouteMessageBuilder;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
+
+pub use crate::spec::{ingress_ports, Transport};
 
 /// Prefix of every tap the agent creates.
 pub const TAP_PREFIX: &str = "plfm";
@@ -177,6 +184,10 @@ pub struct TapPlan {
     /// The guest's MAC ([`guest_mac`]); its EUI-64 link-local address is the only
     /// link-local source the tap lets through.
     pub guest_mac: [u8; 6],
+    /// The ports the instance declares (`network.ports`): the only ones that traffic
+    /// forwarded to its tap (from the overlay, the uplink or another instance) may
+    /// open a flow to.
+    pub ingress: Vec<(Transport, u16)>,
 }
 
 async fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
@@ -482,6 +493,16 @@ const NFT_FAMILY: &str = "inet";
 const NFT_TABLE: &str = "plfm";
 /// The map `ifname : verdict` that dispatches each tap to its chain.
 const NFT_MAP: &str = "taps";
+/// The map `ifname : verdict` that sends what is forwarded to a tap to that tap's
+/// ingress chain ([`ingress_chain`]).
+const NFT_INGRESS_MAP: &str = "ingress";
+/// Suffix of a tap's ingress chain.
+const INGRESS_SUFFIX: &str = "-in";
+
+/// Name of `tap`'s ingress chain: accepts new flows to its declared ports.
+fn ingress_chain(tap: &str) -> String {
+    format!("{tap}{INGRESS_SUFFIX}")
+}
 /// Family of the ARP table (also named [`NFT_TABLE`]).
 const ARP_FAMILY: &str = "arp";
 /// The set `ifname . ipv4_addr` of the sender address each tap may use in ARP.
@@ -511,12 +532,16 @@ async fn nft_table(family: &str) -> Result<Option<Vec<Value>>, String> {
 
 /// Names of the regular chains of the table that look like taps.
 fn tap_chains(objects: &[Value]) -> Vec<String> {
-    objects
+    let mut taps: Vec<String> = objects
         .iter()
         .filter_map(|o| o["chain"]["name"].as_str())
+        .map(|c| c.strip_suffix(INGRESS_SUFFIX).unwrap_or(c))
         .filter(|c| c.starts_with(TAP_PREFIX) && c.len() == 15)
         .map(String::from)
-        .collect()
+        .collect();
+    taps.sort();
+    taps.dedup();
+    taps
 }
 
 /// The elements of the ARP `senders` set, as listed (`{"concat": [tap, addr]}`).
@@ -542,10 +567,10 @@ fn arp_element(objects: &[Value], tap: &str) -> Option<Value> {
         .cloned()
 }
 
-/// Whether the `taps` map has an element keyed `tap`.
-fn has_element(objects: &[Value], tap: &str) -> bool {
+/// Whether the map `map` has an element keyed `tap`.
+fn has_element(objects: &[Value], map: &str, tap: &str) -> bool {
     objects.iter().any(|o| {
-        o["map"]["name"] == NFT_MAP
+        o["map"]["name"] == map
             && o["map"]["elem"]
                 .as_array()
                 .is_some_and(|elems| elems.iter().any(|e| e[0] == tap))
@@ -580,6 +605,7 @@ fn nft_payload(protocol: &str, field: &str) -> Value {
 fn base_commands() -> Vec<Value> {
     // A string ending in `*` is nft's interface-name wildcard, as in the text syntax.
     let from_taps = || nft_eq(nft_meta("iifname"), json!(format!("{TAP_PREFIX}*")));
+    let to_taps = || nft_eq(nft_meta("oifname"), json!(format!("{TAP_PREFIX}*")));
     let established = || {
         json!({ "match": {
             "op": "in", "left": { "ct": { "key": "state" } },
@@ -597,6 +623,10 @@ fn base_commands() -> Vec<Value> {
         json!({ "add": { "table": table } }),
         json!({ "add": { "map": {
             "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
+            "type": "ifname", "map": "verdict"
+        } } }),
+        json!({ "add": { "map": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP,
             "type": "ifname", "map": "verdict"
         } } }),
         base_chain("prerouting", -150),
@@ -647,7 +677,57 @@ fn base_commands() -> Vec<Value> {
             "forward",
             vec![from_taps(), established(), json!({ "accept": null })],
         ),
-        nft_rule("forward", vec![from_taps(), json!({ "drop": null })]),
+        // Ingress: what is forwarded to a tap (from the overlay, the uplink or another
+        // instance of this host) opens flows only to the ports the instance declares,
+        // in its ingress chain; echo and packet-too-big pass (path MTU discovery);
+        // everything else is dropped and counted.
+        nft_rule(
+            "forward",
+            vec![to_taps(), established(), json!({ "accept": null })],
+        ),
+        nft_rule(
+            "forward",
+            vec![
+                to_taps(),
+                nft_eq(nft_meta("l4proto"), json!("ipv6-icmp")),
+                nft_eq(
+                    nft_payload("icmpv6", "type"),
+                    json!({ "set": ["echo-request", "packet-too-big"] }),
+                ),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule(
+            "forward",
+            vec![
+                to_taps(),
+                nft_eq(nft_meta("l4proto"), json!("icmp")),
+                nft_eq(nft_payload("icmp", "type"), json!("echo-request")),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule(
+            "forward",
+            vec![json!({ "vmap": {
+                "key": nft_meta("oifname"), "data": format!("@{NFT_INGRESS_MAP}")
+            } })],
+        ),
+        nft_rule(
+            "forward",
+            vec![
+                to_taps(),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+        ),
+        nft_rule(
+            "forward",
+            vec![
+                from_taps(),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+        ),
     ]
 }
 
@@ -724,10 +804,43 @@ fn rules_json(plan: &TapPlan) -> Value {
             ],
         ));
     }
-    cmds.push(nft_rule(tap, vec![json!({ "drop": null })]));
+    // Anything else is spoofed: dropped, and counted (`nft list chain inet plfm <tap>`).
+    cmds.push(nft_rule(
+        tap,
+        vec![json!({ "counter": null }), json!({ "drop": null })],
+    ));
     cmds.push(json!({ "add": { "element": {
         "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
         "elem": [[tap, { "jump": { "target": tap } }]]
+    } } }));
+    // Ingress: one rule per protocol, accepting new flows to the declared ports; the
+    // chain returns otherwise, and the forward chain drops.
+    let ingress = ingress_chain(tap);
+    cmds.push(json!({ "add": { "chain": nft_chain(&ingress) } }));
+    cmds.push(json!({ "flush": { "chain": nft_chain(&ingress) } }));
+    for proto in [Transport::Tcp, Transport::Udp] {
+        let ports: Vec<u16> = plan
+            .ingress
+            .iter()
+            .filter(|(p, _)| *p == proto)
+            .map(|(_, port)| *port)
+            .collect();
+        if !ports.is_empty() {
+            cmds.push(nft_rule(
+                &ingress,
+                vec![
+                    nft_eq(
+                        nft_payload(proto.as_str(), "dport"),
+                        json!({ "set": ports }),
+                    ),
+                    json!({ "accept": null }),
+                ],
+            ));
+        }
+    }
+    cmds.push(json!({ "add": { "element": {
+        "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP,
+        "elem": [[tap, { "jump": { "target": ingress } }]]
     } } }));
     cmds.extend(arp_base_commands());
     if let Some(v4) = plan.ipv4 {
@@ -739,10 +852,34 @@ fn rules_json(plan: &TapPlan) -> Value {
     json!({ "nftables": cmds })
 }
 
-/// Removal of one tap's map element (if `element`), chain (if `chain`) and ARP sender
-/// element (as listed, if any), as one `nft -j` document.
-fn removal_json(tap: &str, element: bool, chain: bool, arp: Option<Value>) -> Value {
+/// What exists of a tap's ingress: its element in the ingress map, its chain.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ingress {
+    element: bool,
+    chain: bool,
+}
+
+/// Removal of one tap's map element (if `element`), chain (if `chain`), ARP sender
+/// element (as listed, if any) and ingress element and chain (those that exist), as
+/// one `nft -j` document.
+fn removal_json(
+    tap: &str,
+    element: bool,
+    chain: bool,
+    arp: Option<Value>,
+    ingress: Ingress,
+) -> Value {
     let mut cmds = Vec::new();
+    if ingress.element {
+        cmds.push(json!({ "delete": { "element": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP, "elem": [tap]
+        } } }));
+    }
+    if ingress.chain {
+        let name = ingress_chain(tap);
+        cmds.push(json!({ "flush": { "chain": nft_chain(&name) } }));
+        cmds.push(json!({ "delete": { "chain": nft_chain(&name) } }));
+    }
     if let Some(e) = arp {
         cmds.push(json!({ "delete": { "element": {
             "family": ARP_FAMILY, "table": NFT_TABLE, "name": ARP_SET, "elem": [e]
@@ -875,11 +1012,17 @@ async fn remove_rules(tap: &str) -> Result<(), NetworkError> {
     let arp = arp.map_err(fail("list nftables arp table"))?;
     let arp = arp.as_deref().and_then(|o| arp_element(o, tap));
     let chain = objects.iter().any(|o| o["chain"]["name"] == tap);
-    let element = has_element(&objects, tap);
-    if !chain && !element && arp.is_none() {
+    let element = has_element(&objects, NFT_MAP, tap);
+    let ingress = Ingress {
+        element: has_element(&objects, NFT_INGRESS_MAP, tap),
+        chain: objects
+            .iter()
+            .any(|o| o["chain"]["name"] == ingress_chain(tap)),
+    };
+    if !chain && !element && arp.is_none() && !ingress.element && !ingress.chain {
         return Ok(());
     }
-    nft_apply(&removal_json(tap, element, chain, arp))
+    nft_apply(&removal_json(tap, element, chain, arp, ingress))
         .await
         .map_err(fail("remove nftables chain"))
 }
@@ -980,6 +1123,7 @@ mod tests {
             ipv6: "fd00::2".parse().unwrap(),
             ipv4: ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, 0),
             guest_mac: guest_mac("a"),
+            ingress: vec![(Transport::Tcp, 8080), (Transport::Udp, 53)],
         }
     }
 
@@ -1019,6 +1163,9 @@ mod tests {
         );
         assert_eq!(cmds[1]["add"]["map"]["type"], "ifname");
         assert_eq!(cmds[1]["add"]["map"]["map"], "verdict");
+        assert_eq!(cmds[2]["add"]["map"]["name"], "ingress");
+        assert_eq!(cmds[2]["add"]["map"]["map"], "verdict");
+        let cmds = [&cmds[..2], &cmds[3..]].concat();
         let pre = &cmds[2]["add"]["chain"];
         assert_eq!(
             (&pre["name"], &pre["hook"], &pre["prio"], &pre["policy"]),
@@ -1054,9 +1201,10 @@ mod tests {
             .iter()
             .filter_map(|c| c.get("flush").map(|f| &f["chain"]["name"]))
             .collect();
+        let ingress = format!("{tap}-in");
         assert_eq!(
             flushed,
-            vec!["prerouting", "input", "forward", tap, "input"]
+            vec!["prerouting", "input", "forward", tap, &ingress, "input"]
         );
         assert_eq!(rules_in(&doc, "prerouting").len(), 1);
         assert_eq!(rules_in(&doc, "prerouting")[0][0]["vmap"]["data"], "@taps");
@@ -1069,13 +1217,77 @@ mod tests {
             .collect();
         assert_eq!(inet_input.len(), 4);
         let forward_rules = rules_in(&doc, "forward");
-        assert_eq!(forward_rules.len(), 2);
-        for r in inet_input.iter().chain(&forward_rules) {
+        assert_eq!(forward_rules.len(), 7);
+        for (i, r) in inet_input.iter().chain(&forward_rules).enumerate() {
+            if i == inet_input.len() + 4 {
+                // The ingress dispatch: by the outgoing interface, through the map.
+                assert_eq!(
+                    r[0]["vmap"],
+                    json!({"key": {"meta": {"key": "oifname"}}, "data": "@ingress"})
+                );
+                continue;
+            }
             // The wildcard, not one tap: the base rules cover every tap.
             assert_eq!(r[0]["match"]["right"], "plfm*", "{r}");
         }
         assert_eq!(inet_input[3][1], json!({"drop": null}));
-        assert_eq!(forward_rules[1][1], json!({"drop": null}));
+        // Forward: guests' established flows, then ingress (established, echo and
+        // packet-too-big, the tap's ports, a counted drop), then the counted drop of
+        // what a guest starts.
+        assert_eq!(
+            forward_rules[0][0]["match"]["left"]["meta"]["key"],
+            "iifname"
+        );
+        for r in &forward_rules[1..4] {
+            assert_eq!(r[0]["match"]["left"]["meta"]["key"], "oifname");
+            assert_eq!(
+                r.as_array().unwrap().last().unwrap(),
+                &json!({"accept": null})
+            );
+        }
+        assert_eq!(
+            forward_rules[5][0]["match"]["left"]["meta"]["key"],
+            "oifname"
+        );
+        assert_eq!(
+            forward_rules[6][0]["match"]["left"]["meta"]["key"],
+            "iifname"
+        );
+        for r in &forward_rules[5..] {
+            assert_eq!(
+                r.as_array().unwrap()[1..],
+                [json!({"counter": null}), json!({"drop": null})]
+            );
+        }
+        // The tap's ingress chain: its declared ports per protocol, then (implicit)
+        // return to the counted drop; the map sends the tap's traffic there.
+        assert_eq!(
+            rules_in(&doc, &ingress),
+            [
+                json!([
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": {"set": [8080]}}},
+                    {"accept": null}
+                ]),
+                json!([
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": {"set": [53]}}},
+                    {"accept": null}
+                ]),
+            ]
+        );
+        let ingress_element = cmds
+            .iter()
+            .find(|c| c["add"]["element"]["name"] == "ingress")
+            .unwrap();
+        assert_eq!(
+            ingress_element["add"]["element"]["elem"],
+            json!([[tap, {"jump": {"target": ingress}}]])
+        );
+        // No declared port: the chain is empty, nothing is let in.
+        let closed = rules_json(&TapPlan {
+            ingress: vec![],
+            ..plan_a()
+        });
+        assert!(rules_in(&closed, &ingress).is_empty());
         let text = serde_json::to_string(&inet_input).unwrap();
         assert!(
             !text.contains("nd-redirect") && !text.contains("nd-router-advert"),
@@ -1116,7 +1328,7 @@ mod tests {
             rules[2][0],
             json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "169.254.0.6"}})
         );
-        assert_eq!(rules[3], json!([{"drop": null}]));
+        assert_eq!(rules[3], json!([{"counter": null}, {"drop": null}]));
         for r in &rules[..3] {
             assert_eq!(
                 r.as_array().unwrap().last().unwrap(),
@@ -1152,10 +1364,15 @@ mod tests {
                 continue;
             }
             uses += 1;
+            let ingress = format!("{tap}-in");
             let ok = c["add"]["chain"]["name"] == tap
                 || c["flush"]["chain"]["name"] == tap
                 || c["add"]["rule"]["chain"] == tap
+                || c["add"]["chain"]["name"] == ingress
+                || c["flush"]["chain"]["name"] == ingress
+                || c["add"]["rule"]["chain"] == ingress
                 || c["add"]["element"]["name"] == "taps"
+                || c["add"]["element"]["name"] == "ingress"
                 || c["add"]["element"]["name"] == "senders";
             assert!(ok, "tap named outside its chain/element: {c}");
             // A rule names the tap only as its chain, never in a match.
@@ -1163,8 +1380,9 @@ mod tests {
                 assert!(!c["add"]["rule"]["expr"].to_string().contains(tap), "{c}");
             }
         }
-        // add chain, flush chain, 4 rules, the map element, the ARP sender element.
-        assert_eq!(uses, 8);
+        // add chain, flush chain, 4 rules, the map element, the ARP sender element;
+        // the ingress chain (add, flush, 2 rules) and its map element.
+        assert_eq!(uses, 13);
         assert!(!base_commands().iter().any(|c| c.to_string().contains(tap)));
     }
 
@@ -1172,17 +1390,23 @@ mod tests {
     fn removal_deletes_what_exists_and_nothing_else() {
         let tap = tap_name("a");
         assert_eq!(
-            removal_json(&tap, true, true, None),
+            removal_json(&tap, true, true, None, Ingress::default()),
             json!({"nftables": [
                 {"delete": {"element": {"family": "inet", "table": "plfm", "name": "taps", "elem": [tap]}}},
                 {"flush": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
                 {"delete": {"chain": {"family": "inet", "table": "plfm", "name": tap}}},
             ]})
         );
-        assert_eq!(commands(&removal_json(&tap, false, true, None)).len(), 2);
-        assert_eq!(commands(&removal_json(&tap, true, false, None)).len(), 1);
+        assert_eq!(
+            commands(&removal_json(&tap, false, true, None, Ingress::default())).len(),
+            2
+        );
+        assert_eq!(
+            commands(&removal_json(&tap, true, false, None, Ingress::default())).len(),
+            1
+        );
         let arp = json!({"concat": [tap, "169.254.0.6"]});
-        let doc = removal_json(&tap, false, false, Some(arp.clone()));
+        let doc = removal_json(&tap, false, false, Some(arp.clone()), Ingress::default());
         assert_eq!(
             commands(&doc),
             vec![
@@ -1223,7 +1447,7 @@ mod tests {
         ]});
         let objects = commands(&listed);
         assert_eq!(tap_chains(&objects), vec![tap.clone()]);
-        assert!(has_element(&objects, &tap));
-        assert!(!has_element(&objects, &tap_name("b")));
+        assert!(has_element(&objects, NFT_MAP, &tap));
+        assert!(!has_element(&objects, NFT_MAP, &tap_name("b")));
     }
 }

@@ -370,6 +370,57 @@ pub struct PortSpec {
     pub protocol: Option<String>,
 }
 
+/// Most ports a workload may declare.
+pub const MAX_PORTS: usize = 64;
+
+/// Transport protocol of a declared port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transport {
+    /// TCP (the default).
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Transport {
+    /// The protocol's name (as nftables and the spec write it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+impl PortSpec {
+    /// The port's protocol: `tcp` when absent; `None` when it is neither tcp nor udp.
+    pub fn transport(&self) -> Option<Transport> {
+        match self
+            .protocol
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("tcp") => Some(Transport::Tcp),
+            Some("udp") => Some(Transport::Udp),
+            Some(_) => None,
+        }
+    }
+}
+
+/// The ports a spec's `network.ports` lets in (validated: tcp or udp, 1..=65535),
+/// sorted and without repeats.
+pub fn ingress_ports(ports: &[PortSpec]) -> Vec<(Transport, u16)> {
+    let mut v: Vec<(Transport, u16)> = ports
+        .iter()
+        .filter_map(|p| Some((p.transport()?, p.port)))
+        .filter(|(_, port)| *port != 0)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// A volume mount.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MountSpec {
@@ -912,6 +963,30 @@ fn validate_workload(
             }
         }
     }
+    let ports = spec.network.ports.as_deref().unwrap_or_default();
+    if ports.len() > MAX_PORTS {
+        return Err(invalid(
+            "workload.network.ports",
+            format!("{} ports; at most {MAX_PORTS}", ports.len()),
+        ));
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if p.port == 0 {
+            return Err(invalid(
+                format!("workload.network.ports[{i}].port"),
+                "must be 1..=65535",
+            ));
+        }
+        if p.transport().is_none() {
+            return Err(invalid(
+                format!("workload.network.ports[{i}].protocol"),
+                format!(
+                    "{:?} is not \"tcp\" or \"udp\"",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+    }
     if let Some(h) = &spec.health {
         if h.port == 0 {
             return Err(invalid("workload.health.port", "must be 1..=65535"));
@@ -1082,6 +1157,34 @@ pub(crate) mod tests {
             r.error.to_string(),
             "workload.image.resolved_digest is required"
         );
+    }
+
+    #[test]
+    fn declared_ports_are_validated_and_named() {
+        let with_ports = |ports: serde_json::Value| {
+            let mut v = assignment_json("web-1");
+            v["workload"]["network"]["ports"] = ports;
+            decode_assignment(&v, "t")
+        };
+        let ok = with_ports(json!([{"port": 8080}, {"port": 53, "protocol": "UDP"}, {"port": 8080, "protocol": "tcp"}]))
+            .unwrap();
+        let ports = ok.workload.unwrap().spec.network.ports.clone().unwrap();
+        assert_eq!(
+            ingress_ports(&ports),
+            [(Transport::Tcp, 8080), (Transport::Udp, 53)]
+        );
+        let err = |ports| with_ports(ports).unwrap_err().error.to_string();
+        assert_eq!(
+            err(json!([{"port": 80}, {"port": 81, "protocol": "sctp"}])),
+            "workload.network.ports[1].protocol: \"sctp\" is not \"tcp\" or \"udp\""
+        );
+        assert!(
+            err(json!([{"port": 0}])).starts_with("workload.network.ports[0].port"),
+            "{}",
+            err(json!([{"port": 0}]))
+        );
+        let many: Vec<serde_json::Value> = (1..=65).map(|p| json!({"port": p})).collect();
+        assert!(err(json!(many)).contains("65 ports; at most 64"));
     }
 
     #[test]

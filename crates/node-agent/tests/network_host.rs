@@ -72,6 +72,7 @@ fn plan(id: &str, index: u32) -> TapPlan {
         ipv4: network::ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, index),
         owner: None,
         guest_mac: network::guest_mac(id),
+        ingress: vec![(network::Transport::Tcp, 8080)],
     }
 }
 
@@ -91,8 +92,13 @@ fn nft_chains() -> Vec<String> {
 
 /// `(key, jump target)` of the `taps` map's elements.
 fn map_elements() -> Vec<(String, String)> {
+    elements_of("taps")
+}
+
+/// Elements of the verdict map `name` as `(interface, jump target)`.
+fn elements_of(name: &str) -> Vec<(String, String)> {
     let objects = nft_objects();
-    let Some(map) = objects.iter().find(|o| o["map"]["name"] == "taps") else {
+    let Some(map) = objects.iter().find(|o| o["map"]["name"] == name) else {
         return Vec::new();
     };
     map["map"]["elem"]
@@ -175,7 +181,18 @@ fn assert_set_up(p: &TapPlan) {
     assert!(text.contains("\"drop\""), "{text}");
     assert_eq!(rules_of("prerouting").len(), 1);
     assert_eq!(rules_of("input").len(), 4);
-    assert_eq!(rules_of("forward").len(), 2);
+    assert_eq!(rules_of("forward").len(), 7);
+    // Ingress: the tap's chain lets in its declared port, through the ingress map.
+    let ingress = format!("{tap}-in");
+    assert!(
+        elements_of("ingress").contains(&(tap.to_string(), ingress.clone())),
+        "element \"{tap}\" : jump {ingress} in {:?}",
+        elements_of("ingress")
+    );
+    let in_rules = rules_of(&ingress);
+    assert_eq!(in_rules.len(), 1, "{in_rules:?}");
+    let text = serde_json::to_string(&in_rules).unwrap();
+    assert!(text.contains("8080") && text.contains("tcp"), "{text}");
     for key in network::TAP_SYSCTLS_OFF {
         let path = format!("/proc/sys/net/{}", key.replace("{tap}", tap));
         let v = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -215,6 +232,15 @@ fn assert_gone(tap: &str) {
     assert!(
         !arp_senders().iter().any(|(k, _)| k == tap),
         "ARP sender of {tap} left"
+    );
+    let ingress = format!("{tap}-in");
+    assert!(
+        !nft_chains().contains(&ingress),
+        "chain {ingress} left"
+    );
+    assert!(
+        !elements_of("ingress").iter().any(|(k, _)| k == tap),
+        "ingress element {tap} left"
     );
 }
 

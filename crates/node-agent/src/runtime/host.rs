@@ -407,6 +407,7 @@ impl Host {
             ipv4: network::ipv4_link(pool, len, index),
             owner,
             guest_mac: network::guest_mac(id.as_str()),
+            ingress: network::ingress_ports(w.spec.network.ports.as_deref().unwrap_or_default()),
         };
         let detail = serde_json::json!({
             "ipv6": ipv6.to_string(),

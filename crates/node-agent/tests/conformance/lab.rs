@@ -162,6 +162,9 @@ pub struct Inst {
     pub shell: Option<String>,
     /// Fields merged into `workload.resources`.
     pub resources: Option<Value>,
+    /// TCP ports declared in `workload.network.ports` (the only ones other hosts and
+    /// guests may open flows to).
+    pub ports: Vec<u16>,
 }
 
 impl Inst {
@@ -176,7 +179,12 @@ impl Inst {
             desired_state: "running",
             shell: None,
             resources: None,
+            ports: Vec::new(),
         }
+    }
+    pub fn ports(mut self, ports: &[u16]) -> Inst {
+        self.ports = ports.to_vec();
+        self
     }
     pub fn resources(mut self, fields: Value) -> Inst {
         self.resources = Some(fields);
@@ -750,6 +758,13 @@ reconcile_interval_ms = 200
         });
         if let Some(h) = inst.health {
             w["health"] = h.json();
+        }
+        if !inst.ports.is_empty() {
+            w["network"]["ports"] = inst
+                .ports
+                .iter()
+                .map(|p| json!({"name": format!("p{p}"), "port": p, "protocol": "tcp"}))
+                .collect();
         }
         if let Some(Value::Object(fields)) = &inst.resources {
             for (k, v) in fields {

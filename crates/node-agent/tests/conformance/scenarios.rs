@@ -646,24 +646,32 @@ exit 0"#;
 // ------------------------------------------------------------------ 17
 
 /// One guest cannot open a TCP connection to another through the host, over IPv4 or
-/// IPv6, even on a host that forwards (as a node with the overlay does); the prober's
-/// own network works (it reaches the host over IPv6 link-local and IPv4), so the
-/// refusal is the firewall's. The prober's exit code says what it reached: 20 is
-/// "host yes, victim no"; +1 host over IPv6 failed, +8 host over IPv4 failed, +2
-/// victim reached over IPv4, +4 over IPv6 (`nc`: this busybox's `wget` crashes).
+/// IPv6, on a port the other does not declare, even on a host that forwards (as a
+/// node with the overlay does); on the port it declares (`network.ports`) it can. The
+/// prober's own network works (it reaches the host over IPv6 link-local and IPv4), so
+/// the refusal is the firewall's, and the forward chain counts what it dropped. The
+/// prober's exit code says what it reached: 20 is "host yes, undeclared port no,
+/// declared port yes"; +1 host over IPv6 failed, +8 host over IPv4 failed, +2 the
+/// undeclared port reached over IPv4, +4 over IPv6, +16 the declared port not reached
+/// over IPv4, +32 not over IPv6 (`nc`: this busybox's `wget` crashes).
 pub fn a_guest_cannot_open_a_connection_to_another_guest(kind: Kind) {
     if kind != Kind::Qemu {
         return unsupported(kind, "its guests have no network stack of their own");
     }
     let Some(lab) = lab(kind, false) else { return };
     lab.enable_forwarding();
-    let victim = Inst::new("c-victim", Behaviour::Serve(8087)).health(Health::Http(8087));
+    // The victim serves on 8087 (declared) and on 8088 (not declared).
+    let victim = Inst::new("c-victim", Behaviour::Serve(8087))
+        .shell("mkdir -p /www && echo ok > /www/index.html && httpd -p 8088 -h /www && exec httpd -f -p 8087 -h /www")
+        .ports(&[8087])
+        .health(Health::Http(8087));
     let _cv = run(&lab, &[&victim]);
     ready(&lab, &victim.id);
     let v4 = lab
         .guest_ipv4(&victim.id)
         .expect("the victim's IPv4 address");
     let v6 = overlay_ipv6(&victim.id);
+    let dropped_before = forward_drops_to_taps();
     let script = format!(
         r#"bb=busybox
 gw4=$($bb ip -4 route show default | $bb awk '{{print $3}}')
@@ -671,8 +679,10 @@ try() {{ for i in 1 2 3 4 5; do "$@" >/dev/null 2>&1 && return 0; $bb sleep 1; d
 r=20
 try $bb ping6 -c 1 -W 2 -I eth0 fe80::1 || r=$((r+1))
 try $bb ping -c 1 -W 2 "$gw4" || r=$((r+8))
-echo | $bb nc -w 5 {v4} 8087 >/dev/null 2>&1 && r=$((r+2))
-echo | $bb nc -w 5 {v6} 8087 >/dev/null 2>&1 && r=$((r+4))
+echo | $bb nc -w 5 {v4} 8088 >/dev/null 2>&1 && r=$((r+2))
+echo | $bb nc -w 5 {v6} 8088 >/dev/null 2>&1 && r=$((r+4))
+try $bb nc -w 5 {v4} 8087 </dev/null || r=$((r+16))
+try $bb nc -w 5 {v6} 8087 </dev/null || r=$((r+32))
 echo "probe: gateway $gw4, result $r"
 exit $r"#
     );
@@ -685,6 +695,12 @@ exit $r"#
         "prober result (see the doc for the code): {v:#?}\n{}",
         lab.log()
     );
+    // The refused SYNs were dropped by the ingress rule, and counted there.
+    let dropped_after = forward_drops_to_taps();
+    assert!(
+        dropped_after > dropped_before,
+        "the forward chain's drop of traffic to taps counted {dropped_before} packets before the probe and {dropped_after} after"
+    );
     // The victim is unharmed and still serves the host.
     let status = lab
         .agent()
@@ -692,6 +708,26 @@ exit $r"#
         .and_then(|all| all.into_iter().find(|v| v.instance_id == victim.id))
         .map(|v| v.status);
     assert_eq!(status, Some(Status::Ready));
+}
+
+/// Packets counted by the forward chain's drop of what is forwarded to taps (the rule
+/// `oifname "plfm*" counter drop` of table `inet plfm`).
+fn forward_drops_to_taps() -> u64 {
+    let (ok, out) = Lab::run("nft", &["-j", "list", "chain", "inet", "plfm", "forward"]);
+    assert!(ok, "nft list chain inet plfm forward: {out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .filter(|e| {
+            e.iter().any(|x| {
+                x["match"]["left"]["meta"]["key"] == "oifname" && x["match"]["right"] == "plfm*"
+            }) && e.iter().any(|x| x.get("drop").is_some())
+        })
+        .filter_map(|e| e.iter().find_map(|x| x["counter"]["packets"].as_u64()))
+        .sum()
 }
 
 // ------------------------------------------------------------------ 18
