@@ -283,6 +283,7 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         })
     };
 
+    let t = Instant::now();
     host_a.write_overlay(&doc(1, IP_A, Some(("node-b", &pub_b, IP_B, UNDERLAY_B))));
     host_b.write_overlay(&doc(1, IP_B, Some(("node-a", &pub_a, IP_A, UNDERLAY_A))));
 
@@ -293,6 +294,10 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         "A cannot reach B over the overlay\n{}\n{}",
         agent_a.diagnostics(),
         agent_b.diagnostics()
+    );
+    eprintln!(
+        "TIMING overlay.json written -> first TCP connection A->B: {:?}",
+        t.elapsed()
     );
 
     // (b) The peer with a handshake and bytes, and A's own key.
@@ -321,25 +326,36 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
     );
 
     // (c) B drops A: the path is cut once B applied it; restored: healed.
+    let t = Instant::now();
     host_b.write_overlay(&doc(2, IP_B, None));
     poll_until("B applied generation 2", Duration::from_secs(15), || {
         overlay_where(&agent_b, |v| {
             v["generation"] == 2 && v["peers"].as_array().is_some_and(|p| p.is_empty())
         })
     });
+    eprintln!(
+        "TIMING peer removed from B's file -> B applied it: {:?}",
+        t.elapsed()
+    );
     assert!(
         !connects(target, Duration::from_secs(3)),
         "B still answers A without A as its peer"
     );
+    let t = Instant::now();
     host_b.write_overlay(&doc(3, IP_B, Some(("node-a", &pub_a, IP_A, UNDERLAY_A))));
     assert!(
         connects(target, Duration::from_secs(30)),
         "not healed after B restored A\n{}",
         agent_b.diagnostics()
     );
+    eprintln!(
+        "TIMING peer restored in B's file -> TCP connection: {:?}",
+        t.elapsed()
+    );
 
     // (d) wireguard-go of A killed: the drift check starts it again.
     let wg_pid = wireguard_go_pid(&if_a).expect("A's wireguard-go serves its socket");
+    let t = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(wg_pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -358,6 +374,10 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         connects(target, Duration::from_secs(30)),
         "not healed after the drift check restarted wireguard-go\n{}",
         agent_a.diagnostics()
+    );
+    eprintln!(
+        "TIMING wireguard-go SIGKILLed -> traffic again (drift check every 1 s): {:?}",
+        t.elapsed()
     );
     let (code, metrics) = agent_a.api_get("/metrics").unwrap();
     assert_eq!(code, 200);
@@ -382,6 +402,7 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         Some(new_pid),
         "wireguard-go outlives the agent"
     );
+    let t = Instant::now();
     let agent_a = host_a.spawn();
     agent_a.wait_api(Duration::from_secs(30));
     poll_until(
@@ -403,6 +424,10 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         connects(target, Duration::from_secs(15)),
         "no traffic after the agent restart\n{}",
         agent_a.diagnostics()
+    );
+    eprintln!(
+        "TIMING agent A restarted -> overlay adopted and TCP connection: {:?}",
+        t.elapsed()
     );
 
     // (f) The private key appears nowhere the agent writes or answers.
