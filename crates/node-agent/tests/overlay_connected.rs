@@ -95,6 +95,9 @@ async fn a_404_turns_the_overlay_off_and_a_kept_config_survives_a_control_plane_
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(hb["wireguard_public_key"], public_key.as_str(), "{hb}");
+    // The 404 is an answer, not a refusal: the node is healthy.
+    let (code, health) = agent.api_get("/healthz").unwrap();
+    assert_eq!(code, 200, "{health}");
     assert_eq!(hb["overlay"]["peers"], 0, "{hb}");
     assert!(
         hb["overlay"]["last_handshake_max_age_secs"].is_null(),

@@ -518,7 +518,12 @@ impl ControlPlaneClient {
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
         if let Ok((c, body)) = &result {
-            self.refusals.record(endpoint, c.as_u16(), body);
+            // A 404 of the overlay endpoint is an answer (the control plane has no
+            // overlay service: the overlay is off), not a refusal of the agent.
+            let overlay_off = endpoint == "overlay" && *c == StatusCode::NOT_FOUND;
+            if !overlay_off {
+                self.refusals.record(endpoint, c.as_u16(), body);
+            }
         }
         let outcome = match &result {
             Ok((c, _)) if c.is_success() => "ok",
@@ -1054,6 +1059,10 @@ mod tests {
         let client =
             ControlPlaneClient::new(&http_config(&url), "n", Arc::new(Metrics::new())).unwrap();
         assert_eq!(client.get_overlay().await.unwrap(), None);
+        assert!(
+            client.refusals().current().is_empty(),
+            "a 404 of the overlay is no refusal (healthz stays ok)"
+        );
         assert_eq!(client.get_overlay().await.unwrap(), Some(b"{}".to_vec()));
         let e = client.get_overlay().await.unwrap_err().to_string();
         assert!(e.contains("overlay") && e.contains("503"), "{e}");
