@@ -13,6 +13,8 @@
 //!   (`drift_check_seconds = 1`) and the path heals; counted as `drift_repaired`;
 //! - (e) the agent killed with SIGKILL and started again keeps the interface (same
 //!   ifindex, same `wireguard-go`) and traffic flows;
+//! - B's `overlay.json` removed: B's overlay is off, its interface, `wireguard-go` and
+//!   kept configuration are gone;
 //! - (f) the private key appears nowhere in the agents' output (stdout and stderr, at
 //!   debug level), in `overlay`, `status` or `/metrics`.
 //!
@@ -428,6 +430,42 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
     eprintln!(
         "TIMING agent A restarted -> overlay adopted and TCP connection: {:?}",
         t.elapsed()
+    );
+
+    // Off: B's file removed: B's interface, its wireguard-go and its kept config go.
+    let b_last_good = host_b.dir.path().join("data/overlay/last-good.json");
+    assert!(b_last_good.exists());
+    let b_wg = wireguard_go_pid(&if_b).expect("B's wireguard-go");
+    std::fs::remove_file(host_b.dir.path().join("desired/overlay.json")).unwrap();
+    let off = poll_until("B's overlay off", Duration::from_secs(15), || {
+        overlay_where(&agent_b, |v| v["state"] == "off")
+    });
+    assert!(
+        off["off_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("does not exist")),
+        "{off:#}"
+    );
+    assert!(off["public_key"].is_string());
+    assert!(!b_last_good.exists(), "the kept config stayed");
+    assert_eq!(
+        wireguard_go_pid(&if_b),
+        None,
+        "B's wireguard-go still serves"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{b_wg}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{b_wg}/cmdline")).is_ok_and(|c| c.is_empty()),
+        "B's wireguard-go still runs"
+    );
+    let b_link = Command::new("ip")
+        .args(["-n", &ns_b, "link", "show", &if_b])
+        .output()
+        .unwrap();
+    assert!(!b_link.status.success(), "B's interface stayed");
+    assert!(
+        !connects(target, Duration::from_secs(2)),
+        "A still reaches B with B's overlay off"
     );
 
     // (f) The private key appears nowhere the agent writes or answers.
