@@ -432,6 +432,12 @@ fn two_agents_build_the_overlay_repair_drift_and_keep_it_across_a_restart() {
         t.elapsed()
     );
 
+    let status = agent_a.cli(&["status", "--json", "--node"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["overlay"]["generation"], 1, "{status:#}");
+    assert_eq!(status["overlay"]["peers"][0]["node_id"], "node-b");
+    assert_eq!(status["node"]["wireguard_public_key"], pub_a.as_str());
+
     // Off: B's file removed: B's interface, its wireguard-go and its kept config go.
     let b_last_good = host_b.dir.path().join("data/overlay/last-good.json");
     assert!(b_last_good.exists());
