@@ -128,7 +128,7 @@ dpkg-deb -f "$deb" Depends | grep -q 'e2fsprogs' || fail "Depends lacks e2fsprog
 for d in nftables iproute2 libc6; do
   dpkg-deb -f "$deb" Depends | grep -q "$d" || fail "Depends lacks $d: $(dpkg-deb -f "$deb" Depends)"
 done
-for d in qemu-system-x86 linux-image-cloud-amd64; do
+for d in qemu-system-x86 linux-image-cloud-amd64 wireguard-go; do
   dpkg-deb -f "$deb" Recommends | grep -q "$d" || fail "Recommends lacks $d: $(dpkg-deb -f "$deb" Recommends)"
 done
 

@@ -410,14 +410,46 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
     // both and different stops the start naming both.
     let node_id = identity::resolve_node_id(config.node_id.as_deref(), &config.data_dir)?;
     let enrolled = identity::load(&config.data_dir)?;
-    let wireguard_public_key = match identity::ensure_wireguard_key(&config.data_dir) {
-        Ok(k) => Some(k.public_base64()),
+    // The WireGuard key exists from the first start on (its public half is shown and
+    // sent before any overlay exists); the private half goes only to the overlay owner.
+    let wireguard_key = match &config.overlay.private_key_file {
+        None => identity::ensure_wireguard_key(&config.data_dir),
+        Some(path) => identity::ensure_wireguard_key_at(path),
+    };
+    let wireguard_key = match wireguard_key {
+        Ok(k) => Some(k),
         Err(e) => {
-            tracing::error!(error = %e, "no WireGuard key; heartbeats go without one");
+            tracing::error!(error = %e, "no WireGuard key; heartbeats go without one and the overlay stays off");
             None
         }
     };
+    let wireguard_public_key = wireguard_key.as_ref().map(|k| k.public_base64());
     let metrics = Arc::new(Metrics::new());
+    let (overlay_backend, note) = crate::overlay::settings::resolve_backend(
+        config.overlay.backend,
+        crate::overlay::settings::kernel_module_loaded(),
+    );
+    if let Some(note) = note {
+        tracing::info!("{note}");
+    }
+    let overlay = {
+        let mut s = crate::overlay::status::Snapshot::initial(
+            &config.overlay.interface,
+            overlay_backend,
+            wireguard_public_key.clone(),
+        );
+        if !config.overlay.enabled {
+            s.state = crate::overlay::status::OverlayState::Disabled;
+            s.off_reason =
+                Some("overlay.enabled = false: the agent does not touch the interface".into());
+        }
+        crate::overlay::status::OverlayHandle::new(s)
+    };
+    metrics.with_registry(|r| {
+        r.register_collector(Box::new(crate::overlay::status::OverlayCollector(
+            overlay.clone(),
+        )))
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let cp = &config.control_plane;
 
@@ -441,7 +473,8 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
         ControlPlaneMode::Http => {
             let client = Arc::new(
                 ControlPlaneClient::new(cp, &node_id, metrics.clone())?
-                    .with_wireguard_public_key(wireguard_public_key.clone()),
+                    .with_wireguard_public_key(wireguard_public_key.clone())
+                    .with_overlay(overlay.clone()),
             );
             let logs = crate::logs::start(
                 client.clone(),
@@ -497,6 +530,7 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
                 wireguard_public_key: wireguard_public_key.clone(),
                 control_plane_tls: client.as_ref().map(|c| c.reload_status()),
             })),
+            overlay: Some(overlay.clone()),
         },
         &stop_rx,
     )
@@ -590,6 +624,24 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
         }
     }
 
+    // The one owner of the WireGuard interface.
+    #[cfg(target_os = "linux")]
+    if let (true, Some(key)) = (config.overlay.enabled, wireguard_key.as_ref()) {
+        tasks.push(spawn_overlay_owner(
+            &config,
+            overlay_backend,
+            key,
+            overlay.clone(),
+            metrics.clone(),
+            client.clone(),
+            stop_rx.clone(),
+        )?);
+    }
+    #[cfg(not(target_os = "linux"))]
+    if config.overlay.enabled {
+        tracing::warn!("the overlay needs Linux; it stays off");
+    }
+
     let supervisor = node.supervisor.clone();
     tasks.push(tokio::spawn(crate::systemd::run(
         notifier.clone(),
@@ -621,6 +673,70 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
     tracing::info!("agent stopped");
     Ok(())
 }
+/// Starts the overlay owner ([`crate::overlay::owner`]) with the source of the mode:
+/// the control plane's `GET …/overlay`, or `<desired_dir>/overlay.json`.
+#[cfg(target_os = "linux")]
+fn spawn_overlay_owner(
+    config: &Config,
+    backend: &str,
+    key: &identity::WireguardKey,
+    handle: Arc<crate::overlay::status::OverlayHandle>,
+    metrics: Arc<Metrics>,
+    client: Option<Arc<ControlPlaneClient>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    use crate::overlay::owner::{self, CpSource, FileSource, Owner, OwnerSetup};
+    let dir = config.data_dir.join("overlay");
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+    }
+    let ov = &config.overlay;
+    let device = crate::overlay::device::UserspaceDevice::new(
+        &ov.interface,
+        &ov.userspace_command,
+        &dir.join("wireguard-go.log"),
+    );
+    let owner = Owner::new(
+        device,
+        key.secret_bytes(),
+        OwnerSetup {
+            interface: ov.interface.clone(),
+            backend: backend.to_string(),
+            last_good: owner::last_good_path(&config.data_dir),
+            handle,
+            metrics,
+        },
+    );
+    let drift = Duration::from_secs(ov.drift_check_seconds);
+    let cp = &config.control_plane;
+    tracing::info!(interface = %ov.interface, backend, drift_check_seconds = ov.drift_check_seconds, "overlay owner started");
+    Ok(match client {
+        Some(c) => tokio::spawn(owner::run(
+            owner,
+            CpSource::new(c, Duration::from_millis(cp.poll_interval_ms)),
+            drift,
+            stop,
+        )),
+        None => tokio::spawn(owner::run(
+            owner,
+            FileSource::new(
+                cp.desired_dir
+                    .clone()
+                    .unwrap_or_default()
+                    .join(standalone::OVERLAY_FILE),
+                Duration::from_millis(cp.rescan_interval_ms),
+            ),
+            drift,
+            stop,
+        )),
+    })
+}
+
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -1,6 +1,6 @@
 //! Operator subcommands that talk to a running agent's local API (`status`, `logs`,
-//! `stop`, `start`, `drain`, `undrain`, and in their own modules `describe` and
-//! `events`) and print a table, or JSON with `--json`; and the generated shell
+//! `stop`, `start`, `drain`, `undrain`, and in their own modules `describe`, `events`
+//! and `overlay`) and print a table, or JSON with `--json`; and the generated shell
 //! completions and man pages ([`generate`]).
 //!
 //! This module formats and calls; it holds no logic of its own. Every request has a
@@ -17,6 +17,7 @@ pub mod describe;
 pub mod events;
 pub mod generate;
 pub mod human;
+pub mod overlay;
 pub mod pull_progress;
 
 /// The agent's local API as the CLI reaches it: its Unix socket (`api.socket`).
@@ -95,11 +96,16 @@ pub async fn status(api: &Api, json: bool, with_node: bool) -> anyhow::Result<()
         Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
         _ => None,
     };
+    // The overlay as its owner last saw it; an older agent has none.
+    let overlay = match api.get("/v1/overlay").send().await {
+        Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+        _ => None,
+    };
     if json {
         // `status --json` stays the instance list scripts parse; `--node` wraps it
-        // with the node's facts.
+        // with the node's facts and the overlay.
         let out = if with_node {
-            serde_json::json!({ "node": node, "instances": body })
+            serde_json::json!({ "node": node, "overlay": overlay, "instances": body })
         } else {
             body
         };
@@ -111,6 +117,9 @@ pub async fn status(api: &Api, json: bool, with_node: bool) -> anyhow::Result<()
     print!("{}", table(&list, chrono::Utc::now()));
     if let Some(n) = &node {
         print!("{}", node_lines(n));
+    }
+    if let Some(o) = &overlay {
+        print!("{}", overlay::status_line(o));
     }
     // A degraded node (disk full, control plane refusing its requests) is said below
     // the table: the statuses above may not be what the platform sees.

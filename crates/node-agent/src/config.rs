@@ -56,6 +56,9 @@ pub struct Config {
     /// addresses).
     #[serde(default)]
     pub node: NodeConfig,
+    /// The node's WireGuard overlay interface (DESIGN §8a).
+    #[serde(default)]
+    pub overlay: crate::overlay::settings::OverlaySettings,
 }
 
 /// This host as `plfm-node-agent enroll` describes it to the control plane (DESIGN §3,
@@ -489,7 +492,8 @@ pub enum ConfigError {
     },
 }
 
-const TOP_LEVEL_KEYS: [&str; 10] = [
+const TOP_LEVEL_KEYS: [&str; 11] = [
+    "overlay",
     "node",
     "images",
     "logs",
@@ -604,6 +608,9 @@ impl Config {
         if let Some(t) = self.api.token_file.as_ref() {
             self.api.token_file = Some(abs(t));
         }
+        if let Some(k) = self.overlay.private_key_file.as_ref() {
+            self.overlay.private_key_file = Some(abs(k));
+        }
         let cp = &mut self.control_plane;
         for p in [
             &mut cp.desired_dir,
@@ -684,6 +691,7 @@ impl Config {
                 .map_err(|e| format!("runtime.qemu.{e}"))?;
         }
         self.logs.validate()?;
+        self.overlay.validate()?;
         if !(1..=20).contains(&self.guest.keep) {
             return Err(format!("guest.keep: {} is not in 1..=20", self.guest.keep));
         }
@@ -887,6 +895,55 @@ kind = "mock"
         assert!(err.contains("keep"), "{err}");
         let c = load(MIN, &[("PLFM_LOGS__RETENTION", "2h")]).unwrap();
         assert_eq!(c.logs.retention(), std::time::Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn overlay_keys_default_and_are_validated_with_the_key_named() {
+        use crate::overlay::settings::Backend;
+        let c = load(MIN, &[]).unwrap();
+        assert!(c.overlay.enabled);
+        assert_eq!(c.overlay.interface, "plfm-wg0");
+        assert_eq!(c.overlay.backend, Backend::Auto);
+        assert_eq!(c.overlay.userspace_command, PathBuf::from("wireguard-go"));
+        assert_eq!(c.overlay.drift_check_seconds, 30);
+        assert_eq!(
+            c.overlay.private_key_path(&c.data_dir),
+            PathBuf::from("/etc/plfm/data/overlay/private.key")
+        );
+        let c = load(
+            &format!("{MIN}\n[overlay]\ninterface = \"wg7\"\nbackend = \"userspace\"\nprivate_key_file = \"keys/wg.key\"\ndrift_check_seconds = 1\nenabled = false\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.overlay.interface.as_str(),
+                c.overlay.backend,
+                c.overlay.drift_check_seconds,
+                c.overlay.enabled
+            ),
+            ("wg7", Backend::Userspace, 1, false)
+        );
+        assert_eq!(
+            c.overlay.private_key_path(&c.data_dir),
+            PathBuf::from("/etc/plfm/keys/wg.key")
+        );
+        let bad = |extra: &str, key: &str| {
+            let err = load(&format!("{MIN}\n[overlay]\n{extra}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        };
+        bad("interface = \"sixteen-bytes-16\"", "overlay.interface");
+        bad("interface = \"wg/0\"", "overlay.interface");
+        bad("backend = \"kernel\"", "not built yet");
+        bad("backend = \"boringtun\"", "boringtun");
+        bad("drift_check_seconds = 0", "overlay.drift_check_seconds");
+        bad("drift_check_seconds = 3601", "overlay.drift_check_seconds");
+        bad("userspace_command = \"\"", "overlay.userspace_command");
+        bad("drift = 3", "drift");
+        let c = load(MIN, &[("PLFM_OVERLAY__DRIFT_CHECK_SECONDS", "5")]).unwrap();
+        assert_eq!(c.overlay.drift_check_seconds, 5);
     }
 
     #[test]

@@ -132,7 +132,10 @@ pub async fn run(config: &Config, args: &EnrollArgs) -> anyhow::Result<Enrolled>
     if let Some(existing) = identity::load(&config.data_dir)? {
         return Ok(Enrolled::Already(existing));
     }
-    let wg = identity::ensure_wireguard_key(&config.data_dir)?;
+    let wg = match &config.overlay.private_key_file {
+        None => identity::ensure_wireguard_key(&config.data_dir)?,
+        Some(path) => identity::ensure_wireguard_key_at(path)?,
+    };
     let subject = match &config.control_plane.client_cert_file {
         Some(f) => cert_subject(f)?,
         None => String::new(),

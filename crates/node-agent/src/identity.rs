@@ -171,6 +171,12 @@ impl WireguardKey {
         base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
     }
 
+    /// The 32 private-key bytes, for the overlay owner to hand to the WireGuard
+    /// device (and nowhere else).
+    pub(crate) fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.secret.to_bytes())
+    }
+
     fn private_base64(&self) -> Zeroizing<String> {
         Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.secret.as_bytes()))
     }
@@ -183,7 +189,13 @@ pub fn wireguard_key_path(data_dir: &Path) -> PathBuf {
 
 /// Reads the node's WireGuard key, `None` when it was never created.
 pub fn load_wireguard_key(data_dir: &Path) -> Result<Option<WireguardKey>, IdentityError> {
-    let path = wireguard_key_path(data_dir);
+    load_wireguard_key_at(&wireguard_key_path(data_dir))
+}
+
+/// Reads the WireGuard key at `path` (`[overlay] private_key_file`), `None` when the
+/// file does not exist.
+pub fn load_wireguard_key_at(path: &Path) -> Result<Option<WireguardKey>, IdentityError> {
+    let path = path.to_path_buf();
     let raw = match std::fs::read(&path) {
         Ok(r) => Zeroizing::new(r),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -205,14 +217,35 @@ pub fn load_wireguard_key(data_dir: &Path) -> Result<Option<WireguardKey>, Ident
 /// The node's WireGuard key, created on first use (random, 0600 in a 0700 directory)
 /// and kept: later calls read the same key.
 pub fn ensure_wireguard_key(data_dir: &Path) -> Result<WireguardKey, IdentityError> {
-    if let Some(k) = load_wireguard_key(data_dir)? {
-        return Ok(k);
-    }
     let path = wireguard_key_path(data_dir);
+    // `<data_dir>/overlay/` is the agent's own: 0700 whoever made it.
     let dir = path.parent().unwrap_or(data_dir);
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create: {e}")))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| file_err(dir, format!("cannot make it 0700: {e}")))?;
+    ensure_wireguard_key_at(&path)
+}
+
+/// As [`ensure_wireguard_key`], for the key file at `path` (`[overlay]
+/// private_key_file`; its directory is created 0700 if missing).
+pub fn ensure_wireguard_key_at(path: &Path) -> Result<WireguardKey, IdentityError> {
+    if let Some(k) = load_wireguard_key_at(path)? {
+        return Ok(k);
+    }
+    let path = path.to_path_buf();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        // A directory the operator named is left as it is; one made here is 0700.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| file_err(dir, format!("cannot create: {e}")))?;
+    }
     let mut bytes = Zeroizing::new([0u8; 32]);
     rand::fill(&mut bytes[..]);
     let key = WireguardKey::from_bytes(*bytes);
@@ -231,7 +264,7 @@ pub fn ensure_wireguard_key(data_dir: &Path) -> Result<WireguardKey, IdentityErr
                 .map_err(|e| file_err(dir, format!("cannot sync: {e}")))?;
             Ok(key)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_wireguard_key(data_dir)?
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_wireguard_key_at(&path)?
             .ok_or_else(|| file_err(&path, "vanished while it was being created")),
         Err(e) => Err(file_err(&path, format!("cannot create: {e}"))),
     }

@@ -48,10 +48,22 @@ enum Command {
         /// Print JSON instead of a table (the instance list).
         #[arg(long)]
         json: bool,
-        /// With --json: print `{"node": {...}, "instances": [...]}` (node id, overlay
-        /// address, WireGuard public key, client certificate, last reload error).
+        /// With --json: print `{"node": {...}, "overlay": {...}, "instances": [...]}`
+        /// (node id, overlay address, WireGuard public key, client certificate, last
+        /// reload error; the overlay as `overlay --json` prints it).
         #[arg(long)]
         node: bool,
+    },
+    /// Show the node's WireGuard overlay: interface, backend, public key, listen port,
+    /// overlay address, generation, and each peer's endpoint, allowed IPs, last
+    /// handshake and bytes; refused peers and the last apply error below. The public key
+    /// is shown from the agent's first start on, also while the overlay is off.
+    Overlay {
+        /// Print JSON ({interface, backend, public_key, listen_port, node_overlay_ipv6,
+        /// generation, peers: [{node_id, public_key, endpoint, allowed_ips,
+        /// last_handshake_age_secs, rx_bytes, tx_bytes}], state, refused, ...}).
+        #[arg(long)]
+        json: bool,
     },
     /// Register this host with the control plane (`POST /v1/nodes/enroll`) and keep
     /// the node id and overlay address it answers in `<data_dir>/identity.json`.
@@ -381,6 +393,9 @@ fn main() -> ExitCode {
             api().and_then(|a| runtime.block_on(cli::logs(&a, &instance_id, &args)))
         }
         Command::Drain { json } => api().and_then(|a| runtime.block_on(cli::drain(&a, json))),
+        Command::Overlay { json } => {
+            api().and_then(|a| runtime.block_on(cli::overlay::overlay(&a, json)))
+        }
         Command::Start { instance_id, json } => {
             api().and_then(|a| runtime.block_on(cli::start(&a, &instance_id, json)))
         }

@@ -65,7 +65,7 @@ pub struct OutcomeLabel {
 pub const RELOAD_OUTCOMES: [&str; 2] = ["ok", "error"];
 
 /// Control-plane endpoints the agent calls (the `endpoint` label).
-pub const CP_ENDPOINTS: [&str; 5] = ["plan", "status", "heartbeat", "secrets", "logs"];
+pub const CP_ENDPOINTS: [&str; 6] = ["plan", "status", "heartbeat", "secrets", "logs", "overlay"];
 /// Outcomes of a control-plane request (the `outcome` label).
 pub const CP_OUTCOMES: [&str; 4] = ["ok", "http_4xx", "http_5xx", "error"];
 /// What a desired-state rejection is about (the `kind` label of `desired_rejected`).
@@ -116,6 +116,9 @@ pub struct Metrics {
     pub cert_reloads: Family<OutcomeLabel, Counter>,
     /// Seconds until the client certificate in use expires (+Inf without one).
     pub cert_expiry_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Overlay applies and drift checks by outcome (`plfm_overlay_apply_total`; the
+    /// overlay's gauges are computed from its snapshot, `crate::overlay::status`).
+    pub overlay_apply: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -145,6 +148,7 @@ impl Metrics {
             log_lines_dropped: Counter::default(),
             cert_reloads: Family::default(),
             cert_expiry_seconds: Gauge::default(),
+            overlay_apply: Family::default(),
         };
         m.cert_expiry_seconds.set(f64::INFINITY);
         registry.register("instances", "Instances by status", m.instances.clone());
@@ -255,6 +259,15 @@ impl Metrics {
         }
         for kind in REJECTED_KINDS {
             let _ = m.rejected.get_or_create(&KindLabel { kind });
+        }
+        let overlay = root.sub_registry_with_prefix("plfm_overlay");
+        overlay.register(
+            "apply",
+            "Overlay configuration applies and drift checks by outcome (applied, unchanged, drift_repaired, error)",
+            m.overlay_apply.clone(),
+        );
+        for outcome in crate::overlay::owner::APPLY_OUTCOMES {
+            let _ = m.overlay_apply.get_or_create(&OutcomeLabel { outcome });
         }
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = root;
         m

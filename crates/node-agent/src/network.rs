@@ -983,7 +983,7 @@ pub async fn teardown(tap: &str) -> Result<(), NetworkError> {
     link
 }
 
-async fn delete_link(tap: &str) -> Result<(), NetworkError> {
+pub(crate) async fn delete_link(tap: &str) -> Result<(), NetworkError> {
     let Ok(index) = nix::net::if_::if_nametoindex(tap) else {
         return Ok(());
     };

@@ -1,7 +1,7 @@
 //! The local HTTP API (DESIGN §4): health, metrics, instance statuses, workload logs,
-//! the report history, exec sessions, operator stop and node drain, on the agent's Unix
-//! socket (and, when configured, a TCP address with a
-//! bearer token). Who may call it is [`access`]'s to decide, in front of every route.
+//! the report history, exec sessions, operator stop and node drain, the overlay, on
+//! the agent's Unix socket (and, when configured, a TCP address with a bearer token).
+//! Who may call it is [`access`]'s to decide, in front of every route.
 //!
 //! This module maps each request to one call on the status manager or the supervisor
 //! and shapes the answer; it holds no state and makes no lifecycle decisions.
@@ -47,6 +47,8 @@ pub struct ApiState {
     pub instances_dir: Option<std::path::PathBuf>,
     /// This node's identity and control-plane credentials' state (`GET /v1/node`).
     pub node: Option<Arc<NodeFacts>>,
+    /// The overlay owner's snapshot (`GET /v1/overlay`; absent: 404).
+    pub overlay: Option<Arc<crate::overlay::status::OverlayHandle>>,
 }
 
 /// What `GET /v1/node` shows: the node's identity and the state of its control-plane
@@ -69,6 +71,7 @@ pub fn router(state: ApiState, rules: access::Access) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/node", get(node))
+        .route("/v1/overlay", get(overlay))
         .route("/metrics", get(metrics))
         .route("/v1/instances", get(list))
         .route("/v1/instances/{id}", get(one))
@@ -152,6 +155,14 @@ async fn node(State(s): State<ApiState>) -> Response {
         "control_plane_tls": n.control_plane_tls.as_ref().map(|r| r.view()),
     }))
     .into_response()
+}
+
+/// The overlay as its owner last saw it (DESIGN §8a fields; never the private key).
+async fn overlay(State(s): State<ApiState>) -> Response {
+    match s.overlay.as_ref() {
+        Some(o) => Json(o.view()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no overlay in this API".into()),
+    }
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {

@@ -254,6 +254,9 @@ pub struct Heartbeat {
     /// Guest handshake versions the node's guest init speaks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guest_init_protocols: Vec<u32>,
+    /// The overlay's peers and oldest handshake, a heartbeat extra of DESIGN §3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<crate::overlay::status::HeartbeatOverlay>,
 }
 
 /// What the heartbeat says of the node's guest artifacts.
@@ -304,12 +307,13 @@ pub struct ControlPlaneClient {
     refusals: Arc<Refusals>,
     max_body_bytes: usize,
     wireguard_public_key: Option<String>,
+    overlay: Option<Arc<crate::overlay::status::OverlayHandle>>,
 }
 
 /// The control plane's latest refusal (a 4xx answer) of one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
-    /// `plan`, `status`, `heartbeat`, `logs` or `secrets`.
+    /// `plan`, `status`, `heartbeat`, `logs`, `secrets` or `overlay`.
     pub endpoint: String,
     /// HTTP status code of the latest refusal.
     pub code: u16,
@@ -409,12 +413,19 @@ impl ControlPlaneClient {
             refusals: Arc::default(),
             max_body_bytes: MAX_BODY_BYTES,
             wireguard_public_key: None,
+            overlay: None,
         })
     }
 
     /// The same client, advertising the node's WireGuard public key in heartbeats.
     pub fn with_wireguard_public_key(mut self, key: Option<String>) -> Self {
         self.wireguard_public_key = key;
+        self
+    }
+
+    /// The same client, reporting the overlay's peers and handshakes in heartbeats.
+    pub fn with_overlay(mut self, overlay: Arc<crate::overlay::status::OverlayHandle>) -> Self {
+        self.overlay = Some(overlay);
         self
     }
 
@@ -507,7 +518,12 @@ impl ControlPlaneClient {
             .get_or_create(&EndpointLabel { endpoint })
             .observe(started.elapsed().as_secs_f64());
         if let Ok((c, body)) = &result {
-            self.refusals.record(endpoint, c.as_u16(), body);
+            // A 404 of the overlay endpoint is an answer (the control plane has no
+            // overlay service: the overlay is off), not a refusal of the agent.
+            let overlay_off = endpoint == "overlay" && *c == StatusCode::NOT_FOUND;
+            if !overlay_off {
+                self.refusals.record(endpoint, c.as_u16(), body);
+            }
         }
         let outcome = match &result {
             Ok((c, _)) if c.is_success() => "ok",
@@ -559,6 +575,21 @@ impl ControlPlaneClient {
             });
         }
         Ok((plan, body))
+    }
+
+    /// `GET /v1/nodes/{node_id}/overlay`: the overlay document (parsed by the overlay
+    /// owner), `None` on 404 (the control plane has no overlay service).
+    pub async fn get_overlay(&self) -> Result<Option<Vec<u8>>, CpError> {
+        let (code, body) = self
+            .send("overlay", self.http().get(self.url("overlay")))
+            .await?;
+        if code == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !code.is_success() {
+            return Err(Self::status_error("overlay", code, &body));
+        }
+        Ok(Some(body))
     }
 
     /// `POST …/instances/{id}/status`. `Err` means "retry later".
@@ -907,6 +938,7 @@ pub async fn run_heartbeat(
             kernel_versions: guest.kernel_versions.clone(),
             guest_init_protocols: guest.guest_init_protocols.clone(),
             wireguard_public_key: client.wireguard_public_key.clone(),
+            overlay: client.overlay.as_ref().map(|o| o.heartbeat()),
         };
         match client.heartbeat(&hb).await {
             Ok(a) => {
@@ -999,6 +1031,41 @@ mod tests {
         assert!(e.to_string().contains("302"), "{e}");
         let contacted = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
         assert!(contacted.is_err(), "the redirect target was contacted");
+    }
+
+    /// `GET …/overlay`: 404 is "no overlay service" (`None`), 200 the document, any
+    /// other answer an error.
+    #[tokio::test]
+    async fn the_overlay_endpoint_maps_404_to_none() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", cp.local_addr().unwrap());
+        let answers = [
+            "HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+            "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 4\r\n\r\ndown",
+        ];
+        tokio::spawn(async move {
+            for a in answers {
+                let Ok((mut s, _)) = cp.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /v1/nodes/n/overlay "));
+                let _ = s.write_all(a.as_bytes()).await;
+            }
+        });
+        let client =
+            ControlPlaneClient::new(&http_config(&url), "n", Arc::new(Metrics::new())).unwrap();
+        assert_eq!(client.get_overlay().await.unwrap(), None);
+        assert!(
+            client.refusals().current().is_empty(),
+            "a 404 of the overlay is no refusal (healthz stays ok)"
+        );
+        assert_eq!(client.get_overlay().await.unwrap(), Some(b"{}".to_vec()));
+        let e = client.get_overlay().await.unwrap_err().to_string();
+        assert!(e.contains("overlay") && e.contains("503"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,15 @@
 //! stops parsing keeps its last good assignment (a typo does not drain a VM) and is
 //! logged; a file that never parsed is refused, and reported `failed` when it names a
 //! valid instance. Files over [`MAX_FILE_BYTES`], hidden files and subdirectories
-//! (such as `secrets/`) are not assignments. This module reads; it never writes.
+//! (such as `secrets/`) are not assignments, nor is [`OVERLAY_FILE`] (the overlay's
+//! configuration). This module reads; it never writes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The overlay configuration in the desired dir (read by the overlay owner,
+/// `crate::overlay::owner::FileSource`); not an assignment.
+pub const OVERLAY_FILE: &str = "overlay.json";
 use std::time::{Duration, SystemTime};
 
 use crate::spec::{decode_assignment, Assignment, InstanceId, Plan, Rejected, SpecError};
@@ -54,8 +59,9 @@ impl DirSource {
             let entry = entry?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().to_string();
-            let is_assignment =
-                (name.ends_with(".json") || name.ends_with(".toml")) && !name.starts_with('.');
+            let is_assignment = (name.ends_with(".json") || name.ends_with(".toml"))
+                && !name.starts_with('.')
+                && name != OVERLAY_FILE;
             let Ok(meta) = entry.metadata() else { continue };
             if !is_assignment || !meta.is_file() {
                 continue;
@@ -255,6 +261,11 @@ mod tests {
                 .unwrap();
         std::fs::write(d.path().join("b.toml"), toml_text).unwrap();
         std::fs::write(d.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(
+            d.path().join(OVERLAY_FILE),
+            r#"{"generation": 1, "node": {"overlay_ipv6": "fd00::1"}}"#,
+        )
+        .unwrap();
         std::fs::create_dir(d.path().join("secrets")).unwrap();
         let mut s = DirSource::new(d.path().to_path_buf());
         let plan = s.scan().unwrap().unwrap();

@@ -189,7 +189,7 @@ struct RawPeer {
 }
 
 /// A peer refused alone; the rest of the document applies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedPeer {
     /// Its position in `peers`.
     pub index: usize,

@@ -202,6 +202,32 @@ impl UserspaceDevice {
         }
     }
 
+    /// Removes the interface (the overlay is off). `wireguard-go` exits when its
+    /// interface goes and removes its socket; a socket still served after
+    /// [`START_TIMEOUT`] is an error. Returns whether the interface existed.
+    pub async fn remove(&self) -> Result<bool, DeviceError> {
+        let existed = nix::net::if_::if_nametoindex(self.iface.as_str()).is_ok();
+        crate::network::delete_link(&self.iface)
+            .await
+            .map_err(|e| self.err("delete the interface", e))?;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while tokio::net::UnixStream::connect(self.socket()).await.is_ok() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.err(
+                    "stop the userspace WireGuard",
+                    format!(
+                        "{} is still served {START_TIMEOUT:?} after the interface was deleted",
+                        self.socket().display()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A dead implementation's socket file.
+        let _ = std::fs::remove_file(self.socket());
+        Ok(existed)
+    }
+
     /// Brings the device to `cfg`: starts the implementation if needed, sets the key
     /// and port when they differ, sends only the peer changes, then sets the
     /// interface's MTU, address and routes. Idempotent: a second call with the same

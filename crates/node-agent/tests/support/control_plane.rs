@@ -150,6 +150,11 @@ pub struct CpState {
     pub client_certs: Mutex<Vec<(String, Option<String>)>>,
     /// `start_tls_recording`: the Authorization header of every request.
     pub authorizations: Mutex<Vec<Option<String>>>,
+    /// The answer to `GET …/overlay`; `None`: 404 (no overlay service, as the real
+    /// control plane without one answers).
+    pub overlay: Mutex<Option<Value>>,
+    /// `GET …/overlay` requests received.
+    pub overlay_gets: AtomicU64,
 }
 
 pub struct FakeCp {
@@ -339,6 +344,19 @@ async fn enroll(
     }
 }
 
+async fn overlay(
+    State(s): State<Arc<CpState>>,
+    h: HeaderMap,
+    Path(node): Path<String>,
+) -> (StatusCode, Json<Value>) {
+    guard!(s, h);
+    s.overlay_gets.fetch_add(1, Ordering::SeqCst);
+    match s.overlay.lock().unwrap().clone() {
+        Some(doc) if node == s.node_id => (StatusCode::OK, Json(doc)),
+        _ => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))),
+    }
+}
+
 fn router(state: Arc<CpState>) -> Router {
     Router::new()
         .route("/v1/nodes/enroll", post(enroll))
@@ -347,6 +365,7 @@ fn router(state: Arc<CpState>) -> Router {
         .route("/v1/nodes/{node}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{node}/secrets/{version}", get(secrets))
         .route("/v1/nodes/{node}/logs", post(logs))
+        .route("/v1/nodes/{node}/overlay", get(overlay))
         .with_state(state)
 }
 
