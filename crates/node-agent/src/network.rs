@@ -711,7 +711,7 @@ fn base_commands(policy: &NetPolicy) -> Vec<Value> {
             "type": "filter", "hook": name, "prio": prio, "policy": "accept"
         } } })
     };
-    vec![
+    let mut cmds = vec![
         json!({ "add": { "table": table } }),
         json!({ "add": { "map": {
             "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_MAP,
@@ -850,7 +850,39 @@ fn base_commands(policy: &NetPolicy) -> Vec<Value> {
     ]
     .into_iter()
     .chain(outbound_commands(policy, &from_taps))
-    .collect()
+    .collect::<Vec<Value>>();
+    if let Some(wg) = &policy.overlay_interface {
+        exclude_overlay(&mut cmds, wg);
+    }
+    cmds
+}
+
+/// Taps are matched by the wildcard `plfm*`, which an overlay interface of that prefix
+/// (the default `plfm-wg0`) matches too: every tap rule gets `<key> != <overlay>`
+/// right after its wildcard match, so the overlay is never taken for a tap (its
+/// traffic would be dropped as a guest's, or its host connections as a host's
+/// connection to a guest).
+fn exclude_overlay(cmds: &mut [Value], wg: &str) {
+    let wildcard = format!("{TAP_PREFIX}*");
+    for c in cmds.iter_mut() {
+        let Some(expr) = c
+            .pointer_mut("/add/rule/expr")
+            .and_then(Value::as_array_mut)
+        else {
+            continue;
+        };
+        let key = expr.first().and_then(|m| {
+            (m["match"]["op"] == "==" && m["match"]["right"] == wildcard.as_str())
+                .then(|| m["match"]["left"]["meta"]["key"].as_str().map(String::from))
+                .flatten()
+        });
+        if let Some(key) = key {
+            expr.insert(
+                1,
+                json!({ "match": { "op": "!=", "left": nft_meta(&key), "right": wg } }),
+            );
+        }
+    }
 }
 
 /// What a guest may start beyond its tap (the end of the forward chain), and the
@@ -908,6 +940,18 @@ fn outbound_commands(policy: &NetPolicy, from_taps: &dyn Fn() -> Value) -> Vec<V
             json!({ "drop": null }),
         ],
     ));
+    // The overlay carries traffic to this node's instances (accepted above, on their
+    // declared ports) and nothing through: no transit to the uplink or elsewhere.
+    if let Some(wg) = &policy.overlay_interface {
+        cmds.push(nft_rule(
+            "forward",
+            vec![
+                nft_eq(nft_meta("iifname"), json!(wg)),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+        ));
+    }
     cmds.push(json!({ "add": { "chain": {
         "family": NFT_FAMILY, "table": NFT_TABLE, "name": "postrouting",
         "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"
@@ -1830,37 +1874,61 @@ mod tests {
         let doc = json!({ "nftables": base_commands(&policy) });
         let forward = rules_in(&doc, "forward");
         let n = forward.len();
-        assert_eq!(n, 10, "{forward:#?}");
-        // After ingress: overlay, uplink IPv6, uplink IPv4, then the counted drop.
-        let overlay = &forward[n - 4];
+        assert_eq!(n, 11, "{forward:#?}");
+        // Every rule that matches taps by the wildcard excludes the overlay interface
+        // (`plfm-wg0` matches `plfm*`).
+        for chain in ["input", "forward", "output", "postrouting"] {
+            for r in rules_in(&doc, chain) {
+                if r[0]["match"]["right"] == "plfm*" {
+                    let key = &r[0]["match"]["left"]["meta"]["key"];
+                    assert_eq!(
+                        r[1],
+                        json!({"match": {"op": "!=", "left": {"meta": {"key": key}}, "right": "plfm-wg0"}}),
+                        "{chain}: {r}"
+                    );
+                }
+            }
+        }
+        // After ingress: overlay, uplink IPv6, uplink IPv4, the counted drop of what a
+        // guest starts, then the counted drop of transit from the overlay.
+        let overlay = &forward[n - 5];
         assert_eq!(overlay[0]["match"]["left"]["meta"]["key"], "iifname");
-        assert_eq!(overlay[1]["match"]["right"], "plfm-wg0");
+        assert_eq!(overlay[2]["match"]["right"], "plfm-wg0");
         assert_eq!(
-            overlay[2]["match"]["right"],
+            overlay[3]["match"]["right"],
             json!({"prefix": {"addr": "fd00::", "len": 16}})
         );
-        for (rule, family) in [(&forward[n - 3], "ip6"), (&forward[n - 2], "ip")] {
-            assert_eq!(rule[1]["match"]["right"], "up0", "{rule}");
-            assert_eq!(rule[2]["match"]["op"], "!=", "{rule}");
-            assert_eq!(rule[2]["match"]["left"]["payload"]["protocol"], family);
-            assert_eq!(rule[3], json!({"accept": null}));
+        for (rule, family) in [(&forward[n - 4], "ip6"), (&forward[n - 3], "ip")] {
+            assert_eq!(rule[2]["match"]["right"], "up0", "{rule}");
+            assert_eq!(rule[3]["match"]["op"], "!=", "{rule}");
+            assert_eq!(rule[3]["match"]["left"]["payload"]["protocol"], family);
+            assert_eq!(rule[4], json!({"accept": null}));
         }
-        let v6_blocked = forward[n - 3][2]["match"]["right"]["set"].to_string();
+        let v6_blocked = forward[n - 4][3]["match"]["right"]["set"].to_string();
         for p in ["fd00::", "fe80::", "ff00::"] {
             assert!(v6_blocked.contains(p), "{p} not blocked: {v6_blocked}");
         }
-        let v4_blocked = forward[n - 2][2]["match"]["right"]["set"].to_string();
+        let v4_blocked = forward[n - 3][3]["match"]["right"]["set"].to_string();
         for p in ["169.254.0.0", "127.0.0.0", "224.0.0.0"] {
             assert!(v4_blocked.contains(p), "{p} not blocked: {v4_blocked}");
         }
         assert_eq!(
-            forward[n - 1].as_array().unwrap()[1..],
+            forward[n - 2].as_array().unwrap()[2..],
             [json!({"counter": null}), json!({"drop": null})]
+        );
+        assert_eq!(
+            forward[n - 1],
+            json!([
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "plfm-wg0"}},
+                {"counter": null},
+                {"drop": null}
+            ])
         );
         assert_eq!(
             rules_in(&doc, "postrouting"),
             [json!([
                 {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "plfm*"}},
+                {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "plfm-wg0"}},
                 {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up0"}},
                 {"counter": null},
                 {"masquerade": null}
