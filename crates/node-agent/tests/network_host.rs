@@ -234,10 +234,7 @@ fn assert_gone(tap: &str) {
         "ARP sender of {tap} left"
     );
     let ingress = format!("{tap}-in");
-    assert!(
-        !nft_chains().contains(&ingress),
-        "chain {ingress} left"
-    );
+    assert!(!nft_chains().contains(&ingress), "chain {ingress} left");
     assert!(
         !elements_of("ingress").iter().any(|(k, _)| k == tap),
         "ingress element {tap} left"
