@@ -491,6 +491,10 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
         }
     };
 
+    #[cfg(target_os = "linux")]
+    if config.runtime.kind != RuntimeKind::Mock {
+        configure_host_network(&config).await?;
+    }
     let runtime = build_runtime(
         &config,
         clock.clone(),
@@ -673,6 +677,58 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
     tracing::info!("agent stopped");
     Ok(())
 }
+/// The node's network policy from `[network]` and `[overlay]`, applied before any
+/// instance is adopted or set up ([`crate::network::apply_policy`]). Egress with no
+/// uplink (none configured, no default route) is turned off with a warning that says
+/// how to fix it; a failure to apply stops the start, naming the step.
+#[cfg(target_os = "linux")]
+async fn configure_host_network(config: &Config) -> anyhow::Result<()> {
+    use crate::config::EgressMode;
+    use crate::network::NetPolicy;
+    let overlay_prefix = config
+        .network
+        .overlay_prefix()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let egress_uplink = match config.network.egress {
+        EgressMode::Off => None,
+        EgressMode::Nat => {
+            let uplink = config
+                .network
+                .uplink
+                .clone()
+                .or_else(crate::network::default_route_interface);
+            if uplink.is_none() {
+                tracing::warn!("network.egress = \"nat\" but there is no uplink: no network.uplink is set and this host has no default route; instances get no egress");
+            }
+            uplink
+        }
+    };
+    let policy = NetPolicy {
+        egress_uplink,
+        overlay_interface: config
+            .overlay
+            .enabled
+            .then(|| config.overlay.interface.clone()),
+        overlay_prefix,
+    };
+    tracing::info!(
+        egress_uplink = policy.egress_uplink.as_deref().unwrap_or("none"),
+        overlay_interface = policy.overlay_interface.as_deref().unwrap_or("none"),
+        overlay_prefix = %format!("{}/{}", policy.overlay_prefix.0, policy.overlay_prefix.1),
+        "network policy"
+    );
+    if !rustix::process::geteuid().is_root() {
+        // Instances fail at their tap's setup with the same cause, named there.
+        tracing::warn!("not root: the network policy is not applied");
+    } else {
+        crate::network::apply_policy(&policy)
+            .await
+            .map_err(|e| anyhow::anyhow!("network policy: {e}"))?;
+    }
+    crate::network::set_policy(policy);
+    Ok(())
+}
+
 /// Starts the overlay owner ([`crate::overlay::owner`]) with the source of the mode:
 /// the control plane's `GET …/overlay`, or `<desired_dir>/overlay.json`.
 #[cfg(target_os = "linux")]

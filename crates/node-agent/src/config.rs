@@ -59,6 +59,89 @@ pub struct Config {
     /// The node's WireGuard overlay interface (DESIGN §8a).
     #[serde(default)]
     pub overlay: crate::overlay::settings::OverlaySettings,
+    /// What instances may reach beyond their node: egress, the uplink, the overlay
+    /// prefix (DESIGN §8a).
+    #[serde(default)]
+    pub network: NetworkSettings,
+}
+
+/// Egress of instances to the world beyond the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    /// Masqueraded to the uplink (IPv6 from the instance's /128, IPv4 from its /30).
+    Nat,
+    /// No egress: a guest starts no flow beyond its node, except to the overlay.
+    #[default]
+    Off,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// `nat` or `off` (the default; the dev and demo configs say `nat`).
+    #[serde(default)]
+    pub egress: EgressMode,
+    /// The interface egress leaves by; default: the interface of the default route
+    /// (IPv6 first, then IPv4) at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// The overlay's prefix: instances' and nodes' overlay addresses. Never reachable
+    /// through egress; a guest's traffic to it goes to the overlay interface only.
+    #[serde(default = "default_overlay_prefix")]
+    pub overlay_prefix: String,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            egress: EgressMode::default(),
+            uplink: None,
+            overlay_prefix: default_overlay_prefix(),
+        }
+    }
+}
+
+fn default_overlay_prefix() -> String {
+    "fd00::/8".into()
+}
+
+impl NetworkSettings {
+    /// The overlay prefix as an address and a length (8..=64).
+    pub fn overlay_prefix(&self) -> Result<(std::net::Ipv6Addr, u8), String> {
+        let bad = || {
+            format!(
+                "network.overlay_prefix: {:?} is not an IPv6 prefix of length 8..=64 (e.g. \"fd00::/8\")",
+                self.overlay_prefix
+            )
+        };
+        let (addr, len) = self.overlay_prefix.split_once('/').ok_or_else(bad)?;
+        let addr: std::net::Ipv6Addr = addr.parse().map_err(|_| bad())?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| (8..=64).contains(l))
+            .ok_or_else(bad)?;
+        let mask = u128::MAX << (128 - u32::from(len));
+        Ok((std::net::Ipv6Addr::from(u128::from(addr) & mask), len))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.overlay_prefix()?;
+        if let Some(u) = &self.uplink {
+            let ok = !u.is_empty()
+                && u.len() <= 15
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "network.uplink: {u:?} is not an interface name (1-15 bytes of letters, digits, '.', '_', '-', '@')"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// This host as `plfm-node-agent enroll` describes it to the control plane (DESIGN §3,
@@ -692,6 +775,7 @@ impl Config {
         }
         self.logs.validate()?;
         self.overlay.validate()?;
+        self.network.validate()?;
         if !(1..=20).contains(&self.guest.keep) {
             return Err(format!("guest.keep: {} is not in 1..=20", self.guest.keep));
         }
@@ -895,6 +979,41 @@ kind = "mock"
         assert!(err.contains("keep"), "{err}");
         let c = load(MIN, &[("PLFM_LOGS__RETENTION", "2h")]).unwrap();
         assert_eq!(c.logs.retention(), std::time::Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn network_keys_default_and_are_validated_with_the_key_named() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.network.egress, EgressMode::Off);
+        assert_eq!(c.network.uplink, None);
+        assert_eq!(
+            c.network.overlay_prefix().unwrap(),
+            ("fd00::".parse().unwrap(), 8)
+        );
+        let c = load(
+            &format!("{MIN}\n[network]\negress = \"nat\"\nuplink = \"eth0\"\noverlay_prefix = \"fd00:1:2::7/48\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.network.egress, EgressMode::Nat);
+        assert_eq!(c.network.uplink.as_deref(), Some("eth0"));
+        assert_eq!(
+            c.network.overlay_prefix().unwrap(),
+            ("fd00:1:2::".parse().unwrap(), 48)
+        );
+        for (extra, key) in [
+            ("egress = \"open\"", "open"),
+            ("uplink = \"a/b\"", "network.uplink"),
+            ("uplink = \"abcdefghijklmnop\"", "network.uplink"),
+            ("overlay_prefix = \"10.0.0.0/8\"", "network.overlay_prefix"),
+            ("overlay_prefix = \"fd00::/4\"", "network.overlay_prefix"),
+            ("nat = true", "nat"),
+        ] {
+            let err = load(&format!("{MIN}\n[network]\n{extra}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -32,7 +32,11 @@
 //! only to the ports the instance declares (`oifname vmap @ingress` to one regular
 //! chain per tap, `<tap>-in`, holding `tcp dport { … } accept` and the same for udp),
 //! plus echo and packet-too-big; the rest is dropped and counted. The per-tap source
-//! check drops spoofed packets with a counter too. Table `arp plfm` drops ARP from a tap
+//! check drops spoofed packets with a counter too. What a guest may start is the
+//! node's [`NetPolicy`] (set once at start): to the overlay prefix through the overlay
+//! interface, and with egress on, to the world through the uplink (a `postrouting`
+//! nat chain masquerades it) except the overlay prefix and link-local, multicast and
+//! loopback ranges. Table `arp plfm` drops ARP from a tap
 //! whose sender address is not that tap's guest (the `inet` family never sees ARP).
 //! Each tap is persistent, owned by root (or the configured unprivileged VMM user), so
 //! no other local user can attach to it, and has `accept_ra`/`accept_redirects` off.
@@ -268,7 +272,7 @@ pub async fn setup(plan: &TapPlan, owned: bool) -> Result<(), NetworkError> {
             instance_id: plan.instance_id.clone(),
         });
     }
-    let rules = rules_json(plan);
+    let rules = rules_json(plan, &policy());
     let (links, nft) = tokio::join!(setup_links(plan, exists), nft_apply(&rules));
     links?;
     nft.map_err(|message| command_error(tap, "nftables rules", message))?;
@@ -338,6 +342,11 @@ async fn setup_links(plan: &TapPlan, exists: bool) -> Result<(), NetworkError> {
         tokio::fs::write(&path, "0")
             .await
             .map_err(|e| command_error(tap, &format!("write 0 to {path}"), e.to_string()))?;
+    }
+    // IPv4 egress leaves through the tap's own forwarding switch (see `apply_policy`).
+    if policy().egress_uplink.is_some() {
+        write_sysctl(&format!("ipv4/conf/{tap}/forwarding"), "1")
+            .map_err(|m| command_error(tap, "ipv4 forwarding", m))?;
     }
     Ok(())
 }
@@ -499,6 +508,68 @@ const NFT_INGRESS_MAP: &str = "ingress";
 /// Suffix of a tap's ingress chain.
 const INGRESS_SUFFIX: &str = "-in";
 
+/// What the node lets its instances reach beyond their taps: egress through the
+/// uplink (masqueraded), and the overlay interface for the overlay prefix. Set once at
+/// start ([`set_policy`]); every rules document carries it (the base chains are
+/// refilled with each one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetPolicy {
+    /// The uplink egress leaves by; `None`: no egress.
+    pub egress_uplink: Option<String>,
+    /// The node's WireGuard interface; `None`: no overlay.
+    pub overlay_interface: Option<String>,
+    /// The overlay prefix (never reachable through egress).
+    pub overlay_prefix: (Ipv6Addr, u8),
+}
+
+impl Default for NetPolicy {
+    fn default() -> Self {
+        NetPolicy {
+            egress_uplink: None,
+            overlay_interface: None,
+            overlay_prefix: (Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0), 8),
+        }
+    }
+}
+
+static POLICY: std::sync::OnceLock<NetPolicy> = std::sync::OnceLock::new();
+
+/// Sets the node's policy (once, at start; `false` when it was set already).
+pub fn set_policy(policy: NetPolicy) -> bool {
+    POLICY.set(policy).is_ok()
+}
+
+/// The node's policy (the default, no egress and no overlay, before [`set_policy`]).
+pub fn policy() -> NetPolicy {
+    POLICY.get().cloned().unwrap_or_default()
+}
+
+/// Destinations egress never reaches (IPv6): the overlay prefix, link-local,
+/// multicast, and the unspecified, loopback and IPv4-compatible and -mapped ranges.
+fn egress_blocked_v6(p: &NetPolicy) -> Value {
+    let prefix = |a: &str, l: u8| json!({ "prefix": { "addr": a, "len": l } });
+    json!({ "set": [
+        prefix(&p.overlay_prefix.0.to_string(), p.overlay_prefix.1),
+        prefix("fe80::", 10),
+        prefix("ff00::", 8),
+        prefix("::", 96),
+        prefix("::ffff:0:0", 96),
+    ] })
+}
+
+/// Destinations egress never reaches (IPv4): link-local (where the instances' /30
+/// links are), loopback, "this network", multicast and the reserved range with the
+/// broadcast address.
+fn egress_blocked_v4() -> Value {
+    let prefix = |a: &str, l: u8| json!({ "prefix": { "addr": a, "len": l } });
+    json!({ "set": [
+        prefix("169.254.0.0", 16),
+        prefix("127.0.0.0", 8),
+        prefix("0.0.0.0", 8),
+        prefix("224.0.0.0", 3),
+    ] })
+}
+
 /// Name of `tap`'s ingress chain: accepts new flows to its declared ports.
 fn ingress_chain(tap: &str) -> String {
     format!("{tap}{INGRESS_SUFFIX}")
@@ -601,8 +672,9 @@ fn nft_payload(protocol: &str, field: &str) -> Value {
 }
 
 /// The base table, map and chains (idempotent: `add` of existing objects is a no-op;
-/// the base chains are flushed and refilled in the same transaction).
-fn base_commands() -> Vec<Value> {
+/// the base chains are flushed and refilled in the same transaction), with the
+/// egress and overlay rules of `policy`.
+fn base_commands(policy: &NetPolicy) -> Vec<Value> {
     // A string ending in `*` is nft's interface-name wildcard, as in the text syntax.
     let from_taps = || nft_eq(nft_meta("iifname"), json!(format!("{TAP_PREFIX}*")));
     let to_taps = || nft_eq(nft_meta("oifname"), json!(format!("{TAP_PREFIX}*")));
@@ -720,15 +792,84 @@ fn base_commands() -> Vec<Value> {
                 json!({ "drop": null }),
             ],
         ),
-        nft_rule(
+    ]
+    .into_iter()
+    .chain(outbound_commands(policy, &from_taps))
+    .collect()
+}
+
+/// What a guest may start beyond its tap (the end of the forward chain), and the
+/// masquerading of egress (chain `postrouting`, type nat): to the overlay prefix
+/// through the overlay interface (the destination node applies its ingress), to the
+/// world through the uplink (masqueraded; the overlay prefix and link-local,
+/// multicast and loopback ranges excepted); everything else counted and dropped. The
+/// host's own addresses are not forwarded at all: the `input` chain guards them.
+fn outbound_commands(policy: &NetPolicy, from_taps: &dyn Fn() -> Value) -> Vec<Value> {
+    let mut cmds = Vec::new();
+    if let Some(wg) = &policy.overlay_interface {
+        cmds.push(nft_rule(
             "forward",
             vec![
                 from_taps(),
-                json!({ "counter": null }),
-                json!({ "drop": null }),
+                nft_eq(nft_meta("oifname"), json!(wg)),
+                nft_eq(
+                    nft_payload("ip6", "daddr"),
+                    json!({ "prefix": {
+                        "addr": policy.overlay_prefix.0.to_string(),
+                        "len": policy.overlay_prefix.1
+                    } }),
+                ),
+                json!({ "accept": null }),
             ],
-        ),
-    ]
+        ));
+    }
+    let not_in =
+        |field: Value, set: Value| json!({ "match": { "op": "!=", "left": field, "right": set } });
+    if let Some(uplink) = &policy.egress_uplink {
+        cmds.push(nft_rule(
+            "forward",
+            vec![
+                from_taps(),
+                nft_eq(nft_meta("oifname"), json!(uplink)),
+                not_in(nft_payload("ip6", "daddr"), egress_blocked_v6(policy)),
+                json!({ "accept": null }),
+            ],
+        ));
+        cmds.push(nft_rule(
+            "forward",
+            vec![
+                from_taps(),
+                nft_eq(nft_meta("oifname"), json!(uplink)),
+                not_in(nft_payload("ip", "daddr"), egress_blocked_v4()),
+                json!({ "accept": null }),
+            ],
+        ));
+    }
+    cmds.push(nft_rule(
+        "forward",
+        vec![
+            from_taps(),
+            json!({ "counter": null }),
+            json!({ "drop": null }),
+        ],
+    ));
+    cmds.push(json!({ "add": { "chain": {
+        "family": NFT_FAMILY, "table": NFT_TABLE, "name": "postrouting",
+        "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"
+    } } }));
+    cmds.push(json!({ "flush": { "chain": nft_chain("postrouting") } }));
+    if let Some(uplink) = &policy.egress_uplink {
+        cmds.push(nft_rule(
+            "postrouting",
+            vec![
+                from_taps(),
+                nft_eq(nft_meta("oifname"), json!(uplink)),
+                json!({ "counter": null }),
+                json!({ "masquerade": null }),
+            ],
+        ));
+    }
+    cmds
 }
 
 /// The ARP table: a tap's ARP must name its guest's address as sender (a tap with no
@@ -763,10 +904,10 @@ fn arp_base_commands() -> Vec<Value> {
 
 /// Rules of one instance (with the base objects): only its own source addresses leave
 /// its tap. One `nft -j` document.
-fn rules_json(plan: &TapPlan) -> Value {
+fn rules_json(plan: &TapPlan, policy: &NetPolicy) -> Value {
     let tap = plan.tap.as_str();
     let ret = || json!({ "return": null });
-    let mut cmds = base_commands();
+    let mut cmds = base_commands(policy);
     cmds.push(json!({ "add": { "chain": nft_chain(tap) } }));
     cmds.push(json!({ "flush": { "chain": nft_chain(tap) } }));
     cmds.push(nft_rule(
@@ -910,6 +1051,12 @@ pub async fn configure_overlay_link(
     routes: &[(Ipv6Addr, u8)],
 ) -> Result<(), String> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
+    // The host routes between the overlay and its instances' taps; IPv6 forwarding has
+    // no per-interface switch (see `apply_policy`).
+    let fwd = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap_or_default();
+    if fwd.trim() != "1" {
+        write_sysctl("ipv6/conf/all/forwarding", "1")?;
+    }
     let index =
         nix::net::if_::if_nametoindex(iface).map_err(|e| format!("find the interface: {e}"))?;
     let nl = Netlink::open()?;
@@ -1080,6 +1227,70 @@ pub async fn remove_orphans(owned: &[String]) -> Vec<String> {
     removed
 }
 
+/// The interface of the default route, IPv6 first, then IPv4 (`/proc/net/ipv6_route`,
+/// `/proc/net/route`): the uplink when the config names none. `None` without one.
+pub fn default_route_interface() -> Option<String> {
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    default_route_in(&v6, &v4)
+}
+
+/// [`default_route_interface`] on the files' text.
+fn default_route_in(ipv6_route: &str, route: &str) -> Option<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    let v6 = ipv6_route.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+        let default = f[0].bytes().all(|b| b == b'0') && *f.get(1)? == "00";
+        (default && flags & RTF_UP != 0 && flags & RTF_REJECT == 0 && *f.get(9)? != "lo")
+            .then(|| f[9].to_string())
+    });
+    v6.or_else(|| {
+        route.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            (*f.get(1)? == "00000000" && *f.get(7)? == "00000000" && flags & RTF_UP != 0)
+                .then(|| f[0].to_string())
+        })
+    })
+}
+
+/// Writes `value` to `/proc/sys/net/<key>`; the error names the file.
+fn write_sysctl(key: &str, value: &str) -> Result<(), String> {
+    let path = format!("/proc/sys/net/{key}");
+    std::fs::write(&path, value).map_err(|e| format!("write {value} to {path}: {e}"))
+}
+
+/// Applies the node's policy at start (root): the forwarding it needs, and the base
+/// chains refilled with its egress and overlay rules (so instances adopted after a
+/// restart get them before any new tap is set up). The error names the step.
+///
+/// Forwarding, with egress on: IPv6 has no per-interface switch that routes (the
+/// kernel forwards IPv6 only with `ipv6/conf/all/forwarding`), so that is set, and
+/// the uplink's `accept_ra` goes from 1 to 2 so the host keeps taking router
+/// advertisements there. IPv4 forwarding is per interface (the input interface's
+/// `forwarding` decides): set on the uplink here and on each tap at its setup. (The
+/// overlay sets IPv6 forwarding when its interface comes up:
+/// [`configure_overlay_link`].)
+pub async fn apply_policy(policy: &NetPolicy) -> Result<(), String> {
+    if !is_root() {
+        return Err("applying the network policy needs root (CAP_NET_ADMIN)".into());
+    }
+    if let Some(uplink) = &policy.egress_uplink {
+        let ra = format!("ipv6/conf/{uplink}/accept_ra");
+        let now = std::fs::read_to_string(format!("/proc/sys/net/{ra}")).unwrap_or_default();
+        if now.trim() == "1" {
+            write_sysctl(&ra, "2")?;
+        }
+        write_sysctl(&format!("ipv4/conf/{uplink}/forwarding"), "1")?;
+        write_sysctl("ipv6/conf/all/forwarding", "1")?;
+    }
+    nft_apply(&json!({ "nftables": base_commands(policy) }))
+        .await
+        .map_err(|e| format!("nftables base rules: {e}"))
+}
+
 /// Parses the spec's overlay address.
 pub fn parse_ipv6(s: &str) -> Result<Ipv6Addr, NetworkError> {
     match s.parse::<IpAddr>() {
@@ -1144,7 +1355,7 @@ mod tests {
     fn rules_json_builds_the_base_objects_then_the_tap_chain_and_its_element() {
         let plan = plan_a();
         let tap = plan.tap.as_str();
-        let doc = rules_json(&plan);
+        let doc = rules_json(&plan, &NetPolicy::default());
         let cmds = commands(&doc);
         // Every object is in table inet plfm or arp plfm (ARP is not seen by inet).
         for c in &cmds {
@@ -1204,7 +1415,15 @@ mod tests {
         let ingress = format!("{tap}-in");
         assert_eq!(
             flushed,
-            vec!["prerouting", "input", "forward", tap, &ingress, "input"]
+            vec![
+                "prerouting",
+                "input",
+                "forward",
+                "postrouting",
+                tap,
+                &ingress,
+                "input"
+            ]
         );
         assert_eq!(rules_in(&doc, "prerouting").len(), 1);
         assert_eq!(rules_in(&doc, "prerouting")[0][0]["vmap"]["data"], "@taps");
@@ -1283,10 +1502,13 @@ mod tests {
             json!([[tap, {"jump": {"target": ingress}}]])
         );
         // No declared port: the chain is empty, nothing is let in.
-        let closed = rules_json(&TapPlan {
-            ingress: vec![],
-            ..plan_a()
-        });
+        let closed = rules_json(
+            &TapPlan {
+                ingress: vec![],
+                ..plan_a()
+            },
+            &NetPolicy::default(),
+        );
         assert!(rules_in(&closed, &ingress).is_empty());
         let text = serde_json::to_string(&inet_input).unwrap();
         assert!(
@@ -1313,7 +1535,7 @@ mod tests {
     #[test]
     fn tap_rules_return_only_the_instances_own_addresses_then_drop() {
         let plan = plan_a();
-        let doc = rules_json(&plan);
+        let doc = rules_json(&plan, &NetPolicy::default());
         let rules = rules_in(&doc, &plan.tap);
         assert_eq!(rules.len(), 4);
         // Its own link-local address only, not any of fe80::/64.
@@ -1341,7 +1563,7 @@ mod tests {
             ipv4: None,
             ..plan_a()
         };
-        let doc = rules_json(&v6_only);
+        let doc = rules_json(&v6_only, &NetPolicy::default());
         assert_eq!(rules_in(&doc, &v6_only.tap).len(), 3);
         assert!(!doc.to_string().contains("169.254."));
         assert!(
@@ -1356,7 +1578,7 @@ mod tests {
     fn the_tap_name_appears_only_in_its_chain_rules_and_element() {
         let plan = plan_a();
         let tap = plan.tap.as_str();
-        let doc = rules_json(&plan);
+        let doc = rules_json(&plan, &NetPolicy::default());
         let mut uses = 0;
         for c in commands(&doc) {
             let text = c.to_string();
@@ -1383,7 +1605,9 @@ mod tests {
         // add chain, flush chain, 4 rules, the map element, the ARP sender element;
         // the ingress chain (add, flush, 2 rules) and its map element.
         assert_eq!(uses, 13);
-        assert!(!base_commands().iter().any(|c| c.to_string().contains(tap)));
+        assert!(!base_commands(&NetPolicy::default())
+            .iter()
+            .any(|c| c.to_string().contains(tap)));
     }
 
     #[test]
@@ -1449,5 +1673,87 @@ mod tests {
         assert_eq!(tap_chains(&objects), vec![tap.clone()]);
         assert!(has_element(&objects, NFT_MAP, &tap));
         assert!(!has_element(&objects, NFT_MAP, &tap_name("b")));
+    }
+
+    /// Egress and the overlay in the base chains: the guest's own flows to the overlay
+    /// prefix through the overlay interface, to the world through the uplink except
+    /// the blocked ranges, masqueraded there; without egress, no accept and an empty
+    /// nat chain.
+    #[test]
+    fn egress_and_overlay_rules_follow_the_policy() {
+        let policy = NetPolicy {
+            egress_uplink: Some("up0".into()),
+            overlay_interface: Some("plfm-wg0".into()),
+            overlay_prefix: ("fd00::".parse().unwrap(), 16),
+        };
+        let doc = json!({ "nftables": base_commands(&policy) });
+        let forward = rules_in(&doc, "forward");
+        let n = forward.len();
+        assert_eq!(n, 10, "{forward:#?}");
+        // After ingress: overlay, uplink IPv6, uplink IPv4, then the counted drop.
+        let overlay = &forward[n - 4];
+        assert_eq!(overlay[0]["match"]["left"]["meta"]["key"], "iifname");
+        assert_eq!(overlay[1]["match"]["right"], "plfm-wg0");
+        assert_eq!(
+            overlay[2]["match"]["right"],
+            json!({"prefix": {"addr": "fd00::", "len": 16}})
+        );
+        for (rule, family) in [(&forward[n - 3], "ip6"), (&forward[n - 2], "ip")] {
+            assert_eq!(rule[1]["match"]["right"], "up0", "{rule}");
+            assert_eq!(rule[2]["match"]["op"], "!=", "{rule}");
+            assert_eq!(rule[2]["match"]["left"]["payload"]["protocol"], family);
+            assert_eq!(rule[3], json!({"accept": null}));
+        }
+        let v6_blocked = forward[n - 3][2]["match"]["right"]["set"].to_string();
+        for p in ["fd00::", "fe80::", "ff00::"] {
+            assert!(v6_blocked.contains(p), "{p} not blocked: {v6_blocked}");
+        }
+        let v4_blocked = forward[n - 2][2]["match"]["right"]["set"].to_string();
+        for p in ["169.254.0.0", "127.0.0.0", "224.0.0.0"] {
+            assert!(v4_blocked.contains(p), "{p} not blocked: {v4_blocked}");
+        }
+        assert_eq!(
+            forward[n - 1].as_array().unwrap()[1..],
+            [json!({"counter": null}), json!({"drop": null})]
+        );
+        assert_eq!(
+            rules_in(&doc, "postrouting"),
+            [json!([
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "plfm*"}},
+                {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "up0"}},
+                {"counter": null},
+                {"masquerade": null}
+            ])]
+        );
+        let nat = commands(&doc)
+            .into_iter()
+            .find(|c| c["add"]["chain"]["name"] == "postrouting")
+            .unwrap();
+        assert_eq!(nat["add"]["chain"]["type"], "nat");
+
+        // Egress off, no overlay: nothing a guest starts is accepted.
+        let doc = json!({ "nftables": base_commands(&NetPolicy::default()) });
+        let forward = rules_in(&doc, "forward");
+        assert_eq!(forward.len(), 7);
+        assert!(!forward.iter().any(|r| r.to_string().contains("up0")));
+        assert!(rules_in(&doc, "postrouting").is_empty());
+    }
+
+    #[test]
+    fn the_default_route_interface_is_read_from_proc() {
+        let v6 = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+fd000000000000000000000000000000 10 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001    eth1
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd010000000000000000000000000001 00000400 00000001 00000000 00000003   up0
+";
+        let v4 = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth9\t00000000\t0101FEA9\t0003\t0\t0\t0\t00000000\t0\t0\t0
+";
+        assert_eq!(default_route_in(v6, v4).as_deref(), Some("up0"));
+        // No IPv6 default (only the unreachable one on lo): the IPv4 one.
+        let v6_none = v6.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(default_route_in(&v6_none, v4).as_deref(), Some("eth9"));
+        assert_eq!(default_route_in("", "Iface\tDestination\n"), None);
     }
 }
