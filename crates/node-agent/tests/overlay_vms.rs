@@ -46,70 +46,28 @@ mod vm_host;
 /// The conformance suite's lab (not its scenarios).
 #[path = "conformance/lab.rs"]
 mod lab;
+#[path = "support/overlay_hosts.rs"]
+mod overlay_hosts;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::agent::http_get;
 use common::gate::skip_or_fail;
 use common::wait::{poll_until, Poll};
-use lab::{overlay_ipv6, Behaviour, Health, Inst, Kind, Lab};
-use overlay::{connects_with, overlay_where, wireguard_go_pid, Peer};
+use lab::{overlay_ipv6, Behaviour, Health, Inst, Lab};
+use overlay::{connects_with, overlay_where, wireguard_go_pid};
+use overlay_hosts::{on, Hosts, NODE_B, OUTSIDE, UPLINK_A};
 use plfm_node_agent::instance::Status;
 use serde_json::Value;
 
-const NODE_A: &str = "fd00:a::1";
-const NODE_B: &str = "fd00:b::1";
-const UNDERLAY_A: &str = "169.254.98.1";
-const UNDERLAY_B: &str = "169.254.98.2";
-/// Host A's side of the link to the outside namespace, and the outside server.
-const UPLINK_A: &str = "fd01::1";
-const OUTSIDE: &str = "fd01::2";
-const UPLINK_IFACE: &str = "ovout";
 const DECLARED: u16 = 8087;
 const UNDECLARED: u16 = 8088;
 const OUTSIDE_PORT: u16 = 8099;
 /// The second address `ov-client` gives itself (not its own to the host).
 const SPOOFED: &str = "fd00::5:5";
-
-fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
-    assert!(st.success(), "{args:?}: {st}");
-}
-
-/// Runs `f` on a thread inside the network namespace `ns` (`/run/netns/<name>`).
-fn on<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-/// Deletes the namespaces and stops the `wireguard-go`s when the test ends (after the
-/// labs, declared later, stopped their agents and VMs).
-struct Cleanup {
-    namespaces: Vec<String>,
-    ifaces: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for i in &self.ifaces {
-            overlay::kill_wireguard_go(i);
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 fn ready(lab: &Lab, id: &str) {
     let v = lab.wait(id, "ready", lab.kind.boot_within(), |v| {
@@ -222,91 +180,20 @@ fn vms_reach_each_other_over_an_overlay_interface_named_like_the_default() {
 /// The whole story, with namespaces tagged `tag` and overlay interfaces
 /// `<if_prefix>a<pid>`, `<if_prefix>b<pid>`.
 fn scenario(tag: &str, if_prefix: &str) {
-    if !rustix::process::geteuid().is_root() {
-        return skip_or_fail("root (network namespaces, taps, nftables, tun devices)");
-    }
-    if !vm_host::which("wireguard-go") {
-        return skip_or_fail("wireguard-go (Debian package wireguard-go)");
-    }
-    if let Err(why) = lab::prerequisites(Kind::Qemu) {
+    if let Err(why) = overlay_hosts::prerequisites() {
         return skip_or_fail(&why);
     }
     let t0 = Instant::now();
-    let pid = std::process::id();
-    let (ns_a, ns_b, ns_out) = (
-        format!("plfm-ov{tag}a{pid}"),
-        format!("plfm-ov{tag}b{pid}"),
-        format!("plfm-ov{tag}o{pid}"),
-    );
-    let (if_a, if_b) = (format!("{if_prefix}a{pid}"), format!("{if_prefix}b{pid}"));
-    let _cleanup = Cleanup {
-        namespaces: vec![ns_a.clone(), ns_b.clone(), ns_out.clone()],
-        ifaces: vec![if_a.clone(), if_b.clone()],
-    };
-    for ns in [&ns_a, &ns_b, &ns_out] {
-        sh(&["ip", "netns", "add", ns]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
-    // The underlay A <-> B, and A's uplink to the outside.
-    sh(&[
-        "ip", "-n", &ns_a, "link", "add", "ovu", "type", "veth", "peer", "name", "ovu", "netns",
-        &ns_b,
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &ns_a,
-        "link",
-        "add",
-        UPLINK_IFACE,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        UPLINK_IFACE,
-        "netns",
-        &ns_out,
-    ]);
-    for (ns, dev, addr) in [
-        (&ns_a, "ovu", format!("{UNDERLAY_A}/30")),
-        (&ns_b, "ovu", format!("{UNDERLAY_B}/30")),
-        (&ns_a, UPLINK_IFACE, format!("{UPLINK_A}/64")),
-        (&ns_out, UPLINK_IFACE, format!("{OUTSIDE}/64")),
-    ] {
-        sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", dev, "nodad"]);
-        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
-    }
-    // The outside knows its way back to the overlay prefix: only the masquerade keeps
-    // a guest's address from it.
-    sh(&[
-        "ip",
-        "-n",
-        &ns_out,
-        "-6",
-        "route",
-        "add",
-        "fd00::/16",
-        "via",
-        UPLINK_A,
-    ]);
-
-    // The hosts' agents (the lab makes each its registry with the busybox image).
-    let overlay_table = |iface: &str| {
-        format!(
-            "[overlay]\ninterface = \"{iface}\"\nbackend = \"userspace\"\nuserspace_command = \"wireguard-go\"\ndrift_check_seconds = 1\n"
-        )
-    };
-    let Some(lab_b) = Lab::own_in(Kind::Qemu, Path::new(&format!("/run/netns/{ns_b}"))) else {
+    let Some(hosts) = Hosts::new(tag, if_prefix) else {
         return;
     };
-    lab_b.config_tables(&overlay_table(&if_b));
-    let Some(lab_a) = Lab::own_in(Kind::Qemu, Path::new(&format!("/run/netns/{ns_a}"))) else {
-        return;
-    };
-    lab_a.config_tables(&overlay_table(&if_a));
-    lab_a.config_tables(&format!(
-        "[network]\negress = \"nat\"\nuplink = \"{UPLINK_IFACE}\"\noverlay_prefix = \"fd00::/16\"\n"
-    ));
+    let Hosts {
+        lab_a,
+        ns_b,
+        ns_out,
+        if_a,
+        ..
+    } = &hosts;
 
     let web = Inst::new("ov-web", Behaviour::Serve(DECLARED))
         .shell(&format!(
@@ -318,46 +205,14 @@ fn scenario(tag: &str, if_prefix: &str) {
     let (web_ip, client_ip) = (overlay_ipv6(&web.id), overlay_ipv6(&client.id));
     lab_a.add(&web);
     lab_a.add(&client);
-    lab_b.start(&[]);
-    lab_a.start(&[]);
-    // Back in A's namespace for the rest (start entered it last; explicit all the same).
-    lab_a.enter();
-    let (agent_a, agent_b) = (lab_a.agent(), lab_b.agent());
-    for agent in [&agent_a, &agent_b] {
-        poll_until("the overlay's public key", Duration::from_secs(30), || {
-            overlay_where(agent, |v| v["public_key"].is_string())
-        });
-    }
-    let pub_a = overlay::public_key_of(&lab_a.data().join("overlay/private.key"));
-    let pub_b = overlay::public_key_of(&lab_b.data().join("overlay/private.key"));
-    let peer_b = Peer {
-        node_id: "node-b".into(),
-        public_key: pub_b.clone(),
-        endpoint: format!("{UNDERLAY_B}:51820"),
-        allowed_ips: vec![format!("{NODE_B}/128")],
-    };
-    let peer_a = Peer {
-        node_id: "node-a".into(),
-        public_key: pub_a.clone(),
-        endpoint: format!("{UNDERLAY_A}:51820"),
-        allowed_ips: vec![
-            format!("{NODE_A}/128"),
-            format!("{web_ip}/128"),
-            format!("{client_ip}/128"),
-        ],
-    };
-    let desired_a = lab_a.root.join("desired");
-    overlay::write_overlay(
-        &desired_a,
-        &overlay::overlay_doc(1, NODE_A, std::slice::from_ref(&peer_b)),
-    );
-    overlay::write_overlay(
-        &lab_b.root.join("desired"),
-        &overlay::overlay_doc(1, NODE_B, &[peer_a]),
-    );
+    hosts.start();
+    let agent_a = lab_a.agent();
+    let peer_b = hosts.peer_b(&[]);
+    hosts.overlay_a(1, std::slice::from_ref(&peer_b));
+    hosts.overlay_b(1, &[hosts.peer_a(&[&web_ip, &client_ip])]);
 
-    ready(&lab_a, &web.id);
-    ready(&lab_a, &client.id);
+    ready(lab_a, &web.id);
+    ready(lab_a, &client.id);
     eprintln!(
         "TIMING namespaces made -> both VMs ready: {:?}",
         t0.elapsed()
@@ -368,7 +223,7 @@ fn scenario(tag: &str, if_prefix: &str) {
     let web_sock = |port: u16| -> SocketAddr { web_addr(port).parse().unwrap() };
     let from_b = |what: &str, within: Duration| -> (u16, String) {
         let addr = web_addr(DECLARED);
-        on(&ns_b, || {
+        on(ns_b, || {
             Poll::within(within)
                 .every(Duration::from_millis(200))
                 .until(what, || http_get(&addr, "/"))
@@ -393,7 +248,7 @@ fn scenario(tag: &str, if_prefix: &str) {
     );
     assert_eq!(code, 200, "ov-web serves {UNDECLARED} too");
     let dropped_before = chain_drops("forward", true);
-    let reached = on(&ns_b, || {
+    let reached = on(ns_b, || {
         connects_with(
             web_sock(UNDECLARED),
             Duration::from_secs(3),
@@ -416,7 +271,7 @@ fn scenario(tag: &str, if_prefix: &str) {
         .expect("ov-client's tap");
     let spoofed_before = chain_drops(&tap, false);
     let (code, out) = exec_sh(
-        &lab_a,
+        lab_a,
         &client.id,
         &format!(
             r#"bb=busybox
@@ -449,7 +304,7 @@ exit $r"#
 
     // (c) B removed from A's overlay: cut once A applied it; restored: healed.
     let t = Instant::now();
-    overlay::write_overlay(&desired_a, &overlay::overlay_doc(2, NODE_A, &[]));
+    hosts.overlay_a(2, &[]);
     poll_until("A applied generation 2", Duration::from_secs(15), || {
         overlay_where(&agent_a, |v| {
             v["generation"] == 2 && v["peers"].as_array().is_some_and(|p| p.is_empty())
@@ -459,7 +314,7 @@ exit $r"#
         "TIMING B removed from A's file -> A applied it: {:?}",
         t.elapsed()
     );
-    let reached = on(&ns_b, || {
+    let reached = on(ns_b, || {
         connects_with(
             web_sock(DECLARED),
             Duration::from_secs(3),
@@ -471,7 +326,7 @@ exit $r"#
         "B still reaches ov-web with B removed from A's overlay"
     );
     let t = Instant::now();
-    overlay::write_overlay(&desired_a, &overlay::overlay_doc(3, NODE_A, &[peer_b]));
+    hosts.overlay_a(3, &[peer_b]);
     from_b("healed after B was restored", Duration::from_secs(30));
     eprintln!(
         "TIMING B restored in A's file -> B's HTTP answer: {:?}",
@@ -479,7 +334,7 @@ exit $r"#
     );
 
     // (d) A's wireguard-go killed: the drift check starts it again.
-    let wg_pid = wireguard_go_pid(&if_a).expect("A's wireguard-go serves its socket");
+    let wg_pid = wireguard_go_pid(if_a).expect("A's wireguard-go serves its socket");
     let outcome = |o: &str| {
         overlay::metric(
             &agent_a,
@@ -497,7 +352,7 @@ exit $r"#
         poll_until(
             "a new wireguard-go for A",
             Duration::from_secs(20),
-            || match wireguard_go_pid(&if_a) {
+            || match wireguard_go_pid(if_a) {
                 Some(p) if p != wg_pid => Ok(p),
                 other => Err(format!("serving: {other:?}")),
             },
@@ -528,7 +383,7 @@ exit $r"#
 
     // (e) Agent A killed: the overlay and the VM keep working without it, and the next
     // agent keeps both.
-    let index = ifindex(&if_a);
+    let index = ifindex(if_a);
     let vm = lab_a.vm_identity(&web.id).expect("ov-web's QEMU");
     drop(agent_a);
     lab_a.kill_agent();
@@ -544,13 +399,13 @@ exit $r"#
         Duration::from_secs(30),
         || overlay_where(&agent_a, |v| v["state"] == "on" && v["generation"] == 3),
     );
-    assert_eq!(ifindex(&if_a), index, "A's WireGuard interface was rebuilt");
+    assert_eq!(ifindex(if_a), index, "A's WireGuard interface was rebuilt");
     assert_eq!(
-        wireguard_go_pid(&if_a),
+        wireguard_go_pid(if_a),
         Some(new_wg),
         "A's wireguard-go was restarted"
     );
-    ready(&lab_a, &web.id);
+    ready(lab_a, &web.id);
     assert_eq!(
         lab_a.vm_identity(&web.id),
         Some(vm),
@@ -568,9 +423,9 @@ exit $r"#
     // (f) Egress to the outside namespace, masqueraded to A's uplink address; and, for
     // contrast, the guest's flow to host B over the overlay keeps the guest's address.
     let outside: SocketAddr = format!("[{OUTSIDE}]:{OUTSIDE_PORT}").parse().unwrap();
-    let server = one_shot_server(&ns_out, outside, Duration::from_secs(60));
+    let server = one_shot_server(ns_out, outside, Duration::from_secs(60));
     let (code, out) = exec_sh(
-        &lab_a,
+        lab_a,
         &client.id,
         &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 10 {OUTSIDE} {OUTSIDE_PORT}"),
     );
@@ -592,9 +447,9 @@ exit $r"#
         "{out:?}"
     );
     let on_b: SocketAddr = format!("[{NODE_B}]:{OUTSIDE_PORT}").parse().unwrap();
-    let server = one_shot_server(&ns_b, on_b, Duration::from_secs(60));
+    let server = one_shot_server(ns_b, on_b, Duration::from_secs(60));
     let (code, out) = exec_sh(
-        &lab_a,
+        lab_a,
         &client.id,
         &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 10 {NODE_B} {OUTSIDE_PORT}"),
     );
