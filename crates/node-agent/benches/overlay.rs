@@ -14,7 +14,13 @@
 //! - the same two through `UserspaceDevice::apply` in-process (the owner's device call
 //!   alone, no file scan, no CLI);
 //! - (c) TCP throughput host to host (two network namespaces, not VMs) over the
-//!   underlay veth directly and through the WireGuard overlay on top of it.
+//!   underlay veth directly and through the WireGuard overlay on top of it;
+//! - (d) TCP throughput VM to VM under QEMU/TCG: a guest on host A sends 32 MiB with
+//!   busybox `nc` to a guest on host B across the overlay, and to a guest on its own
+//!   host (no overlay), on the two-host rig of `tests/overlay_vms.rs`
+//!   (`tests/support/overlay_hosts.rs`). Timed on the host around `exec`, minus the
+//!   time of an empty `exec` (the guests' clocks run on TCG's instruction count).
+//!   Skipped with a message without QEMU and what the conformance lab needs.
 //!
 //! Run (root): `cargo bench -p plfm-node-agent --bench overlay`. Env:
 //! `PLFM_OVERLAY_BENCH_RUNS` (runs of (a) and (b), default 5),
@@ -31,6 +37,24 @@ mod overlay;
 #[cfg(target_os = "linux")]
 #[path = "../tests/support/vm_host.rs"]
 mod vm_host;
+
+#[cfg(target_os = "linux")]
+#[path = "../tests/image_support/mod.rs"]
+#[allow(unused_imports)]
+mod image_support;
+
+#[cfg(target_os = "linux")]
+#[path = "../tests/fc_standin/mod.rs"]
+mod fc_standin;
+
+/// The conformance suite's lab: one agent with the qemu runtime per host of (d).
+#[cfg(target_os = "linux")]
+#[path = "../tests/conformance/lab.rs"]
+mod lab;
+
+#[cfg(target_os = "linux")]
+#[path = "../tests/support/overlay_hosts.rs"]
+mod overlay_hosts;
 
 #[cfg(not(target_os = "linux"))]
 fn main() {
@@ -155,6 +179,10 @@ mod linux {
             agent_path(&iface, runs);
             device_path(&format!("plfmbd{pid}"), runs);
             throughput(pid, env_num("PLFM_OVERLAY_BENCH_SECS", 5));
+            match crate::overlay_hosts::prerequisites() {
+                Ok(()) => vm_to_vm(),
+                Err(why) => println!("(d) VM to VM: SKIP ({why})"),
+            }
         });
         for i in [
             iface,
@@ -416,5 +444,114 @@ mod linux {
         });
         let (total, took) = server.join().unwrap();
         total as f64 * 8.0 / took.as_secs_f64() / 1e6
+    }
+
+    /// Wall time of `exec <id> -- /bin/sh -c <script>` in `lab`'s agent; panics unless
+    /// it exits 0.
+    fn timed_exec(lab: &crate::lab::Lab, id: &str, script: &str) -> Duration {
+        let t = Instant::now();
+        let out = Command::new(crate::common::agent::BIN)
+            .arg("--config")
+            .arg(lab.config_path())
+            .args(["exec", id, "--", "/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        let took = t.elapsed();
+        assert!(
+            out.status.success(),
+            "exec {id} {script:?}: {:?}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        took
+    }
+
+    /// (d) VM to VM under TCG, across the overlay and on one host.
+    fn vm_to_vm() {
+        use crate::lab::{overlay_ipv6, Behaviour, Inst, Lab};
+        use crate::overlay_hosts::Hosts;
+        use plfm_node_agent::instance::Status;
+        const MIB: u64 = 32;
+        let Some(hosts) = Hosts::new("t", "ovwt") else {
+            println!("(d) VM to VM: SKIP (a lab could not be made)");
+            return;
+        };
+        let sink = |id: &str| {
+            Inst::new(id, Behaviour::Idle)
+                .shell("while true; do busybox nc -l -p 5201 > /dev/null; done")
+                .ports(&[5201])
+        };
+        let (remote, local) = (sink("ov-sink-b"), sink("ov-sink-a"));
+        let sender = Inst::new("ov-sender", Behaviour::Idle);
+        hosts.lab_b.add(&remote);
+        hosts.lab_a.add(&local);
+        hosts.lab_a.add(&sender);
+        hosts.start();
+        let (remote_ip, local_ip, sender_ip) = (
+            overlay_ipv6(&remote.id),
+            overlay_ipv6(&local.id),
+            overlay_ipv6(&sender.id),
+        );
+        hosts.overlay_a(1, &[hosts.peer_b(&[&remote_ip])]);
+        hosts.overlay_b(1, &[hosts.peer_a(&[&sender_ip, &local_ip])]);
+        let ready = |lab: &Lab, id: &str| {
+            let v = lab.wait(id, "ready", lab.kind.boot_within(), |v| {
+                matches!(v.status, Status::Ready | Status::Failed | Status::Stopped)
+            });
+            assert_eq!(v.status, Status::Ready, "{v:#?}\n{}", lab.log());
+        };
+        ready(&hosts.lab_b, &remote.id);
+        ready(&hosts.lab_a, &local.id);
+        ready(&hosts.lab_a, &sender.id);
+        let lab = &hosts.lab_a;
+        // The sinks listen once their shell runs: wait for a connection to each.
+        for ip in [&remote_ip, &local_ip] {
+            Poll::within(Duration::from_secs(60))
+                .every(Duration::from_millis(500))
+                .until("a sink listening", || {
+                    let out = Command::new(crate::common::agent::BIN)
+                        .arg("--config")
+                        .arg(lab.config_path())
+                        .args(["exec", &sender.id, "--", "/bin/sh", "-c"])
+                        .arg(format!("busybox nc -w 5 {ip} 5201 < /dev/null"))
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                    }
+                });
+        }
+        let empty = (0..3)
+            .map(|_| timed_exec(lab, &sender.id, "true"))
+            .min()
+            .unwrap();
+        for (label, ip) in [
+            ("across the overlay (guest on A -> guest on B)", &remote_ip),
+            (
+                "on one host, no overlay (guest on A -> guest on A)",
+                &local_ip,
+            ),
+            ("across the overlay, again", &remote_ip),
+            ("on one host, again", &local_ip),
+        ] {
+            let took = timed_exec(
+                lab,
+                &sender.id,
+                &format!(
+                    "busybox dd if=/dev/zero bs=65536 count={} 2>/dev/null | busybox nc -w 5 {ip} 5201",
+                    MIB * 16
+                ),
+            );
+            let net = took.saturating_sub(empty).as_secs_f64();
+            println!(
+                "(d) TCP VM to VM under TCG, {label}: {:.0} Mbit/s ({MIB} MiB in {:.2} s; an empty exec takes {:.2} s)",
+                (MIB * 8 * 1024 * 1024) as f64 / net / 1e6,
+                took.as_secs_f64(),
+                empty.as_secs_f64()
+            );
+        }
     }
 }

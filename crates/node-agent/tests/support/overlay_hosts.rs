@@ -125,7 +125,11 @@ impl Hosts {
             (&ns_a, UPLINK_IFACE, format!("{UPLINK_A}/64")),
             (&ns_out, UPLINK_IFACE, format!("{OUTSIDE}/64")),
         ] {
-            sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", dev, "nodad"]);
+            let mut add = vec!["ip", "-n", ns, "addr", "add", &addr, "dev", dev];
+            if addr.contains(':') {
+                add.push("nodad");
+            }
+            sh(&add);
             sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
         }
         // The outside knows its way back to the overlay prefix: only the masquerade
