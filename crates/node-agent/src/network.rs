@@ -31,7 +31,9 @@
 //! forwarded *to* a tap (from the overlay, the uplink or another guest) open flows
 //! only to the ports the instance declares (`oifname vmap @ingress` to one regular
 //! chain per tap, `<tap>-in`, holding `tcp dport { … } accept` and the same for udp),
-//! plus echo and packet-too-big; the rest is dropped and counted. The per-tap source
+//! plus echo and packet-too-big; the rest is dropped and counted. The `output` chain
+//! does the same for connections the host itself opens to a guest (through
+//! `<tap>-host`: the declared ports and the health check's). The per-tap source
 //! check drops spoofed packets with a counter too. What a guest may start is the
 //! node's [`NetPolicy`] (set once at start): to the overlay prefix through the overlay
 //! interface, and with egress on, to the world through the uplink (a `postrouting`
@@ -192,6 +194,9 @@ pub struct TapPlan {
     /// forwarded to its tap (from the overlay, the uplink or another instance) may
     /// open a flow to.
     pub ingress: Vec<(Transport, u16)>,
+    /// The health check's port (TCP), which the host itself may connect to besides
+    /// the declared ports.
+    pub health_port: Option<u16>,
 }
 
 async fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
@@ -507,6 +512,17 @@ const NFT_MAP: &str = "taps";
 const NFT_INGRESS_MAP: &str = "ingress";
 /// Suffix of a tap's ingress chain.
 const INGRESS_SUFFIX: &str = "-in";
+/// The map `ifname : verdict` that sends what the host itself sends to a tap to that
+/// tap's host chain ([`host_chain`]).
+const NFT_HOST_MAP: &str = "host_ingress";
+/// Suffix of a tap's host chain.
+const HOST_SUFFIX: &str = "-host";
+
+/// Name of `tap`'s host chain: the connections the host itself may open to the guest
+/// (its declared ports and its health-check port).
+fn host_chain(tap: &str) -> String {
+    format!("{tap}{HOST_SUFFIX}")
+}
 
 /// What the node lets its instances reach beyond their taps: egress through the
 /// uplink (masqueraded), and the overlay interface for the overlay prefix. Set once at
@@ -606,7 +622,11 @@ fn tap_chains(objects: &[Value]) -> Vec<String> {
     let mut taps: Vec<String> = objects
         .iter()
         .filter_map(|o| o["chain"]["name"].as_str())
-        .map(|c| c.strip_suffix(INGRESS_SUFFIX).unwrap_or(c))
+        .map(|c| {
+            c.strip_suffix(INGRESS_SUFFIX)
+                .or_else(|| c.strip_suffix(HOST_SUFFIX))
+                .unwrap_or(c)
+        })
         .filter(|c| c.starts_with(TAP_PREFIX) && c.len() == 15)
         .map(String::from)
         .collect();
@@ -701,12 +721,18 @@ fn base_commands(policy: &NetPolicy) -> Vec<Value> {
             "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP,
             "type": "ifname", "map": "verdict"
         } } }),
+        json!({ "add": { "map": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_HOST_MAP,
+            "type": "ifname", "map": "verdict"
+        } } }),
         base_chain("prerouting", -150),
         base_chain("input", 0),
         base_chain("forward", 0),
+        base_chain("output", 0),
         json!({ "flush": { "chain": nft_chain("prerouting") } }),
         json!({ "flush": { "chain": nft_chain("input") } }),
         json!({ "flush": { "chain": nft_chain("forward") } }),
+        json!({ "flush": { "chain": nft_chain("output") } }),
         nft_rule(
             "prerouting",
             vec![json!({ "vmap": { "key": nft_meta("iifname"), "data": format!("@{NFT_MAP}") } })],
@@ -786,6 +812,35 @@ fn base_commands(policy: &NetPolicy) -> Vec<Value> {
         ),
         nft_rule(
             "forward",
+            vec![
+                to_taps(),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+        ),
+        // What the host itself sends to a guest: answers, ICMP (neighbour discovery,
+        // echo, errors), and new connections only to the guest's declared ports and its
+        // health-check port (the tap's host chain); the rest is counted and dropped.
+        nft_rule(
+            "output",
+            vec![to_taps(), established(), json!({ "accept": null })],
+        ),
+        nft_rule(
+            "output",
+            vec![
+                to_taps(),
+                nft_eq(nft_meta("l4proto"), json!({ "set": ["ipv6-icmp", "icmp"] })),
+                json!({ "accept": null }),
+            ],
+        ),
+        nft_rule(
+            "output",
+            vec![json!({ "vmap": {
+                "key": nft_meta("oifname"), "data": format!("@{NFT_HOST_MAP}")
+            } })],
+        ),
+        nft_rule(
+            "output",
             vec![
                 to_taps(),
                 json!({ "counter": null }),
@@ -983,6 +1038,27 @@ fn rules_json(plan: &TapPlan, policy: &NetPolicy) -> Value {
         "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP,
         "elem": [[tap, { "jump": { "target": ingress } }]]
     } } }));
+    // The host's own connections: the same ports, and the health check's.
+    let host = host_chain(tap);
+    cmds.push(json!({ "add": { "chain": nft_chain(&host) } }));
+    cmds.push(json!({ "flush": { "chain": nft_chain(&host) } }));
+    cmds.push(nft_rule(
+        &host,
+        vec![json!({ "jump": { "target": ingress } })],
+    ));
+    if let Some(port) = plan.health_port {
+        cmds.push(nft_rule(
+            &host,
+            vec![
+                nft_eq(nft_payload("tcp", "dport"), json!(port)),
+                json!({ "accept": null }),
+            ],
+        ));
+    }
+    cmds.push(json!({ "add": { "element": {
+        "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_HOST_MAP,
+        "elem": [[tap, { "jump": { "target": host } }]]
+    } } }));
     cmds.extend(arp_base_commands());
     if let Some(v4) = plan.ipv4 {
         cmds.push(json!({ "add": { "element": {
@@ -993,11 +1069,14 @@ fn rules_json(plan: &TapPlan, policy: &NetPolicy) -> Value {
     json!({ "nftables": cmds })
 }
 
-/// What exists of a tap's ingress: its element in the ingress map, its chain.
+/// What exists of a tap's ingress: its elements in the ingress and host maps, its
+/// ingress and host chains.
 #[derive(Debug, Clone, Copy, Default)]
 struct Ingress {
     element: bool,
     chain: bool,
+    host_element: bool,
+    host_chain: bool,
 }
 
 /// Removal of one tap's map element (if `element`), chain (if `chain`), ARP sender
@@ -1011,6 +1090,17 @@ fn removal_json(
     ingress: Ingress,
 ) -> Value {
     let mut cmds = Vec::new();
+    // The host chain jumps to the ingress chain: it goes first.
+    if ingress.host_element {
+        cmds.push(json!({ "delete": { "element": {
+            "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_HOST_MAP, "elem": [tap]
+        } } }));
+    }
+    if ingress.host_chain {
+        let name = host_chain(tap);
+        cmds.push(json!({ "flush": { "chain": nft_chain(&name) } }));
+        cmds.push(json!({ "delete": { "chain": nft_chain(&name) } }));
+    }
     if ingress.element {
         cmds.push(json!({ "delete": { "element": {
             "family": NFT_FAMILY, "table": NFT_TABLE, "name": NFT_INGRESS_MAP, "elem": [tap]
@@ -1160,13 +1250,21 @@ async fn remove_rules(tap: &str) -> Result<(), NetworkError> {
     let arp = arp.as_deref().and_then(|o| arp_element(o, tap));
     let chain = objects.iter().any(|o| o["chain"]["name"] == tap);
     let element = has_element(&objects, NFT_MAP, tap);
+    let chain_exists = |name: String| objects.iter().any(|o| o["chain"]["name"] == name);
     let ingress = Ingress {
         element: has_element(&objects, NFT_INGRESS_MAP, tap),
-        chain: objects
-            .iter()
-            .any(|o| o["chain"]["name"] == ingress_chain(tap)),
+        chain: chain_exists(ingress_chain(tap)),
+        host_element: has_element(&objects, NFT_HOST_MAP, tap),
+        host_chain: chain_exists(host_chain(tap)),
     };
-    if !chain && !element && arp.is_none() && !ingress.element && !ingress.chain {
+    if !chain
+        && !element
+        && arp.is_none()
+        && !ingress.element
+        && !ingress.chain
+        && !ingress.host_element
+        && !ingress.host_chain
+    {
         return Ok(());
     }
     nft_apply(&removal_json(tap, element, chain, arp, ingress))
@@ -1335,6 +1433,7 @@ mod tests {
             ipv4: ipv4_link(Ipv4Addr::new(169, 254, 0, 0), 16, 0),
             guest_mac: guest_mac("a"),
             ingress: vec![(Transport::Tcp, 8080), (Transport::Udp, 53)],
+            health_port: Some(9000),
         }
     }
 
@@ -1376,7 +1475,9 @@ mod tests {
         assert_eq!(cmds[1]["add"]["map"]["map"], "verdict");
         assert_eq!(cmds[2]["add"]["map"]["name"], "ingress");
         assert_eq!(cmds[2]["add"]["map"]["map"], "verdict");
-        let cmds = [&cmds[..2], &cmds[3..]].concat();
+        assert_eq!(cmds[3]["add"]["map"]["name"], "host_ingress");
+        assert_eq!(cmds[3]["add"]["map"]["map"], "verdict");
+        let cmds = [&cmds[..2], &cmds[4..]].concat();
         let pre = &cmds[2]["add"]["chain"];
         assert_eq!(
             (&pre["name"], &pre["hook"], &pre["prio"], &pre["policy"]),
@@ -1419,9 +1520,11 @@ mod tests {
                 "prerouting",
                 "input",
                 "forward",
+                "output",
                 "postrouting",
                 tap,
                 &ingress,
+                &format!("{tap}-host"),
                 "input"
             ]
         );
@@ -1500,6 +1603,37 @@ mod tests {
         assert_eq!(
             ingress_element["add"]["element"]["elem"],
             json!([[tap, {"jump": {"target": ingress}}]])
+        );
+        // The host's own connections: the declared ports (the ingress chain), and the
+        // health check's port; the output chain dispatches there and drops the rest.
+        let host = format!("{tap}-host");
+        assert_eq!(
+            rules_in(&doc, &host),
+            [
+                json!([{"jump": {"target": ingress}}]),
+                json!([
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 9000}},
+                    {"accept": null}
+                ]),
+            ]
+        );
+        let output = rules_in(&doc, "output");
+        assert_eq!(output.len(), 4);
+        assert_eq!(
+            output[2][0]["vmap"],
+            json!({"key": {"meta": {"key": "oifname"}}, "data": "@host_ingress"})
+        );
+        assert_eq!(
+            output[3].as_array().unwrap()[1..],
+            [json!({"counter": null}), json!({"drop": null})]
+        );
+        let host_element = cmds
+            .iter()
+            .find(|c| c["add"]["element"]["name"] == "host_ingress")
+            .unwrap();
+        assert_eq!(
+            host_element["add"]["element"]["elem"],
+            json!([[tap, {"jump": {"target": host}}]])
         );
         // No declared port: the chain is empty, nothing is let in.
         let closed = rules_json(
@@ -1587,7 +1721,12 @@ mod tests {
             }
             uses += 1;
             let ingress = format!("{tap}-in");
+            let host = format!("{tap}-host");
             let ok = c["add"]["chain"]["name"] == tap
+                || c["add"]["chain"]["name"] == host
+                || c["flush"]["chain"]["name"] == host
+                || c["add"]["rule"]["chain"] == host
+                || c["add"]["element"]["name"] == "host_ingress"
                 || c["flush"]["chain"]["name"] == tap
                 || c["add"]["rule"]["chain"] == tap
                 || c["add"]["chain"]["name"] == ingress
@@ -1598,13 +1737,15 @@ mod tests {
                 || c["add"]["element"]["name"] == "senders";
             assert!(ok, "tap named outside its chain/element: {c}");
             // A rule names the tap only as its chain, never in a match.
-            if c["add"]["rule"].is_object() {
+            // (The host chain's jump names the ingress chain, as its target.)
+            if c["add"]["rule"].is_object() && c["add"]["rule"]["chain"] != host {
                 assert!(!c["add"]["rule"]["expr"].to_string().contains(tap), "{c}");
             }
         }
         // add chain, flush chain, 4 rules, the map element, the ARP sender element;
-        // the ingress chain (add, flush, 2 rules) and its map element.
-        assert_eq!(uses, 13);
+        // the ingress chain (add, flush, 2 rules) and its map element; the host chain
+        // (add, flush, 2 rules) and its map element.
+        assert_eq!(uses, 18);
         assert!(!base_commands(&NetPolicy::default())
             .iter()
             .any(|c| c.to_string().contains(tap)));

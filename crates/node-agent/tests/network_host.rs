@@ -73,6 +73,7 @@ fn plan(id: &str, index: u32) -> TapPlan {
         owner: None,
         guest_mac: network::guest_mac(id),
         ingress: vec![(network::Transport::Tcp, 8080)],
+        health_port: Some(9000),
     }
 }
 
@@ -182,6 +183,15 @@ fn assert_set_up(p: &TapPlan) {
     assert_eq!(rules_of("prerouting").len(), 1);
     assert_eq!(rules_of("input").len(), 4);
     assert_eq!(rules_of("forward").len(), 7);
+    assert_eq!(rules_of("output").len(), 4);
+    // The host's own connections: through the tap's host chain.
+    let host = format!("{tap}-host");
+    assert!(
+        elements_of("host_ingress").contains(&(tap.to_string(), host.clone())),
+        "element \"{tap}\" : jump {host} in {:?}",
+        elements_of("host_ingress")
+    );
+    assert_eq!(rules_of(&host).len(), 2, "{:?}", rules_of(&host));
     // Ingress: the tap's chain lets in its declared port, through the ingress map.
     let ingress = format!("{tap}-in");
     assert!(
@@ -235,6 +245,12 @@ fn assert_gone(tap: &str) {
     );
     let ingress = format!("{tap}-in");
     assert!(!nft_chains().contains(&ingress), "chain {ingress} left");
+    let host = format!("{tap}-host");
+    assert!(!nft_chains().contains(&host), "chain {host} left");
+    assert!(
+        !elements_of("host_ingress").iter().any(|(k, _)| k == tap),
+        "host element {tap} left"
+    );
     assert!(
         !elements_of("ingress").iter().any(|(k, _)| k == tap),
         "ingress element {tap} left"
@@ -537,12 +553,13 @@ fn source_recorder(
 /// for the VM), an "outside" namespace behind the uplink. The guest reaches a server
 /// outside, which sees the uplink's address, not the guest's; an address of the
 /// overlay prefix routed through the uplink is not reachable; with the policy's egress
-/// off nothing outside is. (IPv4 egress is not tried: this workplace lets tests use
+/// off nothing outside is. The host itself connects to the guest's declared port and
+/// its health-check port, not to another one. (IPv4 egress is not tried: this workplace lets tests use
 /// only 169.254.0.0/16 for IPv4, which egress blocks, being link-local.)
 #[test]
-fn egress_is_masqueraded_to_the_uplink_and_blocked_ranges_stay_unreachable() {
+fn egress_is_masqueraded_and_the_host_reaches_only_declared_and_health_ports() {
     in_netns(
-        "egress_is_masqueraded_to_the_uplink_and_blocked_ranges_stay_unreachable",
+        "egress_is_masqueraded_and_the_host_reaches_only_declared_and_health_ports",
         || async {
             let pid = std::process::id();
             let (out_ns, guest_ns) = (format!("plfm-eg-o{pid}"), format!("plfm-eg-g{pid}"));
@@ -707,6 +724,45 @@ fn egress_is_masqueraded_to_the_uplink_and_blocked_ranges_stay_unreachable() {
                 "an overlay-prefix address is not reachable through egress"
             );
             assert!(seen_blocked.try_recv().is_err());
+
+            // The host's own connections to the guest: its declared port (8080) and its
+            // health-check port (9000) only.
+            let to_guest = |port: u16| -> std::net::SocketAddr {
+                format!("[{guest_ip}]:{port}").parse().unwrap()
+            };
+            let declared = source_recorder(&guest_ns, to_guest(8080), Duration::from_secs(60));
+            let health = source_recorder(&guest_ns, to_guest(9000), Duration::from_secs(60));
+            let other = source_recorder(&guest_ns, to_guest(7000), Duration::from_secs(60));
+            let host_connects = |port: u16, within: Duration| {
+                let end = Instant::now() + within;
+                loop {
+                    match std::net::TcpStream::connect_timeout(
+                        &to_guest(port),
+                        Duration::from_millis(500),
+                    ) {
+                        Ok(_) => return true,
+                        Err(_) if Instant::now() < end => {
+                            std::thread::sleep(Duration::from_millis(100))
+                        }
+                        Err(_) => return false,
+                    }
+                }
+            };
+            assert!(
+                host_connects(8080, Duration::from_secs(5)),
+                "the host reaches the declared port"
+            );
+            assert!(
+                host_connects(9000, Duration::from_secs(5)),
+                "the host reaches the health-check port"
+            );
+            assert!(
+                !host_connects(7000, Duration::from_secs(2)),
+                "the host does not reach another port"
+            );
+            assert!(declared.recv_timeout(Duration::from_secs(5)).is_ok());
+            assert!(health.recv_timeout(Duration::from_secs(5)).is_ok());
+            assert!(other.try_recv().is_err());
 
             // Egress off: the outside is out of reach (the policy refills the base chains).
             network::apply_policy(&network::NetPolicy::default())

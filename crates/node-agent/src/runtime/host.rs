@@ -408,6 +408,7 @@ impl Host {
             owner,
             guest_mac: network::guest_mac(id.as_str()),
             ingress: network::ingress_ports(w.spec.network.ports.as_deref().unwrap_or_default()),
+            health_port: w.spec.health.as_ref().map(|h| h.port),
         };
         let detail = serde_json::json!({
             "ipv6": ipv6.to_string(),
