@@ -25,14 +25,16 @@
 //!   QEMU process), and traffic flows;
 //! - (f) egress (`[network] egress = "nat"`, `uplink` the veth to the outside,
 //!   `overlay_prefix = "fd00::/16"`): `ov-client` reaches an HTTP server in the outside
-//!   namespace, which sees host A's uplink address, not the guest's.
+//!   namespace, which sees host A's uplink address, not the guest's; its flow to host
+//!   B's overlay address goes through the overlay with the guest's own address.
 //!
 //! The test sets no forwarding sysctl: agent A turns IPv6 forwarding on itself (egress
 //! on, overlay interface up).
 //!
 //! Needs root, QEMU, `wireguard-go` and what the conformance lab needs (registry,
 //! kernel, guest init); skips without them, fails under `PLFM_REQUIRE_SYSTEM_TESTS=1`.
-//! Prints `TIMING` lines.
+//! The labs' data dirs are under `TMPDIR`, where the qemu runtime keeps 5 % of the file
+//! system free (on a fuller disk: `TMPDIR=/dev/shm`). Prints `TIMING` and `COUNT` lines.
 #![cfg(target_os = "linux")]
 
 mod common;
