@@ -22,10 +22,12 @@
 //! without them, fails under `PLFM_REQUIRE_SYSTEM_TESTS=1`.
 
 mod common;
+#[path = "support/overlay.rs"]
+mod overlay;
 #[path = "support/vm_host.rs"]
 mod vm_host;
 
-use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +39,7 @@ use base64::Engine as _;
 use common::agent::{mock_agent_dir, AgentProcess, BIN};
 use common::gate::skip_or_fail;
 use common::wait::poll_until;
+use overlay::{connects, overlay_where, wireguard_go_pid};
 use serde_json::{json, Value};
 
 const NETNS_ENV: &str = "PLFM_OVERLAY_AGENT_TEST_NETNS";
@@ -48,29 +51,6 @@ const UNDERLAY_B: &str = "169.254.99.2";
 fn sh(args: &[&str]) {
     let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
     assert!(st.success(), "{args:?}: {st}");
-}
-
-/// Connects to `addr` within `within`, retrying (a handshake takes a moment).
-fn connects(addr: SocketAddr, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-/// The pid of the process serving the UAPI socket of `iface` (its `SO_PEERCRED`), when
-/// it is a `wireguard-go` for that interface.
-fn wireguard_go_pid(iface: &str) -> Option<i32> {
-    let sock = Path::new("/var/run/wireguard").join(format!("{iface}.sock"));
-    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
-    let cmd = std::fs::read(format!("/proc/{}/cmdline", cred.pid())).ok()?;
-    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-    (cmd.contains("wireguard-go") && cmd.contains(iface)).then_some(cred.pid())
 }
 
 /// One host: its agent's directory and launcher.
@@ -118,52 +98,26 @@ impl Host {
 
     /// The public key derived from the key file, as `wg pubkey` would print it.
     fn derived_public_key(&self) -> String {
-        let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
-            .decode(self.key_text())
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let secret = x25519_dalek::StaticSecret::from(bytes);
-        base64::engine::general_purpose::STANDARD
-            .encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+        overlay::public_key_of(&self.dir.path().join("data/overlay/private.key"))
     }
 
     /// Writes `overlay.json` atomically (a reader never sees half of it).
     fn write_overlay(&self, doc: &Value) {
-        let dir = self.dir.path().join("desired");
-        let tmp = dir.join(".overlay.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
-        std::fs::rename(&tmp, dir.join("overlay.json")).unwrap();
-    }
-}
-
-fn overlay_json(agent: &AgentProcess) -> Result<Value, String> {
-    agent.assert_running();
-    let out = agent.cli(&["overlay", "--json"]);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-}
-
-/// Probe: `overlay --json` once `cond` holds for it.
-fn overlay_where(agent: &AgentProcess, cond: impl Fn(&Value) -> bool) -> Result<Value, String> {
-    match overlay_json(agent) {
-        Ok(v) if cond(&v) => Ok(v),
-        Ok(v) => Err(format!("overlay --json: {v:#}\n{}", agent.diagnostics())),
-        Err(e) => Err(format!("{e}\n{}", agent.diagnostics())),
+        overlay::write_overlay(&self.dir.path().join("desired"), doc);
     }
 }
 
 fn doc(generation: i64, me: &str, peer: Option<(&str, &str, &str, &str)>) -> Value {
-    let peers = match peer {
-        Some((node, key, ip, endpoint)) => json!([{
-            "node_id": node, "public_key": key, "endpoint": format!("{endpoint}:51820"),
-            "allowed_ips": [format!("{ip}/128")], "keepalive_secs": 1
-        }]),
-        None => json!([]),
-    };
-    json!({"generation": generation, "node": {"overlay_ipv6": me, "listen_port": 51820, "mtu": 1420}, "peers": peers})
+    let peers: Vec<overlay::Peer> = peer
+        .into_iter()
+        .map(|(node_id, public_key, ip, endpoint)| overlay::Peer {
+            node_id: node_id.to_string(),
+            public_key: public_key.to_string(),
+            endpoint: format!("{endpoint}:51820"),
+            allowed_ips: vec![format!("{ip}/128")],
+        })
+        .collect();
+    overlay::overlay_doc(generation, me, &peers)
 }
 
 struct Cleanup {
@@ -174,13 +128,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for i in &self.ifaces {
-            if let Some(pid) = wireguard_go_pid(i) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = std::fs::remove_file(Path::new("/var/run/wireguard").join(format!("{i}.sock")));
+            overlay::kill_wireguard_go(i);
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }

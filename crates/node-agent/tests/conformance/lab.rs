@@ -331,6 +331,8 @@ pub struct Lab {
     runtime_extra: Mutex<String>,
     /// An `[exec]` table replacing the lab's own ([`Lab::exec_config`]).
     exec_table: Mutex<Option<String>>,
+    /// Top-level tables appended to the config ([`Lab::config_tables`]).
+    extra_tables: Mutex<String>,
     /// The exec gateway port (plaintext from 127.0.0.1 unless [`Lab::exec_config`]).
     pub exec_port: u16,
     agent: Mutex<Option<Arc<AgentProcess>>>,
@@ -364,7 +366,7 @@ impl Lab {
         };
         let lab = cell.get_or_init(|| {
             prerequisites(kind)?;
-            let lab = Lab::build(kind, true)?;
+            let lab = Lab::build(kind, true, None)?;
             lab.start(&[]);
             // SAFETY: registers a plain extern "C" function.
             unsafe { libc::atexit(teardown_shared_labs) };
@@ -386,7 +388,7 @@ impl Lab {
 
     /// A lab of this test's own (its agent is not started yet: [`Lab::start`]).
     pub fn own(kind: Kind) -> Option<Lab> {
-        match prerequisites(kind).and_then(|()| Lab::build(kind, false)) {
+        match prerequisites(kind).and_then(|()| Lab::build(kind, false, None)) {
             Ok(lab) => Some(lab),
             Err(why) => {
                 skip_or_fail(&why);
@@ -395,7 +397,31 @@ impl Lab {
         }
     }
 
-    fn build(kind: Kind, shared: bool) -> Result<Lab, String> {
+    /// As [`Lab::own`], in the existing network namespace `netns` (a file such as
+    /// `/run/netns/<name>`, made by the test: a "host" it wires to others) instead of a
+    /// fresh one. The calling thread joins it.
+    pub fn own_in(kind: Kind, netns: &Path) -> Option<Lab> {
+        assert!(kind.has_network(), "a {} lab has no network", kind.name());
+        let ns = File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+        enter_netns(&ns);
+        match prerequisites(kind).and_then(|()| Lab::build(kind, false, Some(ns))) {
+            Ok(lab) => Some(lab),
+            Err(why) => {
+                skip_or_fail(&why);
+                None
+            }
+        }
+    }
+
+    /// Moves the calling thread into the lab's network namespace (processes it spawns
+    /// and sockets it opens from then on are the lab's).
+    pub fn enter(&self) {
+        if let Some(ns) = &self.netns {
+            enter_netns(ns);
+        }
+    }
+
+    fn build(kind: Kind, shared: bool, netns: Option<File>) -> Result<Lab, String> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("conf-{}-", kind.name()))
             .tempdir()
@@ -406,7 +432,10 @@ impl Lab {
         std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .map_err(|e| e.to_string())?;
         std::fs::create_dir_all(root.join("desired/secrets")).map_err(|e| e.to_string())?;
-        let netns = kind.has_network().then(new_thread_netns);
+        let netns = match netns {
+            Some(ns) => Some(ns),
+            None => kind.has_network().then(new_thread_netns),
+        };
         let (registry, image, user_image) = if kind.has_network() {
             let registry = Registry::start();
             let (layers, config) = busybox_image();
@@ -456,6 +485,7 @@ impl Lab {
             mock_stop_ms: Mutex::new(50),
             runtime_extra: Mutex::new(String::new()),
             exec_table: Mutex::new(None),
+            extra_tables: Mutex::new(String::new()),
             exec_port: crate::common::free_port(),
             agent: Mutex::new(None),
             shared,
@@ -539,12 +569,14 @@ rescan_interval_ms = 200
 boot_timeout_seconds = 170
 reconcile_interval_ms = 200
 {exec}
-{runtime}"#,
+{runtime}
+{tables}"#,
             kind = self.kind.name(),
             exec = lock(&self.exec_table).clone().unwrap_or_else(|| format!(
                 "[exec]\nlisten = \"127.0.0.1:{}\"\nallow_plaintext_from = [\"127.0.0.1\"]",
                 self.exec_port
             )),
+            tables = lock(&self.extra_tables).clone(),
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }
@@ -562,8 +594,10 @@ reconcile_interval_ms = 200
         }
     }
 
-    /// Starts the agent without waiting for its API.
+    /// Starts the agent without waiting for its API (in the lab's network namespace:
+    /// the calling thread joins it).
     pub fn spawn(&self, env: &[(&str, &str)]) {
+        self.enter();
         self.write_config();
         let root = self.root.clone();
         let agent =
@@ -896,6 +930,14 @@ reconcile_interval_ms = 200
     /// Replaces the lab's `[exec]` table (before start); `{port}` is [`Lab::exec_port`].
     pub fn exec_config(&self, table: &str) {
         *lock(&self.exec_table) = Some(table.replace("{port}", &self.exec_port.to_string()));
+    }
+
+    /// Appends top-level tables (`[overlay]`, `[network]`…) to the agent's config
+    /// (before [`Lab::start`]).
+    pub fn config_tables(&self, toml: &str) {
+        let mut t = lock(&self.extra_tables);
+        t.push('\n');
+        t.push_str(toml);
     }
 
     /// Adds lines to the `[runtime.qemu]` table of the agent's config (before start).
