@@ -159,24 +159,13 @@ fn ifindex(iface: &str) -> u32 {
     nix::net::if_::if_nametoindex(iface).unwrap_or_else(|e| panic!("{iface}: {e}"))
 }
 
-/// The overlay interfaces are named `ovwga<pid>` and `ovwgb<pid>`: not `plfm…`, see
-/// the next test.
+/// The overlay interfaces are named like the default `plfm-wg0` (`plfm-wga<pid>`,
+/// `plfm-wgb<pid>`): they match the taps' wildcard `plfm*`, which the nftables rules
+/// must not take for a tap. (With the rules that did, host B's own connection into the
+/// overlay was dropped by B's `output` chain as a host connection to a tap, and a
+/// guest's flow to the overlay by the forward chain's drop "to taps".)
 #[test]
 fn vms_reach_each_other_over_the_overlay_on_declared_ports_only() {
-    scenario("v", "ovwg");
-}
-
-/// The same with the overlay interfaces named like the default `plfm-wg0`
-/// (`plfm-wga<pid>`). It fails: the nftables rules of `network.rs` match taps as
-/// `iifname`/`oifname "plfm*"`, which matches the overlay interface too. On main as
-/// merged here (0c4cd49) it fails at the first step: host B's own connection into the
-/// overlay is taken for a host connection to a tap and dropped by B's `output` chain.
-/// Before that commit it got as far as the guest's flow to host B, which the forward
-/// chain's drop "to taps" took before the overlay accept (and the receiving host's
-/// `input` treats the overlay as a tap). Run it with `--ignored` once that is fixed.
-#[test]
-#[ignore = "fails until network.rs stops matching the overlay interface plfm-wg* as a tap (plfm*)"]
-fn vms_reach_each_other_over_an_overlay_interface_named_like_the_default() {
     scenario("d", "plfm-wg");
 }
 
