@@ -447,3 +447,76 @@ fn cli_pull_shows_each_layer_and_stage_as_lines_off_a_terminal_and_as_bars_on_on
         "plain lines on a terminal:\n{screen}"
     );
 }
+
+#[test]
+fn a_redeploy_reuses_the_base_layers_and_eviction_keeps_what_another_image_shares() {
+    if !prerequisites(
+        "a_redeploy_reuses_the_base_layers_and_eviction_keeps_what_another_image_shares",
+    ) {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let base = [
+        Layer::new().file("usr/lib/base1", &[1u8; 100_000]).tar_gz(),
+        Layer::new().file("usr/lib/base2", &[2u8; 100_000]).tar_gz(),
+    ];
+    let release = |top: &str| -> Vec<(Vec<u8>, &'static str)> {
+        let mut v: Vec<(Vec<u8>, &'static str)> = base.iter().map(|l| (l.clone(), GZIP)).collect();
+        v.push((
+            Layer::new()
+                .file("srv/app", top.as_bytes())
+                .whiteout("usr/lib/base1")
+                .tar_gz(),
+            GZIP,
+        ));
+        v
+    };
+    let config = config_json(&[], &["sh"], &[]);
+    let r1 = rt.block_on(reg.push("app", &release("v1"), &config));
+    let r2 = rt.block_on(reg.push("app", &release("v2"), &config));
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let blob_gets = || reg.gets("/blobs/sha256:");
+
+    let (d1, t1) = rt.block_on(svc.ensure(&r1)).unwrap();
+    assert_eq!((t1.layers_built, t1.layers_reused), (3, 0));
+    let gets_r1 = blob_gets();
+    assert!(gets_r1 >= 4, "config and three layers: {gets_r1}");
+    let builds_r1 = svc.metrics().layer_builds.get();
+    assert_eq!(builds_r1, 3);
+
+    // The next release: only its top layer is downloaded, unpacked and built.
+    let (d2, t2) = rt.block_on(svc.ensure(&r2)).unwrap();
+    assert_eq!((t2.layers_built, t2.layers_reused), (1, 2));
+    assert_eq!(
+        svc.metrics().layer_builds.get(),
+        builds_r1 + 1,
+        "one unpack"
+    );
+    assert_eq!(svc.metrics().layer_downloads.get(), 3 + 1, "one download");
+    assert_eq!(
+        blob_gets() - gets_r1,
+        2,
+        "the config and the new top layer only"
+    );
+    assert_eq!(
+        d2.layers[..2],
+        d1.layers[..2],
+        "the base disks are the same files"
+    );
+    assert_ne!(d2.layers[2], d1.layers[2]);
+    let t = merged(&d2.layers);
+    assert_eq!(names(&t.path().join("usr/lib")), vec!["base2"]);
+    assert_eq!(std::fs::read(t.path().join("srv/app")).unwrap(), b"v2");
+
+    // Release 1 is evicted; release 2 is pinned and keeps the shared base.
+    rt.block_on(svc.ensure_root_disk(&r2, "inst")).unwrap();
+    let report = svc.gc_unreferenced().unwrap();
+    assert_eq!(report.evicted, vec![r1.digest.to_string()]);
+    assert!(!d1.layers[2].exists(), "release 1's own top layer is freed");
+    assert!(d2.layers.iter().all(|l| l.exists()), "release 2 is whole");
+    let again = rt.block_on(svc.ensure(&r2)).unwrap();
+    assert!(again.1.cache_hit);
+    assert_eq!(again.0, d2);
+}

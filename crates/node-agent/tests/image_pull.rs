@@ -70,26 +70,42 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
 
     assert!(disk.path.starts_with(data.path().join("images")));
     assert_eq!(disk.digest, image.digest);
-    assert!(disk.size_bytes >= 512 << 20);
+    // One read-only disk per layer, bottom first.
+    assert_eq!(disk.layers.len(), 2);
+    assert_eq!(disk.path, disk.layers[0]);
+    let sizes: u64 = disk
+        .layers
+        .iter()
+        .map(|l| std::fs::metadata(l).unwrap().len())
+        .sum();
+    assert_eq!(sizes, disk.size_bytes);
+
+    // Each file system is clean.
+    for l in &disk.layers {
+        let fsck = std::process::Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(l)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+    }
+
+    // The top layer keeps its whiteout and opaque marker for the overlay.
     assert_eq!(
-        std::fs::metadata(&disk.path).unwrap().len(),
-        disk.size_bytes
+        overlay_marks(&disk.layers[1]),
+        (
+            vec!["etc/motd".to_string()],
+            vec!["var/cache/app".to_string()]
+        )
     );
+    assert_eq!(overlay_marks(&disk.layers[0]), (vec![], vec![]));
 
-    // The file system is clean.
-    let fsck = std::process::Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk.path)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-
-    // Tree, whiteouts, opaque dir, devices dropped.
-    let t = dump(&disk.path);
+    // The merged tree: whiteouts, opaque dir, devices dropped.
+    let t = merged(&disk.layers);
     let root = t.path();
     assert_eq!(
         names(&root.join("etc")),
@@ -106,7 +122,7 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
         std::fs::read("/bin/busybox").unwrap()
     );
     // Modes and ownership.
-    let st = |p: &str| stat(&disk.path, p);
+    let st = |p: &str| stat_in(&disk.layers, p);
     assert_eq!(st("/tmp"), (0o1777, 0, 0));
     assert_eq!(st("/bin/suid"), (0o4755, 0, 0));
     assert_eq!(st("/etc/secret"), (0o600, 1000, 1000));
@@ -156,8 +172,11 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
     // Blobs are dropped after the build (keep_blobs = false), tmp is empty.
     assert!(names(&data.path().join("images/tmp")).is_empty());
     assert!(names(&data.path().join("images/blobs/sha256")).is_empty());
-    // Metadata file next to the disk.
-    let meta = disk.path.with_extension("json");
+    // The image's metadata file.
+    let meta = data.path().join(format!(
+        "images/disks/sha256/{}.v2.json",
+        image.digest.hex()
+    ));
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
     assert_eq!(meta["digest"], image.digest.as_str());
 }
@@ -203,14 +222,21 @@ fn the_same_digest_yields_a_byte_identical_disk() {
         )
         .unwrap();
     // `cmp` rather than hashing here: sha2 in a debug build needs a minute per GiB.
-    let same = std::process::Command::new("cmp")
-        .arg("-s")
-        .arg(&disk_a.path)
-        .arg(&disk_b.path)
-        .status()
-        .unwrap();
-    assert!(same.success(), "disks of the same digest differ");
-    assert_ne!(disk_a.path, disk_b.path);
+    // Every layer disk, the one with the whiteout and opaque marks too.
+    assert_eq!(disk_a.layers.len(), disk_b.layers.len());
+    for (la, lb) in disk_a.layers.iter().zip(&disk_b.layers) {
+        let same = std::process::Command::new("cmp")
+            .arg("-s")
+            .arg(la)
+            .arg(lb)
+            .status()
+            .unwrap();
+        assert!(
+            same.success(),
+            "layer disks of the same digest differ: {la:?} {lb:?}"
+        );
+        assert_ne!(la, lb);
+    }
 }
 
 #[test]

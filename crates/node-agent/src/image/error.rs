@@ -117,6 +117,16 @@ pub enum ImageError {
         /// Why it was refused.
         why: String,
     },
+    /// A hard link in a layer points at a file of a lower layer: a per-layer disk
+    /// cannot hold it. The pipeline catches this and builds the image as one
+    /// flattened disk; it reaches a caller only if that is not possible either.
+    #[error("layer {layer}: hard link {path:?} points into a lower layer")]
+    HardLinkAcrossLayers {
+        /// Layer digest (shortened).
+        layer: String,
+        /// The link's path as found in the tar stream.
+        path: String,
+    },
     /// A layer could not be read or decoded (bad gzip/zstd/tar).
     #[error("layer {layer}: cannot read: {cause}")]
     LayerFormat {
@@ -218,6 +228,7 @@ impl ImageError {
             | ImageError::LimitExceeded { .. }
             | ImageError::PullIo { .. } => ReasonCode::ImagePullFailed,
             ImageError::UnsafeEntry { .. }
+            | ImageError::HardLinkAcrossLayers { .. }
             | ImageError::LayerFormat { .. }
             | ImageError::NoSpace { .. }
             | ImageError::Tool { .. }
@@ -240,6 +251,7 @@ impl ImageError {
             | ImageError::IndexNotAllowed { .. }
             | ImageError::BadManifest { .. }
             | ImageError::UnsafeEntry { .. }
+            | ImageError::HardLinkAcrossLayers { .. }
             | ImageError::LayerFormat { .. } => true,
             ImageError::LimitExceeded { limit, .. } => {
                 !matches!(*limit, "image_timeout_secs" | "layer_timeout_secs")

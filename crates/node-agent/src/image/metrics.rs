@@ -25,6 +25,12 @@ pub struct ImageMetrics {
     pub build_seconds: Counter<f64, AtomicU64>,
     /// Completed builds.
     pub builds: Counter,
+    /// Layer blobs downloaded (a blob already in the blob store is not counted).
+    pub layer_downloads: Counter,
+    /// Layer disks built (each one unpack of its layers).
+    pub layer_builds: Counter,
+    /// Layer disks found in the cache for a new image instead of built again.
+    pub layer_reuses: Counter,
 }
 
 impl ImageMetrics {
@@ -63,6 +69,21 @@ impl ImageMetrics {
             self.build_seconds.clone(),
         );
         r.register("builds", "Root disk builds completed", self.builds.clone());
+        r.register(
+            "layer_downloads",
+            "Layer blobs downloaded",
+            self.layer_downloads.clone(),
+        );
+        r.register(
+            "layer_builds",
+            "Layer disks built (one unpack each)",
+            self.layer_builds.clone(),
+        );
+        r.register(
+            "layer_reuses",
+            "Layer disks reused from the cache by a new image",
+            self.layer_reuses.clone(),
+        );
     }
 }
 

@@ -10,11 +10,24 @@
 //! `image_cache` and `image_refs` in `<data_dir>/state.db`. It must not touch other
 //! tables, mount anything, use loop devices, or write outside `<data_dir>/images/`.
 //!
+//! An image becomes a *stack of layer disks*, bottom first: one read-only ext4 disk
+//! per layer, in overlayfs' format (whiteouts as character devices 0:0, opaque
+//! directories marked), which guest init stacks under its overlay root. A layer disk
+//! is keyed by its blob digest and shared by every image that has the layer, so a
+//! new release that changes only its top layer downloads, unpacks and builds only
+//! that layer. Images of more than [`MAX_LAYER_DISKS`] layers get their bottom layers
+//! merged into one disk; an image whose hard links cross layers gets one disk of all
+//! its layers (a disk cannot link into another). Both choices depend only on the
+//! image's content, so the same digest always gives the same disks.
+//!
 //! Flow of one request: pin the digest for the instance → cache hit? return → a
 //! content failure of this image still in its backoff ([`failures`])? return it → else
 //! join or start the single flight for that digest (one per digest per process, and a
-//! `flock` per digest across processes) → pull (verify while streaming) → unpack
-//! into `tmp/` → `mkfs.ext4 -d` → rename → record → evict above the high-water mark.
+//! `flock` per digest across processes) → fetch and verify manifest and config →
+//! plan the layer disks and lock them (sorted, so flights never deadlock) → for each
+//! disk not cached, in parallel: download its blobs (verified while streaming), then,
+//! on one of the machine's cores, unpack into `tmp/` → `mkfs.ext4 -d` → rename →
+//! record → record the image → evict above the high-water mark.
 //! Errors are [`ImageError`]; [`ImageError::reason`] gives the reason code.
 
 pub mod cli;
@@ -46,13 +59,20 @@ pub use metrics::ImageMetrics;
 pub use reference::{Digest, ImageRef, SpecImage};
 pub use store::CachedImage;
 
-use store::{CacheDb, CachePaths, DigestLock, DiskMeta, TempPath};
+use store::{CacheDb, CachePaths, DigestLock, DiskMeta, LayerDisk, TempPath};
+
+/// Most layer disks one image is made of. Guest init stacks at most this many
+/// (`guest_protocol::MAX_ROOT_LAYERS`); an image with more layers gets its bottom
+/// layers merged into one disk.
+pub const MAX_LAYER_DISKS: usize = 16;
 
 /// A built root disk, ready to attach read-only as `vda`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RootDisk {
-    /// The ext4 image file.
+    /// The bottom layer disk (`layers[0]`).
     pub path: PathBuf,
+    /// The layer disks to stack, bottom first; never empty.
+    pub layers: Vec<PathBuf>,
     /// The manifest digest it was built from.
     pub digest: Digest,
     /// Apparent size of the disk in bytes.
@@ -77,6 +97,10 @@ pub struct Timings {
     pub total: Duration,
     /// Compressed bytes downloaded.
     pub downloaded_bytes: u64,
+    /// Layer disks found in the cache (shared with other images).
+    pub layers_reused: usize,
+    /// Layer disks built by this call.
+    pub layers_built: usize,
 }
 
 /// What [`ImageService::gc`] removed.
@@ -280,23 +304,31 @@ impl ImageService {
         }
     }
 
-    /// A cached disk whose file still exists.
+    /// A cached image whose layer disks all still exist.
     fn lookup(&self, digest: &Digest) -> Result<Option<RootDisk>, ImageError> {
         let db = self.db();
-        match db.lookup_and_touch(digest)? {
-            Some((path, meta)) if path.is_file() => Ok(Some(RootDisk {
-                path,
-                digest: digest.clone(),
-                size_bytes: meta.size_bytes,
-                config: meta.defaults,
-            })),
-            Some(_) => {
-                // The file vanished behind our back: forget it and rebuild.
-                db.remove(digest.as_str())?;
-                Ok(None)
-            }
-            None => Ok(None),
+        let Some((_, meta)) = db.lookup_and_touch(digest)? else {
+            return Ok(None);
+        };
+        let layers = db.image_layers(digest.as_str())?;
+        let named = db.image_layer_count(digest.as_str())?;
+        if layers.is_empty()
+            || layers.len() as u64 != named
+            || layers.iter().any(|l| !l.path.is_file())
+        {
+            // A layer disk vanished behind our back: forget the image and rebuild
+            // (reusing the layer disks that are left).
+            db.remove(digest.as_str())?;
+            return Ok(None);
         }
+        let paths: Vec<PathBuf> = layers.into_iter().map(|l| l.path).collect();
+        Ok(Some(RootDisk {
+            path: paths[0].clone(),
+            layers: paths,
+            digest: digest.clone(),
+            size_bytes: meta.size_bytes,
+            config: meta.defaults,
+        }))
     }
 
     async fn build_flight(
@@ -340,34 +372,78 @@ impl ImageService {
             ));
         }
         let t0 = Instant::now();
-        let pulled = tokio::time::timeout_at(
+        let blobs = self.inner.paths.blobs.clone();
+        let session = tokio::time::timeout_at(
             deadline.into(),
-            pull::pull_image(
-                &self.inner.config,
-                image,
-                pull::PullDirs {
-                    blobs: &self.inner.paths.blobs,
-                    tmp: &self.inner.paths.tmp,
-                },
-                &self.inner.metrics,
-                progress.as_deref(),
-            ),
+            pull::open(&self.inner.config, image, &blobs),
         )
         .await
         .map_err(|_| timeout_err())??;
-        let pull_time = t0.elapsed();
-        let downloaded_bytes = pulled.downloaded_bytes;
+        let defaults = ImageDefaults::from_config_json(&session.config_json).map_err(|why| {
+            ImageError::BadManifest {
+                digest: image.digest.short(),
+                repository: image.repository_url(),
+                why: format!("image config: {why}"),
+            }
+        })?;
+        let session = Arc::new(session);
+        let mut flat = false;
+        let (layers, mut timings, run_locks) = loop {
+            let runs = plan_runs(&session.layers, flat);
+            let r = tokio::time::timeout_at(
+                deadline.into(),
+                self.build_runs(&session, &runs, deadline, progress.clone(), t0),
+            )
+            .await
+            .map_err(|_| timeout_err())?;
+            match r {
+                Err(ImageError::HardLinkAcrossLayers { layer, path }) if !flat => {
+                    tracing::info!(
+                        image = %image.pinned(),
+                        layer = %layer,
+                        link = %path,
+                        "a hard link crosses layers: building the image as one disk"
+                    );
+                    flat = true;
+                }
+                r => break r?,
+            }
+        };
+        session.finished(&self.inner.metrics);
+        let meta = DiskMeta {
+            digest: image.digest.to_string(),
+            format_version: rootfs::FORMAT_VERSION,
+            source: image.repository_url(),
+            size_bytes: layers.iter().map(|l| l.size_bytes).sum(),
+            allocated_bytes: layers.iter().map(|l| l.allocated_bytes).sum(),
+            created_ms: store::now_ms(),
+            defaults: defaults.clone(),
+        };
         let svc = self.clone();
-        let img = image.clone();
-        let (disk, unpack_time, mkfs_time) = tokio::task::spawn_blocking(move || {
-            let r = svc.build_disk(&img, &pulled, deadline, progress.as_deref());
+        let (m, ls) = (meta.clone(), layers.clone());
+        let paths_for_meta = self.inner.paths.clone();
+        let digest = image.digest.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+            let meta_tmp =
+                paths_for_meta
+                    .tmp
+                    .join(format!("{}.meta-{}", digest.hex(), store::unique()));
+            let body = serde_json::to_vec_pretty(&m).unwrap_or_default();
+            write_synced(&meta_tmp, &body)?;
+            let final_meta = paths_for_meta.disk_meta(&digest);
+            std::fs::rename(&meta_tmp, &final_meta)
+                .map_err(|e| ImageError::build_io("rename into", &final_meta, e))?;
+            store::fsync_dir(&paths_for_meta.disks)
+                .map_err(|e| ImageError::build_io("fsync", &paths_for_meta.disks, e))?;
+            svc.db().insert_image(&m, &ls)?;
+            drop(run_locks);
             if !svc.inner.config.keep_blobs {
-                for l in &pulled.layers {
+                for l in &session.layers {
                     let _ = std::fs::remove_file(&l.path);
                 }
             }
             drop(lock);
-            r
+            Ok(())
         })
         .await
         .map_err(|e| ImageError::Tool {
@@ -375,55 +451,190 @@ impl ImageService {
             what: format!("root disk of {}", image.digest.short()),
             cause: e.to_string(),
         })??;
+        if let Some(p) = &progress {
+            p.advance(progress::Stage::Done);
+        }
         self.inner.metrics.builds.inc();
         self.inner
             .metrics
             .build_seconds
-            .inc_by((unpack_time + mkfs_time).as_secs_f64());
+            .inc_by((timings.unpack + timings.mkfs).as_secs_f64());
         if let Err(e) = self.gc() {
             tracing::warn!(error = %e, "image cache eviction failed");
         }
+        let paths: Vec<PathBuf> = layers.into_iter().map(|l| l.path).collect();
+        timings.cache_hit = false;
         Ok((
-            disk,
-            Timings {
-                cache_hit: false,
-                pull: pull_time,
-                unpack: unpack_time,
-                mkfs: mkfs_time,
-                total: Duration::ZERO,
-                downloaded_bytes,
+            RootDisk {
+                path: paths[0].clone(),
+                layers: paths,
+                digest: image.digest.clone(),
+                size_bytes: meta.size_bytes,
+                config: defaults,
             },
+            timings,
         ))
     }
 
-    /// Unpacks and builds; runs on a blocking thread with the digest lock held.
-    fn build_disk(
+    /// Locks the layer disks of `runs` (sorted by key, so two flights never wait on
+    /// each other), reuses those cached, and for the others downloads their blobs
+    /// and builds them, each disk as soon as its own blobs are in, at most one build
+    /// per core. Returns the disks bottom first, with their locks: the caller holds
+    /// them until the image row names the disks, so eviction cannot take one first.
+    async fn build_runs(
         &self,
-        image: &ImageRef,
-        pulled: &pull::PulledImage,
+        session: &Arc<pull::Session>,
+        runs: &[Run],
         deadline: Instant,
-        progress: Option<&progress::PullProgress>,
-    ) -> Result<(RootDisk, Duration, Duration), ImageError> {
-        let stage = |s| {
-            if let Some(p) = progress {
-                p.advance(s)
+        progress: Option<Arc<progress::PullProgress>>,
+        t0: Instant,
+    ) -> Result<(Vec<LayerDisk>, Timings, Vec<DigestLock>), ImageError> {
+        let mut keys: Vec<String> = runs.iter().map(|r| r.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let paths = self.inner.paths.clone();
+        let locks = tokio::task::spawn_blocking(move || {
+            keys.iter()
+                .map(|k| DigestLock::acquire_key(&paths, k))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ImageError::State {
+            path: self.inner.paths.locks.clone(),
+            cause: e.to_string(),
+        })??;
+        let mut found: Vec<Option<LayerDisk>> = Vec::with_capacity(runs.len());
+        {
+            let mut db = self.db();
+            for r in runs {
+                match db.lookup_layer(&r.key)? {
+                    Some(d) if d.path.is_file() => found.push(Some(d)),
+                    Some(_) => {
+                        db.remove_layer(&r.key)?;
+                        found.push(None);
+                    }
+                    None => found.push(None),
+                }
             }
+        }
+        let mut wanted = vec![false; session.layers.len()];
+        for (r, f) in runs.iter().zip(&found) {
+            if f.is_none() {
+                wanted[r.start..r.end].iter_mut().for_each(|w| *w = true);
+            }
+        }
+        session.announce(&wanted, progress.as_deref());
+        let reused = found.iter().filter(|f| f.is_some()).count();
+        self.inner.metrics.layer_reuses.inc_by(reused as u64);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cpu = Arc::new(tokio::sync::Semaphore::new(cores));
+        let budget = Arc::new(unpack::SharedBudget::default());
+        let pulled_at = Arc::new(Mutex::new(t0));
+        let builds = runs
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(r, _)| {
+                let (svc, session, cpu, budget) =
+                    (self.clone(), session.clone(), cpu.clone(), budget.clone());
+                let (run, progress, pulled_at) = (r.clone(), progress.clone(), pulled_at.clone());
+                async move {
+                    let mut mask = vec![false; session.layers.len()];
+                    mask[run.start..run.end].iter_mut().for_each(|w| *w = true);
+                    let dirs = pull::PullDirs {
+                        blobs: &svc.inner.paths.blobs,
+                        tmp: &svc.inner.paths.tmp,
+                    };
+                    let n = session
+                        .download(
+                            &svc.inner.config,
+                            &mask,
+                            dirs,
+                            &svc.inner.metrics,
+                            progress.as_deref(),
+                        )
+                        .await?;
+                    {
+                        let mut at = pulled_at.lock().unwrap_or_else(|p| p.into_inner());
+                        *at = (*at).max(Instant::now());
+                    }
+                    let _permit = cpu.acquire_owned().await.map_err(|e| ImageError::Tool {
+                        tool: "image build task",
+                        what: run.key.clone(),
+                        cause: e.to_string(),
+                    })?;
+                    let key = run.key.clone();
+                    let built = tokio::task::spawn_blocking(move || {
+                        svc.build_run(&session, &run, deadline, &budget, progress.as_deref())
+                    })
+                    .await
+                    .map_err(|e| ImageError::Tool {
+                        tool: "image build task",
+                        what: format!("layer disk {key}"),
+                        cause: e.to_string(),
+                    })??;
+                    Ok::<_, ImageError>((built, n))
+                }
+            });
+        // Every build ends (or fails) before this returns, so a failed flight leaves
+        // no work behind in `tmp/` and no build running under a released lock. The
+        // first failure in layer order is reported.
+        let built = futures_util::future::join_all(builds)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut timings = Timings {
+            layers_reused: reused,
+            layers_built: built.len(),
+            ..Default::default()
         };
-        stage(progress::Stage::Unpacking);
-        let paths = &self.inner.paths;
-        let digest = &image.digest;
-        let defaults = ImageDefaults::from_config_json(&pulled.config_json).map_err(|why| {
-            ImageError::BadManifest {
-                digest: digest.short(),
-                repository: image.repository_url(),
-                why: format!("image config: {why}"),
+        let mut built = built.into_iter();
+        let mut out = Vec::with_capacity(runs.len());
+        for f in found {
+            match f {
+                Some(d) => out.push(d),
+                None => {
+                    let Some(((d, unpack_t, mkfs_t), n)) = built.next() else {
+                        return Err(ImageError::Tool {
+                            tool: "image build task",
+                            what: "layer disks".into(),
+                            cause: "a build result is missing".into(),
+                        });
+                    };
+                    timings.downloaded_bytes += n;
+                    timings.unpack += unpack_t;
+                    timings.mkfs += mkfs_t;
+                    out.push(d);
+                }
             }
-        })?;
-        let work = TempPath::new(paths.tmp.join(format!(
-            "{}.build-{}",
-            digest.hex(),
-            store::unique()
-        )));
+        }
+        timings.pull = pulled_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .duration_since(t0);
+        Ok((out, timings, locks))
+    }
+
+    /// Unpacks one run of layers in overlay format and builds its disk; runs on a
+    /// blocking thread with the run's lock held. Returns the disk and the time spent
+    /// unpacking and building.
+    fn build_run(
+        &self,
+        session: &pull::Session,
+        run: &Run,
+        deadline: Instant,
+        budget: &Arc<unpack::SharedBudget>,
+        progress: Option<&progress::PullProgress>,
+    ) -> Result<(LayerDisk, Duration, Duration), ImageError> {
+        if let Some(p) = progress {
+            p.advance(progress::Stage::Unpacking);
+        }
+        let paths = &self.inner.paths;
+        let work = TempPath::new(
+            paths
+                .tmp
+                .join(format!("{}.build-{}", run.key, store::unique())),
+        );
         let tree = work.path().join("tree");
         std::fs::create_dir_all(&tree).map_err(|e| ImageError::build_io("create", &tree, e))?;
         let t0 = Instant::now();
@@ -431,8 +642,10 @@ impl ImageService {
         let mut unpacker = unpack::Unpacker::with_limits(
             &tree,
             unpack::UnpackLimits::from_config(&self.inner.config, deadline),
-        )?;
-        for layer in &pulled.layers {
+        )?
+        .overlay_format()
+        .shared_budget(budget.clone());
+        for layer in &session.layers[run.start..run.end] {
             let f = std::fs::File::open(&layer.path)
                 .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
             unpacker.apply_layer(
@@ -444,13 +657,28 @@ impl ImageService {
                 p.layer_unpacked();
             }
         }
-        let stats = unpacker.finish()?;
+        let (stats, marks) = unpacker.finish_with_marks()?;
         let unpack_time = t0.elapsed();
-        tracing::debug!(digest = %digest, ?stats, "layers unpacked");
+        tracing::debug!(layer_disk = %run.key, ?stats, "layers unpacked");
         let t1 = Instant::now();
-        stage(progress::Stage::Mkfs);
+        if let Some(p) = progress {
+            p.advance(progress::Stage::Mkfs);
+        }
         let tmp_disk = work.path().join("disk.ext4");
-        let size = rootfs::build_ext4(&tree, &tmp_disk, digest, work.path(), deadline)?;
+        let seed = Digest::parse(&format!("sha256:{}", run.key)).map_err(|_| ImageError::Tool {
+            tool: "image build task",
+            what: format!("layer disk {}", run.key),
+            cause: "key is not a sha256 hex digest".into(),
+        })?;
+        let size = rootfs::build_ext4(
+            &tree,
+            &tmp_disk,
+            &seed,
+            work.path(),
+            deadline,
+            rootfs::DiskKind::Layer,
+            &marks,
+        )?;
         // The tree is no longer needed; free its space before the rename.
         let _ = std::fs::remove_dir_all(&tree);
         let allocated = {
@@ -459,40 +687,21 @@ impl ImageService {
                 .map(|m| m.blocks() * 512)
                 .map_err(|e| ImageError::build_io("stat", &tmp_disk, e))?
         };
-        let meta = DiskMeta {
-            digest: digest.to_string(),
-            format_version: rootfs::FORMAT_VERSION,
-            source: image.repository_url(),
-            size_bytes: size,
-            allocated_bytes: allocated,
-            created_ms: store::now_ms(),
-            defaults: defaults.clone(),
-        };
-        let final_disk = paths.disk(digest);
+        let final_disk = paths.layer_disk(&run.key);
         std::fs::rename(&tmp_disk, &final_disk)
             .map_err(|e| ImageError::build_io("rename into", &final_disk, e))?;
-        let meta_tmp = work.path().join("meta.json");
-        let body = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        write_synced(&meta_tmp, &body)?;
-        let final_meta = paths.disk_meta(digest);
-        std::fs::rename(&meta_tmp, &final_meta)
-            .map_err(|e| ImageError::build_io("rename into", &final_meta, e))?;
-        store::fsync_dir(&paths.disks)
-            .map_err(|e| ImageError::build_io("fsync", &paths.disks, e))?;
-        self.db().insert(&final_disk, &meta)?;
-        let mkfs_time = t1.elapsed();
-        stage(progress::Stage::Done);
+        store::fsync_dir(&paths.layers)
+            .map_err(|e| ImageError::build_io("fsync", &paths.layers, e))?;
+        let disk = LayerDisk {
+            key: run.key.clone(),
+            path: final_disk,
+            size_bytes: size,
+            allocated_bytes: allocated,
+        };
+        self.db().insert_layer(&disk)?;
+        self.inner.metrics.layer_builds.inc();
         drop(work);
-        Ok((
-            RootDisk {
-                path: final_disk,
-                digest: digest.clone(),
-                size_bytes: size,
-                config: defaults,
-            },
-            unpack_time,
-            mkfs_time,
-        ))
+        Ok((disk, unpack_time, t1.elapsed()))
     }
 
     /// Removes `instance_id`'s pin. The disk stays cached until evicted.
@@ -522,16 +731,25 @@ impl ImageService {
     }
 
     fn evict(&self, target: Option<u64>) -> Result<GcReport, ImageError> {
-        let victims = self.db().evict(target)?;
+        let ev = self.db().evict(&self.inner.paths, target)?;
         let mut report = GcReport::default();
-        for v in victims {
-            let Ok(d) = Digest::parse(&v.digest) else {
-                continue;
-            };
-            let _ = std::fs::remove_file(&v.path);
-            let _ = std::fs::remove_file(self.inner.paths.disk_meta(&d));
+        for (d, lock) in ev.layers {
+            let _ = std::fs::remove_file(&d.path);
+            report.freed_bytes += d.allocated_bytes;
+            drop(lock);
+        }
+        for f in ev.legacy_files {
+            let _ = std::fs::remove_file(&f);
+        }
+        for v in ev.images {
+            if let Ok(d) = Digest::parse(&v.digest) {
+                let _ = std::fs::remove_file(self.inner.paths.disk_meta(&d));
+            }
+            if v.path.parent() == Some(self.inner.paths.disks.as_path()) {
+                // An older format's flattened disk.
+                report.freed_bytes += v.allocated_bytes;
+            }
             self.inner.metrics.evictions.inc();
-            report.freed_bytes += v.allocated_bytes;
             report.evicted.push(v.digest);
         }
         Ok(report)
@@ -554,42 +772,92 @@ impl ImageService {
                 let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
             }
         }
-        // Rows whose disk is gone.
-        let rows = self.db().list()?;
-        for r in &rows {
-            if !r.path.is_file() {
-                self.db().remove(&r.digest)?;
+        // Layer disks whose file is gone: forget them and the images naming them.
+        let layers = self.db().layers()?;
+        for l in &layers {
+            if !l.path.is_file() {
+                self.db().remove_layer(&l.key)?;
             }
         }
-        // Disks without a row: adopt when the metadata is complete, else remove.
+        // Layer disk files without a row (a crash between rename and record): removed
+        // when nobody holds them; the next build makes them again.
         let known: std::collections::HashSet<PathBuf> =
-            self.db().list()?.into_iter().map(|r| r.path).collect();
-        for name in read_dir_names(&paths.disks)? {
-            let Some(hex) = name.strip_suffix(&format!(".v{}.ext4", rootfs::FORMAT_VERSION)) else {
-                continue;
-            };
-            let disk = paths.disks.join(&name);
+            self.db().layers()?.into_iter().map(|r| r.path).collect();
+        for name in read_dir_names(&paths.layers)? {
+            let disk = paths.layers.join(&name);
             if known.contains(&disk) {
                 continue;
             }
-            let Some(_lock) = DigestLock::try_acquire(paths, hex)? else {
+            let key = name.split('.').next().unwrap_or("").to_string();
+            if let Some(_lock) = DigestLock::try_acquire(paths, &key)? {
+                tracing::info!(path = %disk.display(), "removing a layer disk with no record");
+                let _ = std::fs::remove_file(&disk);
+            }
+        }
+        // Images of older formats whose flattened disk is gone, and flattened disks
+        // no row names.
+        let rows = self.db().list_all()?;
+        for r in &rows {
+            if r.path.parent() == Some(paths.disks.as_path()) && !r.path.is_file() {
+                self.db().remove_any_format(&r.digest, &r.path)?;
+            }
+        }
+        let named: std::collections::HashSet<PathBuf> =
+            self.db().list_all()?.into_iter().map(|r| r.path).collect();
+        for name in read_dir_names(&paths.disks)? {
+            let file = paths.disks.join(&name);
+            if !name.ends_with(".ext4") || named.contains(&file) {
                 continue;
-            };
-            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
-                continue;
-            };
-            let meta: Option<DiskMeta> = std::fs::read(paths.disk_meta(&digest))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            match meta {
-                Some(m) if m.digest == digest.as_str() => self.db().insert(&disk, &m)?,
-                _ => {
-                    let _ = std::fs::remove_file(&disk);
-                }
+            }
+            let hex = name.split('.').next().unwrap_or("").to_string();
+            if let Some(_lock) = DigestLock::try_acquire(paths, &hex)? {
+                let _ = std::fs::remove_file(&file);
             }
         }
         Ok(())
     }
+}
+
+/// One layer disk of an image: layers `start..end` (bottom-up indices), and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    start: usize,
+    end: usize,
+    key: String,
+}
+
+/// The layer disks of an image with these layers: one per layer, the bottom ones
+/// merged when there are more than [`MAX_LAYER_DISKS`], or one for all when `flat`.
+fn plan_runs(layers: &[pull::PulledLayer], flat: bool) -> Vec<Run> {
+    let n = layers.len();
+    let run = |start: usize, end: usize| Run {
+        start,
+        end,
+        key: run_key(&layers[start..end]),
+    };
+    if flat || n <= 1 {
+        return vec![run(0, n)];
+    }
+    let merged = n.saturating_sub(MAX_LAYER_DISKS - 1).max(1);
+    let mut runs = vec![run(0, merged)];
+    runs.extend((merged..n).map(|i| run(i, i + 1)));
+    runs
+}
+
+/// A single layer's disk is keyed by its blob's hex digest; a disk of several
+/// layers by the sha256 of their digests in order.
+fn run_key(layers: &[pull::PulledLayer]) -> String {
+    if let [one] = layers {
+        return one.digest.hex().to_string();
+    }
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"plfm-layer-run\n");
+    for l in layers {
+        h.update(l.digest.as_str().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
 }
 
 /// Removes a digest's entry from the in-flight map when dropped.

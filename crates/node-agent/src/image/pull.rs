@@ -85,6 +85,19 @@ fn auth_for(registry: &str, rc: Option<&RegistryConfig>) -> Result<RegistryAuth,
     Ok(RegistryAuth::Anonymous)
 }
 
+/// A connection to one image's repository, with the verified manifest and config.
+pub struct Session {
+    client: Arc<Client>,
+    reference: Reference,
+    repo: String,
+    started: Instant,
+    /// The image's layers, bottom-up (verified names, not yet downloaded).
+    pub layers: Vec<PulledLayer>,
+    descs: Vec<OciDescriptor>,
+    /// The image config document (verified).
+    pub config_json: Vec<u8>,
+}
+
 /// Pulls `image` into the blob store. Layers already verified in the store are not
 /// downloaded again.
 pub async fn pull_image(
@@ -94,6 +107,27 @@ pub async fn pull_image(
     metrics: &ImageMetrics,
     progress: Option<&super::progress::PullProgress>,
 ) -> Result<PulledImage, ImageError> {
+    let session = open(config, image, dirs.blobs).await?;
+    let wanted = vec![true; session.layers.len()];
+    session.announce(&wanted, progress);
+    let downloaded = session
+        .download(config, &wanted, dirs, metrics, progress)
+        .await?;
+    session.finished(metrics);
+    Ok(PulledImage {
+        layers: session.layers,
+        config_json: session.config_json,
+        downloaded_bytes: downloaded,
+    })
+}
+
+/// Fetches and verifies `image`'s manifest and config, within the limits. Nothing
+/// is written; the layers are named in [`Session::layers`].
+pub async fn open(
+    config: &ImageConfig,
+    image: &ImageRef,
+    blobs: &Path,
+) -> Result<Session, ImageError> {
     let started = Instant::now();
     let repo = image.repository_url();
     let reg_err =
@@ -188,8 +222,8 @@ pub async fn pull_image(
             detail: format!("not received within {} s", config.layer_timeout_secs),
         })??;
 
-    // Layers: streamed to disk in parallel, bounded.
-    let mut jobs = Vec::new();
+    let mut layers = Vec::new();
+    let mut descs = Vec::new();
     for desc in &manifest.layers {
         let digest = Digest::parse(&desc.digest)
             .map_err(|_| bad_manifest(image, "layer digest is not sha256"))?;
@@ -203,81 +237,121 @@ pub async fn pull_image(
                 ),
             )
         })?;
-        let path = dirs.blobs.join(digest.hex());
-        jobs.push((desc.clone(), digest, compression, path));
+        let path = blobs.join(digest.hex());
+        layers.push(PulledLayer {
+            digest,
+            compression,
+            path,
+            size: desc.size.max(0) as u64,
+        });
+        descs.push(desc.clone());
     }
-    if let Some(p) = progress {
-        p.set_layers(
-            jobs.iter()
-                .map(|(desc, digest, _, _)| (digest.short(), desc.size.max(0) as u64)),
-        );
-    }
-    let client = Arc::new(client);
-    // Each download owns its inputs: the futures run inside a spawned task.
-    let downloads: Vec<_> = jobs
-        .iter()
-        .enumerate()
-        .map(|(index, (desc, digest, _, path))| {
-            let (client, reference, repo) = (client.clone(), reference.clone(), repo.clone());
-            let (desc, digest, path) = (desc.clone(), digest.clone(), path.clone());
-            let tmp = dirs.tmp.to_path_buf();
-            let metrics = metrics.clone();
-            let timeout = config.layer_timeout();
-            async move {
-                let done = |cached| {
-                    if let Some(p) = progress {
-                        p.layer_done(index, cached);
-                    }
-                };
-                if path.is_file() {
-                    done(true);
-                    return Ok(0u64);
-                }
-                let counted = |n: u64| {
-                    if let Some(p) = progress {
-                        p.received(index, n);
-                    }
-                };
-                let job = download_blob(
-                    &client, &reference, &desc, &digest, &path, &tmp, &repo, &metrics, &counted,
-                );
-                match tokio::time::timeout(timeout, job).await {
-                    Ok(r) => {
-                        if r.is_ok() {
-                            done(false);
-                        }
-                        r
-                    }
-                    Err(_) => Err(ImageError::LimitExceeded {
-                        what: format!("blob {} from {repo}", digest.short()),
-                        limit: "layer_timeout_secs",
-                        detail: format!("not downloaded within {} s", timeout.as_secs()),
-                    }),
-                }
-            }
-        })
-        .collect();
-    let downloaded = futures_util::stream::iter(downloads)
-        .buffer_unordered(config.parallel_downloads)
-        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-        .await?;
-    fsync_dir(dirs.blobs).map_err(|e| ImageError::pull_io("fsync", dirs.blobs, e))?;
-
-    metrics.pull_seconds.inc_by(started.elapsed().as_secs_f64());
-    metrics.pulls.inc();
-    Ok(PulledImage {
-        layers: jobs
-            .into_iter()
-            .map(|(desc, digest, compression, path)| PulledLayer {
-                digest,
-                compression,
-                path,
-                size: desc.size.max(0) as u64,
-            })
-            .collect(),
+    Ok(Session {
+        client: Arc::new(client),
+        reference,
+        repo,
+        started,
+        layers,
+        descs,
         config_json,
-        downloaded_bytes: downloaded,
     })
+}
+
+impl Session {
+    /// Downloads the layers whose `wanted` entry is true (in parallel, bounded by
+    /// `parallel_downloads`, each within `layer_timeout_secs`) into the blob store,
+    /// verifying each. Returns the bytes downloaded (blobs already in the store are
+    /// not downloaded again).
+    pub async fn download(
+        &self,
+        config: &ImageConfig,
+        wanted: &[bool],
+        dirs: PullDirs<'_>,
+        metrics: &ImageMetrics,
+        progress: Option<&super::progress::PullProgress>,
+    ) -> Result<u64, ImageError> {
+        // (index in the image, descriptor, digest, blob path)
+        let jobs: Vec<(usize, OciDescriptor, Digest, PathBuf)> = self
+            .layers
+            .iter()
+            .zip(&self.descs)
+            .enumerate()
+            .filter(|(i, _)| wanted.get(*i).copied().unwrap_or(false))
+            .map(|(i, (l, d))| (i, d.clone(), l.digest.clone(), l.path.clone()))
+            .collect();
+        let (client, reference, repo) = (&self.client, &self.reference, &self.repo);
+        // Each download owns its inputs: the futures run inside a spawned task.
+        let downloads: Vec<_> = jobs
+            .iter()
+            .map(|(index, desc, digest, path)| {
+                let index = *index;
+                let (client, reference, repo) = (client.clone(), reference.clone(), repo.clone());
+                let (desc, digest, path) = (desc.clone(), digest.clone(), path.clone());
+                let tmp = dirs.tmp.to_path_buf();
+                let metrics = metrics.clone();
+                let timeout = config.layer_timeout();
+                async move {
+                    let done = |cached| {
+                        if let Some(p) = progress {
+                            p.layer_done(index, cached);
+                        }
+                    };
+                    if path.is_file() {
+                        done(true);
+                        return Ok(0u64);
+                    }
+                    let counted = |n: u64| {
+                        if let Some(p) = progress {
+                            p.received(index, n);
+                        }
+                    };
+                    let job = download_blob(
+                        &client, &reference, &desc, &digest, &path, &tmp, &repo, &metrics, &counted,
+                    );
+                    match tokio::time::timeout(timeout, job).await {
+                        Ok(r) => {
+                            if r.is_ok() {
+                                metrics.layer_downloads.inc();
+                                done(false);
+                            }
+                            r
+                        }
+                        Err(_) => Err(ImageError::LimitExceeded {
+                            what: format!("blob {} from {repo}", digest.short()),
+                            limit: "layer_timeout_secs",
+                            detail: format!("not downloaded within {} s", timeout.as_secs()),
+                        }),
+                    }
+                }
+            })
+            .collect();
+        let downloaded = futures_util::stream::iter(downloads)
+            .buffer_unordered(config.parallel_downloads)
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+            .await?;
+        fsync_dir(dirs.blobs).map_err(|e| ImageError::pull_io("fsync", dirs.blobs, e))?;
+        Ok(downloaded)
+    }
+
+    /// Shows every layer of the image in `progress`; those not `wanted` (their layer
+    /// disk is cached) at once as done from the cache.
+    pub fn announce(&self, wanted: &[bool], progress: Option<&super::progress::PullProgress>) {
+        let Some(p) = progress else { return };
+        p.set_layers(self.layers.iter().map(|l| (l.digest.short(), l.size)));
+        for (i, w) in wanted.iter().enumerate() {
+            if !w {
+                p.layer_done(i, true);
+            }
+        }
+    }
+
+    /// Counts a finished pull in the metrics.
+    pub fn finished(&self, metrics: &ImageMetrics) {
+        metrics
+            .pull_seconds
+            .inc_by(self.started.elapsed().as_secs_f64());
+        metrics.pulls.inc();
+    }
 }
 
 /// Whether a registry error is the path's (unreachable, broken off, 5xx, 429, 408) and

@@ -21,17 +21,21 @@ use std::time::{Duration, Instant};
 
 use super::error::ImageError;
 use super::reference::Digest;
+use super::unpack::OverlayMarks;
 
 /// Version of the disk layout produced here; part of the cache key. Bump it when any
 /// option below changes, so old disks are rebuilt rather than reused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Time stamped on everything the tools would otherwise take from the clock.
 const FAKE_TIME: i64 = 1;
 
 const MIB: u64 = 1 << 20;
-/// Smallest root disk (DESIGN §7).
+/// Smallest flattened root disk (DESIGN §7).
 pub const MIN_DISK_BYTES: u64 = 512 * MIB;
+/// Smallest layer disk: layers are often tiny, and the guest writes to its scratch
+/// disk, never to a layer, so a layer disk only needs room for its own files.
+pub const MIN_LAYER_DISK_BYTES: u64 = 16 * MIB;
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
 /// How often a running tool is checked against the deadline.
@@ -98,8 +102,23 @@ pub fn tree_usage(tree: &Path) -> Result<TreeUsage, ImageError> {
 
 /// Disk size for a tree: max(512 MiB, 1.2 × used) rounded up to a MiB.
 pub fn disk_size(usage: TreeUsage) -> u64 {
+    disk_size_at_least(usage, MIN_DISK_BYTES)
+}
+
+/// max(`min`, 1.2 × used) rounded up to a MiB.
+pub fn disk_size_at_least(usage: TreeUsage, min: u64) -> u64 {
     let scaled = usage.used_bytes.saturating_mul(6).div_ceil(5);
-    scaled.div_ceil(MIB).saturating_mul(MIB).max(MIN_DISK_BYTES)
+    scaled.div_ceil(MIB).saturating_mul(MIB).max(min)
+}
+
+/// What kind of disk [`build_ext4`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// The whole image flattened (at least [`MIN_DISK_BYTES`]).
+    Flat,
+    /// One layer or run of layers in overlay format (at least
+    /// [`MIN_LAYER_DISK_BYTES`]), with its whiteouts and opaque marks.
+    Layer,
 }
 
 /// A 16-byte value derived from the digest and a purpose, formatted as a UUID
@@ -133,9 +152,17 @@ pub fn build_ext4(
     digest: &Digest,
     work: &Path,
     deadline: Instant,
+    kind: DiskKind,
+    marks: &OverlayMarks,
 ) -> Result<u64, ImageError> {
-    let usage = tree_usage(tree)?;
-    let size = disk_size(usage);
+    let mut usage = tree_usage(tree)?;
+    let n_marks = marks.whiteouts.len() as u64;
+    usage.inodes += n_marks;
+    usage.used_bytes += n_marks * (INODE_SIZE + 64);
+    let size = match kind {
+        DiskKind::Flat => disk_size(usage),
+        DiskKind::Layer => disk_size_at_least(usage, MIN_LAYER_DISK_BYTES),
+    };
     let what = format!("root disk of {}", digest.short());
     let conf = work.join("mke2fs.conf");
     std::fs::write(&conf, MKE2FS_CONF).map_err(|e| ImageError::build_io("write", &conf, e))?;
@@ -176,6 +203,9 @@ pub fn build_ext4(
         .arg(out)
         .arg(format!("{}k", size / 1024));
     run_tool("mkfs.ext4", &what, mkfs, Output::Discard, deadline)?;
+    if !marks.is_empty() {
+        write_marks(out, work, marks, &what, deadline)?;
+    }
     normalize_times(out, work, &what, deadline)?;
     let f = File::options()
         .write(true)
@@ -277,10 +307,13 @@ fn run_tool(
     let stderr_bytes = err_reader.join().unwrap_or_default();
     let stderr = String::from_utf8_lossy(&stderr_bytes);
     // debugfs reports per-command failures on stderr with exit status 0.
+    // Anything but its banner and "Allocated inode" notes is a failed command (a
+    // `cd` that failed would make the next `mknod` land in the wrong directory).
     let failed_cmd = tool == "debugfs"
-        && stderr
-            .lines()
-            .any(|l| l.contains("sif:") || l.starts_with("set_inode_field:"));
+        && stderr.lines().any(|l| {
+            let l = l.trim();
+            !(l.is_empty() || l.starts_with("debugfs ") || l.starts_with("Allocated inode:"))
+        });
     if !status.success() || failed_cmd {
         if stderr.contains("No space left on device") {
             return Err(ImageError::NoSpace {
@@ -360,6 +393,61 @@ pub fn parse_used_inodes(text: &str) -> Option<Vec<u64>> {
     let mut used = vec![2];
     used.extend((first..=count).filter(|i| !free[*i as usize]));
     Some(used)
+}
+
+/// A path as a quoted `debugfs` argument. Names debugfs cannot take quoted (a quote,
+/// a backslash, control characters, not UTF-8) are refused: the image cannot be
+/// stacked with such a whiteout.
+fn debugfs_quoted(p: &Path, what: &str) -> Result<String, ImageError> {
+    let s = p
+        .to_str()
+        .filter(|s| !s.chars().any(|c| c == '"' || c == '\\' || c.is_control()));
+    match s {
+        Some(s) => Ok(format!("\"/{s}\"")),
+        None => Err(ImageError::UnsafeEntry {
+            layer: what.to_string(),
+            path: p.to_string_lossy().into_owned(),
+            why: "a whiteout or opaque directory whose name has a quote, backslash or control character cannot be written into a layer disk".into(),
+        }),
+    }
+}
+
+/// Writes the overlay marks into the built image with `debugfs -w`: each whiteout a
+/// character device 0:0 (mode 0, owner 0:0, fixed mtime), each opaque directory the
+/// xattr `trusted.overlay.opaque=y`. Done on the image rather than in the host tree
+/// so that building needs no privileges and the host never holds device nodes.
+fn write_marks(
+    disk: &Path,
+    work: &Path,
+    marks: &OverlayMarks,
+    what: &str,
+    deadline: Instant,
+) -> Result<(), ImageError> {
+    let mut s = String::new();
+    for w in &marks.whiteouts {
+        let parent = w.parent().unwrap_or(Path::new(""));
+        let name = w.file_name().map(Path::new).unwrap_or(Path::new(""));
+        let dir = debugfs_quoted(parent, what)?;
+        let name = debugfs_quoted(name, what)?;
+        // `mknod` takes a name in the current directory, not a path.
+        let name = format!("\"{}", &name[2..]);
+        s.push_str(&format!(
+            "cd {dir}\nmknod {name} c 0 0\nsif {name} mtime @{FAKE_TIME}\n"
+        ));
+    }
+    s.push_str("cd \"/\"\n");
+    for o in &marks.opaque {
+        s.push_str(&format!(
+            "ea_set {} trusted.overlay.opaque y\n",
+            debugfs_quoted(o, what)?
+        ));
+    }
+    let script = work.join("debugfs-marks.cmds");
+    std::fs::write(&script, s.as_bytes()).map_err(|e| ImageError::build_io("write", &script, e))?;
+    let mut cmd = Command::new("debugfs");
+    cmd.arg("-w").arg("-f").arg(&script).arg(disk);
+    run_tool("debugfs", what, cmd, Output::Discard, deadline)?;
+    Ok(())
 }
 
 fn normalize_times(

@@ -3,18 +3,26 @@
 //! Layout under `<data_dir>/images/`:
 //! - `blobs/sha256/<hex>`: verified layer blobs (removed after a build unless
 //!   `keep_blobs`);
-//! - `disks/sha256/<hex>.v<format>.ext4` and `.json` (metadata): built root disks;
+//! - `disks/sha256/<hex>.v<format>.json`: metadata of each built image (older
+//!   formats also kept a flattened `.ext4` here);
+//! - `layers/sha256/<key>.v<format>.ext4`: layer disks, shared by every image that
+//!   has the layer (`<key>` is the layer's blob digest, or a digest of the run of
+//!   blob digests for a disk that holds several layers);
 //! - `tmp/<hex>.*`: work in progress (partial blobs, build trees, disks being built);
 //! - `locks/<hex>.lock`: `flock`ed by whoever pulls or builds that digest, in this
 //!   process or another (the daemon and the `image` CLI share the cache).
 //!
-//! State: tables `image_cache` (one row per built disk) and `image_refs` (which
+//! State: tables `image_cache` (one row per built image), `image_layers` (its layer
+//! disks, bottom first), `layer_disks` (one row per layer disk) and `image_refs` (which
 //! instance pins which digest) in `<data_dir>/state.db`, a SQLite file shared with the
 //! rest of the agent (WAL mode, busy timeout). This module creates only its own tables.
 //!
-//! Contract: a row in `image_cache` exists only for a disk that is completely written,
-//! fsynced and renamed into place; anything under `tmp/` whose digest lock is free is
-//! garbage and is removed at start-up.
+//! Contract: a row in `layer_disks` exists only for a disk that is completely
+//! written, fsynced and renamed into place, and a row in `image_cache` only once all
+//! its layer disks have rows; anything under `tmp/` whose lock is free is garbage and
+//! is removed at start-up. A layer disk is deleted only when no image row names it
+//! and nobody holds its lock (a build that reuses it holds the lock until its image
+//! row is written), so eviction never takes a layer from under an image.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -38,6 +46,8 @@ pub struct CachePaths {
     pub blobs: PathBuf,
     /// `disks/sha256`.
     pub disks: PathBuf,
+    /// `layers/sha256`.
+    pub layers: PathBuf,
     /// `tmp`.
     pub tmp: PathBuf,
     /// `locks`.
@@ -53,6 +63,7 @@ impl CachePaths {
         CachePaths {
             blobs: root.join("blobs").join("sha256"),
             disks: root.join("disks").join("sha256"),
+            layers: root.join("layers").join("sha256"),
             tmp: root.join("tmp"),
             locks: root.join("locks"),
             db: data_dir.join("state.db"),
@@ -62,7 +73,13 @@ impl CachePaths {
 
     /// Creates the directories.
     pub fn create(&self) -> Result<(), ImageError> {
-        for d in [&self.blobs, &self.disks, &self.tmp, &self.locks] {
+        for d in [
+            &self.blobs,
+            &self.disks,
+            &self.layers,
+            &self.tmp,
+            &self.locks,
+        ] {
             std::fs::create_dir_all(d).map_err(|e| ImageError::build_io("create", d, e))?;
         }
         Ok(())
@@ -74,7 +91,12 @@ impl CachePaths {
             .join(format!("{}.v{FORMAT_VERSION}.ext4", digest.hex()))
     }
 
-    /// Metadata file next to the disk.
+    /// Final path of the layer disk `key` (hex).
+    pub fn layer_disk(&self, key: &str) -> PathBuf {
+        self.layers.join(format!("{key}.v{FORMAT_VERSION}.ext4"))
+    }
+
+    /// Metadata file of an image.
     pub fn disk_meta(&self, digest: &Digest) -> PathBuf {
         self.disks
             .join(format!("{}.v{FORMAT_VERSION}.json", digest.hex()))
@@ -100,14 +122,27 @@ pub struct DiskMeta {
     pub defaults: super::defaults::ImageDefaults,
 }
 
-/// One cached disk as listed by [`super::ImageService::list`].
+/// A built layer disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerDisk {
+    /// Its key: the layer blob's hex digest, or that of a run of layers.
+    pub key: String,
+    /// The ext4 file.
+    pub path: PathBuf,
+    /// Apparent size.
+    pub size_bytes: u64,
+    /// Allocated bytes on the host.
+    pub allocated_bytes: u64,
+}
+
+/// One cached image as listed by [`super::ImageService::list`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CachedImage {
     /// Manifest digest.
     pub digest: String,
     /// `host:port/repository` it was pulled from.
     pub source: String,
-    /// Disk path.
+    /// Bottom layer disk (every layer disk: [`CacheDb::image_layers`]).
     pub path: PathBuf,
     /// Apparent size.
     pub size_bytes: u64,
@@ -119,6 +154,27 @@ pub struct CachedImage {
     pub last_used_ms: i64,
     /// Instances pinning it.
     pub refs: u64,
+}
+
+/// What [`CacheDb::evict`] took out of the state store.
+#[derive(Debug, Default)]
+pub struct Eviction {
+    /// Images forgotten.
+    pub images: Vec<CachedImage>,
+    /// Layer disks to delete, each with its lock held until the file is gone.
+    pub layers: Vec<(LayerDisk, DigestLock)>,
+    /// Flattened disks of an older format to delete.
+    pub legacy_files: Vec<PathBuf>,
+}
+
+fn layer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerDisk> {
+    let key: String = r.get(0)?;
+    Ok(LayerDisk {
+        key: key.split('#').next().unwrap_or_default().to_string(),
+        path: PathBuf::from(r.get::<_, String>(1)?),
+        size_bytes: r.get::<_, i64>(2)? as u64,
+        allocated_bytes: r.get::<_, i64>(3)? as u64,
+    })
 }
 
 /// Now in Unix milliseconds.
@@ -181,6 +237,7 @@ impl Drop for TempPath {
 }
 
 /// An exclusive `flock` on `locks/<hex>.lock`, held while pulling or building.
+#[derive(Debug)]
 pub struct DigestLock {
     _file: File,
 }
@@ -189,6 +246,14 @@ impl DigestLock {
     /// Blocks until the lock is held. Call from a blocking context.
     pub fn acquire(paths: &CachePaths, digest: &Digest) -> Result<Self, ImageError> {
         Self::take(paths, digest.hex(), false)?.ok_or_else(|| ImageError::State {
+            path: paths.locks.clone(),
+            cause: "lock not acquired".into(),
+        })
+    }
+
+    /// Blocks until the lock of a layer disk key (hex) is held.
+    pub fn acquire_key(paths: &CachePaths, key: &str) -> Result<Self, ImageError> {
+        Self::take(paths, key, false)?.ok_or_else(|| ImageError::State {
             path: paths.locks.clone(),
             cause: "lock not acquired".into(),
         })
@@ -276,7 +341,22 @@ impl CacheDb {
                 digest TEXT NOT NULL,
                 pinned_ms INTEGER NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS image_refs_digest ON image_refs(digest);",
+            CREATE INDEX IF NOT EXISTS image_refs_digest ON image_refs(digest);
+            CREATE TABLE IF NOT EXISTS layer_disks (
+                layer_key TEXT PRIMARY KEY,
+                disk_path TEXT NOT NULL,
+                size_bytes INTEGER NOT NULL,
+                allocated_bytes INTEGER NOT NULL,
+                created_ms INTEGER NOT NULL,
+                last_used_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS image_layers (
+                cache_key TEXT NOT NULL,
+                position INTEGER NOT NULL,
+                layer_key TEXT NOT NULL,
+                PRIMARY KEY (cache_key, position)
+            );
+            CREATE INDEX IF NOT EXISTS image_layers_layer ON image_layers(layer_key);",
         )
         .map_err(err)?;
         Ok(CacheDb {
@@ -398,24 +478,63 @@ impl CacheDb {
         }))
     }
 
-    /// Records a completed disk.
-    pub fn insert(&self, path: &Path, meta: &DiskMeta) -> Result<(), ImageError> {
-        let defaults = serde_json::to_string(&meta.defaults).unwrap_or_else(|_| "{}".into());
+    /// Key of a layer disk row.
+    pub fn layer_key(key: &str) -> String {
+        format!("{key}#v{FORMAT_VERSION}")
+    }
+
+    /// The layer disks of a cached image, bottom first (empty when it has none).
+    pub fn image_layers(&self, digest: &str) -> Result<Vec<LayerDisk>, ImageError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT l.layer_key, l.disk_path, l.size_bytes, l.allocated_bytes
+                 FROM image_layers i JOIN layer_disks l ON l.layer_key = i.layer_key
+                 WHERE i.cache_key = ?1 ORDER BY i.position",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![Self::key(digest)], layer_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// How many layer disks the image row names (to tell a missing one).
+    pub fn image_layer_count(&self, digest: &str) -> Result<u64, ImageError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM image_layers WHERE cache_key = ?1",
+                params![Self::key(digest)],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The layer disk `key`, touching its last use.
+    pub fn lookup_layer(&self, key: &str) -> Result<Option<LayerDisk>, ImageError> {
+        self.conn
+            .query_row(
+                "UPDATE layer_disks SET last_used_ms = ?2 WHERE layer_key = ?1
+                 RETURNING layer_key, disk_path, size_bytes, allocated_bytes",
+                params![Self::layer_key(key), now_ms()],
+                layer_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records a completed layer disk.
+    pub fn insert_layer(&self, d: &LayerDisk) -> Result<(), ImageError> {
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO image_cache (cache_key, digest, format_version, source, disk_path,
-                   size_bytes, allocated_bytes, defaults_json, created_ms, last_used_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR REPLACE INTO layer_disks (layer_key, disk_path, size_bytes, allocated_bytes,
+                   created_ms, last_used_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                 params![
-                    Self::key(&meta.digest),
-                    meta.digest,
-                    meta.format_version,
-                    meta.source,
-                    path.to_string_lossy(),
-                    meta.size_bytes as i64,
-                    meta.allocated_bytes as i64,
-                    defaults,
-                    meta.created_ms,
+                    Self::layer_key(&d.key),
+                    d.path.to_string_lossy(),
+                    d.size_bytes as i64,
+                    d.allocated_bytes as i64,
                     now_ms()
                 ],
             )
@@ -423,12 +542,130 @@ impl CacheDb {
             .map_err(|e| self.err(e))
     }
 
-    /// Forgets a disk (its files are removed by the caller).
+    /// Forgets a layer disk and every image row that names it (the files are removed
+    /// by the caller).
+    pub fn remove_layer(&mut self, key: &str) -> Result<(), ImageError> {
+        let lk = Self::layer_key(key);
+        let path = self.path.clone();
+        let e2 = move |e: rusqlite::Error| ImageError::State {
+            path: path.clone(),
+            cause: e.to_string(),
+        };
+        let tx = self.conn.transaction().map_err(&e2)?;
+        tx.execute(
+            "DELETE FROM image_cache WHERE cache_key IN
+               (SELECT cache_key FROM image_layers WHERE layer_key = ?1)",
+            params![lk],
+        )
+        .map_err(&e2)?;
+        tx.execute(
+            "DELETE FROM image_layers WHERE cache_key NOT IN (SELECT cache_key FROM image_cache)",
+            [],
+        )
+        .map_err(&e2)?;
+        tx.execute("DELETE FROM layer_disks WHERE layer_key = ?1", params![lk])
+            .map_err(&e2)?;
+        tx.commit().map_err(&e2)
+    }
+
+    /// Every layer disk row.
+    pub fn layers(&self) -> Result<Vec<LayerDisk>, ImageError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT layer_key, disk_path, size_bytes, allocated_bytes FROM layer_disks")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], layer_row).map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Records a completed image made of `layers` (bottom first; their rows exist).
+    pub fn insert_image(
+        &mut self,
+        meta: &DiskMeta,
+        layers: &[LayerDisk],
+    ) -> Result<(), ImageError> {
+        let path = self.path.clone();
+        let e2 = move |e: rusqlite::Error| ImageError::State {
+            path: path.clone(),
+            cause: e.to_string(),
+        };
+        let key = Self::key(&meta.digest);
+        let defaults = serde_json::to_string(&meta.defaults).unwrap_or_else(|_| "{}".into());
+        let bottom = layers
+            .first()
+            .map(|l| l.path.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tx = self.conn.transaction().map_err(&e2)?;
+        tx.execute(
+            "DELETE FROM image_layers WHERE cache_key = ?1",
+            params![key],
+        )
+        .map_err(&e2)?;
+        for (i, l) in layers.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO image_layers (cache_key, position, layer_key) VALUES (?1, ?2, ?3)",
+                params![key, i as i64, Self::layer_key(&l.key)],
+            )
+            .map_err(&e2)?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO image_cache (cache_key, digest, format_version, source, disk_path,
+               size_bytes, allocated_bytes, defaults_json, created_ms, last_used_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                key,
+                meta.digest,
+                meta.format_version,
+                meta.source,
+                bottom,
+                meta.size_bytes as i64,
+                meta.allocated_bytes as i64,
+                defaults,
+                meta.created_ms,
+                now_ms()
+            ],
+        )
+        .map_err(&e2)?;
+        tx.commit().map_err(&e2)
+    }
+
+    /// Forgets an image (its layer disks stay until evicted).
     pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
         self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let r = self
+            .conn
             .execute(
                 "DELETE FROM image_cache WHERE cache_key = ?1",
                 params![Self::key(digest)],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    "DELETE FROM image_layers WHERE cache_key = ?1",
+                    params![Self::key(digest)],
+                )
+            });
+        match r {
+            Ok(_) => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Every image row of any format, as (digest, disk path).
+    pub fn list_all(&self) -> Result<Vec<CachedImage>, ImageError> {
+        self.list_where("1 = 1 OR ?1 = ?1")
+    }
+
+    /// Forgets an image row of any format naming `path`.
+    pub fn remove_any_format(&self, digest: &str, path: &Path) -> Result<(), ImageError> {
+        self.conn
+            .execute(
+                "DELETE FROM image_cache WHERE digest = ?1 AND disk_path = ?2",
+                params![digest, path.to_string_lossy()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -436,13 +673,17 @@ impl CacheDb {
 
     /// All cached disks with their reference counts, oldest use first.
     pub fn list(&self) -> Result<Vec<CachedImage>, ImageError> {
+        self.list_where("c.format_version = ?1")
+    }
+
+    fn list_where(&self, filter: &str) -> Result<Vec<CachedImage>, ImageError> {
         let mut st = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT c.digest, c.source, c.disk_path, c.size_bytes, c.allocated_bytes, c.created_ms,
                         c.last_used_ms, (SELECT COUNT(*) FROM image_refs r WHERE r.digest = c.digest)
-                 FROM image_cache c WHERE c.format_version = ?1 ORDER BY c.last_used_ms, c.digest",
-            )
+                 FROM image_cache c WHERE {filter} ORDER BY c.last_used_ms, c.digest"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![FORMAT_VERSION], |r| {
@@ -461,12 +702,21 @@ impl CacheDb {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
-    /// In one transaction: choose unreferenced disks, oldest use first, until usage
-    /// is at or below `target` (or all unreferenced when `target` is `None`), and
-    /// delete their rows. Returns what was removed; the caller deletes the files.
+    /// In one transaction: choose what to free, oldest use first, until usage is at or
+    /// below `target` (or everything unreferenced when `target` is `None`), and delete
+    /// its rows. First layer disks that no image names, then unpinned images: an
+    /// image's layer disks go with it unless another image still names them. A layer
+    /// disk whose lock is held (a build is reusing or writing it) is left alone. The
+    /// caller deletes the files, then drops the locks.
     /// Pinned digests are never chosen, and a pin taken concurrently either happens
-    /// before (and protects the disk) or after (and then misses the row and rebuilds).
-    pub fn evict(&mut self, target: Option<u64>) -> Result<Vec<CachedImage>, ImageError> {
+    /// before (and protects the image) or after (and then misses the row and rebuilds,
+    /// reusing whatever layer disks are left).
+    pub fn evict(
+        &mut self,
+        paths: &CachePaths,
+        target: Option<u64>,
+    ) -> Result<Eviction, ImageError> {
+        let usage = self.usage()?;
         let path = self.path.clone();
         let e2 = move |e: rusqlite::Error| ImageError::State {
             path: path.clone(),
@@ -476,59 +726,143 @@ impl CacheDb {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&e2)?;
-        let all: Vec<CachedImage> = {
+        let all: Vec<(CachedImage, u32)> = {
             let mut st = tx
                 .prepare(
                     "SELECT c.digest, c.source, c.disk_path, c.size_bytes, c.allocated_bytes, c.created_ms,
-                            c.last_used_ms, (SELECT COUNT(*) FROM image_refs r WHERE r.digest = c.digest)
+                            c.last_used_ms, (SELECT COUNT(*) FROM image_refs r WHERE r.digest = c.digest),
+                            c.format_version
                      FROM image_cache c ORDER BY c.last_used_ms, c.digest",
                 )
                 .map_err(&e2)?;
             let rows = st
                 .query_map([], |r| {
-                    Ok(CachedImage {
-                        digest: r.get(0)?,
-                        source: r.get(1)?,
-                        path: PathBuf::from(r.get::<_, String>(2)?),
-                        size_bytes: r.get::<_, i64>(3)? as u64,
-                        allocated_bytes: r.get::<_, i64>(4)? as u64,
-                        created_ms: r.get(5)?,
-                        last_used_ms: r.get(6)?,
-                        refs: r.get::<_, i64>(7)? as u64,
-                    })
+                    Ok((
+                        CachedImage {
+                            digest: r.get(0)?,
+                            source: r.get(1)?,
+                            path: PathBuf::from(r.get::<_, String>(2)?),
+                            size_bytes: r.get::<_, i64>(3)? as u64,
+                            allocated_bytes: r.get::<_, i64>(4)? as u64,
+                            created_ms: r.get(5)?,
+                            last_used_ms: r.get(6)?,
+                            refs: r.get::<_, i64>(7)? as u64,
+                        },
+                        r.get::<_, u32>(8)?,
+                    ))
                 })
                 .map_err(&e2)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(&e2)?
         };
-        let mut usage: u64 = all.iter().map(|c| c.allocated_bytes).sum();
-        let mut victims = Vec::new();
-        for c in all {
-            if let Some(t) = target {
-                if usage <= t {
-                    break;
-                }
+        let orphans: Vec<LayerDisk> = {
+            let mut st = tx
+                .prepare(
+                    "SELECT layer_key, disk_path, size_bytes, allocated_bytes FROM layer_disks l
+                     WHERE NOT EXISTS (SELECT 1 FROM image_layers i WHERE i.layer_key = l.layer_key)
+                     ORDER BY last_used_ms, layer_key",
+                )
+                .map_err(&e2)?;
+            let rows = st.query_map([], layer_row).map_err(&e2)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(&e2)?
+        };
+        let mut out = Eviction::default();
+        let mut usage = usage;
+        let reached = |usage: u64| matches!(target, Some(t) if usage <= t);
+        // Frees one layer disk no image names any more, unless a build holds it.
+        let free_layer = |tx: &rusqlite::Transaction<'_>,
+                          d: LayerDisk,
+                          out: &mut Eviction,
+                          usage: &mut u64|
+         -> Result<(), ImageError> {
+            let Some(lock) = DigestLock::try_acquire(paths, &d.key)? else {
+                return Ok(());
+            };
+            tx.execute(
+                "DELETE FROM layer_disks WHERE layer_key = ?1",
+                params![Self::layer_key(&d.key)],
+            )
+            .map_err(&e2)?;
+            *usage = usage.saturating_sub(d.allocated_bytes);
+            out.layers.push((d, lock));
+            Ok(())
+        };
+        for d in orphans {
+            if reached(usage) {
+                break;
+            }
+            free_layer(&tx, d, &mut out, &mut usage)?;
+        }
+        for (c, format) in all {
+            if reached(usage) {
+                break;
             }
             if c.refs > 0 {
                 continue;
             }
+            let key = Self::key(&c.digest);
+            let layer_keys: Vec<String> = {
+                let mut st = tx
+                    .prepare("SELECT layer_key FROM image_layers WHERE cache_key = ?1")
+                    .map_err(&e2)?;
+                let rows = st
+                    .query_map(params![key], |r| r.get::<_, String>(0))
+                    .map_err(&e2)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(&e2)?
+            };
             tx.execute(
                 "DELETE FROM image_cache WHERE digest = ?1 AND disk_path = ?2",
                 params![c.digest, c.path.to_string_lossy()],
             )
             .map_err(&e2)?;
-            usage = usage.saturating_sub(c.allocated_bytes);
-            victims.push(c);
+            tx.execute(
+                "DELETE FROM image_layers WHERE cache_key = ?1",
+                params![key],
+            )
+            .map_err(&e2)?;
+            if format != FORMAT_VERSION {
+                // An older format's image owns a flattened disk of its own.
+                usage = usage.saturating_sub(c.allocated_bytes);
+                out.legacy_files.push(c.path.clone());
+            }
+            for lk in layer_keys {
+                let still_named: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM image_layers WHERE layer_key = ?1",
+                        params![lk],
+                        |r| r.get(0),
+                    )
+                    .map_err(&e2)?;
+                if still_named > 0 {
+                    continue;
+                }
+                let d = tx
+                    .query_row(
+                        "SELECT layer_key, disk_path, size_bytes, allocated_bytes FROM layer_disks
+                         WHERE layer_key = ?1",
+                        params![lk],
+                        layer_row,
+                    )
+                    .optional()
+                    .map_err(&e2)?;
+                if let Some(d) = d {
+                    free_layer(&tx, d, &mut out, &mut usage)?;
+                }
+            }
+            out.images.push(c);
         }
         tx.commit().map_err(&e2)?;
-        Ok(victims)
+        Ok(out)
     }
 
-    /// Total allocated bytes of cached disks.
+    /// Allocated bytes of the cache: every layer disk once, however many images share
+    /// it, plus the flattened disks of older formats.
     pub fn usage(&self) -> Result<u64, ImageError> {
         self.conn
             .query_row(
-                "SELECT COALESCE(SUM(allocated_bytes), 0) FROM image_cache",
-                [],
+                "SELECT (SELECT COALESCE(SUM(allocated_bytes), 0) FROM layer_disks)
+                      + (SELECT COALESCE(SUM(allocated_bytes), 0) FROM image_cache
+                         WHERE format_version != ?1)",
+                params![FORMAT_VERSION],
                 |r| r.get::<_, i64>(0),
             )
             .map(|v| v as u64)
@@ -564,34 +898,82 @@ mod tests {
         }
     }
 
+    fn layer(dir: &Path, key: &str, alloc: u64) -> LayerDisk {
+        LayerDisk {
+            key: key.into(),
+            path: dir.join(format!("{key}.ext4")),
+            size_bytes: alloc,
+            allocated_bytes: alloc,
+        }
+    }
+
+    fn cached(db: &mut CacheDb, d: &Digest, layers: &[LayerDisk], last_use: i64) {
+        for l in layers {
+            db.insert_layer(l).unwrap();
+        }
+        let alloc = layers.iter().map(|l| l.allocated_bytes).sum();
+        db.insert_image(&meta(d, alloc), layers).unwrap();
+        db.conn
+            .execute(
+                "UPDATE image_cache SET last_used_ms = ?1 WHERE digest = ?2",
+                params![last_use, d.as_str()],
+            )
+            .unwrap();
+    }
+
+    fn freed(e: &Eviction) -> (Vec<String>, Vec<String>) {
+        (
+            e.images.iter().map(|c| c.digest.clone()).collect(),
+            e.layers.iter().map(|(l, _)| l.key.clone()).collect(),
+        )
+    }
+
     #[test]
-    fn eviction_takes_oldest_unreferenced_first_and_never_pinned() {
+    fn eviction_takes_oldest_unreferenced_first_never_pinned_and_counts_shared_layers_once() {
         let dir = tempfile::tempdir().unwrap();
+        let paths = CachePaths::new(dir.path());
+        paths.create().unwrap();
         let mut db = CacheDb::open(&dir.path().join("state.db")).unwrap();
         let ds: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
+        // Four releases on one base layer of 300, each with its own top of 100.
+        let base = layer(dir.path(), "base", 300);
         for (i, d) in ds.iter().enumerate() {
-            db.insert(Path::new(&format!("/d{i}")), &meta(d, 100))
-                .unwrap();
-            // Distinct, increasing last use.
-            db.conn
-                .execute(
-                    "UPDATE image_cache SET last_used_ms = ?1 WHERE digest = ?2",
-                    params![i as i64, d.as_str()],
-                )
-                .unwrap();
+            let top = layer(dir.path(), &format!("top{i}"), 100);
+            cached(&mut db, d, &[base.clone(), top], i as i64);
         }
+        assert_eq!(db.usage().unwrap(), 700, "the shared base counts once");
         db.pin("inst-a", &ds[0]).unwrap();
-        // Usage 400, target 200: oldest unreferenced are ds[1], ds[2].
-        let v = db.evict(Some(200)).unwrap();
-        let gone: Vec<_> = v.iter().map(|c| c.digest.clone()).collect();
-        assert_eq!(gone, vec![ds[1].to_string(), ds[2].to_string()]);
-        assert_eq!(db.usage().unwrap(), 200);
-        // Everything unreferenced: ds[3]; ds[0] stays pinned.
-        let v = db.evict(None).unwrap();
-        assert_eq!(v.len(), 1);
+        // Target 500: the oldest unpinned releases go first (ds[1], ds[2]) with
+        // their tops; the base stays, ds[0] and ds[3] still name it.
+        let e = db.evict(&paths, Some(500)).unwrap();
+        assert_eq!(
+            freed(&e),
+            (
+                vec![ds[1].to_string(), ds[2].to_string()],
+                vec!["top1".into(), "top2".into()]
+            )
+        );
+        drop(e);
+        assert_eq!(db.usage().unwrap(), 500);
+        // Everything unreferenced: ds[3] and its top; the pinned ds[0] keeps the base.
+        let e = db.evict(&paths, None).unwrap();
+        assert_eq!(freed(&e), (vec![ds[3].to_string()], vec!["top3".into()]));
+        drop(e);
         assert_eq!(db.list().unwrap()[0].refs, 1);
+        assert_eq!(db.image_layers(ds[0].as_str()).unwrap().len(), 2);
         db.unpin("inst-a").unwrap();
-        assert_eq!(db.evict(None).unwrap().len(), 1);
+        // A build holding the base's lock (reusing it) keeps it; the image goes.
+        let held = DigestLock::try_acquire(&paths, "base").unwrap().unwrap();
+        let e = db.evict(&paths, None).unwrap();
+        assert_eq!(freed(&e), (vec![ds[0].to_string()], vec!["top0".into()]));
+        drop(e);
+        assert_eq!(db.usage().unwrap(), 300, "the locked base is still there");
+        drop(held);
+        // Unnamed and unlocked now: an orphan, freed first.
+        let e = db.evict(&paths, None).unwrap();
+        assert_eq!(freed(&e), (vec![], vec!["base".into()]));
+        drop(e);
+        assert_eq!(db.usage().unwrap(), 0);
     }
 
     #[test]
@@ -611,19 +993,22 @@ mod tests {
     }
 
     #[test]
-    fn lookup_touches_last_use() {
+    fn lookup_touches_last_use_and_lists_the_layers_bottom_first() {
         let dir = tempfile::tempdir().unwrap();
-        let db = CacheDb::open(&dir.path().join("state.db")).unwrap();
+        let mut db = CacheDb::open(&dir.path().join("state.db")).unwrap();
         let d = Digest::of(b"x");
         assert!(db.lookup_and_touch(&d).unwrap().is_none());
-        db.insert(Path::new("/x"), &meta(&d, 5)).unwrap();
-        db.conn
-            .execute("UPDATE image_cache SET last_used_ms = 0", [])
-            .unwrap();
+        let (a, b) = (layer(dir.path(), "a", 5), layer(dir.path(), "b", 7));
+        cached(&mut db, &d, &[b.clone(), a.clone()], 0);
         let (p, m) = db.lookup_and_touch(&d).unwrap().unwrap();
-        assert_eq!(p, Path::new("/x"));
-        assert_eq!(m.allocated_bytes, 5);
+        assert_eq!(p, b.path);
+        assert_eq!(m.allocated_bytes, 12);
         assert!(db.list().unwrap()[0].last_used_ms > 0);
+        assert_eq!(db.image_layers(d.as_str()).unwrap(), vec![b, a.clone()]);
+        // Losing a layer disk forgets the images that name it.
+        db.remove_layer("a").unwrap();
+        assert!(db.lookup_and_touch(&d).unwrap().is_none());
+        assert!(db.lookup_layer("a").unwrap().is_none());
     }
 
     #[test]

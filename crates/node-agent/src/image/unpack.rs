@@ -25,6 +25,16 @@
 //! markers (`.wh..wh..opq`) hide entries of lower layers only, never entries of the
 //! layer that carries them (OCI image spec, "Whiteouts").
 //!
+//! Two output formats. *Applied* (the default): whiteouts delete from the tree, which
+//! ends as the flattened image. *Overlay* ([`Unpacker::overlay_format`]): the tree
+//! holds one layer (or a run of layers) for a disk that guest init stacks under
+//! overlayfs, so a whiteout must stay visible to hide what lower disks hold. The tree
+//! never gets device nodes or `trusted.*` xattrs (that would need root and put device
+//! nodes on the host); whiteouts and opaque directories are returned as lists
+//! ([`OverlayMarks`]) that the disk builder writes into the ext4 image itself. In both
+//! formats `trusted.overlay.*` xattrs from a layer are dropped and counted: a layer
+//! must not forge overlayfs' own metadata (opaque, redirect, metacopy).
+//!
 //! Bounds ([`UnpackLimits`], each named by its `[images]` key when exceeded): regular
 //! file bytes (`max_unpacked_bytes`), tar headers over all layers (`max_entries`), the
 //! size of each PAX or GNU extension body held in memory (`max_tar_extension_bytes`;
@@ -187,6 +197,42 @@ pub struct UnpackStats {
     pub devices_dropped: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
+    /// `trusted.overlay.*` xattrs found in the layers and dropped.
+    pub overlay_xattrs_dropped: u64,
+}
+
+/// Whiteouts and opaque directories of an overlay-format tree, for the disk builder
+/// (paths relative to the tree's root, sorted).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OverlayMarks {
+    /// Entries to create as whiteouts (character device 0:0).
+    pub whiteouts: Vec<PathBuf>,
+    /// Directories to mark `trusted.overlay.opaque=y`.
+    pub opaque: Vec<PathBuf>,
+}
+
+impl OverlayMarks {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.whiteouts.is_empty() && self.opaque.is_empty()
+    }
+}
+
+/// Counters shared by the unpackers of one image, so that `max_unpacked_bytes` and
+/// `max_entries` bound the whole image even when its layers are unpacked in parallel
+/// into separate trees.
+#[derive(Debug, Default)]
+pub struct SharedBudget {
+    bytes: std::sync::atomic::AtomicU64,
+    entries: std::sync::atomic::AtomicU64,
+}
+
+impl SharedBudget {
+    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) -> u64 {
+        counter
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(n)
+    }
 }
 
 /// What one unpack (all layers of one image) may cost; each bound names the
@@ -242,6 +288,12 @@ pub struct Unpacker {
     /// Last parent directory opened, reused while entries stay in one directory.
     cached_parent: Option<(Vec<OsString>, OwnedFd)>,
     layer: String,
+    /// Overlay format: whiteouts and opaque markers are recorded, not applied.
+    overlay: bool,
+    whiteouts: std::collections::BTreeSet<PathBuf>,
+    opaque: std::collections::BTreeSet<PathBuf>,
+    /// Image-wide counters when several unpackers share the limits.
+    budget: Option<std::sync::Arc<SharedBudget>>,
 }
 
 fn errno_io(e: Errno) -> io::Error {
@@ -277,7 +329,44 @@ impl Unpacker {
             touched: HashSet::new(),
             cached_parent: None,
             layer: String::new(),
+            overlay: false,
+            whiteouts: Default::default(),
+            opaque: Default::default(),
+            budget: None,
         })
+    }
+
+    /// Produces the overlay format (see the module docs): the tree of a layer disk.
+    pub fn overlay_format(mut self) -> Self {
+        self.overlay = true;
+        self
+    }
+
+    /// Counts bytes and entries against `budget` (shared with the image's other
+    /// unpackers) instead of this unpacker alone.
+    pub fn shared_budget(mut self, budget: std::sync::Arc<SharedBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Entries read so far: this unpacker's, or the image's when the budget is shared.
+    fn count_entry(&mut self) -> u64 {
+        self.raw_entries += 1;
+        match &self.budget {
+            Some(b) => SharedBudget::add(&b.entries, 1),
+            None => self.raw_entries,
+        }
+    }
+
+    /// Bytes written so far after adding `n` (see [`Self::count_entry`]).
+    fn would_write(&self, n: u64) -> u64 {
+        match &self.budget {
+            Some(b) => b
+                .bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_add(n),
+            None => self.stats.bytes.saturating_add(n),
+        }
     }
 
     /// Applies one layer read from `blob` (compressed as `compression`). `layer` names
@@ -310,8 +399,7 @@ impl Unpacker {
         let mut pending = Extensions::default();
         for entry in entries {
             self.check_deadline()?;
-            self.raw_entries += 1;
-            if self.raw_entries > self.limits.max_entries {
+            if self.count_entry() > self.limits.max_entries {
                 return Err(ImageError::LimitExceeded {
                     what: format!("layer {}", self.layer),
                     limit: "max_entries",
@@ -410,7 +498,41 @@ impl Unpacker {
     }
 
     /// Sets the recorded directory times and returns the counters.
-    pub fn finish(mut self) -> Result<UnpackStats, ImageError> {
+    pub fn finish(self) -> Result<UnpackStats, ImageError> {
+        self.finish_with_marks().map(|(stats, _)| stats)
+    }
+
+    /// [`Self::finish`], also returning the overlay marks (empty in the applied
+    /// format). A whiteout is kept only where the tree has nothing at its path and
+    /// its parent is still a directory; an opaque mark only on a directory.
+    pub fn finish_with_marks(mut self) -> Result<(UnpackStats, OverlayMarks), ImageError> {
+        let mut marks = OverlayMarks::default();
+        for w in std::mem::take(&mut self.whiteouts) {
+            let comps: Vec<OsString> = w.iter().map(|c| c.to_os_string()).collect();
+            let (Some(name), parent) = (comps.last(), &comps[..comps.len().saturating_sub(1)])
+            else {
+                continue;
+            };
+            let Ok(dir) = self.walk(parent, false) else {
+                continue;
+            };
+            if matches!(
+                rfs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW),
+                Err(Errno::NOENT)
+            ) {
+                marks.whiteouts.push(w);
+            }
+        }
+        for o in std::mem::take(&mut self.opaque) {
+            let comps: Vec<OsString> = o.iter().map(|c| c.to_os_string()).collect();
+            if self.walk(&comps, false).is_ok() {
+                marks.opaque.push(o);
+            }
+        }
+        self.finish_tree().map(|s| (s, marks))
+    }
+
+    fn finish_tree(mut self) -> Result<UnpackStats, ImageError> {
         self.cached_parent = None;
         let mut dirs: Vec<(PathBuf, i64)> = self.dir_times.drain().collect();
         dirs.sort();
@@ -508,7 +630,10 @@ impl Unpacker {
                         .map(|m| m.min(i64::MAX as u64) as i64)
                         .unwrap_or(0),
                 };
-                let xattrs = pax.xattrs;
+                let mut xattrs = pax.xattrs;
+                let before = xattrs.len();
+                xattrs.retain(|(k, _)| !k.as_bytes().starts_with(b"trusted.overlay."));
+                self.stats.overlay_xattrs_dropped += (before - xattrs.len()) as u64;
                 let parent_fd = self.parent(&raw_path, &parent)?;
                 let mut rel = join(&parent);
                 rel.push(&name);
@@ -520,7 +645,7 @@ impl Unpacker {
                     }
                     T::Regular | T::Continuous => {
                         let size = entry.size();
-                        if self.stats.bytes.saturating_add(size) > self.limits.max_unpacked_bytes {
+                        if self.would_write(size) > self.limits.max_unpacked_bytes {
                             return Err(ImageError::LimitExceeded {
                                 what: format!("layer {}", self.layer),
                                 limit: "max_unpacked_bytes",
@@ -593,6 +718,9 @@ impl Unpacker {
                     let rel = join(&comps[..=i]);
                     rfs::mkdirat(&cur, c.as_os_str(), Mode::from_raw_mode(0o755))
                         .map_err(|e| self.io_err("create directory", &rel, errno_io(e)))?;
+                    if self.overlay && self.whiteouts.remove(&rel) {
+                        self.opaque.insert(rel.clone());
+                    }
                     self.dir_times.entry(rel.clone()).or_insert(FIXED_MTIME);
                     rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())
                         .map_err(|e| self.io_err("open directory", &rel, errno_io(e)))?
@@ -637,6 +765,10 @@ impl Unpacker {
         rel: &Path,
         keep_dir: bool,
     ) -> Result<bool, ImageError> {
+        if self.overlay {
+            // Whatever is created here now hides the lower layers' entry by itself.
+            self.whiteouts.remove(rel);
+        }
         match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(self.io_err("inspect", rel, errno_io(e))),
@@ -684,6 +816,9 @@ impl Unpacker {
             }
         })?;
         self.stats.bytes += n;
+        if let Some(b) = &self.budget {
+            SharedBudget::add(&b.bytes, n);
+        }
         self.set_meta_fd(file.as_fd(), rel, meta, xattrs)
     }
 
@@ -722,6 +857,10 @@ impl Unpacker {
         meta: &Meta,
         xattrs: &[(OsString, Vec<u8>)],
     ) -> Result<(), ImageError> {
+        if self.overlay && self.whiteouts.remove(rel) {
+            // A directory where a lower layer's was whited out must not merge with it.
+            self.opaque.insert(rel.to_path_buf());
+        }
         if !self.clear(parent, name, rel, true)? {
             rfs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
                 .map_err(|e| self.io_err("create directory", rel, errno_io(e)))?;
@@ -818,11 +957,11 @@ impl Unpacker {
                     "hard link target's parent is a symlink or not a directory",
                 ))
             }
-            Err(_) => return Err(self.refuse(raw, "hard link target does not exist")),
+            Err(_) => return Err(self.missing_link_target(raw)),
         };
         let tst = match rfs::statat(&tparent, tname.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(_) => return Err(self.refuse(raw, "hard link target does not exist")),
+            Err(_) => return Err(self.missing_link_target(raw)),
         };
         if rfs::FileType::from_raw_mode(tst.st_mode) == rfs::FileType::Directory {
             return Err(self.refuse(raw, "hard link to a directory"));
@@ -837,6 +976,20 @@ impl Unpacker {
             .map_err(|e| self.io_err("create hard link", rel, errno_io(e)))
     }
 
+    /// A hard link whose target is not in the tree. In the overlay format the target
+    /// may be in a lower layer, which a layer disk cannot link to: the caller builds
+    /// the image as one flattened disk instead.
+    fn missing_link_target(&self, raw: &[u8]) -> ImageError {
+        if self.overlay {
+            ImageError::HardLinkAcrossLayers {
+                layer: self.layer.clone(),
+                path: String::from_utf8_lossy(raw).into_owned(),
+            }
+        } else {
+            self.refuse(raw, "hard link target does not exist")
+        }
+    }
+
     fn whiteout(
         &mut self,
         raw: &[u8],
@@ -845,6 +998,9 @@ impl Unpacker {
     ) -> Result<(), ImageError> {
         let mut rel = join(parent);
         rel.push(name);
+        if self.overlay {
+            return self.overlay_whiteout(raw, parent, name, rel);
+        }
         if self.touched.contains(&rel) {
             // Same-layer entries are not hidden by the layer's own whiteouts.
             return Ok(());
@@ -863,9 +1019,43 @@ impl Unpacker {
         Ok(())
     }
 
+    /// Overlay format: the entry is hidden in lower disks by a whiteout at its path,
+    /// and whatever earlier layers of this tree put there is removed. An entry this
+    /// layer wrote itself stays (the layer's own whiteouts hide lower layers only);
+    /// when it is a directory it becomes opaque, which hides the lower one the same way.
+    fn overlay_whiteout(
+        &mut self,
+        raw: &[u8],
+        parent: &[OsString],
+        name: &OsStr,
+        rel: PathBuf,
+    ) -> Result<(), ImageError> {
+        let dir = self.walk_creating(raw, parent)?;
+        self.cached_parent = None;
+        if self.touched.contains(&rel) {
+            if let Ok(st) = rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+                    self.opaque.insert(rel);
+                }
+            }
+            return Ok(());
+        }
+        self.clear(&dir, name, &rel, false)?;
+        self.dir_times.retain(|p, _| !p.starts_with(&rel));
+        self.opaque.retain(|p| !p.starts_with(&rel));
+        self.whiteouts.retain(|p| !p.starts_with(&rel));
+        self.whiteouts.insert(rel);
+        Ok(())
+    }
+
     fn opaque(&mut self, raw: &[u8], dir: &[OsString]) -> Result<(), ImageError> {
         let rel_dir = join(dir);
         let fd = self.walk_creating(raw, dir)?;
+        if self.overlay {
+            self.opaque.insert(rel_dir.clone());
+            self.whiteouts
+                .retain(|p| !p.starts_with(&rel_dir) || p == &rel_dir);
+        }
         self.mark_touched(&rel_dir);
         self.cached_parent = None;
         let listing =
@@ -1387,6 +1577,153 @@ mod tests {
         assert_eq!(d.mtime(), 777);
         let i = std::fs::metadata(dir.path().join("tree/implicit")).unwrap();
         assert_eq!(i.mtime(), FIXED_MTIME);
+    }
+
+    /// Unpacks `layers` into one overlay-format tree.
+    fn unpack_overlay(
+        layers: &[Vec<u8>],
+    ) -> (
+        tempfile::TempDir,
+        Result<(UnpackStats, OverlayMarks), ImageError>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        let res = (|| {
+            let mut u = Unpacker::new(&tree, u64::MAX)?.overlay_format();
+            for (i, l) in layers.iter().enumerate() {
+                u.apply_layer(&l[..], Compression::None, &format!("#{i}"))?;
+            }
+            u.finish_with_marks()
+        })();
+        (dir, res)
+    }
+
+    fn paths(v: &[&str]) -> Vec<PathBuf> {
+        v.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn overlay_format_records_whiteouts_and_opaque_dirs_instead_of_applying_them() {
+        let l = Layer::new()
+            .file("keep", b"k")
+            .whiteout("etc/motd")
+            .whiteout("gone")
+            .dir("var/lib", 0o755)
+            .opaque("var/lib")
+            .file("var/lib/new", b"n")
+            .tar();
+        let (dir, res) = unpack_overlay(&[l]);
+        let (_, marks) = res.unwrap();
+        assert_eq!(marks.whiteouts, paths(&["etc/motd", "gone"]));
+        assert_eq!(marks.opaque, paths(&["var/lib"]));
+        let tree = dir.path().join("tree");
+        // The tree holds no device node: the marks are written into the disk later.
+        assert!(
+            tree.join("etc").is_dir(),
+            "the whiteout's parent exists for it"
+        );
+        assert!(!tree.join("etc/motd").exists() && !tree.join("gone").exists());
+        assert!(tree.join("var/lib/new").is_file());
+    }
+
+    #[test]
+    fn overlay_format_within_a_run_of_layers_applies_lower_entries_and_keeps_marks() {
+        let l1 = Layer::new().file("a/x", b"1").file("b", b"1").tar();
+        // Whiting out `a` removes the lower entry in this tree and hides it below;
+        // recreating `a` as a directory makes it opaque; recreating `b` as a file
+        // needs no mark at all.
+        let l2 = Layer::new().whiteout("a").whiteout("b").tar();
+        let l3 = Layer::new().file("a/y", b"3").file("b", b"3").tar();
+        let (dir, res) = unpack_overlay(&[l1, l2, l3]);
+        let (_, marks) = res.unwrap();
+        assert_eq!(marks.whiteouts, Vec::<PathBuf>::new());
+        assert_eq!(marks.opaque, paths(&["a"]));
+        let tree = dir.path().join("tree");
+        assert!(!tree.join("a/x").exists());
+        assert!(tree.join("a/y").is_file());
+        assert_eq!(std::fs::read(tree.join("b")).unwrap(), b"3");
+    }
+
+    #[test]
+    fn a_layers_own_directory_that_it_also_whites_out_becomes_opaque() {
+        let l = Layer::new()
+            .dir("d", 0o755)
+            .file("d/f", b"x")
+            .whiteout("d")
+            .tar();
+        let (_, res) = unpack_overlay(&[l]);
+        let (_, marks) = res.unwrap();
+        assert_eq!(marks.opaque, paths(&["d"]));
+        assert!(marks.whiteouts.is_empty());
+    }
+
+    #[test]
+    fn a_hard_link_into_a_lower_layer_is_named_in_the_overlay_format_only() {
+        let l = Layer::new().hardlink("link", "bin/lower").tar();
+        let (_, res) = unpack_overlay(&[l.clone()]);
+        assert!(
+            matches!(res, Err(ImageError::HardLinkAcrossLayers { ref path, .. }) if path == "link"),
+            "{res:?}"
+        );
+        let (_, res) = unpack(&[l]);
+        assert!(
+            matches!(res, Err(ImageError::UnsafeEntry { .. })),
+            "{res:?}"
+        );
+    }
+
+    #[test]
+    fn overlay_xattrs_from_a_layer_are_dropped_and_counted() {
+        let l = Layer::new()
+            .entry(TarEntry::dir("d", 0o755).xattr("trusted.overlay.opaque", b"y"))
+            .entry(TarEntry::file("f", b"x", 0o644).xattr("trusted.overlay.redirect", b"/etc"))
+            .tar();
+        let (dir, res) = unpack_overlay(&[l.clone()]);
+        let (stats, marks) = res.unwrap();
+        assert_eq!(stats.overlay_xattrs_dropped, 2);
+        assert!(
+            marks.opaque.is_empty(),
+            "a layer cannot make itself opaque by xattr"
+        );
+        let mut buf = [0u8; 16];
+        assert!(rfs::getxattr(
+            &dir.path().join("tree/d"),
+            "trusted.overlay.opaque",
+            &mut buf[..]
+        )
+        .is_err());
+        let (_, res) = unpack(&[l]);
+        assert_eq!(res.unwrap().overlay_xattrs_dropped, 2);
+    }
+
+    #[test]
+    fn a_shared_budget_bounds_the_bytes_of_all_unpackers_together() {
+        let budget = std::sync::Arc::new(SharedBudget::default());
+        let dir = tempfile::tempdir().unwrap();
+        let mut results = Vec::new();
+        for i in 0..2 {
+            let tree = dir.path().join(format!("t{i}"));
+            std::fs::create_dir(&tree).unwrap();
+            let mut u = Unpacker::new(&tree, 150)
+                .unwrap()
+                .overlay_format()
+                .shared_budget(budget.clone());
+            let l = Layer::new().file("f", &[7u8; 100]).tar();
+            results.push(u.apply_layer(&l[..], Compression::None, "#0"));
+        }
+        assert!(results[0].is_ok());
+        assert!(
+            matches!(
+                &results[1],
+                Err(ImageError::LimitExceeded {
+                    limit: "max_unpacked_bytes",
+                    ..
+                })
+            ),
+            "200 bytes over two trees exceed 150: {:?}",
+            results[1]
+        );
     }
 
     #[test]

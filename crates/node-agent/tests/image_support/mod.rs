@@ -376,3 +376,85 @@ pub fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
     .expect("config JSON");
     (vec![(l.tar_gz(), GZIP)], config)
 }
+
+/// Whiteouts (character devices) and opaque directories of a layer disk, as paths
+/// relative to its root, found by walking it with `debugfs ls -p` and `ea_get`.
+pub fn overlay_marks(disk: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut whiteouts, mut opaque) = (Vec::new(), Vec::new());
+    let mut dirs = vec![String::new()];
+    while let Some(dir) = dirs.pop() {
+        let listing = debugfs(disk, &format!("ls -p \"/{dir}\""));
+        for line in listing.lines() {
+            // /ino/mode/uid/gid/name/size/
+            let f: Vec<&str> = line.split('/').collect();
+            if f.len() < 7
+                || f[5] == "."
+                || f[5] == ".."
+                || (dir.is_empty() && f[5] == "lost+found")
+            {
+                continue;
+            }
+            let rel = if dir.is_empty() {
+                f[5].to_string()
+            } else {
+                format!("{dir}/{}", f[5])
+            };
+            match &f[2][..f[2].len().saturating_sub(4)] {
+                "04" => {
+                    if debugfs(disk, &format!("ea_get \"/{rel}\" trusted.overlay.opaque"))
+                        .contains("= \"y\"")
+                    {
+                        opaque.push(rel.clone());
+                    }
+                    dirs.push(rel);
+                }
+                "02" => whiteouts.push(rel),
+                _ => {}
+            }
+        }
+    }
+    whiteouts.sort();
+    opaque.sort();
+    (whiteouts, opaque)
+}
+
+/// The root as guest init's overlay shows a stack of layer disks (bottom first):
+/// each disk is dumped with `debugfs rdump` and laid over the ones below, after its
+/// whiteouts removed what they hide and its opaque directories were emptied.
+pub fn merged(layers: &[PathBuf]) -> tempfile::TempDir {
+    let out = tempfile::tempdir().expect("tempdir");
+    for disk in layers {
+        let (whiteouts, opaque) = overlay_marks(disk);
+        for p in opaque.iter().chain(&whiteouts) {
+            let target = out.path().join(p);
+            if opaque.contains(p) {
+                for n in names(&target) {
+                    let c = target.join(n);
+                    let _ = std::fs::remove_dir_all(&c).or_else(|_| std::fs::remove_file(&c));
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(&target).or_else(|_| std::fs::remove_file(&target));
+            }
+        }
+        let d = dump(disk);
+        let _ = std::fs::remove_dir_all(d.path().join("lost+found"));
+        let st = Command::new("cp")
+            .args(["-a", "--remove-destination"])
+            .arg(format!("{}/.", d.path().display()))
+            .arg(out.path())
+            .status()
+            .expect("run cp");
+        assert!(st.success(), "cp -a of a layer dump failed");
+    }
+    out
+}
+
+/// [`stat`] of `path` in the top-most layer disk that has it.
+pub fn stat_in(layers: &[PathBuf], path: &str) -> (u32, u32, u32) {
+    let disk = layers
+        .iter()
+        .rev()
+        .find(|d| !debugfs(d, &format!("stat {path}")).is_empty())
+        .unwrap_or_else(|| panic!("{path} in no layer"));
+    stat(disk, path)
+}
