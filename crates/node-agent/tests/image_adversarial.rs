@@ -356,7 +356,12 @@ fn helper_no_space() {
         .build()
         .unwrap();
     let image = ImageRef::parse_pinned(&reference).unwrap();
-    let svc = ImageService::open(std::path::Path::new(&data), ImageConfig::default()).unwrap();
+    // Unpacked in the data dir, not in memory staging, to fill the data dir.
+    let config = ImageConfig {
+        staging_memory_bytes: 0,
+        ..Default::default()
+    };
+    let svc = ImageService::open(std::path::Path::new(&data), config).unwrap();
     let err = rt.block_on(svc.ensure_root_disk(&image, "i")).unwrap_err();
     println!(
         "RESULT reason={} no_space={} msg={err}",

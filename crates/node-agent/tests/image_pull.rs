@@ -194,13 +194,13 @@ fn the_same_digest_yields_a_byte_identical_disk() {
         &config_json(&[], &["sh"], &[]),
     ));
     let a = tempfile::tempdir().unwrap();
-    let disk_a = rt
-        .block_on(
-            ImageService::open(a.path(), reg.image_config())
-                .unwrap()
-                .ensure_root_disk(&image, "x"),
-        )
-        .unwrap();
+    let svc_a = ImageService::open(a.path(), reg.image_config()).unwrap();
+    let disk_a = rt.block_on(svc_a.ensure_root_disk(&image, "x")).unwrap();
+    assert_eq!(
+        svc_a.metrics().staging_fallbacks.get(),
+        0,
+        "the first build unpacks in memory (/dev/shm)"
+    );
     // Make sure the second build happens in a later second of the clock, so host
     // ctimes and atimes differ between the two unpacked trees.
     let now = || {
@@ -213,14 +213,18 @@ fn the_same_digest_yields_a_byte_identical_disk() {
     wait_for("the clock's next second", Duration::from_secs(3), || {
         now() > t0
     });
+    // The second build's memory staging is too small for any layer, so each is
+    // unpacked on disk after all: where a layer is unpacked must not change the disk.
     let b = tempfile::tempdir().unwrap();
-    let disk_b = rt
-        .block_on(
-            ImageService::open(b.path(), reg.image_config())
-                .unwrap()
-                .ensure_root_disk(&image, "x"),
-        )
-        .unwrap();
+    let mut on_disk = reg.image_config();
+    on_disk.staging_memory_bytes = 2;
+    let svc_b = ImageService::open(b.path(), on_disk).unwrap();
+    let disk_b = rt.block_on(svc_b.ensure_root_disk(&image, "x")).unwrap();
+    assert_eq!(
+        svc_b.metrics().staging_fallbacks.get(),
+        2,
+        "both layers fell back"
+    );
     // `cmp` rather than hashing here: sha2 in a debug build needs a minute per GiB.
     // Every layer disk, the one with the whiteout and opaque marks too.
     assert_eq!(disk_a.layers.len(), disk_b.layers.len());

@@ -127,6 +127,16 @@ pub enum ImageError {
         /// The link's path as found in the tar stream.
         path: String,
     },
+    /// The layer does not fit the memory staging area (its share is full, or the
+    /// tmpfs refuses one of its xattrs). The pipeline catches this and unpacks the
+    /// layer on disk instead.
+    #[error("layer {layer}: memory staging: {why}")]
+    StagingFull {
+        /// Layer digest (shortened).
+        layer: String,
+        /// What did not fit.
+        why: String,
+    },
     /// A layer could not be read or decoded (bad gzip/zstd/tar).
     #[error("layer {layer}: cannot read: {cause}")]
     LayerFormat {
@@ -229,6 +239,7 @@ impl ImageError {
             | ImageError::PullIo { .. } => ReasonCode::ImagePullFailed,
             ImageError::UnsafeEntry { .. }
             | ImageError::HardLinkAcrossLayers { .. }
+            | ImageError::StagingFull { .. }
             | ImageError::LayerFormat { .. }
             | ImageError::NoSpace { .. }
             | ImageError::Tool { .. }
@@ -259,6 +270,7 @@ impl ImageError {
             ImageError::InvalidConfig(_)
             | ImageError::Credentials { .. }
             | ImageError::Registry { .. }
+            | ImageError::StagingFull { .. }
             | ImageError::NoSpace { .. }
             | ImageError::Tool { .. }
             | ImageError::BuildIo { .. }

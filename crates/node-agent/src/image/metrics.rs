@@ -31,6 +31,8 @@ pub struct ImageMetrics {
     pub layer_builds: Counter,
     /// Layer disks found in the cache for a new image instead of built again.
     pub layer_reuses: Counter,
+    /// Layers unpacked on disk because they did not fit the memory staging.
+    pub staging_fallbacks: Counter,
 }
 
 impl ImageMetrics {
@@ -78,6 +80,11 @@ impl ImageMetrics {
             "layer_builds",
             "Layer disks built (one unpack each)",
             self.layer_builds.clone(),
+        );
+        r.register(
+            "staging_fallbacks",
+            "Layers unpacked on disk because they did not fit the memory staging",
+            self.staging_fallbacks.clone(),
         );
         r.register(
             "layer_reuses",

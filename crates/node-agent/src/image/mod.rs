@@ -117,6 +117,8 @@ type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
 struct Inner {
     paths: CachePaths,
+    /// Memory staging for unpacking (`staging_memory_bytes`), when available.
+    staging: Option<Staging>,
     config: ImageConfig,
     db: Mutex<CacheDb>,
     inflight: Mutex<HashMap<Digest, Flight>>,
@@ -149,8 +151,10 @@ impl ImageService {
         let paths = CachePaths::new(data_dir);
         paths.create()?;
         let db = CacheDb::open(&paths.db)?;
+        let staging = Staging::open(&config, data_dir);
         let svc = ImageService {
             inner: Arc::new(Inner {
+                staging,
                 paths,
                 config,
                 db: Mutex::new(db),
@@ -635,29 +639,51 @@ impl ImageService {
                 .tmp
                 .join(format!("{}.build-{}", run.key, store::unique())),
         );
-        let tree = work.path().join("tree");
-        std::fs::create_dir_all(&tree).map_err(|e| ImageError::build_io("create", &tree, e))?;
+        std::fs::create_dir_all(work.path())
+            .map_err(|e| ImageError::build_io("create", work.path(), e))?;
         let t0 = Instant::now();
-        // The deadline is checked before every tar entry, and bounds the tools too.
-        let mut unpacker = unpack::Unpacker::with_limits(
-            &tree,
-            unpack::UnpackLimits::from_config(&self.inner.config, deadline),
-        )?
-        .overlay_format()
-        .shared_budget(budget.clone());
-        for layer in &session.layers[run.start..run.end] {
-            let f = std::fs::File::open(&layer.path)
-                .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
-            unpacker.apply_layer(
-                std::io::BufReader::with_capacity(256 * 1024, f),
-                layer.compression,
-                &layer.digest.short(),
-            )?;
-            if let Some(p) = progress {
-                p.layer_unpacked();
+        // In memory first when staging is on; on disk when the layer does not fit.
+        let mut attempts: Vec<(TempPath, Option<u64>)> = Vec::new();
+        if let Some(st) = &self.inner.staging {
+            attempts.push((
+                TempPath::new(
+                    st.dir
+                        .join(format!("{}.build-{}", run.key, store::unique())),
+                ),
+                Some(st.share),
+            ));
+        }
+        attempts.push((TempPath::new(work.path().join("tree")), None));
+        let mut staged = None;
+        for (tree_dir, cap) in attempts {
+            match self.unpack_run(
+                session,
+                run,
+                tree_dir.path(),
+                cap,
+                deadline,
+                budget,
+                progress,
+            ) {
+                Ok(r) => {
+                    staged = Some((tree_dir, r));
+                    break;
+                }
+                Err(ImageError::StagingFull { layer, why }) => {
+                    tracing::info!(layer_disk = %run.key, %layer, %why, "layer does not fit the memory staging; unpacking it on disk");
+                    self.inner.metrics.staging_fallbacks.inc();
+                }
+                Err(e) => return Err(e),
             }
         }
-        let (stats, marks) = unpacker.finish_with_marks()?;
+        let Some((tree_dir, (stats, marks))) = staged else {
+            return Err(ImageError::Tool {
+                tool: "image build task",
+                what: format!("layer disk {}", run.key),
+                cause: "no place to unpack".into(),
+            });
+        };
+        let tree = tree_dir.path().to_path_buf();
         let unpack_time = t0.elapsed();
         tracing::debug!(layer_disk = %run.key, ?stats, "layers unpacked");
         let t1 = Instant::now();
@@ -679,8 +705,8 @@ impl ImageService {
             rootfs::DiskKind::Layer,
             &marks,
         )?;
-        // The tree is no longer needed; free its space before the rename.
-        let _ = std::fs::remove_dir_all(&tree);
+        // The tree is no longer needed; free its space (or memory) before the rename.
+        drop(tree_dir);
         let allocated = {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(&tmp_disk)
@@ -702,6 +728,55 @@ impl ImageService {
         self.inner.metrics.layer_builds.inc();
         drop(work);
         Ok((disk, unpack_time, t1.elapsed()))
+    }
+
+    /// Unpacks the layers of `run` into `tree` (created here) in overlay format; with
+    /// `staging_cap`, as a memory staging area of that many bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_run(
+        &self,
+        session: &pull::Session,
+        run: &Run,
+        tree: &Path,
+        staging_cap: Option<u64>,
+        deadline: Instant,
+        budget: &Arc<unpack::SharedBudget>,
+        progress: Option<&progress::PullProgress>,
+    ) -> Result<(unpack::UnpackStats, unpack::OverlayMarks), ImageError> {
+        std::fs::create_dir_all(tree).map_err(|e| ImageError::build_io("create", tree, e))?;
+        // The deadline is checked before every tar entry, and bounds the tools too.
+        let mut unpacker = unpack::Unpacker::with_limits(
+            tree,
+            unpack::UnpackLimits::from_config(&self.inner.config, deadline),
+        )?
+        .overlay_format()
+        .shared_budget(budget.clone());
+        if let Some(cap) = staging_cap {
+            unpacker = unpacker.staging(cap);
+        }
+        for layer in &session.layers[run.start..run.end] {
+            let r = std::fs::File::open(&layer.path)
+                .map_err(|e| ImageError::build_io("open", &layer.path, e))
+                .and_then(|f| {
+                    unpacker.apply_layer(
+                        std::io::BufReader::with_capacity(256 * 1024, f),
+                        layer.compression,
+                        &layer.digest.short(),
+                    )
+                });
+            if let Err(e) = r {
+                if matches!(e, ImageError::StagingFull { .. }) {
+                    unpacker.release_budget();
+                }
+                return Err(e);
+            }
+        }
+        if let Some(p) = progress {
+            for _ in run.start..run.end {
+                p.layer_unpacked();
+            }
+        }
+        unpacker.finish_with_marks()
     }
 
     /// Removes `instance_id`'s pin. The disk stays cached until evicted.
@@ -772,6 +847,16 @@ impl ImageService {
                 let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
             }
         }
+        // The memory staging area's leftovers, likewise.
+        if let Some(st) = &self.inner.staging {
+            for ent in read_dir_names(&st.dir)? {
+                let key = ent.split('.').next().unwrap_or("").to_string();
+                if let Some(_lock) = DigestLock::try_acquire(paths, &key)? {
+                    let p = st.dir.join(&ent);
+                    let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                }
+            }
+        }
         // Layer disks whose file is gone: forget them and the images naming them.
         let layers = self.db().layers()?;
         for l in &layers {
@@ -815,6 +900,39 @@ impl ImageService {
             }
         }
         Ok(())
+    }
+}
+
+/// The memory staging area of this cache: a directory of its own under the
+/// configured tmpfs, and each build's share of `staging_memory_bytes`.
+struct Staging {
+    dir: PathBuf,
+    share: u64,
+}
+
+impl Staging {
+    /// Off when `staging_memory_bytes` is 0 or `staging_dir` is unusable (logged).
+    fn open(config: &ImageConfig, data_dir: &Path) -> Option<Staging> {
+        if config.staging_memory_bytes == 0 {
+            return None;
+        }
+        use sha2::Digest as _;
+        let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        let tag = hex::encode(&sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes())[..8]);
+        let dir = config.staging_dir.join(format!("plfm-images-{tag}"));
+        let made = std::fs::create_dir_all(&dir).and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        });
+        if let Err(e) = made {
+            tracing::warn!(dir = %dir.display(), error = %e, "memory staging unavailable; layers are unpacked on disk");
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+        Some(Staging {
+            dir,
+            share: config.staging_memory_bytes / cores,
+        })
     }
 }
 

@@ -294,6 +294,8 @@ pub struct Unpacker {
     opaque: std::collections::BTreeSet<PathBuf>,
     /// Image-wide counters when several unpackers share the limits.
     budget: Option<std::sync::Arc<SharedBudget>>,
+    /// Memory staging: file bytes this tree may hold, and xattrs must be kept.
+    staging_cap: Option<u64>,
 }
 
 fn errno_io(e: Errno) -> io::Error {
@@ -333,7 +335,16 @@ impl Unpacker {
             whiteouts: Default::default(),
             opaque: Default::default(),
             budget: None,
+            staging_cap: None,
         })
+    }
+
+    /// The tree is a memory staging area that holds at most `cap` bytes of file
+    /// data, and must not drop xattrs: past the cap, or on an xattr the file system
+    /// refuses, [`ImageError::StagingFull`] tells the caller to unpack on disk.
+    pub fn staging(mut self, cap: u64) -> Self {
+        self.staging_cap = Some(cap);
+        self
     }
 
     /// Produces the overlay format (see the module docs): the tree of a layer disk.
@@ -347,6 +358,17 @@ impl Unpacker {
     pub fn shared_budget(mut self, budget: std::sync::Arc<SharedBudget>) -> Self {
         self.budget = Some(budget);
         self
+    }
+
+    /// Gives back to the shared budget what this unpacker counted (it failed and its
+    /// layers are unpacked again elsewhere).
+    pub fn release_budget(&self) {
+        if let Some(b) = &self.budget {
+            b.entries
+                .fetch_sub(self.raw_entries, std::sync::atomic::Ordering::Relaxed);
+            b.bytes
+                .fetch_sub(self.stats.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Entries read so far: this unpacker's, or the image's when the budget is shared.
@@ -645,6 +667,14 @@ impl Unpacker {
                     }
                     T::Regular | T::Continuous => {
                         let size = entry.size();
+                        if let Some(cap) = self.staging_cap {
+                            if self.stats.bytes.saturating_add(size) > cap {
+                                return Err(ImageError::StagingFull {
+                                    layer: self.layer.clone(),
+                                    why: format!("more than {cap} bytes"),
+                                });
+                            }
+                        }
                         if self.would_write(size) > self.limits.max_unpacked_bytes {
                             return Err(ImageError::LimitExceeded {
                                 what: format!("layer {}", self.layer),
@@ -839,6 +869,14 @@ impl Unpacker {
                 Ok(()) => {}
                 // The build dir's file system may not take every namespace; the image
                 // still runs, so this is logged, not fatal.
+                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL)
+                    if self.staging_cap.is_some() =>
+                {
+                    return Err(ImageError::StagingFull {
+                        layer: self.layer.clone(),
+                        why: format!("xattr {k:?} not supported"),
+                    });
+                }
                 Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL) => {
                     tracing::warn!(path = %rel.display(), xattr = ?k, "xattr not supported by the build file system; dropped");
                 }
