@@ -424,6 +424,7 @@ fn config(argv: &[&str], uid: u32) -> Config {
         },
         network: None,
         mounts: vec![],
+        root_layers: 1,
         secrets: None,
     }
 }

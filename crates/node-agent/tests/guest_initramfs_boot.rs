@@ -503,6 +503,7 @@ fn vm_config(script: &str, secrets: Option<&str>) -> Config {
             read_only: false,
             filesystem: "ext4".into(),
         }],
+        root_layers: 1,
         secrets: secrets.map(|s| SecretsConfig {
             required: true,
             path: "/run/secrets/platform.env".into(),

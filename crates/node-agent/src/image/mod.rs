@@ -53,6 +53,10 @@ use store::{CacheDb, CachePaths, DigestLock, DiskMeta, TempPath};
 pub struct RootDisk {
     /// The ext4 image file.
     pub path: PathBuf,
+    /// The disks to stack, bottom first; `path` is `layers[0]`. One disk (the
+    /// flattened image) until the image module builds a disk per layer; the runtime
+    /// attaches them in this order (`plfm_guest_protocol::disks`).
+    pub layers: Vec<PathBuf>,
     /// The manifest digest it was built from.
     pub digest: Digest,
     /// Apparent size of the disk in bytes.
@@ -285,6 +289,7 @@ impl ImageService {
         let db = self.db();
         match db.lookup_and_touch(digest)? {
             Some((path, meta)) if path.is_file() => Ok(Some(RootDisk {
+                layers: vec![path.clone()],
                 path,
                 digest: digest.clone(),
                 size_bytes: meta.size_bytes,
@@ -485,6 +490,7 @@ impl ImageService {
         drop(work);
         Ok((
             RootDisk {
+                layers: vec![final_disk.clone()],
                 path: final_disk,
                 digest: digest.clone(),
                 size_bytes: size,

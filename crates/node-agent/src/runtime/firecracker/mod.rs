@@ -32,10 +32,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::api::{ActionType, ApiClient, VmConfiguration};
-use super::vmm::guest;
 use super::vmm::logs::Evidence;
 use super::vmm::monitor::{Monitor, MonitorArgs, OomCheck, Tracked, VmTable};
 use super::vmm::process::{self as vproc, ProcessId, Watch};
+use super::vmm::{guest, rootdisk};
 use super::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
 use crate::guest::bind_guest_listener;
 use crate::spec::{HealthSpec, InstanceId, Workload};
@@ -559,14 +559,14 @@ impl FirecrackerRuntime {
     }
 
     /// The VM configuration sent to the API for an instance (also used by contract
-    /// tests).
+    /// tests). Fails when the disks are more than a VM takes (volumes, root layers).
     pub fn vm_configuration(
         &self,
         id: &InstanceId,
         workload: &Workload,
         host: &PreparedHost,
         jailed: bool,
-    ) -> VmConfiguration {
+    ) -> Result<VmConfiguration, RuntimeError> {
         let resolved = ResolvedHost {
             binary: self.config.binary.clone(),
             jailer: jailed.then(|| PathBuf::from("jailer")),
@@ -666,6 +666,7 @@ impl FirecrackerRuntime {
         launch: &process::Launch,
         record: &mut VmmRecord,
         layout: &Layout,
+        root_layers: &[PathBuf],
     ) -> Result<(Watch, Option<OomCheck>), RuntimeError> {
         let record_path = layout.dir.join("vmm.json");
         let evidence = layout.evidence();
@@ -711,7 +712,13 @@ impl FirecrackerRuntime {
             None => (spawned.id, Watch::Child(spawned.child)),
         };
         record.process = Some(vmm);
-        let detail = serde_json::to_string(&vmm).ok();
+        // The VMM's identity, and the root layer disks it was given (for `describe`).
+        let detail = serde_json::to_value(vmm).ok().map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("root_layers".into(), serde_json::json!(root_layers));
+            }
+            v.to_string()
+        });
         self.ledger_add(id, "process", record_path.display().to_string(), detail)
             .await;
         if let Err(e) = write_record(&record_path, record) {
@@ -762,14 +769,20 @@ impl FirecrackerRuntime {
             }
         }
         let client = self.api(&layout.api_sock);
-        let vm_config = vm_configuration(
+        let vm_config = match vm_configuration(
             id,
             workload,
             prepared,
             layout,
             &self.config.kernel,
             &self.config.initramfs,
-        );
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                watch.kill().await;
+                return Err(e);
+            }
+        };
         for req in vm_config.requests() {
             if let Err(e) = client.send(&req).await {
                 // Give the VMM a moment to write its exit reason, then kill it.
@@ -837,34 +850,25 @@ fn vm_configuration(
     layout: &Layout,
     kernel: &Path,
     initramfs: &Path,
-) -> VmConfiguration {
+) -> Result<VmConfiguration, RuntimeError> {
     let inside = |p: &Path| layout.linked_name(p);
-    let mut drives = vec![
-        api::Drive {
-            drive_id: "vda".into(),
-            path_on_host: inside(&host.root_disk),
-            is_root_device: false,
-            is_read_only: true,
-            cache_type: None,
-        },
-        api::Drive {
-            drive_id: "vdb".into(),
-            path_on_host: inside(&host.scratch_disk),
-            is_root_device: false,
-            is_read_only: false,
-            cache_type: None,
-        },
-    ];
-    for (i, (_, d)) in host.volumes.iter().enumerate() {
-        let letter = (b'c' + (i as u8).min(23)) as char;
-        drives.push(api::Drive {
-            drive_id: format!("vd{letter}"),
+    let volumes: Vec<(PathBuf, bool)> = host
+        .volumes
+        .iter()
+        .map(|(_, d)| (d.path.clone(), d.read_only))
+        .collect();
+    // Firecracker attaches the drives in the order they are configured, so the guest
+    // names them in this order (`vda`, `vdb`, …).
+    let drives = rootdisk::vm_disks(&host.root_layers, &host.scratch_disk, &volumes)?
+        .into_iter()
+        .map(|d| api::Drive {
+            drive_id: d.name,
             path_on_host: inside(&d.path),
             is_root_device: false,
             is_read_only: d.read_only,
             cache_type: None,
-        });
-    }
+        })
+        .collect();
     let interfaces = host
         .tap
         .iter()
@@ -874,7 +878,7 @@ fn vm_configuration(
             guest_mac: Some(guest_mac(id)),
         })
         .collect();
-    VmConfiguration {
+    Ok(VmConfiguration {
         logger: api::Logger {
             log_path: layout.vmm_path(&layout.fc_log),
             level: "Info".into(),
@@ -902,7 +906,7 @@ fn vm_configuration(
             guest_cid: 3,
             uds_path: layout.vmm_path(&layout.vsock_uds),
         },
-    }
+    })
 }
 
 #[async_trait]
@@ -964,6 +968,7 @@ impl Runtime for FirecrackerRuntime {
         let config = guest::guest_config(
             workload,
             prepared.process.as_ref(),
+            u32::try_from(prepared.root_layers.len()).unwrap_or(u32::MAX),
             prepared.guest_network.clone(),
             boot.secrets.as_ref(),
         )?;
@@ -1021,7 +1026,14 @@ impl Runtime for FirecrackerRuntime {
                 .or_else(|| workload.spec.network.overlay_ipv6.parse().ok()),
         };
         let (mut watch, oom) = self
-            .spawn_vmm(id, workload, &launch, &mut record, &layout)
+            .spawn_vmm(
+                id,
+                workload,
+                &launch,
+                &mut record,
+                &layout,
+                &prepared.root_layers,
+            )
             .await?;
         self.configure(id, workload, &prepared, &layout, &launch, &mut watch)
             .await?;
