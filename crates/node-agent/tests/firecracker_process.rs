@@ -440,6 +440,11 @@ async fn vmm_pid_and_start_time_are_in_the_ledger_before_configuration_and_gone_
     let pid = detail["pid"].as_i64().unwrap() as i32;
     assert!(env.pids().contains(&pid), "{detail} vs {:?}", env.pids());
     assert!(detail["start_time"].as_u64().unwrap() > 0);
+    // The root layer disks it was given, bottom first (what `describe` lists).
+    assert_eq!(
+        detail["root_layers"],
+        serde_json::json!([env.path("root.ext4")])
+    );
     // No tap from the host resources: no network interface is configured.
     assert!(!env
         .requests()
