@@ -424,6 +424,10 @@ impl QemuRuntime {
     }
 }
 
+/// virtio-mmio transports of QEMU's `microvm` machine (with its second I/O APIC, the
+/// default): one per virtio device.
+const MICROVM_VIRTIO_TRANSPORTS: usize = 24;
+
 /// QEMU's command line for a prepared instance.
 fn qemu_args(
     id: &InstanceId,
@@ -477,7 +481,20 @@ fn qemu_args(
         .iter()
         .map(|(_, path, ro)| (path.clone(), *ro))
         .collect();
-    for d in rootdisk::vm_disks(&p.root.layers, &p.host.scratch, &volumes)? {
+    let disks = rootdisk::vm_disks(&p.root.layers, &p.host.scratch, &volumes)?;
+    // The disks, the network device and the vsock device each take a transport.
+    let devices = disks.len() + 2;
+    if devices > MICROVM_VIRTIO_TRANSPORTS {
+        return Err(RuntimeError::VmmStart(
+            format!(
+                "the VM needs {devices} virtio devices ({} root layer disks, the scratch disk, {} volumes, network, vsock); QEMU's microvm machine has {MICROVM_VIRTIO_TRANSPORTS}",
+                p.root.layers.len(),
+                volumes.len()
+            )
+            .into(),
+        ));
+    }
+    for d in disks {
         args.push("-drive".into());
         args.push(format!(
             "id={},file={},format=raw,if=none{}",
@@ -1014,6 +1031,33 @@ mod tests {
             devices,
             ["vda", "vdb", "vdc", "vdd", "vde", "vdf"]
                 .map(|d| format!("virtio-blk-device,drive={d}"))
+        );
+        // 22 disks (16 layers, scratch, 5 volumes) + network + vsock fill microvm's 24
+        // transports; one volume more is refused before QEMU runs, naming the count.
+        let mut big = p.clone();
+        big.root.layers = (0..16).map(|i| format!("/c/{i}").into()).collect();
+        big.host.volumes = (0..5)
+            .map(|i| (format!("v{i}"), format!("/v/{i}").into(), false))
+            .collect();
+        let run = |p: &Prepared| {
+            qemu_args(
+                &id,
+                &workload(),
+                p,
+                &paths,
+                "tcg",
+                (Path::new("/k"), Path::new("/r")),
+                None,
+            )
+        };
+        let args = run(&big).unwrap();
+        assert_eq!(args.iter().filter(|a| *a == "-drive").count(), 22);
+        big.host.volumes.push(("v5".into(), "/v/5".into(), false));
+        let e = run(&big).unwrap_err();
+        assert!(
+            e.to_string().contains("needs 25 virtio devices")
+                && e.to_string().contains("microvm machine has 24"),
+            "{e}"
         );
     }
 
