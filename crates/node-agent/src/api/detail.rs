@@ -249,7 +249,7 @@ mod tests {
     fn root_layers_are_read_from_both_runtimes_records() {
         let fc = row(r#"{"pid": 41, "start_time": 7, "root_layers": ["/c/l0", "/c/l1"]}"#);
         assert_eq!(
-            recorded_root_layers(&[fc.clone()]),
+            recorded_root_layers(std::slice::from_ref(&fc)),
             Some(vec!["/c/l0".to_string(), "/c/l1".to_string()])
         );
         assert_eq!(processes(&[fc]).len(), 1, "the list is not a process");

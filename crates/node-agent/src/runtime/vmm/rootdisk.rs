@@ -160,6 +160,27 @@ pub fn vm_disks(
     Ok(out)
 }
 
+/// Unpins `id`'s root disk (idempotent); the disk stays cached until evicted.
+pub fn release(images: &ImageService, id: &InstanceId) {
+    if let Err(e) = images.unpin(id.as_str()) {
+        tracing::warn!(instance = %id, error = %e, "cannot unpin the root disk");
+    }
+}
+
+/// After an agent restart: keeps the pins of the adopted instances only (the others
+/// pin their disk again when they are prepared).
+pub fn retain(images: &ImageService, adopted: &[InstanceId]) {
+    let keep: Vec<&str> = adopted.iter().map(|i| i.as_str()).collect();
+    match images.retain_pins(&keep) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            unpinned = n,
+            "root disks of instances not running are evictable again"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot drop stale root-disk pins"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,26 +248,5 @@ mod tests {
         let many: Vec<PathBuf> = (0..17).map(|i| format!("/d/{i}").into()).collect();
         let e = root_layers(many, "/d/0".into()).unwrap_err();
         assert!(e.to_string().contains("stack of 17 layer disks"), "{e}");
-    }
-}
-
-/// Unpins `id`'s root disk (idempotent); the disk stays cached until evicted.
-pub fn release(images: &ImageService, id: &InstanceId) {
-    if let Err(e) = images.unpin(id.as_str()) {
-        tracing::warn!(instance = %id, error = %e, "cannot unpin the root disk");
-    }
-}
-
-/// After an agent restart: keeps the pins of the adopted instances only (the others
-/// pin their disk again when they are prepared).
-pub fn retain(images: &ImageService, adopted: &[InstanceId]) {
-    let keep: Vec<&str> = adopted.iter().map(|i| i.as_str()).collect();
-    match images.retain_pins(&keep) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            unpinned = n,
-            "root disks of instances not running are evictable again"
-        ),
-        Err(e) => tracing::warn!(error = %e, "cannot drop stale root-disk pins"),
     }
 }
