@@ -326,18 +326,20 @@ impl HostResources for Stacked {
     }
 }
 
-/// The real jailer and Firecracker given a root of three layer disks and two volumes:
-/// every drive is accepted, Firecracker's own view of the VM (`GET /vm/config`) has
-/// the shared names (bottom layer `vda`, scratch `vdb`, volumes `vdc`/`vdd`, upper
-/// layers `vde`/`vdf`) on the right files, configured in that order (its log), every
-/// layer read-only and linked into the jail root's (the VMM's uid can read and not
-/// write it), and cleanup leaves nothing.
+/// The real jailer and Firecracker given a root of twelve layer disks and two volumes,
+/// with the tap and vsock the 17 virtio devices the runtime allows at most
+/// (`VIRTIO_DEVICES`): `InstanceStart` succeeds, Firecracker's own view of the VM
+/// (`GET /vm/config`) has the shared names (bottom layer `vda`, scratch `vdb`, volumes
+/// `vdc`/`vdd`, upper layers `vde` … `vdo`) on the right files, configured in that
+/// order (its log), every layer read-only and linked into the jail root's (the VMM's
+/// uid can read and not write it), and cleanup leaves nothing.
 #[test]
-fn real_jailer_takes_a_root_of_three_layer_disks_and_two_volumes_in_the_shared_order() {
+fn real_jailer_takes_a_root_of_twelve_layer_disks_and_two_volumes_in_the_shared_order() {
     in_netns(
-        "real_jailer_takes_a_root_of_three_layer_disks_and_two_volumes_in_the_shared_order",
+        "real_jailer_takes_a_root_of_twelve_layer_disks_and_two_volumes_in_the_shared_order",
         |rig| async move {
-            let (rt, store) = rig.runtime_with_layers(rig.config(true, 30), 3);
+            const LAYERS: usize = 12;
+            let (rt, store) = rig.runtime_with_layers(rig.config(true, 30), LAYERS);
             let id = InstanceId::parse("fc-stack").unwrap();
             let mut a = rig.assignment("fc-stack", "fd00::9:5");
             a["workload"]["mounts"] = json!([
@@ -377,11 +379,18 @@ fn real_jailer_takes_a_root_of_three_layer_disks_and_two_volumes_in_the_shared_o
                 .collect();
             drives.sort();
             let ids: Vec<&str> = drives.iter().map(|d| d.0.as_str()).collect();
-            assert_eq!(ids, ["vda", "vdb", "vdc", "vdd", "vde", "vdf"], "{config}");
+            let want: Vec<String> = (0..LAYERS + 3)
+                .map(plfm_guest_protocol::disk_name)
+                .collect();
+            assert_eq!(ids, want, "{config}");
+            assert_eq!(ids.last(), Some(&"vdo"));
             let ro: Vec<bool> = drives.iter().map(|d| d.2).collect();
-            assert_eq!(ro, [true, false, true, false, true, true], "{config}");
-            assert_eq!(drives[4].1, "/layer-1.ext4");
-            assert_eq!(drives[5].1, "/layer-2.ext4");
+            let mut want_ro = vec![true, false, true, false];
+            want_ro.extend([true; LAYERS - 1]);
+            assert_eq!(ro, want_ro, "{config}");
+            for i in 1..LAYERS {
+                assert_eq!(drives[3 + i].1, format!("/layer-{i}.ext4"), "{config}");
+            }
             assert!(drives[0].1.ends_with(".ext4") && drives[0].1.starts_with('/'));
             let uid: u32 = store
                 .resources()
@@ -392,14 +401,9 @@ fn real_jailer_takes_a_root_of_three_layer_disks_and_two_volumes_in_the_shared_o
                 .name
                 .parse()
                 .unwrap();
-            for (name, _, _) in [&drives[0], &drives[4], &drives[5]] {
-                let file = drives
-                    .iter()
-                    .find(|d| &d.0 == name)
-                    .unwrap()
-                    .1
-                    .trim_start_matches('/')
-                    .to_string();
+            let layers = std::iter::once(&drives[0]).chain(&drives[4..]);
+            for (_, path, _) in layers {
+                let file = path.trim_start_matches('/').to_string();
                 use std::os::unix::fs::MetadataExt;
                 let m = std::fs::metadata(root.join(&file)).unwrap();
                 assert_eq!(m.uid(), 0, "{file} was given to the VMM's uid");
