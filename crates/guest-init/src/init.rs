@@ -269,21 +269,15 @@ impl Init {
                 config.instance_id
             )));
         }
-        let plan = validate(&config, &self.settings)?;
+        let plan = validate(&config, &self.settings, &layout)?;
         self.send(&GuestMessage::Ack);
 
         phases.mark("handshake");
 
-        // 4. Root disk, scratch disk, overlay, root switch.
+        // 4. Root layers, scratch disk, overlay, root switch.
         let rootfs_failed = fail(FailureReason::RootfsBuildFailed);
-        let root_plan = mounts::root_plan(
-            &layout,
-            &self.settings.root_device,
-            &self.settings.scratch_device,
-        )
-        .map_err(&rootfs_failed)?;
-        for (i, step) in root_plan.iter().enumerate() {
-            if i == 2 {
+        for step in &plan.root {
+            if step.fstype == "overlay" {
                 for d in [layout.upper(), layout.work()] {
                     std::fs::create_dir_all(&d)
                         .map_err(|e| rootfs_failed(format!("mkdir {}: {e}", d.display())))?;
@@ -305,7 +299,12 @@ impl Init {
         console::line(&format!(
             "root is the overlay of {} on {} ({how})",
             self.settings.scratch_device.display(),
-            self.settings.root_device.display()
+            plan.layers
+                .iter()
+                .rev()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" on ")
         ));
 
         phases.mark("root");
@@ -519,15 +518,27 @@ fn ms(d: Duration) -> f64 {
 /// What the config asks for, checked before `ack`.
 struct Plan {
     env: BTreeMap<String, String>,
+    /// Root layer devices, bottom first.
+    layers: Vec<PathBuf>,
+    /// Root layers, scratch disk and overlay, in mount order.
+    root: Vec<mounts::MountStep>,
     volumes: Vec<mounts::VolumeMount>,
     secrets: Option<(PathBuf, SecretsFile, u32, u32, u32)>,
 }
 
 /// Checks everything in the config that can be checked before touching the system, so
 /// that a bad config is refused instead of acknowledged.
-fn validate(config: &Config, settings: &Settings) -> Result<Plan, Failure> {
+fn validate(config: &Config, settings: &Settings, layout: &Layout) -> Result<Plan, Failure> {
     let env = env::compose_env(&config.workload.env, config.workload.uid)
         .map_err(fail(FailureReason::FirecrackerStartFailed))?;
+    let rootfs_failed = fail(FailureReason::RootfsBuildFailed);
+    let n = plfm_guest_protocol::disks::check_root_layers(config.root_layers)
+        .map_err(&rootfs_failed)?;
+    let layers = settings
+        .layer_devices(n, config.mounts.len())
+        .map_err(&rootfs_failed)?;
+    let root =
+        mounts::root_plan(layout, &layers, &settings.scratch_device).map_err(&rootfs_failed)?;
     let volumes = mounts::volume_plan(&config.mounts, |i| settings.volume_device(i))
         .map_err(fail(FailureReason::VolumeAttachFailed))?;
     let secrets = match &config.secrets {
@@ -562,6 +573,8 @@ fn validate(config: &Config, settings: &Settings) -> Result<Plan, Failure> {
     };
     Ok(Plan {
         env,
+        layers,
+        root,
         volumes,
         secrets,
     })
@@ -629,4 +642,63 @@ fn write_resolv_conf(path: &Path, text: &str) -> Result<(), String> {
     let tmp = path.with_extension("plfm-tmp");
     std::fs::write(&tmp, text).map_err(|e| format!("write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("rename to {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(root_layers: u32) -> Config {
+        let json = serde_json::json!({
+            "config_version": "v1", "instance_id": "i", "generation": 1,
+            "workload": {"argv": ["/bin/true"]},
+            "mounts": [{"volume_id": "vol-b", "mount_path": "/b"},
+                       {"volume_id": "vol-a", "mount_path": "/a"}],
+            "root_layers": root_layers
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn vm() -> (Settings, Layout) {
+        let s = Settings::from_sources(&BTreeMap::new(), "platform.instance_id=i").unwrap();
+        let l = Layout {
+            staging: s.staging.clone(),
+        };
+        (s, l)
+    }
+
+    #[test]
+    fn root_layer_counts_outside_the_limit_are_refused_before_ack_naming_the_value() {
+        let (s, l) = vm();
+        for (n, want) in [
+            (0, "root_layers is 0"),
+            (17, "root_layers is 17: at most 16"),
+        ] {
+            let Err(f) = validate(&config(n), &s, &l) else {
+                panic!("{n} root layers accepted");
+            };
+            assert_eq!(f.reason, FailureReason::RootfsBuildFailed);
+            assert!(f.detail.contains(want), "{}", f.detail);
+        }
+    }
+
+    #[test]
+    fn the_plan_stacks_the_layers_on_the_devices_after_the_volumes() {
+        let (s, l) = vm();
+        let p = validate(&config(3), &s, &l).map_err(|f| f.detail).unwrap();
+        assert_eq!(
+            p.layers,
+            ["/dev/vda", "/dev/vde", "/dev/vdf"].map(PathBuf::from)
+        );
+        let sources: Vec<&str> = p.root.iter().map(|m| m.source.as_str()).collect();
+        assert_eq!(
+            sources,
+            ["/dev/vda", "/dev/vde", "/dev/vdf", "/dev/vdb", "overlay"]
+        );
+        let vols: Vec<_> = p.volumes.iter().map(|v| v.device.clone()).collect();
+        assert_eq!(vols, ["/dev/vdc", "/dev/vdd"].map(PathBuf::from));
+        let one = validate(&config(1), &s, &l).map_err(|f| f.detail).unwrap();
+        assert_eq!(one.layers, [PathBuf::from("/dev/vda")]);
+        assert_eq!(one.root.len(), 3);
+    }
 }

@@ -3,14 +3,16 @@
 //! through [`crate::sys`].
 //!
 //! Layout before the root switch (all under the staging directory, `/` in a VM):
-//! `proc`, `sys`, `dev`; `mnt/lower` (root disk, read-only), `mnt/scratch` (scratch disk
-//! with `upper/` and `work/`), `mnt/newroot` (overlay of the two). After the switch:
-//! tmpfs on `/run` and `/tmp`, devpts and `/dev/shm`, then the volumes.
+//! `proc`, `sys`, `dev`; the root layers read-only: `mnt/lower` when the image is one
+//! flattened disk, else `mnt/lower/0` (bottom) … `mnt/lower/<N-1>` (top);
+//! `mnt/scratch` (scratch disk with `upper/` and `work/`), `mnt/newroot` (the overlay
+//! of the layers under the scratch disk's upper dir). After the switch: tmpfs on `/run`
+//! and `/tmp`, devpts and `/dev/shm`, then the volumes.
 
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::MsFlags;
-use plfm_guest_protocol::MountConfig;
+use plfm_guest_protocol::{disks, MountConfig, MAX_VOLUMES};
 
 /// One mount to perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +58,16 @@ impl Layout {
     /// `<staging>/mnt/lower`.
     pub fn lower(&self) -> PathBuf {
         self.staging.join("mnt/lower")
+    }
+    /// Where root layer `layer` (0 = bottom) of a stack of `layers` is mounted:
+    /// `<staging>/mnt/lower` for a single layer (the flattened image, as before
+    /// stacks), else `<staging>/mnt/lower/<layer>`.
+    pub fn layer(&self, layer: usize, layers: usize) -> PathBuf {
+        if layers == 1 {
+            self.lower()
+        } else {
+            self.lower().join(layer.to_string())
+        }
     }
     /// `<staging>/mnt/scratch`.
     pub fn scratch(&self) -> PathBuf {
@@ -119,42 +131,70 @@ fn overlay_safe(p: &Path) -> Result<&str, String> {
     Ok(s)
 }
 
-/// Root disk read-only, scratch disk read-write, and the overlay root. The executor
-/// creates `upper/` and `work/` on the scratch disk between the second and third step.
+/// Longest overlay option string accepted: `mount(2)` copies at most one page of
+/// filesystem options, terminating NUL included.
+pub const MAX_OVERLAY_OPTIONS: usize = 4095;
+
+/// The root: each root layer read-only at its own directory (bottom first), the scratch
+/// disk read-write, then the overlay with the layers as lower dirs (top-most first, as
+/// overlayfs lists them) and upper and work dirs on the scratch disk. The executor
+/// creates `upper/` and `work/` on the scratch disk before the last (overlay) step.
+/// `layer_devices` is bottom first and never empty; a single layer gives the plan of a
+/// flattened image (`mnt/lower` as the only lower dir).
 pub fn root_plan(
     layout: &Layout,
-    root_device: &Path,
+    layer_devices: &[PathBuf],
     scratch_device: &Path,
 ) -> Result<Vec<MountStep>, String> {
+    let n = layer_devices.len();
+    if n == 0 {
+        return Err("no root layer device".into());
+    }
+    let mut lowers = Vec::with_capacity(n);
+    for i in (0..n).rev() {
+        lowers.push(overlay_safe(&layout.layer(i, n))?.to_string());
+    }
     let data = format!(
         "lowerdir={},upperdir={},workdir={}",
-        overlay_safe(&layout.lower())?,
+        lowers.join(":"),
         overlay_safe(&layout.upper())?,
         overlay_safe(&layout.work())?
     );
-    Ok(vec![
-        MountStep::new(
-            &root_device.to_string_lossy(),
-            layout.lower(),
-            "ext4",
-            MsFlags::MS_RDONLY.union(MsFlags::MS_NODEV),
-            None,
-        ),
-        MountStep::new(
-            &scratch_device.to_string_lossy(),
-            layout.scratch(),
-            "ext4",
-            MsFlags::MS_NODEV,
-            None,
-        ),
-        MountStep::new(
-            "overlay",
-            layout.newroot(),
-            "overlay",
-            MsFlags::empty(),
-            Some(&data),
-        ),
-    ])
+    if data.len() > MAX_OVERLAY_OPTIONS {
+        return Err(format!(
+            "overlay options for {n} root layers are {} bytes, more than the kernel's {MAX_OVERLAY_OPTIONS} (staging directory {} too long)",
+            data.len(),
+            layout.staging.display()
+        ));
+    }
+    let mut plan: Vec<MountStep> = layer_devices
+        .iter()
+        .enumerate()
+        .map(|(i, dev)| {
+            MountStep::new(
+                &dev.to_string_lossy(),
+                layout.layer(i, n),
+                "ext4",
+                MsFlags::MS_RDONLY.union(MsFlags::MS_NODEV),
+                None,
+            )
+        })
+        .collect();
+    plan.push(MountStep::new(
+        &scratch_device.to_string_lossy(),
+        layout.scratch(),
+        "ext4",
+        MsFlags::MS_NODEV,
+        None,
+    ));
+    plan.push(MountStep::new(
+        "overlay",
+        layout.newroot(),
+        "overlay",
+        MsFlags::empty(),
+        Some(&data),
+    ));
+    Ok(plan)
 }
 
 /// Mounts made in the new root after the switch.
@@ -237,10 +277,17 @@ pub fn check_reserved(norm: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Name of the `index`-th volume device: `vdc`, `vdd`, … `vdz` (24 volumes at most).
+/// Name of the `index`-th volume device in `volume_id` order: `vdc`, `vdd`, … `vdz`
+/// ([`MAX_VOLUMES`] at most; the disk order is [`plfm_guest_protocol::disks`]).
 pub fn volume_device_name(index: usize) -> Option<String> {
-    let letter = b'c'.checked_add(u8::try_from(index).ok()?)?;
-    (letter <= b'z').then(|| format!("vd{}", letter as char))
+    (index < MAX_VOLUMES).then(|| disks::disk_name(disks::volume_index(index)))
+}
+
+/// Name of root layer `layer`'s device (0 = bottom) in a VM with `volumes` volumes:
+/// `vda` for the bottom layer, the others after the volumes (`vde`, `vdf` … with two
+/// volumes), past `vdz` as Linux names them (`vdaa` …).
+pub fn layer_device_name(layer: usize, volumes: usize) -> String {
+    disks::disk_name(disks::root_layer_index(layer, volumes))
 }
 
 /// A volume ready to mount.
@@ -341,16 +388,23 @@ mod tests {
         }
     }
 
+    fn devs(names: &[&str]) -> Vec<PathBuf> {
+        names.iter().map(PathBuf::from).collect()
+    }
+
     #[test]
     fn root_plan_is_lower_ro_then_scratch_then_overlay() {
+        // One root layer: the plan of a flattened image, exactly as before stacks.
         let l = Layout {
             staging: "/".into(),
         };
-        let plan = root_plan(&l, Path::new("/dev/vda"), Path::new("/dev/vdb")).unwrap();
+        let plan = root_plan(&l, &devs(&["/dev/vda"]), Path::new("/dev/vdb")).unwrap();
         assert_eq!(plan.len(), 3);
         assert_eq!(plan[0].source, "/dev/vda");
         assert_eq!(plan[0].target, PathBuf::from("/mnt/lower"));
+        assert_eq!(plan[0].fstype, "ext4");
         assert!(plan[0].flags.contains(MsFlags::MS_RDONLY));
+        assert_eq!(plan[1].source, "/dev/vdb");
         assert_eq!(plan[1].target, PathBuf::from("/mnt/scratch"));
         assert!(!plan[1].flags.contains(MsFlags::MS_RDONLY));
         assert_eq!(plan[2].fstype, "overlay");
@@ -362,11 +416,65 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_mounts_each_layer_ro_at_its_own_dir_and_lists_the_top_first() {
+        let l = Layout {
+            staging: "/".into(),
+        };
+        // Three layers and two volumes: vda, then after vdc/vdd the upper layers.
+        let layers: Vec<PathBuf> = (0..3)
+            .map(|i| PathBuf::from(format!("/dev/{}", layer_device_name(i, 2))))
+            .collect();
+        assert_eq!(layers, devs(&["/dev/vda", "/dev/vde", "/dev/vdf"]));
+        let plan = root_plan(&l, &layers, Path::new("/dev/vdb")).unwrap();
+        assert_eq!(plan.len(), 5);
+        for (i, dev) in ["/dev/vda", "/dev/vde", "/dev/vdf"].iter().enumerate() {
+            assert_eq!(plan[i].source, *dev);
+            assert_eq!(plan[i].target, PathBuf::from(format!("/mnt/lower/{i}")));
+            assert_eq!(plan[i].fstype, "ext4");
+            assert!(plan[i].flags.contains(MsFlags::MS_RDONLY), "layer {i} rw");
+        }
+        assert_eq!(
+            (plan[3].source.as_str(), plan[3].target.to_str()),
+            ("/dev/vdb", Some("/mnt/scratch"))
+        );
+        assert!(!plan[3].flags.contains(MsFlags::MS_RDONLY));
+        assert_eq!(plan[4].fstype, "overlay");
+        assert_eq!(
+            plan[4].data.as_deref(),
+            Some(
+                "lowerdir=/mnt/lower/2:/mnt/lower/1:/mnt/lower/0,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"
+            )
+        );
+        assert!(root_plan(&l, &[], Path::new("/dev/vdb")).is_err());
+    }
+
+    #[test]
+    fn overlay_options_longer_than_a_page_are_refused() {
+        let long = Layout {
+            staging: PathBuf::from(format!("/{}", "s".repeat(300))),
+        };
+        let sixteen: Vec<PathBuf> = (0..16).map(|i| format!("/dev/loop{i}").into()).collect();
+        let err = root_plan(&long, &sixteen, Path::new("/dev/loop99")).unwrap_err();
+        assert!(err.contains("more than the kernel's 4095"), "{err}");
+        // The VM's own layout with the most layers fits easily.
+        let vm = Layout {
+            staging: "/".into(),
+        };
+        let plan = root_plan(&vm, &sixteen, Path::new("/dev/vdb")).unwrap();
+        assert!(plan[17].data.as_deref().unwrap().len() < 400);
+    }
+
+    #[test]
     fn staging_prefixes_every_pre_switch_path() {
         let l = Layout {
             staging: "/tmp/st".into(),
         };
-        let plan = root_plan(&l, Path::new("/dev/loop1"), Path::new("/dev/loop2")).unwrap();
+        let plan = root_plan(
+            &l,
+            &devs(&["/dev/loop1", "/dev/loop3"]),
+            Path::new("/dev/loop2"),
+        )
+        .unwrap();
         assert!(plan.iter().all(|s| s.target.starts_with("/tmp/st/mnt")));
         let pseudo = pseudo_filesystems(&l);
         assert_eq!(pseudo[0].target, PathBuf::from("/tmp/st/proc"));
@@ -374,7 +482,11 @@ mod tests {
         let bad = Layout {
             staging: "/tmp/a,b".into(),
         };
-        assert!(root_plan(&bad, Path::new("/dev/vda"), Path::new("/dev/vdb")).is_err());
+        assert!(root_plan(&bad, &devs(&["/dev/vda"]), Path::new("/dev/vdb")).is_err());
+        let colon = Layout {
+            staging: "/tmp/a:b".into(),
+        };
+        assert!(root_plan(&colon, &devs(&["/dev/vda"]), Path::new("/dev/vdb")).is_err());
     }
 
     #[test]
@@ -472,10 +584,21 @@ mod tests {
     }
 
     #[test]
-    fn device_names_run_from_vdc_to_vdz() {
+    fn device_names_run_from_vdc_to_vdz_and_layers_continue_past_it() {
         assert_eq!(volume_device_name(0).as_deref(), Some("vdc"));
         assert_eq!(volume_device_name(23).as_deref(), Some("vdz"));
-        assert_eq!(volume_device_name(24), None);
+        assert_eq!(volume_device_name(24), None, "25 volumes");
+        // Without volumes the upper layers follow the scratch disk.
+        assert_eq!(layer_device_name(0, 0), "vda");
+        assert_eq!(layer_device_name(1, 0), "vdc");
+        // With 24 volumes (vdc … vdz) layer 1 is the first disk past vdz.
+        assert_eq!(layer_device_name(0, 24), "vda");
+        assert_eq!(layer_device_name(1, 24), "vdaa");
+        assert_eq!(layer_device_name(2, 24), "vdab");
+        assert_eq!(layer_device_name(15, 24), "vdao");
+        // 23 volumes: vdc … vdy, then layer 1 is vdz and layer 2 vdaa.
+        assert_eq!(layer_device_name(1, 23), "vdz");
+        assert_eq!(layer_device_name(2, 23), "vdaa");
     }
 
     #[test]

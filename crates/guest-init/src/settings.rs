@@ -1,14 +1,19 @@
 //! Where guest init finds its devices, its host channel and its instance id.
 //!
-//! In a VM everything is fixed: devices `/dev/vda`, `/dev/vdb`, `/dev/vdc…`, the host at
+//! In a VM everything is fixed: devices `/dev/vda` (bottom root layer), `/dev/vdb`
+//! (scratch), `/dev/vdc…` (volumes), then the upper root layers
+//! ([`plfm_guest_protocol::disks`]), the host at
 //! vsock CID 2 port 5161, the instance id from `platform.instance_id=` on the kernel
 //! command line, and the VM ends with `reboot(RB_AUTOBOOT)`.
 //!
 //! **Container test mode** (`PLFM_GUEST_TEST_MODE=1` in the environment; on a VM's kernel
 //! command line such dot-less `NAME=value` words reach init's environment too) runs the same sequence as PID 1 of a PID + mount namespace:
 //! - `PLFM_GUEST_HOST_SOCKET=<path>`: the host channel is this Unix socket (else vsock);
-//! - `PLFM_GUEST_ROOT_DEVICE`, `PLFM_GUEST_SCRATCH_DEVICE`: root and scratch devices;
+//! - `PLFM_GUEST_ROOT_DEVICE`, `PLFM_GUEST_SCRATCH_DEVICE`: root (bottom root layer)
+//!   and scratch devices;
 //! - `PLFM_GUEST_VOLUME_DEVICES=<dev>,<dev>…`: volume devices in `volume_id` order;
+//! - `PLFM_GUEST_LAYER_DEVICES=<dev>,<dev>…`: the devices of root layers 1, 2, … (bottom
+//!   to top; layer 0 is `PLFM_GUEST_ROOT_DEVICE`);
 //! - `PLFM_GUEST_STAGING=<dir>`: an existing directory where guest init mounts a tmpfs
 //!   and builds its `/proc`, `/mnt/lower`, … instead of in `/` (required);
 //! - `PLFM_GUEST_INSTANCE_ID=<id>`: the instance id (else the kernel command line);
@@ -63,6 +68,9 @@ pub struct Settings {
     pub scratch_device: PathBuf,
     /// Explicit volume devices (test mode); `None` means `/dev/vdc`, `/dev/vdd`, ….
     pub volume_devices: Option<Vec<PathBuf>>,
+    /// Explicit devices of root layers 1, 2, … (test mode); `None` means the disks after
+    /// the volumes.
+    pub layer_devices: Option<Vec<PathBuf>>,
     /// Directory under which `/proc`, `/mnt/…` are built before the root switch.
     pub staging: PathBuf,
     /// Instance id, if known.
@@ -106,6 +114,7 @@ impl Settings {
             root_device: "/dev/vda".into(),
             scratch_device: "/dev/vdb".into(),
             volume_devices: None,
+            layer_devices: None,
             staging: "/".into(),
             instance_id: cmdline_value(cmdline, CMDLINE_INSTANCE_ID).map(str::to_string),
             net_iface: "eth0".into(),
@@ -139,6 +148,14 @@ impl Settings {
                     .collect(),
             );
         }
+        if let Some(list) = get("PLFM_GUEST_LAYER_DEVICES") {
+            s.layer_devices = Some(
+                list.split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+            );
+        }
         match get("PLFM_GUEST_STAGING") {
             Some(p) if p.starts_with('/') && p != "/" => s.staging = p.into(),
             _ => {
@@ -161,6 +178,27 @@ impl Settings {
             s.handshake_timeout = Duration::from_millis(ms);
         }
         Ok(s)
+    }
+
+    /// Devices of the `layers` root layers, bottom first, in a VM with `volumes`
+    /// volumes: the root device, then the disks after the volumes (or the test mode's
+    /// list). `Err` names the first layer without a device.
+    pub fn layer_devices(&self, layers: usize, volumes: usize) -> Result<Vec<PathBuf>, String> {
+        let mut out = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let dev = match (i, &self.layer_devices) {
+                (0, _) => Some(self.root_device.clone()),
+                (i, Some(list)) => list.get(i - 1).cloned(),
+                (i, None) => Some(PathBuf::from(format!(
+                    "/dev/{}",
+                    crate::mounts::layer_device_name(i, volumes)
+                ))),
+            };
+            out.push(dev.ok_or_else(|| {
+                format!("no device for root layer {i} of {layers} (PLFM_GUEST_LAYER_DEVICES)")
+            })?);
+        }
+        Ok(out)
     }
 
     /// Device of the `index`-th volume in `volume_id` order.
@@ -203,6 +241,18 @@ mod tests {
         assert_eq!(s.staging, PathBuf::from("/"));
         assert_eq!(s.volume_device(0), Some("/dev/vdc".into()));
         assert_eq!(s.volume_device(1), Some("/dev/vdd".into()));
+        assert_eq!(
+            s.layer_devices(1, 2).unwrap(),
+            vec![PathBuf::from("/dev/vda")]
+        );
+        assert_eq!(
+            s.layer_devices(3, 2).unwrap(),
+            ["/dev/vda", "/dev/vde", "/dev/vdf"].map(PathBuf::from)
+        );
+        assert_eq!(
+            s.layer_devices(3, 24).unwrap(),
+            ["/dev/vda", "/dev/vdaa", "/dev/vdab"].map(PathBuf::from)
+        );
     }
 
     #[test]
@@ -214,6 +264,7 @@ mod tests {
                 ("PLFM_GUEST_ROOT_DEVICE", "/dev/loop3"),
                 ("PLFM_GUEST_SCRATCH_DEVICE", "/dev/loop4"),
                 ("PLFM_GUEST_VOLUME_DEVICES", "/dev/loop5,/dev/loop6"),
+                ("PLFM_GUEST_LAYER_DEVICES", "/dev/loop7,/dev/loop8"),
                 ("PLFM_GUEST_STAGING", "/tmp/stage"),
                 ("PLFM_GUEST_INSTANCE_ID", "t1"),
                 ("PLFM_GUEST_HANDSHAKE_TIMEOUT_MS", "700"),
@@ -225,6 +276,12 @@ mod tests {
         assert_eq!(s.host, HostChannel::Unix("/tmp/x.sock_5161".into()));
         assert_eq!(s.volume_device(1), Some("/dev/loop6".into()));
         assert_eq!(s.volume_device(2), None);
+        assert_eq!(
+            s.layer_devices(3, 2).unwrap(),
+            ["/dev/loop3", "/dev/loop7", "/dev/loop8"].map(PathBuf::from)
+        );
+        let err = s.layer_devices(4, 2).unwrap_err();
+        assert!(err.contains("root layer 3 of 4"), "{err}");
         assert_eq!(s.handshake_timeout, Duration::from_millis(700));
         assert_eq!(s.instance_id.as_deref(), Some("t1"));
     }

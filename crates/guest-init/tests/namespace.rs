@@ -149,6 +149,8 @@ struct Disks {
     root: Loop,
     scratch: Loop,
     volume: Loop,
+    /// Root layers 1, 2, … above `root` (empty: a flattened root).
+    layers: Vec<Loop>,
     root_img: PathBuf,
     scratch_img: PathBuf,
     volume_img: PathBuf,
@@ -183,16 +185,15 @@ fn attach(img: &Path, read_only: bool) -> Loop {
     Loop(run("losetup", &args).unwrap().trim().to_string())
 }
 
-impl Disks {
-    fn new() -> Disks {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("rootfs");
+/// A minimal root tree with static busybox in `tree`.
+fn rootfs_tree(tree: &Path) {
+    {
         for d in ["bin", "etc", "proc", "sys", "dev", "run", "tmp", "home/app"] {
             std::fs::create_dir_all(tree.join(d)).unwrap();
         }
         std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
         for applet in [
-            "sh", "cat", "stat", "sleep", "echo", "id", "pwd", "grep", "true", "ls",
+            "sh", "cat", "stat", "sleep", "echo", "id", "pwd", "grep", "true", "ls", "rm",
         ] {
             std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
         }
@@ -200,6 +201,14 @@ impl Disks {
         std::os::unix::fs::chown(tree.join("home/app"), Some(1000), Some(1000)).unwrap();
         std::fs::set_permissions(tree.join("tmp"), std::fs::Permissions::from_mode(0o1777))
             .unwrap();
+    }
+}
+
+impl Disks {
+    fn new() -> Disks {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("rootfs");
+        rootfs_tree(&tree);
         let vol_tree = dir.path().join("voltree");
         std::fs::create_dir_all(&vol_tree).unwrap();
         std::fs::write(vol_tree.join("pre-existing"), "volume data\n").unwrap();
@@ -217,6 +226,7 @@ impl Disks {
             root,
             scratch,
             volume,
+            layers: Vec::new(),
             root_img,
             scratch_img,
             volume_img,
@@ -297,6 +307,10 @@ fn start_guest(o: &GuestOpts) -> Guest {
         cmd.env("PLFM_GUEST_ROOT_DEVICE", &d.root.0)
             .env("PLFM_GUEST_SCRATCH_DEVICE", &d.scratch.0)
             .env("PLFM_GUEST_VOLUME_DEVICES", &d.volume.0);
+        if !d.layers.is_empty() {
+            let list: Vec<&str> = d.layers.iter().map(|l| l.0.as_str()).collect();
+            cmd.env("PLFM_GUEST_LAYER_DEVICES", list.join(","));
+        }
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -424,6 +438,7 @@ fn config(argv: &[&str], uid: u32) -> Config {
         },
         network: None,
         mounts: vec![],
+        root_layers: 1,
         secrets: None,
     }
 }
@@ -989,4 +1004,217 @@ fn guest_reconnects_after_the_host_channel_is_lost() {
     );
     assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
     assert!(guest.console().contains("reconnected to the host"));
+}
+
+/// `debugfs -R <request> <img>`'s standard output.
+fn debugfs(img: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(img)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes `path` an overlayfs whiteout: a character device 0:0.
+fn whiteout(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path; mknod has no memory preconditions.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(0, 0)) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Marks `dir` opaque for overlayfs (`trusted.overlay.opaque=y`): the layers below
+/// it contribute nothing to it.
+fn opaque(dir: &Path) {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: both strings are valid and NUL-terminated; the value is a 1-byte buffer
+    // whose length is passed.
+    let rc = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The image format of the layer disks, for real: three ext4 disks built with
+/// `mkfs.ext4 -d` (bottom: busybox root, `/a`, `/d/x`, `/keep`; middle: a whiteout of
+/// `/a` and `/d` opaque with `/d/y`; top: `/b`) carry the whiteout and the opaque
+/// xattr (checked with debugfs), and guest init, given them as root layers 0, 1, 2,
+/// mounts each read-only and stacks them so the workload sees `/a` gone, `/d` holding
+/// `y` but not `x`, and `/keep` and `/b` present. A deletion by the workload lands on
+/// the scratch disk as a whiteout, and no layer disk changes.
+#[test]
+fn guest_init_stacks_three_layer_disks_with_a_whiteout_and_an_opaque_dir() {
+    if !ready() {
+        return;
+    }
+    let mut disks = Disks::new();
+    let dir = disks.dir.path().to_path_buf();
+    let bottom = dir.join("bottom");
+    rootfs_tree(&bottom);
+    std::fs::write(bottom.join("a"), "a from the bottom\n").unwrap();
+    std::fs::create_dir_all(bottom.join("d")).unwrap();
+    std::fs::write(bottom.join("d/x"), "x from the bottom\n").unwrap();
+    std::fs::write(bottom.join("keep"), "kept\n").unwrap();
+    let middle = dir.join("middle");
+    std::fs::create_dir_all(middle.join("d")).unwrap();
+    whiteout(&middle.join("a"));
+    opaque(&middle.join("d"));
+    std::fs::write(middle.join("d/y"), "y from the middle\n").unwrap();
+    let top = dir.join("top");
+    std::fs::create_dir_all(&top).unwrap();
+    std::fs::write(top.join("b"), "b from the top\n").unwrap();
+    let imgs: Vec<PathBuf> = ["bottom", "middle", "top"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.ext4")))
+        .collect();
+    for (img, tree) in imgs.iter().zip([&bottom, &middle, &top]) {
+        mkfs(img, 16, Some(tree));
+    }
+    // mkfs.ext4 -d (e2fsprogs 1.47.0) copies the whiteout and the trusted xattr.
+    let a = debugfs(&imgs[1], "stat /a");
+    assert!(a.contains("Type: character special"), "{a}");
+    assert!(a.contains("Device major/minor number: 00:00"), "{a}");
+    let d = debugfs(&imgs[1], "ea_list /d");
+    assert!(d.contains("trusted.overlay.opaque (1) = \"y\""), "{d}");
+    let before: Vec<Vec<u8>> = imgs.iter().map(|i| std::fs::read(i).unwrap()).collect();
+
+    // The stack replaces the flat root: layer 0 is PLFM_GUEST_ROOT_DEVICE.
+    disks.layers = vec![attach(&imgs[1], true), attach(&imgs[2], true)];
+    disks.root = attach(&imgs[0], true);
+    let uds = dir.join("v.sock");
+    let rt = runtime();
+    let listener = rt.block_on(async { bind_guest_listener(&uds) }).unwrap();
+    let script = "set -e
+echo \"merged: a=$(test -e /a && echo present || echo gone) d=$(ls /d) keep=$(cat /keep) b=$(cat /b)\"
+rm /keep
+echo \"after rm: keep=$(test -e /keep && echo present || echo gone)\"";
+    let mut cfg = config(&["/bin/sh", "-c", script], 0);
+    cfg.root_layers = 3;
+    let mut guest = start_guest(&GuestOpts {
+        socket: guest_socket_path(&uds),
+        disks: Some(&disks),
+        netns: None,
+        staging: dir.join("staging"),
+    });
+    let ended = rt.block_on(async {
+        let mut s = accept_guest(&listener, "ns-test", cfg, Duration::from_secs(5)).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), s.next_event()).await {
+                Ok(Ok(ev @ (GuestEvent::Exited { .. } | GuestEvent::Failed { .. }))) => {
+                    return Ok::<_, GuestError>(ev)
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(GuestError::Closed {
+                        when: "test timeout",
+                    })
+                }
+            }
+        }
+    });
+    let code = guest.wait_exit(Duration::from_secs(10));
+    let console = guest.console();
+    eprintln!("--- console ---\n{console}---");
+    let ended = ended.unwrap_or_else(|e| panic!("{e}; console:\n{console}"));
+    assert_eq!(
+        ended,
+        GuestEvent::Exited {
+            code: Some(0),
+            signal: None,
+            oom_killed: false
+        },
+        "{console}"
+    );
+    assert_eq!(code, 0);
+    assert!(
+        console.contains("[stdout] merged: a=gone d=y keep=kept b=b from the top"),
+        "{console}"
+    );
+    assert!(
+        console.contains("[stdout] after rm: keep=gone"),
+        "{console}"
+    );
+    // Guest init names the stack top first, as overlayfs does.
+    let (l0, l1, l2) = (&disks.root.0, &disks.layers[0].0, &disks.layers[1].0);
+    assert!(
+        console.contains(&format!("on {l2} on {l1} on {l0}")),
+        "{console}"
+    );
+    // The deletion is a whiteout in the scratch disk's upper dir; the layers are intact.
+    let keep = debugfs(&disks.scratch_img, "stat /upper/keep");
+    assert!(keep.contains("Type: character special"), "{keep}");
+    for (img, bytes) in imgs.iter().zip(before) {
+        assert!(
+            std::fs::read(img).unwrap() == bytes,
+            "{} changed",
+            img.display()
+        );
+    }
+}
+
+/// A config asking for more root layers than the VM has devices for is refused before
+/// `ack` with `rootfs_build_failed` naming the layer without a device, and so are 0
+/// layers and more than the maximum, naming the count.
+#[test]
+fn a_stack_without_its_devices_or_outside_the_limits_is_refused() {
+    if !ready() {
+        return;
+    }
+    let mut disks = Disks::new();
+    // Two root layers on hand: the root and (read-only again) the same image.
+    disks.layers = vec![attach(&disks.root_img, true)];
+    for (layers, want) in [
+        (3, "no device for root layer 2 of 3"),
+        (0, "root_layers is 0"),
+        (17, "root_layers is 17: at most 16"),
+    ] {
+        let uds = disks.dir.path().join(format!("r{layers}.sock"));
+        let rt = runtime();
+        let listener = rt.block_on(async { bind_guest_listener(&uds) }).unwrap();
+        let mut cfg = config(&["/bin/true"], 0);
+        cfg.root_layers = layers;
+        let mut guest = start_guest(&GuestOpts {
+            socket: guest_socket_path(&uds),
+            disks: Some(&disks),
+            netns: None,
+            staging: disks.dir.path().join(format!("staging{layers}")),
+        });
+        let err = rt
+            .block_on(accept_guest(
+                &listener,
+                "ns-test",
+                cfg,
+                Duration::from_secs(5),
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{layers} layers accepted; console:\n{}", guest.console()));
+        assert_eq!(err.reason(), ReasonCode::RootfsBuildFailed, "{err}");
+        assert_eq!(guest.wait_exit(Duration::from_secs(10)), 1);
+        let console = guest.console();
+        assert!(
+            console.contains(&format!("FAILED (rootfs_build_failed): {want}")),
+            "{console}"
+        );
+    }
 }

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! guest → host  hello {guest_init_version, protocol: 1, instance_id, boot_id}
-//! host → guest  config {config_version: "v1", instance_id, generation, workload, network, mounts, secrets}
+//! host → guest  config {config_version: "v1", instance_id, generation, workload, network, mounts, root_layers, secrets}
 //! guest → host  ack                       (or status/failed when the config is refused)
 //! guest → host  status {event: config_applied | workload_started | exited | failed}
 //! host → guest  stop {deadline_ms}        (any time after ack)
@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod disks;
 pub mod exec;
 mod frame;
 mod logs;
@@ -37,6 +38,7 @@ mod reason;
 #[cfg(feature = "tokio")]
 mod async_frame;
 
+pub use disks::{disk_name, MAX_ROOT_LAYERS, MAX_VOLUMES};
 pub use frame::{decode_line, encode_line, MessageReader, MessageWriter, ProtocolError};
 pub use logs::{
     cut_line, dropped_marker, LogLine, LogMessage, LogStream, LOG_PORT, MAX_LOG_LINE_BYTES,

@@ -136,12 +136,23 @@ pub struct Config {
     /// eth0 configuration; `None` leaves eth0 down (only `lo` is brought up).
     #[serde(default)]
     pub network: Option<NetworkConfig>,
-    /// Volumes; the guest assigns them to `vdc`, `vdd`, … in `volume_id` order.
+    /// Volumes; the guest assigns them to `vdc`, `vdd`, … in `volume_id` order
+    /// ([`crate::disks`]).
     #[serde(default)]
     pub mounts: Vec<MountConfig>,
+    /// How many read-only root layer disks the image's root is stacked from (1 ..=
+    /// [`crate::MAX_ROOT_LAYERS`]): layer 0 (the bottom) is `vda`, layers 1 … N-1 follow
+    /// the volumes ([`crate::disks`]). Absent (a host from before layer stacks): 1, the
+    /// single flattened root disk. The guest refuses 0 and more than the maximum.
+    #[serde(default = "default_root_layers")]
+    pub root_layers: u32,
     /// Secrets file; `None` when no secrets are bound.
     #[serde(default)]
     pub secrets: Option<SecretsConfig>,
+}
+
+fn default_root_layers() -> u32 {
+    1
 }
 
 impl Config {

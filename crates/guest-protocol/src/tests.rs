@@ -34,6 +34,7 @@ fn config() -> Config {
             read_only: false,
             filesystem: "ext4".into(),
         }],
+        root_layers: 3,
         secrets: Some(SecretsConfig {
             required: true,
             path: DEFAULT_SECRETS_PATH.into(),
@@ -129,6 +130,7 @@ fn wire_shape_is_the_documented_one() {
     assert_eq!(cfg["type"], "config");
     assert_eq!(cfg["config_version"], "v1");
     assert_eq!(cfg["secrets"]["mode"], 256);
+    assert_eq!(cfg["root_layers"], 3);
     assert_eq!(
         cfg["secrets"]["data"],
         "# TRC_SECRETS_V1\nDB_PASSWORD=hunter2\n"
@@ -181,6 +183,24 @@ fn unknown_fields_are_ignored() {
     assert_eq!(cfg.mounts[0].filesystem, "ext4");
     assert_eq!(cfg.workload.uid, 0);
     assert!(cfg.network.is_none() && cfg.secrets.is_none());
+}
+
+#[test]
+fn a_config_without_root_layers_is_one_flattened_root_disk() {
+    // What a host from before layer stacks sends: no root_layers field.
+    let cfg: HostMessage = decode_line(
+        br#"{"type":"config","config_version":"v1","instance_id":"i","generation":1,"workload":{"argv":["/bin/true"]}}"#,
+    )
+    .unwrap();
+    let HostMessage::Config(cfg) = cfg else {
+        panic!("not a config")
+    };
+    assert_eq!(cfg.root_layers, 1);
+    let cfg: HostMessage = decode_line(
+        br#"{"type":"config","config_version":"v1","instance_id":"i","generation":1,"workload":{"argv":["/bin/true"]},"root_layers":4}"#,
+    )
+    .unwrap();
+    assert!(matches!(cfg, HostMessage::Config(c) if c.root_layers == 4));
 }
 
 #[test]

@@ -266,14 +266,16 @@ async fn realistic_configuration_validates_against_the_api_file_plain_and_jailed
         let dir = env.data_dir().join("instances/i-contract");
         std::fs::create_dir_all(&dir).unwrap();
         TestHost::new(env.root.path(), Some("plfmtest0"))
+            .with_layers(3)
             .prepare(&i, &w, &dir, None)
             .await
             .unwrap()
     };
     for jailed in [false, true] {
-        let cfg = rt.vm_configuration(&i, &w, &host, jailed);
+        let cfg = rt.vm_configuration(&i, &w, &host, jailed).unwrap();
         let reqs = cfg.requests();
-        // Realistic: root, scratch, two volumes, tap, vsock, logger, metrics.
+        // Realistic: a root of three layer disks, scratch, two volumes, tap, vsock,
+        // logger, metrics.
         let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
         for p in [
             "/logger",
@@ -284,12 +286,40 @@ async fn realistic_configuration_validates_against_the_api_file_plain_and_jailed
             "/drives/vdb",
             "/drives/vdc",
             "/drives/vdd",
+            "/drives/vde",
+            "/drives/vdf",
             "/network-interfaces/eth0",
             "/vsock",
             "/actions",
         ] {
             assert!(paths.contains(&p), "{p} missing from {paths:?}");
         }
+        // The drives in the shared order: bottom layer, scratch, the volumes, then the
+        // upper layers; every layer read-only; configured (so attached) in that order.
+        let drives: Vec<(String, String, bool)> = reqs
+            .iter()
+            .filter(|r| r.path.starts_with("/drives/"))
+            .map(|r| {
+                let b = r.body.as_ref().unwrap();
+                let file = b["path_on_host"].as_str().unwrap();
+                let name = file.rsplit('/').next().unwrap().to_string();
+                (
+                    b["drive_id"].as_str().unwrap().to_string(),
+                    name,
+                    b["is_read_only"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("vda", "root.ext4", true),
+            ("vdb", "scratch.ext4", false),
+            ("vdc", "vol-a.ext4", true),
+            ("vdd", "vol-b.ext4", false),
+            ("vde", "layer-1.ext4", true),
+            ("vdf", "layer-2.ext4", true),
+        ]
+        .map(|(d, f, ro)| (d.to_string(), f.to_string(), ro));
+        assert_eq!(drives, want, "jailed: {jailed}");
         assert_valid(&spec, &reqs);
     }
     let stop = plfm_node_agent::runtime::firecracker::api::action(

@@ -313,10 +313,11 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
         env.jailed_config(5),
         &env.data_dir(),
         Some(store.clone()),
-        std::sync::Arc::new(fc_standin::TestHost::new(
-            env.root.path(),
-            Some("plfmtest0"),
-        )),
+        // A root stacked from three layer disks: every one is linked in like a
+        // single root disk.
+        std::sync::Arc::new(
+            fc_standin::TestHost::new(env.root.path(), Some("plfmtest0")).with_layers(3),
+        ),
     );
     let i = id("i-jail");
     let w = realistic_workload("i-jail");
@@ -359,7 +360,13 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
             "{f}"
         );
     }
-    for f in ["vmlinux", "initramfs.cpio.gz", "root.ext4"] {
+    for f in [
+        "vmlinux",
+        "initramfs.cpio.gz",
+        "root.ext4",
+        "layer-1.ext4",
+        "layer-2.ext4",
+    ] {
         let m = std::fs::metadata(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(m.uid(), 0, "{f} was given to the VMM's uid");
         assert_eq!(
@@ -387,6 +394,18 @@ async fn jailed_vmm_gets_its_files_in_the_chroot_and_the_jail_is_removed() {
     };
     assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
     assert_eq!(body("/drives/vdc")["path_on_host"], "/vol-a.ext4");
+    for (drive, file) in [
+        ("vda", "/root.ext4"),
+        ("vde", "/layer-1.ext4"),
+        ("vdf", "/layer-2.ext4"),
+    ] {
+        let b = body(&format!("/drives/{drive}"));
+        assert_eq!(
+            (b["path_on_host"].as_str(), b["is_read_only"].as_bool()),
+            (Some(file), Some(true)),
+            "{drive}"
+        );
+    }
     assert_eq!(body("/vsock")["uds_path"], "/v.sock");
     let out = rt.stop(&vm, Duration::from_secs(4)).await;
     assert!(out.graceful);
@@ -421,6 +440,11 @@ async fn vmm_pid_and_start_time_are_in_the_ledger_before_configuration_and_gone_
     let pid = detail["pid"].as_i64().unwrap() as i32;
     assert!(env.pids().contains(&pid), "{detail} vs {:?}", env.pids());
     assert!(detail["start_time"].as_u64().unwrap() > 0);
+    // The root layer disks it was given, bottom first (what `describe` lists).
+    assert_eq!(
+        detail["root_layers"],
+        serde_json::json!([env.path("root.ext4")])
+    );
     // No tap from the host resources: no network interface is configured.
     assert!(!env
         .requests()

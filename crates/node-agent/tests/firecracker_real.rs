@@ -38,7 +38,9 @@ use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::ImageService;
 use plfm_node_agent::instance::{ReasonCode, Status};
 use plfm_node_agent::runtime::firecracker::api::ApiClient;
-use plfm_node_agent::runtime::firecracker::{FirecrackerConfig, FirecrackerRuntime, LocalHost};
+use plfm_node_agent::runtime::firecracker::{
+    FirecrackerConfig, FirecrackerRuntime, HostResources, LocalHost, PreparedHost,
+};
 use plfm_node_agent::runtime::{BootContext, Runtime, RuntimeError, VmEvent};
 use plfm_node_agent::spec::{InstanceId, Workload};
 use plfm_node_agent::state::Store;
@@ -208,13 +210,32 @@ impl Rig {
 
     /// The runtime with its real host resources under `data/`.
     fn runtime(&self, config: FirecrackerConfig) -> (Arc<FirecrackerRuntime>, Store) {
+        self.runtime_with_layers(config, 1)
+    }
+
+    /// The runtime with its real host resources, the image's root stacked from
+    /// `layers` disks: the image service's disk at the bottom, then small disks named
+    /// `layers/layer-<i>.ext4` (the image module builds one disk per image today).
+    fn runtime_with_layers(
+        &self,
+        config: FirecrackerConfig,
+        layers: usize,
+    ) -> (Arc<FirecrackerRuntime>, Store) {
         let data = self.path("data");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(self.path("jail")).unwrap();
         let store = Store::open(&data.join("state.db")).unwrap();
         let images = ImageService::open(&data, self.registry.image_config()).unwrap();
         let host = LocalHost::new(&data, Some(images), store.clone(), &config).unwrap();
-        let rt = FirecrackerRuntime::new(config, &data, Some(store.clone()), Arc::new(host));
+        let host: Arc<dyn HostResources> = match layers {
+            1 => Arc::new(host),
+            n => Arc::new(Stacked {
+                inner: host,
+                dir: self.path("layers"),
+                upper: n - 1,
+            }),
+        };
+        let rt = FirecrackerRuntime::new(config, &data, Some(store.clone()), host);
         (Arc::new(rt), store)
     }
 
@@ -257,6 +278,172 @@ impl Drop for Rig {
             let _ = std::fs::remove_dir(&dir);
         }
     }
+}
+
+/// The real host resources with `upper` more root layer disks (small empty ext4
+/// disks, root's like a cached disk) on top of the image's.
+struct Stacked {
+    inner: LocalHost,
+    dir: PathBuf,
+    upper: usize,
+}
+
+#[async_trait::async_trait]
+impl HostResources for Stacked {
+    async fn prepare(
+        &self,
+        id: &InstanceId,
+        workload: &Workload,
+        instance_dir: &Path,
+        vmm_owner: Option<(u32, u32)>,
+    ) -> Result<PreparedHost, RuntimeError> {
+        let mut p = self
+            .inner
+            .prepare(id, workload, instance_dir, vmm_owner)
+            .await?;
+        std::fs::create_dir_all(&self.dir).unwrap();
+        for i in 1..=self.upper {
+            let layer = self.dir.join(format!("layer-{i}.ext4"));
+            std::fs::File::create(&layer)
+                .and_then(|f| f.set_len(8 << 20))
+                .unwrap();
+            run("mkfs.ext4", &["-q", "-F", layer.to_str().unwrap()]);
+            p.root_layers.push(layer);
+        }
+        Ok(p)
+    }
+    async fn release(&self, id: &InstanceId, instance_dir: &Path) -> Result<(), RuntimeError> {
+        self.inner.release(id, instance_dir).await
+    }
+    async fn remove_orphans(&self) -> Result<(), RuntimeError> {
+        self.inner.remove_orphans().await
+    }
+    async fn retain_root_disks(&self, adopted: &[InstanceId]) {
+        self.inner.retain_root_disks(adopted).await
+    }
+    fn ledger(&self) -> Option<plfm_node_agent::runtime::vmm::ledger::Ledger> {
+        self.inner.ledger()
+    }
+}
+
+/// The real jailer and Firecracker given a root of twelve layer disks and two volumes,
+/// with the tap and vsock the 17 virtio devices the runtime allows at most
+/// (`VIRTIO_DEVICES`): `InstanceStart` succeeds, Firecracker's own view of the VM
+/// (`GET /vm/config`) has the shared names (bottom layer `vda`, scratch `vdb`, volumes
+/// `vdc`/`vdd`, upper layers `vde` … `vdo`) on the right files, configured in that
+/// order (its log), every layer read-only and linked into the jail root's (the VMM's
+/// uid can read and not write it), and cleanup leaves nothing.
+#[test]
+fn real_jailer_takes_a_root_of_twelve_layer_disks_and_two_volumes_in_the_shared_order() {
+    in_netns(
+        "real_jailer_takes_a_root_of_twelve_layer_disks_and_two_volumes_in_the_shared_order",
+        |rig| async move {
+            const LAYERS: usize = 12;
+            let (rt, store) = rig.runtime_with_layers(rig.config(true, 30), LAYERS);
+            let id = InstanceId::parse("fc-stack").unwrap();
+            let mut a = rig.assignment("fc-stack", "fd00::9:5");
+            a["workload"]["mounts"] = json!([
+                {"volume_id": "vol-b", "mount_path": "/b", "read_only": false, "filesystem": "ext4"},
+                {"volume_id": "vol-a", "mount_path": "/a", "read_only": true, "filesystem": "ext4"}
+            ]);
+            let w = plfm_node_agent::spec::decode_assignment(&a, "test")
+                .unwrap()
+                .workload
+                .unwrap();
+            rt.prepare(&id, &w).await.expect("prepare");
+            let vm = rt
+                .start(&id, &w, boot("b1"))
+                .await
+                .unwrap_or_else(|e| panic!("start: {e}\nlog: {}", fc_log(&rig, "fc-stack", true)));
+            let root = rig.path("jail/firecracker/fc-stack/root");
+            let api = ApiClient::new(&root.join("run/firecracker.socket"), Duration::from_secs(5));
+            let get = plfm_node_agent::runtime::firecracker::api::ApiRequest {
+                method: "GET",
+                path: "/vm/config".into(),
+                body: None,
+            };
+            let config: Value =
+                serde_json::from_slice(&api.send(&get).await.expect("GET /vm/config")).unwrap();
+            // Firecracker lists the drives of a started VM in no particular order.
+            let mut drives: Vec<(String, String, bool)> = config["drives"]
+                .as_array()
+                .expect("drives")
+                .iter()
+                .map(|d| {
+                    (
+                        d["drive_id"].as_str().unwrap().to_string(),
+                        d["path_on_host"].as_str().unwrap().to_string(),
+                        d["is_read_only"].as_bool().unwrap(),
+                    )
+                })
+                .collect();
+            drives.sort();
+            let ids: Vec<&str> = drives.iter().map(|d| d.0.as_str()).collect();
+            let want: Vec<String> = (0..LAYERS + 3)
+                .map(plfm_guest_protocol::disk_name)
+                .collect();
+            assert_eq!(ids, want, "{config}");
+            assert_eq!(ids.last(), Some(&"vdo"));
+            let ro: Vec<bool> = drives.iter().map(|d| d.2).collect();
+            let mut want_ro = vec![true, false, true, false];
+            want_ro.extend([true; LAYERS - 1]);
+            assert_eq!(ro, want_ro, "{config}");
+            for i in 1..LAYERS {
+                assert_eq!(drives[3 + i].1, format!("/layer-{i}.ext4"), "{config}");
+            }
+            assert!(drives[0].1.ends_with(".ext4") && drives[0].1.starts_with('/'));
+            let uid: u32 = store
+                .resources()
+                .unwrap()
+                .iter()
+                .find(|r| r.kind == "uid" && r.instance_id == "fc-stack")
+                .expect("a uid row for the instance")
+                .name
+                .parse()
+                .unwrap();
+            let layers = std::iter::once(&drives[0]).chain(&drives[4..]);
+            for (_, path, _) in layers {
+                let file = path.trim_start_matches('/').to_string();
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(root.join(&file)).unwrap();
+                assert_eq!(m.uid(), 0, "{file} was given to the VMM's uid");
+                assert_eq!(
+                    as_jailed_vmm(&root, uid, JAIL_GID, Probe::OpenForWrite(&file)),
+                    Err(libc::EACCES),
+                    "the VMM's uid could open /{file} for writing"
+                );
+                assert_eq!(
+                    as_jailed_vmm(&root, uid, JAIL_GID, Probe::OpenForRead(&file)),
+                    Ok(()),
+                    "the VMM's uid cannot read /{file}"
+                );
+            }
+            assert_eq!(drives[2].1, "/vol-a.ext4");
+            assert_eq!(drives[3].1, "/vol-b.ext4");
+            let out = rt.stop(&vm, Duration::from_secs(2)).await;
+            assert!(!out.graceful);
+            let log = fc_log(&rig, "fc-stack", true);
+            // Firecracker attaches the drives in the order they were configured (the
+            // guest names them in that order); its own log has that order.
+            let at: Vec<usize> = ids
+                .iter()
+                .map(|d| {
+                    log.find(&format!("Put request on \"/drives/{d}\""))
+                        .unwrap_or_else(|| panic!("no PUT /drives/{d} in the log:\n{log}"))
+                })
+                .collect();
+            assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}\n{log}");
+            assert!(
+                !log.contains("Received Error"),
+                "an API call was refused:\n{log}"
+            );
+            rt.cleanup(&id).await.expect("cleanup");
+            let cgroups = plfm_node_agent::runtime::firecracker::process::JailerCgroups::detect(
+                plfm_node_agent::runtime::firecracker::process::JAILER_CGROUP_PARENT,
+            );
+            assert_nothing_left(&rig, &store, "fc-stack", &cgroups.dirs("fc-stack"));
+        },
+    );
 }
 
 /// `<the test's own memory cgroup>/plfm-fc-<tag>`, when there is one.

@@ -31,6 +31,7 @@ fn config(instance: &str) -> Config {
         },
         network: None,
         mounts: vec![],
+        root_layers: 1,
         secrets: Some(SecretsConfig {
             required: true,
             path: "/run/secrets/platform.env".into(),

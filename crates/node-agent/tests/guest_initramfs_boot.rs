@@ -257,7 +257,8 @@ struct VmRun {
 /// to `exited`/`failed`, and waits for QEMU to exit. `None` when a prerequisite is
 /// missing (after `require`).
 fn run_vm(config: Config, memory_mb: u32, netns: Option<&str>) -> Option<VmRun> {
-    run_vm_with(memory_mb, netns, move |listener, rt| {
+    let upper_layers = config.root_layers.saturating_sub(1) as usize;
+    run_vm_with(memory_mb, netns, upper_layers, move |listener, rt| {
         rt.block_on(async {
             let s = accept_guest(listener, "vm-e2e", config, Duration::from_secs(90)).await?;
             collect_events(s).await
@@ -282,10 +283,14 @@ async fn collect_events(mut s: GuestSession) -> Result<Vec<GuestEvent>, GuestErr
     }
 }
 
-/// Like [`run_vm`], with the host side of the guest channel played by `host`.
+/// Like [`run_vm`], with the host side of the guest channel played by `host`, and
+/// `upper_layers` root layer disks above the root disk (attached after the volume, as
+/// the runtimes do): layer 1 whites out `/etc/marker`, makes `/d` opaque holding `y`
+/// (the root disk's `/d` holds `x`); layer i holds `/layer-<i>`.
 fn run_vm_with(
     memory_mb: u32,
     netns: Option<&str>,
+    upper_layers: usize,
     host: impl FnOnce(
         &tokio::net::UnixListener,
         &tokio::runtime::Runtime,
@@ -338,10 +343,30 @@ fn run_vm_with(
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "stat", "echo", "grep", "dd", "ping", "ip"] {
+    for applet in [
+        "sh", "cat", "stat", "echo", "grep", "dd", "ping", "ip", "ls",
+    ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
     std::fs::write(tree.join("etc/marker"), "from the root image\n").unwrap();
+    std::fs::create_dir_all(tree.join("d")).unwrap();
+    std::fs::write(tree.join("d/x"), "x\n").unwrap();
+    let mut layers = Vec::new();
+    for i in 1..=upper_layers {
+        let t = dir.path().join(format!("layer-tree-{i}"));
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::write(t.join(format!("layer-{i}")), format!("layer {i}\n")).unwrap();
+        if i == 1 {
+            std::fs::create_dir_all(t.join("etc")).unwrap();
+            whiteout(&t.join("etc/marker"));
+            std::fs::create_dir_all(t.join("d")).unwrap();
+            opaque(&t.join("d"));
+            std::fs::write(t.join("d/y"), "y\n").unwrap();
+        }
+        let img = dir.path().join(format!("layer-{i}.ext4"));
+        mkfs(&img, 8, Some(&t));
+        layers.push(img);
+    }
     let (root, scratch, volume) = (
         dir.path().join("root.ext4"),
         dir.path().join("scratch.ext4"),
@@ -433,6 +458,15 @@ fn run_vm_with(
             .arg("-drive")
             .arg(drive("vdc", &volume, false))
             .args(["-device", "virtio-blk-device,drive=vdc"])
+            .args(layers.iter().enumerate().flat_map(|(i, img)| {
+                let id = plfm_guest_protocol::disk_name(3 + i);
+                [
+                    "-drive".to_string(),
+                    drive(&id, img, true),
+                    "-device".to_string(),
+                    format!("virtio-blk-device,drive={id}"),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -483,6 +517,31 @@ fn run_vm_with(
     })
 }
 
+/// Makes `path` an overlayfs whiteout: a character device 0:0.
+fn whiteout(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path; mknod has no memory preconditions.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(0, 0)) };
+    assert_eq!(rc, 0, "mknod {}", path.display());
+}
+
+/// Marks `dir` opaque for overlayfs (`trusted.overlay.opaque=y`).
+fn opaque(dir: &Path) {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: both strings are valid and NUL-terminated; the value is a 1-byte buffer
+    // whose length is passed.
+    let rc = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr {}", dir.display());
+}
+
 fn vm_config(script: &str, secrets: Option<&str>) -> Config {
     Config {
         config_version: "v1".into(),
@@ -503,6 +562,7 @@ fn vm_config(script: &str, secrets: Option<&str>) -> Config {
             read_only: false,
             filesystem: "ext4".into(),
         }],
+        root_layers: 1,
         secrets: secrets.map(|s| SecretsConfig {
             required: true,
             path: "/run/secrets/platform.env".into(),
@@ -568,6 +628,44 @@ exit 7";
         Some("from the root image\n")
     );
     assert!(vm.lifetime < Duration::from_secs(90));
+}
+
+/// A VM whose root is stacked from three read-only layer disks: the guest kernel names
+/// the disks in the order QEMU is given them (root layer 0 `vda`, scratch `vdb`,
+/// the volume `vdc`, layers 1 and 2 `vdd` and `vde`), and guest init overlays them so
+/// the workload sees the whiteout and the opaque directory of layer 1 and the files
+/// of both upper layers.
+#[test]
+fn vm_boots_a_root_stacked_from_three_layer_disks() {
+    let script = "set -e
+echo \"marker=$(test -e /etc/marker && echo present || echo gone) d=$(ls /d) l1=$(cat /layer-1) l2=$(cat /layer-2)\" > /data/merged.txt
+exit 3";
+    let mut config = vm_config(script, None);
+    config.root_layers = 3;
+    let Some(vm) = run_vm(config, 256, None) else {
+        return;
+    };
+    assert_eq!(
+        vm.events.last(),
+        Some(&GuestEvent::Exited {
+            code: Some(3),
+            signal: None,
+            oom_killed: false
+        }),
+        "{:?}\n{}",
+        vm.events,
+        vm.console
+    );
+    assert!(
+        vm.console
+            .contains("root is the overlay of /dev/vdb on /dev/vde on /dev/vdd on /dev/vda"),
+        "{}",
+        vm.console
+    );
+    assert_eq!(
+        debugfs_cat(&vm.volume, "/merged.txt").as_deref(),
+        Some("marker=gone d=y l1=layer 1 l2=layer 2\n")
+    );
 }
 
 #[test]
@@ -718,7 +816,7 @@ cat /etc/resolv.conf > /data/resolv.txt";
 #[test]
 fn vm_guest_reconnects_to_a_restarted_agent() {
     let script = "trap 'exit 5' TERM; while :; do sleep 0.1; done";
-    let Some(vm) = run_vm_with(256, None, |listener, rt| {
+    let Some(vm) = run_vm_with(256, None, 0, |listener, rt| {
         rt.block_on(async {
             let mut first = accept_guest(
                 listener,

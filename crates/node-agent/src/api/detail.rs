@@ -39,15 +39,20 @@ pub async fn instance_detail(
                 .collect();
             let recent_reports = events(s.report_history(Some(&iid), RECENT_REPORTS)?);
             let spec = wire.as_ref().and_then(summarize);
-            // The image cache's disk of the spec's digest, when it exists: the VM boots
-            // from it read-only (the mock runtime builds none).
-            let root_disk = spec
-                .as_ref()
-                .and_then(|s| s.image_digest.as_deref())
-                .and_then(|d| crate::image::Digest::parse(d).ok())
-                .map(|d| cache.disk(&d))
-                .filter(|p| p.is_file())
-                .map(|p| p.display().to_string());
+            // The root layers the VM's runtime recorded, else the image cache's disk of
+            // the spec's digest, when it exists: the VM boots from them read-only (the
+            // mock runtime builds none).
+            let root_layers = recorded_root_layers(&rows).unwrap_or_else(|| {
+                spec.as_ref()
+                    .and_then(|s| s.image_digest.as_deref())
+                    .and_then(|d| crate::image::Digest::parse(d).ok())
+                    .map(|d| cache.disk(&d))
+                    .filter(|p| p.is_file())
+                    .map(|p| p.display().to_string())
+                    .into_iter()
+                    .collect()
+            });
+            let root_disk = root_layers.first().cloned();
             Ok(InstanceDetail {
                 desired_state: wire.as_ref().and_then(|w| {
                     serde_json::to_value(w.desired_state)
@@ -57,6 +62,7 @@ pub async fn instance_detail(
                 operator_stopped_generation: row.and_then(|r| r.operator_stopped_generation),
                 spec,
                 root_disk,
+                root_layers,
                 processes: processes(&rows),
                 resources: rows
                     .into_iter()
@@ -171,6 +177,24 @@ pub fn summarize(w: &AssignmentWire) -> Option<SpecSummary> {
     })
 }
 
+/// The root layer disks (bottom first) a runtime recorded in a `process` row's detail
+/// (`"root_layers": [...]`), when one did.
+fn recorded_root_layers(rows: &[ResourceRow]) -> Option<Vec<String>> {
+    rows.iter()
+        .filter(|r| r.kind == "process")
+        .filter_map(|r| r.detail.as_deref())
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .find_map(|v| {
+            let layers: Vec<String> = v
+                .get("root_layers")?
+                .as_array()?
+                .iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect();
+            (!layers.is_empty()).then_some(layers)
+        })
+}
+
 /// The VMM pids in the `process` rows: a row's detail is either one process identity
 /// (`{"pid", "start_time"}`: Firecracker) or a record whose fields hold several
 /// (`{"qemu": {"pid", …}, "vhost": {"pid", …}}`: qemu).
@@ -219,6 +243,24 @@ mod tests {
             instance_id: "i".into(),
             detail: Some(detail.into()),
         }
+    }
+
+    #[test]
+    fn root_layers_are_read_from_both_runtimes_records() {
+        let fc = row(r#"{"pid": 41, "start_time": 7, "root_layers": ["/c/l0", "/c/l1"]}"#);
+        assert_eq!(
+            recorded_root_layers(std::slice::from_ref(&fc)),
+            Some(vec!["/c/l0".to_string(), "/c/l1".to_string()])
+        );
+        assert_eq!(processes(&[fc]).len(), 1, "the list is not a process");
+        let qemu = row(
+            r#"{"instance_id":"i","qemu":{"pid":10,"start_time":1},"root_layers":["/c/flat"]}"#,
+        );
+        assert_eq!(
+            recorded_root_layers(&[qemu]),
+            Some(vec!["/c/flat".to_string()])
+        );
+        assert_eq!(recorded_root_layers(&[row(r#"{"pid": 41}"#)]), None);
     }
 
     #[test]

@@ -178,10 +178,21 @@ pub fn render(v: &InstanceView, now: DateTime<Utc>) -> String {
         .filter(|r| r.kind == "disk" || r.kind == "volume")
         .collect();
     o.push_str("Disks:\n");
-    if let Some(root) = &d.root_disk {
-        line(&mut o, 2, "Root (ro)", root);
+    match d.root_layers.len() {
+        0 | 1 => {
+            if let Some(root) = d.root_disk.as_ref().or(d.root_layers.first()) {
+                line(&mut o, 2, "Root (ro)", root);
+            }
+        }
+        n => {
+            // Bottom first, as the guest stacks them (vda is the bottom).
+            line(&mut o, 2, "Root (ro)", &format!("{n} layers, bottom first"));
+            for (i, layer) in d.root_layers.iter().enumerate() {
+                line(&mut o, 4, &format!("Layer {i}"), layer);
+            }
+        }
     }
-    if disks.is_empty() && d.root_disk.is_none() {
+    if disks.is_empty() && d.root_disk.is_none() && d.root_layers.is_empty() {
         o.push_str("  (none recorded)\n");
     }
     for r in disks {
@@ -265,5 +276,26 @@ mod tests {
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }
+    }
+
+    #[test]
+    fn a_stacked_root_lists_its_layers_bottom_first() {
+        let now = Utc::now();
+        let v: InstanceView = serde_json::from_value(serde_json::json!({
+            "instance_id": "web-1", "generation": 2, "status": "ready", "restarts": 0,
+            "seq": 3, "updated_at": "2026-11-29T23:36:48Z",
+            "detail": {
+                "root_disk": "/c/l0.ext4",
+                "root_layers": ["/c/l0.ext4", "/c/l1.ext4", "/c/l2.ext4"]
+            }
+        }))
+        .expect("view");
+        let out = render(&v, now);
+        let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("no {s:?} in\n{out}"));
+        assert!(out.contains("Root (ro):"), "{out}");
+        assert!(out.contains("3 layers, bottom first"), "{out}");
+        assert!(at("Layer 0:") < at("/c/l0.ext4"));
+        assert!(at("/c/l0.ext4") < at("/c/l1.ext4") && at("/c/l1.ext4") < at("/c/l2.ext4"));
+        assert!(out.contains("Layer 2:"), "{out}");
     }
 }

@@ -61,10 +61,14 @@ pub use store::CachedImage;
 
 use store::{CacheDb, CachePaths, DigestLock, DiskMeta, LayerDisk, TempPath};
 
-/// Most layer disks one image is made of. Guest init stacks at most this many
-/// (`guest_protocol::MAX_ROOT_LAYERS`); an image with more layers gets its bottom
-/// layers merged into one disk.
-pub const MAX_LAYER_DISKS: usize = 16;
+/// Most layer disks one image is made of; an image with more layers gets its bottom
+/// layers merged into one disk. Guest init stacks up to
+/// `plfm_guest_protocol::disks::MAX_ROOT_LAYERS` (16), but every disk is a virtio
+/// device and Firecracker v1.16.1 starts at most 17 of them (15 disks next to the
+/// network and vsock devices): 8 layers leave room for the scratch disk and 6 volumes.
+/// Base layers change least, so merging them costs little reuse.
+pub const MAX_LAYER_DISKS: usize = 8;
+const _: () = assert!(MAX_LAYER_DISKS <= plfm_guest_protocol::disks::MAX_ROOT_LAYERS as usize);
 
 /// A built root disk, ready to attach read-only as `vda`.
 #[derive(Debug, Clone, PartialEq)]
@@ -1010,4 +1014,58 @@ fn write_synced(path: &Path, body: &[u8]) -> Result<(), ImageError> {
         .map_err(|e| ImageError::build_io("write", path, e))?;
     f.sync_all()
         .map_err(|e| ImageError::build_io("fsync", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(n: u8) -> Vec<pull::PulledLayer> {
+        (0..n)
+            .map(|i| pull::PulledLayer {
+                digest: Digest::of(&[i]),
+                compression: unpack::Compression::Gzip,
+                path: PathBuf::from(format!("/blobs/{i}")),
+                size: 1,
+            })
+            .collect()
+    }
+
+    fn spans(runs: &[Run]) -> Vec<(usize, usize)> {
+        runs.iter().map(|r| (r.start, r.end)).collect()
+    }
+
+    #[test]
+    fn one_disk_per_layer_up_to_the_limit_then_the_bottom_layers_merge() {
+        let l = layers(3);
+        let runs = plan_runs(&l, false);
+        assert_eq!(spans(&runs), vec![(0, 1), (1, 2), (2, 3)]);
+        // A single layer's disk is keyed by the layer's digest: shared by every image.
+        assert_eq!(runs[1].key, l[1].digest.hex());
+
+        let l = layers(12);
+        let runs = plan_runs(&l, false);
+        assert_eq!(runs.len(), MAX_LAYER_DISKS);
+        assert_eq!(
+            runs[0],
+            Run {
+                start: 0,
+                end: 5,
+                key: run_key(&l[..5])
+            }
+        );
+        assert_eq!(
+            spans(&runs[1..]),
+            (5..12).map(|i| (i, i + 1)).collect::<Vec<_>>()
+        );
+        // The merged key depends on the layers and their order only.
+        assert_eq!(plan_runs(&layers(12), false), runs);
+        let mut swapped = l.clone();
+        swapped.swap(0, 1);
+        assert_ne!(plan_runs(&swapped, false)[0].key, runs[0].key);
+
+        let runs = plan_runs(&l, true);
+        assert_eq!(spans(&runs), vec![(0, 12)]);
+        assert_eq!(spans(&plan_runs(&layers(0), false)), vec![(0, 0)]);
+    }
 }

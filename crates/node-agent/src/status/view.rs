@@ -59,10 +59,15 @@ pub struct InstanceDetail {
     /// The desired workload in brief (absent once the instance left the plan).
     #[serde(default)]
     pub spec: Option<SpecSummary>,
-    /// The root disk the instance boots from (the image cache's disk of its digest),
-    /// when it exists.
+    /// The root disk the instance boots from: the bottom of its root layers (the
+    /// image cache's disk of its digest for a flattened image), when it exists.
     #[serde(default)]
     pub root_disk: Option<String>,
+    /// Every read-only root layer disk the instance's root is stacked from, bottom
+    /// first (`root_disk` is the first): as recorded by the VM's runtime, else the
+    /// image cache's disk.
+    #[serde(default)]
+    pub root_layers: Vec<String>,
     /// Host resources recorded for the instance in the resource ledger (`tap`, `disk`,
     /// `volume`, `ipv4`, `uid`, `cgroup`, `process`, `instance_dir`, …).
     #[serde(default)]

@@ -228,6 +228,7 @@ impl Drop for FcEnv {
 pub struct TestHost {
     root: PathBuf,
     tap: Option<String>,
+    layers: usize,
 }
 
 impl TestHost {
@@ -235,7 +236,16 @@ impl TestHost {
         TestHost {
             root: root.to_path_buf(),
             tap: tap.map(str::to_string),
+            layers: 1,
         }
+    }
+
+    /// A root stacked from `n` layer disks: `root.ext4` (the bottom), then
+    /// `layer-1.ext4` … `layer-<n-1>.ext4`.
+    #[allow(dead_code)]
+    pub fn with_layers(mut self, n: usize) -> Self {
+        self.layers = n;
+        self
     }
 }
 
@@ -269,8 +279,14 @@ impl HostResources for TestHost {
                 )
             })
             .collect();
+        let mut root_layers = vec![self.root.join("root.ext4")];
+        for i in 1..self.layers {
+            let p = self.root.join(format!("layer-{i}.ext4"));
+            let _ = std::fs::write(&p, format!("layer {i}"));
+            root_layers.push(p);
+        }
         Ok(PreparedHost {
-            root_disk: self.root.join("root.ext4"),
+            root_layers,
             scratch_disk: scratch,
             volumes,
             tap: self.tap.clone(),

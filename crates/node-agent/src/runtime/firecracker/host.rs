@@ -28,8 +28,9 @@ pub struct DiskPath {
 /// Host resources of one instance, from [`HostResources::prepare`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedHost {
-    /// Root disk (vda, read-only).
-    pub root_disk: PathBuf,
+    /// Root layer disks, bottom first, never empty, read-only: layer 0 is `vda`, the
+    /// others follow the volumes (`plfm_guest_protocol::disks`).
+    pub root_layers: Vec<PathBuf>,
     /// Scratch disk (vdb).
     pub scratch_disk: PathBuf,
     /// Volumes in `volume_id` order (vdc, vdd, …).
@@ -123,7 +124,7 @@ impl HostResources for LocalHost {
         let root = rootdisk::prepare(images, id, workload).await?;
         let prep = self.host.prepare(id, workload, vmm_owner).await?;
         Ok(PreparedHost {
-            root_disk: root.path,
+            root_layers: root.layers,
             scratch_disk: prep.scratch.clone(),
             volumes: prep
                 .volumes

@@ -13,7 +13,7 @@
 //! given to its uid, mode 0600.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Layout, PreparedHost};
@@ -28,8 +28,8 @@ pub(super) struct Identity {
     pub gid: u32,
 }
 
-/// Links what the VMM opens into its jail: kernel, initramfs and root disk read-only
-/// for the VMMs' group (hard links, or copies when a hard link is impossible), scratch
+/// Links what the VMM opens into its jail: kernel, initramfs and every root layer disk
+/// read-only for the VMMs' group (hard links, or copies when a hard link is impossible), scratch
 /// disk and volumes owned by the VMM's uid (hard links only: a copy would not share
 /// writes), and `run/` for its sockets.
 pub(super) fn populate(
@@ -41,11 +41,26 @@ pub(super) fn populate(
 ) -> Result<(), String> {
     std::fs::create_dir_all(root.join("run"))
         .map_err(|e| format!("cannot create jail {}: {e}", root.display()))?;
-    for shared in [kernel, initramfs, prepared.root_disk.as_path()] {
-        link_shared(shared, root, who.gid)?;
-    }
     let mut own: Vec<&Path> = vec![&prepared.scratch_disk];
     own.extend(prepared.volumes.iter().map(|(_, d)| d.path.as_path()));
+    let mut shared: Vec<&Path> = vec![kernel, initramfs];
+    shared.extend(prepared.root_layers.iter().map(PathBuf::as_path));
+    // Everything lands in the jail's root under its file name: two files of one name
+    // would replace each other (a layer disk would be read as another).
+    let mut names = std::collections::HashSet::new();
+    for p in shared.iter().chain(own.iter()) {
+        let name = jail_path(p, root)?;
+        if !names.insert(name) {
+            return Err(format!(
+                "{} has the file name of another file linked into the jail {}",
+                p.display(),
+                root.display()
+            ));
+        }
+    }
+    for p in shared {
+        link_shared(p, root, who.gid)?;
+    }
     for p in own {
         let dst = jail_path(p, root)?;
         let _ = std::fs::remove_file(&dst);
@@ -163,5 +178,49 @@ pub(super) async fn remove_cgroup_dir(dir: &Path) -> Result<(), RuntimeError> {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file lands in the jail's root under its own name: two layer disks of one
+    /// name (from two directories) are refused before anything is linked, never linked
+    /// over each other.
+    #[test]
+    fn files_of_one_name_are_refused_before_linking() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jail/root");
+        let prepared = PreparedHost {
+            root_layers: vec![
+                dir.path().join("a/disk.ext4"),
+                dir.path().join("b/disk.ext4"),
+            ],
+            scratch_disk: dir.path().join("scratch.ext4"),
+            volumes: vec![],
+            tap: None,
+            guest_network: None,
+            address: None,
+            process: None,
+        };
+        let who = Identity { uid: 1, gid: 1 };
+        let e = populate(
+            &root,
+            Path::new("/k/vmlinux"),
+            Path::new("/k/initrd"),
+            &prepared,
+            who,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("b/disk.ext4 has the file name of another"),
+            "{e}"
+        );
+        let linked: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(linked, vec![std::ffi::OsString::from("run")]);
     }
 }

@@ -32,10 +32,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::api::{ActionType, ApiClient, VmConfiguration};
-use super::vmm::guest;
 use super::vmm::logs::Evidence;
 use super::vmm::monitor::{Monitor, MonitorArgs, OomCheck, Tracked, VmTable};
 use super::vmm::process::{self as vproc, ProcessId, Watch};
+use super::vmm::{guest, rootdisk};
 use super::{BootContext, Runtime, RuntimeError, StopOutcome, VmEvent, VmHandle};
 use crate::guest::bind_guest_listener;
 use crate::spec::{HealthSpec, InstanceId, Workload};
@@ -559,14 +559,14 @@ impl FirecrackerRuntime {
     }
 
     /// The VM configuration sent to the API for an instance (also used by contract
-    /// tests).
+    /// tests). Fails when the disks are more than a VM takes (volumes, root layers).
     pub fn vm_configuration(
         &self,
         id: &InstanceId,
         workload: &Workload,
         host: &PreparedHost,
         jailed: bool,
-    ) -> VmConfiguration {
+    ) -> Result<VmConfiguration, RuntimeError> {
         let resolved = ResolvedHost {
             binary: self.config.binary.clone(),
             jailer: jailed.then(|| PathBuf::from("jailer")),
@@ -666,6 +666,7 @@ impl FirecrackerRuntime {
         launch: &process::Launch,
         record: &mut VmmRecord,
         layout: &Layout,
+        root_layers: &[PathBuf],
     ) -> Result<(Watch, Option<OomCheck>), RuntimeError> {
         let record_path = layout.dir.join("vmm.json");
         let evidence = layout.evidence();
@@ -711,7 +712,13 @@ impl FirecrackerRuntime {
             None => (spawned.id, Watch::Child(spawned.child)),
         };
         record.process = Some(vmm);
-        let detail = serde_json::to_string(&vmm).ok();
+        // The VMM's identity, and the root layer disks it was given (for `describe`).
+        let detail = serde_json::to_value(vmm).ok().map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("root_layers".into(), serde_json::json!(root_layers));
+            }
+            v.to_string()
+        });
         self.ledger_add(id, "process", record_path.display().to_string(), detail)
             .await;
         if let Err(e) = write_record(&record_path, record) {
@@ -762,14 +769,20 @@ impl FirecrackerRuntime {
             }
         }
         let client = self.api(&layout.api_sock);
-        let vm_config = vm_configuration(
+        let vm_config = match vm_configuration(
             id,
             workload,
             prepared,
             layout,
             &self.config.kernel,
             &self.config.initramfs,
-        );
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                watch.kill().await;
+                return Err(e);
+            }
+        };
         for req in vm_config.requests() {
             if let Err(e) = client.send(&req).await {
                 // Give the VMM a moment to write its exit reason, then kill it.
@@ -829,6 +842,11 @@ async fn handed_over(
         .ok_or_else(|| format!("Firecracker (pid {pid}) exited as soon as the jailer started it"))
 }
 
+/// virtio devices Firecracker v1.16.1 attaches on x86_64: with 18 its `InstanceStart`
+/// fails ("Could not allocate GSI" for its ACPI devices; measured with the real binary,
+/// tests/firecracker_real.rs).
+const VIRTIO_DEVICES: usize = 17;
+
 /// Builds the API configuration of a VM.
 fn vm_configuration(
     id: &InstanceId,
@@ -837,34 +855,38 @@ fn vm_configuration(
     layout: &Layout,
     kernel: &Path,
     initramfs: &Path,
-) -> VmConfiguration {
+) -> Result<VmConfiguration, RuntimeError> {
     let inside = |p: &Path| layout.linked_name(p);
-    let mut drives = vec![
-        api::Drive {
-            drive_id: "vda".into(),
-            path_on_host: inside(&host.root_disk),
-            is_root_device: false,
-            is_read_only: true,
-            cache_type: None,
-        },
-        api::Drive {
-            drive_id: "vdb".into(),
-            path_on_host: inside(&host.scratch_disk),
-            is_root_device: false,
-            is_read_only: false,
-            cache_type: None,
-        },
-    ];
-    for (i, (_, d)) in host.volumes.iter().enumerate() {
-        let letter = (b'c' + (i as u8).min(23)) as char;
-        drives.push(api::Drive {
-            drive_id: format!("vd{letter}"),
+    let volumes: Vec<(PathBuf, bool)> = host
+        .volumes
+        .iter()
+        .map(|(_, d)| (d.path.clone(), d.read_only))
+        .collect();
+    // Firecracker attaches the drives in the order they are configured, so the guest
+    // names them in this order (`vda`, `vdb`, …).
+    let disks = rootdisk::vm_disks(&host.root_layers, &host.scratch_disk, &volumes)?;
+    let devices = disks.len() + host.tap.iter().count() + 1;
+    if devices > VIRTIO_DEVICES {
+        return Err(RuntimeError::VmmStart(
+            format!(
+                "the VM needs {devices} virtio devices ({} root layer disks, the scratch disk, {} volumes{}, vsock); Firecracker takes {VIRTIO_DEVICES}",
+                host.root_layers.len(),
+                volumes.len(),
+                if host.tap.is_some() { ", network" } else { "" }
+            )
+            .into(),
+        ));
+    }
+    let drives = disks
+        .into_iter()
+        .map(|d| api::Drive {
+            drive_id: d.name,
             path_on_host: inside(&d.path),
             is_root_device: false,
             is_read_only: d.read_only,
             cache_type: None,
-        });
-    }
+        })
+        .collect();
     let interfaces = host
         .tap
         .iter()
@@ -874,7 +896,7 @@ fn vm_configuration(
             guest_mac: Some(guest_mac(id)),
         })
         .collect();
-    VmConfiguration {
+    Ok(VmConfiguration {
         logger: api::Logger {
             log_path: layout.vmm_path(&layout.fc_log),
             level: "Info".into(),
@@ -902,7 +924,7 @@ fn vm_configuration(
             guest_cid: 3,
             uds_path: layout.vmm_path(&layout.vsock_uds),
         },
-    }
+    })
 }
 
 #[async_trait]
@@ -964,6 +986,7 @@ impl Runtime for FirecrackerRuntime {
         let config = guest::guest_config(
             workload,
             prepared.process.as_ref(),
+            u32::try_from(prepared.root_layers.len()).unwrap_or(u32::MAX),
             prepared.guest_network.clone(),
             boot.secrets.as_ref(),
         )?;
@@ -1021,7 +1044,14 @@ impl Runtime for FirecrackerRuntime {
                 .or_else(|| workload.spec.network.overlay_ipv6.parse().ok()),
         };
         let (mut watch, oom) = self
-            .spawn_vmm(id, workload, &launch, &mut record, &layout)
+            .spawn_vmm(
+                id,
+                workload,
+                &launch,
+                &mut record,
+                &layout,
+                &prepared.root_layers,
+            )
             .await?;
         self.configure(id, workload, &prepared, &layout, &launch, &mut watch)
             .await?;
@@ -1336,6 +1366,75 @@ async fn stop_vm(state: &VmState, grace: Duration, api: &ApiClient) -> StopOutco
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 15 disks (12 layers, scratch, 2 volumes) + network + vsock are the most
+    /// Firecracker starts; one layer more is refused before the VMM is asked, naming
+    /// the count.
+    #[test]
+    fn more_virtio_devices_than_firecracker_takes_are_refused() {
+        let id = InstanceId::parse("i-many").unwrap();
+        let w = crate::spec::decode_assignment(
+            &serde_json::json!({"instance_id": "i-many", "generation": 1, "desired_state": "running", "workload": {
+                "spec_version": "v1", "instance_id": "i-many", "generation": 1,
+                "image": {"digest": format!("sha256:{}", "a".repeat(64)), "resolved_digest": format!("sha256:{}", "a".repeat(64))},
+                "command": ["/app"],
+                "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64},
+                "network": {"overlay_ipv6": "fd00::1", "gateway_ipv6": "fe80::1"}
+            }}),
+            "test",
+        )
+        .unwrap()
+        .workload
+        .unwrap();
+        let mut host = PreparedHost {
+            root_layers: (0..12).map(|i| format!("/c/{i}.ext4").into()).collect(),
+            scratch_disk: "/i/scratch.ext4".into(),
+            volumes: ["vol-a", "vol-b"]
+                .map(|v| {
+                    (
+                        v.to_string(),
+                        DiskPath {
+                            path: format!("/v/{v}.ext4").into(),
+                            read_only: false,
+                        },
+                    )
+                })
+                .into(),
+            tap: Some("plfm-t".into()),
+            guest_network: None,
+            address: None,
+            process: None,
+        };
+        let layout = Layout {
+            dir: "/i".into(),
+            api_sock: "/i/api.sock".into(),
+            vsock_uds: "/i/v.sock".into(),
+            chroot: None,
+            pid_file: None,
+            fc_log: "/i/firecracker.log".into(),
+            metrics: "/i/firecracker.metrics".into(),
+            console_log: "/i/console.log".into(),
+        };
+        let config = |h: &PreparedHost| {
+            vm_configuration(&id, &w, h, &layout, Path::new("/k"), Path::new("/r"))
+        };
+        let ok = config(&host).unwrap();
+        let names: Vec<&str> = ok.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(names.len(), 15);
+        assert_eq!(&names[..5], ["vda", "vdb", "vdc", "vdd", "vde"]);
+        assert_eq!(ok.drives[4].path_on_host, "/c/1.ext4");
+        assert_eq!(ok.drives[14].path_on_host, "/c/11.ext4");
+        host.root_layers.push("/c/12.ext4".into());
+        let e = config(&host).unwrap_err();
+        assert!(
+            e.to_string().contains("needs 18 virtio devices")
+                && e.to_string().contains("Firecracker takes 17"),
+            "{e}"
+        );
+        // Without a tap the network device is not counted.
+        host.tap = None;
+        assert!(config(&host).is_ok());
+    }
 
     #[test]
     fn boot_args_are_fixed_and_name_the_instance() {

@@ -54,6 +54,9 @@ struct VmRecord {
     kernel: Option<PathBuf>,
     #[serde(default)]
     initramfs: Option<PathBuf>,
+    /// The root layer disks it booted from, bottom first (`describe` shows them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    root_layers: Vec<PathBuf>,
 }
 
 /// The confinement of one VM's processes: its jail directory (their sockets; QEMU's
@@ -421,6 +424,10 @@ impl QemuRuntime {
     }
 }
 
+/// virtio-mmio transports of QEMU's `microvm` machine (with its second I/O APIC, the
+/// default): one per virtio device.
+const MICROVM_VIRTIO_TRANSPORTS: usize = 24;
+
 /// QEMU's command line for a prepared instance.
 fn qemu_args(
     id: &InstanceId,
@@ -466,26 +473,37 @@ fn qemu_args(
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock0".into(),
     ]);
-    let mut drives = vec![
-        ("vda".to_string(), p.root.path.clone(), true),
-        ("vdb".to_string(), p.host.scratch.clone(), false),
-    ];
-    let letters = b"cdefghijklmnopqrstuvwxyz";
-    for (i, (_, path, read_only)) in p.host.volumes.iter().enumerate() {
-        let Some(l) = letters.get(i) else {
-            return Err(RuntimeError::Volume("more than 24 volumes".into()));
-        };
-        drives.push((format!("vd{}", *l as char), path.clone(), *read_only));
+    // The virtio-mmio transports are probed in the order the devices are given, so
+    // the guest names the disks in this order (`vda`, `vdb`, …).
+    let volumes: Vec<(PathBuf, bool)> = p
+        .host
+        .volumes
+        .iter()
+        .map(|(_, path, ro)| (path.clone(), *ro))
+        .collect();
+    let disks = rootdisk::vm_disks(&p.root.layers, &p.host.scratch, &volumes)?;
+    // The disks, the network device and the vsock device each take a transport.
+    let devices = disks.len() + 2;
+    if devices > MICROVM_VIRTIO_TRANSPORTS {
+        return Err(RuntimeError::VmmStart(
+            format!(
+                "the VM needs {devices} virtio devices ({} root layer disks, the scratch disk, {} volumes, network, vsock); QEMU's microvm machine has {MICROVM_VIRTIO_TRANSPORTS}",
+                p.root.layers.len(),
+                volumes.len()
+            )
+            .into(),
+        ));
     }
-    for (name, path, ro) in &drives {
+    for d in disks {
         args.push("-drive".into());
         args.push(format!(
-            "id={name},file={},format=raw,if=none{}",
-            path.display(),
-            if *ro { ",readonly=on" } else { "" }
+            "id={},file={},format=raw,if=none{}",
+            d.name,
+            d.path.display(),
+            if d.read_only { ",readonly=on" } else { "" }
         ));
         args.push("-device".into());
-        args.push(format!("virtio-blk-device,drive={name}"));
+        args.push(format!("virtio-blk-device,drive={}", d.name));
     }
     args.extend([
         "-netdev".into(),
@@ -593,7 +611,13 @@ impl Runtime for QemuRuntime {
             }
         }
         let network = Some(p.host.guest_network(w)?);
-        let config = guest::guest_config(w, Some(&p.root.process), network, boot.secrets.as_ref())?;
+        let config = guest::guest_config(
+            w,
+            Some(&p.root.process),
+            p.root.count(),
+            network,
+            boot.secrets.as_ref(),
+        )?;
         // Any VM still recorded for this instance goes first (idempotent start).
         self.kill_recorded(id).await;
         let sandbox = if self.config.sandbox {
@@ -645,6 +669,7 @@ impl Runtime for QemuRuntime {
             sandbox: sandbox.clone(),
             kernel: Some(kernel.clone()),
             initramfs: Some(initramfs.clone()),
+            root_layers: p.root.layers.clone(),
         };
         // Recorded before anything is spawned.
         self.save(id, &record).await?;
@@ -917,6 +942,124 @@ impl QemuRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn workload() -> std::sync::Arc<Workload> {
+        let a = serde_json::json!({"instance_id": "i-1", "generation": 2, "desired_state": "running", "workload": {
+            "spec_version": "v1", "instance_id": "i-1", "generation": 2,
+            "image": {"digest": format!("sha256:{}", "a".repeat(64)), "resolved_digest": format!("sha256:{}", "a".repeat(64))},
+            "command": ["/app"],
+            "resources": {"cpu_request": 1.0, "memory_limit_bytes": 268435456_i64},
+            "network": {"overlay_ipv6": "fd00::1", "gateway_ipv6": "fe80::1"}
+        }});
+        crate::spec::decode_assignment(&a, "test")
+            .unwrap()
+            .workload
+            .unwrap()
+    }
+
+    /// The drives of a root stacked from 3 layer disks with 2 volumes: bottom layer
+    /// `vda`, scratch `vdb`, volumes `vdc`/`vdd`, upper layers `vde`/`vdf`, every layer
+    /// read-only, each drive's device given in that order.
+    #[test]
+    fn qemu_attaches_the_layers_around_scratch_and_volumes_in_the_shared_order() {
+        let layers: Vec<PathBuf> = ["/c/l0.ext4", "/c/l1.ext4", "/c/l2.ext4"]
+            .map(PathBuf::from)
+            .into();
+        let p = Prepared {
+            root: rootdisk::RootDisk {
+                layers,
+                process: crate::image::MergedProcess {
+                    argv: vec!["/app".into()],
+                    env: Default::default(),
+                    cwd: "/".into(),
+                    user: None,
+                },
+            },
+            host: HostPrep {
+                scratch: "/i/scratch.ext4".into(),
+                volumes: vec![
+                    ("vol-a".into(), "/v/vol-a.ext4".into(), false),
+                    ("vol-b".into(), "/v/vol-b.ext4".into(), true),
+                ],
+                tap: crate::network::TapPlan {
+                    instance_id: "i-1".into(),
+                    tap: "plfm-t".into(),
+                    mtu: 1420,
+                    ipv6: "fd00::1".parse().unwrap(),
+                    ipv4: None,
+                    owner: None,
+                    guest_mac: crate::network::guest_mac("i-1"),
+                    ingress: vec![],
+                    health_port: None,
+                },
+            },
+        };
+        let paths = Paths::of("/i".into(), None);
+        let id = InstanceId::parse("i-1").unwrap();
+        let args = qemu_args(
+            &id,
+            &workload(),
+            &p,
+            &paths,
+            "tcg",
+            (Path::new("/k"), Path::new("/r")),
+            None,
+        )
+        .unwrap();
+        let drives: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-drive")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "id=vda,file=/c/l0.ext4,format=raw,if=none,readonly=on",
+                "id=vdb,file=/i/scratch.ext4,format=raw,if=none",
+                "id=vdc,file=/v/vol-a.ext4,format=raw,if=none",
+                "id=vdd,file=/v/vol-b.ext4,format=raw,if=none,readonly=on",
+                "id=vde,file=/c/l1.ext4,format=raw,if=none,readonly=on",
+                "id=vdf,file=/c/l2.ext4,format=raw,if=none,readonly=on",
+            ]
+        );
+        let devices: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-device" && w[1].starts_with("virtio-blk-device"))
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            devices,
+            ["vda", "vdb", "vdc", "vdd", "vde", "vdf"]
+                .map(|d| format!("virtio-blk-device,drive={d}"))
+        );
+        // 22 disks (16 layers, scratch, 5 volumes) + network + vsock fill microvm's 24
+        // transports; one volume more is refused before QEMU runs, naming the count.
+        let mut big = p.clone();
+        big.root.layers = (0..16).map(|i| format!("/c/{i}").into()).collect();
+        big.host.volumes = (0..5)
+            .map(|i| (format!("v{i}"), format!("/v/{i}").into(), false))
+            .collect();
+        let run = |p: &Prepared| {
+            qemu_args(
+                &id,
+                &workload(),
+                p,
+                &paths,
+                "tcg",
+                (Path::new("/k"), Path::new("/r")),
+                None,
+            )
+        };
+        let args = run(&big).unwrap();
+        assert_eq!(args.iter().filter(|a| *a == "-drive").count(), 22);
+        big.host.volumes.push(("v5".into(), "/v/5".into(), false));
+        let e = run(&big).unwrap_err();
+        assert!(
+            e.to_string().contains("needs 25 virtio devices")
+                && e.to_string().contains("microvm machine has 24"),
+            "{e}"
+        );
+    }
 
     /// `accel = "auto"` on a host whose KVM device cannot be opened falls back to TCG,
     /// and `status` says so; a sandbox turned off is said too. An explicit `tcg` or a

@@ -100,12 +100,15 @@ fn spec_network(w: &Workload) -> Result<Option<gp::NetworkConfig>, RuntimeError>
 
 /// The guest config of the handshake (DESIGN §6). `process` is the image's defaults
 /// merged under the spec (argv, env, cwd, user); without it the spec's own command,
-/// env and workdir are used as they are. `network` is what host networking made
+/// env and workdir are used as they are. `root_layers` is how many layer disks the
+/// root is stacked from (the VMM attached them in the order of
+/// `plfm_guest_protocol::disks`). `network` is what host networking made
 /// (else the spec's overlay address). Secret material must be UTF-8 (secrets format
 /// v1): other bytes fail with `secrets_injection_failed`, never reach the guest mangled.
 pub fn guest_config(
     w: &Workload,
     process: Option<&MergedProcess>,
+    root_layers: u32,
     network: Option<gp::NetworkConfig>,
     secrets: Option<&SecretMaterial>,
 ) -> Result<gp::Config, RuntimeError> {
@@ -167,6 +170,7 @@ pub fn guest_config(
         },
         network,
         mounts,
+        root_layers,
         secrets,
     })
 }
@@ -202,6 +206,7 @@ pub fn resumed_config(instance_id: &str, generation: i32) -> gp::Config {
         },
         network: None,
         mounts: vec![],
+        root_layers: 1,
         secrets: None,
     }
 }
@@ -259,7 +264,8 @@ mod tests {
             cwd: "/srv".into(),
             user: Some("1000:50".into()),
         };
-        let c = guest_config(&w, Some(&p), None, None).unwrap();
+        let c = guest_config(&w, Some(&p), 3, None, None).unwrap();
+        assert_eq!(c.root_layers, 3);
         assert_eq!((c.workload.uid, c.workload.gid), (1000, 50));
         assert_eq!(c.workload.cwd.as_deref(), Some("/srv"));
         let n = c.network.unwrap();
@@ -272,7 +278,7 @@ mod tests {
             user: Some("nobody".into()),
             ..p
         };
-        let e = guest_config(&w, Some(&named), None, None).unwrap_err();
+        let e = guest_config(&w, Some(&named), 1, None, None).unwrap_err();
         assert!(e.to_string().contains("numeric"), "{e}");
     }
 
@@ -280,7 +286,7 @@ mod tests {
     fn secrets_that_are_not_utf8_are_refused_not_mangled() {
         let w = workload(serde_json::json!({}));
         let ok = SecretMaterial::new("v1", b"# TRC_SECRETS_V1\nA=b\n".to_vec()).unwrap();
-        let c = guest_config(&w, None, None, Some(&ok)).unwrap();
+        let c = guest_config(&w, None, 1, None, Some(&ok)).unwrap();
         let data = c.secrets.unwrap().data.unwrap();
         assert_eq!(data.expose(), "# TRC_SECRETS_V1\nA=b\n");
         // Material is validated as UTF-8 when it is fetched: bytes that are not never
