@@ -531,7 +531,7 @@ fn nft_table() -> String {
         .unwrap_or_default()
 }
 
-const HTTPD_SCRIPT: &str = "mkdir -p /www && echo hello-from-the-vm > /www/index.html && cat /run/secrets/platform.env > /www/secret.txt && exec httpd -f -p 8080 -h /www";
+const HTTPD_SCRIPT: &str = "mkdir -p /www && echo hello-from-the-vm > /www/index.html && cat /run/secrets/platform.env > /www/secret.txt && ls /etc > /www/etc.txt && exec httpd -f -p 8080 -h /www";
 
 fn http_health() -> serde_json::Value {
     json!({"type": "http", "port": 8080, "path": "/", "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 120, "success_threshold": 1, "failure_threshold": 3})
@@ -565,6 +565,18 @@ fn vm_boots_to_ready_serves_http_reads_its_secrets_and_drains_leaving_nothing() 
     assert_eq!(
         http_get(&ipv4, 8080, "/").unwrap().trim(),
         "hello-from-the-vm"
+    );
+    // The root is the image's three layer disks stacked: httpd (middle layer)
+    // serves, the top layer's file is there, the middle layer's whiteout hides the
+    // base file.
+    assert_eq!(
+        http_get(&ipv4, 8080, "/release").unwrap().trim(),
+        "top-layer"
+    );
+    let etc = http_get(&ipv4, 8080, "/etc.txt").unwrap();
+    assert!(
+        !etc.contains("removed-by-a-layer"),
+        "whiteout not applied: {etc}"
     );
     let secret = http_get(&ipv4, 8080, "/secret.txt").unwrap();
     assert!(secret.contains("GREETING=secret-from-the-host"), "{secret}");

@@ -356,25 +356,41 @@ pub fn stat(disk: &Path, path: &str) -> (u32, u32, u32) {
 pub fn busybox_image() -> (Vec<(Vec<u8>, &'static str)>, Vec<u8>) {
     use plfm_node_agent::image::testtar::{Layer, TarEntry};
     let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
-    let mut l = Layer::new();
+    // Three layers, like a real image: the VM's root is a stack of three disks.
+    // The base has busybox and most applets, and a file the middle layer whites out;
+    // the middle layer adds `httpd` (a workload that serves proves it is mounted);
+    // the top layer adds `/www/release`.
+    let mut base = Layer::new();
     for d in [
         "bin", "etc", "tmp", "proc", "sys", "dev", "run", "www", "data",
     ] {
-        l = l.dir(d, 0o755);
+        base = base.dir(d, 0o755);
     }
-    l = l.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
+    base = base.entry(TarEntry::file("bin/busybox", &busybox, 0o755));
     for applet in [
-        "sh", "cat", "echo", "mkdir", "httpd", "sleep", "dd", "head", "ls", "sync",
+        "sh", "cat", "echo", "mkdir", "sleep", "dd", "head", "ls", "sync",
     ] {
-        l = l.symlink(&format!("bin/{applet}"), "busybox");
+        base = base.symlink(&format!("bin/{applet}"), "busybox");
     }
+    base = base.file("etc/removed-by-a-layer", b"base\n");
+    let middle = Layer::new()
+        .symlink("bin/httpd", "busybox")
+        .whiteout("etc/removed-by-a-layer");
+    let top = Layer::new().file("www/release", b"top-layer\n");
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": []}
     }))
     .expect("config JSON");
-    (vec![(l.tar_gz(), GZIP)], config)
+    (
+        vec![
+            (base.tar_gz(), GZIP),
+            (middle.tar_gz(), GZIP),
+            (top.tar_gz(), GZIP),
+        ],
+        config,
+    )
 }
 
 /// Whiteouts (character devices) and opaque directories of a layer disk, as paths
