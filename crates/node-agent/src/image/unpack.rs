@@ -752,8 +752,14 @@ impl Unpacker {
                         self.opaque.insert(rel.clone());
                     }
                     self.dir_times.entry(rel.clone()).or_insert(FIXED_MTIME);
-                    rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())
-                        .map_err(|e| self.io_err("open directory", &rel, errno_io(e)))?
+                    let fd = rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())
+                        .map_err(|e| self.io_err("open directory", &rel, errno_io(e)))?;
+                    // 0755 whatever the process umask (the agent runs with 077): in a
+                    // layer disk an implicit directory is what overlayfs shows when it
+                    // is the upper-most, so it must not lock the workload out.
+                    rfs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                        .map_err(|e| self.io_err("chmod", &rel, errno_io(e)))?;
+                    fd
                 }
                 Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                     let rel = join(&comps[..=i]);
