@@ -167,6 +167,21 @@ pub struct Eviction {
     pub legacy_files: Vec<PathBuf>,
 }
 
+/// An `image_cache` row selected as digest, source, disk_path, size_bytes,
+/// allocated_bytes, created_ms, last_used_ms and the count of its pins.
+fn cached_image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CachedImage> {
+    Ok(CachedImage {
+        digest: r.get(0)?,
+        source: r.get(1)?,
+        path: PathBuf::from(r.get::<_, String>(2)?),
+        size_bytes: r.get::<_, i64>(3)? as u64,
+        allocated_bytes: r.get::<_, i64>(4)? as u64,
+        created_ms: r.get(5)?,
+        last_used_ms: r.get(6)?,
+        refs: r.get::<_, i64>(7)? as u64,
+    })
+}
+
 fn layer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LayerDisk> {
     let key: String = r.get(0)?;
     Ok(LayerDisk {
@@ -686,18 +701,7 @@ impl CacheDb {
             ))
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![FORMAT_VERSION], |r| {
-                Ok(CachedImage {
-                    digest: r.get(0)?,
-                    source: r.get(1)?,
-                    path: PathBuf::from(r.get::<_, String>(2)?),
-                    size_bytes: r.get::<_, i64>(3)? as u64,
-                    allocated_bytes: r.get::<_, i64>(4)? as u64,
-                    created_ms: r.get(5)?,
-                    last_used_ms: r.get(6)?,
-                    refs: r.get::<_, i64>(7)? as u64,
-                })
-            })
+            .query_map(params![FORMAT_VERSION], cached_image_row)
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
@@ -736,21 +740,7 @@ impl CacheDb {
                 )
                 .map_err(&e2)?;
             let rows = st
-                .query_map([], |r| {
-                    Ok((
-                        CachedImage {
-                            digest: r.get(0)?,
-                            source: r.get(1)?,
-                            path: PathBuf::from(r.get::<_, String>(2)?),
-                            size_bytes: r.get::<_, i64>(3)? as u64,
-                            allocated_bytes: r.get::<_, i64>(4)? as u64,
-                            created_ms: r.get(5)?,
-                            last_used_ms: r.get(6)?,
-                            refs: r.get::<_, i64>(7)? as u64,
-                        },
-                        r.get::<_, u32>(8)?,
-                    ))
-                })
+                .query_map([], |r| Ok((cached_image_row(r)?, r.get::<_, u32>(8)?)))
                 .map_err(&e2)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(&e2)?
         };

@@ -1705,7 +1705,7 @@ mod tests {
     #[test]
     fn a_hard_link_into_a_lower_layer_is_named_in_the_overlay_format_only() {
         let l = Layer::new().hardlink("link", "bin/lower").tar();
-        let (_, res) = unpack_overlay(&[l.clone()]);
+        let (_, res) = unpack_overlay(std::slice::from_ref(&l));
         assert!(
             matches!(res, Err(ImageError::HardLinkAcrossLayers { ref path, .. }) if path == "link"),
             "{res:?}"
@@ -1723,7 +1723,7 @@ mod tests {
             .entry(TarEntry::dir("d", 0o755).xattr("trusted.overlay.opaque", b"y"))
             .entry(TarEntry::file("f", b"x", 0o644).xattr("trusted.overlay.redirect", b"/etc"))
             .tar();
-        let (dir, res) = unpack_overlay(&[l.clone()]);
+        let (dir, res) = unpack_overlay(std::slice::from_ref(&l));
         let (stats, marks) = res.unwrap();
         assert_eq!(stats.overlay_xattrs_dropped, 2);
         assert!(
@@ -1732,7 +1732,7 @@ mod tests {
         );
         let mut buf = [0u8; 16];
         assert!(rfs::getxattr(
-            &dir.path().join("tree/d"),
+            dir.path().join("tree/d"),
             "trusted.overlay.opaque",
             &mut buf[..]
         )
