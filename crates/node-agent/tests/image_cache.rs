@@ -520,3 +520,37 @@ fn a_redeploy_reuses_the_base_layers_and_eviction_keeps_what_another_image_share
     assert!(again.1.cache_hit);
     assert_eq!(again.0, d2);
 }
+
+#[test]
+fn a_flattened_disk_from_an_earlier_agent_is_served_as_a_stack_of_one_and_evicted_whole() {
+    // No registry: the request must be answered from the cache.
+    let data = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(data.path(), ImageConfig::default()).unwrap();
+    let image =
+        ImageRef::parse_pinned(&format!("127.0.0.1:9/app@sha256:{}", "cd".repeat(32))).unwrap();
+    let disk = data
+        .path()
+        .join(format!("images/disks/sha256/{}.v1.ext4", "cd".repeat(32)));
+    std::fs::write(&disk, vec![0u8; 8192]).unwrap();
+    let db = rusqlite::Connection::open(data.path().join("state.db")).unwrap();
+    db.execute(
+        "INSERT INTO image_cache (cache_key, digest, format_version, source, disk_path, size_bytes,
+           allocated_bytes, defaults_json, created_ms, last_used_ms)
+         VALUES (?1, ?2, 1, '127.0.0.1:9/app', ?3, 8192, 8192, '{}', 1, 1)",
+        rusqlite::params![
+            format!("{}#v1", image.digest),
+            image.digest.as_str(),
+            disk.to_string_lossy()
+        ],
+    )
+    .unwrap();
+    drop(db);
+    let (root, t) = rt().block_on(svc.ensure(&image)).unwrap();
+    assert!(t.cache_hit);
+    assert_eq!(root.layers, vec![disk.clone()]);
+    assert_eq!(svc.list().unwrap().len(), 1, "`image ls` shows it");
+    let report = svc.gc_unreferenced().unwrap();
+    assert_eq!(report.evicted, vec![image.digest.to_string()]);
+    assert_eq!(report.freed_bytes, 8192);
+    assert!(!disk.exists());
+}

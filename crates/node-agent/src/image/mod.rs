@@ -315,9 +315,23 @@ impl ImageService {
     /// A cached image whose layer disks all still exist.
     fn lookup(&self, digest: &Digest) -> Result<Option<RootDisk>, ImageError> {
         let db = self.db();
-        let Some((_, meta)) = db.lookup_and_touch(digest)? else {
+        let Some((path, meta)) = db.lookup_and_touch(digest)? else {
             return Ok(None);
         };
+        if meta.format_version == store::FLAT_FORMAT_VERSION {
+            // A flattened disk from before layer disks: a stack of one.
+            if !path.is_file() {
+                db.remove_any_format(digest.as_str(), &path)?;
+                return Ok(None);
+            }
+            return Ok(Some(RootDisk {
+                layers: vec![path.clone()],
+                path,
+                digest: digest.clone(),
+                size_bytes: meta.size_bytes,
+                config: meta.defaults,
+            }));
+        }
         let layers = db.image_layers(digest.as_str())?;
         let named = db.image_layer_count(digest.as_str())?;
         if layers.is_empty()

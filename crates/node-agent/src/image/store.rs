@@ -156,6 +156,10 @@ pub struct CachedImage {
     pub refs: u64,
 }
 
+/// The format of the flattened root disks of earlier agents: one disk per image,
+/// whiteouts applied. Still served after an upgrade until evicted.
+pub const FLAT_FORMAT_VERSION: u32 = 1;
+
 /// What [`CacheDb::evict`] took out of the state store.
 #[derive(Debug, Default)]
 pub struct Eviction {
@@ -457,40 +461,45 @@ impl CacheDb {
         &self,
         digest: &Digest,
     ) -> Result<Option<(PathBuf, DiskMeta)>, ImageError> {
-        let key = Self::key(digest.as_str());
-        let row = self
-            .conn
-            .query_row(
-                "UPDATE image_cache SET last_used_ms = ?2 WHERE cache_key = ?1
-                 RETURNING disk_path, source, size_bytes, allocated_bytes, defaults_json, created_ms",
-                params![key, now_ms()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        Ok(row.map(|(path, source, size, alloc, defaults, created)| {
-            (
-                PathBuf::from(path),
-                DiskMeta {
-                    digest: digest.to_string(),
-                    format_version: FORMAT_VERSION,
-                    source,
-                    size_bytes: size as u64,
-                    allocated_bytes: alloc as u64,
-                    created_ms: created,
-                    defaults: serde_json::from_str(&defaults).unwrap_or_default(),
-                },
-            )
-        }))
+        // The current format first; then a flattened disk an agent of format 1 built
+        // (kept after an upgrade: it boots as a stack of one disk).
+        for format in [FORMAT_VERSION, FLAT_FORMAT_VERSION] {
+            let key = format!("{digest}#v{format}");
+            let row = self
+                .conn
+                .query_row(
+                    "UPDATE image_cache SET last_used_ms = ?2 WHERE cache_key = ?1
+                     RETURNING disk_path, source, size_bytes, allocated_bytes, defaults_json, created_ms",
+                    params![key, now_ms()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, i64>(5)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if let Some((path, source, size, alloc, defaults, created)) = row {
+                return Ok(Some((
+                    PathBuf::from(path),
+                    DiskMeta {
+                        digest: digest.to_string(),
+                        format_version: format,
+                        source,
+                        size_bytes: size as u64,
+                        allocated_bytes: alloc as u64,
+                        created_ms: created,
+                        defaults: serde_json::from_str(&defaults).unwrap_or_default(),
+                    },
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// Key of a layer disk row.
@@ -688,7 +697,8 @@ impl CacheDb {
 
     /// All cached disks with their reference counts, oldest use first.
     pub fn list(&self) -> Result<Vec<CachedImage>, ImageError> {
-        self.list_where("c.format_version = ?1")
+        // Flattened disks of format 1 are listed too: they are served and take space.
+        self.list_where("c.format_version IN (?1, 1)")
     }
 
     fn list_where(&self, filter: &str) -> Result<Vec<CachedImage>, ImageError> {
