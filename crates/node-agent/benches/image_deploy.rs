@@ -29,18 +29,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_support::{Registry, GZIP};
+use image_support::{env_num, vmhwm_kib, Registry, GZIP};
 use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::{ImageConfig, ImageRef, ImageService};
 
 const LAYERS: usize = 4;
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Files of `roots` in a stable order (sorted walk), up to `budget` bytes of file
 /// data: regular files, symlinks, and hard links (a second name of an inode already
@@ -135,14 +128,6 @@ fn top_layer(v: &str) -> Layer {
         ));
     }
     layer
-}
-
-fn vmhwm_kib(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn timed(cmd: &mut Command) -> Duration {

@@ -17,24 +17,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_support::{Registry, GZIP};
+use image_support::{env_num, vmhwm_kib, Registry, GZIP};
 use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::{ImageConfig, ImageRef, ImageService};
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn vmhwm_kib(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
 
 /// Runs a command, sampling its peak RSS from /proc every 10 ms.
 fn timed(cmd: &mut Command) -> (Duration, u64) {

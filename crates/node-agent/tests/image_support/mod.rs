@@ -474,3 +474,20 @@ pub fn stat_in(layers: &[PathBuf], path: &str) -> (u32, u32, u32) {
         .unwrap_or_else(|| panic!("{path} in no layer"));
     stat(disk, path)
 }
+
+/// A benchmark knob from the environment (`PLFM_BENCH_*`), or `default`.
+pub fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak RSS (`VmHWM`, KiB) of process `pid` (`"self"` for this one).
+pub fn vmhwm_kib(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
