@@ -69,13 +69,13 @@ trait View {
     fn finish(&mut self) {}
 }
 
-/// Plain lines: each layer and stage once, when seen complete, in pipeline order.
+/// Plain lines: each layer and stage once, when seen complete, in the order seen.
 pub struct Lines<W: Write> {
     out: W,
     announced: bool,
     layers_done: Vec<bool>,
     unpacking: bool,
-    unpacked: usize,
+    unpacked: Vec<bool>,
     mkfs: bool,
     done: bool,
 }
@@ -88,7 +88,7 @@ impl<W: Write> Lines<W> {
             announced: false,
             layers_done: Vec::new(),
             unpacking: false,
-            unpacked: 0,
+            unpacked: Vec::new(),
             mkfs: false,
             done: false,
         }
@@ -108,6 +108,7 @@ impl<W: Write> Lines<W> {
         if !self.announced && n > 0 {
             self.announced = true;
             self.layers_done = vec![false; n];
+            self.unpacked = vec![false; n];
             let total: u64 = layers.iter().map(|l| l.size).sum();
             lines.push(format!("pulling {n} layer(s), {}", human::bytes(total)));
         }
@@ -135,14 +136,12 @@ impl<W: Write> Lines<W> {
             self.unpacking = true;
             lines.push(format!("unpacking {n} layer(s)"));
         }
-        let unpacked = p.unpacked().min(n);
-        while self.unpacked < unpacked {
-            self.unpacked += 1;
-            let digest = layers
-                .get(self.unpacked - 1)
-                .map(|l| l.digest.as_str())
-                .unwrap_or("?");
-            lines.push(format!("unpacked layer {}/{n} {digest}", self.unpacked));
+        // Layers unpack in parallel: each is told when its own unpack is done.
+        for (i, l) in layers.iter().enumerate() {
+            if l.is_unpacked() && !self.unpacked[i] {
+                self.unpacked[i] = true;
+                lines.push(format!("unpacked layer {}/{n} {}", i + 1, l.digest));
+            }
         }
         if stage >= Stage::Mkfs && !self.mkfs {
             self.mkfs = true;
@@ -258,8 +257,8 @@ mod tests {
             // Several steps between two polls are all still told, in order.
             p.layer_done(1, true);
             p.advance(Stage::Unpacking);
-            p.layer_unpacked();
-            p.layer_unpacked();
+            p.layer_unpacked(0);
+            p.layer_unpacked(1);
             p.advance(Stage::Mkfs);
             p.advance(Stage::Done);
             lines.update(&p);

@@ -790,8 +790,8 @@ impl ImageService {
             }
         }
         if let Some(p) = progress {
-            for _ in run.start..run.end {
-                p.layer_unpacked();
+            for i in run.start..run.end {
+                p.layer_unpacked(i);
             }
         }
         unpacker.finish_with_marks()

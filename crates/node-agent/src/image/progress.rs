@@ -48,6 +48,7 @@ pub struct LayerProgress {
     downloaded: AtomicU64,
     done: AtomicBool,
     cached: AtomicBool,
+    unpacked: AtomicBool,
 }
 
 impl LayerProgress {
@@ -64,6 +65,11 @@ impl LayerProgress {
     /// Was already in the blob store: nothing downloaded.
     pub fn was_cached(&self) -> bool {
         self.cached.load(Ordering::Relaxed)
+    }
+
+    /// Unpacked into its layer disk's tree (layers unpack in parallel, in any order).
+    pub fn is_unpacked(&self) -> bool {
+        self.unpacked.load(Ordering::Acquire)
     }
 }
 
@@ -116,6 +122,7 @@ impl PullProgress {
                     downloaded: AtomicU64::new(0),
                     done: AtomicBool::new(false),
                     cached: AtomicBool::new(false),
+                    unpacked: AtomicBool::new(false),
                 })
                 .collect(),
         );
@@ -135,8 +142,13 @@ impl PullProgress {
         }
     }
 
-    pub(crate) fn layer_unpacked(&self) {
-        self.unpacked.fetch_add(1, Ordering::AcqRel);
+    /// Layer `index` (bottom-up) is unpacked; counted once.
+    pub(crate) fn layer_unpacked(&self, index: usize) {
+        if let Some(l) = self.layers().get(index) {
+            if !l.unpacked.swap(true, Ordering::AcqRel) {
+                self.unpacked.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 
     pub(crate) fn found_in_cache(&self) {
