@@ -938,12 +938,8 @@ impl Staging {
         let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
         let tag = hex::encode(&sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes())[..8]);
         let dir = config.staging_dir.join(format!("plfm-images-{tag}"));
-        let made = std::fs::create_dir_all(&dir).and_then(|_| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        });
-        if let Err(e) = made {
-            tracing::warn!(dir = %dir.display(), error = %e, "memory staging unavailable; layers are unpacked on disk");
+        if let Err(why) = Self::make_private_dir(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %why, "memory staging unavailable; layers are unpacked on disk");
             return None;
         }
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
@@ -951,6 +947,38 @@ impl Staging {
             dir,
             share: config.staging_memory_bytes / cores,
         })
+    }
+}
+
+impl Staging {
+    /// Creates `dir` (mode 0700) or accepts it only if it is a real directory (not a
+    /// symlink) owned by this process's user with no group or other permissions. The
+    /// staging dir sits in a world-writable tmpfs under a predictable name: another
+    /// local user who made it first (or planted a symlink there) must not get to see
+    /// or change the trees unpacked in it.
+    fn make_private_dir(dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let m = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+        let me = rustix::process::geteuid().as_raw();
+        if !m.file_type().is_dir() {
+            return Err("exists and is not a directory (a symlink?)".into());
+        }
+        if m.uid() != me {
+            return Err(format!(
+                "owned by uid {}, not by this agent (uid {me})",
+                m.uid()
+            ));
+        }
+        if m.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 
@@ -1047,6 +1075,45 @@ mod tests {
 
     fn spans(runs: &[Run]) -> Vec<(usize, usize)> {
         runs.iter().map(|r| (r.start, r.end)).collect()
+    }
+
+    #[test]
+    fn a_staging_dir_planted_by_someone_else_is_not_used() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        // Made here: a private directory.
+        let ok = tmp.path().join("ok");
+        Staging::make_private_dir(&ok).unwrap();
+        assert_eq!(
+            std::fs::metadata(&ok).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // A symlink planted at the name (to a directory the planter controls).
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        let e = Staging::make_private_dir(&link).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        // A directory another user made first (needs root to give it away).
+        if rustix::process::geteuid().is_root() {
+            let other = tmp.path().join("other");
+            std::fs::create_dir(&other).unwrap();
+            std::os::unix::fs::chown(&other, Some(65534), Some(65534)).unwrap();
+            let e = Staging::make_private_dir(&other).unwrap_err();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+            assert_eq!(std::fs::metadata(&other).unwrap().uid(), 65534);
+        }
+        // Staging is then off: open() falls back to unpacking on disk.
+        let cfg = ImageConfig {
+            staging_dir: tmp.path().to_path_buf(),
+            ..Default::default()
+        };
+        let data = tmp.path().join("data");
+        let st = Staging::open(&cfg, &data).expect("a fresh name is made private");
+        std::fs::remove_dir(&st.dir).unwrap();
+        std::os::unix::fs::symlink(&theirs, &st.dir).unwrap();
+        assert!(Staging::open(&cfg, &data).is_none());
     }
 
     #[test]
