@@ -278,6 +278,10 @@ struct Wanted {
     cfg: OverlayConfig,
     refused: Vec<RefusedPeer>,
     source: String,
+    /// Whether this configuration has reached the device once. Until it has, a
+    /// successful apply (also one retried by the drift check) is `applied`; after,
+    /// a change the drift check had to make is a repair.
+    reached_device: bool,
 }
 
 /// The owner's state. One per daemon.
@@ -443,8 +447,9 @@ impl<D: Device> Owner<D> {
             cfg,
             refused,
             source: source.to_string(),
+            reached_device: false,
         });
-        self.apply(false).await
+        self.apply().await
     }
 
     async fn turn_off(&mut self, reason: String) -> Decision {
@@ -488,17 +493,21 @@ impl<D: Device> Owner<D> {
             self.publish().await;
             return Decision::Off;
         }
-        self.apply(true).await
+        self.apply().await
     }
 
-    async fn apply(&mut self, periodic: bool) -> Decision {
-        let Some(w) = &self.wanted else {
+    async fn apply(&mut self) -> Decision {
+        let Some(w) = &mut self.wanted else {
             return Decision::Off;
         };
         let result = self.device.apply(&w.cfg, &self.key).await;
-        let retried = self.apply_error.is_some();
+        let first = !w.reached_device;
+        if result.is_ok() {
+            w.reached_device = true;
+        }
+        let w = &*w;
         let (outcome, decision) = match &result {
-            Ok(_) if !periodic || retried => ("applied", Decision::Applied),
+            Ok(_) if first => ("applied", Decision::Applied),
             Ok(c) if c.any() => ("drift_repaired", Decision::DriftRepaired),
             Ok(_) => ("unchanged", Decision::Unchanged),
             Err(_) => ("error", Decision::ApplyFailed),
@@ -911,7 +920,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_drift_check_repairs_and_counts_and_a_failed_apply_is_retried() {
+    async fn the_drift_check_repairs_and_counts_and_a_failed_apply_is_retried_and_counted_once() {
         let rig = Rig::new();
         let mut o = rig.owner();
         o.on_fetched(Fetched::Document(good(1)), "file").await;
@@ -920,6 +929,8 @@ mod tests {
         assert_eq!(o.drift_check().await, Decision::DriftRepaired);
         rig.fake.lock().present = false; // wireguard-go killed
         assert_eq!(o.drift_check().await, Decision::DriftRepaired);
+        // A check that meets a dying wireguard-go fails; the next one restarts it,
+        // and that is a repair of a configuration the device had: not `applied`.
         rig.fake.lock().fail = Some("wireguard-go: not found".into());
         assert_eq!(o.drift_check().await, Decision::ApplyFailed);
         assert_eq!(
@@ -927,8 +938,20 @@ mod tests {
             Some("wireguard-go: not found")
         );
         rig.fake.lock().fail = None;
-        assert_eq!(o.drift_check().await, Decision::Applied);
+        rig.fake.lock().present = false;
+        assert_eq!(o.drift_check().await, Decision::DriftRepaired);
         assert_eq!(rig.handle.view().last_apply_error, None);
+        // A new configuration whose first apply fails is `applied` when the drift
+        // check gets it through, even though the device had to change.
+        rig.fake.lock().fail = Some("uapi: timed out".into());
+        assert_eq!(
+            o.on_fetched(Fetched::Document(good(2)), "file").await,
+            Decision::ApplyFailed
+        );
+        rig.fake.lock().fail = None;
+        rig.fake.lock().drift = true;
+        assert_eq!(o.drift_check().await, Decision::Applied);
+        assert_eq!(o.drift_check().await, Decision::Unchanged);
         assert_eq!(
             (
                 rig.count("applied"),
@@ -936,7 +959,7 @@ mod tests {
                 rig.count("drift_repaired"),
                 rig.count("error")
             ),
-            (2, 1, 2, 1)
+            (2, 2, 3, 2)
         );
     }
 
