@@ -425,10 +425,18 @@ pub async fn run_daemon(mut config: Config, notifier: Arc<Notifier>) -> anyhow::
     };
     let wireguard_public_key = wireguard_key.as_ref().map(|k| k.public_base64());
     let metrics = Arc::new(Metrics::new());
-    let (overlay_backend, note) = crate::overlay::settings::resolve_backend(
+    let resolved = crate::overlay::settings::resolve_backend(
         config.overlay.backend,
-        crate::overlay::settings::kernel_module_loaded(),
+        crate::overlay::settings::kernel_wireguard(),
     );
+    let (overlay_backend, note) = match resolved {
+        Ok(r) => r,
+        Err(e) if config.overlay.enabled => anyhow::bail!("{e}"),
+        Err(e) => (
+            "kernel",
+            Some(format!("{e} (overlay.enabled = false, so nothing uses it)")),
+        ),
+    };
     if let Some(note) = note {
         tracing::info!("{note}");
     }
@@ -752,11 +760,18 @@ fn spawn_overlay_owner(
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
     }
     let ov = &config.overlay;
-    let device = crate::overlay::device::UserspaceDevice::new(
-        &ov.interface,
-        &ov.userspace_command,
-        &dir.join("wireguard-go.log"),
-    );
+    let device = match backend {
+        "kernel" => crate::overlay::device::AnyDevice::Kernel(
+            crate::overlay::kernel::KernelDevice::new(&ov.interface),
+        ),
+        _ => crate::overlay::device::AnyDevice::Userspace(
+            crate::overlay::device::UserspaceDevice::new(
+                &ov.interface,
+                &ov.userspace_command,
+                &dir.join("wireguard-go.log"),
+            ),
+        ),
+    };
     let owner = Owner::new(
         device,
         key.secret_bytes(),

@@ -1055,7 +1055,8 @@ kind = "mock"
         };
         bad("interface = \"sixteen-bytes-16\"", "overlay.interface");
         bad("interface = \"wg/0\"", "overlay.interface");
-        bad("backend = \"kernel\"", "not built yet");
+        let c = load(&format!("{MIN}\n[overlay]\nbackend = \"kernel\"\n"), &[]).unwrap();
+        assert_eq!(c.overlay.backend, crate::overlay::settings::Backend::Kernel);
         bad("backend = \"boringtun\"", "boringtun");
         bad("drift_check_seconds = 0", "overlay.drift_check_seconds");
         bad("drift_check_seconds = 3601", "overlay.drift_check_seconds");

@@ -1256,6 +1256,51 @@ pub async fn configure_overlay_link(
     Ok(())
 }
 
+/// The kind of the link `name` as rtnetlink reports it (`wireguard`, `tun`, `veth`...):
+/// `Ok(None)` when there is no such link, `Ok(Some(None))` for a link without a kind
+/// (a physical device).
+pub async fn link_kind(name: &str) -> Result<Option<Option<String>>, String> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo};
+    let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+        return Ok(None);
+    };
+    let nl = Netlink::open()?;
+    let mut links = nl.handle.link().get().match_index(index).execute();
+    let msg = match tokio::time::timeout(COMMAND_TIMEOUT, links.try_next()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(e)) if is_errno(&e, nix::libc::ENODEV) => return Ok(None),
+        Ok(Err(e)) => return Err(format!("get link {name}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "get link {name}: no netlink answer within {COMMAND_TIMEOUT:?}"
+            ))
+        }
+    };
+    let kind = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    });
+    Ok(Some(kind))
+}
+
+/// Creates a kernel WireGuard link `name` (`ip link add <name> type wireguard`). Needs
+/// root and the kernel's WireGuard (the `wireguard` module, loaded on demand by the
+/// kernel when it can be): without it the kernel answers "Operation not supported".
+pub async fn create_wireguard_link(name: &str) -> Result<(), String> {
+    let nl = Netlink::open()?;
+    bounded(
+        nl.handle
+            .link()
+            .add(rtnetlink::LinkWireguard::new(name).build())
+            .execute(),
+    )
+    .await
+}
+
 /// Removes the instance's rules and its tap (with addresses and routes). Idempotent.
 pub async fn teardown(tap: &str) -> Result<(), NetworkError> {
     // The rules name the tap only by its name, so both go at once.

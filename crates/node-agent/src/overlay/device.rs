@@ -1,4 +1,6 @@
-//! The node's WireGuard device with the userspace backend: a `wireguard-go` process
+//! The node's WireGuard device, the same configuration path for both backends
+//! ([`apply_with`] over [`WgControl`]; [`AnyDevice`] is the one chosen at start), and
+//! the userspace backend: a `wireguard-go` process
 //! (Debian package `wireguard-go`; chosen because the distribution ships and maintains
 //! it, and it serves the standard UAPI socket) that owns the interface, configured over
 //! `/var/run/wireguard/<iface>.sock`, plus the interface's MTU, address and routes over
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::config::{diff, OverlayConfig, PeerChange, Prefix};
+use super::config::{diff, OverlayConfig, PeerChange};
 use super::uapi::{parse_get, parse_set_answer, set_document, DeviceState};
 
 /// Bound of one UAPI exchange.
@@ -148,6 +150,15 @@ impl UserspaceDevice {
         }
         // A stale socket of a dead process would make the new one fail to bind.
         let _ = std::fs::remove_file(self.socket());
+        // A kernel WireGuard link of the same name (the backend changed) holds the name.
+        if let Ok(Some(Some(kind))) = crate::network::link_kind(&self.iface).await {
+            if kind == "wireguard" {
+                tracing::warn!(interface = %self.iface, "the overlay interface is a kernel WireGuard link; replacing it with the userspace backend's");
+                crate::network::delete_link(&self.iface)
+                    .await
+                    .map_err(|e| self.err("replace the interface", e))?;
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -228,57 +239,160 @@ impl UserspaceDevice {
         Ok(existed)
     }
 
-    /// Brings the device to `cfg`: starts the implementation if needed, sets the key
-    /// and port when they differ, sends only the peer changes, then sets the
-    /// interface's MTU, address and routes. Idempotent: a second call with the same
-    /// configuration sends no peer change.
+    /// Brings the device to `cfg` (see [`apply_with`]).
     pub async fn apply(
         &self,
         cfg: &OverlayConfig,
         private_key: &[u8; 32],
     ) -> Result<Applied, DeviceError> {
-        let started = self.ensure_running().await?;
-        let state = self
-            .state()
-            .await?
-            .ok_or_else(|| self.err("UAPI get", "the socket went away"))?;
-        // Implementations keep (and report) the key clamped as X25519 uses it.
-        let mut clamped = *private_key;
-        clamped[0] &= 248;
-        clamped[31] = (clamped[31] & 127) | 64;
-        let key_ok = state.private_key_sha256 == Some(super::uapi::sha256(&clamped));
-        let port_ok = state.listen_port == Some(cfg.node.listen_port);
-        let changes: Vec<PeerChange> = diff(&state.as_peers(&cfg.peers), &cfg.peers);
-        let interface_set = !(key_ok && port_ok);
-        if interface_set || !changes.is_empty() {
-            let doc = set_document(
-                (!key_ok).then_some(private_key),
-                (!port_ok).then_some(cfg.node.listen_port),
-                &changes,
-            );
-            let answer = self.exchange(&doc).await?;
-            parse_set_answer(&answer).map_err(|m| self.err("UAPI set", m))?;
-        }
-        let routes: Vec<Prefix> = cfg
-            .peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect();
-        crate::network::configure_overlay_link(
-            &self.iface,
-            cfg.node.mtu,
-            cfg.node.overlay_ipv6,
-            &routes
-                .iter()
-                .map(|p| (p.addr, p.len))
-                .collect::<Vec<(Ipv6Addr, u8)>>(),
+        apply_with(self, cfg, private_key).await
+    }
+
+    /// Sends key, port and peer changes as one UAPI `set=1`.
+    pub async fn set(
+        &self,
+        private_key: Option<&[u8; 32]>,
+        listen_port: Option<u16>,
+        changes: &[PeerChange],
+    ) -> Result<(), DeviceError> {
+        let doc = zeroize::Zeroizing::new(set_document(private_key, listen_port, changes));
+        let answer = self.exchange(doc.as_str()).await?;
+        parse_set_answer(&answer).map_err(|m| self.err("UAPI set", m))
+    }
+}
+
+/// What a backend does for [`apply_with`]: make the interface exist, report its state,
+/// send changes. The userspace backend speaks UAPI; the kernel backend
+/// (`super::kernel`) generic netlink.
+#[async_trait::async_trait]
+pub trait WgControl: Send + Sync {
+    /// The interface's name.
+    fn iface(&self) -> &str;
+    /// Makes the device exist (starts `wireguard-go`, creates the kernel link);
+    /// whether it had to.
+    async fn ensure(&self) -> Result<bool, DeviceError>;
+    /// The device's state, `None` when there is none.
+    async fn state(&self) -> Result<Option<DeviceState>, DeviceError>;
+    /// Sets the key and port when given, and sends the peer changes.
+    async fn set(
+        &self,
+        private_key: Option<&[u8; 32]>,
+        listen_port: Option<u16>,
+        changes: &[PeerChange],
+    ) -> Result<(), DeviceError>;
+}
+
+#[async_trait::async_trait]
+impl WgControl for UserspaceDevice {
+    fn iface(&self) -> &str {
+        &self.iface
+    }
+    async fn ensure(&self) -> Result<bool, DeviceError> {
+        self.ensure_running().await
+    }
+    async fn state(&self) -> Result<Option<DeviceState>, DeviceError> {
+        UserspaceDevice::state(self).await
+    }
+    async fn set(
+        &self,
+        private_key: Option<&[u8; 32]>,
+        listen_port: Option<u16>,
+        changes: &[PeerChange],
+    ) -> Result<(), DeviceError> {
+        UserspaceDevice::set(self, private_key, listen_port, changes).await
+    }
+}
+
+/// Brings a device to `cfg`, the same way for every backend: makes it exist, sets the
+/// key and port when they differ, sends only the peer changes, then sets the
+/// interface's MTU, address and routes. Idempotent: a second call with the same
+/// configuration sends no change.
+pub async fn apply_with<W: WgControl + ?Sized>(
+    dev: &W,
+    cfg: &OverlayConfig,
+    private_key: &[u8; 32],
+) -> Result<Applied, DeviceError> {
+    let started = dev.ensure().await?;
+    let state = dev.state().await?.ok_or_else(|| DeviceError {
+        iface: dev.iface().to_string(),
+        step: "read the device".into(),
+        message: "the device went away".into(),
+    })?;
+    // Implementations keep (and report) the key clamped as X25519 uses it.
+    let mut clamped = zeroize::Zeroizing::new(*private_key);
+    clamped[0] &= 248;
+    clamped[31] = (clamped[31] & 127) | 64;
+    let key_ok = state.private_key_sha256 == Some(super::uapi::sha256(&clamped[..]));
+    let port_ok = state.listen_port == Some(cfg.node.listen_port);
+    let changes: Vec<PeerChange> = diff(&state.as_peers(&cfg.peers), &cfg.peers);
+    let interface_set = !(key_ok && port_ok);
+    if interface_set || !changes.is_empty() {
+        dev.set(
+            (!key_ok).then_some(private_key),
+            (!port_ok).then_some(cfg.node.listen_port),
+            &changes,
         )
-        .await
-        .map_err(|e| self.err("interface address and routes", e))?;
-        Ok(Applied {
-            started,
-            changes: changes.len(),
-            interface_set,
-        })
+        .await?;
+    }
+    let routes: Vec<(Ipv6Addr, u8)> = cfg
+        .peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().map(|ip| (ip.addr, ip.len)))
+        .collect();
+    crate::network::configure_overlay_link(
+        dev.iface(),
+        cfg.node.mtu,
+        cfg.node.overlay_ipv6,
+        &routes,
+    )
+    .await
+    .map_err(|e| DeviceError {
+        iface: dev.iface().to_string(),
+        step: "interface address and routes".into(),
+        message: e,
+    })?;
+    Ok(Applied {
+        started,
+        changes: changes.len(),
+        interface_set,
+    })
+}
+
+/// The node's device with the backend chosen at start (`overlay.backend`).
+#[derive(Debug, Clone)]
+pub enum AnyDevice {
+    /// `wireguard-go` over UAPI.
+    Userspace(UserspaceDevice),
+    /// Kernel WireGuard over generic netlink.
+    Kernel(super::kernel::KernelDevice),
+}
+
+impl AnyDevice {
+    /// Brings the device to `cfg`.
+    pub async fn apply(
+        &self,
+        cfg: &OverlayConfig,
+        private_key: &[u8; 32],
+    ) -> Result<Applied, DeviceError> {
+        match self {
+            AnyDevice::Userspace(d) => d.apply(cfg, private_key).await,
+            AnyDevice::Kernel(d) => d.apply(cfg, private_key).await,
+        }
+    }
+
+    /// The device's state, `None` when there is none.
+    pub async fn state(&self) -> Result<Option<DeviceState>, DeviceError> {
+        match self {
+            AnyDevice::Userspace(d) => d.state().await,
+            AnyDevice::Kernel(d) => d.state().await,
+        }
+    }
+
+    /// Removes the interface; whether it existed.
+    pub async fn remove(&self) -> Result<bool, DeviceError> {
+        match self {
+            AnyDevice::Userspace(d) => d.remove().await,
+            AnyDevice::Kernel(d) => d.remove().await,
+        }
     }
 }

@@ -13,6 +13,7 @@
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod device;
+pub mod kernel;
 pub mod owner;
 pub mod settings;
 pub mod status;

@@ -219,9 +219,9 @@ pub trait Device: Send + Sync {
 
 #[cfg(target_os = "linux")]
 #[async_trait]
-impl Device for super::device::UserspaceDevice {
+impl Device for super::device::AnyDevice {
     async fn apply(&self, cfg: &OverlayConfig, private_key: &[u8; 32]) -> Result<Changed, String> {
-        super::device::UserspaceDevice::apply(self, cfg, private_key)
+        super::device::AnyDevice::apply(self, cfg, private_key)
             .await
             .map(|a| Changed {
                 started: a.started,
@@ -232,13 +232,13 @@ impl Device for super::device::UserspaceDevice {
     }
 
     async fn state(&self) -> Result<Option<DeviceState>, String> {
-        super::device::UserspaceDevice::state(self)
+        super::device::AnyDevice::state(self)
             .await
             .map_err(|e| e.to_string())
     }
 
     async fn remove(&self) -> Result<bool, String> {
-        super::device::UserspaceDevice::remove(self)
+        super::device::AnyDevice::remove(self)
             .await
             .map_err(|e| e.to_string())
     }

@@ -3,9 +3,11 @@
 //! checked for drift. Validated at start-up with the bad key named, like the other
 //! sections (`crate::config`).
 //!
-//! The kernel backend is not built yet: `backend = "kernel"` is refused at validation,
-//! and `auto` uses the userspace backend, logging why when the WireGuard module is
-//! loaded ([`resolve_backend`]).
+//! The backend is chosen once at start ([`resolve_backend`]): `auto` takes the kernel's
+//! WireGuard when this kernel has it (the module loaded, built in, or installed for the
+//! running kernel, so the kernel loads it when the link is made), else the userspace
+//! implementation, and logs why; `kernel` on a kernel without WireGuard stops the agent
+//! at start with the reason.
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +24,10 @@ pub const MAX_INTERFACE_LEN: usize = 15;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
-    /// Kernel WireGuard when the module is loaded (`/sys/module/wireguard`), else
-    /// userspace. The kernel backend is not built yet, so this is userspace for now.
+    /// Kernel WireGuard when this kernel has it, else userspace.
     #[default]
     Auto,
-    /// Kernel WireGuard over netlink (not built yet; refused at validation).
+    /// Kernel WireGuard over generic netlink; the agent does not start without it.
     Kernel,
     /// A userspace implementation serving the UAPI socket (`userspace_command`).
     Userspace,
@@ -43,7 +44,7 @@ pub struct OverlaySettings {
     /// The node's WireGuard interface.
     #[serde(default = "default_interface")]
     pub interface: String,
-    /// `auto`, `kernel` (not built yet) or `userspace`.
+    /// `auto`, `kernel` or `userspace`.
     #[serde(default)]
     pub backend: Backend,
     /// The userspace implementation to run (found on `PATH` unless absolute); it must
@@ -97,9 +98,6 @@ impl OverlaySettings {
     /// Checks every key; the message names it (`overlay.<key>`).
     pub fn validate(&self) -> Result<(), String> {
         validate_interface(&self.interface).map_err(|e| format!("overlay.interface: {e}"))?;
-        if self.backend == Backend::Kernel {
-            return Err("overlay.backend: \"kernel\" is not built yet; use \"userspace\" or \"auto\" (which uses userspace until it is)".into());
-        }
         if self.userspace_command.as_os_str().is_empty() {
             return Err("overlay.userspace_command: must not be empty".into());
         }
@@ -143,26 +141,78 @@ pub fn validate_interface(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The backend that runs, and a note to log when it is not the one `auto` would pick
-/// on a finished agent. `module_loaded`: `/sys/module/wireguard` exists.
-pub fn resolve_backend(configured: Backend, module_loaded: bool) -> (&'static str, Option<String>) {
-    match (configured, module_loaded) {
-        (Backend::Auto, true) => (
+/// The backend that runs (`kernel` or `userspace`) and a note to log, or why the
+/// configured one cannot run. `kernel`: `Ok(())` when this kernel has WireGuard, else
+/// why not ([`kernel_wireguard`]).
+pub fn resolve_backend(
+    configured: Backend,
+    kernel: Result<(), String>,
+) -> Result<(&'static str, Option<String>), String> {
+    match (configured, kernel) {
+        (Backend::Auto, Ok(())) => Ok(("kernel", None)),
+        (Backend::Auto, Err(why)) => Ok((
             "userspace",
-            Some("the WireGuard kernel module is loaded, but the agent's kernel backend is not built yet: using the userspace backend".into()),
-        ),
-        // Refused at validation; kept total for a config built in code.
-        (Backend::Kernel, _) => (
-            "userspace",
-            Some("overlay.backend \"kernel\" is not built yet: using the userspace backend".into()),
-        ),
-        _ => ("userspace", None),
+            Some(format!("{why}: using the userspace WireGuard backend")),
+        )),
+        (Backend::Kernel, Ok(())) => Ok(("kernel", None)),
+        (Backend::Kernel, Err(why)) => Err(format!(
+            "overlay.backend = \"kernel\", but {why}; load the wireguard module or use \"auto\" or \"userspace\""
+        )),
+        (Backend::Userspace, _) => Ok(("userspace", None)),
     }
 }
 
-/// Whether the WireGuard kernel module is loaded.
-pub fn kernel_module_loaded() -> bool {
-    Path::new("/sys/module/wireguard").exists()
+/// Whether this kernel has WireGuard: the module is loaded (`/sys/module/wireguard`),
+/// built in (`modules.builtin`), or installed for the running kernel (`modules.dep`
+/// lists it; the kernel loads it when the first WireGuard link is made). The error says
+/// what was looked at.
+pub fn kernel_wireguard() -> Result<(), String> {
+    kernel_wireguard_at(
+        Path::new("/sys/module"),
+        Path::new("/lib/modules"),
+        &kernel_release(),
+    )
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// [`kernel_wireguard`] with its roots given (for tests).
+pub fn kernel_wireguard_at(
+    sys_module: &Path,
+    lib_modules: &Path,
+    release: &str,
+) -> Result<(), String> {
+    if sys_module.join("wireguard").exists() {
+        return Ok(());
+    }
+    let dir = lib_modules.join(release);
+    let lists = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map(|t| {
+                t.lines().any(|l| {
+                    let path = l.split(':').next().unwrap_or("");
+                    crate::initramfs::module_name(path) == "wireguard"
+                })
+            })
+            .unwrap_or(false)
+    };
+    if !release.is_empty() && (lists("modules.builtin") || lists("modules.dep")) {
+        return Ok(());
+    }
+    Err(format!(
+        "this kernel ({}) has no WireGuard: no {} and no wireguard module in {}",
+        if release.is_empty() {
+            "release unknown"
+        } else {
+            release
+        },
+        sys_module.join("wireguard").display(),
+        dir.display()
+    ))
 }
 
 #[cfg(test)]
@@ -188,14 +238,54 @@ mod tests {
     }
 
     #[test]
-    fn auto_uses_userspace_and_says_why_when_the_module_is_loaded() {
-        assert_eq!(resolve_backend(Backend::Auto, false), ("userspace", None));
-        let (b, note) = resolve_backend(Backend::Auto, true);
+    fn auto_takes_the_kernel_when_it_has_wireguard_and_kernel_without_it_stops_the_agent() {
+        assert_eq!(resolve_backend(Backend::Auto, Ok(())), Ok(("kernel", None)));
+        let (b, note) = resolve_backend(Backend::Auto, Err("no module".into())).unwrap();
         assert_eq!(b, "userspace");
-        assert!(note.unwrap().contains("not built yet"));
+        assert!(note.unwrap().contains("no module"));
         assert_eq!(
-            resolve_backend(Backend::Userspace, true),
-            ("userspace", None)
+            resolve_backend(Backend::Kernel, Ok(())),
+            Ok(("kernel", None))
         );
+        let e = resolve_backend(Backend::Kernel, Err("this kernel has no WireGuard".into()))
+            .unwrap_err();
+        assert!(
+            e.contains("overlay.backend") && e.contains("no WireGuard"),
+            "{e}"
+        );
+        assert_eq!(
+            resolve_backend(Backend::Userspace, Ok(())),
+            Ok(("userspace", None))
+        );
+    }
+
+    #[test]
+    fn the_kernel_has_wireguard_when_loaded_built_in_or_installed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sys, lib) = (tmp.path().join("sys"), tmp.path().join("lib"));
+        std::fs::create_dir_all(lib.join("6.1.0")).unwrap();
+        std::fs::create_dir_all(&sys).unwrap();
+        let e = kernel_wireguard_at(&sys, &lib, "6.1.0").unwrap_err();
+        assert!(e.contains("6.1.0") && e.contains("no WireGuard"), "{e}");
+        // Installed: modules.dep lists it (compressed or not).
+        std::fs::write(
+            lib.join("6.1.0/modules.dep"),
+            "kernel/net/ipv4/udp_tunnel.ko:\nkernel/drivers/net/wireguard/wireguard.ko.xz: kernel/net/ipv4/udp_tunnel.ko\n",
+        )
+        .unwrap();
+        kernel_wireguard_at(&sys, &lib, "6.1.0").unwrap();
+        // Another kernel's modules do not count.
+        assert!(kernel_wireguard_at(&sys, &lib, "6.2.0").is_err());
+        // Built in.
+        std::fs::write(lib.join("6.1.0/modules.dep"), "").unwrap();
+        std::fs::write(
+            lib.join("6.1.0/modules.builtin"),
+            "kernel/drivers/net/wireguard/wireguard.ko\n",
+        )
+        .unwrap();
+        kernel_wireguard_at(&sys, &lib, "6.1.0").unwrap();
+        // Loaded.
+        std::fs::create_dir_all(sys.join("wireguard")).unwrap();
+        kernel_wireguard_at(&sys, &lib, "9.9").unwrap();
     }
 }
