@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   docker-registry  # a real OCI registry on loopback
   busybox-static   # test and demo images
   cpio             # initramfs inspection
+  binutils         # strip: tests/overlay_kernel.rs boots its own binary as a VM's init
   iproute2         # ip netns, taps
   nftables         # host firewall rules
   wireguard-go     # the overlay's userspace WireGuard (tests/overlay_device.rs)

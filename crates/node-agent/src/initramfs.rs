@@ -241,13 +241,29 @@ pub fn check_static_elf(path: &Path, bytes: &[u8]) -> Result<(), InitramfsError>
 
 /// One archive member.
 #[derive(Debug, Clone)]
-enum Member {
+pub enum Member {
+    /// A directory (0755).
     Dir,
-    File { mode: u32, data: Vec<u8> },
-    CharDev { mode: u32, major: u32, minor: u32 },
+    /// A regular file.
+    File {
+        /// Permission bits.
+        mode: u32,
+        /// Contents.
+        data: Vec<u8>,
+    },
+    /// A character device node.
+    CharDev {
+        /// Permission bits.
+        mode: u32,
+        /// Major number.
+        major: u32,
+        /// Minor number.
+        minor: u32,
+    },
 }
 
-fn add_parents(members: &mut BTreeMap<String, Member>, path: &str) {
+/// Adds a [`Member::Dir`] for every parent directory of `path` not there yet.
+pub fn add_parents(members: &mut BTreeMap<String, Member>, path: &str) {
     let mut cur = String::new();
     let parts: Vec<&str> = path.split('/').collect();
     for part in &parts[..parts.len() - 1] {
@@ -295,8 +311,8 @@ fn newc_header(
     }
 }
 
-/// Serializes members as a newc cpio archive (uncompressed).
-fn cpio(members: &BTreeMap<String, Member>) -> Vec<u8> {
+/// Serializes members (relative paths, sorted) as a newc cpio archive (uncompressed).
+pub fn cpio(members: &BTreeMap<String, Member>) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, (name, m)) in members.iter().enumerate() {
         let ino = i as u32 + 1;
@@ -326,16 +342,9 @@ fn cpio(members: &BTreeMap<String, Member>) -> Vec<u8> {
     out
 }
 
-/// Builds the compressed initramfs in memory.
-pub fn build_initramfs(
-    guest_init: &Path,
-    kernel_modules: Option<&Path>,
-) -> Result<(Vec<u8>, InitramfsSummary), InitramfsError> {
-    let init = std::fs::read(guest_init).map_err(|source| InitramfsError::Read {
-        path: guest_init.to_path_buf(),
-        source,
-    })?;
-    check_static_elf(guest_init, &init)?;
+/// The members every initramfs here starts with: empty `/dev`, `/proc`, `/sys`, `/mnt`,
+/// `/dev/console` (so the kernel can give PID 1 a console) and `/init` (0755).
+pub fn init_members(init: Vec<u8>) -> BTreeMap<String, Member> {
     let mut members: BTreeMap<String, Member> = BTreeMap::new();
     for d in ["dev", "proc", "sys", "mnt"] {
         members.insert(d.to_string(), Member::Dir);
@@ -355,6 +364,20 @@ pub fn build_initramfs(
             data: init,
         },
     );
+    members
+}
+
+/// Builds the compressed initramfs in memory.
+pub fn build_initramfs(
+    guest_init: &Path,
+    kernel_modules: Option<&Path>,
+) -> Result<(Vec<u8>, InitramfsSummary), InitramfsError> {
+    let init = std::fs::read(guest_init).map_err(|source| InitramfsError::Read {
+        path: guest_init.to_path_buf(),
+        source,
+    })?;
+    check_static_elf(guest_init, &init)?;
+    let mut members = init_members(init);
     let mut summary = InitramfsSummary {
         modules: Vec::new(),
         builtin: Vec::new(),

@@ -274,6 +274,29 @@ fn config_errors_name_the_key_and_exit_non_zero() {
     }
 }
 
+/// `overlay.backend = "kernel"` on a kernel without WireGuard: the agent does not start,
+/// and says why (the operator asked for the kernel backend; silently running another
+/// one would hide it).
+#[test]
+fn the_kernel_overlay_backend_without_kernel_wireguard_stops_the_agent_with_the_reason() {
+    if let Ok(()) = plfm_node_agent::overlay::settings::kernel_wireguard() {
+        eprintln!("SKIP: this host's kernel has WireGuard, so the refusal cannot happen here");
+        return;
+    }
+    let env = Env::new("");
+    let mut text = std::fs::read_to_string(env.config()).unwrap();
+    text.push_str("\n[overlay]\nbackend = \"kernel\"\n");
+    std::fs::write(env.config(), text).unwrap();
+    let agent = env.spawn();
+    let status = agent.exit_within(Duration::from_secs(20));
+    let err = env.log();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("overlay.backend") && err.contains("has no WireGuard"),
+        "{err}"
+    );
+}
+
 #[test]
 fn plain_http_control_plane_off_loopback_is_refused_at_start() {
     let env = Env::new("");
