@@ -18,7 +18,8 @@
 //! - (d) TCP throughput VM to VM under QEMU/TCG: a guest on host A sends 32 MiB with
 //!   busybox `nc` to a guest on host B across the overlay, and to a guest on its own
 //!   host (no overlay), on the two-host rig of `tests/overlay_vms.rs`
-//!   (`tests/support/overlay_hosts.rs`). Timed on the host around `exec`, minus the
+//!   (`tests/support/overlay_hosts.rs`), and the same paths over HTTP (busybox `wget`
+//!   of a 32 MiB file from busybox `httpd`). Timed on the host around `exec`, minus the
 //!   time of an empty `exec` (the guests' clocks run on TCG's instruction count).
 //!   Skipped with a message without QEMU and what the conformance lab needs.
 //!
@@ -477,10 +478,17 @@ mod linux {
             println!("(d) VM to VM: SKIP (a lab could not be made)");
             return;
         };
+        // Each sink serves a 32 MiB file over HTTP (busybox httpd, port 8080) and
+        // swallows raw TCP (port 5201).
         let sink = |id: &str| {
             Inst::new(id, Behaviour::Idle)
-                .shell("while true; do busybox nc -l -p 5201 > /dev/null; done")
-                .ports(&[5201])
+                .shell(&format!(
+                    "mkdir -p /tmp/www && busybox dd if=/dev/zero of=/tmp/www/big bs=65536 count={} 2>/dev/null; \
+                     busybox httpd -p 8080 -h /tmp/www; \
+                     while true; do busybox nc -l -p 5201 > /dev/null; done",
+                    MIB * 16
+                ))
+                .ports(&[5201, 8080])
         };
         let (remote, local) = (sink("ov-sink-b"), sink("ov-sink-a"));
         let sender = Inst::new("ov-sender", Behaviour::Idle);
@@ -551,6 +559,22 @@ mod linux {
                 (MIB * 8 * 1024 * 1024) as f64 / net / 1e6,
                 took.as_secs_f64(),
                 empty.as_secs_f64()
+            );
+            // The same path over HTTP: the sender fetches the sink's file; the
+            // command fails unless the whole file arrived.
+            let took = timed_exec(
+                lab,
+                &sender.id,
+                &format!(
+                    "test \"$(busybox wget -q -O - http://[{ip}]:8080/big | busybox wc -c)\" -eq {}",
+                    MIB * 1024 * 1024
+                ),
+            );
+            let net = took.saturating_sub(empty).as_secs_f64();
+            println!(
+                "(d) HTTP VM to VM under TCG, {label}: {:.0} Mbit/s ({MIB} MiB in {:.2} s)",
+                (MIB * 8 * 1024 * 1024) as f64 / net / 1e6,
+                took.as_secs_f64(),
             );
         }
     }
