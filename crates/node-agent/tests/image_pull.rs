@@ -92,6 +92,18 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
             "e2fsck: {}",
             String::from_utf8_lossy(&fsck.stdout)
         );
+        // With metadata checksums (added after mkfs, see rootfs.rs).
+        let header = std::process::Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(l)
+            .output()
+            .unwrap();
+        let header = String::from_utf8_lossy(&header.stdout);
+        let features = header
+            .lines()
+            .find(|l| l.starts_with("Filesystem features:"))
+            .unwrap_or("");
+        assert!(features.contains("metadata_csum"), "{features}");
     }
 
     // The top layer keeps its whiteout and opaque marker for the overlay.
