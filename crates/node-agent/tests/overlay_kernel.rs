@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use plfm_node_agent::initramfs::{add_parents, cpio, init_members, select_modules, Member};
 use plfm_node_agent::overlay::config::{parse, OverlayConfig, PeerChange, PublicKey};
+use plfm_node_agent::overlay::device::WgControl as _;
 use plfm_node_agent::overlay::kernel::KernelDevice;
 
 /// The line the guest ends with.

@@ -345,8 +345,32 @@ mod io {
                 .map_err(|e| self.err("look up the interface", e))
         }
 
+        /// Removes the interface; whether it existed.
+        pub async fn remove(&self) -> Result<bool, DeviceError> {
+            let existed = self.kind().await?.is_some();
+            crate::network::delete_link(&self.iface)
+                .await
+                .map_err(|e| self.err("delete the interface", e))?;
+            Ok(existed)
+        }
+
+        /// Brings the device to `cfg` (see [`super::super::device::apply_with`]).
+        pub async fn apply(
+            &self,
+            cfg: &super::super::config::OverlayConfig,
+            private_key: &[u8; 32],
+        ) -> Result<super::super::device::Applied, DeviceError> {
+            super::super::device::apply_with(self, cfg, private_key).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl WgControl for KernelDevice {
+        fn iface(&self) -> &str {
+            &self.iface
+        }
         /// The device's state, `None` when the interface does not exist.
-        pub async fn state(&self) -> Result<Option<DeviceState>, DeviceError> {
+        async fn state(&self) -> Result<Option<DeviceState>, DeviceError> {
             match self.kind().await? {
                 None => return Ok(None),
                 Some(Some(k)) if k == "wireguard" => {}
@@ -379,7 +403,7 @@ mod io {
         /// Makes the interface a kernel WireGuard link: creates it when missing, and
         /// replaces a link of the same name of another kind (the userspace backend's
         /// tun device, when the backend changed). Returns whether it created one.
-        pub async fn ensure(&self) -> Result<bool, DeviceError> {
+        async fn ensure(&self) -> Result<bool, DeviceError> {
             match self.kind().await? {
                 Some(Some(k)) if k == "wireguard" => return Ok(false),
                 None => {}
@@ -401,17 +425,8 @@ mod io {
             Ok(true)
         }
 
-        /// Removes the interface; whether it existed.
-        pub async fn remove(&self) -> Result<bool, DeviceError> {
-            let existed = self.kind().await?.is_some();
-            crate::network::delete_link(&self.iface)
-                .await
-                .map_err(|e| self.err("delete the interface", e))?;
-            Ok(existed)
-        }
-
         /// Sends key, port and peer changes.
-        pub async fn set(
+        async fn set(
             &self,
             private_key: Option<&[u8; 32]>,
             listen_port: Option<u16>,
@@ -424,36 +439,6 @@ mod io {
                     .await?;
             }
             Ok(())
-        }
-
-        /// Brings the device to `cfg` (see [`super::super::device::apply_with`]).
-        pub async fn apply(
-            &self,
-            cfg: &super::super::config::OverlayConfig,
-            private_key: &[u8; 32],
-        ) -> Result<super::super::device::Applied, DeviceError> {
-            super::super::device::apply_with(self, cfg, private_key).await
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl WgControl for KernelDevice {
-        fn iface(&self) -> &str {
-            &self.iface
-        }
-        async fn ensure(&self) -> Result<bool, DeviceError> {
-            KernelDevice::ensure(self).await
-        }
-        async fn state(&self) -> Result<Option<DeviceState>, DeviceError> {
-            KernelDevice::state(self).await
-        }
-        async fn set(
-            &self,
-            private_key: Option<&[u8; 32]>,
-            listen_port: Option<u16>,
-            changes: &[PeerChange],
-        ) -> Result<(), DeviceError> {
-            KernelDevice::set(self, private_key, listen_port, changes).await
         }
     }
 }
