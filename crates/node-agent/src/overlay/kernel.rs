@@ -13,9 +13,10 @@
 //!
 //! Needs root (`CAP_NET_ADMIN`) and the kernel's WireGuard (module `wireguard`, Linux
 //! 5.6 and later). This module applies what it is given and never decides what the
-//! overlay should be. It never logs or returns the private key: the messages that carry
-//! it (a set with a new key, every get answer) are wiped when dropped, and the state
-//! keeps only the key's sha256.
+//! overlay should be. It never logs or returns the private key: this module's copies
+//! of the messages that carry it (a set with a new key, every get answer) are wiped
+//! when dropped, and the state keeps only the key's sha256. The netlink library's own
+//! send and receive buffers are not wiped; nothing here can reach them.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
