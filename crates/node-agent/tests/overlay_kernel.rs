@@ -54,9 +54,44 @@ const ORDER: &str = "modules.order";
 /// The whole VM run, boot included, under TCG.
 const VM_DEADLINE: Duration = Duration::from_secs(300);
 
+/// The one test's name, for `--list` and name filters (this binary has no libtest).
+const TEST_NAME: &str = "overlay_kernel::the_kernel_backend_in_a_vm";
+
 fn main() {
     if std::process::id() == 1 {
         guest_main();
+    }
+    // Behave like a libtest binary for the arguments that matter: `--list` lists the
+    // test, and a name filter that does not match it runs nothing.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("{TEST_NAME}: test");
+        return;
+    }
+    // libtest options that take a value (`--test-threads 2`): the value is no filter.
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--skip",
+        "--color",
+        "--format",
+        "--logfile",
+        "--shuffle-seed",
+    ];
+    let mut filters = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--skip" {
+            if it.next().is_some_and(|v| TEST_NAME.contains(v.as_str())) {
+                return;
+            }
+        } else if WITH_VALUE.contains(&a.as_str()) {
+            it.next();
+        } else if !a.starts_with('-') {
+            filters.push(a.as_str());
+        }
+    }
+    if !filters.is_empty() && !filters.iter().any(|f| TEST_NAME.contains(f)) {
+        return;
     }
     host_main();
 }
@@ -66,7 +101,7 @@ fn main() {
 
 fn host_main() {
     use common::gate::{present, require};
-    let name = "overlay_kernel::the_kernel_backend_in_a_vm";
+    let name = TEST_NAME;
     eprintln!("test {name} ...");
     if !present(nix::unistd::geteuid().is_root(), "root") {
         return;
