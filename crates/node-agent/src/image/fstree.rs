@@ -167,6 +167,14 @@ pub trait DataSink {
     fn write_data(&mut self, r: &mut dyn Read, len: u64) -> io::Result<Option<DataRef>>;
 }
 
+/// A borrowed sink is a sink, so that an unpacker can write into one the caller
+/// keeps (`&mut dyn DataSink` included).
+impl<S: DataSink + ?Sized> DataSink for &mut S {
+    fn write_data(&mut self, r: &mut dyn Read, len: u64) -> io::Result<Option<DataRef>> {
+        (**self).write_data(r, len)
+    }
+}
+
 /// A [`DataSink`] in memory, for tests: block-aligned like the real data area.
 #[derive(Debug, Default)]
 pub struct MemSink {

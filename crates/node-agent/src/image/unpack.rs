@@ -1,50 +1,69 @@
-//! Applies OCI layers (tar, optionally gzip or zstd compressed) in order onto a build
-//! directory, with whiteouts, and without ever writing outside that directory.
+//! Applies OCI layers (tar, optionally gzip or zstd compressed) in order onto a tree,
+//! with whiteouts, and without ever writing outside that tree. One set of rules, two
+//! outputs ([`Backend`]):
 //!
-//! Contract: the caller hands a directory it owns (the build tree) and then the layers
-//! bottom-up; [`Unpacker::finish`] fixes directory times. On error the tree is left
-//! half-built and the caller deletes it.
+//! - [`Unpacker`] ([`HostFs`]): a build directory on the host's file system.
+//! - [`MemUnpacker`] ([`MemFs`]): an in-memory [`FsTree`], file bytes written to a
+//!   [`DataSink`] (the data area of the ext4 image being built), for the direct
+//!   builder.
+//!
+//! Contract: the caller hands a directory it owns (the build tree), or a sink, and
+//! then the layers bottom-up; `finish` fixes directory times (and, in memory, hands
+//! back the tree). On error the tree is left half-built and the caller deletes it.
 //!
 //! Why this is hand-written rather than `tar::Entry::unpack_in`: the tar crate's
 //! unpacking follows symlinks planted by earlier entries or layers for parent
 //! directories, knows nothing of OCI whiteouts, and uses path-based calls. Here every
-//! file system call is relative to a directory file descriptor obtained by walking the
-//! entry's parent components one at a time with `O_NOFOLLOW | O_DIRECTORY`, starting at
-//! the tree's root descriptor. A symlink (or anything not a directory) in a parent
+//! file system call is relative to a directory handle obtained by walking the entry's
+//! parent components one at a time without following symlinks (on the host, a
+//! directory file descriptor opened with `O_NOFOLLOW | O_DIRECTORY`, starting at the
+//! tree's root descriptor). A symlink (or anything not a directory) in a parent
 //! position therefore fails the walk instead of being followed, so no entry can write
 //! through a symlink, whatever earlier layers planted. The final component is never
-//! followed either: an existing entry is removed (`unlinkat`) and the new one created
-//! with `O_CREAT | O_EXCL | O_NOFOLLOW`, `mkdirat`, `symlinkat` or `linkat` without
-//! `AT_SYMLINK_FOLLOW`; metadata is set through the new descriptor or with
-//! `AT_SYMLINK_NOFOLLOW`.
+//! followed either: an existing entry is removed and the new one created exclusively
+//! (on the host `unlinkat`, then `O_CREAT | O_EXCL | O_NOFOLLOW`, `mkdirat`,
+//! `symlinkat` or `linkat` without `AT_SYMLINK_FOLLOW`); metadata is set through the
+//! new handle or without following.
+//!
+//! The rules ([`Unpack`]) only see the primitive operations of [`Backend`] and the
+//! errnos they answer with; the memory backend answers as the host would for the
+//! same tree (`ENOENT`, `ELOOP`, `ENOTDIR`, `ENAMETOOLONG`, ...), so both backends
+//! take the same decisions, and the tests check that they end with the same tree.
+//! Directory times go through one record for both (a real file system changes a
+//! directory's mtime when children are added, so the host sets them at the end).
 //!
 //! Policy (DESIGN §7): absolute paths and `..` components refuse the whole layer;
 //! a parent that is a symlink refuses the layer; character and block devices are
 //! dropped (counted); FIFOs are kept; hard links must point at an existing non-directory
-//! inside the tree, resolved with the same rules. Whiteouts (`.wh.<name>`) and opaque
-//! markers (`.wh..wh..opq`) hide entries of lower layers only, never entries of the
-//! layer that carries them (OCI image spec, "Whiteouts").
+//! inside the tree, resolved with the same rules (in memory: the same inode under two
+//! names). Whiteouts (`.wh.<name>`) and opaque markers (`.wh..wh..opq`) hide entries
+//! of lower layers only, never entries of the layer that carries them (OCI image
+//! spec, "Whiteouts").
 //!
 //! Two output formats. *Applied* (the default): whiteouts delete from the tree, which
-//! ends as the flattened image. *Overlay* ([`Unpacker::overlay_format`]): the tree
+//! ends as the flattened image. *Overlay* ([`Unpack::overlay_format`]): the tree
 //! holds one layer (or a run of layers) for a disk that guest init stacks under
-//! overlayfs, so a whiteout must stay visible to hide what lower disks hold. The tree
-//! never gets device nodes or `trusted.*` xattrs (that would need root and put device
-//! nodes on the host); whiteouts and opaque directories are returned as lists
-//! ([`OverlayMarks`]) that the disk builder writes into the ext4 image itself. In both
-//! formats `trusted.overlay.*` xattrs from a layer are dropped and counted: a layer
-//! must not forge overlayfs' own metadata (opaque, redirect, metacopy).
+//! overlayfs, so a whiteout must stay visible to hide what lower disks hold. The host
+//! tree never gets device nodes or `trusted.*` xattrs (that would need root and put
+//! device nodes on the host); whiteouts and opaque directories are returned as lists
+//! ([`OverlayMarks`]) that the disk builder writes into the ext4 image itself. The
+//! memory backend returns the same lists and also writes the marks into its tree at
+//! finish, as the disk builder would. In both formats `trusted.overlay.*` xattrs from
+//! a layer are dropped and counted: a layer must not forge overlayfs' own metadata
+//! (opaque, redirect, metacopy).
 //!
 //! Bounds ([`UnpackLimits`], each named by its `[images]` key when exceeded): regular
 //! file bytes (`max_unpacked_bytes`), tar headers over all layers (`max_entries`), the
 //! size of each PAX or GNU extension body held in memory (`max_tar_extension_bytes`;
-//! see [`Unpacker::apply_layer`] for why the tar crate's own handling is bypassed),
-//! and the image deadline (`image_timeout_secs`), checked before every entry.
+//! see [`Unpack::apply_layer`] for why the tar crate's own handling is bypassed),
+//! and the image deadline (`image_timeout_secs`), checked before every entry. They
+//! apply to both backends alike; only the host's memory staging
+//! ([`Unpacker::staging`]) has a cap of its own.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -53,6 +72,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use super::error::ImageError;
+use super::fstree::{DataSink, FsTree, Inode, InodeId, Kind, ROOT};
 
 /// Longest entry path accepted (bytes), and deepest nesting: bounds recursion.
 const MAX_PATH_BYTES: usize = 4096;
@@ -61,6 +81,11 @@ const MAX_DEPTH: usize = 128;
 /// Fixed time given to directories that a layer creates implicitly (missing parents)
 /// and to the tree's root, so the disk does not depend on when it was built.
 pub const FIXED_MTIME: i64 = 0;
+
+/// The mtime of a whiteout written into a layer disk: what [`super::rootfs`] gives
+/// the whiteouts it makes with `debugfs` (its `FAKE_TIME`), so that both ways of
+/// building a layer disk agree.
+pub const WHITEOUT_MTIME: i64 = 1;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,20 +298,23 @@ impl UnpackLimits {
     }
 }
 
-/// Applies layers onto one build tree. See the module docs for the rules.
-pub struct Unpacker {
-    root: OwnedFd,
-    root_path: PathBuf,
+/// Applies layers onto one tree through a [`Backend`]. See the module docs for the
+/// rules; [`Unpacker`] (a host directory) and [`MemUnpacker`] (an [`FsTree`]) are
+/// the two instances.
+pub struct Unpack<B: Backend> {
+    fs: B,
     limits: UnpackLimits,
     /// Raw tar headers read so far, over all layers (for `max_entries`).
     raw_entries: u64,
     stats: UnpackStats,
-    /// Directory mtimes to set once all layers are applied (children change them).
+    /// Directory mtimes to set once all layers are applied (children change them on
+    /// a real file system; the memory backend goes through the same record so that
+    /// both end with the same times, quirks included).
     dir_times: HashMap<PathBuf, i64>,
     /// Paths (and their ancestors) written by the current layer.
     touched: HashSet<PathBuf>,
     /// Last parent directory opened, reused while entries stay in one directory.
-    cached_parent: Option<(Vec<OsString>, OwnedFd)>,
+    cached_parent: Option<(Vec<OsString>, B::Handle)>,
     layer: String,
     /// Overlay format: whiteouts and opaque markers are recorded, not applied.
     overlay: bool,
@@ -294,8 +322,132 @@ pub struct Unpacker {
     opaque: std::collections::BTreeSet<PathBuf>,
     /// Image-wide counters when several unpackers share the limits.
     budget: Option<std::sync::Arc<SharedBudget>>,
-    /// Memory staging: file bytes this tree may hold, and xattrs must be kept.
-    staging_cap: Option<u64>,
+}
+
+/// Applies layers onto a host directory (the build tree).
+pub type Unpacker = Unpack<HostFs>;
+
+/// Applies layers into an in-memory [`FsTree`], file bytes into a [`DataSink`].
+pub type MemUnpacker<S> = Unpack<MemFs<S>>;
+
+/// What a name in a directory is, seen without following it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (file, FIFO, device).
+    Other,
+}
+
+/// A name's type and identity (equal identities are the same inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// Its type.
+    pub kind: NodeKind,
+    /// Device and inode number on the host; `(0, id)` in memory.
+    pub id: (u64, u64),
+}
+
+/// Why a [`Backend`] operation that is more than one system call failed.
+#[derive(Debug)]
+pub enum FsError {
+    /// The output (file system or data area) failed doing `.0`.
+    Io(&'static str, io::Error),
+    /// The layer stream failed while a file's bytes were copied.
+    Layer(io::Error),
+    /// Host memory staging only: the staging area cannot hold this (see
+    /// [`Unpacker::staging`]).
+    StagingFull(String),
+}
+
+/// Owner, permission bits and time of one entry, as the layer gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time.
+    pub mtime: i64,
+}
+
+/// The primitive file system operations the unpacking rules are made of. Every name
+/// is one path component, looked up in a directory handle, never followed when it
+/// is a symlink. Simple operations fail with the errno the host would give
+/// (`NOENT`, `NOTDIR`, `LOOP`, `EXIST`, `NAMETOOLONG`, ...), so that the rules can
+/// decide on one set of outcomes for both backends.
+pub trait Backend {
+    /// An open directory (or, after [`Backend::write_file`], a file).
+    type Handle;
+    /// The path shown in errors for `rel` (relative to the tree's root).
+    fn describe(&self, rel: &Path) -> PathBuf;
+    /// The tree's root directory.
+    fn open_root(&self) -> Result<Self::Handle, Errno>;
+    /// A second handle on the same directory.
+    fn dup(&self, h: &Self::Handle) -> io::Result<Self::Handle>;
+    /// Opens the directory `name` in `dir`: `NOENT` when missing, `LOOP` or
+    /// `NOTDIR` when it is a symlink or not a directory.
+    fn open_dir(&self, dir: &Self::Handle, name: &OsStr) -> Result<Self::Handle, Errno>;
+    /// Type and identity of `name` in `dir`, not following it.
+    fn stat(&self, dir: &Self::Handle, name: &OsStr) -> Result<Stat, Errno>;
+    /// Makes the directory `name` (which must not exist) with `mode`, owned 0:0.
+    fn mkdir(&mut self, dir: &Self::Handle, name: &OsStr, mode: u32) -> Result<(), Errno>;
+    /// Sets the permission bits of the open directory `d`.
+    fn chmod_dir(&mut self, d: &Self::Handle, mode: u32) -> Result<(), Errno>;
+    /// Removes `name` from `dir` with everything below it (nothing when missing).
+    fn remove(&mut self, dir: &Self::Handle, name: &OsStr) -> io::Result<()>;
+    /// The names in `dir`, without `.` and `..`.
+    fn list(&self, dir: &Self::Handle) -> Result<Vec<OsString>, Errno>;
+    /// Creates the regular file `name` (which must not exist) holding the `size`
+    /// bytes read from `data`; returns its handle and the bytes written.
+    fn write_file(
+        &mut self,
+        dir: &Self::Handle,
+        name: &OsStr,
+        data: &mut dyn Read,
+        size: u64,
+    ) -> Result<(Self::Handle, u64), FsError>;
+    /// Sets owner, mode, xattrs (added to any already there) and mtime of `h`
+    /// (`rel` names it in logs).
+    fn set_meta(
+        &mut self,
+        h: &Self::Handle,
+        rel: &Path,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), FsError>;
+    /// Creates the symlink `name` to `target` (`name` must not exist).
+    fn symlink(&mut self, dir: &Self::Handle, name: &OsStr, target: &[u8]) -> Result<(), Errno>;
+    /// Creates the FIFO `name` (`name` must not exist).
+    fn mkfifo(&mut self, dir: &Self::Handle, name: &OsStr) -> Result<(), Errno>;
+    /// Sets owner, mode when `chmod`, and mtime of `name` without following it.
+    fn set_meta_at(
+        &mut self,
+        dir: &Self::Handle,
+        name: &OsStr,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), FsError>;
+    /// Links the inode at `tname` in `tdir` as `name` in `dir` (must not exist).
+    fn hard_link(
+        &mut self,
+        tdir: &Self::Handle,
+        tname: &OsStr,
+        dir: &Self::Handle,
+        name: &OsStr,
+    ) -> Result<(), Errno>;
+    /// Sets the mtime of the directory `d` (best effort, at finish).
+    fn set_dir_mtime(&mut self, d: &Self::Handle, mtime: i64);
+    /// Makes the root 0755 with [`FIXED_MTIME`] (best effort, at finish).
+    fn finish_root(&mut self);
+    /// Host memory staging: the file bytes the tree may hold.
+    fn staging_cap(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn errno_io(e: Errno) -> io::Error {
@@ -306,7 +458,7 @@ fn join(comps: &[OsString]) -> PathBuf {
     comps.iter().collect()
 }
 
-impl Unpacker {
+impl Unpack<HostFs> {
     /// Opens `root` (must be an existing directory, created by the caller), with only
     /// the unpacked size bounded beyond the defaults of [`UnpackLimits::new`].
     pub fn new(root: &Path, max_unpacked_bytes: u64) -> Result<Self, ImageError> {
@@ -321,9 +473,100 @@ impl Unpacker {
             Mode::empty(),
         )
         .map_err(|e| ImageError::build_io("open build tree", root, errno_io(e)))?;
-        Ok(Unpacker {
-            root: fd,
-            root_path: root.to_path_buf(),
+        Ok(Self::with_backend(
+            HostFs {
+                root: fd,
+                root_path: root.to_path_buf(),
+                staging_cap: None,
+            },
+            limits,
+        ))
+    }
+
+    /// The tree is a memory staging area that holds at most `cap` bytes of file
+    /// data, and must not drop xattrs: past the cap, or on an xattr the file system
+    /// refuses, [`ImageError::StagingFull`] tells the caller to unpack on disk.
+    pub fn staging(mut self, cap: u64) -> Self {
+        self.fs.staging_cap = Some(cap);
+        self
+    }
+
+    /// Sets the recorded directory times and returns the counters.
+    pub fn finish(self) -> Result<UnpackStats, ImageError> {
+        self.finish_with_marks().map(|(stats, _)| stats)
+    }
+
+    /// [`Self::finish`], also returning the overlay marks (empty in the applied
+    /// format). A whiteout is kept only where the tree has nothing at its path and
+    /// its parent is still a directory; an opaque mark only on a directory.
+    pub fn finish_with_marks(self) -> Result<(UnpackStats, OverlayMarks), ImageError> {
+        self.finish_parts().map(|(_, stats, marks)| (stats, marks))
+    }
+}
+
+impl<S: DataSink> Unpack<MemFs<S>> {
+    /// An unpacker into an empty [`FsTree`] (root 0:0 0755 [`FIXED_MTIME`]), writing
+    /// file bytes to `sink` in stream order.
+    pub fn in_memory(limits: UnpackLimits, sink: S) -> Self {
+        Self::with_backend(
+            MemFs {
+                tree: FsTree::new(FIXED_MTIME),
+                sink,
+            },
+            limits,
+        )
+    }
+
+    /// Sets the directory times and returns the tree, the sink and the counters.
+    /// In the overlay format the marks are written into the tree, as the disk
+    /// builder writes them into a layer disk (see [`Self::finish_with_marks`]).
+    pub fn finish(self) -> Result<(FsTree, S, UnpackStats), ImageError> {
+        self.finish_with_marks()
+            .map(|(tree, sink, stats, _)| (tree, sink, stats))
+    }
+
+    /// [`Self::finish`], also returning the marks it wrote: each whiteout is a
+    /// character device 0:0 (mode 0, owner 0:0, mtime [`WHITEOUT_MTIME`]), each
+    /// opaque directory gets `trusted.overlay.opaque=y`, exactly what
+    /// [`super::rootfs`] writes with `debugfs` for a host tree's marks.
+    pub fn finish_with_marks(self) -> Result<(FsTree, S, UnpackStats, OverlayMarks), ImageError> {
+        let (mut fs, stats, marks) = self.finish_parts()?;
+        for w in &marks.whiteouts {
+            let comps: Vec<OsString> = w.iter().map(|c| c.to_os_string()).collect();
+            let (Some(name), parent) = (comps.last(), &comps[..comps.len().saturating_sub(1)])
+            else {
+                continue;
+            };
+            // The marks were kept only where the parent is a directory.
+            let Ok(dir) = mem_walk(&fs.tree, parent) else {
+                continue;
+            };
+            let node = Inode::new(Kind::CharDev { major: 0, minor: 0 }, 0, WHITEOUT_MTIME);
+            let id = fs.tree.add(node);
+            fs.tree.link(dir, name.as_bytes(), id);
+        }
+        for o in &marks.opaque {
+            let comps: Vec<OsString> = o.iter().map(|c| c.to_os_string()).collect();
+            if let Ok(dir) = mem_walk(&fs.tree, &comps) {
+                fs.tree
+                    .get_mut(dir)
+                    .xattrs
+                    .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
+            }
+        }
+        Ok((fs.tree, fs.sink, stats, marks))
+    }
+
+    /// The tree as built so far.
+    pub fn tree(&self) -> &FsTree {
+        &self.fs.tree
+    }
+}
+
+impl<B: Backend> Unpack<B> {
+    fn with_backend(fs: B, limits: UnpackLimits) -> Self {
+        Unpack {
+            fs,
             limits,
             raw_entries: 0,
             stats: UnpackStats::default(),
@@ -335,16 +578,7 @@ impl Unpacker {
             whiteouts: Default::default(),
             opaque: Default::default(),
             budget: None,
-            staging_cap: None,
-        })
-    }
-
-    /// The tree is a memory staging area that holds at most `cap` bytes of file
-    /// data, and must not drop xattrs: past the cap, or on an xattr the file system
-    /// refuses, [`ImageError::StagingFull`] tells the caller to unpack on disk.
-    pub fn staging(mut self, cap: u64) -> Self {
-        self.staging_cap = Some(cap);
-        self
+        }
     }
 
     /// Produces the overlay format (see the module docs): the tree of a layer disk.
@@ -369,6 +603,11 @@ impl Unpacker {
             b.bytes
                 .fetch_sub(self.stats.bytes, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &UnpackStats {
+        &self.stats
     }
 
     /// Entries read so far: this unpacker's, or the image's when the budget is shared.
@@ -519,15 +758,11 @@ impl Unpacker {
         Ok(body)
     }
 
-    /// Sets the recorded directory times and returns the counters.
-    pub fn finish(self) -> Result<UnpackStats, ImageError> {
-        self.finish_with_marks().map(|(stats, _)| stats)
-    }
-
-    /// [`Self::finish`], also returning the overlay marks (empty in the applied
-    /// format). A whiteout is kept only where the tree has nothing at its path and
-    /// its parent is still a directory; an opaque mark only on a directory.
-    pub fn finish_with_marks(mut self) -> Result<(UnpackStats, OverlayMarks), ImageError> {
+    /// Works out the overlay marks, sets the recorded directory times and the
+    /// root's, and hands back the backend. A whiteout is kept only where the tree
+    /// has nothing at its path and its parent is still a directory; an opaque mark
+    /// only on a directory.
+    fn finish_parts(mut self) -> Result<(B, UnpackStats, OverlayMarks), ImageError> {
         let mut marks = OverlayMarks::default();
         for w in std::mem::take(&mut self.whiteouts) {
             let comps: Vec<OsString> = w.iter().map(|c| c.to_os_string()).collect();
@@ -535,41 +770,33 @@ impl Unpacker {
             else {
                 continue;
             };
-            let Ok(dir) = self.walk(parent, false) else {
+            let Ok(dir) = self.walk(parent) else {
                 continue;
             };
-            if matches!(
-                rfs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW),
-                Err(Errno::NOENT)
-            ) {
+            if matches!(self.fs.stat(&dir, name.as_os_str()), Err(Errno::NOENT)) {
                 marks.whiteouts.push(w);
             }
         }
         for o in std::mem::take(&mut self.opaque) {
             let comps: Vec<OsString> = o.iter().map(|c| c.to_os_string()).collect();
-            if self.walk(&comps, false).is_ok() {
+            if self.walk(&comps).is_ok() {
                 marks.opaque.push(o);
             }
         }
-        self.finish_tree().map(|s| (s, marks))
-    }
-
-    fn finish_tree(mut self) -> Result<UnpackStats, ImageError> {
         self.cached_parent = None;
         let mut dirs: Vec<(PathBuf, i64)> = self.dir_times.drain().collect();
         dirs.sort();
         for (path, mtime) in dirs {
             let comps: Vec<OsString> = path.iter().map(|c| c.to_os_string()).collect();
             // Whited out later, or replaced by a non-directory: nothing to set.
-            let Ok(fd) = self.walk(&comps, false) else {
+            let Ok(d) = self.walk(&comps) else {
                 continue;
             };
-            let _ = rfs::futimens(&fd, &times(mtime));
+            self.fs.set_dir_mtime(&d, mtime);
         }
         // The disk's root is 0:0 0755 whatever the umask or the layers said.
-        let _ = rfs::fchmod(&self.root, Mode::from_raw_mode(0o755));
-        let _ = rfs::futimens(&self.root, &times(FIXED_MTIME));
-        Ok(self.stats)
+        self.fs.finish_root();
+        Ok((self.fs, self.stats, marks))
     }
 
     fn refuse(&self, path: &[u8], why: impl Into<String>) -> ImageError {
@@ -581,7 +808,22 @@ impl Unpacker {
     }
 
     fn io_err(&self, what: &'static str, rel: &Path, e: io::Error) -> ImageError {
-        ImageError::build_io(what, self.root_path.join(rel), e)
+        ImageError::build_io(what, self.fs.describe(rel), e)
+    }
+
+    fn fs_err(&self, rel: &Path, e: FsError) -> ImageError {
+        match e {
+            FsError::Io(what, e) => self.io_err(what, rel, e),
+            // A read error here is the layer stream failing, not the disk.
+            FsError::Layer(e) => ImageError::LayerFormat {
+                layer: self.layer.clone(),
+                cause: format!("{}: {e}", rel.display()),
+            },
+            FsError::StagingFull(why) => ImageError::StagingFull {
+                layer: self.layer.clone(),
+                why,
+            },
+        }
     }
 
     fn apply_entry<R: Read>(
@@ -667,7 +909,7 @@ impl Unpacker {
                     }
                     T::Regular | T::Continuous => {
                         let size = entry.size();
-                        if let Some(cap) = self.staging_cap {
+                        if let Some(cap) = self.fs.staging_cap() {
                             if self.stats.bytes.saturating_add(size) > cap {
                                 return Err(ImageError::StagingFull {
                                     layer: self.layer.clone(),
@@ -685,7 +927,7 @@ impl Unpacker {
                                 ),
                             });
                         }
-                        self.write_file(&parent_fd, &name, &rel, entry, &meta, &xattrs)
+                        self.write_file(&parent_fd, &name, &rel, entry, size, &meta, &xattrs)
                     }
                     T::Directory => self.make_dir(&parent_fd, &name, &rel, &meta, &xattrs),
                     T::Symlink => {
@@ -722,54 +964,57 @@ impl Unpacker {
 
     /// Opens the parent directory of an entry, creating missing directories (with
     /// fixed times, owner 0:0, mode 0755). Reuses the last one when unchanged.
-    fn parent(&mut self, raw: &[u8], comps: &[OsString]) -> Result<OwnedFd, ImageError> {
+    fn parent(&mut self, raw: &[u8], comps: &[OsString]) -> Result<B::Handle, ImageError> {
         if let Some((c, fd)) = &self.cached_parent {
             if c.as_slice() == comps {
-                return fd
-                    .try_clone()
+                return self
+                    .fs
+                    .dup(fd)
                     .map_err(|e| self.io_err("duplicate descriptor of", &join(comps), e));
             }
         }
         let fd = self.walk_creating(raw, comps)?;
-        let dup = fd
-            .try_clone()
+        let dup = self
+            .fs
+            .dup(&fd)
             .map_err(|e| self.io_err("duplicate descriptor of", &join(comps), e))?;
         self.cached_parent = Some((comps.to_vec(), dup));
         Ok(fd)
     }
 
-    fn walk_creating(&mut self, raw: &[u8], comps: &[OsString]) -> Result<OwnedFd, ImageError> {
-        let mut cur = rfs::openat(&self.root, ".", dir_flags(), Mode::empty())
+    fn walk_creating(&mut self, raw: &[u8], comps: &[OsString]) -> Result<B::Handle, ImageError> {
+        let mut cur = self
+            .fs
+            .open_root()
             .map_err(|e| self.io_err("open", Path::new("."), errno_io(e)))?;
         for (i, c) in comps.iter().enumerate() {
-            let next = match rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty()) {
+            let next = match self.fs.open_dir(&cur, c.as_os_str()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
                     let rel = join(&comps[..=i]);
-                    rfs::mkdirat(&cur, c.as_os_str(), Mode::from_raw_mode(0o755))
+                    self.fs
+                        .mkdir(&cur, c.as_os_str(), 0o755)
                         .map_err(|e| self.io_err("create directory", &rel, errno_io(e)))?;
                     if self.overlay && self.whiteouts.remove(&rel) {
                         self.opaque.insert(rel.clone());
                     }
                     self.dir_times.entry(rel.clone()).or_insert(FIXED_MTIME);
-                    let fd = rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())
+                    let fd = self
+                        .fs
+                        .open_dir(&cur, c.as_os_str())
                         .map_err(|e| self.io_err("open directory", &rel, errno_io(e)))?;
                     // 0755 whatever the process umask (the agent runs with 077): in a
                     // layer disk an implicit directory is what overlayfs shows when it
                     // is the upper-most, so it must not lock the workload out.
-                    rfs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                    self.fs
+                        .chmod_dir(&fd, 0o755)
                         .map_err(|e| self.io_err("chmod", &rel, errno_io(e)))?;
                     fd
                 }
                 Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                     let rel = join(&comps[..=i]);
-                    let what = match rfs::statat(&cur, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                        Ok(st)
-                            if rfs::FileType::from_raw_mode(st.st_mode)
-                                == rfs::FileType::Symlink =>
-                        {
-                            "is a symlink"
-                        }
+                    let what = match self.fs.stat(&cur, c.as_os_str()) {
+                        Ok(st) if st.kind == NodeKind::Symlink => "is a symlink",
                         _ => "is not a directory",
                     };
                     return Err(self.refuse(raw, format!("parent {} {what}", rel.display())));
@@ -784,10 +1029,10 @@ impl Unpacker {
     }
 
     /// Walks existing directories only, never following symlinks.
-    fn walk(&self, comps: &[OsString], _create: bool) -> Result<OwnedFd, Errno> {
-        let mut cur = rfs::openat(&self.root, ".", dir_flags(), Mode::empty())?;
+    fn walk(&self, comps: &[OsString]) -> Result<B::Handle, Errno> {
+        let mut cur = self.fs.open_root()?;
         for c in comps {
-            cur = rfs::openat(&cur, c.as_os_str(), dir_flags(), Mode::empty())?;
+            cur = self.fs.open_dir(&cur, c.as_os_str())?;
         }
         Ok(cur)
     }
@@ -796,7 +1041,7 @@ impl Unpacker {
     /// Returns true when a directory is still there.
     fn clear(
         &mut self,
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
         keep_dir: bool,
@@ -805,97 +1050,53 @@ impl Unpacker {
             // Whatever is created here now hides the lower layers' entry by itself.
             self.whiteouts.remove(rel);
         }
-        match rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        match self.fs.stat(parent, name) {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(self.io_err("inspect", rel, errno_io(e))),
             Ok(st) => {
-                let is_dir = rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory;
+                let is_dir = st.kind == NodeKind::Dir;
                 if is_dir && keep_dir {
                     return Ok(true);
                 }
                 if is_dir {
                     self.cached_parent = None;
                 }
-                remove_tree_at(parent, name, 0).map_err(|e| self.io_err("remove", rel, e))?;
+                self.fs
+                    .remove(parent, name)
+                    .map_err(|e| self.io_err("remove", rel, e))?;
                 Ok(false)
             }
         }
     }
 
-    fn write_file<R: Read>(
+    #[allow(clippy::too_many_arguments)]
+    fn write_file(
         &mut self,
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
-        entry: &mut R,
+        entry: &mut dyn Read,
+        size: u64,
         meta: &Meta,
         xattrs: &[(OsString, Vec<u8>)],
     ) -> Result<(), ImageError> {
         self.clear(parent, name, rel, false)?;
-        let fd = rfs::openat(
-            parent,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| self.io_err("create", rel, errno_io(e)))?;
-        let mut file = std::fs::File::from(fd);
-        let n = io::copy(entry, &mut file).map_err(|e| {
-            if super::error::is_enospc(&e) {
-                self.io_err("write", rel, e)
-            } else {
-                // A read error here is the layer stream failing, not the disk.
-                ImageError::LayerFormat {
-                    layer: self.layer.clone(),
-                    cause: format!("{}: {e}", rel.display()),
-                }
-            }
-        })?;
+        let (file, n) = self
+            .fs
+            .write_file(parent, name, entry, size)
+            .map_err(|e| self.fs_err(rel, e))?;
         self.stats.bytes += n;
         if let Some(b) = &self.budget {
             SharedBudget::add(&b.bytes, n);
         }
-        self.set_meta_fd(file.as_fd(), rel, meta, xattrs)
-    }
-
-    fn set_meta_fd(
-        &self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        rel: &Path,
-        meta: &Meta,
-        xattrs: &[(OsString, Vec<u8>)],
-    ) -> Result<(), ImageError> {
-        rfs::fchown(fd, Some(uid(meta.uid)), Some(gid(meta.gid)))
-            .map_err(|e| self.io_err("chown", rel, errno_io(e)))?;
-        // After chown: chown clears set-id bits.
-        rfs::fchmod(fd, Mode::from_raw_mode(meta.mode))
-            .map_err(|e| self.io_err("chmod", rel, errno_io(e)))?;
-        for (k, v) in xattrs {
-            match rfs::fsetxattr(fd, k.as_os_str(), v, rfs::XattrFlags::empty()) {
-                Ok(()) => {}
-                // The build dir's file system may not take every namespace; the image
-                // still runs, so this is logged, not fatal.
-                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL)
-                    if self.staging_cap.is_some() =>
-                {
-                    return Err(ImageError::StagingFull {
-                        layer: self.layer.clone(),
-                        why: format!("xattr {k:?} not supported"),
-                    });
-                }
-                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL) => {
-                    tracing::warn!(path = %rel.display(), xattr = ?k, "xattr not supported by the build file system; dropped");
-                }
-                Err(e) => return Err(self.io_err("set xattr on", rel, errno_io(e))),
-            }
-        }
-        rfs::futimens(fd, &times(meta.mtime))
-            .map_err(|e| self.io_err("set times of", rel, errno_io(e)))
+        self.fs
+            .set_meta(&file, rel, meta, xattrs)
+            .map_err(|e| self.fs_err(rel, e))
     }
 
     fn make_dir(
         &mut self,
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
         meta: &Meta,
@@ -906,84 +1107,58 @@ impl Unpacker {
             self.opaque.insert(rel.to_path_buf());
         }
         if !self.clear(parent, name, rel, true)? {
-            rfs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+            self.fs
+                .mkdir(parent, name, 0o700)
                 .map_err(|e| self.io_err("create directory", rel, errno_io(e)))?;
         }
-        let fd = rfs::openat(parent, name, dir_flags(), Mode::empty())
+        let fd = self
+            .fs
+            .open_dir(parent, name)
             .map_err(|e| self.io_err("open directory", rel, errno_io(e)))?;
-        self.set_meta_fd(fd.as_fd(), rel, meta, xattrs)?;
+        self.fs
+            .set_meta(&fd, rel, meta, xattrs)
+            .map_err(|e| self.fs_err(rel, e))?;
         self.dir_times.insert(rel.to_path_buf(), meta.mtime);
         Ok(())
     }
 
     fn make_symlink(
         &mut self,
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
         target: &[u8],
         meta: &Meta,
     ) -> Result<(), ImageError> {
         self.clear(parent, name, rel, false)?;
-        rfs::symlinkat(OsStr::from_bytes(target), parent, name)
+        self.fs
+            .symlink(parent, name, target)
             .map_err(|e| self.io_err("create symlink", rel, errno_io(e)))?;
-        self.set_meta_at(parent, name, rel, meta, false)
+        self.fs
+            .set_meta_at(parent, name, meta, false)
+            .map_err(|e| self.fs_err(rel, e))
     }
 
     fn make_fifo(
         &mut self,
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
         meta: &Meta,
     ) -> Result<(), ImageError> {
         self.clear(parent, name, rel, false)?;
-        rfs::mknodat(
-            parent,
-            name,
-            rfs::FileType::Fifo,
-            Mode::from_raw_mode(0o600),
-            0,
-        )
-        .map_err(|e| self.io_err("create fifo", rel, errno_io(e)))?;
-        self.set_meta_at(parent, name, rel, meta, true)
-    }
-
-    /// Sets owner (and mode when `chmod`) and times on `name` without following it.
-    fn set_meta_at(
-        &self,
-        parent: &OwnedFd,
-        name: &OsStr,
-        rel: &Path,
-        meta: &Meta,
-        chmod: bool,
-    ) -> Result<(), ImageError> {
-        rfs::chownat(
-            parent,
-            name,
-            Some(uid(meta.uid)),
-            Some(gid(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| self.io_err("chown", rel, errno_io(e)))?;
-        if chmod {
-            // Only for FIFOs: fchmodat does not follow a non-symlink final component.
-            rfs::chmodat(
-                parent,
-                name,
-                Mode::from_raw_mode(meta.mode),
-                AtFlags::empty(),
-            )
-            .map_err(|e| self.io_err("chmod", rel, errno_io(e)))?;
-        }
-        rfs::utimensat(parent, name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| self.io_err("set times of", rel, errno_io(e)))
+        self.fs
+            .mkfifo(parent, name)
+            .map_err(|e| self.io_err("create fifo", rel, errno_io(e)))?;
+        self.fs
+            .set_meta_at(parent, name, meta, true)
+            .map_err(|e| self.fs_err(rel, e))
     }
 
     fn make_hardlink(
         &mut self,
         raw: &[u8],
-        parent: &OwnedFd,
+        parent: &B::Handle,
         name: &OsStr,
         rel: &Path,
         target: &[u8],
@@ -993,7 +1168,7 @@ impl Unpacker {
         let Some(tname) = tcomps.pop() else {
             return Err(self.refuse(raw, "hard link to the root"));
         };
-        let tparent = match self.walk(&tcomps, false) {
+        let tparent = match self.walk(&tcomps) {
             Ok(fd) => fd,
             Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                 return Err(self.refuse(
@@ -1003,20 +1178,21 @@ impl Unpacker {
             }
             Err(_) => return Err(self.missing_link_target(raw)),
         };
-        let tst = match rfs::statat(&tparent, tname.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        let tst = match self.fs.stat(&tparent, tname.as_os_str()) {
             Ok(st) => st,
             Err(_) => return Err(self.missing_link_target(raw)),
         };
-        if rfs::FileType::from_raw_mode(tst.st_mode) == rfs::FileType::Directory {
+        if tst.kind == NodeKind::Dir {
             return Err(self.refuse(raw, "hard link to a directory"));
         }
-        if let Ok(st) = rfs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-            if st.st_ino == tst.st_ino && st.st_dev == tst.st_dev {
+        if let Ok(st) = self.fs.stat(parent, name) {
+            if st.id == tst.id {
                 return Ok(());
             }
         }
         self.clear(parent, name, rel, false)?;
-        rfs::linkat(&tparent, tname.as_os_str(), parent, name, AtFlags::empty())
+        self.fs
+            .hard_link(&tparent, tname.as_os_str(), parent, name)
             .map_err(|e| self.io_err("create hard link", rel, errno_io(e)))
     }
 
@@ -1049,7 +1225,7 @@ impl Unpacker {
             // Same-layer entries are not hidden by the layer's own whiteouts.
             return Ok(());
         }
-        let dir = match self.walk(parent, false) {
+        let dir = match self.walk(parent) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(()),
             Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
@@ -1077,8 +1253,8 @@ impl Unpacker {
         let dir = self.walk_creating(raw, parent)?;
         self.cached_parent = None;
         if self.touched.contains(&rel) {
-            if let Ok(st) = rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+            if let Ok(st) = self.fs.stat(&dir, name) {
+                if st.kind == NodeKind::Dir {
                     self.opaque.insert(rel);
                 }
             }
@@ -1102,33 +1278,469 @@ impl Unpacker {
         }
         self.mark_touched(&rel_dir);
         self.cached_parent = None;
-        let listing =
-            rfs::Dir::read_from(&fd).map_err(|e| self.io_err("list", &rel_dir, errno_io(e)))?;
+        let listing = self
+            .fs
+            .list(&fd)
+            .map_err(|e| self.io_err("list", &rel_dir, errno_io(e)))?;
         let mut doomed = Vec::new();
-        for ent in listing {
-            let ent = ent.map_err(|e| self.io_err("list", &rel_dir, errno_io(e)))?;
-            let n = OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string();
-            if n == "." || n == ".." {
-                continue;
-            }
+        for n in listing {
             let child = rel_dir.join(&n);
             if !self.touched.contains(&child) {
                 doomed.push((n, child));
             }
         }
         for (n, child) in doomed {
-            remove_tree_at(&fd, &n, 0).map_err(|e| self.io_err("remove", &child, e))?;
+            self.fs
+                .remove(&fd, &n)
+                .map_err(|e| self.io_err("remove", &child, e))?;
             self.dir_times.retain(|p, _| !p.starts_with(&child));
         }
         Ok(())
     }
 }
 
-struct Meta {
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
+/// The host backend: a directory of the host's file system, every call relative to
+/// a directory descriptor (see the module docs for why).
+pub struct HostFs {
+    root: OwnedFd,
+    root_path: PathBuf,
+    /// Memory staging: file bytes this tree may hold, and xattrs must be kept.
+    staging_cap: Option<u64>,
+}
+
+fn host_stat(st: &rfs::Stat) -> Stat {
+    let kind = match rfs::FileType::from_raw_mode(st.st_mode) {
+        rfs::FileType::Directory => NodeKind::Dir,
+        rfs::FileType::Symlink => NodeKind::Symlink,
+        _ => NodeKind::Other,
+    };
+    Stat {
+        kind,
+        id: (st.st_dev, st.st_ino),
+    }
+}
+
+impl Backend for HostFs {
+    type Handle = OwnedFd;
+
+    fn describe(&self, rel: &Path) -> PathBuf {
+        self.root_path.join(rel)
+    }
+
+    fn open_root(&self) -> Result<OwnedFd, Errno> {
+        rfs::openat(&self.root, ".", dir_flags(), Mode::empty())
+    }
+
+    fn dup(&self, h: &OwnedFd) -> io::Result<OwnedFd> {
+        h.try_clone()
+    }
+
+    fn open_dir(&self, dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
+        rfs::openat(dir, name, dir_flags(), Mode::empty())
+    }
+
+    fn stat(&self, dir: &OwnedFd, name: &OsStr) -> Result<Stat, Errno> {
+        rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| host_stat(&st))
+    }
+
+    fn mkdir(&mut self, dir: &OwnedFd, name: &OsStr, mode: u32) -> Result<(), Errno> {
+        rfs::mkdirat(dir, name, Mode::from_raw_mode(mode))
+    }
+
+    fn chmod_dir(&mut self, d: &OwnedFd, mode: u32) -> Result<(), Errno> {
+        rfs::fchmod(d, Mode::from_raw_mode(mode))
+    }
+
+    fn remove(&mut self, dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+        remove_tree_at(dir, name, 0)
+    }
+
+    fn list(&self, dir: &OwnedFd) -> Result<Vec<OsString>, Errno> {
+        let mut names = Vec::new();
+        for ent in rfs::Dir::read_from(dir)? {
+            let ent = ent?;
+            let n = ent.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(OsStr::from_bytes(n).to_os_string());
+            }
+        }
+        Ok(names)
+    }
+
+    fn write_file(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        data: &mut dyn Read,
+        _size: u64,
+    ) -> Result<(OwnedFd, u64), FsError> {
+        let fd = rfs::openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| FsError::Io("create", errno_io(e)))?;
+        let mut file = std::fs::File::from(fd);
+        // The tar entry reader stops at the entry's size by itself.
+        let n = io::copy(data, &mut file).map_err(|e| {
+            if super::error::is_enospc(&e) {
+                FsError::Io("write", e)
+            } else {
+                FsError::Layer(e)
+            }
+        })?;
+        Ok((OwnedFd::from(file), n))
+    }
+
+    fn set_meta(
+        &mut self,
+        fd: &OwnedFd,
+        rel: &Path,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), FsError> {
+        rfs::fchown(fd, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            .map_err(|e| FsError::Io("chown", errno_io(e)))?;
+        // After chown: chown clears set-id bits.
+        rfs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| FsError::Io("chmod", errno_io(e)))?;
+        for (k, v) in xattrs {
+            match rfs::fsetxattr(fd, k.as_os_str(), v, rfs::XattrFlags::empty()) {
+                Ok(()) => {}
+                // The build dir's file system may not take every namespace; the image
+                // still runs, so this is logged, not fatal.
+                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL)
+                    if self.staging_cap.is_some() =>
+                {
+                    return Err(FsError::StagingFull(format!("xattr {k:?} not supported")));
+                }
+                Err(Errno::OPNOTSUPP) | Err(Errno::PERM) | Err(Errno::INVAL) => {
+                    tracing::warn!(path = %rel.display(), xattr = ?k, "xattr not supported by the build file system; dropped");
+                }
+                Err(e) => return Err(FsError::Io("set xattr on", errno_io(e))),
+            }
+        }
+        rfs::futimens(fd, &times(meta.mtime)).map_err(|e| FsError::Io("set times of", errno_io(e)))
+    }
+
+    fn symlink(&mut self, dir: &OwnedFd, name: &OsStr, target: &[u8]) -> Result<(), Errno> {
+        rfs::symlinkat(OsStr::from_bytes(target), dir, name)
+    }
+
+    fn mkfifo(&mut self, dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+        rfs::mknodat(
+            dir,
+            name,
+            rfs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+    }
+
+    fn set_meta_at(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), FsError> {
+        rfs::chownat(
+            dir,
+            name,
+            Some(uid(meta.uid)),
+            Some(gid(meta.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| FsError::Io("chown", errno_io(e)))?;
+        if chmod {
+            // Only for FIFOs: fchmodat does not follow a non-symlink final component.
+            rfs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+                .map_err(|e| FsError::Io("chmod", errno_io(e)))?;
+        }
+        rfs::utimensat(dir, name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| FsError::Io("set times of", errno_io(e)))
+    }
+
+    fn hard_link(
+        &mut self,
+        tdir: &OwnedFd,
+        tname: &OsStr,
+        dir: &OwnedFd,
+        name: &OsStr,
+    ) -> Result<(), Errno> {
+        rfs::linkat(tdir, tname, dir, name, AtFlags::empty())
+    }
+
+    fn set_dir_mtime(&mut self, d: &OwnedFd, mtime: i64) {
+        let _ = rfs::futimens(d, &times(mtime));
+    }
+
+    fn finish_root(&mut self) {
+        let _ = rfs::fchmod(&self.root, Mode::from_raw_mode(0o755));
+        let _ = rfs::futimens(&self.root, &times(FIXED_MTIME));
+    }
+
+    fn staging_cap(&self) -> Option<u64> {
+        self.staging_cap
+    }
+}
+
+/// The memory backend: metadata in an [`FsTree`], file bytes in a [`DataSink`].
+/// It answers with the errnos the host would give for the same tree, so the rules
+/// take the same decisions.
+pub struct MemFs<S> {
+    tree: FsTree,
+    sink: S,
+}
+
+/// Longest name in a directory, as on the host (and in ext4).
+const NAME_MAX: usize = 255;
+
+/// Longest symlink target, as on the host (`PATH_MAX` with its NUL).
+const SYMLINK_MAX: usize = 4095;
+
+fn mem_name(name: &OsStr) -> Result<&[u8], Errno> {
+    if name.len() > NAME_MAX {
+        Err(Errno::NAMETOOLONG)
+    } else {
+        Ok(name.as_bytes())
+    }
+}
+
+fn mem_lookup(tree: &FsTree, dir: InodeId, name: &OsStr) -> Result<InodeId, Errno> {
+    let name = mem_name(name)?;
+    match tree.entries(dir) {
+        None => Err(Errno::NOTDIR),
+        Some(e) => e.get(name).copied().ok_or(Errno::NOENT),
+    }
+}
+
+fn mem_open_dir(tree: &FsTree, dir: InodeId, name: &OsStr) -> Result<InodeId, Errno> {
+    let id = mem_lookup(tree, dir, name)?;
+    match tree.get(id).kind {
+        Kind::Dir(_) => Ok(id),
+        // What `O_NOFOLLOW | O_DIRECTORY` gives on the host.
+        Kind::Symlink(_) => Err(Errno::LOOP),
+        _ => Err(Errno::NOTDIR),
+    }
+}
+
+/// Walks existing directories from the root, never following symlinks.
+fn mem_walk(tree: &FsTree, comps: &[OsString]) -> Result<InodeId, Errno> {
+    let mut cur = ROOT;
+    for c in comps {
+        cur = mem_open_dir(tree, cur, c)?;
+    }
+    Ok(cur)
+}
+
+impl<S> MemFs<S> {
+    /// Links a new inode as `name` in `dir`, which must not exist there.
+    fn create(&mut self, dir: InodeId, name: &OsStr, inode: Inode) -> Result<InodeId, Errno> {
+        match mem_lookup(&self.tree, dir, name) {
+            Err(Errno::NOENT) => {}
+            Ok(_) => return Err(Errno::EXIST),
+            Err(e) => return Err(e),
+        }
+        let id = self.tree.add(inode);
+        if !self.tree.link(dir, name.as_bytes(), id) {
+            return Err(Errno::NOTDIR);
+        }
+        Ok(id)
+    }
+}
+
+/// Remembers whether the layer stream failed, to tell its errors from the sink's.
+struct TrackRead<'a> {
+    inner: &'a mut dyn Read,
+    failed: bool,
+}
+
+impl Read for TrackRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.inner.read(buf);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+}
+
+impl<S: DataSink> Backend for MemFs<S> {
+    type Handle = InodeId;
+
+    fn describe(&self, rel: &Path) -> PathBuf {
+        Path::new("/").join(rel)
+    }
+
+    fn open_root(&self) -> Result<InodeId, Errno> {
+        Ok(ROOT)
+    }
+
+    fn dup(&self, h: &InodeId) -> io::Result<InodeId> {
+        Ok(*h)
+    }
+
+    fn open_dir(&self, dir: &InodeId, name: &OsStr) -> Result<InodeId, Errno> {
+        mem_open_dir(&self.tree, *dir, name)
+    }
+
+    fn stat(&self, dir: &InodeId, name: &OsStr) -> Result<Stat, Errno> {
+        let id = mem_lookup(&self.tree, *dir, name)?;
+        let kind = match self.tree.get(id).kind {
+            Kind::Dir(_) => NodeKind::Dir,
+            Kind::Symlink(_) => NodeKind::Symlink,
+            _ => NodeKind::Other,
+        };
+        Ok(Stat {
+            kind,
+            id: (0, id as u64),
+        })
+    }
+
+    fn mkdir(&mut self, dir: &InodeId, name: &OsStr, mode: u32) -> Result<(), Errno> {
+        // The time is what the unpacker records for it; it sets it again at finish.
+        let inode = Inode::new(
+            Kind::Dir(Default::default()),
+            (mode & 0o7777) as u16,
+            FIXED_MTIME,
+        );
+        self.create(*dir, name, inode).map(|_| ())
+    }
+
+    fn chmod_dir(&mut self, d: &InodeId, mode: u32) -> Result<(), Errno> {
+        self.tree.get_mut(*d).mode = (mode & 0o7777) as u16;
+        Ok(())
+    }
+
+    fn remove(&mut self, dir: &InodeId, name: &OsStr) -> io::Result<()> {
+        // The subtree becomes unreachable; its file bytes stay in the data area.
+        self.tree.unlink(*dir, name.as_bytes());
+        Ok(())
+    }
+
+    fn list(&self, dir: &InodeId) -> Result<Vec<OsString>, Errno> {
+        let e = self.tree.entries(*dir).ok_or(Errno::NOTDIR)?;
+        Ok(e.keys().map(|k| OsString::from_vec(k.clone())).collect())
+    }
+
+    fn write_file(
+        &mut self,
+        dir: &InodeId,
+        name: &OsStr,
+        data: &mut dyn Read,
+        size: u64,
+    ) -> Result<(InodeId, u64), FsError> {
+        let errno = |e: Errno| FsError::Io("create", errno_io(e));
+        // Checked before any byte goes to the data area, as the host creates the
+        // file before writing it.
+        match mem_lookup(&self.tree, *dir, name) {
+            Err(Errno::NOENT) => {}
+            Ok(_) => return Err(errno(Errno::EXIST)),
+            Err(e) => return Err(errno(e)),
+        }
+        let mut track = TrackRead {
+            inner: data,
+            failed: false,
+        };
+        let data = self.sink.write_data(&mut track, size).map_err(|e| {
+            if track.failed || e.kind() == io::ErrorKind::UnexpectedEof {
+                FsError::Layer(e)
+            } else {
+                // ENOSPC or any other failure of the data area: the disk's.
+                FsError::Io("write", e)
+            }
+        })?;
+        let id = self
+            .create(*dir, name, Inode::new(Kind::File(data), 0o600, FIXED_MTIME))
+            .map_err(errno)?;
+        Ok((id, size))
+    }
+
+    fn set_meta(
+        &mut self,
+        h: &InodeId,
+        _rel: &Path,
+        meta: &Meta,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), FsError> {
+        let node = self.tree.get_mut(*h);
+        node.uid = meta.uid;
+        node.gid = meta.gid;
+        node.mode = (meta.mode & 0o7777) as u16;
+        for (k, v) in xattrs {
+            node.xattrs.insert(k.as_bytes().to_vec(), v.clone());
+        }
+        node.mtime = meta.mtime;
+        Ok(())
+    }
+
+    fn symlink(&mut self, dir: &InodeId, name: &OsStr, target: &[u8]) -> Result<(), Errno> {
+        if target.len() > SYMLINK_MAX {
+            return Err(Errno::NAMETOOLONG);
+        }
+        // Symlinks are 0777 on Linux; their mode is never set.
+        let inode = Inode::new(Kind::Symlink(target.to_vec()), 0o777, FIXED_MTIME);
+        self.create(*dir, name, inode).map(|_| ())
+    }
+
+    fn mkfifo(&mut self, dir: &InodeId, name: &OsStr) -> Result<(), Errno> {
+        self.create(*dir, name, Inode::new(Kind::Fifo, 0o600, FIXED_MTIME))
+            .map(|_| ())
+    }
+
+    fn set_meta_at(
+        &mut self,
+        dir: &InodeId,
+        name: &OsStr,
+        meta: &Meta,
+        chmod: bool,
+    ) -> Result<(), FsError> {
+        let id =
+            mem_lookup(&self.tree, *dir, name).map_err(|e| FsError::Io("chown", errno_io(e)))?;
+        let node = self.tree.get_mut(id);
+        node.uid = meta.uid;
+        node.gid = meta.gid;
+        if chmod {
+            node.mode = (meta.mode & 0o7777) as u16;
+        }
+        node.mtime = meta.mtime;
+        Ok(())
+    }
+
+    fn hard_link(
+        &mut self,
+        tdir: &InodeId,
+        tname: &OsStr,
+        dir: &InodeId,
+        name: &OsStr,
+    ) -> Result<(), Errno> {
+        let target = mem_lookup(&self.tree, *tdir, tname)?;
+        if self.tree.get(target).is_dir() {
+            return Err(Errno::PERM);
+        }
+        match mem_lookup(&self.tree, *dir, name) {
+            Err(Errno::NOENT) => {}
+            Ok(_) => return Err(Errno::EXIST),
+            Err(e) => return Err(e),
+        }
+        if self.tree.link(*dir, name.as_bytes(), target) {
+            Ok(())
+        } else {
+            Err(Errno::NOTDIR)
+        }
+    }
+
+    fn set_dir_mtime(&mut self, d: &InodeId, mtime: i64) {
+        self.tree.get_mut(*d).mtime = mtime;
+    }
+
+    fn finish_root(&mut self) {
+        let root = self.tree.get_mut(ROOT);
+        root.mode = 0o755;
+        root.mtime = FIXED_MTIME;
+    }
 }
 
 fn id32(v: io::Result<u64>) -> Option<u32> {
@@ -1375,6 +1987,8 @@ mod tests {
     use super::super::testtar::{Layer, TarEntry};
     use std::os::unix::fs::MetadataExt;
 
+    /// Unpacks `layers` into a host tree, and checks that the memory backend gives
+    /// the same result (see [`check_memory`]).
     fn unpack(layers: &[Vec<u8>]) -> (tempfile::TempDir, Result<UnpackStats, ImageError>) {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("tree");
@@ -1384,11 +1998,15 @@ mod tests {
             for (i, l) in layers.iter().enumerate() {
                 u.apply_layer(&l[..], Compression::None, &format!("#{i}"))?;
             }
-            u.finish()
+            u.finish_with_marks()
         })();
-        (dir, res)
+        check_memory(&tree, false, &res, layers);
+        (dir, res.map(|(stats, _)| stats))
     }
 
+    /// Nothing was written next to the host tree. The memory backend has no
+    /// outside: it can only link inodes into its own tree, so there is nothing to
+    /// check for it (its tree is compared with the host's by [`check_memory`]).
     fn outside_is_untouched(dir: &tempfile::TempDir) {
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -1399,6 +2017,242 @@ mod tests {
             vec![OsString::from("tree")],
             "something landed outside the tree"
         );
+    }
+
+    // ----- both backends: the same rules must give the same tree -----
+
+    use super::super::fstree::{DataRef, MemSink};
+    use std::collections::BTreeMap;
+
+    /// One entry of a rendered tree.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Row {
+        kind: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+        /// File bytes or symlink target.
+        content: Vec<u8>,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+        /// The first path (sorted) of the inode when it has several names.
+        same_as: Option<PathBuf>,
+    }
+
+    /// A tree rendered for comparison, by path ("." is the root).
+    type Listing = BTreeMap<PathBuf, Row>;
+
+    /// Fills `same_as` from the inode identity of every non-directory.
+    fn mark_shared<K: Ord>(rows: &mut Listing, ids: Vec<(PathBuf, K)>) {
+        let mut groups: BTreeMap<K, Vec<PathBuf>> = BTreeMap::new();
+        for (p, k) in ids {
+            groups.entry(k).or_default().push(p);
+        }
+        for paths in groups.values().filter(|v| v.len() > 1) {
+            let first = paths.iter().min().cloned();
+            for p in paths {
+                if let Some(r) = rows.get_mut(p) {
+                    r.same_as = first.clone();
+                }
+            }
+        }
+    }
+
+    fn host_listing(root: &Path) -> Listing {
+        use std::os::unix::fs::FileTypeExt;
+        let mut rows = Listing::new();
+        let mut ids = Vec::new();
+        let mut todo = vec![PathBuf::from(".")];
+        while let Some(rel) = todo.pop() {
+            let path = root.join(&rel);
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let ft = m.file_type();
+            let (kind, content) = if ft.is_dir() {
+                for e in std::fs::read_dir(&path).unwrap() {
+                    todo.push(rel.join(e.unwrap().file_name()));
+                }
+                ("dir".to_string(), vec![])
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(&path).unwrap();
+                ("symlink".into(), t.into_os_string().into_vec())
+            } else if ft.is_file() {
+                ("file".into(), std::fs::read(&path).unwrap())
+            } else if ft.is_fifo() {
+                ("fifo".into(), vec![])
+            } else {
+                (format!("other {:o}", m.mode()), vec![])
+            };
+            if !ft.is_dir() {
+                ids.push((rel.clone(), (m.dev(), m.ino())));
+            }
+            let mut xattrs = BTreeMap::new();
+            let mut names = [0u8; 4096];
+            let n = rfs::llistxattr(&path, &mut names[..]).unwrap_or(0);
+            for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+                let mut v = [0u8; 4096];
+                let k = OsStr::from_bytes(name);
+                let len = rfs::lgetxattr(&path, k, &mut v[..]).unwrap();
+                xattrs.insert(name.to_vec(), v[..len].to_vec());
+            }
+            let row = Row {
+                kind,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: m.mtime(),
+                content,
+                xattrs,
+                same_as: None,
+            };
+            rows.insert(rel, row);
+        }
+        mark_shared(&mut rows, ids);
+        rows
+    }
+
+    /// The host tree as the disk builder finishes it: the marks written in.
+    fn with_marks(mut rows: Listing, marks: &OverlayMarks) -> Listing {
+        for w in &marks.whiteouts {
+            let row = Row {
+                kind: "chardev 0:0".into(),
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: WHITEOUT_MTIME,
+                content: vec![],
+                xattrs: BTreeMap::new(),
+                same_as: None,
+            };
+            rows.insert(Path::new(".").join(w), row);
+        }
+        for o in &marks.opaque {
+            let key = Path::new(".").join(o);
+            rows.get_mut(&key)
+                .expect("opaque mark on a missing directory")
+                .xattrs
+                .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
+        }
+        rows
+    }
+
+    fn mem_listing(tree: &FsTree, sink: &MemSink) -> Listing {
+        let mut rows = Listing::new();
+        let mut ids = Vec::new();
+        let mut todo = vec![(PathBuf::from("."), ROOT)];
+        while let Some((rel, id)) = todo.pop() {
+            let node = tree.get(id);
+            let (kind, content) = match &node.kind {
+                Kind::Dir(entries) => {
+                    for (n, c) in entries {
+                        todo.push((key_join(&rel, n), *c));
+                    }
+                    ("dir".to_string(), vec![])
+                }
+                Kind::File(d) => (
+                    "file".into(),
+                    d.map(|d| sink.read(d).to_vec()).unwrap_or_default(),
+                ),
+                Kind::Symlink(t) => ("symlink".into(), t.clone()),
+                Kind::Fifo => ("fifo".into(), vec![]),
+                Kind::CharDev { major, minor } => (format!("chardev {major}:{minor}"), vec![]),
+            };
+            let key = rel;
+            if !node.is_dir() {
+                ids.push((key.clone(), id));
+            }
+            rows.insert(
+                key,
+                Row {
+                    kind,
+                    mode: u32::from(node.mode),
+                    uid: node.uid,
+                    gid: node.gid,
+                    mtime: node.mtime,
+                    content,
+                    xattrs: node.xattrs.clone(),
+                    same_as: None,
+                },
+            );
+        }
+        mark_shared(&mut rows, ids);
+        rows
+    }
+
+    fn key_join(rel: &Path, n: &[u8]) -> PathBuf {
+        rel.join(OsStr::from_bytes(n))
+    }
+
+    /// What must match when both backends refuse: the variant, and the limit's key
+    /// or the message when it names no host path.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Failure {
+        Limit(&'static str),
+        Message(String),
+        Variant(std::mem::Discriminant<ImageError>),
+    }
+
+    fn failure(e: &ImageError) -> Failure {
+        match e {
+            ImageError::LimitExceeded { limit, .. } => Failure::Limit(limit),
+            ImageError::UnsafeEntry { .. } | ImageError::HardLinkAcrossLayers { .. } => {
+                Failure::Message(e.to_string())
+            }
+            _ => Failure::Variant(std::mem::discriminant(e)),
+        }
+    }
+
+    type Outcome = Result<(Listing, UnpackStats, OverlayMarks), Failure>;
+
+    fn host_outcome(tree: &Path, res: &Result<(UnpackStats, OverlayMarks), ImageError>) -> Outcome {
+        match res {
+            Ok((stats, marks)) => Ok((
+                with_marks(host_listing(tree), marks),
+                stats.clone(),
+                marks.clone(),
+            )),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    /// Unpacks `layers` into memory, as [`unpack`] and [`unpack_overlay`] do on disk.
+    fn mem_unpack(limits: UnpackLimits, overlay: bool, layers: Vec<Box<dyn Read>>) -> Outcome {
+        let mut sink = MemSink::default();
+        let res = (|| {
+            let mut u = MemUnpacker::in_memory(limits, &mut sink);
+            if overlay {
+                u = u.overlay_format();
+            }
+            for (i, l) in layers.into_iter().enumerate() {
+                u.apply_layer(l, Compression::None, &format!("#{i}"))?;
+            }
+            u.finish_with_marks()
+                .map(|(tree, _, stats, marks)| (tree, stats, marks))
+        })();
+        match res {
+            Ok((tree, stats, marks)) => Ok((mem_listing(&tree, &sink), stats, marks)),
+            Err(e) => Err(failure(&e)),
+        }
+    }
+
+    fn boxed(layers: &[Vec<u8>]) -> Vec<Box<dyn Read>> {
+        layers
+            .iter()
+            .map(|l| Box::new(io::Cursor::new(l.clone())) as Box<dyn Read>)
+            .collect()
+    }
+
+    /// Runs `layers` through the memory backend and checks that it gives the host's
+    /// result `host` (tree at `tree`): the same listing, counters and marks, or the
+    /// same refusal.
+    fn check_memory(
+        tree: &Path,
+        overlay: bool,
+        host: &Result<(UnpackStats, OverlayMarks), ImageError>,
+        layers: &[Vec<u8>],
+    ) {
+        let host = host_outcome(tree, host);
+        let mem = mem_unpack(UnpackLimits::new(u64::MAX), overlay, boxed(layers));
+        assert_eq!(host, mem, "host (left) and memory (right) differ");
     }
 
     #[test]
@@ -1623,7 +2477,8 @@ mod tests {
         assert_eq!(i.mtime(), FIXED_MTIME);
     }
 
-    /// Unpacks `layers` into one overlay-format tree.
+    /// Unpacks `layers` into one overlay-format tree, and checks the memory backend
+    /// against it (with the marks written into both, see [`with_marks`]).
     fn unpack_overlay(
         layers: &[Vec<u8>],
     ) -> (
@@ -1640,6 +2495,7 @@ mod tests {
             }
             u.finish_with_marks()
         })();
+        check_memory(&tree, true, &res, layers);
         (dir, res)
     }
 
@@ -1768,6 +2624,35 @@ mod tests {
             "200 bytes over two trees exceed 150: {:?}",
             results[1]
         );
+        // The same budget bounds memory unpackers, and the two kinds together: 100
+        // bytes on the host and 60 in memory exceed 150.
+        let mut sink = MemSink::default();
+        let mut u = MemUnpacker::in_memory(UnpackLimits::new(150), &mut sink)
+            .overlay_format()
+            .shared_budget(budget.clone());
+        let l = Layer::new().file("f", &[7u8; 60]).tar();
+        let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
+        assert_eq!(failure(&err), Failure::Limit("max_unpacked_bytes"));
+        let budget = std::sync::Arc::new(SharedBudget::default());
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let mut u = MemUnpacker::in_memory(UnpackLimits::new(150), MemSink::default())
+                .shared_budget(budget.clone());
+            let l = Layer::new().file("f", &[7u8; 100]).tar();
+            results.push(u.apply_layer(&l[..], Compression::None, "#0"));
+        }
+        assert!(results[0].is_ok());
+        assert!(
+            matches!(
+                &results[1],
+                Err(ImageError::LimitExceeded {
+                    limit: "max_unpacked_bytes",
+                    ..
+                })
+            ),
+            "{:?}",
+            results[1]
+        );
     }
 
     #[test]
@@ -1793,6 +2678,9 @@ mod tests {
         let mut u = Unpacker::new(dir.path(), 1000).unwrap();
         let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
         assert!(err.to_string().contains("max_unpacked_bytes"), "{err}");
+        let mut u = MemUnpacker::in_memory(UnpackLimits::new(1000), MemSink::default());
+        let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
+        assert!(err.to_string().contains("max_unpacked_bytes"), "{err}");
     }
 
     #[test]
@@ -1807,6 +2695,11 @@ mod tests {
             let mut u = Unpacker::new(dir.path(), u64::MAX).unwrap();
             u.apply_layer(&blob[..], c, "#0").unwrap();
             assert!(dir.path().join("a").exists());
+            let mut m = MemUnpacker::in_memory(limits(), MemSink::default());
+            m.apply_layer(&blob[..], c, "#0").unwrap();
+            let (tree, sink, _) = m.finish().unwrap();
+            let a = tree.lookup(ROOT, b"a").unwrap();
+            assert!(matches!(tree.get(a).kind, Kind::File(Some(d)) if sink.read(d) == b"x"));
         }
     }
 
@@ -1894,6 +2787,10 @@ mod tests {
                 read.get()
             );
             assert!(!dir.path().join("tree/after").exists());
+            let (stream, read) = bomb(kind, 256 << 20, b'0');
+            let mem = mem_unpack(limits(), false, vec![Box::new(stream)]);
+            assert_eq!(mem, Err(Failure::Limit("max_tar_extension_bytes")));
+            assert!(read.get() < 1 << 20, "memory: {} bytes read", read.get());
         }
     }
 
@@ -1904,6 +2801,10 @@ mod tests {
             let (_dir, res) = unpack_with(limits(), vec![Box::new(stream)]);
             assert_limit(&res, "max_tar_extension_bytes");
             assert!(read.get() < 1 << 20, "{kind:?}: {} bytes read", read.get());
+            let (stream, read) = bomb(kind, 256 << 20, b'a');
+            let mem = mem_unpack(limits(), false, vec![Box::new(stream)]);
+            assert_eq!(mem, Err(Failure::Limit("max_tar_extension_bytes")));
+            assert!(read.get() < 1 << 20, "memory: {} bytes read", read.get());
         }
     }
 
@@ -1917,6 +2818,11 @@ mod tests {
         let (stream, _) = bomb(tar::EntryType::XGlobalHeader, cap + 1, b'0');
         let (_d, res) = unpack_with(limits(), vec![Box::new(stream)]);
         assert_limit(&res, "max_tar_extension_bytes");
+        let (stream, _) = bomb(tar::EntryType::XGlobalHeader, cap, b'0');
+        assert!(mem_unpack(limits(), false, vec![Box::new(stream)]).is_ok());
+        let (stream, _) = bomb(tar::EntryType::XGlobalHeader, cap + 1, b'0');
+        let mem = mem_unpack(limits(), false, vec![Box::new(stream)]);
+        assert_eq!(mem, Err(Failure::Limit("max_tar_extension_bytes")));
     }
 
     #[test]
@@ -2029,9 +2935,12 @@ mod tests {
             max_entries: 10,
             ..limits()
         };
-        let (dir, res) = unpack_with(lim, vec![Box::new(io::Cursor::new(many.tar()))]);
+        let many = many.tar();
+        let (dir, res) = unpack_with(lim, boxed(std::slice::from_ref(&many)));
         assert_limit(&res, "max_entries");
         assert!(!dir.path().join("tree/f10").exists());
+        let mem = mem_unpack(lim, false, boxed(&[many]));
+        assert_eq!(mem, Err(Failure::Limit("max_entries")));
         // The count is per image: two layers of 6 exceed 10 together.
         let six = || {
             let mut l = Layer::new();
@@ -2042,16 +2951,18 @@ mod tests {
         };
         let (_dir, res) = unpack_with(lim, vec![six(), six()]);
         assert_limit(&res, "max_entries");
+        let mem = mem_unpack(lim, false, vec![six(), six()]);
+        assert_eq!(mem, Err(Failure::Limit("max_entries")));
         // Extension headers count too: they cost a read each.
         let mut l = Layer::new();
         for _ in 0..11 {
             l = l.entry(TarEntry::extension(tar::EntryType::XGlobalHeader, b""));
         }
-        let (_dir, res) = unpack_with(
-            lim,
-            vec![Box::new(io::Cursor::new(l.file("f", b"x").tar()))],
-        );
+        let l = l.file("f", b"x").tar();
+        let (_dir, res) = unpack_with(lim, boxed(std::slice::from_ref(&l)));
         assert_limit(&res, "max_entries");
+        let mem = mem_unpack(lim, false, boxed(&[l]));
+        assert_eq!(mem, Err(Failure::Limit("max_entries")));
     }
 
     /// An endless-looking stream of `count` PAX global headers (cheap to parse,
@@ -2088,18 +2999,22 @@ mod tests {
             .to_vec();
         block.extend_from_slice(&body);
         block.resize(1024, 0);
-        let stream = GlobalHeaders {
-            block,
+        let stream = || GlobalHeaders {
+            block: block.clone(),
             left: 10_000_000,
             pos: 0,
         };
-        let lim = UnpackLimits {
+        let lim = || UnpackLimits {
             max_entries: u64::MAX,
             deadline: Some(Instant::now() + std::time::Duration::from_millis(300)),
             ..limits()
         };
         let started = Instant::now();
-        let (_dir, res) = unpack_with(lim, vec![Box::new(stream)]);
+        let mem = mem_unpack(lim(), false, vec![Box::new(stream())]);
+        assert_eq!(mem, Err(Failure::Limit("image_timeout_secs")));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        let started = Instant::now();
+        let (_dir, res) = unpack_with(lim(), vec![Box::new(stream())]);
         assert_limit(&res, "image_timeout_secs");
         let msg = res.unwrap_err().to_string();
         assert!(msg.contains("unpacking did not finish in time"), "{msg}");
@@ -2118,5 +3033,157 @@ mod tests {
             .apply_layer(&b"not gzip at all"[..], Compression::Gzip, "#0")
             .unwrap_err();
         assert!(matches!(err, ImageError::LayerFormat { .. }), "{err}");
+        let mut u = MemUnpacker::in_memory(limits(), MemSink::default());
+        let err = u
+            .apply_layer(&b"not gzip at all"[..], Compression::Gzip, "#0")
+            .unwrap_err();
+        assert!(matches!(err, ImageError::LayerFormat { .. }), "{err}");
+    }
+
+    // ----- the memory backend's own outputs -----
+
+    fn mem_apply(layers: &[Vec<u8>], overlay: bool) -> (FsTree, MemSink, OverlayMarks) {
+        let mut u = MemUnpacker::in_memory(limits(), MemSink::default());
+        if overlay {
+            u = u.overlay_format();
+        }
+        for (i, l) in layers.iter().enumerate() {
+            u.apply_layer(&l[..], Compression::None, &format!("#{i}"))
+                .unwrap();
+        }
+        let (tree, sink, _, marks) = u.finish_with_marks().unwrap();
+        (tree, sink, marks)
+    }
+
+    fn mem_path(tree: &FsTree, path: &str) -> Option<InodeId> {
+        path.split('/')
+            .try_fold(ROOT, |dir, c| tree.lookup(dir, c.as_bytes()))
+    }
+
+    #[test]
+    fn memory_overlay_marks_are_written_into_the_tree_as_the_disk_builder_does() {
+        let l = Layer::new()
+            .whiteout("etc/motd")
+            .dir("var/lib", 0o755)
+            .opaque("var/lib")
+            .file("var/lib/new", b"n")
+            .tar();
+        let (tree, _, marks) = mem_apply(&[l], true);
+        assert_eq!(marks.whiteouts, paths(&["etc/motd"]));
+        assert_eq!(marks.opaque, paths(&["var/lib"]));
+        let w = tree.get(mem_path(&tree, "etc/motd").unwrap());
+        assert_eq!(w.kind, Kind::CharDev { major: 0, minor: 0 });
+        assert_eq!((w.mode, w.uid, w.gid, w.mtime), (0, 0, 0, WHITEOUT_MTIME));
+        let lib = tree.get(mem_path(&tree, "var/lib").unwrap());
+        assert_eq!(
+            lib.xattrs.get(&b"trusted.overlay.opaque"[..]),
+            Some(&b"y".to_vec())
+        );
+        let root = tree.get(ROOT);
+        assert_eq!(
+            (root.mode, root.uid, root.gid, root.mtime),
+            (0o755, 0, 0, FIXED_MTIME)
+        );
+        let etc = tree.get(mem_path(&tree, "etc").unwrap());
+        assert_eq!((etc.mode, etc.mtime), (0o755, FIXED_MTIME), "implicit");
+    }
+
+    #[test]
+    fn memory_hard_links_are_one_inode_under_two_names() {
+        let l = Layer::new()
+            .file("bin/busybox", b"elf")
+            .hardlink("bin/sh", "bin/busybox")
+            .tar();
+        let (tree, sink, _) = mem_apply(&[l], false);
+        let sh = mem_path(&tree, "bin/sh").unwrap();
+        assert_eq!(Some(sh), mem_path(&tree, "bin/busybox"));
+        assert!(matches!(tree.get(sh).kind, Kind::File(Some(d)) if sink.read(d) == b"elf"));
+    }
+
+    #[test]
+    fn both_backends_agree_on_replaced_and_recreated_directories() {
+        // Directory times come from one record for both backends, with its history:
+        // `x` is replaced by a file and then recreated implicitly.
+        let l1 = Layer::new()
+            .entry(TarEntry::dir("x", 0o711).mtime(5).xattr("user.a", b"1"))
+            .entry(TarEntry::dir("x/y", 0o700).mtime(6))
+            .file("x/y/f", b"f")
+            .entry(TarEntry::dir("keep", 0o750).mtime(9).xattr("user.a", b"1"))
+            .tar();
+        let l2 = Layer::new()
+            .file("x", b"now a file")
+            .entry(TarEntry::dir("keep", 0o755).mtime(10).xattr("user.b", b"2"))
+            .hardlink("keep/h", "x")
+            .entry(TarEntry::device("keep/p", tar::EntryType::Fifo))
+            .tar();
+        // `x` comes back as a directory; its old child's recorded time is still
+        // there when `x/y` is recreated implicitly.
+        let l3 = Layer::new()
+            .entry(TarEntry::dir("x", 0o755).mtime(7))
+            .file("x/y/g", b"g")
+            .whiteout("keep/h")
+            .symlink("keep/s", "../x")
+            .tar();
+        let (_d, res) = unpack(&[l1.clone(), l2.clone(), l3.clone()]);
+        res.unwrap();
+        let (_d, res) = unpack_overlay(&[l1, l2, l3]);
+        res.unwrap();
+    }
+
+    /// A data area that is full after `room` bytes.
+    struct FullSink {
+        room: u64,
+    }
+
+    impl DataSink for FullSink {
+        fn write_data(&mut self, r: &mut dyn Read, len: u64) -> io::Result<Option<DataRef>> {
+            let take = len.min(self.room);
+            io::copy(&mut r.take(take), &mut io::sink())?;
+            if len > self.room {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            self.room -= len;
+            Ok(None)
+        }
+    }
+
+    /// A layer stream that fails after `ok` bytes.
+    struct FailingStream {
+        data: io::Cursor<Vec<u8>>,
+        ok: u64,
+    }
+
+    impl Read for FailingStream {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.data.position() >= self.ok {
+                return Err(io::Error::other("connection reset"));
+            }
+            let room = (self.ok - self.data.position()).min(buf.len() as u64) as usize;
+            self.data.read(&mut buf[..room])
+        }
+    }
+
+    #[test]
+    fn a_full_data_area_is_the_disks_fault_and_a_failing_stream_the_layers() {
+        let l = Layer::new().file("f", &[1u8; 8192]).tar();
+        let mut u = MemUnpacker::in_memory(limits(), FullSink { room: 100 });
+        let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
+        assert!(matches!(err, ImageError::NoSpace { .. }), "{err:?}");
+        assert!(err.to_string().contains("/f"), "{err}");
+        let stream = || FailingStream {
+            data: io::Cursor::new(l.clone()),
+            ok: 512 + 1000,
+        };
+        let mut u = MemUnpacker::in_memory(limits(), MemSink::default());
+        let err = u
+            .apply_layer(stream(), Compression::None, "#0")
+            .unwrap_err();
+        assert!(matches!(err, ImageError::LayerFormat { .. }), "{err:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(dir.path(), u64::MAX).unwrap();
+        let err = u
+            .apply_layer(stream(), Compression::None, "#0")
+            .unwrap_err();
+        assert!(matches!(err, ImageError::LayerFormat { .. }), "{err:?}");
     }
 }
