@@ -52,8 +52,15 @@ pub struct ImageConfig {
     /// Keep the compressed layer blobs after the root disk is built (they are not
     /// needed to run; keeping them speeds up rebuilding after a format change).
     pub keep_blobs: bool,
-    /// Memory (a tmpfs under `staging_dir`) in which layers are unpacked before their
-    /// disk is built, shared by the builds running at once (each gets an equal
+    /// How layer disks are built. `direct` (the default): the layer streams straight
+    /// into the ext4 image, file bytes into its data area and metadata into memory,
+    /// laid out when the layer ends; no tree on the host and no external program.
+    /// `mkfs`: the layer is unpacked into a tree (`staging_*` below) and
+    /// `mkfs.ext4 -d` builds the disk; slower, kept for hosts whose guests need the
+    /// disk features `mkfs.ext4` gives (metadata checksums, hashed directories).
+    pub disk_builder: DiskBuilder,
+    /// With `disk_builder = "mkfs"`: memory (a tmpfs under `staging_dir`) in which
+    /// layers are unpacked before their disk is built, shared by the builds running at once (each gets an equal
     /// share). Many small files written to the data dir's disk cost writeback; in
     /// memory they cost none, and only the finished disk is written. A layer larger
     /// than its share, or with xattrs the tmpfs cannot hold, is unpacked on disk
@@ -64,6 +71,17 @@ pub struct ImageConfig {
     pub staging_dir: PathBuf,
     /// Per-registry settings, keyed by `host:port` exactly as in image references.
     pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+/// See [`ImageConfig::disk_builder`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBuilder {
+    /// Straight from the tar stream into the image ([`super::ext4`]).
+    #[default]
+    Direct,
+    /// An unpacked tree, then `mkfs.ext4 -d` ([`super::rootfs`]).
+    Mkfs,
 }
 
 /// How to reach one registry.
@@ -97,6 +115,7 @@ impl Default for ImageConfig {
             image_timeout_secs: 30 * 60,
             parallel_downloads: 3,
             keep_blobs: false,
+            disk_builder: DiskBuilder::Direct,
             staging_memory_bytes: GIB,
             staging_dir: PathBuf::from("/dev/shm"),
             registries: BTreeMap::new(),

@@ -662,6 +662,115 @@ impl ImageService {
         std::fs::create_dir_all(work.path())
             .map_err(|e| ImageError::build_io("create", work.path(), e))?;
         let t0 = Instant::now();
+        let seed = Digest::parse(&format!("sha256:{}", run.key)).map_err(|_| ImageError::Tool {
+            tool: "image build task",
+            what: format!("layer disk {}", run.key),
+            cause: "key is not a sha256 hex digest".into(),
+        })?;
+        let tmp_disk = work.path().join("disk.ext4");
+        let (size, unpack_time, t1) = match self.inner.config.disk_builder {
+            config::DiskBuilder::Direct => {
+                let (size, unpack_time) =
+                    self.build_direct(session, run, &tmp_disk, &seed, deadline, budget, progress)?;
+                (size, unpack_time, Instant::now())
+            }
+            config::DiskBuilder::Mkfs => self.build_with_mkfs(
+                session, run, &work, &tmp_disk, &seed, deadline, budget, progress, t0,
+            )?,
+        };
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&tmp_disk)
+                .map(|m| m.blocks() * 512)
+                .map_err(|e| ImageError::build_io("stat", &tmp_disk, e))?
+        };
+        let final_disk = paths.layer_disk(&run.key);
+        std::fs::rename(&tmp_disk, &final_disk)
+            .map_err(|e| ImageError::build_io("rename into", &final_disk, e))?;
+        store::fsync_dir(&paths.layers)
+            .map_err(|e| ImageError::build_io("fsync", &paths.layers, e))?;
+        let disk = LayerDisk {
+            key: run.key.clone(),
+            path: final_disk,
+            size_bytes: size,
+            allocated_bytes: allocated,
+        };
+        self.db().insert_layer(&disk)?;
+        self.inner.metrics.layer_builds.inc();
+        drop(work);
+        Ok((disk, unpack_time, t1.elapsed()))
+    }
+
+    /// The direct builder: the run's layers stream into `out` (an ext4 image whose
+    /// data area takes the file bytes), then the metadata is laid out. Returns the
+    /// disk size and the time the layers took to stream in.
+    #[allow(clippy::too_many_arguments)]
+    fn build_direct(
+        &self,
+        session: &pull::Session,
+        run: &Run,
+        out: &Path,
+        seed: &Digest,
+        deadline: Instant,
+        budget: &Arc<unpack::SharedBudget>,
+        progress: Option<&progress::PullProgress>,
+    ) -> Result<(u64, Duration), ImageError> {
+        let t0 = Instant::now();
+        let mut builder =
+            ext4::Ext4Builder::create(out).map_err(|e| ImageError::build_io("create", out, e))?;
+        let mut unpacker = unpack::MemUnpacker::in_memory(
+            unpack::UnpackLimits::from_config(&self.inner.config, deadline),
+            &mut builder,
+        )
+        .overlay_format()
+        .shared_budget(budget.clone());
+        for layer in &session.layers[run.start..run.end] {
+            let f = std::fs::File::open(&layer.path)
+                .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
+            unpacker.apply_layer(
+                std::io::BufReader::with_capacity(256 * 1024, f),
+                layer.compression,
+                &layer.digest.short(),
+            )?;
+        }
+        let (tree, _, stats, _) = unpacker.finish_with_marks()?;
+        let unpack_time = t0.elapsed();
+        tracing::debug!(layer_disk = %run.key, ?stats, inodes = tree.inodes.len(), "layers streamed into the disk");
+        if let Some(p) = progress {
+            for i in run.start..run.end {
+                p.layer_unpacked(i);
+            }
+            p.advance(progress::Stage::Mkfs);
+        }
+        let size = builder
+            .finish(&tree, &rootfs::direct_params(seed, rootfs::DiskKind::Layer))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => ImageError::Tool {
+                    tool: "ext4 builder",
+                    what: format!("layer disk {}", run.key),
+                    cause: e.to_string(),
+                },
+                _ => ImageError::build_io("write", out, e),
+            })?;
+        Ok((size, unpack_time))
+    }
+
+    /// The `mkfs` builder: the run's layers are unpacked into a tree (in memory
+    /// staging first, on disk when they do not fit), then `mkfs.ext4 -d` builds
+    /// `out`. Returns the disk size, the unpack time and when the build began.
+    #[allow(clippy::too_many_arguments)]
+    fn build_with_mkfs(
+        &self,
+        session: &pull::Session,
+        run: &Run,
+        work: &TempPath,
+        tmp_disk: &Path,
+        seed: &Digest,
+        deadline: Instant,
+        budget: &Arc<unpack::SharedBudget>,
+        progress: Option<&progress::PullProgress>,
+        t0: Instant,
+    ) -> Result<(u64, Duration, Instant), ImageError> {
         // In memory first when staging is on; on disk when the layer does not fit.
         let mut attempts: Vec<(TempPath, Option<u64>)> = Vec::new();
         if let Some(st) = &self.inner.staging {
@@ -710,16 +819,10 @@ impl ImageService {
         if let Some(p) = progress {
             p.advance(progress::Stage::Mkfs);
         }
-        let tmp_disk = work.path().join("disk.ext4");
-        let seed = Digest::parse(&format!("sha256:{}", run.key)).map_err(|_| ImageError::Tool {
-            tool: "image build task",
-            what: format!("layer disk {}", run.key),
-            cause: "key is not a sha256 hex digest".into(),
-        })?;
         let size = rootfs::build_ext4(
             &tree,
-            &tmp_disk,
-            &seed,
+            tmp_disk,
+            seed,
             work.path(),
             deadline,
             rootfs::DiskKind::Layer,
@@ -727,27 +830,7 @@ impl ImageService {
         )?;
         // The tree is no longer needed; free its space (or memory) before the rename.
         drop(tree_dir);
-        let allocated = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&tmp_disk)
-                .map(|m| m.blocks() * 512)
-                .map_err(|e| ImageError::build_io("stat", &tmp_disk, e))?
-        };
-        let final_disk = paths.layer_disk(&run.key);
-        std::fs::rename(&tmp_disk, &final_disk)
-            .map_err(|e| ImageError::build_io("rename into", &final_disk, e))?;
-        store::fsync_dir(&paths.layers)
-            .map_err(|e| ImageError::build_io("fsync", &paths.layers, e))?;
-        let disk = LayerDisk {
-            key: run.key.clone(),
-            path: final_disk,
-            size_bytes: size,
-            allocated_bytes: allocated,
-        };
-        self.db().insert_layer(&disk)?;
-        self.inner.metrics.layer_builds.inc();
-        drop(work);
-        Ok((disk, unpack_time, t1.elapsed()))
+        Ok((size, unpack_time, t1))
     }
 
     /// Unpacks the layers of `run` into `tree` (created here) in overlay format; with
@@ -933,7 +1016,8 @@ struct Staging {
 impl Staging {
     /// Off when `staging_memory_bytes` is 0 or `staging_dir` is unusable (logged).
     fn open(config: &ImageConfig, data_dir: &Path) -> Option<Staging> {
-        if config.staging_memory_bytes == 0 {
+        // The direct builder writes no tree, so it needs no staging area.
+        if config.staging_memory_bytes == 0 || config.disk_builder == config::DiskBuilder::Direct {
             return None;
         }
         use sha2::Digest as _;
@@ -1109,6 +1193,7 @@ mod tests {
         // Staging is then off: open() falls back to unpacking on disk.
         let cfg = ImageConfig {
             staging_dir: tmp.path().to_path_buf(),
+            disk_builder: config::DiskBuilder::Mkfs,
             ..Default::default()
         };
         let data = tmp.path().join("data");

@@ -39,7 +39,7 @@ use super::unpack::OverlayMarks;
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Time stamped on everything the tools would otherwise take from the clock.
-const FAKE_TIME: i64 = 1;
+const FAKE_TIME: i64 = super::unpack::WHITEOUT_MTIME;
 
 const MIB: u64 = 1 << 20;
 /// Smallest flattened root disk (DESIGN §7).
@@ -132,9 +132,9 @@ pub enum DiskKind {
     Layer,
 }
 
-/// A 16-byte value derived from the digest and a purpose, formatted as a UUID
-/// (version 4 and variant bits set so tools accept it).
-pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
+/// A 16-byte value derived from the digest and a purpose, with the version 4 and
+/// variant bits of a UUID set so tools accept it.
+pub fn derived_bytes(digest: &Digest, purpose: &str) -> [u8; 16] {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     h.update(b"plfm-rootfs\0");
@@ -144,7 +144,12 @@ pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
     let mut b: [u8; 16] = h.finalize()[..16].try_into().unwrap_or([0; 16]);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let x = hex::encode(b);
+    b
+}
+
+/// [`derived_bytes`] formatted as a UUID.
+pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
+    let x = hex::encode(derived_bytes(digest, purpose));
     format!(
         "{}-{}-{}-{}-{}",
         &x[0..8],
@@ -153,6 +158,21 @@ pub fn derived_uuid(digest: &Digest, purpose: &str) -> String {
         &x[16..20],
         &x[20..32]
     )
+}
+
+/// The parameters of a layer disk built by [`super::ext4`]: the same UUID, hash
+/// seed, label and fixed time as the `mkfs.ext4` builds.
+pub fn direct_params(digest: &Digest, kind: DiskKind) -> super::ext4::Params {
+    super::ext4::Params {
+        uuid: derived_bytes(digest, "uuid"),
+        hash_seed: derived_bytes(digest, "hash_seed"),
+        label: "plfm-root".into(),
+        time: FAKE_TIME,
+        min_bytes: match kind {
+            DiskKind::Flat => MIN_DISK_BYTES,
+            DiskKind::Layer => MIN_LAYER_DISK_BYTES,
+        },
+    }
 }
 
 /// Builds `out` (created or truncated) from `tree`. Returns the disk size. Every
