@@ -831,7 +831,10 @@ fn xattr_entries(xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> io::Result<Vec<XattrEnt
 /// The VFS form of a POSIX ACL (version 2, 8-byte entries) in ext4's on-disk form
 /// (version 1; the owner, group, mask and other entries carry no id).
 fn acl_to_disk(v: &[u8]) -> io::Result<Vec<u8>> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != 2 {
+    if v.len() < 4
+        || !(v.len() - 4).is_multiple_of(8)
+        || u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != 2
+    {
         return Err(bad("malformed POSIX ACL xattr"));
     }
     let mut out = 1u32.to_le_bytes().to_vec();
