@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use image_support::*;
+use plfm_node_agent::image::config::DiskBuilder;
 use plfm_node_agent::image::testtar::{Layer, TarEntry};
 use plfm_node_agent::image::{merge_process, ImageError, ImageService};
 use plfm_node_agent::instance::ReasonCode;
@@ -56,6 +57,24 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
     if !prerequisites("busybox_image_becomes_an_ext4_disk_with_the_expected_tree") {
         return;
     }
+    busybox_case(DiskBuilder::Direct);
+}
+
+#[test]
+fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree_with_mkfs() {
+    if !prerequisites("busybox_image_becomes_an_ext4_disk_with_the_expected_tree_with_mkfs") {
+        return;
+    }
+    busybox_case(DiskBuilder::Mkfs);
+}
+
+fn config_for(reg: &Registry, builder: DiskBuilder) -> plfm_node_agent::image::ImageConfig {
+    let mut c = reg.image_config();
+    c.disk_builder = builder;
+    c
+}
+
+fn busybox_case(builder: DiskBuilder) {
     let rt = rt();
     let reg = Registry::start();
     let config = config_json(
@@ -65,7 +84,7 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
     );
     let image = rt.block_on(reg.push("busybox", &busybox_layers(), &config));
     let data = tempfile::tempdir().unwrap();
-    let svc = ImageService::open(data.path(), reg.image_config()).unwrap();
+    let svc = ImageService::open(data.path(), config_for(&reg, builder)).unwrap();
     let disk = rt.block_on(svc.ensure_root_disk(&image, "inst-1")).unwrap();
 
     assert!(disk.path.starts_with(data.path().join("images")));
@@ -92,7 +111,8 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
             "e2fsck: {}",
             String::from_utf8_lossy(&fsck.stdout)
         );
-        // With metadata checksums (added after mkfs, see rootfs.rs).
+        // The mkfs builder adds metadata checksums (after mkfs, see rootfs.rs); the
+        // direct one writes none and keeps no backup superblocks (see ext4.rs).
         let header = std::process::Command::new("dumpe2fs")
             .arg("-h")
             .arg(l)
@@ -103,7 +123,13 @@ fn busybox_image_becomes_an_ext4_disk_with_the_expected_tree() {
             .lines()
             .find(|l| l.starts_with("Filesystem features:"))
             .unwrap_or("");
-        assert!(features.contains("metadata_csum"), "{features}");
+        match builder {
+            DiskBuilder::Mkfs => assert!(features.contains("metadata_csum"), "{features}"),
+            DiskBuilder::Direct => assert!(
+                features.contains("sparse_super2") && !features.contains("metadata_csum"),
+                "{features}"
+            ),
+        }
     }
 
     // The top layer keeps its whiteout and opaque marker for the overlay.
@@ -206,7 +232,8 @@ fn the_same_digest_yields_a_byte_identical_disk() {
         &config_json(&[], &["sh"], &[]),
     ));
     let a = tempfile::tempdir().unwrap();
-    let svc_a = ImageService::open(a.path(), reg.image_config()).unwrap();
+    // The mkfs builder: the one that unpacks into a tree on the host.
+    let svc_a = ImageService::open(a.path(), config_for(&reg, DiskBuilder::Mkfs)).unwrap();
     let disk_a = rt.block_on(svc_a.ensure_root_disk(&image, "x")).unwrap();
     assert_eq!(
         svc_a.metrics().staging_fallbacks.get(),
@@ -228,7 +255,7 @@ fn the_same_digest_yields_a_byte_identical_disk() {
     // The second build's memory staging is too small for any layer, so each is
     // unpacked on disk after all: where a layer is unpacked must not change the disk.
     let b = tempfile::tempdir().unwrap();
-    let mut on_disk = reg.image_config();
+    let mut on_disk = config_for(&reg, DiskBuilder::Mkfs);
     on_disk.staging_memory_bytes = 2;
     let svc_b = ImageService::open(b.path(), on_disk).unwrap();
     let disk_b = rt.block_on(svc_b.ensure_root_disk(&image, "x")).unwrap();
@@ -253,6 +280,94 @@ fn the_same_digest_yields_a_byte_identical_disk() {
         );
         assert_ne!(la, lb);
     }
+}
+
+/// Every path of the merged layers with its mode, owner, mtime and content (or
+/// link target), read back with `debugfs`.
+fn listing(layers: &[std::path::PathBuf]) -> Vec<String> {
+    let t = merged(layers);
+    tree(t.path())
+        .into_iter()
+        .filter(|p| p != "lost+found")
+        .map(|p| {
+            let abs = t.path().join(&p);
+            let what = match std::fs::symlink_metadata(&abs) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    format!("-> {:?}", std::fs::read_link(&abs).unwrap())
+                }
+                Ok(m) if m.is_file() => {
+                    format!("{} bytes {:x}", m.len(), crc(&std::fs::read(&abs).unwrap()))
+                }
+                Ok(m) => format!("{:?}", m.file_type()),
+                Err(e) => format!("{e}"),
+            };
+            let top = layers
+                .iter()
+                .rev()
+                .find(|d| !debugfs(d, &format!("stat \"/{p}\"")).is_empty())
+                .unwrap();
+            let st = debugfs(top, &format!("stat \"/{p}\""));
+            let mtime = st
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("mtime:"))
+                .unwrap_or("")
+                .to_string();
+            format!(
+                "{p} {:?} {what} mtime{mtime}",
+                stat_in(layers, &format!("/{p}"))
+            )
+        })
+        .collect()
+}
+
+fn crc(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+#[test]
+fn the_direct_builder_is_deterministic_and_gives_the_tree_mkfs_gives() {
+    if !prerequisites("the_direct_builder_is_deterministic_and_gives_the_tree_mkfs_gives") {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    let image = rt.block_on(reg.push(
+        "busybox",
+        &busybox_layers(),
+        &config_json(&[], &["sh"], &[]),
+    ));
+    let build = |builder| {
+        let d = tempfile::tempdir().unwrap();
+        let svc = ImageService::open(d.path(), config_for(&reg, builder)).unwrap();
+        let disk = rt.block_on(svc.ensure_root_disk(&image, "x")).unwrap();
+        (d, disk)
+    };
+    let (_a, direct_a) = build(DiskBuilder::Direct);
+    let (_b, direct_b) = build(DiskBuilder::Direct);
+    let (_c, mkfs) = build(DiskBuilder::Mkfs);
+    for (la, lb) in direct_a.layers.iter().zip(&direct_b.layers) {
+        let same = std::process::Command::new("cmp")
+            .arg("-s")
+            .arg(la)
+            .arg(lb)
+            .status()
+            .unwrap();
+        assert!(same.success(), "direct layer disks of one digest differ");
+    }
+    // Layer by layer (so whiteouts and opaque marks count too) and merged.
+    for (d, m) in direct_a.layers.iter().zip(&mkfs.layers) {
+        assert_eq!(overlay_marks(d), overlay_marks(m));
+        assert_eq!(
+            listing(std::slice::from_ref(d)),
+            listing(std::slice::from_ref(m))
+        );
+    }
+    let l = listing(&direct_a.layers);
+    assert!(l.iter().any(|e| e.starts_with("bin/busybox ")), "{l:?}");
+    assert_eq!(l, listing(&mkfs.layers));
 }
 
 #[test]
