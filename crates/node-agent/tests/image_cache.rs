@@ -165,12 +165,18 @@ fn tmp_entries(data: &Path, kind: &str) -> Vec<String> {
 
 /// Starts `plfm-node-agent image pull` (the operator's pull, a process of its own) on
 /// the cache under `data` and SIGKILLs it as soon as `cond` holds.
-fn kill_pull_when(data: &Path, image: &ImageRef, what: &str, cond: impl Fn() -> bool) {
+fn kill_pull_when(
+    data: &Path,
+    image: &ImageRef,
+    keep_blobs: bool,
+    what: &str,
+    cond: impl Fn() -> bool,
+) {
     let config = data.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "node_id = \"n1\"\ndata_dir = {:?}\n[control_plane]\nmode = \"standalone\"\ndesired_dir = \"desired\"\n[runtime]\nkind = \"mock\"\n",
+            "node_id = \"n1\"\ndata_dir = {:?}\n[control_plane]\nmode = \"standalone\"\ndesired_dir = \"desired\"\n[runtime]\nkind = \"mock\"\n[images]\nkeep_blobs = {keep_blobs}\n",
             data.display().to_string()
         ),
     )
@@ -219,16 +225,22 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     let image = rt.block_on(reg.push("big", &[(layer, TAR)], &config_json(&[], &["x"], &[])));
     let data = tempfile::tempdir().unwrap();
     let d = data.path();
+    // Blobs stored (`keep_blobs`): the layer downloads into tmp/, then its disk is
+    // built from the stored blob.
+    let keep = ImageConfig {
+        keep_blobs: true,
+        ..Default::default()
+    };
 
-    // 1. Killed while the layer is streaming into tmp/.
-    kill_pull_when(d, &image, "a partial blob in tmp/", || {
+    // 1. Killed while the layer is downloading into tmp/.
+    kill_pull_when(d, &image, true, "a partial blob in tmp/", || {
         !tmp_entries(d, ".blob-").is_empty()
     });
     assert!(
         !tmp_entries(d, ".blob-").is_empty(),
         "the partial blob should still be there before restart"
     );
-    let svc = ImageService::open(d, ImageConfig::default()).unwrap();
+    let svc = ImageService::open(d, keep.clone()).unwrap();
     assert!(
         names(&d.join("images/tmp")).is_empty(),
         "start-up left {:?}",
@@ -238,10 +250,10 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     drop(svc);
 
     // 2. Killed while unpacking/building in tmp/.
-    kill_pull_when(d, &image, "a build directory in tmp/", || {
+    kill_pull_when(d, &image, true, "a build directory in tmp/", || {
         !tmp_entries(d, ".build-").is_empty()
     });
-    let svc = ImageService::open(d, ImageConfig::default()).unwrap();
+    let svc = ImageService::open(d, keep.clone()).unwrap();
     assert!(
         names(&d.join("images/tmp")).is_empty(),
         "start-up left {:?}",
@@ -259,6 +271,28 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     let disk = rt.block_on(svc.ensure_root_disk(&image, "inst")).unwrap();
     assert!(disk.path.is_file());
     assert_eq!(reg.gets(&format!("/blobs/{blob_digest}")), gets_before);
+    assert!(names(&d.join("images/tmp")).is_empty());
+
+    // 4. Blobs not kept (the default): the layer streams from the registry into its
+    // disk and no blob is stored. Killed mid-stream, the next start removes the
+    // half-built disk and builds it again from a new download.
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    kill_pull_when(d, &image, false, "a disk streaming in tmp/", || {
+        !tmp_entries(d, ".build-").is_empty()
+    });
+    assert!(
+        tmp_entries(d, ".blob-").is_empty(),
+        "a streamed layer is not stored as a blob"
+    );
+    let svc = ImageService::open(d, ImageConfig::default()).unwrap();
+    assert!(names(&d.join("images/tmp")).is_empty());
+    assert!(svc.list().unwrap().is_empty());
+    let gets_before = reg.gets(&format!("/blobs/{blob_digest}"));
+    let disk = rt.block_on(svc.ensure_root_disk(&image, "inst")).unwrap();
+    assert!(disk.path.is_file());
+    assert_eq!(reg.gets(&format!("/blobs/{blob_digest}")), gets_before + 1);
+    assert!(names(&d.join("images/blobs/sha256")).is_empty());
     assert!(names(&d.join("images/tmp")).is_empty());
 }
 

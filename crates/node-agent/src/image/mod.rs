@@ -414,8 +414,11 @@ impl ImageService {
         let mut flat = false;
         let (layers, mut timings, run_locks) = loop {
             let runs = plan_runs(&session.layers, flat);
+            // The runs stop at the deadline themselves (downloads are cut, unpacking
+            // checks it per entry) and wait for their builds to end, so nothing is
+            // left behind in `tmp/`; this bound is only the backstop.
             let r = tokio::time::timeout_at(
-                deadline.into(),
+                (deadline + RUNS_GRACE).into(),
                 self.build_runs(&session, &runs, deadline, progress.clone(), t0),
             )
             .await
@@ -563,21 +566,35 @@ impl ImageService {
                     (self.clone(), session.clone(), cpu.clone(), budget.clone());
                 let (run, progress, pulled_at) = (r.clone(), progress.clone(), pulled_at.clone());
                 async move {
+                    // One layer whose blob is not stored, built by the direct builder,
+                    // and not to be kept: it streams from the registry into its disk.
+                    let streamed = svc.inner.config.disk_builder == config::DiskBuilder::Direct
+                        && !svc.inner.config.keep_blobs
+                        && run.end == run.start + 1
+                        && !session.layers[run.start].path.is_file();
+                    if streamed {
+                        return svc
+                            .stream_run(session, run, deadline, budget, progress, pulled_at)
+                            .await;
+                    }
                     let mut mask = vec![false; session.layers.len()];
                     mask[run.start..run.end].iter_mut().for_each(|w| *w = true);
                     let dirs = pull::PullDirs {
                         blobs: &svc.inner.paths.blobs,
                         tmp: &svc.inner.paths.tmp,
                     };
-                    let n = session
-                        .download(
+                    let n = tokio::time::timeout_at(
+                        deadline.into(),
+                        session.download(
                             &svc.inner.config,
                             &mask,
                             dirs,
                             &svc.inner.metrics,
                             progress.as_deref(),
-                        )
-                        .await?;
+                        ),
+                    )
+                    .await
+                    .map_err(|_| svc.deadline_passed(&run))??;
                     {
                         let mut at = pulled_at.lock().unwrap_or_else(|p| p.into_inner());
                         *at = (*at).max(Instant::now());
@@ -589,7 +606,7 @@ impl ImageService {
                     })?;
                     let key = run.key.clone();
                     let built = tokio::task::spawn_blocking(move || {
-                        svc.build_run(&session, &run, deadline, &budget, progress.as_deref())
+                        svc.build_run(&session, &run, deadline, &budget, progress.as_deref(), None)
                     })
                     .await
                     .map_err(|e| ImageError::Tool {
@@ -639,6 +656,70 @@ impl ImageService {
         Ok((out, timings, locks))
     }
 
+    /// The error of a run stopped by the image's deadline.
+    fn deadline_passed(&self, run: &Run) -> ImageError {
+        ImageError::LimitExceeded {
+            what: format!("layer disk {}", &run.key[..run.key.len().min(12)]),
+            limit: "image_timeout_secs",
+            detail: format!(
+                "not ready within {} s",
+                self.inner.config.image_timeout_secs
+            ),
+        }
+    }
+
+    /// Builds the disk of a one-layer run while its layer downloads: the bytes go
+    /// from the registry through a bounded channel into the decoding thread and the
+    /// disk, and no blob is stored. The download verifies the digest as the bytes
+    /// pass; the build commits its disk only after the download said the layer was
+    /// whole and matched, and a failed download is the error reported (the build's
+    /// own failure then only follows from the broken stream).
+    async fn stream_run(
+        &self,
+        session: Arc<pull::Session>,
+        run: Run,
+        deadline: Instant,
+        budget: Arc<unpack::SharedBudget>,
+        progress: Option<Arc<progress::PullProgress>>,
+        pulled_at: Arc<Mutex<Instant>>,
+    ) -> Result<((LayerDisk, Duration, Duration), u64), ImageError> {
+        let (tee, blob) = pull::stream_channel();
+        let (verified_tx, verified_rx) = std::sync::mpsc::sync_channel::<bool>(1);
+        let stream = Streamed {
+            blob,
+            verified: verified_rx,
+        };
+        let (svc, s2, r2, p2) = (self.clone(), session.clone(), run.clone(), progress.clone());
+        let build = tokio::task::spawn_blocking(move || {
+            svc.build_run(&s2, &r2, deadline, &budget, p2.as_deref(), Some(stream))
+        });
+        let downloaded = tokio::time::timeout_at(
+            deadline.into(),
+            session.stream_layer(
+                &self.inner.config,
+                run.start,
+                &self.inner.paths.tmp,
+                &self.inner.metrics,
+                progress.as_deref(),
+                tee,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(self.deadline_passed(&run)));
+        let _ = verified_tx.send(downloaded.is_ok());
+        {
+            let mut at = pulled_at.lock().unwrap_or_else(|p| p.into_inner());
+            *at = (*at).max(Instant::now());
+        }
+        let built = build.await.map_err(|e| ImageError::Tool {
+            tool: "image build task",
+            what: format!("layer disk {}", run.key),
+            cause: e.to_string(),
+        });
+        let n = downloaded?;
+        Ok((built??, n))
+    }
+
     /// Unpacks one run of layers in overlay format and builds its disk; runs on a
     /// blocking thread with the run's lock held. Returns the disk and the time spent
     /// unpacking and building.
@@ -649,6 +730,7 @@ impl ImageService {
         deadline: Instant,
         budget: &Arc<unpack::SharedBudget>,
         progress: Option<&progress::PullProgress>,
+        stream: Option<Streamed>,
     ) -> Result<(LayerDisk, Duration, Duration), ImageError> {
         if let Some(p) = progress {
             p.advance(progress::Stage::Unpacking);
@@ -670,8 +752,9 @@ impl ImageService {
         let tmp_disk = work.path().join("disk.ext4");
         let (size, unpack_time, t1) = match self.inner.config.disk_builder {
             config::DiskBuilder::Direct => {
-                let (size, unpack_time) =
-                    self.build_direct(session, run, &tmp_disk, &seed, deadline, budget, progress)?;
+                let (size, unpack_time) = self.build_direct(
+                    session, run, &tmp_disk, &seed, deadline, budget, progress, stream,
+                )?;
                 (size, unpack_time, Instant::now())
             }
             config::DiskBuilder::Mkfs => self.build_with_mkfs(
@@ -714,8 +797,13 @@ impl ImageService {
         deadline: Instant,
         budget: &Arc<unpack::SharedBudget>,
         progress: Option<&progress::PullProgress>,
+        stream: Option<Streamed>,
     ) -> Result<(u64, Duration), ImageError> {
         let t0 = Instant::now();
+        let (mut streamed_blob, verified) = match stream {
+            Some(s) => (Some(s.blob), Some(s.verified)),
+            None => (None, None),
+        };
         let mut builder =
             ext4::Ext4Builder::create(out).map_err(|e| ImageError::build_io("create", out, e))?;
         let mut unpacker = unpack::MemUnpacker::in_memory(
@@ -725,21 +813,28 @@ impl ImageService {
         .overlay_format()
         .shared_budget(budget.clone());
         for layer in &session.layers[run.start..run.end] {
-            let f = std::fs::File::open(&layer.path)
-                .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
-            unpacker.apply_layer(
-                std::io::BufReader::with_capacity(256 * 1024, f),
-                layer.compression,
-                &layer.digest.short(),
-            )?;
+            let source: Box<dyn std::io::Read + Send> = match streamed_blob.take() {
+                Some(blob) => Box::new(blob),
+                None => {
+                    let f = std::fs::File::open(&layer.path)
+                        .map_err(|e| ImageError::build_io("open", &layer.path, e))?;
+                    Box::new(std::io::BufReader::with_capacity(256 * 1024, f))
+                }
+            };
+            let tar = layer
+                .compression
+                .decoder_thread(source)
+                .map_err(|e| ImageError::Tool {
+                    tool: "image build task",
+                    what: format!("layer {}", layer.digest.short()),
+                    cause: format!("cannot start its decoding thread: {e}"),
+                })?;
+            unpacker.apply_layer(tar, unpack::Compression::None, &layer.digest.short())?;
         }
         let (tree, _, stats, _) = unpacker.finish_with_marks()?;
         let unpack_time = t0.elapsed();
         tracing::debug!(layer_disk = %run.key, ?stats, inodes = tree.inodes.len(), "layers streamed into the disk");
         if let Some(p) = progress {
-            for i in run.start..run.end {
-                p.layer_unpacked(i);
-            }
             p.advance(progress::Stage::Mkfs);
         }
         let size = builder
@@ -752,6 +847,22 @@ impl ImageService {
                 },
                 _ => ImageError::build_io("write", out, e),
             })?;
+        if let Some(verified) = verified {
+            // Nothing is committed from bytes the download has not vouched for.
+            if verified.recv() != Ok(true) {
+                return Err(ImageError::Tool {
+                    tool: "image build task",
+                    what: format!("layer disk {}", run.key),
+                    cause: "the layer's download failed".into(),
+                });
+            }
+        }
+        // After the verdict: a streamed layer is unpacked only once it is known whole.
+        if let Some(p) = progress {
+            for i in run.start..run.end {
+                p.layer_unpacked(i);
+            }
+        }
         Ok((size, unpack_time))
     }
 
@@ -1074,6 +1185,17 @@ struct Run {
     start: usize,
     end: usize,
     key: String,
+}
+
+/// How long past the image's deadline its runs may take to stop and clean up.
+const RUNS_GRACE: Duration = Duration::from_secs(5);
+
+/// A layer arriving from the registry while its disk is built (see
+/// [`ImageService::stream_run`]).
+struct Streamed {
+    blob: pull::StreamedBlob,
+    /// The download's verdict: true once the whole layer arrived and matched.
+    verified: std::sync::mpsc::Receiver<bool>,
 }
 
 /// The layer disks of an image with these layers: one per layer, the bottom ones

@@ -306,7 +306,16 @@ impl Session {
                         }
                     };
                     let job = download_blob(
-                        &client, &reference, &desc, &digest, &path, &tmp, &repo, &metrics, &counted,
+                        &client,
+                        &reference,
+                        &desc,
+                        &digest,
+                        Some(&path),
+                        &tmp,
+                        &repo,
+                        &metrics,
+                        &counted,
+                        None,
                     );
                     match tokio::time::timeout(timeout, job).await {
                         Ok(r) => {
@@ -331,6 +340,68 @@ impl Session {
             .await?;
         fsync_dir(dirs.blobs).map_err(|e| ImageError::pull_io("fsync", dirs.blobs, e))?;
         Ok(downloaded)
+    }
+
+    /// Downloads layer `index` without storing it: each verified-so-far chunk goes
+    /// to `tee` as it arrives, for a build that unpacks while the layer downloads.
+    /// The bytes are trusted only once this returns `Ok`: on any failure (digest,
+    /// size, transfer, `layer_timeout_secs`) the reader gets an error instead of the
+    /// end of the stream, and the caller discards what was built from them.
+    pub async fn stream_layer(
+        &self,
+        config: &ImageConfig,
+        index: usize,
+        tmp_dir: &Path,
+        metrics: &ImageMetrics,
+        progress: Option<&super::progress::PullProgress>,
+        tee: Tee,
+    ) -> Result<u64, ImageError> {
+        let (Some(layer), Some(desc)) = (self.layers.get(index), self.descs.get(index)) else {
+            return Err(ImageError::Tool {
+                tool: "image build task",
+                what: format!("layer {index}"),
+                cause: "no such layer in the manifest".into(),
+            });
+        };
+        let counted = |n: u64| {
+            if let Some(p) = progress {
+                p.received(index, n);
+            }
+        };
+        let job = download_blob(
+            &self.client,
+            &self.reference,
+            desc,
+            &layer.digest,
+            None,
+            tmp_dir,
+            &self.repo,
+            metrics,
+            &counted,
+            Some(&tee),
+        );
+        let timeout = config.layer_timeout();
+        let r = match tokio::time::timeout(timeout, job).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = ImageError::LimitExceeded {
+                    what: format!("blob {} from {}", layer.digest.short(), self.repo),
+                    limit: "layer_timeout_secs",
+                    detail: format!("not downloaded within {} s", timeout.as_secs()),
+                };
+                let _ = tee
+                    .send(Err(std::io::Error::other(format!("download failed: {e}"))))
+                    .await;
+                Err(e)
+            }
+        };
+        if r.is_ok() {
+            metrics.layer_downloads.inc();
+            if let Some(p) = progress {
+                p.layer_done(index, false);
+            }
+        }
+        r
     }
 
     /// Shows every layer of the image in `progress`; those not `wanted` (their layer
@@ -533,11 +604,80 @@ async fn download_blob(
     reference: &Reference,
     desc: &OciDescriptor,
     digest: &Digest,
-    dest: &Path,
+    dest: Option<&Path>,
     tmp_dir: &Path,
     repo: &str,
     metrics: &ImageMetrics,
     received: &(dyn Fn(u64) + Sync),
+    tee: Option<&Tee>,
+) -> Result<u64, ImageError> {
+    let r = download_blob_inner(
+        client, reference, desc, digest, dest, tmp_dir, repo, metrics, received, tee,
+    )
+    .await;
+    if let (Some(tee), Err(e)) = (tee, &r) {
+        // The reader learns that the bytes it had are not to be trusted.
+        let _ = tee
+            .send(Err(std::io::Error::other(format!("download failed: {e}"))))
+            .await;
+    }
+    r
+}
+
+/// Where a streamed layer's bytes go as they arrive (see [`Session::stream_layer`]).
+pub type Tee = tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>;
+
+/// Chunks of a streamed layer that may wait for the build (each is what one read
+/// of the HTTP body gave, usually 8 to 64 KiB).
+pub const STREAM_AHEAD: usize = 16;
+
+/// The build's end of a streamed layer: a blocking reader over the chunks
+/// [`Session::stream_layer`] sends. For a thread outside the async runtime only.
+#[derive(Debug)]
+pub struct StreamedBlob {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    cur: bytes::Bytes,
+}
+
+/// A connected tee and reader.
+pub fn stream_channel() -> (Tee, StreamedBlob) {
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+    (
+        tx,
+        StreamedBlob {
+            rx,
+            cur: bytes::Bytes::new(),
+        },
+    )
+}
+
+impl std::io::Read for StreamedBlob {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn download_blob_inner(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    digest: &Digest,
+    dest: Option<&Path>,
+    tmp_dir: &Path,
+    repo: &str,
+    metrics: &ImageMetrics,
+    received: &(dyn Fn(u64) + Sync),
+    tee: Option<&Tee>,
 ) -> Result<u64, ImageError> {
     let what = format!("blob {}", digest.short());
     let expected = desc.size.max(0) as u64;
@@ -562,10 +702,18 @@ async fn download_blob(
     }
     let tmp =
         TempPath::new(tmp_dir.join(format!("{}.blob-{}", digest.hex(), super::store::unique())));
-    let file = tokio::fs::File::create(tmp.path())
-        .await
-        .map_err(|e| ImageError::pull_io("create", tmp.path(), e))?;
-    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    // No file when the bytes only stream into a build (`dest` is `None`).
+    let mut out = match dest {
+        Some(_) => {
+            let file = tokio::fs::File::create(tmp.path())
+                .await
+                .map_err(|e| ImageError::pull_io("create", tmp.path(), e))?;
+            Some(tokio::io::BufWriter::with_capacity(256 * 1024, file))
+        }
+        None => None,
+    };
+    // Once the build stops reading (it refused the layer), bytes are no longer sent.
+    let mut tee = tee;
     let mut hasher = sha2::Sha256::new();
     let mut n: u64 = 0;
     let mut stream_error = None;
@@ -584,9 +732,16 @@ async fn download_blob(
                 hasher.update(&c);
                 metrics.pull_bytes.inc_by(c.len() as u64);
                 received(c.len() as u64);
-                out.write_all(&c)
-                    .await
-                    .map_err(|e| ImageError::pull_io("write", tmp.path(), e))?;
+                if let Some(out) = &mut out {
+                    out.write_all(&c)
+                        .await
+                        .map_err(|e| ImageError::pull_io("write", tmp.path(), e))?;
+                }
+                if let Some(t) = tee {
+                    if t.send(Ok(c)).await.is_err() {
+                        tee = None;
+                    }
+                }
             }
             Err(e) => {
                 stream_error = Some(e);
@@ -621,6 +776,9 @@ async fn download_blob(
             transient: true,
         });
     }
+    let (Some(mut out), Some(dest)) = (out, dest) else {
+        return Ok(n);
+    };
     out.flush()
         .await
         .map_err(|e| ImageError::pull_io("write", tmp.path(), e))?;

@@ -123,6 +123,105 @@ impl Compression {
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
         })
     }
+
+    /// Decodes `r` on a thread of its own and returns the plain tar stream: the
+    /// layer's decompression runs on one core while its entries are applied on
+    /// another. At most [`DECODED_AHEAD`] chunks of [`DECODED_CHUNK`] bytes wait
+    /// between the two, so memory stays bounded; when the reader is dropped early
+    /// (the layer was refused) the thread stops at its next chunk. A decoding error
+    /// reaches the reader as the stream's error.
+    pub fn decoder_thread<R: Read + Send + 'static>(self, r: R) -> io::Result<DecodedStream> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECODED_AHEAD);
+        let thread = std::thread::Builder::new()
+            .name("layer-decode".into())
+            .spawn(move || {
+                let mut d = match self.decoder(r) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                loop {
+                    let mut chunk = vec![0u8; DECODED_CHUNK];
+                    let mut filled = 0;
+                    // Fill whole chunks: decoders return small reads.
+                    let end = loop {
+                        match d.read(&mut chunk[filled..]) {
+                            Ok(0) => break true,
+                            Ok(n) => {
+                                filled += n;
+                                if filled == chunk.len() {
+                                    break false;
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    };
+                    chunk.truncate(filled);
+                    if (!chunk.is_empty() && tx.send(Ok(chunk)).is_err()) || end {
+                        return;
+                    }
+                }
+            })?;
+        Ok(DecodedStream {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Bytes per chunk handed from a decoding thread to its reader.
+pub const DECODED_CHUNK: usize = 256 * 1024;
+/// Chunks a decoding thread may run ahead of its reader.
+pub const DECODED_AHEAD: usize = 8;
+
+/// The reading end of [`Compression::decoder_thread`].
+/// Dropping it ends the thread before returning.
+#[derive(Debug)]
+pub struct DecodedStream {
+    rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DecodedStream {
+    fn drop(&mut self) {
+        // Closing the channel first fails the thread's next send, so it returns
+        // after at most one more chunk.
+        self.rx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Read for DecodedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            let Some(rx) = &self.rx else { return Ok(0) };
+            match rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.cur = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The thread ended after the last chunk.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// What an entry path means once validated.
@@ -2681,6 +2780,48 @@ mod tests {
         let mut u = MemUnpacker::in_memory(UnpackLimits::new(1000), MemSink::default());
         let err = u.apply_layer(&l[..], Compression::None, "#0").unwrap_err();
         assert!(err.to_string().contains("max_unpacked_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_decoding_thread_gives_the_same_bytes_and_its_errors_and_stops_when_dropped() {
+        use std::io::Write;
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&body).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut out = Vec::new();
+        Compression::Gzip
+            .decoder_thread(io::Cursor::new(gz.clone()))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == body, "decoded bytes differ");
+        let zst = zstd::encode_all(&body[..], 1).unwrap();
+        let mut out = Vec::new();
+        Compression::Zstd
+            .decoder_thread(io::Cursor::new(zst))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == body, "decoded zstd bytes differ");
+        let mut broken = gz.clone();
+        let mid = broken.len() / 2;
+        broken[mid..mid + 64].fill(0xff);
+        let mut out = Vec::new();
+        let err = Compression::Gzip
+            .decoder_thread(io::Cursor::new(broken))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        // Dropped after one read, with the thread blocked on a full channel:
+        // dropping joins the thread, so this returns only if the thread ended.
+        let mut s = Compression::Gzip
+            .decoder_thread(io::Cursor::new(gz))
+            .unwrap();
+        let mut one = [0u8; 10];
+        s.read_exact(&mut one).unwrap();
+        drop(s);
     }
 
     #[test]
