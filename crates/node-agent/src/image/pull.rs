@@ -629,7 +629,7 @@ pub type Tee = tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>;
 
 /// Chunks of a streamed layer that may wait for the build (each is what one read
 /// of the HTTP body gave, usually 8 to 64 KiB).
-pub const STREAM_AHEAD: usize = 16;
+pub const STREAM_AHEAD: usize = 8;
 
 /// The build's end of a streamed layer: a blocking reader over the chunks
 /// [`Session::stream_layer`] sends. For a thread outside the async runtime only.

@@ -178,9 +178,9 @@ impl Compression {
 }
 
 /// Bytes per chunk handed from a decoding thread to its reader.
-pub const DECODED_CHUNK: usize = 256 * 1024;
+pub const DECODED_CHUNK: usize = 128 * 1024;
 /// Chunks a decoding thread may run ahead of its reader.
-pub const DECODED_AHEAD: usize = 8;
+pub const DECODED_AHEAD: usize = 4;
 
 /// The reading end of [`Compression::decoder_thread`].
 /// Dropping it ends the thread before returning.
