@@ -44,6 +44,17 @@ fn busybox_layers() -> Vec<(Vec<u8>, &'static str)> {
     vec![(base, GZIP), (top, ZSTD)]
 }
 
+/// A registry serving the busybox image (entrypoint-less, `cmd = ["sh"]`).
+fn busybox_registry(rt: &tokio::runtime::Runtime) -> (Registry, plfm_node_agent::image::ImageRef) {
+    let reg = Registry::start();
+    let image = rt.block_on(reg.push(
+        "busybox",
+        &busybox_layers(),
+        &config_json(&[], &["sh"], &[]),
+    ));
+    (reg, image)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -225,12 +236,7 @@ fn the_same_digest_yields_a_byte_identical_disk() {
         return;
     }
     let rt = rt();
-    let reg = Registry::start();
-    let image = rt.block_on(reg.push(
-        "busybox",
-        &busybox_layers(),
-        &config_json(&[], &["sh"], &[]),
-    ));
+    let (reg, image) = busybox_registry(&rt);
     let a = tempfile::tempdir().unwrap();
     // The mkfs builder: the one that unpacks into a tree on the host.
     let svc_a = ImageService::open(a.path(), config_for(&reg, DiskBuilder::Mkfs)).unwrap();
@@ -333,12 +339,7 @@ fn the_direct_builder_is_deterministic_and_gives_the_tree_mkfs_gives() {
         return;
     }
     let rt = rt();
-    let reg = Registry::start();
-    let image = rt.block_on(reg.push(
-        "busybox",
-        &busybox_layers(),
-        &config_json(&[], &["sh"], &[]),
-    ));
+    let (reg, image) = busybox_registry(&rt);
     let build = |builder| {
         let d = tempfile::tempdir().unwrap();
         let svc = ImageService::open(d.path(), config_for(&reg, builder)).unwrap();

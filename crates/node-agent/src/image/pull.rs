@@ -381,20 +381,21 @@ impl Session {
             Some(&tee),
         );
         let timeout = config.layer_timeout();
-        let r = match tokio::time::timeout(timeout, job).await {
-            Ok(r) => r,
-            Err(_) => {
-                let e = ImageError::LimitExceeded {
+        let r = tokio::time::timeout(timeout, job)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ImageError::LimitExceeded {
                     what: format!("blob {} from {}", layer.digest.short(), self.repo),
                     limit: "layer_timeout_secs",
                     detail: format!("not downloaded within {} s", timeout.as_secs()),
-                };
-                let _ = tee
-                    .send(Err(std::io::Error::other(format!("download failed: {e}"))))
-                    .await;
-                Err(e)
-            }
-        };
+                })
+            });
+        if let Err(e) = &r {
+            // The reader learns that the bytes it had are not to be trusted.
+            let _ = tee
+                .send(Err(std::io::Error::other(format!("download failed: {e}"))))
+                .await;
+        }
         if r.is_ok() {
             metrics.layer_downloads.inc();
             if let Some(p) = progress {
@@ -598,32 +599,6 @@ async fn fetch_small(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn download_blob(
-    client: &Client,
-    reference: &Reference,
-    desc: &OciDescriptor,
-    digest: &Digest,
-    dest: Option<&Path>,
-    tmp_dir: &Path,
-    repo: &str,
-    metrics: &ImageMetrics,
-    received: &(dyn Fn(u64) + Sync),
-    tee: Option<&Tee>,
-) -> Result<u64, ImageError> {
-    let r = download_blob_inner(
-        client, reference, desc, digest, dest, tmp_dir, repo, metrics, received, tee,
-    )
-    .await;
-    if let (Some(tee), Err(e)) = (tee, &r) {
-        // The reader learns that the bytes it had are not to be trusted.
-        let _ = tee
-            .send(Err(std::io::Error::other(format!("download failed: {e}"))))
-            .await;
-    }
-    r
-}
-
 /// Where a streamed layer's bytes go as they arrive (see [`Session::stream_layer`]).
 pub type Tee = tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>;
 
@@ -666,8 +641,10 @@ impl std::io::Read for StreamedBlob {
     }
 }
 
+/// Downloads one layer blob, hashing it as it arrives; into `dest` (through a temp
+/// file, fsynced) when given, and chunk by chunk into `tee` when given.
 #[allow(clippy::too_many_arguments)]
-async fn download_blob_inner(
+async fn download_blob(
     client: &Client,
     reference: &Reference,
     desc: &OciDescriptor,
