@@ -291,7 +291,15 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     let gets_before = reg.gets(&format!("/blobs/{blob_digest}"));
     let disk = rt.block_on(svc.ensure_root_disk(&image, "inst")).unwrap();
     assert!(disk.path.is_file());
-    assert_eq!(reg.gets(&format!("/blobs/{blob_digest}")), gets_before + 1);
+    // The registry logs a request once it has sent the response, which can be just
+    // after the client has read it all.
+    let path = format!("/blobs/{blob_digest}");
+    wait_for(
+        "the registry to log the layer's GET",
+        Duration::from_secs(10),
+        || reg.gets(&path) > gets_before,
+    );
+    assert_eq!(reg.gets(&path), gets_before + 1, "downloaded once again");
     assert!(names(&d.join("images/blobs/sha256")).is_empty());
     assert!(names(&d.join("images/tmp")).is_empty());
 }
@@ -518,8 +526,14 @@ fn a_redeploy_reuses_the_base_layers_and_eviction_keeps_what_another_image_share
 
     let (d1, t1) = rt.block_on(svc.ensure(&r1)).unwrap();
     assert_eq!((t1.layers_built, t1.layers_reused), (3, 0));
+    // The registry logs a request once it has sent the response, which can be just
+    // after the client has read it all: wait for the log, then count.
+    wait_for(
+        "config and three layers logged",
+        Duration::from_secs(10),
+        || blob_gets() >= 4,
+    );
     let gets_r1 = blob_gets();
-    assert!(gets_r1 >= 4, "config and three layers: {gets_r1}");
     let builds_r1 = svc.metrics().layer_builds.get();
     assert_eq!(builds_r1, 3);
 
@@ -532,6 +546,9 @@ fn a_redeploy_reuses_the_base_layers_and_eviction_keeps_what_another_image_share
         "one unpack"
     );
     assert_eq!(svc.metrics().layer_downloads.get(), 3 + 1, "one download");
+    wait_for("release 2's GETs logged", Duration::from_secs(10), || {
+        blob_gets() >= gets_r1 + 2
+    });
     assert_eq!(
         blob_gets() - gets_r1,
         2,

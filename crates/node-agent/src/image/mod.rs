@@ -690,10 +690,10 @@ impl ImageService {
             verified: verified_rx,
         };
         let (svc, s2, r2, p2) = (self.clone(), session.clone(), run.clone(), progress.clone());
-        let build = tokio::task::spawn_blocking(move || {
+        let mut build = tokio::task::spawn_blocking(move || {
             svc.build_run(&s2, &r2, deadline, &budget, p2.as_deref(), Some(stream))
         });
-        let downloaded = tokio::time::timeout_at(
+        let download = tokio::time::timeout_at(
             deadline.into(),
             session.stream_layer(
                 &self.inner.config,
@@ -703,19 +703,35 @@ impl ImageService {
                 progress.as_deref(),
                 tee,
             ),
-        )
-        .await
-        .unwrap_or_else(|_| Err(self.deadline_passed(&run)));
+        );
+        let join_err = |e: tokio::task::JoinError| ImageError::Tool {
+            tool: "image build task",
+            what: format!("layer disk {}", run.key),
+            cause: e.to_string(),
+        };
+        // The build waits for the download's verdict before it can succeed, so a
+        // build that ends first has failed (it refused the layer): the download is
+        // dropped then rather than run to its end for nothing.
+        let downloaded = tokio::select! {
+            d = download => d.unwrap_or_else(|_| Err(self.deadline_passed(&run))),
+            b = &mut build => {
+                let _ = verified_tx.send(false);
+                return match b.map_err(join_err)? {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(ImageError::Tool {
+                        tool: "image build task",
+                        what: format!("layer disk {}", run.key),
+                        cause: "the build ended before its layer was verified".into(),
+                    }),
+                };
+            }
+        };
         let _ = verified_tx.send(downloaded.is_ok());
         {
             let mut at = pulled_at.lock().unwrap_or_else(|p| p.into_inner());
             *at = (*at).max(Instant::now());
         }
-        let built = build.await.map_err(|e| ImageError::Tool {
-            tool: "image build task",
-            what: format!("layer disk {}", run.key),
-            cause: e.to_string(),
-        });
+        let built = build.await.map_err(join_err);
         let n = downloaded?;
         Ok((built??, n))
     }
