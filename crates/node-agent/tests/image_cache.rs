@@ -288,18 +288,11 @@ fn a_kill_during_pull_or_build_leaves_nothing_behind_and_the_next_start_succeeds
     let svc = ImageService::open(d, ImageConfig::default()).unwrap();
     assert!(names(&d.join("images/tmp")).is_empty());
     assert!(svc.list().unwrap().is_empty());
-    let gets_before = reg.gets(&format!("/blobs/{blob_digest}"));
     let disk = rt.block_on(svc.ensure_root_disk(&image, "inst")).unwrap();
     assert!(disk.path.is_file());
-    // The registry logs a request once it has sent the response, which can be just
-    // after the client has read it all.
-    let path = format!("/blobs/{blob_digest}");
-    wait_for(
-        "the registry to log the layer's GET",
-        Duration::from_secs(10),
-        || reg.gets(&path) > gets_before,
-    );
-    assert_eq!(reg.gets(&path), gets_before + 1, "downloaded once again");
+    // Counted by the service: the registry's log may still be missing the killed
+    // process's request, so it cannot tell this download from that one.
+    assert_eq!(svc.metrics().layer_downloads.get(), 1, "downloaded again");
     assert!(names(&d.join("images/blobs/sha256")).is_empty());
     assert!(names(&d.join("images/tmp")).is_empty());
 }
@@ -417,14 +410,15 @@ fn cli_pull_shows_each_layer_and_stage_as_lines_off_a_terminal_and_as_bars_on_on
         let line = at(&format!("layer {}/2 {}: downloaded", i + 1, d.short()));
         assert!(line > announce, "{stderr}");
         downloaded.push(line);
-        // Layers download and unpack in parallel (one may unpack while the other
-        // still downloads), but each is unpacked only after its own download.
+        // Layers download and unpack in parallel, but each is reported unpacked
+        // only after its own download is complete and verified.
         let unpacked = at(&format!("unpacked layer {}/2 {}", i + 1, d.short()));
         assert!(line < unpacked && unpacking < unpacked, "{stderr}");
     }
     let mkfs = at("building the ext4 root disk (mkfs)");
     let built = at("root disk built");
-    assert!(downloaded.iter().any(|&l| l < unpacking), "{stderr}");
+    // No order between "downloaded" and "unpacking": a layer that gets a disk of its
+    // own streams into it, so its unpacking starts while it downloads.
     assert!(unpacking < mkfs && mkfs < built, "{stderr}");
     for stage in [
         "pulling ",
