@@ -711,8 +711,11 @@ impl ImageService {
         };
         // The build waits for the download's verdict before it can succeed, so a
         // build that ends first has failed (it refused the layer): the download is
-        // dropped then rather than run to its end for nothing.
+        // dropped then rather than run to its end for nothing. The download is
+        // polled first: when it failed, the reader's error comes from it, and its
+        // error (digest, truncation, timeout) is the one to report.
         let downloaded = tokio::select! {
+            biased;
             d = download => d.unwrap_or_else(|_| Err(self.deadline_passed(&run))),
             b = &mut build => {
                 let _ = verified_tx.send(false);
