@@ -45,6 +45,8 @@ const IN_INODE_EA: usize = 128 + EXTRA_ISIZE;
 /// blocks of group descriptors (1,920 groups, 240 GiB).
 pub const DATA_START: u64 = 16;
 const MAX_GROUPS: u64 = (DATA_START - 1) * BLOCK / 32;
+/// Fewest blocks in the last group (free space; the file is sparse).
+const LAST_GROUP_MIN: u64 = 64;
 /// Longest extent of initialised blocks.
 const MAX_EXTENT: u64 = 32768;
 /// Extents (or index entries) in the inode, and in one tree block.
@@ -369,7 +371,11 @@ impl Plan {
             let blocks = (cursor + meta).max(min_blocks);
             let g = blocks.div_ceil(BLOCKS_PER_GROUP);
             if g <= groups {
-                break (ipg, blocks);
+                // The kernel counts groups from the block count and refuses a disk
+                // whose inode count is not groups × inodes per group: the last group
+                // must exist, even when more groups were needed only for inodes.
+                let floor = (groups - 1) * BLOCKS_PER_GROUP + LAST_GROUP_MIN;
+                break (ipg, blocks.max(floor));
             }
             groups = g;
         };
@@ -1234,6 +1240,67 @@ mod tests {
         let r = check();
         let _ = std::process::Command::new("umount").arg(&mnt).status();
         r.unwrap();
+    }
+
+    /// 40,000 entries and almost no data: more inodes than one group holds, so
+    /// the disk needs a second group for inodes alone. The kernel refuses a disk
+    /// whose group count (from its size) disagrees with its inode count.
+    #[test]
+    fn a_layer_of_many_tiny_files_gets_the_groups_its_inodes_need() {
+        use super::super::fstree::{Inode, ROOT};
+        if !have("e2fsck") {
+            assert!(
+                std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
+                "e2fsprogs missing"
+            );
+            eprintln!("skipped: e2fsck (e2fsprogs) not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("many.ext4");
+        let b = Ext4Builder::create(&img).unwrap();
+        let mut t = FsTree::new(0);
+        for d in 0..40 {
+            let sub = t.add(Inode::new(Kind::Dir(BTreeMap::new()), 0o755, 0));
+            t.link(ROOT, format!("d{d}").as_bytes(), sub);
+            for i in 0..1000 {
+                let f = t.add(Inode::new(Kind::File(None), 0o644, 0));
+                t.link(sub, format!("f{i}").as_bytes(), f);
+            }
+        }
+        let params = Params {
+            uuid: [1; 16],
+            hash_seed: [2; 16],
+            label: String::new(),
+            time: 1,
+            min_bytes: 0,
+        };
+        let size = b.finish(&t, &params).unwrap();
+        let blocks = size / BLOCK;
+        let sb = debugfs(&img, "stats");
+        let count = |key: &str| -> u64 {
+            sb.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{key} not in {sb}"))
+        };
+        let (inodes, ipg) = (count("Inode count:"), count("Inodes per group:"));
+        assert!(inodes >= 40_051, "{inodes}");
+        assert_eq!(
+            inodes,
+            blocks.div_ceil(BLOCKS_PER_GROUP) * ipg,
+            "groups from size × inodes per group"
+        );
+        let out = std::process::Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     #[test]
