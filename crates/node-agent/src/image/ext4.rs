@@ -1087,6 +1087,34 @@ mod tests {
         std::process::Command::new(tool).arg("-V").output().is_ok()
     }
 
+    /// False (the test skips) when `missing` holds, unless system tests are
+    /// required, where it fails naming `what`.
+    fn runnable(missing: bool, what: &str) -> bool {
+        if missing {
+            assert!(
+                std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
+                "{what}"
+            );
+            eprintln!("skipped: {what}");
+        }
+        !missing
+    }
+
+    /// `e2fsck -fn` finds nothing wrong with `img`.
+    fn assert_fsck_clean(img: &Path) {
+        let out = std::process::Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn debugfs(img: &Path, cmd: &str) -> String {
         let out = std::process::Command::new("debugfs")
             .args(["-R", cmd])
@@ -1098,27 +1126,15 @@ mod tests {
 
     #[test]
     fn e2fsck_finds_nothing_wrong_and_debugfs_reads_every_kind_of_entry() {
-        if !have("e2fsck") || !have("debugfs") {
-            assert!(
-                std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
-                "e2fsprogs missing"
-            );
-            eprintln!("skipped: e2fsck/debugfs (e2fsprogs) not installed");
+        if !runnable(
+            !have("e2fsck") || !have("debugfs"),
+            "e2fsck/debugfs (e2fsprogs) not installed",
+        ) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
         let img = sample_image(dir.path(), "a.ext4");
-        let out = std::process::Command::new("e2fsck")
-            .args(["-fn"])
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "e2fsck: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_fsck_clean(&img);
         assert_eq!(debugfs(&img, "cat /etc/hosts"), "127.0.0.1 localhost\n");
         assert_eq!(debugfs(&img, "cat /replaced"), "new bytes");
         assert_eq!(debugfs(&img, "cat /etc/odd").len(), 5000);
@@ -1168,12 +1184,10 @@ mod tests {
     fn the_kernel_mounts_the_image_and_reads_it_back() {
         use std::os::unix::fs::MetadataExt;
         let root = rustix::process::geteuid().is_root();
-        if !root || !have("mount") {
-            assert!(
-                std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
-                "needs root and mount"
-            );
-            eprintln!("skipped: needs root to mount a loop device");
+        if !runnable(
+            !root || !have("mount"),
+            "needs root and mount for a loop device",
+        ) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1248,12 +1262,7 @@ mod tests {
     #[test]
     fn a_layer_of_many_tiny_files_gets_the_groups_its_inodes_need() {
         use super::super::fstree::{Inode, ROOT};
-        if !have("e2fsck") {
-            assert!(
-                std::env::var("PLFM_REQUIRE_SYSTEM_TESTS").as_deref() != Ok("1"),
-                "e2fsprogs missing"
-            );
-            eprintln!("skipped: e2fsck (e2fsprogs) not installed");
+        if !runnable(!have("e2fsck"), "e2fsck (e2fsprogs) not installed") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1291,16 +1300,7 @@ mod tests {
             blocks.div_ceil(BLOCKS_PER_GROUP) * ipg,
             "groups from size × inodes per group"
         );
-        let out = std::process::Command::new("e2fsck")
-            .args(["-fn"])
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "e2fsck: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_fsck_clean(&img);
     }
 
     #[test]
