@@ -73,13 +73,69 @@ pub struct Params {
     pub min_bytes: u64,
 }
 
+/// Bytes of file data gathered before one write into the data area. A multiple of
+/// [`BLOCK`]; files are padded to whole blocks inside it, so every write starts and
+/// ends on a block boundary (what `O_DIRECT` needs).
+const STAGE_BYTES: usize = 1 << 20;
+
 /// An image being built: see the module docs.
+///
+/// File data is gathered in a 1 MiB staging buffer (small files together, each
+/// padded to whole blocks) and written in 1 MiB pieces. Where the file system takes
+/// it (Linux; not every file system does), those pieces go through a second handle
+/// opened with `O_DIRECT`: the data area is written once, from this buffer to the
+/// device, without a copy into the page cache and without a writeback at the final
+/// fsync. On a 300 MB layer set that took 0.1 to 0.3 CPU-s of page-cache work off
+/// the pull and most of the wait at the end (docs/benchmarks.md). The metadata is
+/// written through the ordinary handle, and the fsync in [`Ext4Builder::finish`]
+/// makes both durable.
 #[derive(Debug)]
 pub struct Ext4Builder {
     file: File,
-    /// Next free block of the data area.
+    /// The same file opened with `O_DIRECT` for the data area; `None` where the
+    /// file system refused it (then the data goes through `file`).
+    direct: Option<File>,
+    /// Next free block of the data area (staged data included).
     next: u64,
-    buf: Vec<u8>,
+    /// Staged data, to be written at block `staged_from`.
+    stage: Staging,
+    staged_from: u64,
+}
+
+/// A block-aligned buffer of [`STAGE_BYTES`] (over-allocated by one block and
+/// sliced at the first aligned address, so no `unsafe` allocation is needed).
+#[derive(Debug)]
+struct Staging {
+    mem: Vec<u8>,
+    start: usize,
+    fill: usize,
+}
+
+impl Staging {
+    fn new() -> Self {
+        let mem = vec![0u8; STAGE_BYTES + BLOCK as usize];
+        let start = mem.as_ptr().align_offset(BLOCK as usize);
+        Staging {
+            mem,
+            start,
+            fill: 0,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.mem[self.start..self.start + self.fill]
+    }
+
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start + self.fill..self.start + STAGE_BYTES]
+    }
+
+    /// Zeroes up to the next block boundary (the tail of a file's last block).
+    fn pad(&mut self) {
+        let end = (self.fill as u64).next_multiple_of(BLOCK) as usize;
+        self.mem[self.start + self.fill..self.start + end].fill(0);
+        self.fill = end;
+    }
 }
 
 impl Ext4Builder {
@@ -88,8 +144,10 @@ impl Ext4Builder {
         let file = File::create(path)?;
         Ok(Ext4Builder {
             file,
+            direct: open_direct(path),
             next: DATA_START,
-            buf: vec![0; 256 * 1024],
+            stage: Staging::new(),
+            staged_from: DATA_START,
         })
     }
 
@@ -98,12 +156,59 @@ impl Ext4Builder {
         self.next - DATA_START
     }
 
+    /// Whether the data area is written with `O_DIRECT`.
+    pub fn writes_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// Lays out `tree`'s metadata after the data written so far, writes it and
     /// fsyncs the image. Returns the image size in bytes.
-    pub fn finish(self, tree: &FsTree, params: &Params) -> io::Result<u64> {
+    pub fn finish(mut self, tree: &FsTree, params: &Params) -> io::Result<u64> {
+        self.flush()?;
         let plan = Plan::new(tree, self.next, params.min_bytes.div_ceil(BLOCK))?;
         plan.write(&self.file, tree, params)
     }
+
+    /// Writes the staged blocks.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.stage.fill == 0 {
+            return Ok(());
+        }
+        let off = self.staged_from * BLOCK;
+        if let Some(direct) = &self.direct {
+            match direct.write_all_at(self.stage.bytes(), off) {
+                Ok(()) => {}
+                // Opened, but the file system refuses direct writes after all: the
+                // ordinary handle writes this piece and the rest.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct = None;
+                    self.file.write_all_at(self.stage.bytes(), off)?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.file.write_all_at(self.stage.bytes(), off)?;
+        }
+        self.staged_from += self.stage.fill as u64 / BLOCK;
+        self.stage.fill = 0;
+        Ok(())
+    }
+}
+
+/// `path` opened again for writing with `O_DIRECT`, where the file system allows it.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 impl DataSink for Ext4Builder {
@@ -112,11 +217,14 @@ impl DataSink for Ext4Builder {
             return Ok(None);
         }
         let first_block = self.next;
-        let mut off = first_block * BLOCK;
         let mut left = len;
         while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
-            let n = match r.read(&mut self.buf[..want]) {
+            if self.stage.fill == STAGE_BYTES {
+                self.flush()?;
+            }
+            let spare = self.stage.spare();
+            let want = left.min(spare.len() as u64) as usize;
+            let n = match r.read(&mut spare[..want]) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -129,10 +237,10 @@ impl DataSink for Ext4Builder {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(e),
                 Err(e) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, e)),
             };
-            self.file.write_all_at(&self.buf[..n], off)?;
-            off += n as u64;
+            self.stage.fill += n;
             left -= n as u64;
         }
+        self.stage.pad();
         self.next += len.div_ceil(BLOCK);
         Ok(Some(DataRef { first_block, len }))
     }
@@ -1007,10 +1115,15 @@ mod tests {
 
     /// Builds a tree with every kind of entry this builder writes, for the checks
     /// below. Returns the image path's directory guard and the image path.
-    fn sample_image(dir: &Path, name: &str) -> std::path::PathBuf {
+    /// With `direct` false, the data area goes through the page cache even where
+    /// `O_DIRECT` works.
+    fn sample_image_with(dir: &Path, name: &str, direct: bool) -> std::path::PathBuf {
         use super::super::fstree::{Inode, ROOT};
         let path = dir.join(name);
         let mut b = Ext4Builder::create(&path).unwrap();
+        if !direct {
+            b.direct = None;
+        }
         let mut t = FsTree::new(0);
         let add_file = |t: &mut FsTree, b: &mut Ext4Builder, parent, name: &str, body: &[u8]| {
             let d = b.write_data(&mut &body[..], body.len() as u64).unwrap();
@@ -1057,8 +1170,10 @@ mod tests {
         t.link(ROOT, b"caps", cid);
         // A file of 600 MiB: more than 4 extents, so a leaf block. Its data is a
         // hole in the image (nothing reads it here).
+        b.flush().unwrap();
         let first_block = b.next;
         b.next += 153_600;
+        b.staged_from = b.next;
         let huge = t.add(Inode::new(
             Kind::File(Some(DataRef {
                 first_block,
@@ -1081,6 +1196,10 @@ mod tests {
         };
         b.finish(&t, &params).unwrap();
         path
+    }
+
+    fn sample_image(dir: &Path, name: &str) -> std::path::PathBuf {
+        sample_image_with(dir, name, true)
     }
 
     fn have(tool: &str) -> bool {
@@ -1309,5 +1428,64 @@ mod tests {
         let a = std::fs::read(sample_image(dir.path(), "a.ext4")).unwrap();
         let b = std::fs::read(sample_image(dir.path(), "b.ext4")).unwrap();
         assert!(a == b, "two builds of one tree differ");
+        // Through the page cache instead of O_DIRECT: the same bytes.
+        let c = std::fs::read(sample_image_with(dir.path(), "c.ext4", false)).unwrap();
+        assert!(a == c, "the buffered build differs from the direct one");
+    }
+
+    /// The data area is staged in 1 MiB pieces: files are padded to whole blocks,
+    /// a file larger than the stage spans pieces, and every byte lands where its
+    /// `DataRef` says, through `O_DIRECT` where the file system takes it.
+    #[test]
+    fn staged_data_lands_where_its_data_ref_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.ext4");
+        let mut b = Ext4Builder::create(&path).unwrap();
+        #[cfg(target_os = "linux")]
+        if b.direct.is_none() {
+            // Not a failure: some file systems refuse O_DIRECT, and the builder
+            // falls back. Said so the run shows which path it checked.
+            eprintln!(
+                "note: {} refuses O_DIRECT; checking the buffered path",
+                dir.path().display()
+            );
+        }
+        let bodies: Vec<Vec<u8>> = vec![
+            b"x".to_vec(),
+            (0..(STAGE_BYTES * 2 + 777))
+                .map(|i| (i % 251) as u8)
+                .collect(),
+            vec![5u8; 4096],
+            vec![6u8; 4095],
+            (0..STAGE_BYTES - 4096).map(|i| (i % 13) as u8).collect(),
+            vec![8u8; 10],
+        ];
+        let refs: Vec<DataRef> = bodies
+            .iter()
+            .map(|body| {
+                b.write_data(&mut &body[..], body.len() as u64)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        b.flush().unwrap();
+        assert_eq!(b.staged_from, b.next, "everything staged was written");
+        drop(b);
+        let img = std::fs::read(&path).unwrap();
+        let mut expect_block = DATA_START;
+        for (body, r) in bodies.iter().zip(&refs) {
+            assert_eq!(
+                r.first_block, expect_block,
+                "files follow each other, block-aligned"
+            );
+            let at = (r.first_block * BLOCK) as usize;
+            assert!(img[at..at + body.len()] == body[..], "a file's bytes");
+            let end = (body.len() as u64).next_multiple_of(BLOCK) as usize;
+            assert!(
+                img[at + body.len()..at + end].iter().all(|&x| x == 0),
+                "padding is zero"
+            );
+            expect_block += body.len().div_ceil(BLOCK as usize) as u64;
+        }
     }
 }
