@@ -132,6 +132,9 @@ impl Compression {
     /// reaches the reader as the stream's error.
     pub fn decoder_thread<R: Read + Send + 'static>(self, r: R) -> io::Result<DecodedStream> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DECODED_AHEAD);
+        // Read chunks come back to be filled again: no allocation, zeroing or
+        // unmapping of 128 KiB per chunk (0.1 CPU-s on a 300 MB image).
+        let (back, returned) = std::sync::mpsc::sync_channel::<Vec<u8>>(DECODED_AHEAD + 2);
         let thread = std::thread::Builder::new()
             .name("layer-decode".into())
             .spawn(move || {
@@ -143,7 +146,8 @@ impl Compression {
                     }
                 };
                 loop {
-                    let mut chunk = vec![0u8; DECODED_CHUNK];
+                    let mut chunk = returned.try_recv().unwrap_or_default();
+                    chunk.resize(DECODED_CHUNK, 0);
                     let mut filled = 0;
                     // Fill whole chunks: decoders return small reads.
                     let end = loop {
@@ -170,6 +174,7 @@ impl Compression {
             })?;
         Ok(DecodedStream {
             rx: Some(rx),
+            back,
             cur: Vec::new(),
             pos: 0,
             thread: Some(thread),
@@ -187,6 +192,8 @@ pub const DECODED_AHEAD: usize = 4;
 #[derive(Debug)]
 pub struct DecodedStream {
     rx: Option<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+    /// Where read chunks go back to the thread for reuse.
+    back: std::sync::mpsc::SyncSender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -209,7 +216,11 @@ impl Read for DecodedStream {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
                 Ok(Ok(chunk)) => {
-                    self.cur = chunk;
+                    let used = std::mem::replace(&mut self.cur, chunk);
+                    if used.capacity() > 0 {
+                        // Full or gone: the chunk is just freed.
+                        let _ = self.back.try_send(used);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
