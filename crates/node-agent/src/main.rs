@@ -244,6 +244,9 @@ fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(
         plfm_node_agent::agent::DAEMON_UMASK,
     ));
+    // ring is the one TLS crypto provider of the process (every HTTP client the
+    // library builds also installs it first; this covers any it might miss).
+    plfm_node_agent::control_plane::http::ensure_crypto_provider();
     // Before any thread exists: the notification socket and watchdog settings are taken
     // out of the environment (the VMMs the agent spawns must not inherit them).
     let notifier = std::sync::Arc::new(plfm_node_agent::systemd::Notifier::from_env());

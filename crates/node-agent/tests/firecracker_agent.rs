@@ -249,6 +249,7 @@ binary = "/nonexistent/bin/firecracker"
     let msg = view["error_message"].as_str().unwrap_or_default();
     assert!(msg.contains("/nonexistent/bin/firecracker"), "{msg}");
     // Still healthy after the failure.
+    plfm_node_agent::control_plane::http::ensure_crypto_provider();
     let health = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/healthz"))
         .bearer_auth(common::agent::TEST_TOKEN)

@@ -142,6 +142,8 @@ pub async fn open(
     } else {
         ClientProtocol::Https
     };
+    // oci-client's HTTPS uses the process's rustls provider (ring).
+    crate::control_plane::http::ensure_crypto_provider();
     let client = Client::new(ClientConfig {
         protocol,
         platform_resolver: None,

@@ -183,6 +183,7 @@ impl Registry {
     }
 
     fn client(&self) -> Client {
+        plfm_node_agent::control_plane::http::ensure_crypto_provider();
         Client::new(ClientConfig {
             protocol: ClientProtocol::Http,
             ..Default::default()
