@@ -22,6 +22,7 @@ mod common;
 #[path = "../tests/image_support/mod.rs"]
 #[allow(unused_imports)]
 mod image_support;
+mod machine_limit;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -241,78 +242,6 @@ fn secs(v: &serde_json::Value, k: &str) -> f64 {
     v[k].as_u64().unwrap_or(0) as f64 / 1000.0
 }
 
-/// Wall time of the threads `stages` spawns, all run to their end.
-fn timed_stages<'env>(
-    stages: impl for<'scope> FnOnce(&'scope std::thread::Scope<'scope, 'env>),
-) -> f64 {
-    let t = Instant::now();
-    std::thread::scope(|sc| stages(sc));
-    t.elapsed().as_secs_f64()
-}
-
-/// The download stage of the machine's limit: every blob from the registry to
-/// `/dev/null` with `curl`, all at once.
-fn download_stage<'scope>(sc: &'scope std::thread::Scope<'scope, '_>, urls: &'scope [String]) {
-    for url in urls {
-        sc.spawn(move || {
-            let st = Command::new("curl")
-                .args(["-sfo", "/dev/null"])
-                .arg(url)
-                .status()
-                .expect("curl");
-            assert!(st.success(), "curl {url}");
-        });
-    }
-}
-
-/// The decompress stage: every blob decoded to nothing, one thread each, with the
-/// decoder the agent uses (`flate2` with `miniz_oxide`).
-fn decompress_stage<'scope>(
-    sc: &'scope std::thread::Scope<'scope, '_>,
-    blobs: &'scope [(Vec<u8>, &'static str)],
-) {
-    for (b, _) in blobs {
-        sc.spawn(move || {
-            let mut d = flate2::read::MultiGzDecoder::new(&b[..]);
-            std::io::copy(&mut d, &mut std::io::sink()).expect("gunzip");
-        });
-    }
-}
-
-/// The write stage: `bytes` written once into one file in `dir`, 1 MiB at a time,
-/// then fsynced; through the page cache, or with `O_DIRECT` (as the agent writes
-/// its layer data where the file system allows it).
-fn write_stage<'scope>(
-    sc: &'scope std::thread::Scope<'scope, '_>,
-    dir: &'scope Path,
-    bytes: usize,
-    direct: bool,
-) {
-    sc.spawn(move || {
-        use std::os::unix::fs::FileExt;
-        #[cfg(target_os = "linux")]
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = dir.join(format!("limit-write-{direct}"));
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        #[cfg(target_os = "linux")]
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        let f = o.open(&p).expect("create the write-limit file");
-        // A block-aligned 1 MiB buffer (O_DIRECT needs one).
-        let mem = vec![0x5au8; (2 << 20) + 4096];
-        let at = mem.as_ptr().align_offset(4096);
-        let chunk = &mem[at..at + (1 << 20)];
-        for i in 0..(bytes >> 20) {
-            f.write_all_at(chunk, (i as u64) << 20).expect("write");
-        }
-        f.sync_all().expect("fsync");
-        drop(f);
-        let _ = std::fs::remove_file(&p);
-    });
-}
-
 fn main() {
     if child_mode() {
         return;
@@ -432,39 +361,9 @@ fn main() {
     let _ = std::fs::remove_dir_all(&oci);
     let _ = std::fs::remove_file(&disk);
 
-    // The machine's own limits for this image, each stage alone and all layers in
-    // parallel: the blobs from the registry to /dev/null, the blobs decompressed to
-    // /dev/null, and the unpacked bytes written once to one file with fsync.
-    let _ = Command::new("sync").status();
-    let blob_urls: Vec<String> = base
-        .iter()
-        .map(|(b, _)| {
-            format!(
-                "http://{}/v2/{}/blobs/{}",
-                r1.registry,
-                r1.repository,
-                plfm_node_agent::image::Digest::of(b)
-            )
-        })
-        .collect();
-    let limit_download = timed_stages(|sc| download_stage(sc, &blob_urls));
-    let limit_decompress = timed_stages(|sc| decompress_stage(sc, &base));
-    let _ = Command::new("sync").status();
-    let limit_write_buffered = timed_stages(|sc| write_stage(sc, work.path(), raw, false));
-    let _ = Command::new("sync").status();
-    let limit_write_direct = timed_stages(|sc| write_stage(sc, work.path(), raw, true));
-    // The machine's way to write is the faster of the two.
-    let direct_writes = limit_write_direct < limit_write_buffered;
-    let limit_write = limit_write_buffered.min(limit_write_direct);
-    let limit = limit_download.max(limit_decompress).max(limit_write);
-    // All three stages at once, as a perfectly overlapped pipeline would run them
-    // on this machine: they share its cores, memory bandwidth and disk.
-    let _ = Command::new("sync").status();
-    let limit_all = timed_stages(|sc| {
-        download_stage(sc, &blob_urls);
-        decompress_stage(sc, &base);
-        write_stage(sc, work.path(), raw, direct_writes);
-    });
+    // The machine's own limits for this image (see `machine_limit`).
+    let blob_urls = machine_limit::blob_urls(&r1, &base);
+    let limits = machine_limit::Limits::measure(&blob_urls, &base, raw, work.path());
 
     // Ours: cold release 1, then release 2 in the same data dir.
     let data = work.path().join("data");
@@ -508,16 +407,7 @@ fn main() {
         secs(&cold, "total_ms"),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!(
-        "machine limit (each stage alone, layers in parallel): download {limit_download:.2} s, decompress {limit_decompress:.2} s, write {} MB once {limit_write:.2} s (page cache + fsync {limit_write_buffered:.2} s, O_DIRECT {limit_write_direct:.2} s); slowest stage {limit:.2} s, sequential {:.2} s; ours cold / slowest stage {:.2}",
-        raw >> 20,
-        limit_download + limit_decompress + limit_write,
-        secs(&cold, "total_ms") / limit.max(0.001)
-    );
-    println!(
-        "machine limit (all three stages at once, sharing the machine): {limit_all:.2} s; ours cold / all at once {:.2} (target <= 1.5)",
-        secs(&cold, "total_ms") / limit_all.max(0.001)
-    );
+    println!("{}", limits.report(raw, secs(&cold, "total_ms")));
     println!(
         "ours redeploy (release 2 after release 1): layer disks built {}, reused {}",
         redeploy["layers_built"], redeploy["layers_reused"]
