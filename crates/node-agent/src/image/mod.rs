@@ -852,7 +852,13 @@ impl ImageService {
         }
         let (tree, _, stats, _) = unpacker.finish_with_marks()?;
         let unpack_time = t0.elapsed();
-        tracing::debug!(layer_disk = %run.key, ?stats, inodes = tree.inodes.len(), "layers streamed into the disk");
+        tracing::debug!(
+            layer_disk = %run.key,
+            ?stats,
+            inodes = tree.inodes.len(),
+            o_direct = builder.writes_direct(),
+            "layers streamed into the disk"
+        );
         if let Some(p) = progress {
             p.advance(progress::Stage::Mkfs);
         }
