@@ -139,6 +139,26 @@ impl Channel {
         }
     }
 
+    /// Ends the channel after the last message (the workload's end): waits until
+    /// `deadline` for the host to close its end, reading and ignoring whatever it
+    /// still sends, then closes. The host closes once it has read a terminal status,
+    /// and it reads in order, so a close means the status arrived. Without this wait
+    /// the VM could end while the status was still inside the VMM's vsock device
+    /// (seen with QEMU's vhost-user vsock: the host got the VMM's exit, not the
+    /// workload's exit code). Returns whether the host closed in time.
+    pub fn close_after_delivery(mut self, deadline: Instant) -> bool {
+        self.reader.get_mut().nonblocking = false;
+        loop {
+            match self.recv_until(deadline) {
+                Ok(Some(_)) => continue,
+                Ok(None) => return true,
+                // Past the deadline it timed out; before it, the error is a reset:
+                // the host (or its vsock device) closing too.
+                Err(_) => return Instant::now() < deadline,
+            }
+        }
+    }
+
     /// Switches reads to non-blocking mode for [`Channel::poll_message`].
     pub fn set_nonblocking_reads(&mut self) {
         self.reader.get_mut().nonblocking = true;

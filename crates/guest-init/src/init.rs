@@ -21,6 +21,10 @@ use crate::secrets::{self, SecretsFile};
 use crate::settings::{HostChannel, Settings, CMDLINE_INSTANCE_ID};
 use crate::{console, env, modules, netlink, sys, workload, VERSION};
 
+/// How long the final status may take to be confirmed by the host closing the
+/// channel (see [`Channel::close_after_delivery`]) before the VM ends anyway.
+const TERMINAL_DELIVERY: Duration = Duration::from_secs(2);
+
 /// A failed step: the reason code and a one-line detail without secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -48,6 +52,9 @@ struct Init {
     settings: Settings,
     started: Instant,
     channel: Option<Channel>,
+    /// The host sent the config: it serves the channel, so it will close it once it
+    /// has the final status (a host that never answered is not waited for).
+    host_answered: bool,
     /// Volume mount points, unmounted before the end.
     volumes: Vec<PathBuf>,
     /// Test mode: the host socket's directory, kept open so that the socket can still be
@@ -100,6 +107,7 @@ pub fn main() -> ! {
         settings,
         started,
         channel: None,
+        host_answered: false,
         volumes: Vec::new(),
         host_dir: None,
         switched: false,
@@ -259,6 +267,7 @@ impl Init {
             }
             None => return Err(start_failed("handshake failed: no channel".into())),
         };
+        self.host_answered = true;
         let handshake_wait = hs_start.elapsed();
         config
             .check_version()
@@ -462,7 +471,11 @@ impl Init {
                 1
             }
         };
-        self.channel = None;
+        if let Some(ch) = self.channel.take().filter(|_| self.host_answered) {
+            if !ch.close_after_delivery(Instant::now() + TERMINAL_DELIVERY) {
+                console::line("host channel: the host did not confirm the final status");
+            }
+        }
         workload::kill_and_reap_all(Duration::from_secs(2));
         for v in self.volumes.iter().rev() {
             if let Err(e) = sys::unmount(v) {

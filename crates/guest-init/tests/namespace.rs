@@ -653,8 +653,22 @@ while :; do sleep 0.05; done";
             oom_killed: false
         }
     );
+    // Guest init does not end the VM while the host has not confirmed the final
+    // status by closing the channel (it waits up to 2 s), and ends it once it has.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        guest.child.try_wait().unwrap().is_none(),
+        "guest init ended before the host closed the channel; console:\n{}",
+        guest.console()
+    );
+    assert!(!guest.console().contains("exiting (test mode)"));
+    drop(session);
     assert_eq!(guest.wait_exit(Duration::from_secs(10)), 0);
     let console = guest.console();
+    assert!(
+        !console.contains("did not confirm the final status"),
+        "the close was not seen: {console}"
+    );
     assert!(
         console.contains("forwarding SIGTERM to the workload"),
         "{console}"

@@ -365,7 +365,7 @@ async fn run(
 }
 
 /// Serves the guest channel; returns only when there is nothing more to hear from it
-/// (the channel closed).
+/// (the channel closed, or the guest sent its terminal status).
 async fn guest(
     a: &GuestSide,
     events: &mut Events,
@@ -429,13 +429,19 @@ async fn guest(
                 Ok(GuestEvent::Unknown) => {
                     tracing::debug!(instance = %a.instance, "unknown guest event ignored");
                 }
+                // A terminal status is the guest's last word: the channel is closed
+                // on return, and that close tells the guest its status arrived (it
+                // waits for it before ending the VM; see guest init's
+                // `close_after_delivery`).
                 Ok(GuestEvent::Exited { code, signal, oom_killed }) => {
                     let code = code.or(signal.map(|s| 128 + s)).unwrap_or(128);
                     *lock(workload_exit) = Some(WorkloadExit { code, killed: signal == Some(9) });
                     events.send(VmEvent::Exited { code, oom_killed });
+                    return;
                 }
                 Ok(GuestEvent::Failed { reason, detail }) => {
                     events.send(VmEvent::Failed(RuntimeError::Guest { reason, detail }));
+                    return;
                 }
                 Err(_) => {
                     // The channel ended. A host cgroup OOM kill of a helper process
@@ -590,6 +596,12 @@ mod tests {
                 oom_killed: false,
             }))
             .unwrap();
+            // The host closes the channel once it has the terminal status (the
+            // guest waits for that before ending the VM), while the VMM still runs.
+            r.get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            matches!(r.read_message::<HostMessage>(), Ok(None))
         });
         let child = tokio::process::Command::new("sleep")
             .arg("30")
@@ -619,6 +631,10 @@ mod tests {
             VmEvent::Exited { code: 3, .. } => {}
             other => panic!("the exit must follow the one start: {other:?}"),
         }
-        guest.join().unwrap();
+        assert!(
+            guest.join().unwrap(),
+            "the host did not close the channel after the exit"
+        );
+        assert!(!m.has_exited(), "the VMM is still running");
     }
 }
