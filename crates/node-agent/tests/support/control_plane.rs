@@ -118,6 +118,11 @@ pub struct Received {
     pub status: String,
     pub body: Value,
     pub accepted: bool,
+    /// Accepted, but the control plane had already accepted this instance's report
+    /// of the same `seq`: answered 2xx and dropped, as the protocol lets a control
+    /// plane do (`seq` exists so that duplicates can be dropped). Not in
+    /// [`FakeCp::accepted`].
+    pub duplicate: bool,
 }
 
 #[derive(Default)]
@@ -245,13 +250,22 @@ async fn status(
         && !s.down.load(Ordering::SeqCst)
         && !s.status_down.load(Ordering::SeqCst)
         && authorized(&s, &h);
-    s.statuses.lock().unwrap().push(Received {
-        instance_id: id,
-        seq: body["seq"].as_i64().unwrap_or(-1),
-        status: body["status"].as_str().unwrap_or("").to_string(),
-        body: body.clone(),
-        accepted,
-    });
+    {
+        let mut log = s.statuses.lock().unwrap();
+        let seq = body["seq"].as_i64().unwrap_or(-1);
+        let duplicate = accepted
+            && log
+                .iter()
+                .any(|r| r.accepted && !r.duplicate && r.instance_id == id && r.seq == seq);
+        log.push(Received {
+            instance_id: id,
+            seq,
+            status: body["status"].as_str().unwrap_or("").to_string(),
+            body: body.clone(),
+            accepted,
+            duplicate,
+        });
+    }
     match typed {
         Err(e) => unprocessable(&s, "status", &raw, e),
         Ok(_) if !valid => (
@@ -465,7 +479,19 @@ impl FakeCp {
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| r.accepted)
+            .filter(|r| r.accepted && !r.duplicate)
+            .cloned()
+            .collect()
+    }
+
+    /// Reports accepted a second time under the same `seq` (and dropped).
+    pub fn duplicates(&self) -> Vec<Received> {
+        self.state
+            .statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.duplicate)
             .cloned()
             .collect()
     }
@@ -481,8 +507,22 @@ impl FakeCp {
         self.state.statuses.lock().unwrap().clone()
     }
 
-    /// Checks every instance's accepted reports: seq 1..n, once each, legal transitions.
+    /// Checks every instance's accepted reports: seq 1..n, once each, legal
+    /// transitions, and no report sent again after it was acknowledged.
     pub fn check_delivery_log(&self) -> HashMap<String, Vec<Received>> {
+        let dups = self.duplicates();
+        assert!(
+            dups.is_empty(),
+            "reports sent again after they were acknowledged: {dups:?}"
+        );
+        self.check_delivery_log_after_a_crash()
+    }
+
+    /// [`Self::check_delivery_log`] for a test that kills an agent: a report in
+    /// flight at the kill can reach the control plane and be acknowledged to a dead
+    /// process, so the next agent rightly sends it again and the control plane
+    /// drops it by its `seq`. The test checks which duplicates it allows.
+    pub fn check_delivery_log_after_a_crash(&self) -> HashMap<String, Vec<Received>> {
         let mut by: HashMap<String, Vec<Received>> = HashMap::new();
         for r in self.accepted() {
             by.entry(r.instance_id.clone()).or_default().push(r);
