@@ -13,7 +13,9 @@
 //! Run (root): `PLFM_GUEST_INIT_BIN=<static plfm-guest-init> cargo bench -p
 //! plfm-node-agent --bench boot`. Env: `PLFM_BOOT_BENCH_N` (concurrent instances,
 //! default 10), `PLFM_BOOT_BENCH_DEADLINE_S` (deadline of the concurrent run, default
-//! 300), `PLFM_BOOT_BENCH_KEEP_LOG` (copy the agent's JSON log there at the end).
+//! 300), `PLFM_BOOT_BENCH_KEEP_LOG` (copy the agent's JSON log there at the end),
+//! `PLFM_BOOT_BENCH_DIRECT_CMD` (the listen-at-once workload's argv, split at spaces;
+//! default `/bin/httpd -f -p 8080 -h /`).
 
 #[cfg(target_os = "linux")]
 #[path = "../tests/common/mod.rs"]
@@ -185,11 +187,18 @@ mod linux {
             self.write_value(id, assignment(id, &self.image, n));
         }
 
-        /// A workload that listens at once: `httpd` exec'd directly (no shell), with a
-        /// TCP health check on its port.
+        /// A workload that listens at once: `httpd` exec'd directly (no shell), or the
+        /// words of `PLFM_BOOT_BENCH_DIRECT_CMD` (it must listen on 8080), with a TCP
+        /// health check on its port.
         fn write_direct(&self, id: &str, n: u32) {
             let mut v = assignment(id, &self.image, n);
-            v["workload"]["command"] = json!(["/bin/httpd", "-f", "-p", "8080", "-h", "/"]);
+            let argv: Vec<String> = match std::env::var("PLFM_BOOT_BENCH_DIRECT_CMD") {
+                Ok(c) if !c.trim().is_empty() => c.split_whitespace().map(String::from).collect(),
+                _ => ["/bin/httpd", "-f", "-p", "8080", "-h", "/"]
+                    .map(String::from)
+                    .to_vec(),
+            };
+            v["workload"]["command"] = json!(argv);
             v["workload"]["health"] = json!({"type": "tcp", "port": 8080, "interval_seconds": 1, "timeout_seconds": 2, "grace_period_seconds": 300, "success_threshold": 1, "failure_threshold": 3});
             self.write_value(id, v);
         }
@@ -441,7 +450,10 @@ reconcile_interval_ms = 200
         // ready within 100 ms).
         bench.write_direct("direct-1", 2);
         let boots = bench.wait_ready(&["direct-1".into()], Duration::from_secs(300));
-        println!("\n== one instance, a workload that listens at once (httpd exec'd directly, tcp health) ==");
+        println!(
+            "\n== one instance, a workload that listens at once ({}, exec'd directly, tcp health) ==",
+            std::env::var("PLFM_BOOT_BENCH_DIRECT_CMD").unwrap_or_else(|_| "httpd".into())
+        );
         let direct = boots.get("direct-1").cloned().unwrap_or_default();
         if print_one("direct-1", &direct).is_none() {
             println!("direct-1 did not reach ready: {direct:?}");

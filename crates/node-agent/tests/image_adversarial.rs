@@ -64,6 +64,27 @@ impl Case {
         err
     }
 
+    /// Makes the registry serve other bytes of the same length under `layer`'s
+    /// digest, and checks `image` is then refused for a digest mismatch naming it.
+    fn lie_about(&self, image: &ImageRef, layer: &[u8]) -> ImageError {
+        let digest = plfm_node_agent::image::Digest::of(layer);
+        let mut lie = layer.to_vec();
+        lie[600] ^= 0xff;
+        std::fs::write(self.reg.blob_data_path(digest.as_str()), &lie).unwrap();
+        let err = self.fail(
+            image,
+            ImageConfig::default(),
+            ReasonCode::ImagePullFailed,
+            "digest mismatch (got sha256:",
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("blob {}", digest.short())),
+            "{err}"
+        );
+        err
+    }
+
     /// Outside dir untouched; no work left in the cache; no disk recorded.
     fn nothing_leaked(&self) {
         assert_eq!(names(self.outside.path()), vec!["victim"]);
@@ -242,22 +263,7 @@ fn a_layer_whose_bytes_do_not_match_its_digest_is_refused_and_not_kept() {
     let c = Case::new();
     let layer = Layer::new().file("a", &[7u8; 4096]).tar();
     let image = c.push(vec![layer.clone()]);
-    // The registry now serves other bytes of the same length under the digest.
-    let digest = plfm_node_agent::image::Digest::of(&layer);
-    let mut lie = layer.clone();
-    lie[600] ^= 0xff;
-    std::fs::write(c.reg.blob_data_path(digest.as_str()), &lie).unwrap();
-    let err = c.fail(
-        &image,
-        ImageConfig::default(),
-        ReasonCode::ImagePullFailed,
-        "digest mismatch (got sha256:",
-    );
-    assert!(
-        err.to_string()
-            .contains(&format!("blob {}", digest.short())),
-        "{err}"
-    );
+    let err = c.lie_about(&image, &layer);
     assert!(err.to_string().contains(&c.reg.addr), "{err}");
     assert!(names(&c.data.path().join("images/blobs/sha256")).is_empty());
 }
@@ -610,5 +616,30 @@ fn an_unreachable_registry_is_retried_every_time() {
             "a transient failure was cached: {err}"
         );
         assert_eq!(err.reason(), ReasonCode::ImagePullFailed, "{err}");
+    }
+}
+
+#[test]
+fn a_lying_layer_of_a_merged_disk_is_refused_whether_it_streams_or_is_stored() {
+    need!("a_lying_layer_of_a_merged_disk_is_refused_whether_it_streams_or_is_stored");
+    // Ten layers: the bottom three share one disk. Its bottom layer streams into the
+    // disk; the other two are stored first. A lie in either is the error reported.
+    let n = plfm_node_agent::image::MAX_LAYER_DISKS + 2;
+    for liar in [0usize, 1] {
+        let c = Case::new();
+        let layers: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                Layer::new()
+                    .file(&format!("l/{i}"), &vec![i as u8; 30_000])
+                    .tar()
+            })
+            .collect();
+        let image = c.push(layers.clone());
+        c.lie_about(&image, &layers[liar]);
+        let digest = plfm_node_agent::image::Digest::of(&layers[liar]);
+        assert!(
+            !names(&c.data.path().join("images/blobs/sha256")).contains(&digest.hex().to_string()),
+            "layer {liar}: the lying blob was stored"
+        );
     }
 }

@@ -602,3 +602,87 @@ fn a_flattened_disk_from_an_earlier_agent_is_served_as_a_stack_of_one_and_evicte
     assert_eq!(report.freed_bytes, 8192);
     assert!(!disk.exists());
 }
+
+#[test]
+fn a_merged_disk_streams_its_bottom_layer_and_builds_the_bytes_a_stored_blob_gives() {
+    if !prerequisites(
+        "a_merged_disk_streams_its_bottom_layer_and_builds_the_bytes_a_stored_blob_gives",
+    ) {
+        return;
+    }
+    let rt = rt();
+    let reg = Registry::start();
+    // Ten layers: the bottom three share one disk. Layer 1 removes a file of layer 0
+    // and layer 2 replaces one, inside that disk.
+    let n = plfm_node_agent::image::MAX_LAYER_DISKS + 2;
+    let layers: Vec<(Vec<u8>, &'static str)> = (0..n)
+        .map(|i| {
+            let mut l = Layer::new().file(&format!("l/{i}"), &vec![i as u8; 40_000 + i]);
+            l = match i {
+                0 => l.file("etc/base", b"v0").file("etc/gone", b"x"),
+                1 => l.whiteout("etc/gone"),
+                2 => l.file("etc/base", b"v2"),
+                _ => l,
+            };
+            (l.tar_gz(), GZIP)
+        })
+        .collect();
+    let image = rt.block_on(reg.push("many", &layers, &config_json(&[], &["sh"], &[])));
+
+    // Blobs not kept (the default): the bottom layer of every disk streams, the
+    // merged disk's other two are stored, then deleted once the image is recorded.
+    let streamed = tempfile::tempdir().unwrap();
+    let svc = ImageService::open(streamed.path(), reg.image_config()).unwrap();
+    let (disk, t) = rt.block_on(svc.ensure(&image)).unwrap();
+    assert_eq!(disk.layers.len(), plfm_node_agent::image::MAX_LAYER_DISKS);
+    assert_eq!(t.layers_built, plfm_node_agent::image::MAX_LAYER_DISKS);
+    let m = svc.metrics();
+    assert_eq!(
+        m.layer_downloads.get(),
+        n as u64,
+        "each layer downloaded once"
+    );
+    assert_eq!(
+        m.layers_streamed.get(),
+        plfm_node_agent::image::MAX_LAYER_DISKS as u64,
+        "one streamed layer per disk, the merged one's included"
+    );
+    wait_for(
+        "the config and every layer logged",
+        Duration::from_secs(10),
+        || reg.gets("/blobs/sha256:") > n,
+    );
+    assert_eq!(reg.gets("/blobs/sha256:"), n + 1, "no blob fetched twice");
+    assert!(names(&streamed.path().join("images/blobs/sha256")).is_empty());
+    assert!(names(&streamed.path().join("images/tmp")).is_empty());
+    let t = merged(&disk.layers);
+    assert_eq!(std::fs::read(t.path().join("etc/base")).unwrap(), b"v2");
+    assert!(!t.path().join("etc/gone").exists(), "the whiteout applied");
+    for i in 0..n {
+        assert_eq!(
+            std::fs::read(t.path().join(format!("l/{i}"))).unwrap(),
+            vec![i as u8; 40_000 + i]
+        );
+    }
+
+    // Blobs kept: nothing streams, every layer is built from its stored blob, and
+    // the disks are the same bytes.
+    let stored = tempfile::tempdir().unwrap();
+    let keep = ImageConfig {
+        keep_blobs: true,
+        ..reg.image_config()
+    };
+    let svc2 = ImageService::open(stored.path(), keep).unwrap();
+    let (disk2, _) = rt.block_on(svc2.ensure(&image)).unwrap();
+    assert_eq!(svc2.metrics().layers_streamed.get(), 0);
+    assert_eq!(names(&stored.path().join("images/blobs/sha256")).len(), n);
+    assert_eq!(disk2.layers.len(), disk.layers.len());
+    for (a, b) in disk.layers.iter().zip(&disk2.layers) {
+        assert_eq!(a.file_name(), b.file_name(), "the same layer disk keys");
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{} differs between the streamed and the stored build",
+            a.display()
+        );
+    }
+}

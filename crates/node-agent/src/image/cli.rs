@@ -92,11 +92,14 @@ pub async fn run_cli(
                     println!("cached: {}", human::duration(t.total));
                 } else {
                     println!(
-                        "pull {} ({} downloaded), unpack {}, mkfs {}, total {}",
-                        human::duration(t.pull),
+                        "downloaded {} in {}; {} layer disk(s) built at once (unpacking {}, \
+                         file systems {}, summed), {} reused; total {}",
                         human::bytes(t.downloaded_bytes),
+                        human::duration(t.pull),
+                        t.layers_built,
                         human::duration(t.unpack),
                         human::duration(t.mkfs),
+                        t.layers_reused,
                         human::duration(t.total)
                     );
                 }

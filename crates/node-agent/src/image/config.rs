@@ -47,7 +47,8 @@ pub struct ImageConfig {
     pub layer_timeout_secs: u64,
     /// Time allowed for pulling and building one image.
     pub image_timeout_secs: u64,
-    /// Layers of one image downloaded at the same time.
+    /// Stored layers of one layer disk downloaded at the same time; the layer that
+    /// streams into the disk (see docs/images.md, "Pull") comes on top.
     pub parallel_downloads: usize,
     /// Keep the compressed layer blobs after the root disk is built (they are not
     /// needed to run; keeping them speeds up rebuilding after a format change).

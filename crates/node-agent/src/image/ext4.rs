@@ -250,6 +250,34 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// The path of `target` in `tree` (its first in name order, for a hard-linked
+/// file), for an error message; a walk of the whole tree, so only on errors.
+fn path_in(tree: &FsTree, target: InodeId) -> String {
+    let mut stack: Vec<(InodeId, String)> = vec![(ROOT, String::new())];
+    let mut dirs = 0usize;
+    while let Some((dir, at)) = stack.pop() {
+        dirs += 1;
+        if dirs > tree.inodes.len() + 1 {
+            break; // a cycle: give up on the name
+        }
+        let Some(entries) = tree.entries(dir) else {
+            continue;
+        };
+        let mut subdirs = Vec::new();
+        for (name, &child) in entries {
+            let path = format!("{at}/{}", String::from_utf8_lossy(name));
+            if child == target {
+                return path;
+            }
+            if child < tree.inodes.len() && tree.get(child).is_dir() {
+                subdirs.push((child, path));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    format!("an entry (inode {target} of the tree)")
+}
+
 /// One inode to write, with its number and the blocks it owns.
 #[derive(Debug, Default)]
 struct Node {
@@ -450,8 +478,12 @@ impl Plan {
                 if let Some(area) = encode_in_inode(&entries) {
                     in_inode_xattrs.insert(ino, area);
                 } else {
-                    let block = encode_xattr_block(&entries)
-                        .ok_or_else(|| bad(format!("xattrs of inode {ino} exceed one block")))?;
+                    let block = encode_xattr_block(&entries).ok_or_else(|| {
+                        bad(format!(
+                            "the xattrs of {} exceed one 4 KiB block",
+                            path_in(tree, id)
+                        ))
+                    })?;
                     xattr_blocks.insert(ino, block);
                     node.ea_block = Some(cursor);
                     used.push((cursor, 1));
@@ -1111,6 +1143,36 @@ mod tests {
         x.clear();
         x.insert(b"weird.name".to_vec(), vec![]);
         assert!(xattr_entries(&x).is_err());
+    }
+
+    #[test]
+    fn xattrs_too_large_for_a_block_are_refused_naming_the_path() {
+        use super::super::fstree::{Inode, ROOT};
+        let dir = tempfile::tempdir().unwrap();
+        let b = Ext4Builder::create(&dir.path().join("x.ext4")).unwrap();
+        let mut t = FsTree::new(0);
+        let srv = t.add(Inode::new(Kind::Dir(BTreeMap::new()), 0o755, 5));
+        t.link(ROOT, b"srv", srv);
+        let first = t.add(Inode::new(Kind::File(None), 0o644, 1));
+        t.link(ROOT, b"a-first", first);
+        let mut fat = Inode::new(Kind::File(None), 0o644, 1);
+        fat.xattrs.insert(b"user.huge".to_vec(), vec![7; 5000]);
+        let id = t.add(fat);
+        t.link(srv, b"app.bin", id);
+        let e = b
+            .finish(
+                &t,
+                &crate::image::rootfs::direct_params(
+                    &crate::image::Digest::of(b"x"),
+                    crate::image::rootfs::DiskKind::Layer,
+                ),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.to_string(),
+            "the xattrs of /srv/app.bin exceed one 4 KiB block"
+        );
     }
 
     /// Builds a tree with every kind of entry this builder writes, for the checks

@@ -33,6 +33,8 @@ pub struct ImageMetrics {
     pub layer_reuses: Counter,
     /// Layers unpacked on disk because they did not fit the memory staging.
     pub staging_fallbacks: Counter,
+    /// Layers unpacked into their disk while they downloaded (no blob stored).
+    pub layers_streamed: Counter,
 }
 
 impl ImageMetrics {
@@ -90,6 +92,11 @@ impl ImageMetrics {
             "layer_reuses",
             "Layer disks reused from the cache by a new image",
             self.layer_reuses.clone(),
+        );
+        r.register(
+            "layers_streamed",
+            "Layers unpacked into their disk while they downloaded",
+            self.layers_streamed.clone(),
         );
     }
 }
