@@ -228,7 +228,10 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
     cp.state.refuse_heartbeats.store(true, Ordering::SeqCst);
     let (agent, api, _tmp) = spawn_agent(&cp, "");
     plfm_node_agent::control_plane::http::ensure_crypto_provider();
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let healthz = || async {
         let r = http
             .get(format!("{api}/healthz"))
@@ -240,13 +243,22 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
         Some((code, r.json::<Value>().await.ok()?))
     };
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
     let (code, h) = loop {
+        agent.assert_running();
         if let Some((code, h)) = healthz().await {
             if h["status"] == "degraded" {
                 break (code, h);
             }
+            last = Some((code, h));
         }
-        assert!(Instant::now() < deadline, "healthz never said degraded");
+        assert!(
+            Instant::now() < deadline,
+            "healthz never said degraded; its last answer: {last:?}; heartbeats refused by \
+             the control plane: {}\n{}",
+            cp.state.rejected.lock().unwrap().len(),
+            agent.diagnostics()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(code, 503, "{h}");
@@ -298,7 +310,11 @@ async fn a_refused_heartbeat_shows_in_healthz_status_and_metrics_until_accepted(
             assert_eq!(h["status"], "ok");
             break;
         }
-        assert!(Instant::now() < deadline, "healthz stayed degraded");
+        assert!(
+            Instant::now() < deadline,
+            "healthz stayed degraded\n{}",
+            agent.diagnostics()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

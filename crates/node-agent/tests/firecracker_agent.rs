@@ -194,11 +194,7 @@ async fn vmm_exit_before_the_handshake_fails_cleans_up_and_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_binary_with_firecracker_kind_and_no_binary_stays_healthy() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     std::fs::create_dir_all(tmp.path().join("desired")).unwrap();
     std::fs::write(
         tmp.path().join("desired/i-bin.json"),

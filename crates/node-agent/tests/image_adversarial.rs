@@ -594,10 +594,7 @@ fn a_missing_manifest_is_not_retried_in_a_tight_loop() {
 #[test]
 fn an_unreachable_registry_is_retried_every_time() {
     // Transient failures are never cached: each request tries the registry again.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let image = ImageRef::parse_pinned(&format!(
         "127.0.0.1:{port}/app@{}",
         plfm_node_agent::image::Digest::of(b"x")

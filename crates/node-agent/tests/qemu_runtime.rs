@@ -289,11 +289,7 @@ impl Env {
             .unwrap();
         let image = rt.block_on(registry.push("demo/busybox", &layers, &config));
         let image_ref = format!("{}/demo/busybox@{}", registry.addr, image.digest.as_str());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let kernel = kernel_override
             .map(str::to_string)
             .unwrap_or_else(|| kernel.display().to_string());

@@ -3,12 +3,16 @@
 //!
 //! Submodules, usable from any test or bench crate that includes `common`:
 //! [`wait`] (the one poll loop, and `settle`), [`gate`] (the system-test gate) and
-//! [`agent`] (the agent binary as a child process).
+//! [`agent`] (the agent binary as a child process), [`ports`] (loopback ports for
+//! servers in other processes).
 #![allow(dead_code)]
 
 pub mod agent;
 pub mod gate;
+pub mod ports;
 pub mod wait;
+
+pub use ports::free_port;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -310,13 +314,4 @@ pub fn tree(root: &Path) -> Vec<String> {
 pub fn reported_move_is_legal(a: Status, b: Status) -> bool {
     a.can_transition_to(b)
         || (a.can_transition_to(Status::Preparing) && Status::Preparing.can_transition_to(b))
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
